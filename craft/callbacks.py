@@ -1,0 +1,156 @@
+"""What the training loop reports and decides besides the step itself.
+
+MetricsLog    metrics.jsonl (always) and TensorBoard event files in the run directory (when
+              the `tensorboard` package is installed)
+EarlyStopping stop when val loss has not improved by min_delta for `patience` evals
+write_sample  a text sample from the model into samples.txt and the log
+plot_run      loss.png of train/val loss and learning rate (matplotlib, optional)
+
+metrics.jsonl schema, one object per line:
+    {"event": "train", "step": int, "loss": float, "lr": float, "tokens_per_s": float, "elapsed_s": float}
+    {"event": "eval",  "step": int, "val_loss": float, "val_ppl": float}
+    {"event": "sample", "step": int, "text": str}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from craft import run_dir as rd
+
+METRIC_FIELDS = {
+    "train": {"step": int, "loss": float, "lr": float, "tokens_per_s": float, "elapsed_s": float},
+    "eval": {"step": int, "val_loss": float, "val_ppl": float},
+    "sample": {"step": int, "text": str},
+}
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, enabled: bool = True, truncate_after: int = 0):
+        """Append to run_dir/metrics.jsonl; on resume drop records past the checkpoint's step
+        (a killed run may have logged steps that the resumed run will log again)."""
+        self.enabled = enabled
+        self.path = run_dir / rd.METRICS
+        self.tb = None
+        if not enabled:
+            return
+        if truncate_after and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= truncate_after]
+            rd.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        elif not truncate_after:
+            self.path.unlink(missing_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=truncate_after or None)
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("event", "step") and isinstance(value, float):
+                    self.tb.add_scalar(f"{record['event']}/{key}", value, record["step"])
+                elif key == "text":
+                    self.tb.add_text("sample", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a kill mid-write) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class EarlyStopping:
+    """update(val_loss) -> True when `patience` evals in a row improved the best by less than min_delta."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.bad_evals = math.inf, 0
+
+    def update(self, val_loss: float) -> bool:
+        if val_loss < self.best - self.min_delta:
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_evals = state["best"], state["bad_evals"]
+
+
+def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: MetricsLog) -> str:
+    """Sample train.sample_tokens tokens from train.sample_prompt; append to samples.txt and the log.
+
+    Uses its own seeded generator so sampling never changes the training run's random stream.
+    """
+    import torch
+
+    from craft.model import generate
+
+    t = cfg.train
+    prompt = [tokenizer.bos_id] + tokenizer.encode(t.sample_prompt)
+    generator = torch.Generator().manual_seed(t.seed + step)
+    ids = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
+                   eos_id=tokenizer.eos_id, generator=generator)
+    model.train()
+    text = t.sample_prompt + tokenizer.decode(ids)
+    with open(run_dir / rd.SAMPLES, "a", encoding="utf-8") as f:
+        f.write(f"--- step {step} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n")
+    metrics.write({"event": "sample", "step": step, "text": text})
+    return text
+
+
+def plot_run(run_dir: Path) -> Path:
+    """Write run_dir/loss.png: train and val loss (left axis) and learning rate (right axis)."""
+    path = Path(run_dir) / rd.METRICS
+    if not path.is_file():
+        raise rd.RunDirError(f"{run_dir} has no {rd.METRICS}; is it a craft-train run directory?")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise rd.RunDirError("plotting needs matplotlib: pip install 'craft[plot]' (or pip install matplotlib)") from None
+    records = read_metrics(path)
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="gray", ls="--", lw=1, label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.set_title(f"{Path(run_dir).name}")
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,305 @@
+"""Typed configuration: dataclass defaults < YAML file (and what it extends) < key=value overrides.
+
+Every field has a default with a comment saying why. A YAML file or a command-line override
+only changes fields that exist; an unknown key, a value of the wrong type or an impossible
+combination raises ConfigError with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line that names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: taken from the tokenizer once it is built (the usual case)
+    dim: int = 128  # residual width; head_dim = dim / n_head
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 means n_head (plain MHA)
+    ffn_dim: int = 0  # SwiGLU hidden width; 0 means 8/3 * dim rounded up to a multiple of 32 (Llama)
+    context_length: int = 128  # longest sequence trained on and the runtime's hard limit
+    rope_theta: float = 10000.0  # RoPE base frequency, Llama's value
+    norm_eps: float = 1e-5  # RMSNorm epsilon, Llama's value
+    tie_embeddings: bool = True  # LM head shares the embedding matrix: fewer bytes on the device
+    dropout: float = 0.0  # small models on small corpora rarely need it; nanoGPT's CPU recipe uses 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        return 32 * math.ceil(8 * self.dim / 3 / 32)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "sentencepiece"  # "sentencepiece" (subwords) or "char" (one token per character)
+    model_type: str = "bpe"  # sentencepiece algorithm: "bpe" or "unigram"
+    vocab_size: int = 1024  # sentencepiece vocabulary; small corpora overfit larger ones (char ignores it)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a .txt file or a directory of .txt files; "" is the bundled Python docs corpus
+    val_fraction: float = 0.1  # share of the corpus held out (the tail of each document) for eval
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    max_steps: int = 600  # optimizer steps; the cosine schedule ends here
+    lr: float = 3e-3  # peak learning rate; small models tolerate a high one
+    min_lr: float = 3e-4  # floor of the cosine decay (lr / 10, Chinchilla's habit)
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay on matrices only (not norms)
+    beta1: float = 0.9  # AdamW betas as in nanoGPT / Llama
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    dtype: str = "float32"  # "float32" or "bfloat16" (autocast); see README for measured speed
+    compile: bool = False  # torch.compile the model; off because compile time dominates short runs
+    seed: int = 1337  # seeds data sampling, init and dropout: same seed, same run
+    threads: int = 0  # torch intra-op threads; 0 lets torch choose (all cores)
+    log_interval: int = 10  # steps between progress-bar / metrics.jsonl updates
+    eval_interval: int = 100  # steps between val-loss evaluations (and at the end)
+    eval_iters: int = 20  # batches averaged per evaluation
+    checkpoint_interval: int = 200  # steps between checkpoints (and at the end)
+    keep_last: int = 2  # periodic checkpoints kept (older ones pruned); best.pt is kept apart
+    early_stop_patience: int = 0  # evals without val improvement before stopping; 0 disables
+    early_stop_min_delta: float = 0.0  # improvement smaller than this does not reset patience
+    sample_interval: int = 0  # steps between text samples into samples.txt; 0: only at the end
+    sample_prompt: str = ""  # prompt for those samples ("" starts from BOS)
+    sample_tokens: int = 128  # tokens per sample
+    sample_temperature: float = 0.8  # sampling temperature for samples
+    sample_top_k: int = 40  # top-k for samples
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/tiny"  # the run directory: config, tokenizer, checkpoints, metrics
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name ("tiny") or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML path or a preset: {', '.join(list_presets())}")
+        return path
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        hint = difflib.get_close_matches(name_or_path, list_presets(), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"presets are: {', '.join(list_presets())}"
+        raise ConfigError(f"no preset named '{name_or_path}'; {fix}")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping in `path`, merged over the file named by its `extends:` key (if any)."""
+    import yaml
+
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {', '.join(str(p) for p in _seen)}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = resolve_config_path(str(base)) if not (path.parent / str(base)).is_file() else path.parent / str(base)
+    return deep_merge(read_yaml(base_path, _seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["model.n_layer=4", "train.lr=1e-3"] -> {"model": {"n_layer": "4"}, "train": {"lr": "1e-3"}}.
+
+    Values stay strings here; apply_dict converts them to each field's type.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value; write e.g. train.max_steps=200")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier one for '{part}'")
+        node[leaf] = value
+    return out
+
+
+def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set dataclass fields of `obj` from a nested mapping, converting and checking types."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{name}" for name in fields]
+            hint = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{dotted}'; {fix}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.{dataclasses.fields(current)[0].name}=...")
+            apply_dict(current, value, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, convert(value, hints[key], dotted))
+
+
+def convert(value: Any, kind: type, key: str) -> Any:
+    """`value` as type `kind` (bool, int, float or str), or a ConfigError naming `key`."""
+    text = value.strip() if isinstance(value, str) else value
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        if isinstance(text, str) and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return text.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(text, int) and not isinstance(text, bool):
+            return text
+        if isinstance(text, float) and text.is_integer():
+            return int(text)
+        if isinstance(text, str):
+            try:
+                number = float(text.replace("_", ""))
+                if number.is_integer():
+                    return int(number)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return float(text)
+        if isinstance(text, str):
+            try:
+                return float(text)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(text, str):
+            return value
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return str(text)
+    example = {bool: "true", int: "4", float: "3e-4", str: "text"}[kind]
+    raise ConfigError(f"'{key}' expects {kind.__name__}, got {value!r}; write e.g. {key}={example}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with one line naming the key and the fix."""
+    m, t, tok, d = cfg.model, cfg.train, cfg.tokenizer, cfg.data
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for key in ("dim", "n_layer", "n_head", "context_length"):
+        need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0: from the tokenizer), got {m.vocab_size}")
+    need(m.n_kv_head >= 0, f"model.n_kv_head must be >= 0 (0: same as n_head), got {m.n_kv_head}")
+    need(m.ffn_dim >= 0, f"model.ffn_dim must be >= 0 (0: 8/3 * dim), got {m.ffn_dim}")
+    need(m.dim % m.n_head == 0, f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}")
+    need(m.head_dim % 2 == 0, f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim")
+    need(m.n_head % m.kv_heads == 0, f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}")
+    need(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    need(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
+    need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    need(tok.kind in ("sentencepiece", "char"), f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
+    need(tok.model_type in ("bpe", "unigram"), f"tokenizer.model_type must be 'bpe' or 'unigram', got '{tok.model_type}'")
+    need(tok.kind == "char" or tok.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}")
+    need(0 < d.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {d.val_fraction}")
+    for key in ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "keep_last"):
+        need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    need(t.lr > 0, f"train.lr must be positive, got {t.lr}; a typical value is 3e-4 to 3e-3")
+    need(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    need(0 <= t.warmup_steps < t.max_steps, f"train.warmup_steps must be in [0, train.max_steps={t.max_steps}), got {t.warmup_steps}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}/{t.beta2}")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
+    need(t.dtype in ("float32", "bfloat16"), f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
+    need(t.threads >= 0, f"train.threads must be >= 0 (0: all cores), got {t.threads}")
+    need(t.early_stop_patience >= 0 and t.sample_interval >= 0, "train.early_stop_patience and train.sample_interval must be >= 0 (0 disables)")
+    need(t.sample_tokens >= 0 and t.sample_temperature >= 0 and t.sample_top_k >= 0, "train.sample_tokens, sample_temperature and sample_top_k must be >= 0")
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML preset or file (default: the tiny preset) < key=value overrides; validated."""
+    cfg = Config()
+    apply_dict(cfg, read_yaml(resolve_config_path(config or DEFAULT_PRESET)))
+    apply_dict(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A Config from a resolved mapping (a run directory's config.yaml), checked like a file."""
+    cfg = Config()
+    apply_dict(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    import yaml
+
+    from craft.run_dir import atomic_write_bytes
+
+    text = "# Fully resolved configuration of this run (craft-train writes it; craft-export reads it).\n"
+    text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,262 @@
+"""Corpus -> tokenizer -> token file on disk -> random training windows.
+
+A corpus is a text file, a directory of .txt files (sorted, recursively), or "" for the
+bundled one: Python's own documentation (pydoc_data.topics, in every CPython), so craft-train
+works offline with no arguments. Documents are streamed in ~1 MB chunks: a large corpus is
+never held in memory as Python objects. Tokens go to one uint16/uint32 file (tokens.bin)
+that training memory-maps; the first (1 - val_fraction) of the tokens train, the rest is the
+val split (nanoGPT's split: deterministic, no shuffling). data.json records what produced
+the file so a rerun reuses it and a changed corpus or tokenizer rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from craft.config import Config
+from craft.run_dir import CHAR_TOKENIZER, SP_TOKENIZER, atomic_write_bytes
+from craft.runtime.tokenizer import CHAR, CharTokenizer, SentencePieceTokenizer, Tokenizer
+
+TOKENS = "tokens.bin"
+DATA_INFO = "data.json"
+CHUNK_CHARS = 1 << 20  # documents are read and encoded in chunks of about this many characters
+
+
+class DataError(ValueError):
+    """A corpus that cannot be used; the message is one line naming the fix."""
+
+
+# --- corpus ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where the text comes from; `documents()` streams it chunk by chunk."""
+
+    path: str  # "" for the bundled corpus
+
+    @property
+    def name(self) -> str:
+        return self.path or "bundled Python documentation (pydoc_data.topics)"
+
+    def files(self) -> list[Path]:
+        path = Path(self.path)
+        if not path.exists():
+            raise DataError(f"corpus {path} does not exist; set data.path to a .txt file or a directory of .txt files")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise DataError(f"corpus directory {path} has no .txt files; add some or point data.path at a file")
+            return files
+        return [path]
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        """One iterator of text chunks per document; chunks end at line boundaries."""
+        if not self.path:
+            import pydoc_data.topics
+
+            for key in sorted(pydoc_data.topics.topics):
+                yield iter([pydoc_data.topics.topics[key]])
+            return
+        for file in self.files():
+            yield _read_chunks(file)
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the corpus: content hash for the bundled one, (name, size, mtime) of files."""
+        h = hashlib.sha256()
+        if not self.path:
+            import pydoc_data.topics
+
+            for key in sorted(pydoc_data.topics.topics):
+                h.update(key.encode() + pydoc_data.topics.topics[key].encode())
+        else:
+            for file in self.files():
+                st = file.stat()
+                h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _read_chunks(file: Path) -> Iterator[str]:
+    try:
+        with open(file, encoding="utf-8", newline="") as f:
+            while True:
+                chunk = f.read(CHUNK_CHARS)
+                if not chunk:
+                    return
+                if not chunk.endswith("\n"):
+                    chunk += f.readline()
+                yield chunk
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. iconv -t UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read {file}: {e.strerror}") from None
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+def train_tokenizer(cfg: Config, corpus: Corpus) -> Tokenizer:
+    """Build the tokenizer that cfg.tokenizer asks for from the corpus."""
+    if cfg.tokenizer.kind == CHAR:
+        return CharTokenizer.train(chunk for doc in corpus.documents() for chunk in doc)
+    return _train_sentencepiece(cfg, corpus)
+
+
+def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
+    import sentencepiece as spm
+
+    def lines() -> Iterator[str]:
+        for doc in corpus.documents():
+            for chunk in doc:
+                yield from (line for line in chunk.split("\n") if line.strip())
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(),
+            model_writer=model,
+            model_type=cfg.tokenizer.model_type,
+            vocab_size=cfg.tokenizer.vocab_size,
+            # Exact round trip of any text: no normalization, no whitespace folding, no
+            # dummy space at the start, and bytes for whatever the vocabulary lacks.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            allow_whitespace_only_pieces=True,  # indentation runs in code become single pieces
+            split_digits=True,
+            character_coverage=0.9995,  # rare characters go to bytes instead of taking ids
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            input_sentence_size=2_000_000,  # sample at most this many lines from a huge corpus
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        message = str(e).splitlines()[-1] if str(e) else type(e).__name__
+        if "Vocabulary size" in message:
+            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split(': ')[-1]}); lower tokenizer.vocab_size") from None
+        raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def tokenizer_file(tokenizer: Tokenizer) -> str:
+    return CHAR_TOKENIZER if tokenizer.kind == CHAR else SP_TOKENIZER
+
+
+def save_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> Path:
+    path = run_dir / tokenizer_file(tokenizer)
+    atomic_write_bytes(path, tokenizer.to_bytes())
+    return path
+
+
+def load_tokenizer(run_dir: Path) -> Tokenizer | None:
+    if (run_dir / SP_TOKENIZER).is_file():
+        return SentencePieceTokenizer((run_dir / SP_TOKENIZER).read_bytes())
+    if (run_dir / CHAR_TOKENIZER).is_file():
+        return CharTokenizer.from_bytes((run_dir / CHAR_TOKENIZER).read_bytes())
+    return None
+
+
+# --- tokens on disk ----------------------------------------------------------------------------
+
+@dataclass
+class TokenData:
+    """The memory-mapped token file split into train and val views (no copies)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    info: dict
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats/token) of the train split's token frequencies: the loss of a model that ignores context."""
+        counts = np.bincount(self.train, minlength=self.info["vocab_size"]).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def prepare_tokens(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, run_dir: Path, progress=None) -> TokenData:
+    """Tokenize the corpus into run_dir/tokens.bin (reused when corpus and tokenizer are unchanged)."""
+    wanted = {
+        "corpus": corpus.name,
+        "corpus_fingerprint": corpus.fingerprint(),
+        "tokenizer_sha256": hashlib.sha256(tokenizer.to_bytes()).hexdigest(),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "val_fraction": cfg.data.val_fraction,
+    }
+    info_path, tokens_path = run_dir / DATA_INFO, run_dir / TOKENS
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if not (tokens_path.is_file() and {k: info.get(k) for k in wanted} == wanted):
+        info = dict(wanted, **_write_tokens(corpus, tokenizer, tokens_path, progress))
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return open_tokens(run_dir, info, cfg.model.context_length)
+
+
+def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, progress) -> dict:
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = path.with_suffix(".tmp")
+    n_tokens = n_docs = 0
+    with open(tmp, "wb") as f:
+        for doc in corpus.documents():
+            ids = [tokenizer.bos_id]
+            for chunk in doc:
+                ids.extend(tokenizer.encode(chunk))
+                if progress:
+                    progress(len(chunk))
+            ids.append(tokenizer.eos_id)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            n_tokens += len(ids)
+            n_docs += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"n_tokens": n_tokens, "n_documents": n_docs}
+
+
+def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
+    tokens = np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r")
+    split = int(len(tokens) * (1 - info["val_fraction"]))
+    train, val = tokens[:split], tokens[split:]
+    for name, part in (("train", train), ("val", val)):
+        if len(part) <= context_length + 1:
+            raise DataError(
+                f"the {name} split has {len(part)} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
+                f"use a larger corpus, a smaller model.context_length, or a larger data.val_fraction")
+    return TokenData(train, val, info)
+
+
+def sample_windows(tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch_size, context + 1) int64 windows at random offsets: inputs are [:, :-1], targets [:, 1:].
+
+    One vectorized gather from the memory map; no per-row Python copies.
+    """
+    starts = rng.integers(0, len(tokens) - context - 1, size=batch_size)
+    index = starts[:, None] + np.arange(context + 1)  # (B, T + 1)
+    return tokens[index].astype(np.int64)
+
+
+def count_chars(corpus: Corpus) -> int:
+    """Total characters, for progress bars (cheap: file sizes are bytes, close enough)."""
+    if not corpus.path:
+        import pydoc_data.topics
+
+        return sum(len(v) for v in pydoc_data.topics.topics.values())
+    return sum(f.stat().st_size for f in corpus.files())
+
+
+def describe(data: TokenData) -> str:
+    n = data.info["n_tokens"]
+    return f"{n:,} tokens ({len(data.train):,} train / {len(data.val):,} val, {data.info['n_documents']} documents, {data.info['dtype']})"
+

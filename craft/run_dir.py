@@ -1,0 +1,144 @@
+"""The run directory that craft-train writes and craft-export reads (see DESIGN.md).
+
+    runs/NAME/
+      config.yaml        fully resolved configuration
+      tokenizer.model    sentencepiece model  (or tokenizer.json for the char tokenizer)
+      checkpoint.pt      latest checkpoint (model, optimizer, scheduler, step, data position, RNG)
+      step-NNNNNN.pt     earlier periodic checkpoints, the last `train.keep_last` kept
+      best.pt            lowest val loss so far
+      metrics.jsonl      one JSON object per logged step / eval
+      samples.txt        text sampled during training
+      train.bin, val.bin tokenized corpus (memory-mapped), data.json describes them
+
+Every file is written atomically (temp file, fsync, rename), so a kill at any moment leaves the
+previous good version in place. Checkpoints carry a SHA-256 of their payload so a truncated or
+corrupted file is detected on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+SP_TOKENIZER = "tokenizer.model"
+CHAR_TOKENIZER = "tokenizer.json"
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.txt"
+CHECKPOINT_FORMAT = 1
+
+
+class RunDirError(ValueError):
+    """A run directory that is missing, incomplete or inconsistent; one line naming the fix."""
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def tokenizer_path(run_dir: Path) -> Path | None:
+    for name in (SP_TOKENIZER, CHAR_TOKENIZER):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> str:
+    """Serialize `state` with torch.save, prefix a SHA-256 of it, write atomically; returns the hash.
+
+    File layout: b"CRAFTCKPT1\\n" + 64 hex chars + b"\\n" + torch.save payload.
+    """
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest()
+    atomic_write_bytes(path, _MAGIC + digest.encode() + b"\n" + payload)
+    return digest
+
+
+_MAGIC = b"CRAFTCKPT1\n"
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
+    """(state, sha256) of a checkpoint written by save_checkpoint; RunDirError if damaged.
+
+    Loaded with weights_only=True: a checkpoint is data, never code.
+    """
+    import torch
+
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise RunDirError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    head = len(_MAGIC) + 65
+    if not blob.startswith(_MAGIC) or len(blob) < head:
+        raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
+    digest = blob[len(_MAGIC):head - 1].decode("ascii", "replace")
+    payload = memoryview(blob)[head:]
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # a valid hash but unreadable payload: written by another torch?
+        raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(f"{path} has checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT}")
+    return state, digest
+
+
+def periodic_checkpoints(run_dir: Path) -> list[Path]:
+    """step-NNNNNN.pt files, newest first."""
+    return sorted(run_dir.glob("step-*.pt"), reverse=True)
+
+
+def load_latest_checkpoint(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
+    """The newest loadable checkpoint: checkpoint.pt, else the periodic ones, newest first.
+
+    A damaged file is skipped with a warning naming it; RunDirError if none loads.
+    """
+    candidates = [run_dir / CHECKPOINT] + periodic_checkpoints(run_dir)
+    candidates = [p for p in candidates if p.is_file()]
+    if not candidates:
+        raise RunDirError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train one with: craft-train out_dir={run_dir}")
+    errors = []
+    for path in candidates:
+        try:
+            state, digest = load_checkpoint(path)
+            if errors:
+                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {state.get('step')})")
+            return state, digest, path
+        except RunDirError as e:
+            errors.append(str(e))
+    raise RunDirError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")

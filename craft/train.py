@@ -1,0 +1,337 @@
+"""craft-train: train the model of a YAML config on a corpus and write the run directory.
+
+    craft-train                                         tiny preset on the bundled corpus
+    craft-train --config small data.path=my.txt         a preset, one override
+    craft-train --resume runs/small train.max_steps=4000  continue a run (exactly)
+    torchrun --nproc_per_node 2 -m craft.train ...      data-parallel (DDP) on 2 processes
+
+The loop: AdamW, linear warmup + cosine decay over train.max_steps, gradient clipping and
+accumulation, optional bf16 autocast and torch.compile, periodic eval (val loss, perplexity),
+checkpoints (atomic, hashed, periodic + best.pt), samples and early stopping (callbacks.py),
+metrics.jsonl (+ TensorBoard when installed). SIGINT/SIGTERM save a checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from craft import __version__
+from craft import run_dir as rd
+from craft.callbacks import EarlyStopping, MetricsLog, write_sample
+from craft.config import Config, ConfigError, config_from_dict, load_config, save_config
+from craft.data import Corpus, DataError, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
+from craft.model import Transformer
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class TrainError(RuntimeError):
+    """The run cannot go on (loss diverged); the last good checkpoint is kept."""
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to train.lr over
+    warmup_steps, then cosine decay to train.min_lr at train.max_steps (constant after)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+class Distributed:
+    """Rank / world size from torchrun's environment; a no-op for one process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log=print):
+    """Tokenizer and token file for the run (trained / built by rank 0, reused on resume)."""
+    corpus = Corpus(cfg.data.path)
+    tokenizer = load_tokenizer(run_dir) if resume else None
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is None:
+            log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
+            tokenizer = train_tokenizer(cfg, corpus)
+            save_tokenizer(tokenizer, run_dir)
+        progress = progress_bar(count_chars(corpus), "tokenizing", unit="char")
+        data = prepare_tokens(cfg, corpus, tokenizer, run_dir, progress=progress.update)
+        progress.close()
+    dist.barrier()
+    if not dist.main:
+        tokenizer = load_tokenizer(run_dir)
+        data = prepare_tokens(cfg, corpus, tokenizer, run_dir)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0")
+    return tokenizer, data
+
+
+def progress_bar(total: int, desc: str, **kw):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None, file=sys.stderr, **kw)
+
+
+def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings decay; norms do not
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=True)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast) -> float:
+    """Mean loss over train.eval_iters batches of the split; the same batches every call."""
+    model.eval()
+    rng = np.random.default_rng(cfg.train.seed + 1)  # fixed: evals are comparable and leave the train RNG alone
+    losses = []
+    for _ in range(cfg.train.eval_iters):
+        batch = torch.from_numpy(sample_windows(tokens, cfg.train.batch_size, cfg.model.context_length, rng))
+        with autocast:
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+        losses.append(loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Train as cfg says, writing cfg.out_dir; returns the final metrics. craft-train's body."""
+    dist = Distributed()
+    log = log if dist.main else (lambda *a, **k: None)
+    run_dir = Path(cfg.out_dir)
+    if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
+        raise rd.RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite")
+    if dist.main and overwrite and not resume:
+        for stale in [*run_dir.glob("*.pt"), run_dir / rd.CHAR_TOKENIZER, run_dir / rd.SP_TOKENIZER, run_dir / rd.METRICS, run_dir / rd.SAMPLES]:
+            stale.unlink(missing_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer, data = prepare_run(cfg, run_dir, resume, dist, log)
+
+    model = Transformer(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.train.lr)
+    rng = np.random.default_rng([cfg.train.seed, dist.rank])
+    step, best_val, stopper = 0, float("inf"), EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+    if resume:
+        state, digest, path = rd.load_latest_checkpoint(run_dir, warn=log)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best_val = state["step"], state["best_val_loss"]
+        stopper.load_state_dict(state["early_stopping"])
+        torch.set_rng_state(state["rng"]["torch"])
+        rng.bit_generator.state = state["rng"]["data"][dist.rank]
+        log(f"resuming {run_dir} from {path.name} at step {step} (sha256 {digest[:12]})")
+    if dist.main:
+        save_config(cfg, run_dir / rd.CONFIG)
+
+    log(f"craft {__version__} | {cfg.model.n_layer} layers, dim {cfg.model.dim}, {cfg.model.n_head} heads "
+        f"({cfg.model.kv_heads} kv), context {cfg.model.context_length}, vocab {cfg.model.vocab_size}: "
+        f"{model.num_parameters():,} parameters")
+    log(f"data: {describe(data)} | unigram entropy {data.unigram_entropy():.3f} nats/token")
+
+    train_model = model
+    if cfg.train.compile:
+        train_model = torch.compile(model)
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" else nullcontext()
+    metrics = MetricsLog(run_dir, enabled=dist.main, truncate_after=step if resume else 0)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save(path: Path | None = None) -> None:
+        rng_states = dist.gather(rng.bit_generator.state)
+        if not dist.main:
+            return
+        state = {
+            "format": rd.CHECKPOINT_FORMAT, "craft_version": __version__, "config": cfg.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "best_val_loss": best_val, "early_stopping": stopper.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": rng_states},
+        }
+        if path is not None:
+            rd.save_checkpoint(state, path)
+            return
+        numbered = run_dir / f"step-{step:06d}.pt"
+        rd.save_checkpoint(state, numbered)
+        tmp = run_dir / f".{rd.CHECKPOINT}.link"
+        tmp.unlink(missing_ok=True)
+        os.link(numbered, tmp)
+        os.replace(tmp, run_dir / rd.CHECKPOINT)  # checkpoint.pt is always the newest whole file
+        for old in rd.periodic_checkpoints(run_dir)[cfg.train.keep_last:]:
+            old.unlink(missing_ok=True)
+
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context_length * dist.world
+    bar = progress_bar(cfg.train.max_steps, "training", unit="step", initial=step)
+    result = {"step": step, "stopped": "max_steps"}
+    last_time, last_step, t0 = time.perf_counter(), step, time.perf_counter()
+    val = None
+    model.train()
+    try:
+        while step < cfg.train.max_steps:
+            for micro in range(cfg.train.grad_accum):
+                batch = torch.from_numpy(sample_windows(data.train, cfg.train.batch_size, cfg.model.context_length, rng))
+                sync = nullcontext() if not dist.enabled or micro == cfg.train.grad_accum - 1 else train_model.no_sync()
+                with sync, autocast:
+                    _, loss = train_model(batch[:, :-1], batch[:, 1:])
+                (loss / cfg.train.grad_accum).backward()
+            if not math.isfinite(loss.item()):
+                raise TrainError(f"loss became {loss.item()} at step {step + 1}; the last good checkpoint is kept. "
+                                 f"Lower train.lr (now {cfg.train.lr}) or set train.grad_clip (now {cfg.train.grad_clip})")
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            last = step == cfg.train.max_steps
+            if step % cfg.train.log_interval == 0 or last:
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - last_step) / (now - last_time)
+                last_time, last_step = now, step
+                metrics.write({"event": "train", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, "elapsed_s": now - t0})
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if step % cfg.train.eval_interval == 0 or last:
+                val = evaluate(model, data.val, cfg, autocast)
+                metrics.write({"event": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                if dist.main:
+                    bar.write(f"step {step}: train loss {loss.item():.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}", file=sys.stderr)
+                if val < best_val:
+                    best_val = val
+                    save(run_dir / rd.BEST)
+                if stopper.update(val):
+                    result["stopped"] = f"early stopping: no val improvement > {cfg.train.early_stop_min_delta} in {cfg.train.early_stop_patience} evals"
+                    save()
+                    break
+            if step % cfg.train.checkpoint_interval == 0 or last:
+                save()
+            if dist.main and cfg.train.sample_interval and step % cfg.train.sample_interval == 0 and not last:
+                write_sample(model, tokenizer, cfg, step, run_dir, metrics)
+            if stop["signal"] is not None:
+                save()
+                result["stopped"] = f"signal {signal.Signals(stop['signal']).name}"
+                break
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    if dist.main and not result["stopped"].startswith("signal"):
+        sample = write_sample(model, tokenizer, cfg, step, run_dir, metrics)
+        log(f"sample at step {step}:\n{sample}\n")
+    elapsed = time.perf_counter() - t0
+    result.update(step=step, val_loss=val, best_val_loss=best_val, unigram_entropy=data.unigram_entropy(), elapsed_s=elapsed)
+    metrics.close()
+    dist.close()
+    return result
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "-c", "config", default=None, metavar="NAME|FILE", help="Preset in configs/ (tiny, small, base, ...) or a YAML file.  [default: tiny]")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="RUN_DIR", help="Continue the run in RUN_DIR from its newest good checkpoint (overrides may extend it, e.g. train.max_steps=4000).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in out_dir instead of refusing.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="RUN_DIR", help="Write RUN_DIR/loss.png (train/val loss and learning rate) and exit; needs matplotlib.")
+@click.version_option(__version__, prog_name="craft-train")
+def main(overrides, config, resume, overwrite, plot_dir):
+    """Train a small Llama-style model and write its run directory.
+
+    With no arguments: the tiny preset on the bundled corpus (Python's documentation) into
+    runs/tiny. KEY=VALUE overrides any config key, e.g. model.n_layer=6 train.max_steps=2000
+    data.path=corpus.txt tokenizer.kind=char out_dir=runs/mine. Exit codes: 0 done,
+    2 bad input, 3 loss diverged, 130 interrupted (a checkpoint was saved).
+    """
+    try:
+        if plot_dir is not None:
+            from craft.callbacks import plot_run
+
+            click.echo(f"wrote {plot_run(plot_dir)}")
+            return
+        if resume is not None:
+            if config is not None:
+                raise ConfigError("--resume takes the run's own config.yaml; drop --config (KEY=VALUE overrides still apply)")
+            cfg = resumed_config(resume, list(overrides))
+        else:
+            cfg = load_config(config, list(overrides))
+        result = train(cfg, resume=resume is not None, overwrite=overwrite, log=click.echo)
+    except (ConfigError, DataError, rd.RunDirError) as e:
+        click.echo(f"craft-train: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except TrainError as e:
+        click.echo(f"craft-train: error: {e}", err=True)
+        sys.exit(EXIT_DIVERGED)
+    val = result["val_loss"]
+    click.echo(f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
+               f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
+               f"run directory: {cfg.out_dir}" if val is not None else f"stopped at step {result['step']} ({result['stopped']})")
+    if result["stopped"].startswith("signal"):
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> Config:
+    import yaml
+
+    from craft.config import apply_dict, parse_overrides, validate
+
+    path = run_dir / rd.CONFIG
+    if not path.is_file():
+        raise rd.RunDirError(f"{run_dir} has no {rd.CONFIG}; is it a craft-train run directory?")
+    cfg = config_from_dict(yaml.safe_load(path.read_text()))
+    before = (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"])
+    apply_dict(cfg, parse_overrides(overrides))
+    validate(cfg)
+    if (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"]) != before:
+        raise ConfigError("--resume cannot change model.* or tokenizer.* keys; start a new run with another out_dir=...")
+    cfg.out_dir = str(run_dir)
+    return cfg
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""craft-export's body: run directory -> verified, self-contained .onnx file.
+
+    load run dir (config, tokenizer, checkpoint)  ->  weights in the artifact layout
+    ->  graph.build_decoder (float32 or int8 scheme)  ->  metadata (config, tokenizer, ...)
+    ->  verify.py (PyTorch vs ONNX Runtime, int8 perplexity)  ->  temp file, rename
+
+Nothing is left at the output path unless the whole file was written and verified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from craft import __version__
+from craft import run_dir as rd
+from craft.config import ConfigError, ModelConfig, config_from_dict
+from craft.data import load_tokenizer
+from craft.export.graph import DEFAULT_OPSET, build_decoder
+from craft.export.quantize import SCHEMES
+from craft.model import Transformer, rope_tables
+from craft.runtime import artifact as A
+from craft.runtime.tokenizer import Tokenizer
+
+
+class ExportError(ValueError):
+    """Bad input to the exporter (run directory, output path, options); one line with the fix."""
+
+
+class VerificationError(RuntimeError):
+    """The exported file does not compute what the checkpoint does; carries the report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    checkpoint_sha256: str
+    step: int
+    val_tokens: np.ndarray | None = field(default=None, repr=False)
+
+
+def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
+    """Model, tokenizer and val tokens of a craft-train run directory; ExportError if unusable."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir}")
+    if not (run_dir / rd.CONFIG).is_file():
+        raise ExportError(f"{run_dir} has no {rd.CONFIG}: not a craft-train run directory (or training never started)")
+    try:
+        cfg = config_from_dict(yaml.safe_load((run_dir / rd.CONFIG).read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ExportError(f"{run_dir / rd.CONFIG} is not a valid Craft config: {e}") from None
+    tokenizer = load_tokenizer(run_dir)
+    if tokenizer is None:
+        raise ExportError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train")
+    path = run_dir / checkpoint
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; training has not saved a checkpoint yet (wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})")
+    try:
+        state, digest = rd.load_checkpoint(path)
+    except rd.RunDirError as e:
+        raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
+    if state["config"]["model"] != cfg.to_dict()["model"]:
+        raise ExportError(f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
+                          f"keep each run's checkpoint and config.yaml together")
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    val = None
+    if (run_dir / "tokens.bin").is_file() and (run_dir / "data.json").is_file():
+        info = json.loads((run_dir / "data.json").read_text())
+        tokens = np.memmap(run_dir / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r")
+        val = tokens[int(len(tokens) * (1 - info["val_fraction"])):]
+    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val)
+
+
+def model_spec(cfg: ModelConfig) -> A.ModelSpec:
+    return A.ModelSpec(
+        vocab_size=cfg.vocab_size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
+        head_dim=cfg.head_dim, hidden_dim=cfg.hidden_dim, context_length=cfg.context_length,
+        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings)
+
+
+def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's weights, float32, in the layout of craft.runtime.artifact (x @ W, fused qkv / w13)."""
+    cfg = model.cfg
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    out = {"tok_embeddings.weight": sd["tok_embeddings.weight"], "norm.weight": sd["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = sd["output.weight"].T
+    q_scale = np.float32(1.0 / math.sqrt(cfg.head_dim))  # folded into wq: the graph does not scale scores
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        out[p + "attention_norm.weight"] = sd[p + "attention_norm.weight"]
+        out[p + "ffn_norm.weight"] = sd[p + "ffn_norm.weight"]
+        wq, wk, wv = (sd[p + f"attention.{n}.weight"].T for n in ("wq", "wk", "wv"))  # (dim, out)
+        out[p + "attention.wqkv.weight"] = np.concatenate([wq * q_scale, wk, wv], axis=1)
+        out[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"].T
+        out[p + "feed_forward.w13.weight"] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
+        out[p + "feed_forward.w2.weight"] = sd[p + "feed_forward.w2.weight"].T
+    cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+    out["rope.cos"], out["rope.sin"] = cos.numpy(), sin.numpy()
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET):
+    """(ModelProto with metadata, scheme) for one quantization; scheme.errors has the quantizer's max errors."""
+    import onnx
+
+    spec = model_spec(run.config)
+    scheme = SCHEMES[quantize]()
+    proto = build_decoder(spec, artifact_weights(run.model), scheme, opset)
+    meta = A.Artifact(
+        spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
+        bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
+        quantization=quantize, checkpoint_sha256=run.checkpoint_sha256, craft_version=__version__,
+    ).to_metadata()
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = f"Craft {__version__} export of {run.run_dir.name} (step {run.step}); metadata keys 'craft.*' describe it"
+    return proto, scheme
+
+
+def check_output_path(output: Path) -> None:
+    parent = output.resolve().parent
+    if output.is_dir():
+        raise ExportError(f"output {output} is a directory; give a file name, e.g. -o {output / 'model.onnx'}")
+    if not parent.is_dir():
+        raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")
+    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise ExportError(f"cannot write {output} (permission denied); choose another -o")
+
+
+def export(run_dir: Path, output: Path, quantize: str = A.QUANT_INT8, opset: int = DEFAULT_OPSET,
+           checkpoint: str = rd.CHECKPOINT, log=print) -> dict:
+    """Write a verified .onnx for the run; returns the report. ExportError / VerificationError on failure."""
+    import onnx
+
+    from craft.export.verify import verify
+
+    if quantize not in SCHEMES:
+        raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(SCHEMES)}")
+    output = Path(output)
+    check_output_path(output)
+    t0 = time.perf_counter()
+    run = load_run(run_dir, checkpoint)
+    log(f"exporting {run.run_dir} (step {run.step}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
+    proto, scheme = build_model_proto(run, quantize, opset)
+    reference = proto if quantize == A.QUANT_NONE else build_model_proto(run, A.QUANT_NONE, opset)[0]
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    reference_bytes = data if reference is proto else reference.SerializeToString()
+    report = verify(run, reference_bytes, data if reference is not proto else None, log=log)
+    report.update({
+        "quantization": quantize, "opset": opset, "parameters": run.model.num_parameters(),
+        "file_bytes": len(data), "fp32_file_bytes": len(reference_bytes),
+        "size_ratio": len(data) / len(reference_bytes),
+        "max_weight_quant_error": max(scheme.errors.values()) if scheme.errors else 0.0,
+        "export_s": time.perf_counter() - t0, "checkpoint_sha256": run.checkpoint_sha256,
+    })
+    if report["failures"]:
+        raise VerificationError("; ".join(report["failures"]), report)
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"})})
+    rd.atomic_write_bytes(output, proto.SerializeToString())
+    report["file_bytes"] = output.stat().st_size
+    report["export_s"] = time.perf_counter() - t0
+    return report

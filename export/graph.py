@@ -1,0 +1,175 @@
+"""Build the portable ONNX decoder graph, node by node, from weights in the artifact layout.
+
+One graph serves prefill (past length 0) and decode (one new token) for any batch: every
+sequence axis is dynamic. It uses standard ONNX ops only (opset 14..21) plus, for the int8
+schemes that need it, ONNX Runtime's com.microsoft MatMulNBits; ONNX Runtime fuses the
+patterns written here (RMSNorm -> SimplifiedLayerNormalization, Transpose + MatMul ->
+FusedMatMul, DynamicQuantizeLinear + MatMulInteger -> DynamicQuantizeMatMul) at load time on
+whatever CPU it runs on, so the file itself carries no machine-specific ops.
+
+How linear layers, the embedding and the LM head are written (float or int8) is the
+quantization scheme's business (quantize.py); this file is the network's structure, the
+same function as craft.model.Transformer.forward with a KV-cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from craft.runtime import artifact as A
+from craft.runtime.artifact import ModelSpec
+
+MASKED = float(np.finfo(np.float32).min)  # additive bias for masked keys, as in craft.model
+DEFAULT_OPSET = 17  # ONNX Runtime >= 1.13 and most other runtimes; see README "Artifact"
+MIN_OPSET, MAX_OPSET = 14, 21
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; op() returns output names, fresh unless given."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.uses_ms_domain = False
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small constant initializer, shared between identical uses."""
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(f"const_{len(self._consts)}", array)
+        return self._consts[key]
+
+    def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", name: str = "", **attrs):
+        self._count += 1
+        base = name or f"{op_type}_{self._count}"
+        outs = outputs if isinstance(outputs, list) else [f"{base}_out{i}" if outputs > 1 else f"{base}_out" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
+        if domain == "com.microsoft":
+            self.uses_ms_domain = True
+        return outs[0] if len(outs) == 1 else outs
+
+    # small composites ------------------------------------------------------------------------
+    def reduce_mean_last(self, x: str) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", x, self.const([-1]), keepdims=1)
+        return self.op("ReduceMean", x, axes=[-1], keepdims=1)
+
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        return self.op("Split", x, self.const(sizes), axis=axis, outputs=len(sizes))
+
+    def rms_norm(self, x: str, weight: str, eps: float) -> str:
+        """x / sqrt(mean(x^2) + eps) * weight, in the pattern ONNX Runtime fuses."""
+        mean_sq = self.reduce_mean_last(self.op("Pow", x, self.const(2.0, np.float32)))
+        rms = self.op("Sqrt", self.op("Add", mean_sq, self.const(eps, np.float32)))
+        return self.op("Mul", self.op("Div", x, rms), weight)
+
+
+def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The decoder with KV-cache I/O of the artifact contract.
+
+    `weights` are float32 arrays named and laid out as craft.runtime.artifact describes;
+    `scheme` (quantize.py) writes the linear layers, the embedding and the LM head.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    g = GraphBuilder(opset)
+    H, KV, hd, L = spec.n_head, spec.n_kv_head, spec.head_dim, spec.n_layer
+    group = H // KV
+
+    # attention bias (B, 1, T, S): 0 where a query may read a key, MASKED elsewhere --------------
+    T = g.op("Gather", g.op("Shape", A.INPUT_IDS), g.const(1), axis=0)  # scalar
+    S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
+    P = g.op("Sub", S, T)
+    key_pos = g.op("Range", g.const(0), S, g.const(1))  # (S,)
+    query_pos = g.op("Range", P, S, g.const(1))  # (T,)
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1])))  # (T, S)
+    not_pad = g.op("Unsqueeze", g.op("Cast", A.ATTENTION_MASK, to=TensorProto.BOOL), g.const([1, 2]))  # (B, 1, 1, S)
+    bias = g.op("Where", g.op("And", causal, not_pad), g.const(0.0, np.float32), g.const(MASKED, np.float32))  # (B, 1, T, S)
+    if group > 1:
+        bias = g.op("Unsqueeze", bias, g.const([1]))  # (B, 1, 1, T, S) against (B, KV, G, T, S)
+
+    # rotary tables for these positions, shaped for (B, T, heads, hd) --------------------------
+    g.weight("rope.cos", weights["rope.cos"])
+    g.weight("rope.sin", weights["rope.sin"])
+    cos = g.op("Unsqueeze", g.op("Gather", "rope.cos", A.POSITION_IDS, axis=0), g.const([2]))  # (B, T, 1, hd)
+    sin = g.op("Unsqueeze", g.op("Gather", "rope.sin", A.POSITION_IDS, axis=0), g.const([2]))
+    half_sign = np.concatenate([-np.ones(hd // 2), np.ones(hd // 2)]).astype(np.float32)
+    sin_signed = g.op("Mul", sin, g.const(half_sign, np.float32))  # rotate_half(x) * sin == swap_halves(x) * sin_signed
+
+    def rope(x: str) -> str:
+        lo, hi = g.split(x, [hd // 2, hd // 2], axis=-1)
+        swapped = g.op("Concat", hi, lo, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, sin_signed))
+
+    x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
+    for i in range(L):
+        p = f"layers.{i}."
+        past_k, past_v = A.past_names(i)
+        present_k, present_v = A.present_names(i)
+
+        h = g.rms_norm(x, g.weight(p + "attention_norm.weight", weights[p + "attention_norm.weight"]), spec.norm_eps)
+        qkv = scheme.linear(g, h, p + "attention.wqkv.weight", weights[p + "attention.wqkv.weight"])  # (B, T, (H + 2KV) * hd)
+        qkv = g.op("Reshape", qkv, g.const([0, 0, H + 2 * KV, hd]))  # (B, T, H + 2KV, hd)
+        qk, v = g.split(qkv, [H + KV, KV], axis=2)
+        qk = g.op("Transpose", rope(qk), perm=[0, 2, 1, 3])  # (B, H + KV, T, hd)
+        q, k = g.split(qk, [H, KV], axis=1)  # (B, H, T, hd), (B, KV, T, hd)
+        v = g.op("Transpose", v, perm=[0, 2, 1, 3])  # (B, KV, T, hd)
+        k = g.op("Concat", past_k, k, axis=2, outputs=[present_k])  # (B, KV, S, hd)
+        v = g.op("Concat", past_v, v, axis=2, outputs=[present_v])
+        if group > 1:  # query head h reads kv head h // group, without copying the cache
+            q = g.op("Reshape", q, g.const([0, KV, group, -1, hd]))  # (B, KV, G, T, hd)
+            k = g.op("Unsqueeze", k, g.const([2]))  # (B, KV, 1, S, hd)
+            v = g.op("Unsqueeze", v, g.const([2]))
+        perm = [0, 1, 2, 4, 3] if group > 1 else [0, 1, 3, 2]
+        scores = g.op("MatMul", q, g.op("Transpose", k, perm=perm))  # (B, H, T, S); q is pre-scaled
+        probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
+        y = g.op("MatMul", probs, v)  # (B, H, T, hd) or (B, KV, G, T, hd)
+        if group > 1:
+            y = g.op("Reshape", y, g.const([0, H, -1, hd]))  # (B, H, T, hd)
+        y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # (B, T, H * hd)
+        x = g.op("Add", x, scheme.linear(g, y, p + "attention.wo.weight", weights[p + "attention.wo.weight"]))
+
+        h = g.rms_norm(x, g.weight(p + "ffn_norm.weight", weights[p + "ffn_norm.weight"]), spec.norm_eps)
+        gate, up = g.split(scheme.linear(g, h, p + "feed_forward.w13.weight", weights[p + "feed_forward.w13.weight"]),
+                           [spec.hidden_dim, spec.hidden_dim], axis=-1)
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+        x = g.op("Add", x, scheme.linear(g, act, p + "feed_forward.w2.weight", weights[p + "feed_forward.w2.weight"]))
+
+    x = g.rms_norm(x, g.weight("norm.weight", weights["norm.weight"]), spec.norm_eps)
+    scheme.head(g, weights, x, A.LOGITS, spec)
+
+    def tensor(name, elem, shape):
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    inputs = [tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+              tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+              tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"])]
+    outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
+    for i in range(L):
+        for name in A.past_names(i):
+            inputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, "past_seq", hd]))
+        for name in A.present_names(i):
+            outputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, "total_seq", hd]))
+
+    graph = helper.make_graph(g.nodes, "craft_decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    if g.uses_ms_domain:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
+    model.ir_version = min(model.ir_version, ir_version_for(opset))
+    return model
+
+
+def ir_version_for(opset: int) -> int:
+    """The IR version that goes with an opset (older runtimes refuse newer IR versions)."""
+    return {14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}[opset]

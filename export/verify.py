@@ -1,0 +1,122 @@
+"""Check at export time that the .onnx computes what the checkpoint computes.
+
+1. Parity: PyTorch vs ONNX Runtime (float32 graph) on a prefill and on DECODE_STEPS cached
+   decode steps: max |logit difference| must stay below FP32_TOLERANCE.
+2. Quality: perplexity of the int8 graph vs the float32 graph on the run's val split (the
+   same windows for both); the relative increase must stay within MAX_PPL_INCREASE.
+
+Deliberately independent of craft.runtime's generation loop: a bug there must not hide here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from craft.runtime import artifact as A
+
+FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 (float32 rounding is ~1e-6 here)
+MAX_PPL_INCREASE = 0.01  # int8 may raise val perplexity by at most 1% relative to float32
+DECODE_STEPS = 8
+PROMPT_TOKENS = 16
+PPL_MAX_TOKENS = 16384  # val tokens scored for perplexity: enough for a stable ratio, seconds to run
+
+
+def ort_session(model_bytes: bytes, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarray] | None, mask: np.ndarray | None = None):
+    """One forward with the artifact I/O; returns (logits, present list [k0, v0, k1, v1, ...])."""
+    B, T = ids.shape
+    if past is None:
+        past = [np.zeros((B, spec.n_kv_head, 0, spec.head_dim), np.float32) for _ in range(2 * spec.n_layer)]
+    P = past[0].shape[2]
+    if mask is None:
+        mask = np.ones((B, P + T), np.int64)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, P:]  # left padding starts at 0
+    feeds = {A.INPUT_IDS: ids.astype(np.int64), A.ATTENTION_MASK: mask.astype(np.int64), A.POSITION_IDS: positions.astype(np.int64)}
+    for i in range(spec.n_layer):
+        feeds[A.past_names(i)[0]], feeds[A.past_names(i)[1]] = past[2 * i], past[2 * i + 1]
+    logits, *present = session.run(None, feeds)
+    return logits, present
+
+
+def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECODE_STEPS) -> dict:
+    """Max |logit diff| PyTorch vs session on the prompt's prefill and `steps` greedy decode steps."""
+    model = run.model
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        pt_logits, pt_past = model(ids, past=model.empty_cache())
+        ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
+        prefill = float(np.abs(pt_logits.numpy() - ort_logits).max())
+        decode = 0.0
+        for _ in range(steps):
+            token = int(pt_logits[0, -1].argmax())
+            if pt_past[0][0].shape[2] + 1 > spec.context_length:
+                break
+            pt_logits, pt_past = model(torch.tensor([[token]]), past=pt_past)
+            ort_logits, ort_past = ort_forward(session, spec, np.array([[token]]), ort_past)
+            decode = max(decode, float(np.abs(pt_logits.numpy() - ort_logits).max()))
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def perplexity(session, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4) -> tuple[float, int]:
+    """(exp(mean next-token NLL), tokens scored) over consecutive context-length windows of `tokens`."""
+    ctx = spec.context_length
+    n_windows = max(1, min(len(tokens) - 1, max_tokens) // ctx)
+    windows = [np.asarray(tokens[i * ctx: i * ctx + ctx + 1], dtype=np.int64) for i in range(n_windows)]
+    windows = [w for w in windows if len(w) >= 2]
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        group = windows[start:start + batch]
+        width = min(len(w) for w in group)
+        block = np.stack([w[:width] for w in group])  # (b, width)
+        logits, _ = ort_forward(session, spec, block[:, :-1], None)
+        logits = logits.astype(np.float64)
+        log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        picked = np.take_along_axis(logits, block[:, 1:, None], axis=-1)[..., 0]
+        nll += float((log_z - picked).sum())
+        count += picked.size
+    return math.exp(nll / count), count
+
+
+def verify(run, fp32_bytes: bytes, int8_bytes: bytes | None, log=print) -> dict:
+    """Report dict (figures + 'failures', a list of one-line reasons; empty means verified)."""
+    from craft.export.exporter import model_spec
+
+    spec = model_spec(run.config)
+    fp32 = ort_session(fp32_bytes)
+    prompt_text_ids = [int(t) for t in run.val_tokens[:PROMPT_TOKENS - 1]] if run.val_tokens is not None and len(run.val_tokens) else run.tokenizer.encode("The")
+    prompt = [run.tokenizer.bos_id] + prompt_text_ids
+    report: dict = {"failures": []}
+    report.update(parity(run, fp32, spec, prompt))
+    worst = max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"])
+    log(f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
+        f"{DECODE_STEPS} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {FP32_TOLERANCE:.0e})")
+    if not worst < FP32_TOLERANCE:
+        report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {worst:.2e} (limit {FP32_TOLERANCE:.0e})")
+    if int8_bytes is None:
+        return report
+    int8 = ort_session(int8_bytes)
+    int8_parity = parity(run, int8, spec, prompt)
+    report["int8_max_abs_diff"] = max(int8_parity.values())
+    if run.val_tokens is None or len(run.val_tokens) < 2:
+        log("  quality: the run has no val tokens (tokens.bin), perplexity not measured")
+        return report
+    ppl32, n = perplexity(fp32, spec, run.val_tokens)
+    ppl8, _ = perplexity(int8, spec, run.val_tokens)
+    delta = ppl8 / ppl32 - 1
+    report.update(fp32_perplexity=ppl32, int8_perplexity=ppl8, perplexity_delta=delta, perplexity_tokens=n)
+    log(f"  quality val perplexity on {n:,} tokens: fp32 {ppl32:.4f}, int8 {ppl8:.4f} ({delta:+.2%}, limit +{MAX_PPL_INCREASE:.0%}); "
+        f"int8 max |logit diff| vs PyTorch {report['int8_max_abs_diff']:.3f}")
+    if delta > MAX_PPL_INCREASE:
+        report["failures"].append(f"int8 raises val perplexity by {delta:.2%} (limit {MAX_PPL_INCREASE:.0%}); export with --quantize none instead")
+    return report

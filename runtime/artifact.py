@@ -1,0 +1,145 @@
+"""The Craft .onnx artifact contract: I/O names, metadata keys, weight names. Defined only here.
+
+craft.export writes files that satisfy this; craft.runtime (both backends) reads them. They
+meet at this file and nowhere else.
+
+Graph inputs    input_ids int64 (B, T); attention_mask int64 (B, P + T); position_ids int64 (B, T);
+                past_key_values.{i}.key / .value float32 (B, n_kv_heads, P, head_dim)
+Graph outputs   logits float32 (B, T, vocab); present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
+                (Hugging Face / Optimum names, so third-party runtimes can drive the file too.)
+
+Weights (graph initializers), read by the numpy backend; linear weights are stored as
+(in_features, out_features) so y = x @ W, with these layouts:
+    tok_embeddings.weight                   (vocab, dim); also the LM head when tied
+    output.weight                           (dim, vocab); only when not tied
+    norm.weight, layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight      (dim,)
+    layers.{i}.attention.wqkv.weight        (dim, (n_heads + 2 * n_kv_heads) * head_dim): columns are
+                                            [q | k | v]; q is pre-multiplied by 1 / sqrt(head_dim)
+    layers.{i}.attention.wo.weight          (n_heads * head_dim, dim)
+    layers.{i}.feed_forward.w13.weight      (dim, 2 * hidden): [gate | up]
+    layers.{i}.feed_forward.w2.weight       (hidden, dim)
+    rope.cos, rope.sin                      (context_length, head_dim), "rotate half" layout
+An int8 file stores, instead of a float NAME, NAME.q (int8) and NAME.scale (float32) with the
+layout that `quantization` names (see craft.runtime.numpy_backend.dequantize).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, fields
+
+FORMAT_VERSION = 1
+DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+# metadata_props keys
+META_FORMAT = "craft.format_version"
+META_VERSION = "craft.version"
+META_CONFIG = "craft.model_config"  # JSON of ModelSpec
+META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char"
+META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
+META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
+META_QUANT = "craft.quantization"  # "none" or an int8 scheme name (QUANT_SCHEMES)
+META_CHECKPOINT = "craft.checkpoint_sha256"
+META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures at export
+
+QUANT_NONE = "none"
+QUANT_INT8 = "int8"  # per-output-channel symmetric int8 weights (see craft.export.quantize)
+
+
+class ArtifactError(ValueError):
+    """A file that is not a usable Craft model; one line saying what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a runtime needs to know about the network (a subset of craft.config.ModelConfig)."""
+
+    vocab_size: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    hidden_dim: int
+    context_length: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+
+    def to_json(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        values = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        missing = names - values.keys()
+        if missing:
+            raise ArtifactError(f"model config in the file lacks {sorted(missing)}; re-export it with this craft version")
+        return cls(**{k: values[k] for k in names})
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Everything the metadata of a Craft .onnx file says."""
+
+    spec: ModelSpec
+    tokenizer_kind: str
+    tokenizer_data: bytes
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    quantization: str
+    checkpoint_sha256: str
+    craft_version: str
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            META_FORMAT: str(FORMAT_VERSION),
+            META_VERSION: self.craft_version,
+            META_CONFIG: self.spec.to_json(),
+            META_TOKENIZER_KIND: self.tokenizer_kind,
+            META_TOKENIZER: base64.b64encode(self.tokenizer_data).decode("ascii"),
+            META_BOS: str(self.bos_id), META_EOS: str(self.eos_id), META_PAD: str(self.pad_id),
+            META_QUANT: self.quantization,
+            META_CHECKPOINT: self.checkpoint_sha256,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], source: str = "model") -> "Artifact":
+        """Parse and check; ArtifactError naming `source` if it is not a Craft file of this format."""
+        if META_FORMAT not in metadata:
+            raise ArtifactError(f"{source} is not a Craft model (no '{META_FORMAT}' in its metadata); export one with craft-export")
+        version = metadata[META_FORMAT]
+        if version != str(FORMAT_VERSION):
+            raise ArtifactError(f"{source} has Craft format version {version}, this runtime reads version {FORMAT_VERSION}; "
+                                f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip())
+        try:
+            return cls(
+                spec=ModelSpec.from_json(metadata[META_CONFIG]),
+                tokenizer_kind=metadata[META_TOKENIZER_KIND],
+                tokenizer_data=base64.b64decode(metadata[META_TOKENIZER], validate=True),
+                bos_id=int(metadata[META_BOS]), eos_id=int(metadata[META_EOS]), pad_id=int(metadata[META_PAD]),
+                quantization=metadata[META_QUANT],
+                checkpoint_sha256=metadata.get(META_CHECKPOINT, ""),
+                craft_version=metadata.get(META_VERSION, ""),
+            )
+        except KeyError as e:
+            raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None
+        except ValueError as e:
+            raise ArtifactError(f"{source} has malformed Craft metadata ({e}); re-export it with craft-export") from None

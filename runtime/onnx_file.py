@@ -1,0 +1,467 @@
+"""Read an ONNX model file using only the standard library and numpy.
+
+Craft runs models on Raspberry Pi-class devices, where neither `onnx` nor
+`google.protobuf` should be needed and where a 60 MB model must not be read or
+copied more than necessary.  This module memory-maps the file and decodes the
+protobuf wire format by hand, looking only at the fields Craft uses (numbers as
+in onnx.proto) and skipping everything else:
+
+  ModelProto        ir_version=1 producer_name=2 producer_version=3 graph=7
+                    opset_import=8 metadata_props=14
+  GraphProto        node=1 initializer=5 input=11 output=12
+  NodeProto         input=1 output=2 name=3 op_type=4 attribute=5 domain=7
+  AttributeProto    name=1 f=2 i=3 s=4 t=5 floats=7 ints=8 strings=9 tensors=10 type=20
+  TensorProto       dims=1 data_type=2 float_data=4 int32_data=5 int64_data=7 name=8
+                    raw_data=9 double_data=10 uint64_data=11 data_location=14
+  ValueInfoProto    name=1 type=2 -> TypeProto.tensor_type=1 -> elem_type=1 shape=2
+                    -> TensorShapeProto.dim=1 -> dim_value=1 | dim_param=2
+
+Tensors come back as read-only numpy arrays.  Little-endian raw_data at an
+aligned file offset is returned as a view of the mapping (no copy); other
+tensors are copied once.  Because such views read the file lazily, replace a
+model file atomically (write elsewhere, then os.replace) rather than rewriting it
+in place while its arrays are in use: truncating a mapped file makes later reads
+of it kill the process with SIGBUS.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+__all__ = ["OnnxFormatError", "ValueInfo", "Node", "OnnxModel", "read_model", "read_metadata"]
+
+
+class OnnxFormatError(ValueError):
+    """The file is not a usable ONNX model: not ONNX at all, truncated, malformed,
+    or using a feature Craft does not read (external data, exotic tensor types).
+    The message is one line that starts with the file's path."""
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """A graph input or output.  `elem_type` is a TensorProto data type (0 if the
+    value is not a tensor or its type is unset); each shape entry is an int for
+    a fixed dim, a str for a named (dynamic) dim and None for an unknown one.
+    The shape is () both for scalars and when the rank is unknown."""
+    name: str
+    elem_type: int
+    shape: tuple[int | str | None, ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    """One graph node.  Attribute values are float (FLOAT), int (INT), bytes
+    (STRING), np.ndarray (TENSOR), or lists of those (FLOATS, INTS, STRINGS,
+    TENSORS); kinds Craft does not read (graphs, sparse tensors, type protos)
+    map to None so that their presence is still visible."""
+    op_type: str
+    domain: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: dict[str, object] = field(hash=False)
+
+
+@dataclass
+class OnnxModel:
+    """What Craft needs from a ModelProto.  `opsets` maps domain to version, with
+    '' for the default ai.onnx domain (also used for nodes' `domain`).  `inputs`
+    lists graph inputs as stored, so models older than IR version 4 may also
+    list their initializers there."""
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    metadata: dict[str, str]
+    inputs: list[ValueInfo]
+    outputs: list[ValueInfo]
+    nodes: list[Node]
+    initializers: dict[str, np.ndarray]
+    producer_version: str = ""
+
+
+def read_model(path: str | os.PathLike, *, with_weights: bool = True) -> OnnxModel:
+    """Read the model at `path`.  With `with_weights=False` the initializers are
+    skipped without being decoded (the result has none; tensor-valued node
+    attributes, as in Constant nodes, are still decoded), which makes reading the
+    metadata, inputs, outputs and nodes of a large model take milliseconds.
+    Raises OnnxFormatError as described there; OSError if the file cannot be opened."""
+    return _read(path, graph_wanted=True, with_weights=with_weights)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Return the model's metadata_props as a dict, without reading the graph."""
+    return _read(path, graph_wanted=False, with_weights=False).metadata
+
+
+# --- protobuf wire format ----------------------------------------------------
+
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+
+class _Malformed(Exception):
+    """Internal: what is wrong with the file; _read() adds the path."""
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """Decode the varint at `pos`; return (value as unsigned 64-bit, next position)."""
+    result = shift = 0
+    while pos < end:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos
+        shift += 7
+        if shift >= 70:
+            raise _Malformed(f"malformed protobuf: varint longer than 10 bytes at byte {pos}")
+    raise _Malformed(f"truncated or malformed protobuf: varint runs past byte {end}")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (field number, wire type, a, b) for each field of the message in
+    buf[start:end]: for varints a is the value; otherwise buf[a:b] is the payload.
+    One-byte varints, by far the most common, are decoded inline for speed."""
+    pos = start
+    while pos < end:
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed(f"malformed protobuf: field number 0 at byte {pos}")
+        if wire == _VARINT or wire == _LEN:
+            value = buf[pos] if pos < end else 0x80  # 0x80: let _read_varint report truncation
+            if value < 0x80:
+                pos += 1
+            else:
+                value, pos = _read_varint(buf, pos, end)
+            if wire == _VARINT:
+                yield number, wire, value, 0
+                continue
+            size = value
+        elif wire == _FIXED32 or wire == _FIXED64:
+            size = 4 if wire == _FIXED32 else 8
+        else:
+            raise _Malformed(f"malformed protobuf: unsupported wire type {wire} at byte {pos}")
+        if size > end - pos:
+            raise _Malformed(f"truncated or malformed protobuf: field {number} at byte {pos} "
+                             f"needs {size} bytes, {end - pos} left")
+        yield number, wire, pos, pos + size
+        pos += size
+
+
+def _text(buf: memoryview, a: int, b: int) -> str:
+    try:
+        return str(buf[a:b], "utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed(f"malformed protobuf: invalid UTF-8 in string at byte {a}") from None
+
+
+def _add_ints(out: list[int], buf: memoryview, wire: int, a: int, b: int) -> None:
+    """Append a repeated int64 field's values, whether sent one by one or packed."""
+    if wire == _VARINT:
+        out.append(_signed(a))
+    elif wire == _LEN:
+        while a < b:
+            value, a = _read_varint(buf, a, b)
+            out.append(_signed(value))
+
+
+def _add_floats(out: list[float], buf: memoryview, wire: int, a: int, b: int) -> None:
+    """Append a repeated float field's values, whether sent one by one or packed."""
+    if wire in (_FIXED32, _LEN):
+        if (b - a) % 4:
+            raise _Malformed(f"malformed protobuf: packed floats of {b - a} bytes at byte {a}")
+        out.extend(struct.unpack_from(f"<{(b - a) // 4}f", buf, a))
+
+
+def _decode_varints(data: np.ndarray) -> np.ndarray:
+    """Decode a packed run of varints (uint8 array) into uint64, vectorized."""
+    if data.size == 0 or data.max() < 0x80:  # every value fits in one byte
+        return data.astype(np.uint64)
+    if data[-1] >= 0x80:
+        raise _Malformed("truncated or malformed protobuf: packed varints end mid-value")
+    ends = np.flatnonzero(data < 0x80)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    if (ends - starts).max() >= 10:
+        raise _Malformed("malformed protobuf: packed varint longer than 10 bytes")
+    shifts = 7 * (np.arange(data.size) - np.repeat(starts, ends - starts + 1))
+    parts = (data & 0x7F).astype(np.uint64) << shifts.astype(np.uint64)
+    return np.bitwise_or.reduceat(parts, starts)
+
+
+# --- tensors -----------------------------------------------------------------
+
+# TensorProto.DataType -> (little-endian numpy dtype, field holding typed values)
+_TENSOR_TYPES = {
+    1: ("<f4", 4), 2: ("u1", 5), 3: ("i1", 5), 4: ("<u2", 5), 5: ("<i2", 5), 6: ("<i4", 5),
+    7: ("<i8", 7), 9: ("?", 5), 10: ("<f2", 5), 11: ("<f8", 10), 12: ("<u4", 11), 13: ("<u8", 11),
+}
+# float_data and double_data hold fixed-width values; the other typed fields hold varints
+_FIXED_WIDTH_FIELDS = {4: (np.dtype("<f4"), _FIXED32), 10: (np.dtype("<f8"), _FIXED64)}
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """Make `array` native-endian and aligned (copying only if needed), read-only."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    elif not array.flags.aligned:
+        array = array.copy()
+    array.flags.writeable = False
+    return array
+
+
+def _typed_values(buf: memoryview, number: int, spans: list[tuple[int, int, int]]) -> np.ndarray:
+    """Concatenate the values of typed-data field `number` (packed or not)."""
+    parts = []
+    if number in _FIXED_WIDTH_FIELDS:
+        dtype, single_wire = _FIXED_WIDTH_FIELDS[number]
+        for wire, a, b in spans:
+            if wire in (_LEN, single_wire):
+                if (b - a) % dtype.itemsize:
+                    raise _Malformed(f"malformed protobuf: packed field {number} of {b - a} bytes")
+                parts.append(np.frombuffer(buf, dtype, (b - a) // dtype.itemsize, a))
+    else:
+        dtype = np.dtype(np.int64 if number in (5, 7) else np.uint64)  # int32/int64 vs uint64
+        for wire, a, b in spans:
+            if wire == _LEN:
+                parts.append(_decode_varints(np.frombuffer(buf, np.uint8, b - a, a)).view(dtype))
+            elif wire == _VARINT:
+                parts.append(np.array([a], np.uint64).view(dtype))
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def _parse_tensor(buf: memoryview, start: int, end: int) -> tuple[str, np.ndarray]:
+    name, dims, data_type, raw, external = "", [], 0, None, False
+    typed: dict[int, list[tuple[int, int, int]]] = {}
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1:
+            _add_ints(dims, buf, wire, a, b)
+        elif number == 2 and wire == _VARINT:
+            data_type = a
+        elif number == 8 and wire == _LEN:
+            name = _text(buf, a, b)
+        elif number == 9 and wire == _LEN:
+            raw = (a, b)
+        elif number == 14 and wire == _VARINT:
+            external = a == 1
+        elif number in (4, 5, 7, 10, 11):
+            typed.setdefault(number, []).append((wire, a, b))
+    if external:
+        raise _Malformed(f"tensor {name!r} keeps its data in an external file "
+                         "(data_location=EXTERNAL); Craft models must be self-contained")
+    if data_type not in _TENSOR_TYPES:
+        raise _Malformed(f"tensor {name!r} has data type {data_type}, which Craft does not read")
+    if any(d < 0 for d in dims):
+        raise _Malformed(f"tensor {name!r} has negative dims {dims}")
+    little_endian, typed_field = _TENSOR_TYPES[data_type]
+    dtype, count = np.dtype(little_endian), math.prod(dims)
+    if raw is not None:
+        if raw[1] - raw[0] != count * dtype.itemsize:
+            raise _Malformed(f"tensor {name!r} of shape {tuple(dims)} has {raw[1] - raw[0]} "
+                             f"bytes of raw_data, expected {count * dtype.itemsize}")
+        values = np.frombuffer(buf, dtype, count, raw[0]) if count else np.empty(0, dtype)
+    else:
+        values = _typed_values(buf, typed_field, typed.get(typed_field, []))
+        if values.size != count:
+            raise _Malformed(f"tensor {name!r} of shape {tuple(dims)} has {values.size} "
+                             f"values, expected {count}")
+        if data_type == 10:  # float16 values are stored as their uint16 bit patterns
+            values = values.astype(np.uint16).view(np.float16)
+        else:
+            values = values.astype(dtype, copy=False)
+    return name, _frozen(values.reshape(dims))
+
+
+# --- graph structure ---------------------------------------------------------
+
+_ATTR_FLOAT, _ATTR_INT, _ATTR_STRING, _ATTR_TENSOR = 1, 2, 3, 4
+_ATTR_FLOATS, _ATTR_INTS, _ATTR_STRINGS, _ATTR_TENSORS = 6, 7, 8, 9
+
+
+def _parse_attribute(buf: memoryview, start: int, end: int) -> tuple[str, object]:
+    name, kind, f, i, s = "", 0, 0.0, 0, b""
+    floats: list[float] = []
+    ints: list[int] = []
+    strings: list[bytes] = []
+    tensor: tuple[int, int] | None = None  # span of t
+    tensors: list[tuple[int, int]] = []  # spans of tensors
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1 and wire == _LEN:
+            name = _text(buf, a, b)
+        elif number == 20 and wire == _VARINT:
+            kind = a
+        elif number == 2 and wire == _FIXED32:
+            f = struct.unpack_from("<f", buf, a)[0]
+        elif number == 3 and wire == _VARINT:
+            i = _signed(a)
+        elif number == 4 and wire == _LEN:
+            s = bytes(buf[a:b])
+        elif number == 5 and wire == _LEN:
+            tensor = (a, b)
+        elif number == 7:
+            _add_floats(floats, buf, wire, a, b)
+        elif number == 8:
+            _add_ints(ints, buf, wire, a, b)
+        elif number == 9 and wire == _LEN:
+            strings.append(bytes(buf[a:b]))
+        elif number == 10 and wire == _LEN:
+            tensors.append((a, b))
+    # The type field comes last on the wire, so tensors are decoded only now, if wanted.
+    if kind == _ATTR_TENSOR:
+        return name, _parse_tensor(buf, *tensor)[1] if tensor else None
+    if kind == _ATTR_TENSORS:
+        return name, [_parse_tensor(buf, a, b)[1] for a, b in tensors]
+    values = {_ATTR_FLOAT: f, _ATTR_INT: i, _ATTR_STRING: s,
+              _ATTR_FLOATS: floats, _ATTR_INTS: ints, _ATTR_STRINGS: strings}
+    return name, values.get(kind)
+
+
+def _domain(name: str) -> str:
+    return "" if name == "ai.onnx" else name
+
+
+def _parse_node(buf: memoryview, start: int, end: int) -> Node:
+    inputs, outputs, attributes = [], [], {}
+    name = op_type = domain = ""
+    for number, wire, a, b in _fields(buf, start, end):
+        if wire != _LEN:
+            continue
+        if number == 1:
+            inputs.append(_text(buf, a, b))
+        elif number == 2:
+            outputs.append(_text(buf, a, b))
+        elif number == 3:
+            name = _text(buf, a, b)
+        elif number == 4:
+            op_type = _text(buf, a, b)
+        elif number == 5:
+            key, value = _parse_attribute(buf, a, b)
+            attributes[key] = value
+        elif number == 7:
+            domain = _domain(_text(buf, a, b))
+    return Node(op_type, domain, name, tuple(inputs), tuple(outputs), attributes)
+
+
+def _submessage(buf: memoryview, start: int, end: int, number: int) -> tuple[int, int] | None:
+    """Span of the last occurrence of embedded-message field `number`, if any."""
+    span = None
+    for n, wire, a, b in _fields(buf, start, end):
+        if n == number and wire == _LEN:
+            span = (a, b)
+    return span
+
+
+def _parse_value_info(buf: memoryview, start: int, end: int) -> ValueInfo:
+    name, elem_type, shape = "", 0, []
+    tensor_type = None
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1 and wire == _LEN:
+            name = _text(buf, a, b)
+        elif number == 2 and wire == _LEN:
+            tensor_type = _submessage(buf, a, b, 1)  # TypeProto.tensor_type
+    if tensor_type is not None:
+        for number, wire, a, b in _fields(buf, *tensor_type):
+            if number == 1 and wire == _VARINT:
+                elem_type = a
+            elif number == 2 and wire == _LEN:  # TensorShapeProto; its field 1 is repeated dim
+                shape = [_parse_dim(buf, da, db) for n, w, da, db in _fields(buf, a, b)
+                         if n == 1 and w == _LEN]
+    return ValueInfo(name, elem_type, tuple(shape))
+
+
+def _parse_dim(buf: memoryview, start: int, end: int) -> int | str | None:
+    dim: int | str | None = None
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1 and wire == _VARINT:
+            dim = _signed(a)
+        elif number == 2 and wire == _LEN:
+            dim = _text(buf, a, b)
+    return dim
+
+
+def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, with_weights: bool) -> None:
+    for number, wire, a, b in _fields(buf, start, end):
+        if wire != _LEN:
+            continue
+        if number == 1:
+            model.nodes.append(_parse_node(buf, a, b))
+        elif number == 5 and with_weights:
+            name, array = _parse_tensor(buf, a, b)
+            model.initializers[name] = array
+        elif number == 11:
+            model.inputs.append(_parse_value_info(buf, a, b))
+        elif number == 12:
+            model.outputs.append(_parse_value_info(buf, a, b))
+
+
+def _parse_pair(buf: memoryview, start: int, end: int) -> tuple[str, int | str | None]:
+    """Decode a StringStringEntryProto (key=1, value=2) or an OperatorSetIdProto
+    (domain=1, version=2): field 2 is a string in one and an int64 in the other."""
+    key, value = "", None
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1 and wire == _LEN:
+            key = _text(buf, a, b)
+        elif number == 2 and wire == _LEN:
+            value = _text(buf, a, b)
+        elif number == 2 and wire == _VARINT:
+            value = _signed(a)
+    return key, value
+
+
+def _parse_model(buf: memoryview, graph_wanted: bool, with_weights: bool) -> OnnxModel:
+    model = OnnxModel(0, {}, "", {}, [], [], [], {})
+    ir_version = graph = None
+    for number, wire, a, b in _fields(buf, 0, len(buf)):
+        if number == 1 and wire == _VARINT:
+            ir_version = _signed(a)
+        elif number == 2 and wire == _LEN:
+            model.producer = _text(buf, a, b)
+        elif number == 3 and wire == _LEN:
+            model.producer_version = _text(buf, a, b)
+        elif number == 7 and wire == _LEN:
+            graph = (a, b)
+        elif number == 8 and wire == _LEN:
+            domain, version = _parse_pair(buf, a, b)
+            model.opsets[_domain(domain)] = version if isinstance(version, int) else 0
+        elif number == 14 and wire == _LEN:
+            key, value = _parse_pair(buf, a, b)
+            model.metadata[key] = value if isinstance(value, str) else ""
+    if ir_version is None or ir_version <= 0:
+        raise _Malformed("not an ONNX model (no ir_version)")
+    model.ir_version = ir_version
+    if graph_wanted:
+        if graph is None:
+            raise _Malformed("not an ONNX model (no graph)")
+        _parse_graph(buf, *graph, model, with_weights)
+    return model
+
+
+def _read(path: str | os.PathLike, graph_wanted: bool, with_weights: bool) -> OnnxModel:
+    shown = os.fsdecode(path)
+    with open(path, "rb") as file:
+        try:
+            data: mmap.mmap | bytes = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # empty, or not mappable (a pipe, some network file systems)
+            data = file.read()
+    if len(data) == 0:
+        raise OnnxFormatError(f"{shown}: empty file, not an ONNX model")
+    try:
+        return _parse_model(memoryview(data), graph_wanted, with_weights)
+    except _Malformed as error:
+        raise OnnxFormatError(f"{shown}: {error}") from None
+    except (IndexError, ValueError, OverflowError, struct.error) as error:  # safety net
+        raise OnnxFormatError(f"{shown}: malformed ONNX file ({type(error).__name__}: {error})") from None

@@ -1,0 +1,105 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+Pure functions over numpy arrays; randomness comes only from the numpy Generator passed in,
+so the same seed gives the same tokens on every backend and machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class SamplingError(ValueError):
+    """Invalid sampling settings; the message names the flag and the valid range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # 0 is greedy (argmax); higher is more random
+    top_k: int = 40  # sample among the k most likely tokens; 0 disables
+    top_p: float = 0.95  # ...and among the fewest tokens whose probability sums to p; 1 disables
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's rule); 1 disables
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise SamplingError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
+            raise SamplingError(f"--top-k must be an integer >= 0 (0 disables it), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise SamplingError(f"--top-p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise SamplingError(f"--repetition-penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
+    """Logits (vocab,) with every token in `previous` made less likely: positive logits divided
+    by `penalty`, negative ones multiplied (Keskar et al. 2019, as in llama.cpp / transformers)."""
+    if penalty == 1.0 or len(previous) == 0:
+        return logits
+    out = logits.copy()
+    seen = np.unique(previous)
+    values = out[seen]
+    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return out
+
+
+def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, their logits as float64), most likely first, that survive top-k then top-p.
+
+    Ties at the k-th value are broken by token id (lowest kept), so exactly k survive.
+    The nucleus is the fewest tokens whose probability reaches top_p; it keeps at least one.
+    Cost O(vocab): a partition, then a sort of the few survivors (top-p alone first tries the
+    top NUCLEUS_PREFILTER tokens and sorts the whole vocabulary only if they hold < top_p).
+    """
+    vocab = logits.shape[-1]
+    k = top_k if 0 < top_k < vocab else vocab
+    if k == vocab and top_p < 1.0 and vocab > NUCLEUS_PREFILTER:
+        ids, values = _sorted_top(logits, NUCLEUS_PREFILTER)
+        probs = np.exp(values - values[0]) / np.exp(logits.astype(np.float64) - values[0]).sum()  # of the whole vocabulary
+        if probs.sum() >= top_p:
+            n = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))
+            return ids[: max(n, 1)], values[: max(n, 1)]
+    ids, values = _sorted_top(logits, k)
+    if top_p < 1.0:
+        probs = np.exp(values - values[0])
+        probs /= probs.sum()
+        n = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))  # mass before token i is < p
+        ids, values = ids[: max(n, 1)], values[: max(n, 1)]
+    return ids, values
+
+
+def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of the k largest logits and the logits (float64), by logit descending then id ascending."""
+    vocab = logits.shape[-1]
+    if k >= vocab:
+        ids = np.arange(vocab)
+    else:
+        kth = np.partition(logits, vocab - k)[vocab - k]  # the k-th largest value
+        above = np.flatnonzero(logits > kth)
+        ties = np.flatnonzero(logits == kth)[: k - len(above)]
+        ids = np.concatenate([above, ties])
+    values = logits[ids].astype(np.float64)
+    order = np.argsort(-values, kind="stable")  # ids ascend within each run of equal values
+    return ids[order], values[order]
+
+
+NUCLEUS_PREFILTER = 1024
+
+
+def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                previous: np.ndarray | None = None) -> int:
+    """The next token id from one position's logits (vocab,)."""
+    if previous is not None:
+        logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits))
+    ids, values = candidates(logits, params.top_k, params.top_p)
+    probs = np.exp((values - values[0]) / params.temperature)
+    cdf = np.cumsum(probs)
+    return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)])

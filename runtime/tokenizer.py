@@ -1,0 +1,151 @@
+"""Tokenizers shared by training and the runtime: `char` and `sentencepiece`, both byte-exact.
+
+Both map any UTF-8 text to ids and back without loss: characters (or pieces) outside the
+vocabulary fall back to one token per UTF-8 byte. Both serialize to bytes (`to_bytes`) that
+the run directory stores and the .onnx file carries in its metadata, and both expose
+`token_bytes(id)` so the runtime can stream text token by token (see TextStream).
+
+Standard library + sentencepiece only: the runtime imports this file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from typing import Iterable, Protocol
+
+CHAR = "char"
+SENTENCEPIECE = "sentencepiece"
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
+    def to_bytes(self) -> bytes: ...
+
+
+class CharTokenizer:
+    """One token per known character; unknown characters become their UTF-8 bytes.
+
+    ids: 0 = BOS, 1 = EOS, 2..257 = bytes 0x00..0xFF, 258.. = the vocabulary's characters.
+    """
+
+    kind = CHAR
+    bos_id, eos_id, pad_id = 0, 1, 1  # padding is masked out, so it can reuse EOS
+    BYTE_OFFSET = 2
+    CHAR_OFFSET = 258
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("char vocabulary has repeated characters")
+        self.chars = chars
+        self.vocab_size = self.CHAR_OFFSET + len(chars)
+        self._ids = {c: i + self.CHAR_OFFSET for i, c in enumerate(chars)}
+        self._bytes = [b"", b""] + [bytes([b]) for b in range(256)] + [c.encode("utf-8") for c in chars]
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls("".join(sorted(seen)))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids
+        out: list[int] = []
+        for c in text:
+            i = ids.get(c)
+            if i is not None:
+                out.append(i)
+            else:
+                out.extend(b + self.BYTE_OFFSET for b in c.encode("utf-8", "surrogatepass"))
+        return out
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", "replace")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"kind": CHAR, "chars": self.chars}, ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CharTokenizer":
+        spec = json.loads(data.decode("utf-8"))
+        if spec.get("kind") != CHAR or not isinstance(spec.get("chars"), str):
+            raise ValueError("not a char tokenizer: expected JSON with kind='char' and a 'chars' string")
+        return cls(spec["chars"])
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model trained with byte fallback and identity normalization (exact round trip)."""
+
+    kind = SENTENCEPIECE
+
+    def __init__(self, model_bytes: bytes):
+        import sentencepiece as spm
+
+        self.model_bytes = model_bytes
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+
+    def _piece_bytes(self, i: int) -> bytes:
+        sp = self.sp
+        if sp.is_control(i) or sp.is_unknown(i):
+            return b""
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):  # "<0xAB>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", "replace")
+
+    def to_bytes(self) -> bytes:
+        return self.model_bytes
+
+
+def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
+    """Rebuild a tokenizer from what `to_bytes` wrote; ValueError for an unknown kind."""
+    if kind == CHAR:
+        return CharTokenizer.from_bytes(data)
+    if kind == SENTENCEPIECE:
+        return SentencePieceTokenizer(data)
+    raise ValueError(f"unknown tokenizer kind '{kind}'; expected '{CHAR}' or '{SENTENCEPIECE}'")
+
+
+class TextStream:
+    """Turns a stream of token ids into text, never splitting a multi-byte UTF-8 character.
+
+    feed(id) returns the text completed by that token (possibly ""); bytes of a character
+    split across tokens are held until the character is whole. finish() flushes the rest
+    (an incomplete character at the very end becomes U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def finish(self) -> str:
+        return self._decoder.decode(b"", final=True)

@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# Prepare an emulated ARM userland for Craft's Python/numpy/onnxruntime runtime.
+#
+# usage: scripts/devices/prepare.sh arm64|armhf
+#
+# Builds, without chroot and without binfmt_misc, a minimal Debian bookworm
+# rootfs for ARCH under .cache/devices/ARCH/ (git-ignored) so that
+#   qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3 ...   (arm64)
+#   qemu-arm-static     -L ROOTFS ROOTFS/usr/bin/python3 ...   (armhf)
+# works. Use scripts/devices/run.sh ARCH ... to run python3 in it.
+#
+#   arm64: Debian python3 (3.11) + numpy / onnxruntime / sentencepiece
+#          manylinux aarch64 wheels unpacked into .cache/devices/arm64/site
+#          (PYTHONPATH), and a fake ARM /proc/cpuinfo inside the rootfs that
+#          onnxruntime >= 1.28 needs to import under qemu (see README.md).
+#   armhf: Debian python3 + python3-numpy (+ libblas/liblapack alternative
+#          symlinks) + python3-sentencepiece; no onnxruntime (no 32-bit ARM
+#          wheel exists).
+#
+# Idempotent: every stage is skipped when its stamp matches; a warm run takes
+# a few seconds. Exit 77 = skipped (tools unavailable), not a failure.
+#
+# Environment knobs:
+#   ORT_VERSION      onnxruntime version for arm64 (default 1.32.0)
+#   NUMPY_SPEC       numpy requirement for arm64 (default: "numpy" or,
+#                    for ORT < 1.19, "numpy<2")
+#   EXTRA_WHEELS     extra requirement specs for arm64 (space separated)
+#   FAKE_CPUINFO     1 (default) / 0: install the fake /proc/cpuinfo (arm64)
+#   DEBIAN_MIRROR    default http://deb.debian.org/debian
+#   CRAFT_DEVICES_CACHE  cache root (default REPO/.cache/devices)
+set -euo pipefail
+
+ARCH="${1:-}"
+case "$ARCH" in
+  arm64) QEMU=qemu-aarch64-static; TRIPLET=aarch64-linux-gnu ;;
+  armhf) QEMU=qemu-arm-static; TRIPLET=arm-linux-gnueabihf ;;
+  *) echo "usage: $0 arm64|armhf" >&2; exit 2 ;;
+esac
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+CACHE_ROOT="${CRAFT_DEVICES_CACHE:-$REPO/.cache/devices}"
+CACHE="$CACHE_ROOT/$ARCH"
+ROOTFS="$CACHE/rootfs"
+SITE="$CACHE/site"
+SUITE=bookworm
+MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+ORT_VERSION="${ORT_VERSION:-1.32.0}"
+FAKE_CPUINFO="${FAKE_CPUINFO:-1}"
+HOST_PY="${HOST_PYTHON:-python3}"
+
+log() { printf '[prepare %s] %s\n' "$ARCH" "$*"; }
+skip() { printf '[prepare %s] SKIP: %s\n' "$ARCH" "$*" >&2; exit 77; }
+die() { printf '[prepare %s] ERROR: %s\n' "$ARCH" "$*" >&2; exit 1; }
+
+T_ALL=$EPOCHREALTIME
+T_STAGE=$EPOCHREALTIME
+STAGE=""
+TIMINGS=()
+stage_begin() { STAGE="$1"; T_STAGE=$EPOCHREALTIME; log "stage $STAGE ..."; }
+stage_end() { # $1 = note (cached/built)
+  local dt
+  dt=$(awk -v a="$T_STAGE" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b-a}')
+  TIMINGS+=("$(printf '%-10s %6ss  %s' "$STAGE" "$dt" "$1")")
+  log "stage $STAGE: ${dt}s ($1)"
+}
+
+# ---------------------------------------------------------------- tools
+stage_begin tools
+need_install=()
+command -v "$QEMU" >/dev/null 2>&1 || need_install+=(qemu-user-static)
+command -v debootstrap >/dev/null 2>&1 || need_install+=(debootstrap)
+command -v wget >/dev/null 2>&1 || need_install+=(wget)
+if ((${#need_install[@]})); then
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    skip "missing ${need_install[*]} and cannot apt-get install (need root + apt)"
+  fi
+  log "apt-get install ${need_install[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null 2>&1 ||
+      skip "apt-get install ${need_install[*]} failed"
+  fi
+  for t in "$QEMU" debootstrap wget; do
+    command -v "$t" >/dev/null 2>&1 || skip "$t still unavailable after apt-get install"
+  done
+  stage_end "installed ${need_install[*]}"
+else
+  stage_end "present"
+fi
+[[ $(id -u) -eq 0 ]] || skip "debootstrap needs root (uid $(id -u))"
+command -v dpkg-deb >/dev/null 2>&1 || skip "dpkg-deb not found"
+command -v flock >/dev/null 2>&1 || skip "flock not found"
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+
+# ---------------------------------------------------------------- rootfs
+if [[ $ARCH == arm64 ]]; then
+  INCLUDE=python3
+else
+  INCLUDE=python3,python3-numpy,python3-sentencepiece
+fi
+ROOTFS_KEY="v1 suite=$SUITE arch=$ARCH include=$INCLUDE fake_cpuinfo=$FAKE_CPUINFO"
+
+extract_all() { # $1 = target rootfs: dpkg-deb -x every deb debootstrap fetched
+  local target="$1" pkg path n=0
+  while read -r pkg path; do
+    dpkg-deb --fsys-tarfile "$target/$path" | tar -x --keep-directory-symlink -C "$target" -f -
+    n=$((n + 1))
+  done <"$target/debootstrap/debpaths"
+  log "extracted $n packages"
+}
+
+fix_alternatives() { # what libblas3/liblapack3's postinst (update-alternatives) does,
+  # with RELATIVE links: qemu -L resolves absolute symlink targets on the host.
+  local target="$1" lib="$1/usr/lib/$TRIPLET" name
+  for name in blas lapack; do
+    if [[ -e $lib/$name/lib$name.so.3 ]]; then
+      ln -sfn "$name/lib$name.so.3" "$lib/lib$name.so.3"
+      log "alternative: usr/lib/$TRIPLET/lib$name.so.3 -> $name/lib$name.so.3"
+    fi
+  done
+}
+
+fake_cpuinfo() { # onnxruntime >= 1.28 (pytorch/cpuinfo) segfaults at import when it
+  # parses the x86 host /proc/cpuinfo. qemu -L looks every absolute path up in
+  # the prefix first, so a real rootfs/proc/ holding only cpuinfo shadows
+  # /proc/cpuinfo while every other /proc path falls back to the host.
+  local target="$1" i
+  [[ -L $target/proc ]] && rm -f "$target/proc" # debootstrap's symlink to /proc
+  mkdir -p "$target/proc"
+  : >"$target/proc/cpuinfo.tmp"
+  for ((i = 0; i < $(nproc); i++)); do
+    cat >>"$target/proc/cpuinfo.tmp" <<EOF
+processor	: $i
+BogoMIPS	: 50.00
+Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer	: 0x41
+CPU architecture: 8
+CPU variant	: 0x3
+CPU part	: 0xd0c
+CPU revision	: 1
+
+EOF
+  done
+  mv "$target/proc/cpuinfo.tmp" "$target/proc/cpuinfo"
+  log "fake /proc/cpuinfo: $(nproc) x Neoverse-N1 (0x41/0xd0c)"
+}
+
+stage_begin rootfs
+if [[ -f $CACHE/rootfs.stamp && $(cat "$CACHE/rootfs.stamp") == "$ROOTFS_KEY" && -x $ROOTFS/usr/bin/python3.11 ]]; then
+  stage_end "cached"
+else
+  rm -rf "$ROOTFS.tmp" "$ROOTFS" "$CACHE/rootfs.stamp"
+  mkdir -p "$CACHE/debs"
+  run_debootstrap() {
+    debootstrap --foreign --arch="$ARCH" --variant=minbase --include="$1" \
+      --cache-dir="$CACHE/debs" "$SUITE" "$ROOTFS.tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1
+  }
+  if ! run_debootstrap "$INCLUDE"; then
+    if [[ $INCLUDE == *python3-sentencepiece* ]] && grep -q "Couldn't find these debs" "$CACHE/debootstrap.log"; then
+      log "WARNING: python3-sentencepiece not in $SUITE/$ARCH; continuing without it"
+      INCLUDE=${INCLUDE/,python3-sentencepiece/}
+      rm -rf "$ROOTFS.tmp"
+      run_debootstrap "$INCLUDE" || { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed"; }
+    else
+      tail -20 "$CACHE/debootstrap.log" >&2
+      die "debootstrap failed (log: $CACHE/debootstrap.log)"
+    fi
+  fi
+  extract_all "$ROOTFS.tmp"
+  rm -f "$ROOTFS.tmp"/var/cache/apt/archives/*.deb # copies of $CACHE/debs
+  [[ $ARCH == armhf ]] && fix_alternatives "$ROOTFS.tmp"
+  [[ $ARCH == arm64 && $FAKE_CPUINFO == 1 ]] && fake_cpuinfo "$ROOTFS.tmp"
+  mv "$ROOTFS.tmp" "$ROOTFS"
+  echo "$ROOTFS_KEY" >"$CACHE/rootfs.stamp"
+  stage_end "built"
+fi
+[[ -x $ROOTFS/usr/bin/python3.11 ]] || die "no python3.11 in $ROOTFS"
+
+# ---------------------------------------------------------------- wheels (arm64)
+ver_lt() { [[ $1 != "$2" && $(printf '%s\n%s\n' "$1" "$2" | sort -V | head -1) == "$1" ]]; }
+if [[ $ARCH == arm64 ]]; then
+  if [[ -z ${NUMPY_SPEC:-} ]]; then
+    if ver_lt "$ORT_VERSION" 1.19; then NUMPY_SPEC="numpy<2"; else NUMPY_SPEC="numpy"; fi
+  fi
+  SPECS=("onnxruntime==$ORT_VERSION" "$NUMPY_SPEC" sentencepiece ${EXTRA_WHEELS:-})
+  WHEEL_KEY="v1 ${SPECS[*]}"
+  stage_begin wheels
+  if [[ -f $CACHE/wheels.stamp && $(head -1 "$CACHE/wheels.stamp") == "$WHEEL_KEY" ]]; then
+    stage_end "cached"
+  else
+    "$HOST_PY" -m pip --version >/dev/null 2>&1 || skip "host '$HOST_PY -m pip' not available"
+    rm -rf "$CACHE/wheels.tmp"
+    # Debian bookworm's python3 is 3.11 (cp311); glibc 2.36 -> manylinux_2_17..2_28.
+    "$HOST_PY" -m pip download --quiet --disable-pip-version-check \
+      --only-binary=:all: --no-deps --implementation cp --python-version 3.11 \
+      --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 \
+      --platform manylinux_2_28_aarch64 \
+      -d "$CACHE/wheels.tmp" "${SPECS[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
+    n=$(find "$CACHE/wheels.tmp" -name '*.whl' 2>/dev/null | wc -l)
+    [[ $n -ge 3 ]] || die "pip download got $n wheels for: ${SPECS[*]}"
+    rm -rf "$CACHE/wheels"
+    mv "$CACHE/wheels.tmp" "$CACHE/wheels"
+    { echo "$WHEEL_KEY"; (cd "$CACHE/wheels" && ls *.whl); } >"$CACHE/wheels.stamp"
+    rm -f "$CACHE/site.stamp"
+    stage_end "downloaded $n wheels"
+  fi
+
+  stage_begin site
+  if [[ -f $CACHE/site.stamp ]] && cmp -s "$CACHE/site.stamp" "$CACHE/wheels.stamp" && [[ -d $SITE ]]; then
+    stage_end "cached"
+  else
+    rm -rf "$SITE.tmp" "$SITE"
+    mkdir -p "$SITE.tmp"
+    for w in "$CACHE"/wheels/*.whl; do
+      "$HOST_PY" -m zipfile -e "$w" "$SITE.tmp"
+    done
+    # .pyc for CPython 3.11 are arch-independent: compile on the host instead
+    # of paying for it under emulation on the first import.
+    "$HOST_PY" -m compileall -q -j0 "$SITE.tmp" >/dev/null 2>&1 || true
+    mv "$SITE.tmp" "$SITE"
+    cp "$CACHE/wheels.stamp" "$CACHE/site.stamp"
+    stage_end "unpacked"
+  fi
+else
+  mkdir -p "$SITE" # empty: armhf uses Debian's dist-packages inside the rootfs
+fi
+
+# ---------------------------------------------------------------- env file
+cat >"$CACHE/env.sh" <<EOF
+# generated by scripts/devices/prepare.sh $ARCH
+DEVICE_ARCH=$ARCH
+DEVICE_QEMU=$(command -v "$QEMU")
+DEVICE_ROOTFS=$ROOTFS
+DEVICE_SITE=$SITE
+DEVICE_PYTHON=$ROOTFS/usr/bin/python3
+EOF
+
+# ---------------------------------------------------------------- smoke
+stage_begin smoke
+SMOKE='
+import sys, time, platform
+t = time.perf_counter()
+import numpy
+mods = ["python=%s" % platform.python_version(), "machine=%s" % platform.machine(),
+        "numpy=%s" % numpy.__version__]
+print("import numpy: %.2fs" % (time.perf_counter() - t))
+numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64)))
+for name in ("onnxruntime", "sentencepiece"):
+    t = time.perf_counter()
+    try:
+        m = __import__(name)
+    except ImportError as e:
+        mods.append("%s=MISSING" % name)
+        continue
+    print("import %s: %.2fs" % (name, time.perf_counter() - t))
+    mods.append("%s=%s" % (name, m.__version__))
+print("SMOKE " + " ".join(mods))
+'
+if ! "$HERE/run.sh" "$ARCH" -c "$SMOKE" 2>&1 | sed "s/^/[prepare $ARCH]   /"; then
+  die "smoke test failed under $QEMU"
+fi
+stage_end "ok"
+
+# ---------------------------------------------------------------- summary
+log "timings:"
+for line in "${TIMINGS[@]}"; do log "  $line"; done
+log "  total      $(awk -v a="$T_ALL" -v b="$EPOCHREALTIME" 'BEGIN{printf "%6.1f", b-a}')s"
+log "cache sizes: $(cd "$CACHE" && du -sh rootfs debs $([[ -d wheels ]] && echo wheels) site 2>/dev/null | awk '{printf "%s=%s ", $2, $1}')"
+log "run: scripts/devices/run.sh $ARCH -c 'import numpy'"

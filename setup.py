@@ -1,0 +1,48 @@
+"""One distribution, three packages mapped into the `craft.*` namespace.
+
+    craft/    -> craft           training side (torch)
+    export/   -> craft.export    compiler (torch + onnx)
+    runtime/  -> craft.runtime   on-device runtime (numpy + onnxruntime + sentencepiece)
+
+The base install is the runtime alone, what a device needs; `[train]` adds the training and
+export stack, `[dev]` the test and benchmark tools.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "craft" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="craft",
+    version=VERSION,
+    description="Edge-first model compiler and on-device runtime for small Llama-style models",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["craft", "craft.export", "craft.runtime"],
+    package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime"},
+    install_requires=[
+        "numpy>=1.24",
+        "onnxruntime>=1.19",
+        "sentencepiece>=0.2",
+        "click>=8.1",
+    ],
+    extras_require={
+        # torch: install `torch==2.13.0` (the CPU build) first; this range is then already met.
+        "train": ["torch>=2.4", "onnx>=1.16", "pyyaml>=6.0", "tqdm>=4.60"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "plot": ["matplotlib>=3.5"],
+        "tensorboard": ["tensorboard>=2.10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "craft-train=craft.train:main",
+            "craft-export=craft.export.cli:main",
+            "craft-run=craft.runtime.cli:main",
+        ]
+    },
+)
