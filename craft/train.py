@@ -22,6 +22,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
+
+from craft.runtime.command import OneLineErrors
 import numpy as np
 import torch
 
@@ -233,7 +235,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
             step += 1
             bar.update(1)
             last = step == cfg.train.max_steps
-            if step % cfg.train.log_interval == 0 or last:
+            if step % cfg.train.log_interval == 0 or last or step == 1:
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_step) / (now - last_time)
                 last_time, last_step = now, step
@@ -273,7 +275,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
     return result
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(name="craft-train", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--config", "-c", "config", default=None, metavar="NAME|FILE", help="Preset in configs/ (tiny, small, base, ...) or a YAML file.  [default: tiny]")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="RUN_DIR", help="Continue the run in RUN_DIR from its newest good checkpoint (overrides may extend it, e.g. train.max_steps=4000).")

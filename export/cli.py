@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from craft.runtime.command import OneLineErrors
+
 from craft import __version__
 
 EXIT_USAGE, EXIT_VERIFY = 2, 3
@@ -25,7 +27,7 @@ def print_report(report: dict, output: Path | None) -> None:
         click.echo(f"wrote {output} in {report['export_s']:.1f}s")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(name="craft-export", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .onnx file.  [default: RUN_DIR/model.<quantize>.onnx]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,13 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"output {output} is a directory; give a file name, e.g. -o {output / 'model.onnx'}")
     if not parent.is_dir():
         raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")
-    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+    try:  # probe by writing: permission bits do not tell root, read-only mounts or /proc apart
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ExportError(f"cannot write {output} ({e.strerror}); choose another -o") from None
+    if output.exists() and not os.access(output, os.W_OK):
         raise ExportError(f"cannot write {output} (permission denied); choose another -o")
 
 
@@ -179,7 +186,10 @@ def export(run_dir: Path, output: Path, quantize: str = A.QUANT_INT8, opset: int
         raise VerificationError("; ".join(report["failures"]), report)
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                         A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"})})
-    rd.atomic_write_bytes(output, proto.SerializeToString())
+    try:
+        rd.atomic_write_bytes(output, proto.SerializeToString())
+    except OSError as e:
+        raise ExportError(f"cannot write {output} ({e.strerror}); nothing was written - free space or choose another -o") from None
     report["file_bytes"] = output.stat().st_size
     report["export_s"] = time.perf_counter() - t0
     return report

@@ -8,6 +8,9 @@ import sys
 
 import click
 
+from craft import __version__
+from craft.runtime.command import OneLineErrors
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 
@@ -16,7 +19,7 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(name="craft-run", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False)
 @click.option("-n", "--max-new-tokens", type=int, default=256, help="Most tokens to generate (0: none).")
@@ -31,6 +34,7 @@ def fail(message: str) -> None:
 @click.option("--truncate", is_flag=True, help="Cut a prompt longer than the context to its end instead of refusing it.")
 @click.option("--stats", is_flag=True, help="Print prompt/generated tokens, time to first token, prefill ms, decode tokens/s, stop reason and peak memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of streaming text.")
+@click.version_option(__version__, prog_name="craft-run")
 def main(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, backend, threads, truncate, stats, as_json):
     """Generate text from MODEL (a .onnx file from craft-export), continuing PROMPT.
 

@@ -16,6 +16,7 @@ from typing import Iterable, Protocol
 
 CHAR = "char"
 SENTENCEPIECE = "sentencepiece"
+META_SPACE = "\u2581"  # sentencepiece's stand-in for " " inside pieces
 
 
 class Tokenizer(Protocol):
@@ -108,10 +109,21 @@ class SentencePieceTokenizer:
         piece = sp.id_to_piece(i)
         if sp.is_byte(i):  # "<0xAB>"
             return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode("utf-8")
+        return piece.replace(META_SPACE, " ").encode("utf-8")
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        if META_SPACE not in text:
+            return self.sp.encode(text)
+        # sentencepiece writes spaces as U+2581 and so cannot tell a real U+2581 from a space:
+        # spell real ones out as their three byte tokens.
+        meta = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode("utf-8")]
+        out: list[int] = []
+        for i, part in enumerate(text.split(META_SPACE)):
+            if i:
+                out.extend(meta)
+            if part:
+                out.extend(self.sp.encode(part))
+        return out
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id]

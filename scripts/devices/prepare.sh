@@ -103,7 +103,7 @@ if [[ $ARCH == arm64 ]]; then
 else
   INCLUDE=python3,python3-numpy,python3-sentencepiece
 fi
-ROOTFS_KEY="v1 suite=$SUITE arch=$ARCH include=$INCLUDE fake_cpuinfo=$FAKE_CPUINFO"
+ROOTFS_KEY="v2 suite=$SUITE arch=$ARCH include=$INCLUDE fake_cpuinfo=$FAKE_CPUINFO"
 
 extract_all() { # $1 = target rootfs: dpkg-deb -x every deb debootstrap fetched
   local target="$1" pkg path n=0
@@ -150,6 +150,25 @@ EOF
   log "fake /proc/cpuinfo: $(nproc) x Neoverse-N1 (0x41/0xd0c)"
 }
 
+relative_symlinks() { # absolute symlinks would resolve on the HOST (no chroot):
+  # make them relative, like `symlinks -c` (dev/* and proc stay as they are)
+  local target="$1" l dest n=0
+  while IFS= read -r -d '' l; do
+    dest=$(readlink "$l")
+    ln -sfn "$(realpath -m --relative-to="$(dirname "/${l#"$target"/}")" "$dest")" "$l"
+    n=$((n + 1))
+  done < <(find "$target" -path "$target/dev" -prune -o -path "$target/proc" -prune -o \
+    -type l -lname '/*' -print0)
+  log "made $n absolute symlinks relative"
+}
+
+precompile() { # CPython 3.11 .pyc are arch-independent (magic 3495 for all 3.11.x):
+  # compile on the host; under emulation that costs seconds per import.
+  local target="$1"
+  "$HOST_PY" -m compileall -q -j0 -s "$target" -p / "$target/usr/lib/python3.11" \
+    "$target/usr/lib/python3/dist-packages" >/dev/null 2>&1 || true
+}
+
 stage_begin rootfs
 if [[ -f $CACHE/rootfs.stamp && $(cat "$CACHE/rootfs.stamp") == "$ROOTFS_KEY" && -x $ROOTFS/usr/bin/python3.11 ]]; then
   stage_end "cached"
@@ -173,7 +192,10 @@ else
   fi
   extract_all "$ROOTFS.tmp"
   rm -f "$ROOTFS.tmp"/var/cache/apt/archives/*.deb # copies of $CACHE/debs
+  rm -f "$ROOTFS.tmp"/var/lib/apt/lists/*_Packages  # ~48 MB, no apt in the guest
+  relative_symlinks "$ROOTFS.tmp"
   [[ $ARCH == armhf ]] && fix_alternatives "$ROOTFS.tmp"
+  precompile "$ROOTFS.tmp"
   [[ $ARCH == arm64 && $FAKE_CPUINFO == 1 ]] && fake_cpuinfo "$ROOTFS.tmp"
   mv "$ROOTFS.tmp" "$ROOTFS"
   echo "$ROOTFS_KEY" >"$CACHE/rootfs.stamp"

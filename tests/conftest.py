@@ -1,0 +1,133 @@
+"""Shared fixtures: the Shakespeare corpus, briefly trained tiny runs, and their exports.
+
+Session-scoped so the whole suite trains each tiny model once (seconds) and exports it once.
+Everything is written under pytest's tmp directories.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Tests write nothing outside tmp dirs: hypothesis' and pytest-benchmark's working folders
+# (by default .hypothesis/ and .benchmarks/ in the current directory) go to a scratch dir.
+SCRATCH = Path(tempfile.mkdtemp(prefix="craft-pytest-"))
+set_hypothesis_home_dir(SCRATCH / "hypothesis")
+settings.register_profile("craft", database=None)
+settings.load_profile("craft")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = f"file://{SCRATCH / 'benchmarks'}"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE_CANDIDATES = [REPO.parent / "shared" / "data" / "tinyshakespeare.txt", Path("/work/shared/data/tinyshakespeare.txt")]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    override = os.environ.get("CRAFT_SHAKESPEARE")
+    for path in ([Path(override)] if override else []) + SHAKESPEARE_CANDIDATES:
+        if path.is_file():
+            return path
+    pytest.fail(f"tinyshakespeare.txt not found (looked in {[str(p) for p in SHAKESPEARE_CANDIDATES]}); set CRAFT_SHAKESPEARE")
+
+
+def tiny_overrides(out_dir: Path, corpus: Path, **extra) -> list[str]:
+    """A model small enough to train in seconds, with grouped-query attention on."""
+    values = {
+        "out_dir": out_dir, "data.path": corpus, "model.dim": 64, "model.n_layer": 2, "model.n_head": 4,
+        "model.n_kv_head": 2, "model.context_length": 64, "train.batch_size": 16, "train.max_steps": 200,
+        "train.warmup_steps": 10, "train.eval_interval": 100, "train.eval_iters": 4, "train.log_interval": 20,
+        "train.checkpoint_interval": 100, "train.threads": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_run(out_dir: Path, corpus: Path, **extra) -> Path:
+    from craft.config import load_config
+    from craft.train import train
+
+    train(load_config("tiny", tiny_overrides(out_dir, corpus, **extra)), log=lambda *a, **k: None)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, shakespeare) -> Path:
+    """The first 200 kB of Shakespeare: enough for these models, quick to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare_200k.txt"
+    path.write_text(shakespeare.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_run(tmp_path_factory, small_corpus) -> Path:
+    return train_run(tmp_path_factory.mktemp("runs") / "char", small_corpus, **{"tokenizer.kind": "char"})
+
+
+@pytest.fixture(scope="session")
+def sp_run(tmp_path_factory, small_corpus) -> Path:
+    return train_run(tmp_path_factory.mktemp("runs") / "sp", small_corpus, **{"tokenizer.vocab_size": 512, "model.n_kv_head": 0})
+
+
+def export_run(run_dir: Path, quantize: str) -> Path:
+    from craft.export.exporter import export
+
+    out = run_dir / f"model.{quantize}.onnx"
+    if not out.exists():
+        export(run_dir, out, quantize=quantize, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def char_fp32(char_run) -> Path:
+    return export_run(char_run, "none")
+
+
+@pytest.fixture(scope="session")
+def char_int8(char_run) -> Path:
+    return export_run(char_run, "int8")
+
+
+@pytest.fixture(scope="session")
+def sp_fp32(sp_run) -> Path:
+    return export_run(sp_run, "none")
+
+
+@pytest.fixture(scope="session")
+def sp_int8(sp_run) -> Path:
+    return export_run(sp_run, "int8")
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args` (module first) and capture text output."""
+    return subprocess.run([sys.executable, "-m", *args], input=input, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,107 @@
+"""Config: defaults < YAML (and what it extends) < key=value, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from craft.config import Config, ConfigError, ModelConfig, config_from_dict, list_presets, load_config, save_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_presets_exist_and_load():
+    assert {"tiny", "small", "base"} <= set(list_presets())
+    tiny, small, base = (load_config(name) for name in ("tiny", "small", "base"))
+    assert (small.model.dim, small.model.n_layer, small.model.n_head, small.model.context_length) == (288, 6, 6, 256)
+    assert base.model.dim == 768 and base.model.n_layer == 12
+    assert tiny.model.dim < small.model.dim
+
+
+def test_yaml_value_takes_effect_without_overrides(tmp_path):
+    cfg = load_config(str(write(tmp_path / "c.yaml", "model:\n  n_layer: 3\ntrain:\n  lr: 5.0e-4\n  max_steps: 77\n")))
+    assert cfg.model.n_layer == 3 and cfg.train.lr == 5e-4 and cfg.train.max_steps == 77
+    assert cfg.model.dim == ModelConfig().dim  # untouched keys keep their defaults
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = write(tmp_path / "c.yaml", "model:\n  n_layer: 3\n  dim: 96\n")
+    cfg = load_config(str(path), ["model.n_layer=5", "train.lr=1e-3", "tokenizer.kind=char"])
+    assert cfg.model.n_layer == 5  # override beats file
+    assert cfg.model.dim == 96  # file beats default
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # "1e-3" parsed as a float
+    assert cfg.tokenizer.kind == "char"
+
+
+def test_extends_merges_base_file(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  dim: 96\n  n_layer: 2\ntrain:\n  max_steps: 300\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\nmodel:\n  n_layer: 4\n")
+    cfg = load_config(str(child))
+    assert (cfg.model.dim, cfg.model.n_layer, cfg.train.max_steps) == (96, 4, 300)
+    preset_child = write(tmp_path / "p.yaml", "extends: small\ntrain:\n  max_steps: 10\n  warmup_steps: 2\n")
+    assert load_config(str(preset_child)).model.dim == 288
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.n_layers=4"], r"unknown config key 'model.n_layers'; did you mean 'model.n_layer'\?"),
+    (["modle.dim=4"], r"unknown config key 'modle'; did you mean 'model'\?"),
+    (["train.lr=fast"], r"'train.lr' expects float, got 'fast'; write e.g. train.lr=3e-4"),
+    (["model.n_layer=2.5"], r"'model.n_layer' expects int"),
+    (["model.tie_embeddings=maybe"], r"'model.tie_embeddings' expects bool"),
+    (["model.dim=130"], r"model.dim=130 is not divisible by model.n_head=4; pick n_head among"),
+    (["model.dim=100"], r"model.dim / model.n_head = 25 must be even for RoPE"),
+    (["model.n_kv_head=3"], r"model.n_head=4 is not divisible by model.n_kv_head=3"),
+    (["train.lr=-0.1"], r"train.lr must be positive, got -0.1"),
+    (["train.max_steps=10"], r"train.warmup_steps must be in \[0, train.max_steps=10\)"),
+    (["tokenizer.kind=bytes"], r"tokenizer.kind must be 'sentencepiece' or 'char'"),
+    (["model"], r"override 'model' is not key=value"),
+    (["model=3"], r"'model' is a section"),
+])
+def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config("tiny", overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"'train.max_step'; did you mean 'train.max_steps'"):
+        load_config(str(path))
+
+
+def test_unknown_preset_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_config("tinny")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path / "c.yaml", "model:\n  dim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml line \d+: not valid YAML"):
+        load_config(str(path))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("tiny", ["model.n_layer=3", "model.vocab_size=300"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_derived_model_sizes():
+    m = ModelConfig(dim=288, n_head=6, n_kv_head=0)
+    assert m.kv_heads == 6 and m.head_dim == 48
+    assert m.hidden_dim == 768  # 8/3 * 288 = 768, already a multiple of 32
+    assert ModelConfig(dim=128).hidden_dim == 352  # 341.3 rounded up to a multiple of 32
+    assert ModelConfig(dim=128, ffn_dim=500).hidden_dim == 500

@@ -1,0 +1,117 @@
+"""Corpus sources, the deterministic split, the memory-mapped token cache, batch sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from craft.config import load_config
+from craft.data import Corpus, DataError, prepare_tokens, sample_windows, token_dtype, train_tokenizer
+
+
+def char_cfg(*extra):
+    return load_config("tiny", ["tokenizer.kind=char", "model.context_length=16", *extra])
+
+
+def prepare(tmp_path, corpus_path, *extra):
+    cfg = char_cfg(*extra)
+    corpus = Corpus(str(corpus_path))
+    tok = train_tokenizer(cfg, corpus)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    return prepare_tokens(cfg, corpus, tok, run), tok, run
+
+
+def test_file_corpus_split_is_deterministic_and_complete(tmp_path, small_corpus):
+    data, tok, run = prepare(tmp_path, small_corpus)
+    text = small_corpus.read_text(encoding="utf-8")
+    all_ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    assert data.info["n_tokens"] == len(all_ids)
+    assert np.array_equal(np.concatenate([data.train, data.val]), np.array(all_ids))
+    assert len(data.val) == len(all_ids) - int(len(all_ids) * 0.9)  # the tail is the val split
+    (tmp_path / "other").mkdir()
+    again, _, _ = prepare(tmp_path / "other", small_corpus)
+    assert np.array_equal(again.train, data.train) and np.array_equal(again.val, data.val)
+
+
+def test_tokens_are_memory_mapped_with_small_dtype(tmp_path, small_corpus):
+    data, _, run = prepare(tmp_path, small_corpus)
+    assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16
+    assert (run / "tokens.bin").stat().st_size == data.info["n_tokens"] * 2
+    assert token_dtype(70_000) == np.uint32 and token_dtype(65_536) == np.uint16
+
+
+def test_cache_reused_then_rebuilt_when_corpus_changes(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 300)
+    data, tok, run = prepare(tmp_path, corpus)
+    stamp = (run / "tokens.bin").stat().st_mtime_ns
+    cfg = char_cfg()
+    prepare_tokens(cfg, Corpus(str(corpus)), tok, run)
+    assert (run / "tokens.bin").stat().st_mtime_ns == stamp  # reused
+    corpus.write_text("hello world\n" * 400)
+    os.utime(corpus, ns=(stamp + 10**9, stamp + 10**9))
+    data2 = prepare_tokens(cfg, Corpus(str(corpus)), tok, run)
+    assert data2.info["n_tokens"] > data.info["n_tokens"]  # rebuilt
+    assert json.loads((run / "data.json").read_text())["n_tokens"] == data2.info["n_tokens"]
+
+
+def test_directory_corpus_reads_txt_files_sorted_as_documents(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_text("bbbb " * 100)
+    (root / "sub" / "a.txt").write_text("aaaa " * 100)
+    (root / "skip.md").write_text("not read")
+    corpus = Corpus(str(root))
+    assert [p.name for p in corpus.files()] == ["b.txt", "a.txt"]  # sorted by path: root/b.txt < root/sub/a.txt
+    data, tok, _ = prepare(tmp_path, root)
+    assert data.info["n_documents"] == 2
+    tokens = np.concatenate([data.train, data.val])
+    assert (tokens == tok.bos_id).sum() == 2 and (tokens == tok.eos_id).sum() == 2
+    assert "not read" not in tok.decode(tokens)
+
+
+def test_bundled_corpus_is_python_docs():
+    corpus = Corpus("")
+    docs = [("".join(doc)) for doc in corpus.documents()]
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000
+    assert any("lambda" in d for d in docs)
+
+
+@pytest.mark.parametrize("setup, pattern", [
+    (lambda p: p / "missing.txt", "does not exist; set data.path"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "has no .txt files"),
+    (lambda p: (p / "bad.txt").write_bytes(b"ok\xff\xfe bad") and p / "bad.txt", "is not UTF-8 text"),
+])
+def test_bad_corpus_one_line_error(tmp_path, setup, pattern):
+    path = setup(tmp_path)
+    with pytest.raises(DataError, match=pattern) as info:
+        prepare(tmp_path, path)
+    assert "\n" not in str(info.value)
+
+
+def test_corpus_too_small_for_context(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("tiny")
+    with pytest.raises(DataError, match="fewer than model.context_length"):
+        prepare(tmp_path, corpus)
+
+
+def test_sentencepiece_vocab_too_large_is_a_config_error(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abc def\n" * 50)
+    cfg = load_config("tiny", ["tokenizer.vocab_size=5000"])
+    with pytest.raises(DataError, match="tokenizer.vocab_size=5000 is too large"):
+        train_tokenizer(cfg, Corpus(str(corpus)))
+
+
+def test_sample_windows_shapes_targets_and_determinism():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = sample_windows(tokens, 4, 8, np.random.default_rng(0))
+    b = sample_windows(tokens, 4, 8, np.random.default_rng(0))
+    assert a.shape == (4, 9) and a.dtype == np.int64 and np.array_equal(a, b)
+    assert np.all(np.diff(a, axis=1) == 1)  # consecutive tokens: targets are inputs shifted by one
+    assert a.max() < 1000

@@ -1,0 +1,211 @@
+"""craft-export: contract I/O, parity with PyTorch (batch 1 and 2, cached), metadata, int8 bounds, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_cli
+from craft import run_dir as rd
+from craft.config import ModelConfig, load_config
+from craft.export import verify as V
+from craft.export.exporter import ExportError, LoadedRun, VerificationError, build_model_proto, export, load_run
+from craft.model import Transformer
+from craft.runtime import artifact as A
+from craft.runtime.artifact import Artifact
+from craft.runtime.onnx_file import read_metadata
+from craft.runtime.tokenizer import CharTokenizer, tokenizer_from_bytes
+
+
+@pytest.mark.parametrize("which", ["char_fp32", "char_int8", "sp_fp32", "sp_int8"])
+def test_checker_and_contract_io(request, which):
+    path = request.getfixturevalue(which)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    spec = Artifact.from_metadata(read_metadata(path)).spec
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs[:3] == [A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS]
+    assert inputs[3:] == [n for i in range(spec.n_layer) for n in A.past_names(i)]
+    assert outputs == [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
+    assert dims == ["batch", spec.n_kv_head, "past_seq", spec.head_dim]  # sequence axes dynamic
+    assert {o.domain for o in model.opset_import} == {""}  # standard ONNX ops only
+
+
+def torch_greedy_logits(run, prompts: list[list[int]], steps: int):
+    """PyTorch reference: left-padded batch prefill + cached greedy decode; logits per step."""
+    model = run.model
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = []
+    with torch.no_grad():
+        logits, past = model(ids, past=model.empty_cache(len(prompts)), attention_mask=mask, position_ids=pos)
+        out.append(logits)
+        for _ in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+            pos = pos[:, -1:] + 1
+            logits, past = model(token, past=past, attention_mask=mask, position_ids=pos)
+            out.append(logits)
+    return [o.numpy() for o in out], mask.numpy()
+
+
+@pytest.mark.parametrize("run_name, model_name", [("char_run", "char_fp32"), ("sp_run", "sp_fp32")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ort_matches_pytorch_prefill_and_cached_decode(request, run_name, model_name, batch):
+    run = load_run(request.getfixturevalue(run_name))
+    path = request.getfixturevalue(model_name)
+    spec = Artifact.from_metadata(read_metadata(path)).spec
+    session = V.ort_session(path.read_bytes())
+    prompts = [[run.tokenizer.bos_id] + run.tokenizer.encode("ROMEO: what light")][:1]
+    if batch == 2:
+        prompts.append([run.tokenizer.bos_id] + run.tokenizer.encode("Hi"))
+    reference, full_mask = torch_greedy_logits(run, prompts, steps=8)
+    width = max(map(len, prompts))
+    mask = full_mask[:, :width]
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+    logits, past = V.ort_forward(session, spec, ids, None, mask)
+    worst = np.abs(logits - reference[0]).max()
+    for step, ref in enumerate(reference[1:]):
+        token = reference[step][:, -1].argmax(-1)[:, None]
+        mask = full_mask[:, : width + step + 1]
+        logits, past = V.ort_forward(session, spec, token, past, mask)
+        worst = max(worst, np.abs(logits - ref).max())
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("run_name, model_name", [("char_run", "char_int8"), ("sp_run", "sp_int8")])
+def test_metadata_round_trips_from_the_file_alone(request, run_name, model_name):
+    run_dir, path = request.getfixturevalue(run_name), request.getfixturevalue(model_name)
+    run = load_run(run_dir)
+    art = Artifact.from_metadata(read_metadata(path))
+    cfg = run.config
+    assert (art.spec.dim, art.spec.n_layer, art.spec.n_head, art.spec.n_kv_head, art.spec.vocab_size, art.spec.context_length) == \
+           (cfg.dim, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.vocab_size, cfg.context_length)
+    assert art.tokenizer_data == run.tokenizer.to_bytes()
+    tok = tokenizer_from_bytes(art.tokenizer_kind, art.tokenizer_data)
+    assert tok.encode("Hark, 日本 🙂") == run.tokenizer.encode("Hark, 日本 🙂")
+    assert (art.bos_id, art.eos_id, art.pad_id) == (run.tokenizer.bos_id, run.tokenizer.eos_id, run.tokenizer.pad_id)
+    assert art.quantization == "int8" and art.checkpoint_sha256 == run.checkpoint_sha256
+    report = json.loads(read_metadata(path)[A.META_EXPORT_REPORT])
+    assert report["perplexity_delta"] <= V.MAX_PPL_INCREASE and report["decode_max_abs_diff"] < V.FP32_TOLERANCE
+
+
+def test_int8_bounds_on_tiny_runs(char_fp32, char_int8, sp_int8):
+    report = json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])
+    assert report["perplexity_delta"] <= 0.01 and report["perplexity_tokens"] > 1000
+    assert char_int8.stat().st_size < 0.5 * char_fp32.stat().st_size  # tiny: metadata and scales weigh more
+
+
+def test_int8_file_is_at_most_30_percent_for_small_preset():
+    cfg = load_config("small").model
+    cfg.vocab_size = 4096
+    torch.manual_seed(0)
+    run = LoadedRun(Path("small"), cfg, Transformer(cfg).eval(), CharTokenizer("abc"), "0" * 64, 0)
+    sizes = {q: len(build_model_proto(run, q)[0].SerializeToString()) for q in ("none", "int8")}
+    assert sizes["int8"] <= 0.30 * sizes["none"], sizes
+
+
+@pytest.mark.parametrize("opset", [14, 21])
+def test_other_opsets_load_and_agree(char_run, char_fp32, opset, tmp_path):
+    out = tmp_path / f"m{opset}.onnx"
+    report = export(char_run, out, quantize="none", opset=opset, log=lambda *a: None)
+    assert report["decode_max_abs_diff"] < 1e-4
+    assert onnx.load(str(out)).opset_import[0].version == opset
+
+
+def copy_run(src: Path, dst: Path, without: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", *without))
+    return dst
+
+
+def onnx_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".onnx" in p.name)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", "does not exist; train one with"),
+    ("no_config", "has no config.yaml"),
+    ("no_tokenizer", "has no tokenizer"),
+    ("no_checkpoint", "checkpoint.pt does not exist"),
+    ("truncated", "corrupted or truncated"),
+    ("other_config", "different model config"),
+    ("bad_quantize", "'int4' is not one of 'none', 'int8'"),
+    ("unwritable", "cannot write"),
+    ("output_dir_missing", "does not exist; create it"),
+])
+def test_bad_input_one_line_nonzero_and_no_file(char_run, tmp_path, case, pattern):
+    run = tmp_path / "run"
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    args = []
+    if case == "missing":
+        run = tmp_path / "nope"
+    elif case in ("no_config", "no_tokenizer", "no_checkpoint"):
+        name = {"no_config": "config.yaml", "no_tokenizer": "tokenizer.json", "no_checkpoint": "*.pt"}[case]
+        copy_run(char_run, run, (name,))
+    else:
+        copy_run(char_run, run)
+    if case == "truncated":
+        data = (run / rd.CHECKPOINT).read_bytes()
+        (run / rd.CHECKPOINT).unlink()  # it is a hard link to step-*.pt: do not truncate both
+        (run / rd.CHECKPOINT).write_bytes(data[: len(data) // 2])
+    elif case == "other_config":
+        (run / rd.CONFIG).write_text((run / rd.CONFIG).read_text().replace("n_layer: 2", "n_layer: 3"))
+    elif case == "bad_quantize":
+        args = ["--quantize", "int4"]
+    elif case == "unwritable":
+        if os.geteuid() == 0:
+            out = Path("/proc/m.onnx")  # root ignores permission bits; /proc refuses everyone
+        else:
+            out.parent.chmod(0o500)
+    elif case == "output_dir_missing":
+        out = tmp_path / "no" / "such" / "dir" / "m.onnx"
+    result = run_cli("craft.export.cli", str(run), "-o", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    assert pattern in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and onnx_files(tmp_path / "out") == []
+
+
+def test_failed_verification_exits_3_and_writes_nothing(char_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(V, "FP32_TOLERANCE", 0.0)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError) as info:
+        export(char_run, out, quantize="none", log=lambda *a: None)
+    assert "differ from PyTorch" in str(info.value) and info.value.report["prefill_max_abs_diff"] >= 0
+    assert not out.exists() and onnx_files(tmp_path) == []
+
+
+def test_cli_prints_report_and_default_output(char_run, tmp_path):
+    run = copy_run(char_run, tmp_path / "run")
+    result = run_cli("craft.export.cli", str(run))
+    assert result.returncode == 0, result.stderr
+    for phrase in ("parity  PyTorch vs ONNX Runtime fp32", "quality val perplexity", "size ", "ratio", "parameters", "wrote"):
+        assert phrase in result.stdout
+    assert (run / "model.int8.onnx").is_file() and onnx_files(run) == ["model.int8.onnx"]
+
+
+def test_load_run_rejects_checkpoint_of_other_shape(char_run, tmp_path):
+    run = copy_run(char_run, tmp_path / "run")
+    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state["model"]["norm.weight"] = torch.ones(3)
+    (run / rd.CHECKPOINT).unlink()
+    rd.save_checkpoint(state, run / rd.CHECKPOINT)
+    with pytest.raises(ExportError, match="does not fit the model"):
+        load_run(run)
+
+
+def test_model_config_spec_matches_pytorch_config(char_run):
+    run = load_run(char_run)
+    assert isinstance(run.config, ModelConfig) and run.step == 200 and run.val_tokens is not None

@@ -1,0 +1,72 @@
+"""Packaging: one distribution, folders mapped into craft.*, editable install works, runtime is torch-free."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import REPO
+
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
+def source_copy(tmp_path: Path) -> Path:
+    """The checkout's sources in a tmp dir: building writes build/ and *.egg-info next to setup.py."""
+    dst = tmp_path / "src"
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "build", "*.egg-info", ".cache",
+                                                          "__pycache__", "*.onnx", "results"))
+    return dst
+
+
+def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
+    src = source_copy(tmp_path)
+    subprocess.run(PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)], check=True, timeout=300, cwd=tmp_path)
+    wheel = zipfile.ZipFile(next(tmp_path.glob("craft-*.whl")))
+    names = wheel.namelist()
+    for expected in ("craft/__init__.py", "craft/model.py", "craft/export/graph.py", "craft/runtime/generator.py"):
+        assert expected in names
+    top_level = {n.split("/")[0] for n in names}
+    assert not top_level & {"runtime", "export", "tests", "benchmarks"}, top_level  # no generic names squatted
+    metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    base = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra ==" not in line]
+    assert sorted(line.split()[1].split(">")[0] for line in base) == ["click", "numpy", "onnxruntime", "sentencepiece"]
+    assert "torch" in metadata and "extra == \"train\"" in metadata
+    scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for script in ("craft-train = craft.train:main", "craft-export = craft.export.cli:main", "craft-run = craft.runtime.cli:main"):
+        assert script in scripts
+
+
+def test_editable_install_from_repo_root(tmp_path):
+    """pip install -e . into a fresh venv (never this one: pip would uninstall its craft)."""
+    src = source_copy(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
+                    "-e", "."], check=True, timeout=300, cwd=src)
+    # craft.runtime.artifact needs only the standard library, so the bare venv can import it
+    out = subprocess.run([str(python), "-c", "import craft.export, craft.runtime.artifact as a; print(a.__file__)"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == src / "runtime" / "artifact.py"
+
+
+def test_source_checkout_imports_without_install(tmp_path):
+    """`python -m craft.train` / `torchrun -m craft.train` in the repo root put the checkout first on sys.path."""
+    out = subprocess.run([sys.executable, "-c", "import craft.runtime.artifact as a, craft.export.graph as g; print(a.__file__, g.__file__)"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(REPO / "runtime" / "artifact.py"), str(REPO / "export" / "graph.py")]
+
+
+def test_runtime_modules_import_with_torch_blocked():
+    modules = ["craft", "craft.runtime", "craft.runtime.artifact", "craft.runtime.onnx_file", "craft.runtime.tokenizer",
+               "craft.runtime.sampling", "craft.runtime.ort_backend", "craft.runtime.numpy_backend",
+               "craft.runtime.generator", "craft.runtime.cli", "craft.runtime.command"]
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; sys.modules['yaml'] = None\n"
+            + "".join(f"import {m}\n" for m in modules) + "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
