@@ -61,8 +61,17 @@ class Completion:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which exec() resets - unlike
+    ru_maxrss, which keeps the peak of the process that forked us (a big test runner, say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -91,6 +100,9 @@ class Generator:
             self.tokenizer = tokenizer_from_bytes(self.artifact.tokenizer_kind, self.artifact.tokenizer_data)
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"{path}: the tokenizer in its metadata does not load ({e}); re-export it") from None
+        if self.tokenizer.vocab_size > self.spec.vocab_size:
+            raise ArtifactError(f"{path}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model only {self.spec.vocab_size}; "
+                                f"re-export it from a consistent run directory")
         if backend == "ort":
             from craft.runtime.ort_backend import OrtBackend
 

@@ -53,12 +53,18 @@ class Linear:
         """x (B, T, in) -> (B, T, out), or (B, 1, out) for the last position only. The int8
         activation scale still spans all of x, as ONNX Runtime's per-tensor quantization does."""
         if not self.int8:
-            return (x[:, -1:] if last_only else x) @ self.w
+            return matmul(x[:, -1:] if last_only else x, self.w)
         q, scale, zero = dynamic_quantize(x)
         if last_only:
             q = q[:, -1:]
-        acc = (q - zero) @ self.w  # integer-valued; float32 holds these sums exactly at these widths
+        acc = matmul(q - zero, self.w)  # integer-valued; float32 holds these sums exactly at these widths
         return acc * (scale * self.scale)
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(B, T, K) @ (K, N) as one 2-D BLAS call: numpy's stacked 3-D matmul is ~10x slower."""
+    B, T, K = x.shape
+    return (x.reshape(B * T, K) @ w).reshape(B, T, w.shape[1])
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -155,4 +161,4 @@ class _TiedHead:
         self.weight_t = embedding.T  # (dim, vocab) view: x @ E^T
 
     def __call__(self, x: np.ndarray, last_only: bool = False) -> np.ndarray:
-        return (x[:, -1:] if last_only else x) @ self.weight_t
+        return matmul(x[:, -1:] if last_only else x, self.weight_t)

@@ -80,10 +80,12 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k >= vocab:
         ids = np.arange(vocab)
     else:
-        kth = np.partition(logits, vocab - k)[vocab - k]  # the k-th largest value
-        above = np.flatnonzero(logits > kth)
-        ties = np.flatnonzero(logits == kth)[: k - len(above)]
-        ids = np.concatenate([above, ties])
+        ids = np.argpartition(logits, vocab - k)[vocab - k:]  # the k largest, in no order
+        kth = logits[ids].min()
+        if np.count_nonzero(logits >= kth) != k:  # ties straddle the cut: keep the lowest ids
+            above = np.flatnonzero(logits > kth)
+            ids = np.concatenate([above, np.flatnonzero(logits == kth)[: k - len(above)]])
+        ids.sort()
     values = logits[ids].astype(np.float64)
     order = np.argsort(-values, kind="stable")  # ids ascend within each run of equal values
     return ids[order], values[order]

@@ -70,10 +70,12 @@ class CharTokenizer:
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        """The bytes token_id stands for; b"" for specials and for ids past the vocabulary
+        (a model's embedding may be padded beyond its tokenizer)."""
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def decode(self, ids: Iterable[int]) -> str:
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", "replace")
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
 
     def to_bytes(self) -> bytes:
         return json.dumps({"kind": CHAR, "chars": self.chars}, ensure_ascii=False).encode("utf-8")
@@ -126,10 +128,10 @@ class SentencePieceTokenizer:
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     def decode(self, ids: Iterable[int]) -> str:
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", "replace")
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
 
     def to_bytes(self) -> bytes:
         return self.model_bytes

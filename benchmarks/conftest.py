@@ -1,0 +1,205 @@
+"""Benchmark fixtures: the small preset at 15M-class size (vocab 32000, random weights: the peer
+shape) for speed, the small preset briefly trained (vocab 4096) for quality and size, a 110M-class
+shape (slow), and the measuring helpers the gates share.
+
+Everything is built once per session under pytest's tmp directory. Results (JSON) go to
+benchmarks/results/ (git-ignored): pass --benchmark-json or --benchmark-autosave.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy backend's BLAS: one thread, read when numpy loads
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from craft.runtime.generator import Generator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DECODE_STEPS = 16  # tokens timed per round of a decode benchmark, centred on the named context
+THREADS = 1  # one ORT / BLAS thread: the Pi-class setting, and the least noisy on a shared machine
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run benchmarks marked slow (the 110M-class shape)")
+    parser.addoption("--pin-core", type=int, default=None, metavar="N",
+                     help="pin the whole run to CPU core N (a Pi-class single-core profile)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = f"file://{RESULTS}"
+    core = config.getoption("--pin-core")
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--runslow"):
+        skip = pytest.mark.skip(reason="slow; run with --runslow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["craft"] = {"pinned_core": config.getoption("--pin-core"), "threads": THREADS, "figures": FIGURES}
+
+
+# --- models --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """The small preset (dim 288, 6 layers, 6 heads, context 256, vocab 4096) trained briefly on
+    the bundled corpus: enough structure for a meaningful int8 perplexity comparison."""
+    from craft.config import load_config
+    from craft.train import train
+
+    out = tmp_path_factory.mktemp("bench") / "small"
+    cfg = load_config("small", [f"out_dir={out}", "train.max_steps=40", "train.batch_size=8", "train.warmup_steps=5",
+                                "train.lr=3e-3", "train.eval_interval=40", "train.eval_iters=4", "train.checkpoint_interval=40"])
+    train(cfg, log=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_models(small_run) -> dict:
+    """{"none": (path, report), "int8": (path, report)} exported and verified."""
+    from craft.export.exporter import export
+
+    out = {}
+    for quantize in ("none", "int8"):
+        path = small_run / f"small.{quantize}.onnx"
+        out[quantize] = (path, export(small_run, path, quantize=quantize, log=lambda *a, **k: None))
+    return out
+
+
+def random_weight_models(folder: Path, name: str, **shape) -> dict:
+    """fp32 and int8 exports of a random-weight model of the given shape (speed only, no quality),
+    plus the PyTorch model itself under "torch". The char tokenizer spans the whole vocabulary."""
+    import torch
+
+    from craft.config import ModelConfig
+    from craft.export.exporter import LoadedRun, build_model_proto
+    from craft.model import Transformer
+    from craft.runtime.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**shape)
+    model = Transformer(cfg).eval()
+    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # below the surrogates
+    run = LoadedRun(Path(name), cfg, model, CharTokenizer(chars), "0" * 64, 0)
+    paths: dict = {"torch": model}
+    for quantize in ("none", "int8"):
+        paths[quantize] = folder / f"{name}.{quantize}.onnx"
+        paths[quantize].write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
+    return paths
+
+
+@pytest.fixture(scope="session")
+def peer_models(tmp_path_factory) -> dict:
+    """The small preset at its 15M-class size - dim 288, 6 layers, 6 heads, FFN 768, context 256,
+    vocab 32000 - which is also the shape that published llama.cpp / llama2.c / ORT GenAI
+    figures use (stories15M). Random weights: the speed benchmarks and gates run on it."""
+    return random_weight_models(tmp_path_factory.mktemp("peer"), "small15m", vocab_size=32000, dim=288, n_layer=6, n_head=6,
+                                ffn_dim=768, context_length=256)
+
+
+@pytest.fixture(scope="session")
+def base_models(tmp_path_factory) -> dict:
+    """A 110M-class shape (stories110M: dim 768, 12 layers, 12 heads, vocab 32000)."""
+    return random_weight_models(tmp_path_factory.mktemp("base"), "base110m", vocab_size=32000, dim=768, n_layer=12, n_head=12,
+                                ffn_dim=2048, context_length=1024)
+
+
+_GENERATORS: dict = {}
+
+
+def generator(path: Path, backend: str = "ort") -> Generator:
+    key = (str(path), backend)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = Generator(path, backend=backend, threads=THREADS)
+    return _GENERATORS[key]
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+def context_ids(gen: Generator, length: int) -> np.ndarray:
+    rng = np.random.default_rng(length)
+    return rng.integers(3, min(gen.spec.vocab_size, 250), size=(1, length))
+
+
+def prefill(gen: Generator, length: int) -> int:
+    """Fill the backend's cache with `length` tokens; returns the greedy next token."""
+    ids = context_ids(gen, length)
+    gen.backend.reset(1)
+    logits = gen.backend.forward(ids, np.ones_like(ids), np.arange(length)[None], last_only=True)
+    return int(logits[0, -1].argmax())
+
+
+def decode_steps(gen: Generator, token: int, steps: int = DECODE_STEPS) -> None:
+    """`steps` cached greedy decode steps: what the runtime does per generated token, minus text."""
+    backend = gen.backend
+    for _ in range(steps):
+        n = backend.cache_length
+        mask = np.ones((1, n + 1), np.int64)
+        logits = backend.forward(np.array([[token]]), mask, np.array([[n]]), last_only=True)
+        token = int(logits[0, -1].argmax())
+
+
+def uncached_step(gen: Generator, length: int) -> None:
+    """One token the way a runtime without a KV-cache makes it: the whole context again."""
+    ids = context_ids(gen, length)
+    gen.backend.reset(1)
+    gen.backend.forward(ids, np.ones_like(ids), np.arange(length)[None], last_only=True)
+
+
+def prefill_around(gen: Generator, context: int) -> int:
+    """Prefill so that the DECODE_STEPS timed steps that follow average `context` tokens of cache."""
+    return prefill(gen, context - DECODE_STEPS // 2)
+
+
+def seconds_per_token_cached(gen: Generator, context: int) -> float:
+    token = prefill_around(gen, context)
+    t = time.perf_counter()
+    decode_steps(gen, token)
+    return (time.perf_counter() - t) / DECODE_STEPS
+
+
+def seconds_per_token_uncached(gen: Generator, context: int) -> float:
+    t = time.perf_counter()
+    uncached_step(gen, context)
+    return time.perf_counter() - t
+
+
+def interleaved(measures: dict, rounds: int = 7) -> dict:
+    """Median of each measurement, taking them in turn round after round (drift hits all alike)."""
+    samples = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, fn in measures.items():
+            samples[name].append(fn())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+FIGURES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict:
+    """Ratios and figures the gates measured; printed at the end and saved in the JSON."""
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("Craft figures (ratios measured in this run)")
+        for key, value in FIGURES.items():
+            terminalreporter.write_line(f"{key:58s} {value:10.3f}" if isinstance(value, float) else f"{key:58s} {value}")
