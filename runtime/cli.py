@@ -34,8 +34,9 @@ def fail(message: str) -> None:
 @click.option("--truncate", is_flag=True, help="Cut a prompt longer than the context to its end instead of refusing it.")
 @click.option("--stats", is_flag=True, help="Print prompt/generated tokens, time to first token, prefill ms, decode tokens/s, stop reason and peak memory to stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of streaming text.")
+@click.option("--estimate", is_flag=True, help="Do not generate: predict peak memory and decode tokens/s of MODEL on the device profiles in configs/devices/ (Raspberry Pi 4, 5, Zero 2 W).")
 @click.version_option(__version__, prog_name="craft-run")
-def main(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, backend, threads, truncate, stats, as_json):
+def main(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, backend, threads, truncate, stats, as_json, estimate):
     """Generate text from MODEL (a .onnx file from craft-export), continuing PROMPT.
 
     With no PROMPT the prompt is read from stdin. Text streams to stdout as it is generated.
@@ -52,9 +53,20 @@ def main(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_pe
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
     from craft.runtime.artifact import ArtifactError
-    from craft.runtime.generator import GenerationError, Generator
+    from craft.runtime.generator import GenerationError, Generator, load_artifact
     from craft.runtime.sampling import SamplingError
 
+    if estimate:
+        from craft.runtime.estimate import DeviceError, estimate as predict, format_estimates, load_profiles
+
+        try:
+            artifact = load_artifact(model)
+            size = os.path.getsize(model)
+            chosen = backend if click.get_current_context().get_parameter_source("backend").name != "DEFAULT" else None
+            click.echo(format_estimates([predict(artifact, size, device, chosen) for device in load_profiles()]))
+        except (ArtifactError, DeviceError) as e:
+            fail(str(e))
+        return
     if prompt is None:
         if sys.stdin.isatty():
             click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)

@@ -1,0 +1,115 @@
+"""Will this .onnx fit on a device, and how fast will it decode there? (craft-run --estimate)
+
+A rough, documented model - good to a factor of ~1.5, meant to tell "fits / does not fit" and
+"tens vs hundreds of tokens/s" before a file is copied to a board:
+
+  memory   peak RSS = runtime base + k * file size + KV-cache at full context, with base and k
+           measured for each backend on x86_64 (RSS_MODEL below); must fit in memory_mb minus
+           os_reserved_mb of the device profile.
+  speed    decode on Pi-class boards is memory-bound: each token streams every weight from RAM
+           (15 MB for the 15M-class int8 model; their caches are 0.5-2 MB). Time per token =
+           bytes read / (EFFICIENCY * bandwidth) + the backend's fixed per-token work (graph
+           nodes, Python loop), measured on this x86 core and scaled by the profile's
+           core_slowdown.
+
+Device profiles are flat `key: value` files in configs/devices/ (no YAML library needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from craft.runtime.artifact import QUANT_NONE, Artifact
+
+DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
+
+# (base MB, MB of RSS per MB of file) - measured with craft-run --stats on x86_64, Python 3.11:
+# 15M-class int8 (15.7 MB) 104 / 119 MB, fp32 (61 MB) 180 / 157 MB, small int8 (7.5 MB) 84 / 76 MB.
+RSS_MODEL = {("ort", True): (66.0, 2.45), ("ort", False): (66.0, 1.9), ("numpy", True): (37.0, 5.2), ("numpy", False): (37.0, 2.0)}
+EFFICIENCY = 0.5  # share of one-core copy bandwidth a GEMV-bound decode step achieves (typical for llama.cpp-class code)
+FIXED_MS = {"ort": 0.45, "numpy": 0.8}  # per-token work besides streaming weights, on this machine's core (15M-class)
+
+
+class DeviceError(ValueError):
+    """A missing or malformed device profile; one line naming the file or the valid names."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    arch: str
+    cores: int
+    memory_mb: float
+    os_reserved_mb: float
+    bandwidth_gbs: float
+    ort_wheel: bool
+    core_slowdown: float = 1.0  # one core of the board vs one core of the x86 machine FIXED_MS was measured on
+
+
+def parse_profile(path: Path) -> DeviceProfile:
+    """Read a flat `key: value  # comment` file into a DeviceProfile."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise DeviceError(f"{path} line {number}: expected 'key: value', got '{line}'")
+        values[key.strip()] = value.strip()
+    kinds = {f.name: f.type for f in fields(DeviceProfile)}
+    unknown = values.keys() - kinds.keys()
+    if unknown:
+        raise DeviceError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {', '.join(kinds)}")
+    try:
+        converted = {k: (v.lower() == "true" if kinds[k] == "bool" else float(v) if kinds[k] == "float" else
+                         int(v) if kinds[k] == "int" else v) for k, v in values.items()}
+        return DeviceProfile(**converted)
+    except (TypeError, ValueError) as e:
+        raise DeviceError(f"{path}: {e}") from None
+
+
+def load_profiles(folder: Path = DEVICES_DIR) -> list[DeviceProfile]:
+    files = sorted(Path(folder).glob("*.yaml"))
+    if not files:
+        raise DeviceError(f"no device profiles in {folder} (they ship in the Craft source tree, configs/devices/)")
+    return [parse_profile(f) for f in files]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    device: DeviceProfile
+    backend: str
+    rss_mb: float
+    available_mb: float
+    bytes_per_token: float
+    tokens_per_s: float
+
+    @property
+    def fits(self) -> bool:
+        return self.rss_mb <= self.available_mb
+
+
+def estimate(artifact: Artifact, file_bytes: int, device: DeviceProfile, backend: str | None = None) -> Estimate:
+    """Predicted peak memory and decode speed of this file on `device` at full context, batch 1."""
+    backend = backend or ("ort" if device.ort_wheel else "numpy")
+    spec = artifact.spec
+    int8 = artifact.quantization != QUANT_NONE
+    file_mb = file_bytes / 2**20
+    kv_bytes = 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * spec.context_length * 4
+    base, per_mb = RSS_MODEL[(backend, int8)]
+    rss = base + per_mb * file_mb + (2 if backend == "ort" else 1) * kv_bytes / 2**20  # ort holds past + present
+    weight_bytes = file_bytes * (4 if int8 and backend == "numpy" else 1)  # numpy expands int8 to float32
+    per_token = weight_bytes + kv_bytes / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
+    seconds = per_token / (EFFICIENCY * device.bandwidth_gbs * 1e9) + FIXED_MS[backend] * device.core_slowdown / 1e3
+    return Estimate(device, backend, rss, device.memory_mb - device.os_reserved_mb, per_token, 1.0 / seconds)
+
+
+def format_estimates(estimates: list[Estimate]) -> str:
+    lines = [f"{'device':12s} {'backend':8s} {'peak RSS':>10s} {'available':>10s} {'fits':>5s} {'MB/token':>9s} {'tokens/s':>9s}"]
+    for e in estimates:
+        lines.append(f"{e.device.name:12s} {e.backend:8s} {e.rss_mb:8.0f}MB {e.available_mb:8.0f}MB {'yes' if e.fits else 'NO':>5s} "
+                     f"{e.bytes_per_token / 2**20:9.1f} {e.tokens_per_s:9.0f}")
+    return "\n".join(lines)
