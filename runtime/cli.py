@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import click
@@ -12,6 +13,11 @@ from craft import __version__
 from craft.runtime.command import OneLineErrors
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def unescape(text: str) -> str:
+    """--stop "\\n\\n" from a shell means two newlines: expand \\n, \\t and \\\\."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}.get(m.group(1), m.group(0)), text)
 
 
 def fail(message: str) -> None:
@@ -28,7 +34,7 @@ def fail(message: str) -> None:
 @click.option("--top-p", type=float, default=0.95, help="Sample among the fewest tokens holding probability p; 1 disables.")
 @click.option("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely; 1 disables.")
 @click.option("--seed", type=int, default=None, help="Random seed: the same seed, model and flags give the same text.  [default: random]")
-@click.option("--stop", multiple=True, metavar="STR", help="Stop when the text produces STR (not printed); repeatable.")
+@click.option("--stop", multiple=True, metavar="STR", help="Stop when the text produces STR (not printed); repeatable; \\n and \\t mean newline and tab.")
 @click.option("--backend", type=click.Choice(["ort", "numpy"]), default="ort", help="ONNX Runtime, or pure numpy for devices without an onnxruntime wheel.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="CPU threads; 0: the backend's default (one per core).")
 @click.option("--truncate", is_flag=True, help="Cut a prompt longer than the context to its end instead of refusing it.")
@@ -73,6 +79,7 @@ def main(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_pe
         prompt = sys.stdin.read()
     if max_new_tokens < 0:
         fail(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    stop = [unescape(s) for s in stop]
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   repetition_penalty=repetition_penalty, seed=seed, stop=stop, truncate=truncate)
     try:
