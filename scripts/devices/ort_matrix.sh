@@ -32,11 +32,9 @@ if [[ ${1:-} == --bisect ]]; then BISECT=1; shift; fi
 
 # rootfs twin with the host /proc (hard links: costs ~nothing)
 REAL="$CACHE/rootfs-realproc"
-if [[ ! -d $REAL ]]; then
-  cp -al "$DEVICE_ROOTFS" "$REAL.tmp"
-  rm -rf "$REAL.tmp/proc" && ln -s /proc "$REAL.tmp/proc"
-  mv "$REAL.tmp" "$REAL"
-fi
+rm -rf "$REAL"
+cp -al "$DEVICE_ROOTFS" "$REAL"
+rm -rf "$REAL/proc" && ln -s /proc "$REAL/proc"
 
 if [[ ! -f $MODELS/core.onnx ]]; then
   "$MODEL_PYTHON" "$HERE/make_test_models.py" "$MODELS" | grep -v '^Warn' || true
@@ -54,7 +52,8 @@ site_for() { # $1 = dir, $2.. = requirement specs ; unpack wheels once
     "${PIPDL[@]}" -d "$dir/whl" "$@" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
     ls "$dir"/whl/*.whl >/dev/null 2>&1 || { echo "no wheel for $*" >&2; return 1; }
     for w in "$dir"/whl/*.whl; do "$HOST_PY" -m zipfile -e "$w" "$dir/site"; done
-    "$HOST_PY" -m compileall -q -j0 "$dir/site" >/dev/null 2>&1 || true
+    "$HOST_PY" -m compileall -q -j0 "$dir/site" >/dev/null 2>&1 || true # needs host 3.11
+    rm -rf "$dir/whl" # keep only the unpacked site (~2x smaller)
     touch "$dir/.ok"
   fi
   echo "$dir/site"

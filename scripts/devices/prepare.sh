@@ -165,6 +165,10 @@ relative_symlinks() { # absolute symlinks would resolve on the HOST (no chroot):
 precompile() { # CPython 3.11 .pyc are arch-independent (magic 3495 for all 3.11.x):
   # compile on the host; under emulation that costs seconds per import.
   local target="$1"
+  if ! "$HOST_PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    log "host $HOST_PY is not 3.11: not precompiling (imports will be slower)"
+    return 0
+  fi
   "$HOST_PY" -m compileall -q -j0 -s "$target" -p / "$target/usr/lib/python3.11" \
     "$target/usr/lib/python3/dist-packages" >/dev/null 2>&1 || true
 }
@@ -243,7 +247,9 @@ if [[ $ARCH == arm64 ]]; then
     done
     # .pyc for CPython 3.11 are arch-independent: compile on the host instead
     # of paying for it under emulation on the first import.
-    "$HOST_PY" -m compileall -q -j0 "$SITE.tmp" >/dev/null 2>&1 || true
+    if "$HOST_PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      "$HOST_PY" -m compileall -q -j0 "$SITE.tmp" >/dev/null 2>&1 || true
+    fi
     mv "$SITE.tmp" "$SITE"
     cp "$CACHE/wheels.stamp" "$CACHE/site.stamp"
     stage_end "unpacked"
