@@ -28,26 +28,29 @@ METRIC_FIELDS = {
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool = True, truncate_after: int = 0):
-        """Append to run_dir/metrics.jsonl; on resume drop records past the checkpoint's step
-        (a killed run may have logged steps that the resumed run will log again)."""
+    """metrics.jsonl (one JSON object per line, flushed as written) plus TensorBoard event files
+    written straight into the run directory when `tensorboard` is installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        """A new log, or with resume_step the run's log with records past that step dropped (a
+        killed run may have logged steps that the resumed run logs again)."""
         self.enabled = enabled
-        self.path = run_dir / rd.METRICS
-        self.tb = None
+        self.path = Path(run_dir) / rd.METRICS
+        self.tb = self.file = None
         if not enabled:
             return
-        if truncate_after and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= truncate_after]
-            rd.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        elif not truncate_after:
+        if resume_step is not None and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            rd.atomic_write_bytes(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
+        elif resume_step is None:
             self.path.unlink(missing_ok=True)
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=truncate_after or None)
-        except ImportError:
-            pass
+        except ImportError:  # tensorboard is an optional extra
+            return
+        # purge_step: TensorBoard hides events at or past it written by the killed run
+        self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -62,10 +65,13 @@ class MetricsLog:
                     self.tb.add_text("sample", value, record["step"])
 
     def close(self) -> None:
-        if self.enabled:
+        """Idempotent."""
+        if self.file is not None:
             self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -101,10 +107,14 @@ class EarlyStopping:
 
 
 def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: MetricsLog) -> str:
-    """Sample train.sample_tokens tokens from train.sample_prompt; append to samples.txt and the log.
+    """Sample train.sample_tokens tokens from train.sample_prompt (temperature, top-k from the
+    config); append them to samples.txt and the log (and TensorBoard). Returns the text.
 
-    Uses its own seeded generator so sampling never changes the training run's random stream.
+    Uses its own generator seeded by (seed, step), so sampling never changes the training run's
+    random stream and a resumed run writes the same samples.
     """
+    import copy
+
     import torch
 
     from craft.model import generate
@@ -112,12 +122,14 @@ def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: Metri
     t = cfg.train
     prompt = [tokenizer.bos_id] + tokenizer.encode(t.sample_prompt)
     generator = torch.Generator().manual_seed(t.seed + step)
-    ids = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
+    was_training = model.training
+    sampler = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()  # generate() runs on CPU
+    ids = generate(sampler, prompt, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
                    eos_id=tokenizer.eos_id, generator=generator)
-    model.train()
-    text = t.sample_prompt + tokenizer.decode(ids)
-    with open(run_dir / rd.SAMPLES, "a", encoding="utf-8") as f:
-        f.write(f"--- step {step} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n")
+    model.train(was_training)
+    text = t.sample_prompt + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+    with open(Path(run_dir) / rd.SAMPLES, "a", encoding="utf-8") as f:
+        f.write(f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n")
     metrics.write({"event": "sample", "step": step, "text": text})
     return text
 

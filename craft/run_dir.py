@@ -31,6 +31,9 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.txt"
+PLOT = "loss.png"
+TENSORBOARD_GLOB = "events.out.tfevents.*"
+SAMPLE_HEADER = "--- step {step}"
 CHECKPOINT_FORMAT = 1
 
 
@@ -118,9 +121,35 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
     return state, digest
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a step-NNNNNN.pt name."""
+    return int(path.stem.split("-", 1)[1])
+
+
 def periodic_checkpoints(run_dir: Path) -> list[Path]:
-    """step-NNNNNN.pt files, newest first."""
-    return sorted(run_dir.glob("step-*.pt"), reverse=True)
+    """step-NNNNNN.pt files, newest (highest step) first."""
+    found = [p for p in Path(run_dir).glob("step-*.pt") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def save_periodic_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> str:
+    """Write step-NNNNNN.pt, point checkpoint.pt at it, prune all but the newest keep_last.
+
+    checkpoint.pt is a hard link to the newest step file (one write, two names; replaced by an
+    atomic rename), or a second copy where the filesystem has no hard links.
+    """
+    numbered = run_dir / f"step-{step:06d}.pt"
+    digest = save_checkpoint(state, numbered)
+    link = run_dir / f".{CHECKPOINT}.link"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(numbered, link)
+        os.replace(link, run_dir / CHECKPOINT)
+    except OSError:  # no hard links here (some network / FAT filesystems)
+        save_checkpoint(state, run_dir / CHECKPOINT)
+    for old in periodic_checkpoints(run_dir)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return digest
 
 
 def load_latest_checkpoint(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
@@ -128,8 +157,10 @@ def load_latest_checkpoint(run_dir: Path, warn=print) -> tuple[dict[str, Any], s
 
     A damaged file is skipped with a warning naming it; RunDirError if none loads.
     """
-    candidates = [run_dir / CHECKPOINT] + periodic_checkpoints(run_dir)
-    candidates = [p for p in candidates if p.is_file()]
+    candidates: list[Path] = []
+    for path in [run_dir / CHECKPOINT] + periodic_checkpoints(run_dir):
+        if path.is_file() and not any(os.path.samefile(path, seen) for seen in candidates):
+            candidates.append(path)  # checkpoint.pt and its step file are one file: read it once
     if not candidates:
         raise RunDirError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train one with: craft-train out_dir={run_dir}")
     errors = []
@@ -137,8 +168,56 @@ def load_latest_checkpoint(run_dir: Path, warn=print) -> tuple[dict[str, Any], s
         try:
             state, digest = load_checkpoint(path)
             if errors:
-                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {state.get('step')})")
+                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {state.get('step')}) instead")
             return state, digest, path
         except RunDirError as e:
             errors.append(str(e))
     raise RunDirError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")
+
+
+def drop_checkpoints_after(run_dir: Path, step: int) -> None:
+    """Remove step files past `step` (the damaged ones a resume skipped), so pruning and later
+    fallbacks only see checkpoints of the run as it continues."""
+    for path in periodic_checkpoints(run_dir):
+        if checkpoint_step(path) > step:
+            path.unlink(missing_ok=True)
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Temp files of writes that a kill interrupted (the files they were replacing are intact)."""
+    for path in Path(run_dir).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+    (Path(run_dir) / f".{CHECKPOINT}.link").unlink(missing_ok=True)
+
+
+def clear_run(run_dir: Path) -> None:
+    """What a new run in an old run directory replaces (the token file is kept: prepare_tokens
+    reuses it only when the corpus and tokenizer are unchanged)."""
+    run_dir = Path(run_dir)
+    stale = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
+    stale += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def truncate_samples(run_dir: Path, step: int) -> None:
+    """Drop samples.txt entries written after `step` (by a run killed after its last checkpoint)."""
+    path = Path(run_dir) / SAMPLES
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    prefix = SAMPLE_HEADER.format(step="")
+    cut = None
+    pos = 0 if text.startswith(prefix) else text.find("\n" + prefix)
+    while pos != -1:
+        start = pos if text.startswith(prefix, pos) else pos + 1
+        digits = text[start + len(prefix):].split(" ", 1)[0]
+        if digits.isdigit() and int(digits) > step:
+            cut = start
+            break
+        pos = text.find("\n" + prefix, start + 1)
+    if cut is not None:
+        atomic_write_bytes(path, text[:cut].encode("utf-8"))

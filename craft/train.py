@@ -52,16 +52,24 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 class Distributed:
-    """Rank / world size from torchrun's environment; a no-op for one process."""
+    """Rank / world size from torchrun's environment; a no-op for one process.
+
+    CPU: gloo. GPUs: nccl, one GPU per process (LOCAL_RANK). Every collective below is called
+    by all ranks at the same points of the loop, so their decisions (stop, save, best) agree.
+    """
 
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
+        self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.enabled:
             import torch.distributed as dist
 
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
@@ -78,13 +86,24 @@ class Distributed:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64; the identity for one process)."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log=print):
-    """Tokenizer and token file for the run (trained / built by rank 0, reused on resume)."""
+    """Tokenizer and token file for the run (trained / built by rank 0, reused on resume).
+
+    With several processes the run directory must be on a filesystem that all of them see.
+    """
     corpus = Corpus(cfg.data.path)
     tokenizer = load_tokenizer(run_dir) if resume else None
     if dist.main:
@@ -99,6 +118,8 @@ def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log
     dist.barrier()
     if not dist.main:
         tokenizer = load_tokenizer(run_dir)
+        if tokenizer is None:
+            raise rd.RunDirError(f"rank {dist.rank} does not see {run_dir}'s tokenizer; put out_dir on a filesystem shared by all nodes")
         data = prepare_tokens(cfg, corpus, tokenizer, run_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -114,72 +135,114 @@ def progress_bar(total: int, desc: str, **kw):
 
 
 def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings decay; norms do not
+    """AdamW with decay on matrices and embeddings, none on norms; the fused kernel (one op for
+    all parameters: measured as fast as or faster than the for-loop and foreach versions here)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=True)
 
 
+def batch_to(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(batch)  # shares the sampled array's memory: no copy on CPU
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast) -> float:
-    """Mean loss over train.eval_iters batches of the split; the same batches every call."""
+def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast, dist: Distributed) -> float:
+    """Mean loss over train.eval_iters batches of the split: the same batches every call (a
+    fixed RNG that leaves the training stream alone), shared out over the ranks."""
     model.eval()
-    rng = np.random.default_rng(cfg.train.seed + 1)  # fixed: evals are comparable and leave the train RNG alone
-    losses = []
-    for _ in range(cfg.train.eval_iters):
-        batch = torch.from_numpy(sample_windows(tokens, cfg.train.batch_size, cfg.model.context_length, rng))
+    rng = np.random.default_rng(cfg.train.seed + 1)
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(cfg.train.eval_iters):
+        batch = sample_windows(tokens, cfg.train.batch_size, cfg.model.context_length, rng)
+        if i % dist.world != dist.rank:
+            continue
+        batch = batch_to(batch, device)
         with autocast:
             _, loss = model(batch[:, :-1], batch[:, 1:])
-        losses.append(loss.item())
+        total += loss.item()
     model.train()
-    return float(np.mean(losses))
+    return dist.all_sum([total])[0] / cfg.train.eval_iters
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train as cfg says, writing cfg.out_dir; returns the final metrics. craft-train's body."""
     dist = Distributed()
-    log = log if dist.main else (lambda *a, **k: None)
+    try:
+        return _train(cfg, dist, resume, overwrite, log if dist.main else (lambda *a, **k: None))
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -> dict:
     run_dir = Path(cfg.out_dir)
-    if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
+    if not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite")
     if dist.main and overwrite and not resume:
-        for stale in [*run_dir.glob("*.pt"), run_dir / rd.CHAR_TOKENIZER, run_dir / rd.SP_TOKENIZER, run_dir / rd.METRICS, run_dir / rd.SAMPLES]:
-            stale.unlink(missing_ok=True)
+        rd.clear_run(run_dir)
+    if dist.main and run_dir.is_dir():
+        rd.remove_temp_files(run_dir)  # left by a run killed mid-write
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     tokenizer, data = prepare_run(cfg, run_dir, resume, dist, log)
+    device = dist.device
 
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model).to(device)  # same seed on every rank: the same initial weights
+    if dist.enabled:
+        torch.manual_seed(cfg.train.seed + dist.rank)  # but each rank its own dropout stream
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.train.lr)
-    rng = np.random.default_rng([cfg.train.seed, dist.rank])
-    step, best_val, stopper = 0, float("inf"), EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+    rng = np.random.default_rng([cfg.train.seed, dist.rank])  # the data position: which windows come next
+    step, best_val, elapsed_before = 0, float("inf"), 0.0
+    stopper = EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
     if resume:
         state, digest, path = rd.load_latest_checkpoint(run_dir, warn=log)
+        step = state["step"]
+        if step >= cfg.train.max_steps:
+            raise rd.RunDirError(f"{run_dir} already reached step {step} of train.max_steps={cfg.train.max_steps}; "
+                                 f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * step}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, best_val = state["step"], state["best_val_loss"]
+        best_val, elapsed_before = state["best_val_loss"], state.get("elapsed_s", 0.0)
         stopper.load_state_dict(state["early_stopping"])
-        torch.set_rng_state(state["rng"]["torch"])
-        rng.bit_generator.state = state["rng"]["data"][dist.rank]
+        rngs = state["rng"]
+        if len(rngs["data"]) == dist.world:
+            rng.bit_generator.state = rngs["data"][dist.rank]
+            torch.set_rng_state(rngs["torch"][dist.rank])
+            if device.type == "cuda" and rngs.get("cuda"):
+                torch.cuda.set_rng_state(rngs["cuda"][dist.rank])
+        else:  # another number of processes: the run goes on, but not the same random stream
+            log(f"warning: {path.name} was written by {len(rngs['data'])} processes, this run has {dist.world}; "
+                "data order continues from fresh seeds (not an exact continuation)")
+            rng = np.random.default_rng([cfg.train.seed, dist.rank, step])
         log(f"resuming {run_dir} from {path.name} at step {step} (sha256 {digest[:12]})")
+    dist.barrier()  # every rank has read its checkpoint before rank 0 tidies the directory
     if dist.main:
         save_config(cfg, run_dir / rd.CONFIG)
+        rd.truncate_samples(run_dir, step)
+        if resume:
+            rd.drop_checkpoints_after(run_dir, step)
 
     log(f"craft {__version__} | {cfg.model.n_layer} layers, dim {cfg.model.dim}, {cfg.model.n_head} heads "
         f"({cfg.model.kv_heads} kv), context {cfg.model.context_length}, vocab {cfg.model.vocab_size}: "
         f"{model.num_parameters():,} parameters")
     log(f"data: {describe(data)} | unigram entropy {data.unigram_entropy():.3f} nats/token")
-
-    train_model = model
-    if cfg.train.compile:
-        train_model = torch.compile(model)
     if dist.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" else nullcontext()
-    metrics = MetricsLog(run_dir, enabled=dist.main, truncate_after=step if resume else 0)
+        log(f"distributed: {dist.world} processes ({torch.distributed.get_backend()}), device {device}")
+
+    ddp = None
+    train_model = model
+    if dist.enabled:
+        ddp = train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)  # the training graph only; eval and sampling run eager
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" else nullcontext()
+    metrics = MetricsLog(run_dir, enabled=dist.main, resume_step=step if resume else None)
 
     stop = {"signal": None}
 
@@ -189,89 +252,105 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def save(path: Path | None = None) -> None:
-        rng_states = dist.gather(rng.bit_generator.state)
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        rng_states = dist.gather({"data": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                                  "cuda": torch.cuda.get_rng_state().cpu() if device.type == "cuda" else None})
         if not dist.main:
             return
         state = {
             "format": rd.CHECKPOINT_FORMAT, "craft_version": __version__, "config": cfg.to_dict(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "step": step, "best_val_loss": best_val, "early_stopping": stopper.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "data": rng_states},
+            "elapsed_s": elapsed_before + time.perf_counter() - t0,
+            "rng": {"data": [r["data"] for r in rng_states], "torch": [r["torch"] for r in rng_states],
+                    "cuda": [r["cuda"] for r in rng_states] if device.type == "cuda" else []},
         }
         if path is not None:
             rd.save_checkpoint(state, path)
-            return
-        numbered = run_dir / f"step-{step:06d}.pt"
-        rd.save_checkpoint(state, numbered)
-        tmp = run_dir / f".{rd.CHECKPOINT}.link"
-        tmp.unlink(missing_ok=True)
-        os.link(numbered, tmp)
-        os.replace(tmp, run_dir / rd.CHECKPOINT)  # checkpoint.pt is always the newest whole file
-        for old in rd.periodic_checkpoints(run_dir)[cfg.train.keep_last:]:
-            old.unlink(missing_ok=True)
+        else:
+            rd.save_periodic_checkpoint(state, run_dir, step, cfg.train.keep_last)
 
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.context_length * dist.world
+    accum = cfg.train.grad_accum
+    tokens_per_step = cfg.train.batch_size * accum * cfg.model.context_length * dist.world
     bar = progress_bar(cfg.train.max_steps, "training", unit="step", initial=step)
     result = {"step": step, "stopped": "max_steps"}
-    last_time, last_step, t0 = time.perf_counter(), step, time.perf_counter()
+    t0 = time.perf_counter()
+    interval_time, interval_steps = 0.0, 0  # time spent in training steps (not eval / checkpoints) since the last log
     val = None
     model.train()
     try:
-        while step < cfg.train.max_steps:
-            for micro in range(cfg.train.grad_accum):
-                batch = torch.from_numpy(sample_windows(data.train, cfg.train.batch_size, cfg.model.context_length, rng))
-                sync = nullcontext() if not dist.enabled or micro == cfg.train.grad_accum - 1 else train_model.no_sync()
-                with sync, autocast:
-                    _, loss = train_model(batch[:, :-1], batch[:, 1:])
-                (loss / cfg.train.grad_accum).backward()
-            if not math.isfinite(loss.item()):
-                raise TrainError(f"loss became {loss.item()} at step {step + 1}; the last good checkpoint is kept. "
-                                 f"Lower train.lr (now {cfg.train.lr}) or set train.grad_clip (now {cfg.train.grad_clip})")
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            last = step == cfg.train.max_steps
-            if step % cfg.train.log_interval == 0 or last or step == 1:
-                now = time.perf_counter()
-                tps = tokens_per_step * (step - last_step) / (now - last_time)
-                last_time, last_step = now, step
-                metrics.write({"event": "train", "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, "elapsed_s": now - t0})
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if step % cfg.train.eval_interval == 0 or last:
-                val = evaluate(model, data.val, cfg, autocast)
-                metrics.write({"event": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-                if dist.main:
-                    bar.write(f"step {step}: train loss {loss.item():.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}", file=sys.stderr)
-                if val < best_val:
-                    best_val = val
-                    save(run_dir / rd.BEST)
-                if stopper.update(val):
-                    result["stopped"] = f"early stopping: no val improvement > {cfg.train.early_stop_min_delta} in {cfg.train.early_stop_patience} evals"
+        try:
+            while step < cfg.train.max_steps:
+                t_step = time.perf_counter()
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(accum):
+                    batch = batch_to(sample_windows(data.train, cfg.train.batch_size, cfg.model.context_length, rng), device)
+                    sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else nullcontext()
+                    with sync:
+                        with autocast:
+                            _, loss = train_model(batch[:, :-1], batch[:, 1:])
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                # one collective a step: the mean loss over ranks and whether any rank was signalled
+                loss_value, signalled = dist.all_sum([loss_sum.item() / accum, float(stop["signal"] is not None)])
+                loss_value /= dist.world
+                if signalled and stop["signal"] is None:
+                    stop["signal"] = signal.SIGTERM
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                    what = f"loss became {loss_value}" if not math.isfinite(loss_value) else f"gradient norm became {grad_norm.item()}"
+                    raise TrainError(f"{what} at step {step + 1}; stopped without saving, the last good checkpoint is kept. "
+                                     f"Lower train.lr (now {cfg.train.lr}) or set train.grad_clip (now {cfg.train.grad_clip}), then start again")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                interval_time += time.perf_counter() - t_step
+                interval_steps += 1
+                bar.update(1)
+                last = step == cfg.train.max_steps
+                if step % cfg.train.log_interval == 0 or last or step == 1:
+                    tps = tokens_per_step * interval_steps / max(interval_time, 1e-9)
+                    interval_time, interval_steps = 0.0, 0
+                    metrics.write({"event": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                   "tokens_per_s": tps, "elapsed_s": elapsed_before + time.perf_counter() - t0})
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                if step % cfg.train.eval_interval == 0 or last:
+                    val = evaluate(model, data.val, cfg, autocast, dist)
+                    metrics.write({"event": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                    if dist.main:
+                        bar.write(f"step {step}: train loss {loss_value:.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}", file=sys.stderr)
+                    if val < best_val:
+                        best_val = val
+                        save(run_dir / rd.BEST)
+                    if stopper.update(val):
+                        result["stopped"] = (f"early stopping: val loss did not improve by more than {cfg.train.early_stop_min_delta} "
+                                             f"in {cfg.train.early_stop_patience} evals (best {stopper.best:.4f})")
+                        save()
+                        log(result["stopped"])
+                        break
+                if step % cfg.train.checkpoint_interval == 0 or last:
                     save()
+                if dist.main and cfg.train.sample_interval and step % cfg.train.sample_interval == 0 and not last:
+                    text = write_sample(model, tokenizer, cfg, step, run_dir, metrics)
+                    log(f"sample at step {step}: {text!r}")
+                if stop["signal"] is not None:
+                    if step % cfg.train.checkpoint_interval != 0 and not last:
+                        save()
+                    result["stopped"] = f"signal {signal.Signals(stop['signal']).name}"
+                    log(f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {step}; continue with --resume {run_dir}")
                     break
-            if step % cfg.train.checkpoint_interval == 0 or last:
-                save()
-            if dist.main and cfg.train.sample_interval and step % cfg.train.sample_interval == 0 and not last:
-                write_sample(model, tokenizer, cfg, step, run_dir, metrics)
-            if stop["signal"] is not None:
-                save()
-                result["stopped"] = f"signal {signal.Signals(stop['signal']).name}"
-                break
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if dist.main and not result["stopped"].startswith("signal"):
+            sample = write_sample(model, tokenizer, cfg, step, run_dir, metrics)
+            log(f"sample at step {step}:\n{sample}\n")
     finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    if dist.main and not result["stopped"].startswith("signal"):
-        sample = write_sample(model, tokenizer, cfg, step, run_dir, metrics)
-        log(f"sample at step {step}:\n{sample}\n")
+        metrics.close()
     elapsed = time.perf_counter() - t0
     result.update(step=step, val_loss=val, best_val_loss=best_val, unigram_entropy=data.unigram_entropy(), elapsed_s=elapsed)
-    metrics.close()
-    dist.close()
     return result
 
 
@@ -309,6 +388,8 @@ def main(overrides, config, resume, overwrite, plot_dir):
     except TrainError as e:
         click.echo(f"craft-train: error: {e}", err=True)
         sys.exit(EXIT_DIVERGED)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
+        sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)
     val = result["val_loss"]
     click.echo(f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
                f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
