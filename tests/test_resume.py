@@ -1,0 +1,203 @@
+"""Checkpoints and --resume: a killed run continues bitwise, damaged checkpoints are skipped,
+signals save before exiting, old checkpoints are pruned."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_overrides
+from craft import run_dir as rd
+from craft.callbacks import read_metrics
+
+FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 5, "train.eval_iters": 2, "train.log_interval": 1}
+
+
+def overrides(out: Path, corpus: Path, **extra) -> list[str]:
+    return tiny_overrides(out, corpus, **{**FAST, **extra})
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def last_step(run: Path) -> int:
+    path = run / rd.METRICS
+    steps = [r["step"] for r in read_metrics(path) if r.get("event") == "train"] if path.is_file() else []
+    return steps[-1] if steps else 0
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run) < step:
+        assert proc.poll() is None, f"run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no step {step} after {timeout}s"
+        time.sleep(0.005)
+
+
+def losses(run: Path, event: str = "train", key: str = "loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in read_metrics(run / rd.METRICS) if r["event"] == event]
+
+
+def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
+    """SIGKILL at a random step between checkpoints, --resume: the same losses, bit for bit."""
+    kill_at = random.Random().randint(12, 45)  # printed on failure by the assertion messages below
+    extra = {"train.max_steps": 60, "train.checkpoint_interval": 10, "train.eval_interval": 20, "train.sample_interval": 25}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = start(*overrides(whole, small_corpus, **extra))
+    victim = start(*overrides(killed, small_corpus, **extra))
+    wait_for_step(victim, killed, kill_at)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    stopped_at = last_step(killed)
+    checkpoint_step = rd.load_checkpoint(killed / rd.CHECKPOINT)[0]["step"]
+    assert checkpoint_step < stopped_at < 60, (kill_at, checkpoint_step, stopped_at)  # it did lose steps
+
+    rc, out, err = finish(start("--resume", str(killed)))
+    assert rc == 0, err
+    assert f"from checkpoint.pt at step {checkpoint_step}" in out
+    rc, _, err = finish(reference)
+    assert rc == 0, err
+    expected, got = losses(whole), losses(killed)
+    assert [s for s, _ in got] == list(range(1, 61)), f"kill at {kill_at}: steps {[s for s, _ in got]}"
+    assert got == expected, f"kill at step {stopped_at}, resumed from {checkpoint_step}"  # exact float equality
+    assert losses(killed, "eval", "val_loss") == losses(whole, "eval", "val_loss")
+    assert (killed / rd.SAMPLES).read_text() == (whole / rd.SAMPLES).read_text()
+    a, b = rd.load_checkpoint(whole / rd.CHECKPOINT)[0], rd.load_checkpoint(killed / rd.CHECKPOINT)[0]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tmp_path_factory, small_corpus) -> Path:
+    """A 30-step run with step-000010/20/30.pt; checkpoint.pt is step 30."""
+    from conftest import train_run
+
+    run = tmp_path_factory.mktemp("resume") / "run"
+    return train_run(run, small_corpus, **{**FAST, "train.max_steps": 30, "train.checkpoint_interval": 10, "train.keep_last": 3, "train.eval_interval": 10})
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)  # copies: damaging them leaves the fixture alone
+    (dst / rd.CHECKPOINT).unlink()
+    os.link(dst / "step-000030.pt", dst / rd.CHECKPOINT)  # as the run itself links them
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_damaged_checkpoint_falls_back_with_warning(three_checkpoints, tmp_path, damage):
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    path = run / rd.CHECKPOINT
+    size = path.stat().st_size
+    if damage == "flip":
+        with open(path, "r+b") as f:  # one bit in the middle of the payload
+            f.seek(size // 2)
+            byte = f.read(1)
+            f.seek(size // 2)
+            f.write(bytes([byte[0] ^ 0x10]))
+    else:
+        os.truncate(path, size // 3 if damage == "truncate" else 0)
+    with pytest.raises(rd.RunDirError, match="corrupted or truncated|bad header"):
+        rd.load_checkpoint(path)
+    assert (run / "step-000030.pt").samefile(path)  # one file under two names: both are damaged
+
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint.pt" in warnings[0] and "using step-000020.pt (step 20)" in warnings[0], result.stdout
+    assert "at step 20" in result.stdout and "done: step 40" in result.stdout
+    assert [s for s, _ in losses(run)] == list(range(1, 41))
+    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    assert state["step"] == 40
+    assert sorted(p.name for p in rd.periodic_checkpoints(run)) == ["step-000020.pt", "step-000030.pt", "step-000040.pt"]
+    assert rd.load_checkpoint(run / "step-000030.pt")[0]["step"] == 30  # rewritten by the resumed run: whole again
+
+
+def test_no_loadable_checkpoint_is_one_line_error(three_checkpoints, tmp_path):
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    for path in rd.periodic_checkpoints(run):
+        os.truncate(path, 100)
+    result = run_cli("craft.train", "--resume", str(run))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("craft-train: error: no loadable checkpoint"), lines
+
+
+def test_keep_last_prunes_and_checkpoint_is_the_newest(tmp_path, small_corpus):
+    from conftest import train_run
+
+    run = train_run(tmp_path / "run", small_corpus, **{**FAST, "train.max_steps": 50, "train.checkpoint_interval": 10, "train.keep_last": 2, "train.eval_interval": 25})
+    assert [p.name for p in rd.periodic_checkpoints(run)] == ["step-000050.pt", "step-000040.pt"]
+    assert (run / rd.CHECKPOINT).samefile(run / "step-000050.pt")
+    best, _ = rd.load_checkpoint(run / rd.BEST)
+    assert best["step"] in (25, 50) and best["best_val_loss"] == min(v for _, v in losses(run, "eval", "val_loss"))
+    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    assert {"model", "optimizer", "scheduler", "step", "rng", "early_stopping", "best_val_loss"} <= set(state)
+    assert len(state["rng"]["data"]) == 1 and state["scheduler"]["last_epoch"] == 50
+    assert not list(run.glob(".*"))  # no temp files left behind
+
+
+def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
+    result = run_cli("craft.train", "--resume", str(three_checkpoints))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("craft-train: error:") and "train.max_steps=" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum):
+    run = tmp_path / "run"
+    proc = start(*overrides(run, small_corpus, **{"train.max_steps": 100000, "train.checkpoint_interval": 100000, "train.eval_interval": 100000}))
+    wait_for_step(proc, run, 7)
+    proc.send_signal(signum)
+    rc, out, err = finish(proc)
+    assert rc == 130, err
+    assert "Traceback" not in err
+    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    assert state["step"] == last_step(run) >= 7  # the step it was in when signalled, saved
+    assert f"--resume {run}" in out
+
+    result = run_cli("craft.train", "--resume", str(run), f"train.max_steps={state['step'] + 3}", "train.eval_interval=50")
+    assert result.returncode == 0, result.stderr
+    assert [s for s, _ in losses(run)] == list(range(1, state["step"] + 4))
+
+
+def test_unit_checkpoint_hash_and_header(tmp_path):
+    state = {"format": rd.CHECKPOINT_FORMAT, "step": 3, "w": torch.arange(10.0)}
+    path = tmp_path / "c.pt"
+    digest = rd.save_checkpoint(state, path)
+    loaded, again = rd.load_checkpoint(path)
+    assert again == digest and torch.equal(loaded["w"], state["w"])
+    blob = path.read_bytes()
+    path.write_bytes(blob + b"x")  # appended garbage is a mismatch too
+    with pytest.raises(rd.RunDirError, match="SHA-256"):
+        rd.load_checkpoint(path)
+    path.write_bytes(b"PK\x03\x04" + blob[4:])  # a bare torch.save zip, not ours
+    with pytest.raises(rd.RunDirError, match="bad header"):
+        rd.load_checkpoint(path)
+
+
+def test_unit_truncate_samples(tmp_path):
+    text = "".join(f"--- step {s} (temperature 0.8, top-k 40) ---\nline {s}\n--- not a header\n\n" for s in (10, 20, 30))
+    (tmp_path / rd.SAMPLES).write_text(text)
+    rd.truncate_samples(tmp_path, 25)
+    kept = (tmp_path / rd.SAMPLES).read_text()
+    assert "line 20" in kept and "step 30" not in kept and kept == text[: text.index("--- step 30")]
+    rd.truncate_samples(tmp_path, 0)
+    assert not (tmp_path / rd.SAMPLES).exists()
