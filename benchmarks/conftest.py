@@ -202,4 +202,7 @@ def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.section("Craft figures (ratios measured in this run)")
         for key, value in FIGURES.items():
-            terminalreporter.write_line(f"{key:58s} {value:10.3f}" if isinstance(value, float) else f"{key:58s} {value}")
+            if key.endswith("_s_per_token"):
+                terminalreporter.write_line(f"{key[:-len('_s_per_token')] + ' ms/token':58s} {value * 1e3:10.3f}")
+            else:
+                terminalreporter.write_line(f"{key:58s} {value:10.3f}" if isinstance(value, float) else f"{key:58s} {value}")

@@ -80,11 +80,21 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k >= vocab:
         ids = np.arange(vocab)
     else:
-        ids = np.argpartition(logits, vocab - k)[vocab - k:]  # the k largest, in no order
+        # Exact top-k without partitioning the whole vocabulary: the tokens within `margin` of
+        # the best one contain the top k as soon as there are at least k of them.
+        top, margin = logits.max(), 4.0
+        near = np.flatnonzero(logits >= top - margin)
+        while len(near) < k and margin < 1e30:
+            margin *= 16
+            near = np.flatnonzero(logits >= top - margin)
+        if len(near) < k:  # -inf logits: no finite margin reaches k tokens
+            near = np.arange(vocab)
+        sub = logits[near]
+        ids = near[np.argpartition(sub, len(sub) - k)[len(sub) - k:]]  # the k largest, in no order
         kth = logits[ids].min()
-        if np.count_nonzero(logits >= kth) != k:  # ties straddle the cut: keep the lowest ids
-            above = np.flatnonzero(logits > kth)
-            ids = np.concatenate([above, np.flatnonzero(logits == kth)[: k - len(above)]])
+        if np.count_nonzero(sub >= kth) != k:  # ties straddle the cut: keep the lowest ids
+            above = near[sub > kth]
+            ids = np.concatenate([above, near[sub == kth][: k - len(above)]])
         ids.sort()
     values = logits[ids].astype(np.float64)
     order = np.argsort(-values, kind="stable")  # ids ascend within each run of equal values
