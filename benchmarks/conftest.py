@@ -84,20 +84,12 @@ def small_models(small_run) -> dict:
 
 def random_weight_models(folder: Path, name: str, **shape) -> dict:
     """fp32 and int8 exports of a random-weight model of the given shape (speed only, no quality),
-    plus the PyTorch model itself under "torch". The char tokenizer spans the whole vocabulary."""
-    import torch
-
+    plus the PyTorch model itself under "torch"."""
     from craft.config import ModelConfig
-    from craft.export.exporter import LoadedRun, build_model_proto
-    from craft.model import Transformer
-    from craft.runtime.tokenizer import CharTokenizer
+    from craft.export.exporter import build_model_proto, random_run
 
-    torch.manual_seed(0)
-    cfg = ModelConfig(**shape)
-    model = Transformer(cfg).eval()
-    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # below the surrogates
-    run = LoadedRun(Path(name), cfg, model, CharTokenizer(chars), "0" * 64, 0)
-    paths: dict = {"torch": model}
+    run = random_run(ModelConfig(**shape))
+    paths: dict = {"torch": run.model}
     for quantize in ("none", "int8"):
         paths[quantize] = folder / f"{name}.{quantize}.onnx"
         paths[quantize].write_bytes(build_model_proto(run, quantize)[0].SerializeToString())

@@ -139,6 +139,19 @@ def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET)
     return proto, scheme
 
 
+def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
+    """A run of the given shape with random weights and a char tokenizer spanning the whole
+    vocabulary: what benchmarks and tests export to measure speed or compare backends without
+    training first (the quality of its text is, of course, nil)."""
+    import torch
+
+    from craft.runtime.tokenizer import CharTokenizer
+
+    torch.manual_seed(seed)
+    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # stays below the surrogates
+    return LoadedRun(Path(f"random-{cfg.dim}x{cfg.n_layer}"), cfg, Transformer(cfg).eval(), CharTokenizer(chars), "0" * 64, 0)
+
+
 def check_output_path(output: Path) -> None:
     parent = output.resolve().parent
     if output.is_dir():

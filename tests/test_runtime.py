@@ -67,6 +67,24 @@ def test_numpy_logits_close_to_ort(generators, name):
     assert np.abs(a - b).max() < 1e-3
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset):
+    """The presets' real shapes (random weights, so logits are close together: a hard case)."""
+    from craft.config import load_config
+    from craft.export.exporter import build_model_proto, random_run
+
+    cfg = load_config(preset).model
+    cfg.vocab_size = load_config(preset).tokenizer.vocab_size
+    run = random_run(cfg)
+    for quantize in ("int8", "none"):
+        path = tmp_path / f"{preset}.{quantize}.onnx"
+        path.write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
+        ort_gen, np_gen = Generator(path, "ort", threads=1), Generator(path, "numpy")
+        for prompt in ("The", "def main():"):
+            expected = ort_gen.generate(prompt, max_new_tokens=48, temperature=0).token_ids
+            assert np_gen.generate(prompt, max_new_tokens=48, temperature=0).token_ids == expected, (quantize, prompt)
+
+
 def test_temperature_zero_is_greedy_regardless_of_other_settings(generators):
     gen = generators[("sp_fp32", "ort")]
     greedy = gen.generate("ROMEO:", max_new_tokens=30, temperature=0, top_k=0, top_p=1.0).token_ids
@@ -285,6 +303,14 @@ def test_cli_streams_reads_stdin_and_reports(char_int8):
     assert result.stdout == gen.generate("ROMEO:\n", max_new_tokens=20, temperature=0).text + "\n"
     for word in ("prompt", "generated", "time to first token", "prefill", "tokens/s", "peak RSS", "max_new_tokens"):
         assert word in result.stderr
+
+
+def test_cli_stop_understands_escapes(char_fp32):
+    gen = Generator(char_fp32)
+    text = gen.generate("ROMEO:", max_new_tokens=60, temperature=0).text
+    assert "\n" in text  # Shakespeare's lines end
+    result = run_cli("craft.runtime.cli", str(char_fp32), "ROMEO:", "-n", "60", "-t", "0", "--stop", "\\n")
+    assert result.returncode == 0 and result.stdout == text[: text.index("\n")] + "\n"
 
 
 def test_cli_json(char_int8):
