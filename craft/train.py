@@ -211,6 +211,8 @@ def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -
         best_val, elapsed_before = state["best_val_loss"], state.get("elapsed_s", 0.0)
         stopper.load_state_dict(state["early_stopping"])
         rngs = state["rng"]
+        if isinstance(rngs["torch"], torch.Tensor):  # written by craft 0.1.0's first trainer: one torch state
+            rngs = {**rngs, "torch": [rngs["torch"]] * len(rngs["data"])}
         if len(rngs["data"]) == dist.world:
             rng.bit_generator.state = rngs["data"][dist.rank]
             torch.set_rng_state(rngs["torch"][dist.rank])
