@@ -13,12 +13,17 @@
 # Needs: prepare.sh arm64 done; host python with onnx+onnxruntime for the
 # models (MODEL_PYTHON, default /work/venv/bin/python if present, else python3).
 # Results: table on stdout and in .cache/devices/arm64/ort-matrix.txt.
+# Runs on qemu's default CPU (`max`: SVE, I8MM, ...) with the Neoverse-N1 cpuinfo and compares
+# UNOPTIMIZED sessions; check.sh --ort-sweep runs the real artifact with the real runtime on a
+# Pi CPU model (cortex-a53) instead. See README.md for why that difference matters.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 CACHE="${CRAFT_DEVICES_CACHE:-$REPO/.cache/devices}/arm64"
 MODELS="${CRAFT_DEVICES_CACHE:-$REPO/.cache/devices}/models"
 HOST_PY="${HOST_PYTHON:-python3}"
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 if [[ -z ${MODEL_PYTHON:-} ]]; then
   if [[ -x /work/venv/bin/python ]]; then MODEL_PYTHON=/work/venv/bin/python; else MODEL_PYTHON=python3; fi
 fi
@@ -41,34 +46,13 @@ if [[ ! -f $MODELS/core.onnx ]]; then
 fi
 HOST_ORT=$("$MODEL_PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)' 2>/dev/null || echo "?")
 
-PIPDL=("$HOST_PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps
-  --implementation cp --python-version 3.11 --platform manylinux2014_aarch64
-  --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64)
-
-site_for() { # $1 = dir, $2.. = requirement specs ; unpack wheels once
-  local dir="$1"; shift
-  if [[ ! -f $dir/.ok ]]; then
-    rm -rf "$dir" && mkdir -p "$dir/whl" "$dir/site"
-    "${PIPDL[@]}" -d "$dir/whl" "$@" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
-    ls "$dir"/whl/*.whl >/dev/null 2>&1 || { echo "no wheel for $*" >&2; return 1; }
-    for w in "$dir"/whl/*.whl; do "$HOST_PY" -m zipfile -e "$w" "$dir/site"; done
-    "$HOST_PY" -m compileall -q -j0 "$dir/site" >/dev/null 2>&1 || true # needs host 3.11
-    rm -rf "$dir/whl" # keep only the unpacked site (~2x smaller)
-    touch "$dir/.ok"
-  fi
-  echo "$dir/site"
-}
-
-ver_lt() { [[ $1 != "$2" && $(printf '%s\n%s\n' "$1" "$2" | sort -V | head -1) == "$1" ]]; }
-
 declare -A RES
 check() { # $1 version, $2 real|fake -> sets RES[v,mode] to a one-line summary
-  local v="$1" mode="$2" ortsite npsite root out rc
-  ortsite=$(site_for "$CACHE/ort/$v" "onnxruntime==$v") || { RES[$v,$mode]="no-wheel"; return; }
-  if ver_lt "$v" 1.19; then npsite=$(site_for "$CACHE/ort/numpy1" "numpy<2"); else npsite=$(site_for "$CACHE/ort/numpy2" "numpy>=2"); fi
+  local v="$1" mode="$2" pp root out rc
+  pp=$(HOST_PY="$HOST_PY" devices_ort_pythonpath "$CACHE" "$v") || { RES[$v,$mode]="no-wheel"; return; }
   if [[ $mode == real ]]; then root=$REAL; else root=$DEVICE_ROOTFS; fi
   set +e
-  out=$(env -u PYTHONHOME -u VIRTUAL_ENV PYTHONPATH="$ortsite:$npsite" timeout 600 \
+  out=$(env -u PYTHONHOME -u VIRTUAL_ENV PYTHONPATH="$pp" timeout 600 \
     "$DEVICE_QEMU" -L "$root" "$DEVICE_PYTHON" "$HERE/check_ort.py" "$MODELS" 2>&1)
   rc=$?
   set -e

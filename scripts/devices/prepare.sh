@@ -9,13 +9,16 @@
 #   qemu-arm-static     -L ROOTFS ROOTFS/usr/bin/python3 ...   (armhf)
 # works. Use scripts/devices/run.sh ARCH ... to run python3 in it.
 #
-#   arm64: Debian python3 (3.11) + numpy / onnxruntime / sentencepiece
+#   arm64: Debian python3 (3.11) + numpy / onnxruntime / sentencepiece / click
 #          manylinux aarch64 wheels unpacked into .cache/devices/arm64/site
 #          (PYTHONPATH), and a fake ARM /proc/cpuinfo inside the rootfs that
 #          onnxruntime >= 1.28 needs to import under qemu (see README.md).
+#          Plus one hard-linked twin of the rootfs per emulated CPU
+#          (.cache/devices/arm64/cpu/NAME, DEVICE_CPUS) whose /proc/cpuinfo
+#          matches that CPU; run.sh picks one with DEVICE_CPU=NAME.
 #   armhf: Debian python3 + python3-numpy (+ libblas/liblapack alternative
-#          symlinks) + python3-sentencepiece; no onnxruntime (no 32-bit ARM
-#          wheel exists).
+#          symlinks) + python3-sentencepiece + python3-click; no onnxruntime
+#          (no 32-bit ARM wheel exists). Emulated CPU: cortex-a7.
 #
 # Idempotent: every stage is skipped when its stamp matches; a warm run takes
 # a few seconds. Exit 77 = skipped (tools unavailable), not a failure.
@@ -26,19 +29,24 @@
 #                    for ORT < 1.19, "numpy<2")
 #   EXTRA_WHEELS     extra requirement specs for arm64 (space separated)
 #   FAKE_CPUINFO     1 (default) / 0: install the fake /proc/cpuinfo (arm64)
+#   DEVICE_CPUS      arm64 CPU twins to build (default: cortex-a53 cortex-a72
+#                    cortex-a76 = Pi Zero 2 W / 3, Pi 4, Pi 5)
+#   PREPARE_SMOKE    1 (default) / 0: skip the final import smoke test
 #   DEBIAN_MIRROR    default http://deb.debian.org/debian
 #   CRAFT_DEVICES_CACHE  cache root (default REPO/.cache/devices)
 set -euo pipefail
 
 ARCH="${1:-}"
 case "$ARCH" in
-  arm64) QEMU=qemu-aarch64-static; TRIPLET=aarch64-linux-gnu ;;
-  armhf) QEMU=qemu-arm-static; TRIPLET=arm-linux-gnueabihf ;;
+  arm64) QEMU=qemu-aarch64-static; TRIPLET=aarch64-linux-gnu; DEFAULT_CPU=cortex-a53 ;;
+  armhf) QEMU=qemu-arm-static; TRIPLET=arm-linux-gnueabihf; DEFAULT_CPU=cortex-a7 ;;
   *) echo "usage: $0 arm64|armhf" >&2; exit 2 ;;
 esac
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 CACHE_ROOT="${CRAFT_DEVICES_CACHE:-$REPO/.cache/devices}"
 CACHE="$CACHE_ROOT/$ARCH"
 ROOTFS="$CACHE/rootfs"
@@ -101,7 +109,7 @@ flock 9
 if [[ $ARCH == arm64 ]]; then
   INCLUDE=python3
 else
-  INCLUDE=python3,python3-numpy,python3-sentencepiece
+  INCLUDE=python3,python3-numpy,python3-sentencepiece,python3-click
 fi
 ROOTFS_KEY="v2 suite=$SUITE arch=$ARCH include=$INCLUDE fake_cpuinfo=$FAKE_CPUINFO"
 
@@ -129,25 +137,14 @@ fake_cpuinfo() { # onnxruntime >= 1.28 (pytorch/cpuinfo) segfaults at import whe
   # parses the x86 host /proc/cpuinfo. qemu -L looks every absolute path up in
   # the prefix first, so a real rootfs/proc/ holding only cpuinfo shadows
   # /proc/cpuinfo while every other /proc path falls back to the host.
-  local target="$1" i
+  # $1 = rootfs, $2 = cpu (neoverse-n1 for the default `max` CPU; see lib.sh)
+  local target="$1" cpu="${2:-neoverse-n1}"
   [[ -L $target/proc ]] && rm -f "$target/proc" # debootstrap's symlink to /proc
   mkdir -p "$target/proc"
-  : >"$target/proc/cpuinfo.tmp"
-  for ((i = 0; i < $(nproc); i++)); do
-    cat >>"$target/proc/cpuinfo.tmp" <<EOF
-processor	: $i
-BogoMIPS	: 50.00
-Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
-CPU implementer	: 0x41
-CPU architecture: 8
-CPU variant	: 0x3
-CPU part	: 0xd0c
-CPU revision	: 1
-
-EOF
-  done
+  rm -f "$target/proc/cpuinfo" # never write through a hard link shared with another twin
+  devices_cpuinfo "$cpu" "$(nproc)" >"$target/proc/cpuinfo.tmp"
   mv "$target/proc/cpuinfo.tmp" "$target/proc/cpuinfo"
-  log "fake /proc/cpuinfo: $(nproc) x Neoverse-N1 (0x41/0xd0c)"
+  log "fake /proc/cpuinfo in ${target#"$CACHE"/}: $(nproc) x $cpu"
 }
 
 relative_symlinks() { # absolute symlinks would resolve on the HOST (no chroot):
@@ -208,12 +205,11 @@ fi
 [[ -x $ROOTFS/usr/bin/python3.11 ]] || die "no python3.11 in $ROOTFS"
 
 # ---------------------------------------------------------------- wheels (arm64)
-ver_lt() { [[ $1 != "$2" && $(printf '%s\n%s\n' "$1" "$2" | sort -V | head -1) == "$1" ]]; }
 if [[ $ARCH == arm64 ]]; then
   if [[ -z ${NUMPY_SPEC:-} ]]; then
-    if ver_lt "$ORT_VERSION" 1.19; then NUMPY_SPEC="numpy<2"; else NUMPY_SPEC="numpy"; fi
+    if devices_ver_lt "$ORT_VERSION" 1.19; then NUMPY_SPEC="numpy<2"; else NUMPY_SPEC="numpy"; fi
   fi
-  SPECS=("onnxruntime==$ORT_VERSION" "$NUMPY_SPEC" sentencepiece ${EXTRA_WHEELS:-})
+  SPECS=("onnxruntime==$ORT_VERSION" "$NUMPY_SPEC" sentencepiece click ${EXTRA_WHEELS:-})
   WHEEL_KEY="v1 ${SPECS[*]}"
   stage_begin wheels
   if [[ -f $CACHE/wheels.stamp && $(head -1 "$CACHE/wheels.stamp") == "$WHEEL_KEY" ]]; then
@@ -222,13 +218,9 @@ if [[ $ARCH == arm64 ]]; then
     "$HOST_PY" -m pip --version >/dev/null 2>&1 || skip "host '$HOST_PY -m pip' not available"
     rm -rf "$CACHE/wheels.tmp"
     # Debian bookworm's python3 is 3.11 (cp311); glibc 2.36 -> manylinux_2_17..2_28.
-    "$HOST_PY" -m pip download --quiet --disable-pip-version-check \
-      --only-binary=:all: --no-deps --implementation cp --python-version 3.11 \
-      --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 \
-      --platform manylinux_2_28_aarch64 \
-      -d "$CACHE/wheels.tmp" "${SPECS[@]}" 2>&1 | grep -v "is ignored: it is neither" || true
+    devices_pipdl "$CACHE/wheels.tmp" "${SPECS[@]}"
     n=$(find "$CACHE/wheels.tmp" -name '*.whl' 2>/dev/null | wc -l)
-    [[ $n -ge 3 ]] || die "pip download got $n wheels for: ${SPECS[*]}"
+    [[ $n -ge ${#SPECS[@]} ]] || die "pip download got $n wheels for: ${SPECS[*]}"
     rm -rf "$CACHE/wheels"
     mv "$CACHE/wheels.tmp" "$CACHE/wheels"
     { echo "$WHEEL_KEY"; (cd "$CACHE/wheels" && ls *.whl); } >"$CACHE/wheels.stamp"
@@ -258,6 +250,32 @@ else
   mkdir -p "$SITE" # empty: armhf uses Debian's dist-packages inside the rootfs
 fi
 
+# ---------------------------------------------------------------- cpu twins (arm64)
+# One prefix per emulated CPU: a hard-linked copy of the rootfs (~0.2 s, no space)
+# whose own proc/cpuinfo describes that CPU, so what ORT reads from /proc/cpuinfo
+# agrees with what qemu -cpu NAME executes (see devices_cpuinfo in lib.sh).
+CPUS=""
+if [[ $ARCH == arm64 && $FAKE_CPUINFO == 1 ]]; then
+  CPUS="${DEVICE_CPUS:-cortex-a53 cortex-a72 cortex-a76}"
+  stage_begin cpus
+  built=()
+  for cpu in $CPUS; do
+    twin="$CACHE/cpu/$cpu"
+    key="$ROOTFS_KEY cpu=$cpu cores=$(nproc) rootfs_inode=$(stat -c %i "$ROOTFS/usr/bin/python3.11")"
+    if [[ -f $twin.stamp && $(cat "$twin.stamp") == "$key" && -x $twin/usr/bin/python3.11 ]]; then
+      continue
+    fi
+    rm -rf "$twin" "$twin.tmp" "$twin.stamp"
+    mkdir -p "$CACHE/cpu"
+    cp -al "$ROOTFS" "$twin.tmp"
+    fake_cpuinfo "$twin.tmp" "$cpu"
+    mv "$twin.tmp" "$twin"
+    echo "$key" >"$twin.stamp"
+    built+=("$cpu")
+  done
+  stage_end "$(if ((${#built[@]})); then echo "built ${built[*]}"; else echo cached; fi)"
+fi
+
 # ---------------------------------------------------------------- env file
 cat >"$CACHE/env.sh" <<EOF
 # generated by scripts/devices/prepare.sh $ARCH
@@ -266,19 +284,27 @@ DEVICE_QEMU=$(command -v "$QEMU")
 DEVICE_ROOTFS=$ROOTFS
 DEVICE_SITE=$SITE
 DEVICE_PYTHON=$ROOTFS/usr/bin/python3
+DEVICE_DEFAULT_CPU=$DEFAULT_CPU
+DEVICE_CPUS="$CPUS"
 EOF
 
 # ---------------------------------------------------------------- smoke
+if [[ ${PREPARE_SMOKE:-1} == 0 ]]; then # check.py runs the real thing right after
+  log "timings:"
+  for line in "${TIMINGS[@]}"; do log "  $line"; done
+  log "  total      $(awk -v a="$T_ALL" -v b="$EPOCHREALTIME" 'BEGIN{printf "%6.1f", b-a}')s (smoke test skipped)"
+  exit 0
+fi
 stage_begin smoke
 SMOKE='
-import sys, time, platform
+import sys, time, platform, importlib.metadata
 t = time.perf_counter()
 import numpy
 mods = ["python=%s" % platform.python_version(), "machine=%s" % platform.machine(),
         "numpy=%s" % numpy.__version__]
 print("import numpy: %.2fs" % (time.perf_counter() - t))
 numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64)))
-for name in ("onnxruntime", "sentencepiece"):
+for name in ("onnxruntime", "sentencepiece", "click"):
     t = time.perf_counter()
     try:
         m = __import__(name)
@@ -286,7 +312,7 @@ for name in ("onnxruntime", "sentencepiece"):
         mods.append("%s=MISSING" % name)
         continue
     print("import %s: %.2fs" % (name, time.perf_counter() - t))
-    mods.append("%s=%s" % (name, m.__version__))
+    mods.append("%s=%s" % (name, importlib.metadata.version(name)))
 print("SMOKE " + " ".join(mods))
 '
 if ! "$HERE/run.sh" "$ARCH" -c "$SMOKE" 2>&1 | sed "s/^/[prepare $ARCH]   /"; then
@@ -299,4 +325,4 @@ log "timings:"
 for line in "${TIMINGS[@]}"; do log "  $line"; done
 log "  total      $(awk -v a="$T_ALL" -v b="$EPOCHREALTIME" 'BEGIN{printf "%6.1f", b-a}')s"
 log "cache sizes: $(cd "$CACHE" && du -sh rootfs debs $([[ -d wheels ]] && echo wheels) site 2>/dev/null | awk '{printf "%s=%s ", $2, $1}')"
-log "run: scripts/devices/run.sh $ARCH -c 'import numpy'"
+log "run: [DEVICE_CPU=NAME] scripts/devices/run.sh $ARCH -c 'import numpy'  (default CPU $DEFAULT_CPU)"

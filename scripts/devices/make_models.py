@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Build the device check's two int8 models on the host (needs the [train] extras: torch, onnx).
+
+usage: make_models.py OUT_DIR [DATA_FILE]
+
+  tiny.int8.onnx   a very small model trained for a few seconds (dim 64, 2 layers, 4 heads,
+                   2 kv heads, context 64, sentencepiece vocabulary 512) with craft-train and
+                   exported with craft-export --quantize int8: the real pipeline, and a
+                   sentencepiece model inside the file, so the device's sentencepiece loads it.
+                   DATA_FILE defaults to the bundled corpus.
+  small.int8.onnx  the small preset at its 15M-class shape (dim 288, 6 layers, 6 heads, FFN 768,
+                   vocab 32000, context 256) with random weights, built like the benchmarks'
+                   peer model (no training): the memory test.
+  models.json      what the check reports about them: sizes, opset, IR version, operators.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TINY_OVERRIDES = ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=512", "model.dim=64", "model.n_layer=2",
+                  "model.n_head=4", "model.n_kv_head=2", "model.context_length=64", "train.max_steps=150",
+                  "train.warmup_steps=10", "train.batch_size=16", "train.threads=1"]
+SMALL_SHAPE = dict(vocab_size=32000, dim=288, n_layer=6, n_head=6, ffn_dim=768, context_length=256)
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        sys.exit(f"make_models: {' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return proc.stdout
+
+
+def build_tiny(out: Path, data: str | None) -> dict:
+    t0 = time.perf_counter()
+    run_dir = out / "tiny-run"
+    train = [sys.executable, "-m", "craft.train", f"out_dir={run_dir}", *TINY_OVERRIDES, "--overwrite"]
+    if data:
+        train.insert(3, f"data.path={data}")
+    log = run(train)
+    t1 = time.perf_counter()
+    path = out / "tiny.int8.onnx"
+    export_log = run([sys.executable, "-m", "craft.export.cli", str(run_dir), "--quantize", "int8", "-o", str(path)])
+    done = [line for line in log.splitlines() if line.startswith("done:")]
+    return {"path": str(path), "train_s": round(t1 - t0, 1), "export_s": round(time.perf_counter() - t1, 1),
+            "data": data or "bundled corpus", "train": done[-1] if done else "",
+            "export": [line.strip() for line in export_log.splitlines() if line.strip().startswith(("quality", "size"))]}
+
+
+def build_small(out: Path) -> dict:
+    import torch
+
+    from craft.config import ModelConfig
+    from craft.export.exporter import LoadedRun, build_model_proto
+    from craft.model import Transformer
+    from craft.runtime.tokenizer import CharTokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL_SHAPE)
+    model = Transformer(cfg).eval()
+    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # below the surrogates
+    loaded = LoadedRun(Path("small15m"), cfg, model, CharTokenizer(chars), "0" * 64, 0)
+    path = out / "small.int8.onnx"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(build_model_proto(loaded, "int8")[0].SerializeToString())
+    tmp.replace(path)
+    return {"path": str(path), "build_s": round(time.perf_counter() - t0, 1), "parameters": model.num_parameters()}
+
+
+def describe(path: str) -> dict:
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    return {"bytes": Path(path).stat().st_size, "ir_version": m.ir_version,
+            "opsets": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+            "ops": sorted({(n.domain + "::" if n.domain else "") + n.op_type for n in m.graph.node})}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    data = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
+    out.mkdir(parents=True, exist_ok=True)
+    import onnx
+    import sentencepiece
+    import torch
+
+    info = {"tiny": build_tiny(out, data), "small": build_small(out),
+            "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__}}
+    for name in ("tiny", "small"):
+        info[name].update(describe(info[name]["path"]))
+    (out / "models.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
