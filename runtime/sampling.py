@@ -82,11 +82,10 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         # Exact top-k without partitioning the whole vocabulary: the tokens within `margin` of
         # the best one contain the top k as soon as there are at least k of them.
-        top, margin = logits.max(), 4.0
+        top, margin = logits.max(), 0.5
+        while np.count_nonzero(logits >= top - margin) < k and margin < 1e30:
+            margin *= 4  # widen until the band holds k tokens: few passes for peaked or flat logits
         near = np.flatnonzero(logits >= top - margin)
-        while len(near) < k and margin < 1e30:
-            margin *= 16
-            near = np.flatnonzero(logits >= top - margin)
         if len(near) < k:  # -inf logits: no finite margin reaches k tokens
             near = np.arange(vocab)
         sub = logits[near]
