@@ -415,7 +415,7 @@ def main() -> int:
         log = (CACHE / "logs" / f"prepare-{arch}.log").read_text(errors="replace")
         if rc == EXIT_SKIP:
             reason = next((line for line in log.splitlines() if "SKIP" in line), "prepare.sh skipped")
-            say(f"SKIP: {reason.strip()}")
+            say(f"SKIP: {re.sub(r'^.*SKIP: *', '', reason.strip())} (scripts/devices/prepare.sh {arch})")
             say("The device check needs root, apt-get (for qemu-user-static and debootstrap) and network access to Debian and PyPI.")
             return EXIT_SKIP
         if rc:
