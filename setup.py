@@ -27,9 +27,10 @@ setup(
     package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime"},
     install_requires=[
         "numpy>=1.24",
-        "onnxruntime>=1.19",
-        "sentencepiece>=0.2",
-        "click>=8.1",
+        # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.
+        'onnxruntime>=1.15; platform_machine != "armv7l" and platform_machine != "armv6l"',
+        "sentencepiece>=0.1.97",  # Debian bookworm's python3-sentencepiece; tested under emulation
+        "click>=8.0",
     ],
     extras_require={
         # torch: install `torch==2.13.0` (the CPU build) first; this range is then already met.
