@@ -52,13 +52,10 @@ def version(name: str) -> str | None:
 
 def peak_rss_mb() -> float | None:
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+        from craft.runtime.generator import peak_rss_mb as runtime_peak_rss_mb
+    except ImportError:  # the runtime failed to import: that is reported separately
+        return None
+    return runtime_peak_rss_mb()
 
 
 def main() -> int:
@@ -86,7 +83,7 @@ def main() -> int:
         "craft_from": os.path.dirname(os.path.abspath(craft.__file__)),
         "forbidden_loaded": sorted(m for m in sys.modules if forbidden(m)),
         "forbidden_attempts": sorted(set(Block.attempts)),
-        "vmhwm_mb": peak_rss_mb(),
+        "vmhwm_mb": peak_rss_mb(),  # craft.runtime's own measure (VmHWM on Linux)
         "wall_s": time.perf_counter() - t0,
     }
     if "onnxruntime" in sys.modules:
