@@ -13,6 +13,7 @@ metrics.jsonl (+ TensorBoard when installed). SIGINT/SIGTERM save a checkpoint a
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -273,6 +274,22 @@ def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -
             rd.save_periodic_checkpoint(state, run_dir, step, cfg.train.keep_last)
 
     accum = cfg.train.grad_accum
+
+    def forward_backward(net) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches (gradients summed, DDP syncing only
+        on the last); returns the summed loss."""
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = batch_to(sample_windows(data.train, cfg.train.batch_size, cfg.model.context_length, rng), device)
+            sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = net(batch[:, :-1], batch[:, 1:])
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    compile_pending = cfg.train.compile
     tokens_per_step = cfg.train.batch_size * accum * cfg.model.context_length * dist.world
     bar = progress_bar(cfg.train.max_steps, "training", unit="step", initial=step)
     result = {"step": step, "stopped": "max_steps"}
@@ -284,15 +301,20 @@ def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -
         try:
             while step < cfg.train.max_steps:
                 t_step = time.perf_counter()
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(accum):
-                    batch = batch_to(sample_windows(data.train, cfg.train.batch_size, cfg.model.context_length, rng), device)
-                    sync = ddp.no_sync() if ddp is not None and micro < accum - 1 else nullcontext()
-                    with sync:
-                        with autocast:
-                            _, loss = train_model(batch[:, :-1], batch[:, 1:])
-                        (loss / accum).backward()
-                    loss_sum += loss.detach()
+                if compile_pending:  # the first compiled step: fall back to eager if compiling fails here
+                    data_state = copy.deepcopy(rng.bit_generator.state)
+                    try:
+                        loss_sum = forward_backward(train_model)
+                    except Exception as e:  # noqa: BLE001 - any compiler failure (no C++ compiler, unsupported op, ...)
+                        reason = (str(e).strip().splitlines() or [""])[0][:200]
+                        log(f"warning: torch.compile does not work here ({type(e).__name__}: {reason}); training without it")
+                        optimizer.zero_grad(set_to_none=True)
+                        rng.bit_generator.state = data_state  # the same batches again, eager
+                        train_model = ddp or model
+                        loss_sum = forward_backward(train_model)
+                    compile_pending = False
+                else:
+                    loss_sum = forward_backward(train_model)
                 # one collective a step: the mean loss over ranks and whether any rank was signalled
                 loss_value, signalled = dist.all_sum([loss_sum.item() / accum, float(stop["signal"] is not None)])
                 loss_value /= dist.world
