@@ -79,3 +79,11 @@ def test_sample_windows_is_one_gather_from_the_memory_map(tmp_path):
     assert (np.diff(batch, axis=1) == 1).all()  # consecutive tokens: windows of the file
     assert batch.max() <= 999 and batch.min() >= 0
     assert torch.from_numpy(batch).data_ptr() == batch.ctypes.data  # handed to torch without a copy
+
+
+def test_shakespeare_recipe_is_nanogpts_cpu_shape():
+    cfg = load_config("shakespeare_char")
+    m, t = cfg.model, cfg.train
+    assert (m.n_layer, m.n_head, m.dim, m.context_length, m.dropout) == (4, 4, 128, 64, 0.0)
+    assert (t.batch_size, t.grad_accum, t.max_steps, t.dtype) == (12, 1, 2000, "float32")
+    assert cfg.tokenizer.kind == "char" and t.compile
