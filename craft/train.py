@@ -3,12 +3,22 @@
     craft-train                                         tiny preset on the bundled corpus
     craft-train --config small data.path=my.txt         a preset, one override
     craft-train --resume runs/small train.max_steps=4000  continue a run (exactly)
-    torchrun --nproc_per_node 2 -m craft.train ...      data-parallel (DDP) on 2 processes
+    craft-train --plot runs/small                       loss.png of the run (matplotlib)
+    torchrun --standalone --nproc_per_node 2 -m craft.train ...   data-parallel (DDP) on 2 processes
 
-The loop: AdamW, linear warmup + cosine decay over train.max_steps, gradient clipping and
-accumulation, optional bf16 autocast and torch.compile, periodic eval (val loss, perplexity),
-checkpoints (atomic, hashed, periodic + best.pt), samples and early stopping (callbacks.py),
-metrics.jsonl (+ TensorBoard when installed). SIGINT/SIGTERM save a checkpoint and exit.
+The loop: AdamW (fused), linear warmup + cosine decay over train.max_steps, gradient clipping and
+accumulation, optional bf16 autocast and torch.compile (eager, with a warning, where compiling
+fails), periodic eval (val loss, perplexity), checkpoints (atomic, hashed, periodic + best.pt),
+samples and early stopping (callbacks.py), metrics.jsonl (+ TensorBoard when installed).
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, step, early-stopping state and
+every rank's RNG states (numpy for the data windows, torch, CUDA); eval and samples draw from
+their own fixed generators. With train.threads=1 on CPU, a run killed at any moment and resumed
+logs bit-identical losses to the uninterrupted run. SIGINT/SIGTERM save a checkpoint and exit 130;
+a NaN/inf loss or gradient norm stops without saving (exit 3), keeping the last good checkpoint.
+
+Several processes (torchrun): gloo on CPU, nccl with one GPU per process; rank 0 alone writes
+checkpoints, logs and samples; out_dir must be on a filesystem that every node sees.
 """
 
 from __future__ import annotations
