@@ -66,7 +66,7 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
     assert victim.returncode == -signal.SIGKILL
     stopped_at = last_step(killed)
     checkpoint_step = rd.load_checkpoint(killed / rd.CHECKPOINT)[0]["step"]
-    assert checkpoint_step < stopped_at < 60, (kill_at, checkpoint_step, stopped_at)  # it did lose steps
+    assert 10 <= checkpoint_step <= stopped_at < 60, (kill_at, checkpoint_step, stopped_at)  # killed mid-run, after a checkpoint
 
     rc, out, err = finish(start("--resume", str(killed)))
     assert rc == 0, err
