@@ -59,8 +59,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` durable (a no-op where directories cannot be fsynced)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -145,6 +150,7 @@ def save_periodic_checkpoint(state: dict[str, Any], run_dir: Path, step: int, ke
     try:
         os.link(numbered, link)
         os.replace(link, run_dir / CHECKPOINT)
+        fsync_dir(run_dir)
     except OSError:  # no hard links here (some network / FAT filesystems)
         save_checkpoint(state, run_dir / CHECKPOINT)
     for old in periodic_checkpoints(run_dir)[keep_last:]:
