@@ -33,8 +33,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-
-from craft.runtime.command import OneLineErrors
 import numpy as np
 import torch
 
@@ -43,7 +41,9 @@ from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, write_sample
 from craft.config import Config, ConfigError, config_from_dict, load_config, save_config
 from craft.data import Corpus, DataError, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
+from craft.distributed import Distributed
 from craft.model import Transformer
+from craft.runtime.command import OneLineErrors
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -60,54 +60,6 @@ def lr_at(step: int, cfg: Config) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
-class Distributed:
-    """Rank / world size from torchrun's environment; a no-op for one process.
-
-    CPU: gloo. GPUs: nccl, one GPU per process (LOCAL_RANK). Every collective below is called
-    by all ranks at the same points of the loop, so their decisions (stop, save, best) agree.
-    """
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def gather(self, obj):
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (float64; the identity for one process)."""
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log=print):
