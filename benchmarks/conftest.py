@@ -1,6 +1,7 @@
-"""Benchmark fixtures: the small preset at 15M-class size (vocab 32000, random weights: the peer
-shape) for speed, the small preset briefly trained (vocab 4096) for quality and size, a 110M-class
-shape (slow), and the measuring helpers the gates share.
+"""Benchmark fixtures: the small preset at its 15M-class size (vocab 32000, random weights) for
+speed and the gates, the peer shape (stories15M: the same with plain multi-head attention) for
+comparison with published figures, the small preset briefly trained (vocab 4096) for quality and
+size, a 110M-class shape (slow), and the measuring helpers the gates share.
 
 Everything is built once per session under pytest's tmp directory. Results (JSON) go to
 benchmarks/results/ (git-ignored): pass --benchmark-json or --benchmark-autosave.
@@ -8,6 +9,7 @@ benchmarks/results/ (git-ignored): pass --benchmark-json or --benchmark-autosave
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy backend's BLAS: one thread, read when numpy loads
@@ -96,11 +98,21 @@ def random_weight_models(folder: Path, name: str, **shape) -> dict:
 
 
 @pytest.fixture(scope="session")
+def small15m_models(tmp_path_factory) -> dict:
+    """The small preset (configs/small.yaml: dim 288, 6 layers, 6 query / 2 key-value heads, FFN
+    768, context 256) at its 15M-class size, vocab 32000, random weights: the speed rows and the
+    gates run on it."""
+    from craft.config import load_config
+
+    cfg = load_config("small").model
+    return random_weight_models(tmp_path_factory.mktemp("small15m"), "small15m", **{**dataclasses.asdict(cfg), "vocab_size": 32000})
+
+
+@pytest.fixture(scope="session")
 def peer_models(tmp_path_factory) -> dict:
-    """The small preset at its 15M-class size - dim 288, 6 layers, 6 heads, FFN 768, context 256,
-    vocab 32000 - which is also the shape that published llama.cpp / llama2.c / ORT GenAI
-    figures use (stories15M). Random weights: the speed benchmarks and gates run on it."""
-    return random_weight_models(tmp_path_factory.mktemp("peer"), "small15m", vocab_size=32000, dim=288, n_layer=6, n_head=6,
+    """The shape that published llama.cpp / llama2.c / ORT GenAI figures use (stories15M): as the
+    small preset but with 6 key-value heads (plain multi-head attention), random weights."""
+    return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", vocab_size=32000, dim=288, n_layer=6, n_head=6,
                                 ffn_dim=768, context_length=256)
 
 

@@ -8,9 +8,9 @@ usage: make_models.py OUT_DIR [DATA_FILE]
                    exported with craft-export --quantize int8: the real pipeline, and a
                    sentencepiece model inside the file, so the device's sentencepiece loads it.
                    DATA_FILE defaults to the bundled corpus.
-  small.int8.onnx  the small preset at its 15M-class shape (dim 288, 6 layers, 6 heads, FFN 768,
-                   vocab 32000, context 256) with random weights, built like the benchmarks'
-                   peer model (no training): the memory test.
+  small.int8.onnx  the small preset (configs/small.yaml) at its 15M-class size (vocab 32000)
+                   with random weights, built like the benchmarks' model (no training): the
+                   memory test.
   models.json      what the check reports about them: sizes, opset, IR version, operators.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 TINY_OVERRIDES = ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=512", "model.dim=64", "model.n_layer=2",
                   "model.n_head=4", "model.n_kv_head=2", "model.context_length=64", "train.max_steps=150",
                   "train.warmup_steps=10", "train.batch_size=16", "train.threads=1"]
-SMALL_SHAPE = dict(vocab_size=32000, dim=288, n_layer=6, n_head=6, ffn_dim=768, context_length=256)
+SMALL_VOCAB = 32000  # the 15M class
 
 
 def run(cmd: list[str]) -> str:
@@ -52,24 +52,19 @@ def build_tiny(out: Path, data: str | None) -> dict:
 
 
 def build_small(out: Path) -> dict:
-    import torch
-
-    from craft.config import ModelConfig
-    from craft.export.exporter import LoadedRun, build_model_proto
-    from craft.model import Transformer
-    from craft.runtime.tokenizer import CharTokenizer
+    """The small preset (configs/small.yaml) at its 15M-class size, vocab 32000, random weights."""
+    from craft.config import load_config
+    from craft.export.exporter import build_model_proto, random_run
 
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    cfg = ModelConfig(**SMALL_SHAPE)
-    model = Transformer(cfg).eval()
-    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # below the surrogates
-    loaded = LoadedRun(Path("small15m"), cfg, model, CharTokenizer(chars), "0" * 64, 0)
+    cfg = load_config("small").model
+    cfg.vocab_size = SMALL_VOCAB
+    run = random_run(cfg)
     path = out / "small.int8.onnx"
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(build_model_proto(loaded, "int8")[0].SerializeToString())
+    tmp.write_bytes(build_model_proto(run, "int8")[0].SerializeToString())
     tmp.replace(path)
-    return {"path": str(path), "build_s": round(time.perf_counter() - t0, 1), "parameters": model.num_parameters()}
+    return {"path": str(path), "build_s": round(time.perf_counter() - t0, 1), "parameters": run.model.num_parameters()}
 
 
 def describe(path: str) -> dict:
