@@ -109,7 +109,7 @@ def test_peer_shape_decode(benchmark, peer_models, backend, quantize, context):
 def test_trained_small_decode(benchmark, small_models, backend):
     """The small preset as craft-train ships it (vocab 4096, trained briefly), int8."""
     benchmark.group = "small preset (vocab 4096, trained) decode at context 128: int8"
-    gen = generator(small_models["int8"][0], backend)
+    gen = generator(small_models["int8"], backend)
     benchmark.pedantic(decode_steps, setup=lambda: ((gen, prefill_around(gen, 128)), {}), rounds=5)
     record(benchmark, DECODE_STEPS)
 

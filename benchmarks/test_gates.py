@@ -53,7 +53,6 @@ def test_gate_token_time_grows_slowly_with_context(benchmark, figures, small15m_
 @pytest.mark.parametrize("models", ["small_models", "small15m_models", "peer_models"])
 def test_gate_int8_not_slower_than_fp32(benchmark, figures, request, models):
     paths = request.getfixturevalue(models)
-    paths = {q: (p[0] if isinstance(p, tuple) else p) for q, p in paths.items()}
     int8, fp32 = generator(paths["int8"]), generator(paths["none"])
     r = gate(benchmark, figures, f"{models} ort context 128", lambda: interleaved({
         "int8_s_per_token": lambda: seconds_per_token_cached(int8, 128),
@@ -109,15 +108,14 @@ def test_gate_python_loop_overhead(benchmark, figures, small15m_models):
 @pytest.mark.parametrize("models", ["small_models", "small15m_models", "peer_models"])
 def test_gate_int8_file_size(benchmark, figures, request, models):
     paths = request.getfixturevalue(models)
-    paths = {q: (p[0] if isinstance(p, tuple) else p) for q, p in paths.items()}
     r = gate(benchmark, figures, models, lambda: {"int8_mb": paths["int8"].stat().st_size / 1e6, "fp32_mb": paths["none"].stat().st_size / 1e6})
     ratio = r["int8_mb"] / r["fp32_mb"]
     figures[f"{models}: int8 / fp32 file size (gate <= {gates.INT8_FILE_RATIO})"] = ratio
     assert ratio <= gates.INT8_FILE_RATIO
 
 
-def test_gate_int8_perplexity(benchmark, figures, small_models):
-    report = small_models["int8"][1]
+def test_gate_int8_perplexity(benchmark, figures, small_exports):
+    report = small_exports["int8"]
     r = gate(benchmark, figures, "small", lambda: {"fp32_ppl": report["fp32_perplexity"], "int8_ppl": report["int8_perplexity"],
                                                      "ppl_delta": report["perplexity_delta"]})
     figures[f"int8 perplexity increase (gate <= {gates.INT8_PPL_INCREASE:.0%})"] = r["ppl_delta"]

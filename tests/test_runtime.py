@@ -85,6 +85,19 @@ def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset):
             assert np_gen.generate(prompt, max_new_tokens=48, temperature=0).token_ids == expected, (quantize, prompt)
 
 
+def test_ort_backend_public_api_fallback_gives_the_same_tokens(char_int8, generators, monkeypatch):
+    from craft.runtime.ort_backend import OrtBackend
+
+    monkeypatch.setattr(OrtBackend, "use_pybind", False)
+    fallback = Generator(char_int8, threads=1)
+    import onnxruntime
+
+    assert isinstance(fallback.backend.binding, onnxruntime.IOBinding)  # the public wrapper, not the pybind object
+    for prompt in PROMPTS:
+        expected = generators[("char_int8", "ort")].generate(prompt, max_new_tokens=30, temperature=0).token_ids
+        assert fallback.generate(prompt, max_new_tokens=30, temperature=0).token_ids == expected
+
+
 def test_temperature_zero_is_greedy_regardless_of_other_settings(generators):
     gen = generators[("sp_fp32", "ort")]
     greedy = gen.generate("ROMEO:", max_new_tokens=30, temperature=0, top_k=0, top_p=1.0).token_ids
