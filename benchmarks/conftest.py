@@ -186,18 +186,18 @@ def seconds_per_token_uncached(gen: Generator, context: int) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(measures: dict, rounds: int = 9) -> dict:
-    """The fastest of `rounds` runs of each measurement, taken in turn round after round.
+def compare(numerator: tuple, denominator: tuple, rounds: int = 9) -> dict:
+    """Time two measurements in turn, round after round; {name: fastest run, ..., "ratio": ...}.
 
-    In turn, so slow drift hits every side alike; the fastest, because noise on a shared
-    machine (another process, a cache flush) only ever adds time - the minimum is the
-    estimate of the undisturbed cost that varies least between runs.
+    numerator / denominator are (name, fn) with fn() -> seconds. The ratio is the median over
+    rounds of numerator / denominator, each pair taken back to back: slow drift and bursts of
+    noise on a shared machine hit both sides of a pair alike. The fastest run of each side is
+    reported as its figure (noise only ever adds time).
     """
-    samples = {name: [] for name in measures}
-    for _ in range(rounds):
-        for name, fn in measures.items():
-            samples[name].append(fn())
-    return {name: min(values) for name, values in samples.items()}
+    (num_name, num_fn), (den_name, den_fn) = numerator, denominator
+    pairs = [(num_fn(), den_fn()) for _ in range(rounds)]
+    ratios = sorted(n / d for n, d in pairs)
+    return {num_name: min(n for n, _ in pairs), den_name: min(d for _, d in pairs), "ratio": ratios[len(ratios) // 2]}
 
 
 FIGURES: dict = {}

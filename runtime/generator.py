@@ -141,19 +141,26 @@ class Generator:
         t = time.perf_counter()
         logits = self.backend.forward(input_ids, mask, positions, last_only=True)[:, -1]  # (B, vocab)
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
-        next_pos = positions[:, -1] + 1
+        # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
+        # of full_mask), the new tokens and their positions are written in place.
+        full_mask = np.ones((B, self.spec.context_length), np.int64)
+        full_mask[:, :width] = mask
+        step_ids = np.empty((B, 1), np.int64)
+        step_pos = positions[:, -1:] + 1  # (B, 1)
+        penalize = params.repetition_penalty != 1.0
         for step in range(max_new_tokens):
-            tokens = [sample_next(logits[r], params, rngs[r], history[r] if params.repetition_penalty != 1.0 else None) for r in range(B)]
+            tokens = [sample_next(logits[r], params, rngs[r], history[r] if penalize else None) for r in range(B)]
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             yield tokens
-            if step == max_new_tokens - 1 or self.backend.cache_length + 1 > self.spec.context_length:
+            length = self.backend.cache_length + 1
+            if step == max_new_tokens - 1 or length > self.spec.context_length:
                 return
-            if params.repetition_penalty != 1.0:
+            if penalize:
                 history = [np.append(h, tok) for h, tok in zip(history, tokens)]
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            logits = self.backend.forward(np.array(tokens, np.int64)[:, None], mask, next_pos[:, None], last_only=True)[:, -1]
-            next_pos = next_pos + 1
+            step_ids[:, 0] = tokens
+            logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
+            step_pos += 1
 
     def stream(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,

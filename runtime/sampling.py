@@ -6,6 +6,7 @@ so the same seed gives the same tokens on every backend and machine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,22 +55,25 @@ def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray
 
     Ties at the k-th value are broken by token id (lowest kept), so exactly k survive.
     The nucleus is the fewest tokens whose probability reaches top_p; it keeps at least one.
-    Cost O(vocab): a partition, then a sort of the few survivors (top-p alone first tries the
-    top NUCLEUS_PREFILTER tokens and sorts the whole vocabulary only if they hold < top_p).
+    Cost O(vocab) in two passes over the logits; only a few times k values are sorted (top-p
+    alone first tries the top NUCLEUS_PREFILTER tokens and sorts everything only if they hold
+    less than top_p).
     """
     vocab = logits.shape[-1]
     k = top_k if 0 < top_k < vocab else vocab
     if k == vocab and top_p < 1.0 and vocab > NUCLEUS_PREFILTER:
         ids, values = _sorted_top(logits, NUCLEUS_PREFILTER)
-        probs = np.exp(values - values[0]) / np.exp(logits.astype(np.float64) - values[0]).sum()  # of the whole vocabulary
-        if probs.sum() >= top_p:
-            n = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))
+        probs = np.exp(values - values[0])
+        mass = np.exp(logits.astype(np.float64) - values[0]).sum()  # of the whole vocabulary
+        cumulative = np.cumsum(probs)
+        if cumulative[-1] >= top_p * mass:
+            n = int(np.count_nonzero(cumulative - probs < top_p * mass))
             return ids[: max(n, 1)], values[: max(n, 1)]
     ids, values = _sorted_top(logits, k)
     if top_p < 1.0:
         probs = np.exp(values - values[0])
-        probs /= probs.sum()
-        n = int(np.count_nonzero(np.cumsum(probs) - probs < top_p))  # mass before token i is < p
+        cumulative = np.cumsum(probs)
+        n = int(np.count_nonzero(cumulative - probs < top_p * cumulative[-1]))  # mass before token i is < p
         ids, values = ids[: max(n, 1)], values[: max(n, 1)]
     return ids, values
 
@@ -78,11 +82,11 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids of the k largest logits and the logits (float64), by logit descending then id ascending."""
     vocab = logits.shape[-1]
     if k >= vocab:
-        ids = np.arange(vocab)
+        near, sub = np.arange(vocab), logits
     else:
-        # Exact top-k without partitioning the whole vocabulary: a threshold from a strided
-        # sample (its ~4k/stride-th largest) keeps a few times k tokens; if fewer than k pass
-        # it, fall back to the whole vocabulary. Either way the k largest are all kept.
+        # Without sorting the vocabulary: a threshold from a strided sample (its ~4k/stride-th
+        # largest) keeps a few times k tokens, a superset of the top k whenever at least k pass
+        # it; otherwise the whole vocabulary is the candidate set.
         stride = max(1, vocab // 1024)
         sample = logits[::stride]
         rank = min(len(sample) - 1, 4 * k // stride + 1)  # from the top
@@ -91,15 +95,12 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if len(near) < k:
             near = np.arange(vocab)
         sub = logits[near]
-        ids = near[np.argpartition(sub, len(sub) - k)[len(sub) - k:]]  # the k largest, in no order
-        kth = logits[ids].min()
-        if np.count_nonzero(sub >= kth) != k:  # ties straddle the cut: keep the lowest ids
-            above = near[sub > kth]
-            ids = np.concatenate([above, near[sub == kth][: k - len(above)]])
-        ids.sort()
-    values = logits[ids].astype(np.float64)
-    order = np.argsort(-values, kind="stable")  # ids ascend within each run of equal values
-    return ids[order], values[order]
+        if len(sub) > 8 * k:  # a skewed sample or flat logits: narrow to the k-th value (ties kept)
+            kth = sub[np.argpartition(sub, len(sub) - k)[len(sub) - k:]].min()
+            keep = np.flatnonzero(sub >= kth)
+            near, sub = near[keep], sub[keep]
+    order = np.lexsort((near, -sub))[:k]  # logit descending, id ascending
+    return near[order], sub[order].astype(np.float64)
 
 
 NUCLEUS_PREFILTER = 1024
@@ -107,12 +108,38 @@ NUCLEUS_PREFILTER = 1024
 
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
                 previous: np.ndarray | None = None) -> int:
-    """The next token id from one position's logits (vocab,)."""
+    """The next token id from one position's logits (vocab,).
+
+    Top-p is applied to the (temperature 1) probabilities of the top-k survivors, then one
+    token is drawn from those, sharpened or flattened by the temperature. With top-k set, the
+    few survivors are handled in plain Python: after a decode step has flushed the CPU caches,
+    a dozen small numpy calls cost more than the arithmetic on 40 numbers.
+    """
     if previous is not None:
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
-    ids, values = candidates(logits, params.top_k, params.top_p)
-    probs = np.exp((values - values[0]) / params.temperature)
-    cdf = np.cumsum(probs)
-    return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)])
+    if not 0 < params.top_k < logits.shape[-1]:
+        ids, values = candidates(logits, params.top_k, params.top_p)
+        weights = np.exp((values - values[0]) / params.temperature)
+        cdf = np.cumsum(weights)
+        return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)])
+    ids, values = _sorted_top(logits, params.top_k)
+    values = values.tolist()
+    best = values[0]
+    kept = len(values)
+    if params.top_p < 1.0:  # the nucleus: keep token i while the mass before it is < top_p
+        probs = [math.exp(v - best) for v in values]
+        limit, mass, kept = params.top_p * sum(probs), 0.0, 0
+        for p in probs:
+            if kept and mass >= limit:
+                break
+            mass += p
+            kept += 1
+    weights = [math.exp((v - best) / params.temperature) for v in values[:kept]]
+    target, total = rng.random() * sum(weights), 0.0
+    for i, w in enumerate(weights):
+        total += w
+        if target < total:
+            return int(ids[i])
+    return int(ids[kept - 1])

@@ -156,6 +156,19 @@ def test_sampling_follows_the_distribution():
     assert np.allclose(counts / 4000, [0.6, 0.3, 0.1], atol=0.03)
 
 
+@pytest.mark.parametrize("top_k, top_p, temperature, expected", [
+    (3, 1.0, 1.0, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # top-k renormalizes
+    (3, 0.7, 1.0, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # then the nucleus: 0.5 < 0.7 <= 0.8
+    (2, 1.0, 0.5, [0.5**2 / (0.5**2 + 0.3**2), 0.3**2 / (0.5**2 + 0.3**2), 0.0, 0.0]),  # temperature sharpens
+])
+def test_top_k_path_follows_the_distribution(top_k, top_p, temperature, expected):
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    rng = np.random.default_rng(1)
+    params = SamplingParams(temperature, top_k, top_p)
+    counts = np.bincount([sample_next(logits, params, rng) for _ in range(6000)], minlength=4)
+    assert np.allclose(counts / 6000, expected, atol=0.025)
+
+
 def test_repetition_penalty_discourages_repeats():
     logits = np.array([2.0, 1.9, -1.0])
     params = SamplingParams(0.0, 0, 1.0, repetition_penalty=1.5)
