@@ -15,10 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-try:
-    from craft.runtime import onnx_file
-except ImportError:
-    import onnx_file
+from craft.runtime import onnx_file
 
 OnnxFormatError = onnx_file.OnnxFormatError
 
