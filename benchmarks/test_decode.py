@@ -106,6 +106,24 @@ def test_peer_shape_decode(benchmark, peer_models, backend, quantize, context):
 
 
 @pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_process_start_to_first_token(benchmark, small15m_models, backend):
+    """`craft-run MODEL PROMPT` as a new process until its first streamed byte: imports, reading
+    the file, creating the session, prefill and one sampled token."""
+    import subprocess
+    import sys
+
+    def first_token():
+        proc = subprocess.Popen([sys.executable, "-m", "craft.runtime.cli", str(small15m_models["int8"]), "Once upon a time",
+                                 "-n", "4", "--threads", str(THREADS), "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout.read(1)
+        proc.stdout.read()
+        assert proc.wait(timeout=60) == 0
+
+    benchmark.group = "small 15M int8: process start to first token (craft-run)"
+    benchmark.pedantic(first_token, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
 def test_trained_small_decode(benchmark, small_models, backend):
     """The small preset as craft-train ships it (vocab 4096, trained briefly), int8."""
     benchmark.group = "small preset (vocab 4096, trained) decode at context 128: int8"
