@@ -70,11 +70,12 @@ def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log
     corpus = Corpus(cfg.data.path)
     tokenizer = load_tokenizer(run_dir) if resume else None
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if tokenizer is None:
+        if tokenizer is None:  # before the run directory exists: a corpus it cannot read leaves nothing behind
             log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
             tokenizer = train_tokenizer(cfg, corpus)
+            run_dir.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         progress = progress_bar(count_chars(corpus), "tokenizing", unit="char")
         data = prepare_tokens(cfg, corpus, tokenizer, run_dir, progress=progress.update)
         progress.close()

@@ -70,6 +70,14 @@ def test_cli_bad_override_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_unreadable_corpus_leaves_no_run_directory(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text\n" * 50 + b"\xff\xfe broken")
+    result = run_cli("craft.train", f"data.path={bad}", f"out_dir={tmp_path / 'r'}")
+    assert result.returncode == 2 and "is not UTF-8 text" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_missing_corpus_is_one_line_exit_2(tmp_path):
     result = run_cli("craft.train", f"data.path={tmp_path / 'nope.txt'}", f"out_dir={tmp_path / 'r'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
