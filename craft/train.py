@@ -75,7 +75,6 @@ def prepare_run(cfg: Config, run_dir: Path, resume: bool, dist: Distributed, log
             tokenizer = train_tokenizer(cfg, corpus)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_tokenizer(tokenizer, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         progress = progress_bar(count_chars(corpus), "tokenizing", unit="char")
         data = prepare_tokens(cfg, corpus, tokenizer, run_dir, progress=progress.update)
         progress.close()
