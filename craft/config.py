@@ -146,7 +146,8 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("extends", None)
     if base is None:
         return data
-    base_path = resolve_config_path(str(base)) if not (path.parent / str(base)).is_file() else path.parent / str(base)
+    beside = path.parent / str(base)  # a file next to this one, else a preset name or path
+    base_path = beside if beside.is_file() else resolve_config_path(str(base))
     return deep_merge(read_yaml(base_path, _seen + (path,)), data)
 
 
