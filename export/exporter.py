@@ -122,13 +122,14 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET):
-    """(ModelProto with metadata, scheme) for one quantization; scheme.errors has the quantizer's max errors."""
+def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET, weights: dict[str, np.ndarray] | None = None):
+    """(ModelProto with metadata, scheme) for one quantization; scheme.errors has the quantizer's
+    max errors. `weights`: artifact_weights(run.model), when the caller already has them."""
     import onnx
 
     spec = model_spec(run.config)
     scheme = SCHEMES[quantize]()
-    proto = build_decoder(spec, artifact_weights(run.model), scheme, opset)
+    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, scheme, opset)
     meta = A.Artifact(
         spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
         bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
@@ -182,16 +183,19 @@ def export(run_dir: Path, output: Path, quantize: str = A.QUANT_INT8, opset: int
     t0 = time.perf_counter()
     run = load_run(run_dir, checkpoint)
     log(f"exporting {run.run_dir} (step {run.step}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
-    proto, scheme = build_model_proto(run, quantize, opset)
-    reference = proto if quantize == A.QUANT_NONE else build_model_proto(run, A.QUANT_NONE, opset)[0]
+    weights = artifact_weights(run.model)
+    proto, scheme = build_model_proto(run, quantize, opset, weights)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
-    reference_bytes = data if reference is proto else reference.SerializeToString()
-    report = verify(run, reference_bytes, data if reference is not proto else None, log=log)
+    if quantize == A.QUANT_NONE:
+        fp32_bytes, int8_bytes = data, None
+    else:  # the float32 graph is the reference the int8 one is measured against
+        fp32_bytes, int8_bytes = build_model_proto(run, A.QUANT_NONE, opset, weights)[0].SerializeToString(), data
+    report = verify(run, fp32_bytes, int8_bytes, log=log)
     report.update({
         "quantization": quantize, "opset": opset, "parameters": run.model.num_parameters(),
-        "file_bytes": len(data), "fp32_file_bytes": len(reference_bytes),
-        "size_ratio": len(data) / len(reference_bytes),
+        "file_bytes": len(data), "fp32_file_bytes": len(fp32_bytes),
+        "size_ratio": len(data) / len(fp32_bytes),
         "max_weight_quant_error": max(scheme.errors.values()) if scheme.errors else 0.0,
         "export_s": time.perf_counter() - t0, "checkpoint_sha256": run.checkpoint_sha256,
     })
