@@ -41,7 +41,7 @@ def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarr
     P = past[0].shape[2]
     if mask is None:
         mask = np.ones((B, P + T), np.int64)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, P:]  # left padding starts at 0
+    positions = A.position_ids(mask)[:, P:]
     feeds = {A.INPUT_IDS: ids.astype(np.int64), A.ATTENTION_MASK: mask.astype(np.int64), A.POSITION_IDS: positions.astype(np.int64)}
     for i in range(spec.n_layer):
         feeds[A.past_names(i)[0]], feeds[A.past_names(i)[1]] = past[2 * i], past[2 * i + 1]

@@ -46,6 +46,15 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
+def position_ids(attention_mask):
+    """position_ids for every column of an attention_mask (B, S) numpy array: a left-padded row's
+    first real token is position 0 (padding gets 0 too; it is masked out). Slice the last T
+    columns for a step. (numpy is imported here: the rest of this file is standard library only.)"""
+    import numpy as np
+
+    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+
+
 # metadata_props keys
 META_FORMAT = "craft.format_version"
 META_VERSION = "craft.version"

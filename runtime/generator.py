@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from craft.runtime.artifact import Artifact, ArtifactError
+from craft.runtime.artifact import Artifact, ArtifactError, position_ids
 from craft.runtime.onnx_file import OnnxFormatError, read_metadata
 from craft.runtime.sampling import SamplingParams, sample_next
 from craft.runtime.tokenizer import TextStream, tokenizer_from_bytes
@@ -134,7 +134,7 @@ class Generator:
         pad = self.artifact.pad_id
         input_ids = np.array([[pad] * (width - len(ids)) + ids for ids in batch], dtype=np.int64)  # (B, width)
         mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=np.int64)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # left padding: first real token is position 0
+        positions = position_ids(mask)  # left padding: the first real token is position 0
         rngs = [np.random.default_rng(seed) for _ in range(B)]
         history = [np.array(ids, dtype=np.int64) for ids in batch]
         self.backend.reset(B)
