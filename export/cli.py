@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from craft.runtime.command import OneLineErrors
+from craft.runtime.weights import INT8, NONE, SCHEMES
 
 from craft import __version__
 
@@ -21,8 +22,8 @@ def format_size(n: int) -> str:
 def print_report(report: dict, output: Path | None) -> None:
     click.echo(f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); fp32 {format_size(report['fp32_file_bytes'])}; "
                f"ratio {report['size_ratio']:.1%}; {report['parameters']:,} parameters; opset {report['opset']}")
-    if report["quantization"] != "none":
-        click.echo(f"  weights max int8 reconstruction error {report['max_weight_quant_error']:.2e}")
+    if report["quantization"] != NONE:
+        click.echo(f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}")
     if output is not None:
         click.echo(f"wrote {output} in {report['export_s']:.1f}s")
 
@@ -31,8 +32,8 @@ def print_report(report: dict, output: Path | None) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output .onnx file.  [default: RUN_DIR/model.<quantize>.onnx]")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="int8",
-              help="Weights: int8 (per-channel, about 4x smaller and faster on CPUs) or none (float32).")
+@click.option("--quantize", type=click.Choice(list(SCHEMES)), default=INT8,
+              help="Weights: " + "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values()) + ".")
 @click.option("--opset", type=click.IntRange(14, 21), default=None, help="ONNX opset of the graph.  [default: 17]")
 @click.option("--checkpoint", default="checkpoint.pt", help="Checkpoint file in RUN_DIR to export (e.g. best.pt).")
 @click.version_option(__version__, prog_name="craft-export")

@@ -1,8 +1,8 @@
 """craft-export's body: run directory -> verified, self-contained .onnx file.
 
-    load run dir (config, tokenizer, checkpoint)  ->  weights in the artifact layout
-    ->  graph.build_decoder (float32 or int8 scheme)  ->  metadata (config, tokenizer, ...)
-    ->  verify.py (PyTorch vs ONNX Runtime, int8 perplexity)  ->  temp file, rename
+    load run dir (config, tokenizer, checkpoint)  ->  weights in the artifact layout (craft.runtime.weights)
+    ->  graph.build_decoder (the scheme's ops: quantize.py)  ->  metadata (config, tokenizer, ...)
+    ->  verify.py (PyTorch vs ONNX Runtime, quantized perplexity)  ->  temp file, rename
 
 Nothing is left at the output path unless the whole file was written and verified.
 """
@@ -24,9 +24,10 @@ from craft import run_dir as rd
 from craft.config import ConfigError, ModelConfig, config_from_dict
 from craft.data import load_tokenizer
 from craft.export.graph import DEFAULT_OPSET, build_decoder
-from craft.export.quantize import SCHEMES
+from craft.export.quantize import OPS
 from craft.model import Transformer, rope_tables
 from craft.runtime import artifact as A
+from craft.runtime import weights as W
 from craft.runtime.tokenizer import Tokenizer
 
 
@@ -101,35 +102,36 @@ def model_spec(cfg: ModelConfig) -> A.ModelSpec:
 
 
 def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's weights, float32, in the layout of craft.runtime.artifact (x @ W, fused qkv / w13)."""
+    """The model's weights, float32, named and laid out as craft.runtime.weights says (x @ W, fused qkv / w13)."""
     cfg = model.cfg
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    out = {"tok_embeddings.weight": sd["tok_embeddings.weight"], "norm.weight": sd["norm.weight"]}
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}  # PyTorch's names
+    out = {W.EMBEDDING: sd["tok_embeddings.weight"], W.NORM: sd["norm.weight"]}
     if not cfg.tie_embeddings:
-        out["output.weight"] = sd["output.weight"].T
+        out[W.HEAD] = sd["output.weight"].T
     q_scale = np.float32(1.0 / math.sqrt(cfg.head_dim))  # folded into wq: the graph does not scale scores
     for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        out[p + "attention_norm.weight"] = sd[p + "attention_norm.weight"]
-        out[p + "ffn_norm.weight"] = sd[p + "ffn_norm.weight"]
-        wq, wk, wv = (sd[p + f"attention.{n}.weight"].T for n in ("wq", "wk", "wv"))  # (dim, out)
-        out[p + "attention.wqkv.weight"] = np.concatenate([wq * q_scale, wk, wv], axis=1)
-        out[p + "attention.wo.weight"] = sd[p + "attention.wo.weight"].T
-        out[p + "feed_forward.w13.weight"] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
-        out[p + "feed_forward.w2.weight"] = sd[p + "feed_forward.w2.weight"].T
+        p, n = f"layers.{i}.", W.layer(i)
+        out[n.attention_norm] = sd[p + "attention_norm.weight"]
+        out[n.ffn_norm] = sd[p + "ffn_norm.weight"]
+        wq, wk, wv = (sd[p + f"attention.{w}.weight"].T for w in ("wq", "wk", "wv"))  # (dim, out)
+        out[n.wqkv] = np.concatenate([wq * q_scale, wk, wv], axis=1)
+        out[n.wo] = sd[p + "attention.wo.weight"].T
+        out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
+        out[n.w2] = sd[p + "feed_forward.w2.weight"].T
     cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-    out["rope.cos"], out["rope.sin"] = cos.numpy(), sin.numpy()
+    out[W.ROPE_COS], out[W.ROPE_SIN] = cos.numpy(), sin.numpy()
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET, weights: dict[str, np.ndarray] | None = None):
-    """(ModelProto with metadata, scheme) for one quantization; scheme.errors has the quantizer's
-    max errors. `weights`: artifact_weights(run.model), when the caller already has them."""
+    """(ModelProto with metadata, the scheme's ops) for one quantization; ops.errors has the
+    quantizer's max error per weight. `weights`: artifact_weights(run.model), when the caller
+    already has them."""
     import onnx
 
     spec = model_spec(run.config)
-    scheme = SCHEMES[quantize]()
-    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, scheme, opset)
+    ops = OPS[quantize]()
+    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, ops, opset)
     meta = A.Artifact(
         spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
         bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
@@ -137,7 +139,7 @@ def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET,
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = f"Craft {__version__} export of {run.run_dir.name} (step {run.step}); metadata keys 'craft.*' describe it"
-    return proto, scheme
+    return proto, ops
 
 
 def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
@@ -169,34 +171,34 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"cannot write {output} (permission denied); choose another -o")
 
 
-def export(run_dir: Path, output: Path, quantize: str = A.QUANT_INT8, opset: int = DEFAULT_OPSET,
+def export(run_dir: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
            checkpoint: str = rd.CHECKPOINT, log=print) -> dict:
     """Write a verified .onnx for the run; returns the report. ExportError / VerificationError on failure."""
     import onnx
 
     from craft.export.verify import verify
 
-    if quantize not in SCHEMES:
-        raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(SCHEMES)}")
+    if quantize not in W.SCHEMES:
+        raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(W.SCHEMES)}")
     output = Path(output)
     check_output_path(output)
     t0 = time.perf_counter()
     run = load_run(run_dir, checkpoint)
     log(f"exporting {run.run_dir} (step {run.step}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)
-    proto, scheme = build_model_proto(run, quantize, opset, weights)
+    proto, ops = build_model_proto(run, quantize, opset, weights)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
-    if quantize == A.QUANT_NONE:
+    if quantize == W.NONE:
         fp32_bytes, int8_bytes = data, None
-    else:  # the float32 graph is the reference the int8 one is measured against
-        fp32_bytes, int8_bytes = build_model_proto(run, A.QUANT_NONE, opset, weights)[0].SerializeToString(), data
+    else:  # the float32 graph is the reference the quantized one is measured against
+        fp32_bytes, int8_bytes = build_model_proto(run, W.NONE, opset, weights)[0].SerializeToString(), data
     report = verify(run, fp32_bytes, int8_bytes, log=log)
     report.update({
         "quantization": quantize, "opset": opset, "parameters": run.model.num_parameters(),
         "file_bytes": len(data), "fp32_file_bytes": len(fp32_bytes),
         "size_ratio": len(data) / len(fp32_bytes),
-        "max_weight_quant_error": max(scheme.errors.values()) if scheme.errors else 0.0,
+        "max_weight_quant_error": max(ops.errors.values()) if ops.errors else 0.0,
         "export_s": time.perf_counter() - t0, "checkpoint_sha256": run.checkpoint_sha256,
     })
     if report["failures"]:

@@ -1,15 +1,16 @@
 """Build the portable ONNX decoder graph, node by node, from weights in the artifact layout.
 
 One graph serves prefill (past length 0) and decode (one new token) for any batch: every
-sequence axis is dynamic. It uses standard ONNX ops only (opset 14..21) plus, for the int8
-schemes that need it, ONNX Runtime's com.microsoft MatMulNBits; ONNX Runtime fuses the
-patterns written here (RMSNorm -> SimplifiedLayerNormalization, Transpose + MatMul ->
-FusedMatMul, DynamicQuantizeLinear + MatMulInteger -> DynamicQuantizeMatMul) at load time on
-whatever CPU it runs on, so the file itself carries no machine-specific ops.
+sequence axis is dynamic. The schemes shipped today use standard ONNX ops only (opset
+14..21); a scheme's ops may use ONNX Runtime's com.microsoft domain, which the model then
+imports. ONNX Runtime fuses the patterns written here (RMSNorm -> SimplifiedLayerNormalization,
+Transpose + MatMul -> FusedMatMul, DynamicQuantizeLinear + MatMulInteger ->
+DynamicQuantizeMatMul) at load time on whatever CPU it runs on, so the file itself carries no
+machine-specific ops.
 
 How linear layers, the embedding and the LM head are written (float or int8) is the
-quantization scheme's business (quantize.py); this file is the network's structure, the
-same function as craft.model.Transformer.forward with a KV-cache.
+quantization scheme's business (quantize.py, with craft.runtime.weights); this file is the
+network's structure, the same function as craft.model.Transformer.forward with a KV-cache.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from craft.runtime import artifact as A
+from craft.runtime import weights as W
 from craft.runtime.artifact import ModelSpec
 
 MASKED = float(np.finfo(np.float32).min)  # additive bias for masked keys, as in craft.model
@@ -77,8 +79,8 @@ class GraphBuilder:
 def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The decoder with KV-cache I/O of the artifact contract.
 
-    `weights` are float32 arrays named and laid out as craft.runtime.artifact describes;
-    `scheme` (quantize.py) writes the linear layers, the embedding and the LM head.
+    `weights` are float32 arrays named and laid out as craft.runtime.weights describes;
+    `scheme` (quantize.OPS) writes the linear layers, the embedding and the LM head.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
@@ -99,10 +101,9 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         bias = g.op("Unsqueeze", bias, g.const([1]))  # (B, 1, 1, T, S) against (B, KV, G, T, S)
 
     # rotary tables for these positions, shaped for (B, T, heads, hd) --------------------------
-    g.weight("rope.cos", weights["rope.cos"])
-    g.weight("rope.sin", weights["rope.sin"])
-    cos = g.op("Unsqueeze", g.op("Gather", "rope.cos", A.POSITION_IDS, axis=0), g.const([2]))  # (B, T, 1, hd)
-    sin = g.op("Unsqueeze", g.op("Gather", "rope.sin", A.POSITION_IDS, axis=0), g.const([2]))
+    rope_cos, rope_sin = g.weight(W.ROPE_COS, weights[W.ROPE_COS]), g.weight(W.ROPE_SIN, weights[W.ROPE_SIN])
+    cos = g.op("Unsqueeze", g.op("Gather", rope_cos, A.POSITION_IDS, axis=0), g.const([2]))  # (B, T, 1, hd)
+    sin = g.op("Unsqueeze", g.op("Gather", rope_sin, A.POSITION_IDS, axis=0), g.const([2]))
     half_sign = np.concatenate([-np.ones(hd // 2), np.ones(hd // 2)]).astype(np.float32)
     sin_signed = g.op("Mul", sin, g.const(half_sign, np.float32))  # rotate_half(x) * sin == swap_halves(x) * sin_signed
 
@@ -113,12 +114,12 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
 
     x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
     for i in range(L):
-        p = f"layers.{i}."
+        n = W.layer(i)
         past_k, past_v = A.past_names(i)
         present_k, present_v = A.present_names(i)
 
-        h = g.rms_norm(x, g.weight(p + "attention_norm.weight", weights[p + "attention_norm.weight"]), spec.norm_eps)
-        qkv = scheme.linear(g, h, p + "attention.wqkv.weight", weights[p + "attention.wqkv.weight"])  # (B, T, (H + 2KV) * hd)
+        h = g.rms_norm(x, g.weight(n.attention_norm, weights[n.attention_norm]), spec.norm_eps)
+        qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
         qkv = g.op("Reshape", qkv, g.const([0, 0, H + 2 * KV, hd]))  # (B, T, H + 2KV, hd)
         qk, v = g.split(qkv, [H + KV, KV], axis=2)
         qk = g.op("Transpose", rope(qk), perm=[0, 2, 1, 3])  # (B, H + KV, T, hd)
@@ -137,15 +138,14 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         if group > 1:
             y = g.op("Reshape", y, g.const([0, H, -1, hd]))  # (B, H, T, hd)
         y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # (B, T, H * hd)
-        x = g.op("Add", x, scheme.linear(g, y, p + "attention.wo.weight", weights[p + "attention.wo.weight"]))
+        x = g.op("Add", x, scheme.linear(g, y, n.wo, weights[n.wo]))
 
-        h = g.rms_norm(x, g.weight(p + "ffn_norm.weight", weights[p + "ffn_norm.weight"]), spec.norm_eps)
-        gate, up = g.split(scheme.linear(g, h, p + "feed_forward.w13.weight", weights[p + "feed_forward.w13.weight"]),
-                           [spec.hidden_dim, spec.hidden_dim], axis=-1)
+        h = g.rms_norm(x, g.weight(n.ffn_norm, weights[n.ffn_norm]), spec.norm_eps)
+        gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-        x = g.op("Add", x, scheme.linear(g, act, p + "feed_forward.w2.weight", weights[p + "feed_forward.w2.weight"]))
+        x = g.op("Add", x, scheme.linear(g, act, n.w2, weights[n.w2]))
 
-    x = g.rms_norm(x, g.weight("norm.weight", weights["norm.weight"]), spec.norm_eps)
+    x = g.rms_norm(x, g.weight(W.NORM, weights[W.NORM]), spec.norm_eps)
     scheme.head(g, weights, x, A.LOGITS, spec)
 
     def tensor(name, elem, shape):

@@ -1,4 +1,4 @@
-"""The Craft .onnx artifact contract: I/O names, metadata keys, weight names. Defined only here.
+"""The Craft .onnx artifact contract: I/O names and metadata keys. Defined only here.
 
 craft.export writes files that satisfy this; craft.runtime (both backends) reads them. They
 meet at this file and nowhere else.
@@ -8,19 +8,8 @@ Graph inputs    input_ids int64 (B, T); attention_mask int64 (B, P + T); positio
 Graph outputs   logits float32 (B, T, vocab); present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
                 (Hugging Face / Optimum names, so third-party runtimes can drive the file too.)
 
-Weights (graph initializers), read by the numpy backend; linear weights are stored as
-(in_features, out_features) so y = x @ W, with these layouts:
-    tok_embeddings.weight                   (vocab, dim); also the LM head when tied
-    output.weight                           (dim, vocab); only when not tied
-    norm.weight, layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight      (dim,)
-    layers.{i}.attention.wqkv.weight        (dim, (n_heads + 2 * n_kv_heads) * head_dim): columns are
-                                            [q | k | v]; q is pre-multiplied by 1 / sqrt(head_dim)
-    layers.{i}.attention.wo.weight          (n_heads * head_dim, dim)
-    layers.{i}.feed_forward.w13.weight      (dim, 2 * hidden): [gate | up]
-    layers.{i}.feed_forward.w2.weight       (hidden, dim)
-    rope.cos, rope.sin                      (context_length, head_dim), "rotate half" layout
-An int8 file stores, instead of a float NAME, NAME.q (int8) and NAME.scale (float32) with the
-layout that `quantization` names (see craft.runtime.numpy_backend.dequantize).
+Weights (graph initializers): their names, shapes and each quantization scheme's stored
+layout are the other half of the contract, in craft.runtime.weights.
 """
 
 from __future__ import annotations
@@ -62,13 +51,9 @@ META_CONFIG = "craft.model_config"  # JSON of ModelSpec
 META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char"
 META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
 META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
-META_QUANT = "craft.quantization"  # "none" or an int8 scheme name (QUANT_SCHEMES)
+META_QUANT = "craft.quantization"  # a scheme name: a key of craft.runtime.weights.SCHEMES
 META_CHECKPOINT = "craft.checkpoint_sha256"
 META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures at export
-
-QUANT_NONE = "none"
-QUANT_INT8 = "int8"  # per-output-channel symmetric int8 weights (see craft.export.quantize)
-
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""

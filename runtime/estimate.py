@@ -20,11 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from craft.runtime.artifact import QUANT_NONE, Artifact
+from craft.runtime.artifact import Artifact, ArtifactError
+from craft.runtime.weights import SCHEMES
 
 DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
 
-# (base MB, MB of RSS per MB of file) - measured with craft-run --stats on x86_64, Python 3.11:
+# (base MB, MB of RSS per MB of file) for (backend, quantized) - measured with craft-run --stats on x86_64, Python 3.11:
 # 15M-class int8 (15.7 MB) 104 / 119 MB, fp32 (61 MB) 180 / 157 MB, small int8 (7.5 MB) 84 / 76 MB.
 RSS_MODEL = {("ort", True): (66.0, 2.45), ("ort", False): (66.0, 1.9), ("numpy", True): (37.0, 5.2), ("numpy", False): (37.0, 2.0)}
 EFFICIENCY = 0.5  # share of one-core copy bandwidth a GEMV-bound decode step achieves (typical for llama.cpp-class code)
@@ -96,12 +97,15 @@ def estimate(artifact: Artifact, file_bytes: int, device: DeviceProfile, backend
     """Predicted peak memory and decode speed of this file on `device` at full context, batch 1."""
     backend = backend or ("ort" if device.ort_wheel else "numpy")
     spec = artifact.spec
-    int8 = artifact.quantization != QUANT_NONE
+    if artifact.quantization not in SCHEMES:
+        raise ArtifactError(f"the file's quantization '{artifact.quantization}' is unknown to this runtime "
+                            f"(it knows {', '.join(SCHEMES)}); upgrade craft or re-export the file")
+    bits = SCHEMES[artifact.quantization].weight_bits
     file_mb = file_bytes / 2**20
     kv_bytes = 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * spec.context_length * 4
-    base, per_mb = RSS_MODEL[(backend, int8)]
+    base, per_mb = RSS_MODEL[(backend, bits < 32)]
     rss = base + per_mb * file_mb + (2 if backend == "ort" else 1) * kv_bytes / 2**20  # ort holds past + present
-    weight_bytes = file_bytes * (4 if int8 and backend == "numpy" else 1)  # numpy expands int8 to float32
+    weight_bytes = file_bytes * (32 // bits if backend == "numpy" else 1)  # numpy expands stored weights to float32
     per_token = weight_bytes + kv_bytes / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
     seconds = per_token / (EFFICIENCY * device.bandwidth_gbs * 1e9) + FIXED_MS[backend] * device.core_slowdown / 1e3
     return Estimate(device, backend, rss, device.memory_mb - device.os_reserved_mb, per_token, 1.0 / seconds)

@@ -2,69 +2,25 @@
 
 For devices where ONNX Runtime has no wheel (32-bit ARM). The file is read with
 craft.runtime.onnx_file (no onnx, no protobuf package); the graph is not interpreted: the
-weights are found by the names that craft.runtime.artifact defines and the forward pass below
+weights are found by the names that craft.runtime.weights defines and the forward pass below
 is the network itself. It keeps its own KV-cache in preallocated (B, n_kv_heads, context,
 head_dim) buffers, written in place: no per-step copy of the cache at all.
 
-int8 files: the weights are expanded to float32 at load and every linear layer reproduces
-ONNX Runtime's DynamicQuantizeLinear -> MatMulInteger arithmetic (uint8 activations per
-tensor, integer products summed exactly, then scaled), so greedy output matches the ort backend
-token for token rather than drifting from it.
+Each linear layer, the embedding and the LM head multiply as the file's scheme says
+(craft.runtime.weights): for int8 the weights are expanded to float32 at load and every
+linear layer reproduces ONNX Runtime's DynamicQuantizeLinear -> MatMulInteger arithmetic, so
+greedy output matches the ort backend token for token rather than drifting from it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from craft.runtime import artifact as A
+from craft.runtime import weights as W
 from craft.runtime.artifact import ArtifactError, ModelSpec
 from craft.runtime.onnx_file import read_model
 
 MASKED = np.float32(np.finfo(np.float32).min)
-
-
-def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
-    """ONNX DynamicQuantizeLinear: (x as uint8 values held in float32, scale, zero point).
-
-    scale = (max(x, 0) - min(x, 0)) / 255 over the whole tensor; zero point and values are
-    rounded half to even and saturated to [0, 255], as the operator specifies.
-    """
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(255))
-    if scale == 0:
-        return np.zeros_like(x), np.float32(0), np.float32(0)
-    zero = np.float32(np.clip(np.rint(np.float32(-lo) / scale), 0, 255))
-    q = np.clip(np.rint(x / scale) + zero, 0, 255)
-    return q, scale, zero
-
-
-class Linear:
-    """y = x @ W for a float32 weight, or the int8 dynamic-quantization arithmetic of the graph."""
-
-    def __init__(self, weights: dict[str, np.ndarray], name: str, int8: bool):
-        self.int8 = int8
-        if int8:
-            self.w = weights[name + ".q"].astype(np.float32)  # exact small integers
-            self.scale = weights[name + ".scale"].astype(np.float32)
-        else:
-            self.w = np.ascontiguousarray(weights[name], dtype=np.float32)
-
-    def __call__(self, x: np.ndarray, last_only: bool = False) -> np.ndarray:
-        """x (B, T, in) -> (B, T, out), or (B, 1, out) for the last position only. The int8
-        activation scale still spans all of x, as ONNX Runtime's per-tensor quantization does."""
-        if not self.int8:
-            return matmul(x[:, -1:] if last_only else x, self.w)
-        q, scale, zero = dynamic_quantize(x)
-        if last_only:
-            q = q[:, -1:]
-        acc = matmul(q - zero, self.w)  # integer-valued; float32 holds these sums exactly at these widths
-        return acc * (scale * self.scale)
-
-
-def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(B, T, K) @ (K, N) as one 2-D BLAS call: numpy's stacked 3-D matmul is ~10x slower."""
-    B, T, K = x.shape
-    return (x.reshape(B * T, K) @ w).reshape(B, T, w.shape[1])
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -75,38 +31,43 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self, path: str, spec: ModelSpec, quantization: str):
-        if quantization not in (A.QUANT_NONE, A.QUANT_INT8):
+        if quantization not in W.SCHEMES:
             raise ArtifactError(f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort")
         self.spec = spec
-        int8 = quantization == A.QUANT_INT8
+        scheme = W.SCHEMES[quantization]
         w = read_model(path).initializers
-        try:
-            self.layers = []
-            for i in range(spec.n_layer):
-                p = f"layers.{i}."
-                self.layers.append({
-                    "attention_norm": np.asarray(w[p + "attention_norm.weight"], np.float32),
-                    "wqkv": Linear(w, p + "attention.wqkv.weight", int8),
-                    "wo": Linear(w, p + "attention.wo.weight", int8),
-                    "ffn_norm": np.asarray(w[p + "ffn_norm.weight"], np.float32),
-                    "w13": Linear(w, p + "feed_forward.w13.weight", int8),
-                    "w2": Linear(w, p + "feed_forward.w2.weight", int8),
-                })
-            self.norm = np.asarray(w["norm.weight"], np.float32)
-            self.rope_cos = np.asarray(w["rope.cos"], np.float32)
-            half = spec.head_dim // 2
-            self.rope_sin_signed = np.asarray(w["rope.sin"], np.float32) * np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
-            if int8:  # stored (dim, vocab) with a scale per token; see export/quantize.py
-                emb_q = w["tok_embeddings.weight.q"]
-                emb_scale = w["tok_embeddings.weight.scale"].astype(np.float32)
-                self.embedding_rows = lambda ids: emb_q[:, ids].transpose(1, 2, 0).astype(np.float32) * emb_scale[ids][..., None]
-                self.head = Linear(w, "tok_embeddings.weight", True) if spec.tie_embeddings else Linear(w, "output.weight", True)
-            else:
-                emb = np.asarray(w["tok_embeddings.weight"], np.float32)  # (vocab, dim)
-                self.embedding_rows = lambda ids: emb[ids]
-                self.head = _TiedHead(emb) if spec.tie_embeddings else Linear(w, "output.weight", False)
-        except KeyError as e:
-            raise ArtifactError(f"{path} lacks weight {e} that the Craft format defines; re-export it with craft-export") from None
+        floats, stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
+
+        def tensors(names: tuple[str, ...], layout) -> tuple[np.ndarray, ...]:
+            """The named initializers, checked against the layout the format defines for this model."""
+            for name, (shape, dtype) in zip(names, layout):
+                if name not in w:
+                    raise ArtifactError(f"{path} lacks weight '{name}' that the Craft format defines; re-export it with craft-export")
+                if w[name].shape != shape or w[name].dtype != dtype:
+                    raise ArtifactError(f"{path}: weight '{name}' is {w[name].dtype} {w[name].shape}, the model config needs "
+                                        f"{dtype} {shape}; re-export it with craft-export")
+            return tuple(w[name] for name in names)
+
+        def float32(name: str) -> np.ndarray:
+            return tensors((name,), [(floats[name], np.dtype(np.float32))])[0]
+
+        def linear(name: str) -> W.Linear:
+            shape = stored_shapes[name]
+            return scheme.linear(tensors(scheme.stored_names(name), scheme.layout(shape)), shape)
+
+        self.layers = []
+        for i in range(spec.n_layer):
+            n = W.layer(i)
+            self.layers.append({"attention_norm": float32(n.attention_norm), "wqkv": linear(n.wqkv), "wo": linear(n.wo),
+                                "ffn_norm": float32(n.ffn_norm), "w13": linear(n.w13), "w2": linear(n.w2)})
+        self.norm = float32(W.NORM)
+        self.rope_cos = float32(W.ROPE_COS)
+        half = spec.head_dim // 2
+        self.rope_sin_signed = float32(W.ROPE_SIN) * np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
+        shape = stored_shapes[W.EMBEDDING]
+        self.embedding_rows, tied_head = scheme.embedding(
+            tensors(scheme.stored_names(W.EMBEDDING), scheme.embedding_layout(shape)), shape)
+        self.head = tied_head if spec.tie_embeddings else linear(W.HEAD)
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
         self.cache_length = 0
@@ -155,10 +116,3 @@ class NumpyBackend:
         self.cache_length = S
         return self.head(rms_norm(x, self.norm, s.norm_eps), last_only)
 
-
-class _TiedHead:
-    def __init__(self, embedding: np.ndarray):
-        self.weight_t = embedding.T  # (dim, vocab) view: x @ E^T
-
-    def __call__(self, x: np.ndarray, last_only: bool = False) -> np.ndarray:
-        return matmul(x[:, -1:] if last_only else x, self.weight_t)
