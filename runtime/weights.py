@@ -24,8 +24,9 @@ craft.export.quantize. The command-line choices, the estimate and the numpy back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -84,8 +85,10 @@ class Scheme:
     """How a linear weight W (in_features, out_features) and the embedding table E (vocab, dim)
     are stored, and how the numpy backend multiplies them exactly as the scheme's graph ops do.
 
-    `shape` arguments are the float weight's shape: a block layout cannot always recover it
-    from the stored tensors (in_features padded to whole blocks).
+    `shape` arguments are the float weight's shape, (in, out) for W and (vocab, dim) for E: a
+    block layout cannot always recover it from the stored tensors (in_features padded to whole
+    blocks). Every method may be overridden, the embedding's too (a scheme may store the table
+    in another layout than its linear weights).
     """
 
     name: str

@@ -64,7 +64,7 @@ def test_source_checkout_imports_without_install(tmp_path):
 
 def test_runtime_modules_import_with_torch_blocked():
     modules = ["craft", "craft.runtime", "craft.runtime.artifact", "craft.runtime.onnx_file", "craft.runtime.tokenizer",
-               "craft.runtime.sampling", "craft.runtime.ort_backend", "craft.runtime.numpy_backend",
+               "craft.runtime.sampling", "craft.runtime.weights", "craft.runtime.ort_backend", "craft.runtime.numpy_backend",
                "craft.runtime.generator", "craft.runtime.cli", "craft.runtime.command"]
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; sys.modules['yaml'] = None\n"
             + "".join(f"import {m}\n" for m in modules) + "print('ok')")

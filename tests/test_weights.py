@@ -1,0 +1,181 @@
+"""craft.runtime.weights: every scheme round-trips within the error it reports, its numpy
+arithmetic equals its graph ops under ONNX Runtime, and the exporter and the numpy backend
+name and lay out weights exactly as the home says."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from craft.config import ModelConfig
+from craft.export.exporter import artifact_weights, build_model_proto, model_spec, random_run
+from craft.export.graph import DEFAULT_OPSET, GraphBuilder, ir_version_for
+from craft.export.quantize import OPS
+from craft.runtime import weights as W
+from craft.runtime.artifact import ArtifactError
+from craft.runtime.numpy_backend import NumpyBackend
+
+SCHEMES = list(W.SCHEMES)
+
+
+def random_weight(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Normal weights with a wide spread of column magnitudes, one all-zero column and one outlier."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 2.0, shape[1]).astype(np.float32)
+    w[:, 1] = 0.0
+    w[3, 2] = 40.0
+    return w
+
+
+def check_stored(stored: tuple[np.ndarray, ...], layout) -> None:
+    assert len(stored) == len(layout)
+    assert [(a.shape, a.dtype) for a in stored] == [(tuple(s), np.dtype(d)) for s, d in layout]
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("shape", [(64, 96), (96, 40), (160, 8)])
+def test_round_trip_within_the_reported_error(name, shape):
+    scheme = W.SCHEMES[name]
+    w = random_weight(shape)
+    stored, error = scheme.quantize(w)
+    assert len(scheme.suffixes) == len(scheme.layout(shape))
+    check_stored(stored, scheme.layout(shape))
+    back = scheme.dequantize(stored, shape)
+    assert back.shape == shape and back.dtype == np.float32
+    assert error == float(np.abs(back - w).max())  # the reported error is the real one
+    assert error <= np.abs(w).max() / (2 ** (scheme.weight_bits - 1) - 1)  # half a step of the widest range, with room
+    zero_back = scheme.dequantize(scheme.quantize(np.zeros(shape, np.float32))[0], shape)
+    assert not zero_back.any()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_embedding_round_trip_and_numpy_lookup(name):
+    scheme = W.SCHEMES[name]
+    shape = (50, 32)  # (vocab, dim)
+    e = random_weight(shape[::-1], seed=1).T.copy()
+    stored, error = scheme.quantize_embedding(e)
+    check_stored(stored, scheme.embedding_layout(shape))
+    back = scheme.dequantize_embedding(stored, shape)
+    assert back.shape == shape and error == float(np.abs(back - e).max())
+    rows, head = scheme.embedding(stored, shape)
+    ids = np.array([[0, 7, 49], [3, 3, 1]])
+    assert np.array_equal(rows(ids), back[ids])  # the lookup is exactly the dequantized table
+    x = np.random.default_rng(2).standard_normal((2, 3, shape[1])).astype(np.float32)
+    ref = x @ back.T
+    assert np.abs(head(x) - ref).max() <= 0.02 * (np.abs(x) @ np.abs(back).T).max()
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_numpy_linear_is_x_at_w_and_last_only_slices(name):
+    scheme = W.SCHEMES[name]
+    shape = (64, 48)
+    stored, _ = scheme.quantize(random_weight(shape))
+    back = scheme.dequantize(stored, shape)
+    linear = scheme.linear(stored, shape)
+    x = np.random.default_rng(3).standard_normal((2, 5, shape[0])).astype(np.float32)
+    y = linear(x)
+    assert y.shape == (2, 5, shape[1]) and y.dtype == np.float32
+    assert np.abs(y - x @ back).max() <= 0.02 * (np.abs(x) @ np.abs(back)).max()
+    assert np.array_equal(linear(x, last_only=True), y[:, -1:])
+
+
+def test_int8_layout_details():
+    scheme = W.SCHEMES[W.INT8]
+    w = random_weight((64, 16))
+    (q, scale), _ = scheme.quantize(w)
+    assert q.min() >= -127 and scale[1] == 1.0  # never -128; an all-zero column gets scale 1
+    amax = np.abs(w).max(axis=0)
+    assert np.allclose(scale[amax > 0], amax[amax > 0] / 127, rtol=1e-6)  # symmetric, per output column
+    assert np.all(np.abs(q * scale - w) <= scale / 2 * (1 + 1e-6))  # per column: half a step
+
+
+def run_graph(nodes, initializers, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    import onnxruntime as ort
+
+    def info(name, array):
+        elem = TensorProto.INT64 if array.dtype == np.int64 else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, elem, list(array.shape))
+
+    graph = helper.make_graph(nodes, "t", [info(k, v) for k, v in inputs.items()],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    model.ir_version = ir_version_for(DEFAULT_OPSET)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run([output], inputs)[0]
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_numpy_arithmetic_equals_the_graph_ops(name):
+    """The numpy backend's linear, lookup and tied head vs the scheme's nodes run by ONNX Runtime."""
+    scheme, ops = W.SCHEMES[name], OPS[name]()
+    rng = np.random.default_rng(4)
+    w, e = random_weight((64, 48)), random_weight((32, 40), seed=5).T.copy()  # e: (vocab 40, dim 32)
+    x, h = rng.standard_normal((2, 3, 64)).astype(np.float32), rng.standard_normal((2, 3, 32)).astype(np.float32)
+    ids = np.array([[0, 39, 5], [2, 2, 17]], np.int64)
+    spec = model_spec(ModelConfig(vocab_size=40, dim=32, n_head=2, tie_embeddings=True))
+
+    g = GraphBuilder(DEFAULT_OPSET)
+    linear_out = ops.linear(g, "x", "w", w)
+    rows_out = ops.embedding(g, {W.EMBEDDING: e}, "ids")
+    ops.head(g, {W.EMBEDDING: e}, "h", "logits", spec)
+    feeds = {"x": x, "h": h, "ids": ids}
+    got = {out: run_graph(g.nodes, g.initializers, feeds, out) for out in (linear_out, rows_out, "logits")}
+
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
+    linear = scheme.linear(tuple(stored[n] for n in scheme.stored_names("w")), w.shape)
+    rows, head = scheme.embedding(tuple(stored[n] for n in scheme.stored_names(W.EMBEDDING)), e.shape)
+    np.testing.assert_allclose(linear(x), got[linear_out], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(rows(ids), got[rows_out])
+    np.testing.assert_allclose(head(h), got["logits"], rtol=1e-6, atol=1e-6)
+
+
+TINY = {"vocab_size": 40, "dim": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "context_length": 16}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_path):
+    run = random_run(ModelConfig(**TINY, tie_embeddings=tie))
+    spec = model_spec(run.config)
+    floats, by_scheme = W.float_weights(spec), W.scheme_weights(spec)
+    assert not floats.keys() & by_scheme.keys()
+    weights = artifact_weights(run.model)
+    assert {k: v.shape for k, v in weights.items()} == {**floats, **by_scheme}
+
+    proto = build_model_proto(run, name, weights=weights)[0]
+    scheme = W.SCHEMES[name]
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if not t.name.startswith("const_")}
+    expected = dict(floats)
+    for weight, shape in by_scheme.items():
+        layout = scheme.embedding_layout(shape) if weight == W.EMBEDDING else scheme.layout(shape)
+        expected.update({n: s for n, (s, _) in zip(scheme.stored_names(weight), layout)})
+    assert {k: v.shape for k, v in stored.items()} == expected
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    NumpyBackend(str(path), spec, name)  # finds every weight it needs by the home's names
+
+
+@pytest.mark.parametrize("change, pattern", [("rename", "lacks weight 'layers.1.attention.wo.weight"),
+                                             ("reshape", "weight 'layers.1.attention.wo.weight.*is float32 \\(32, 16\\)")])
+def test_numpy_backend_refuses_weights_off_the_layout(change, pattern, tmp_path):
+    run = random_run(ModelConfig(**TINY))
+    proto = build_model_proto(run, W.NONE)[0]
+    tensor = next(t for t in proto.graph.initializer if t.name == W.layer(1).wo)
+    if change == "rename":
+        tensor.name = "renamed"
+    else:
+        tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros((32, 16), np.float32), tensor.name))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ArtifactError, match=pattern):
+        NumpyBackend(str(path), model_spec(run.config), W.NONE)
+
+
+def test_every_scheme_has_graph_ops_and_a_command_line_choice():
+    from craft.export.cli import main
+
+    assert list(OPS) == SCHEMES and all(OPS[n].scheme is W.SCHEMES[n] for n in SCHEMES)
+    quantize = next(p for p in main.params if p.name == "quantize")
+    assert list(quantize.type.choices) == SCHEMES and quantize.default == W.INT8
