@@ -1,21 +1,25 @@
 """The runtime's Python API: load a Craft .onnx file, generate text with a KV-cache.
 
     from craft.runtime.generator import Generator
+    from craft.runtime.sampling import SamplingParams
     gen = Generator("model.int8.onnx")                       # backend "ort" (default) or "numpy"
-    for piece in gen.stream("Once upon a time", max_new_tokens=64, seed=0):
+    for piece in gen.stream("Once upon a time", SamplingParams(max_new_tokens=64, seed=0)):
         print(piece, end="", flush=True)
     print(gen.last_stats)
-    gen.generate("def f(x):", temperature=0).text            # greedy
-    gen.generate_batch(["a", "bcd"], temperature=0)          # left-padded batch, one Completion each
+    greedy = SamplingParams(temperature=0)
+    gen.generate("def f(x):", greedy).text                  # all at once
+    gen.generate_batch(["a", "bcd"], greedy)                 # left-padded batch, one Completion each
 
 The loop: encode (BOS + prompt), prefill the whole prompt once, then one token per step
 against the cache; sample (sampling.py); decode incrementally (UTF-8 safe); stop at EOS, a
-stop string, max_new_tokens or the model's context length. craft-run is a thin layer over this.
+stop string, max_new_tokens or the model's context length - one rule (Continuation) for a
+single prompt and for every row of a batch. craft-run is a thin layer over this.
 """
 
 from __future__ import annotations
 
 import resource
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,9 +31,10 @@ import numpy as np
 from craft.runtime.artifact import Artifact, ArtifactError, position_ids
 from craft.runtime.onnx_file import OnnxFormatError, read_metadata
 from craft.runtime.sampling import SamplingParams, sample_next
-from craft.runtime.tokenizer import TextStream, tokenizer_from_bytes
+from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
+MAX_THREADS = 1024  # more than any CPU this runs on has; ONNX Runtime would try to start them all
 EOS, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_LENGTH = "eos", "stop_string", "max_new_tokens", "context_length"
 
 
@@ -77,13 +82,65 @@ def peak_rss_mb() -> float:
 def load_artifact(path: str | Path) -> Artifact:
     """The file's Craft metadata, checked; ArtifactError (one line) for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ArtifactError(f"model file {path} is a directory; pass the .onnx file (craft-export RUN_DIR -o FILE.onnx writes one)")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: not opened
+        raise ArtifactError(f"model file {path} is not a regular file (a pipe or a device); pass the .onnx file from craft-export")
     try:
         metadata = read_metadata(path)
     except OnnxFormatError as e:
         raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
     return Artifact.from_metadata(metadata, source=str(path))
+
+
+class Continuation:
+    """One prompt's continuation as its tokens arrive: the one stop rule of stream() and of every
+    row of generate_batch().
+
+    feed(token) returns the text that is final (possibly ""): decoded incrementally (UTF-8
+    safe), holding back the last characters while they may begin a stop string. The row is
+    done at EOS (not kept) or when its text produces a stop string: the text is cut before it,
+    token_ids keep the token that completed it. finish() returns the rest of the text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, eos_id: int, stop: Sequence[str]):
+        self.text_stream, self.eos_id, self.stop = TextStream(tokenizer), eos_id, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1  # chars kept back: they may begin a stop string
+        self.pending = ""
+        self.token_ids: list[int] = []
+        self.stop_reason = ""  # set when done: eos | stop_string (or by finish)
+
+    def feed(self, token: int) -> str:
+        if token == self.eos_id:
+            self.stop_reason = EOS
+            return ""
+        self.token_ids.append(token)
+        self.pending += self.text_stream.feed(token)
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stop_reason = STOP_STRING
+            self.pending = self.pending[: min(hits)]
+            return ""
+        if len(self.pending) <= self.hold:
+            return ""
+        final, self.pending = self.pending[: len(self.pending) - self.hold], self.pending[len(self.pending) - self.hold:]
+        return final
+
+    def finish(self, max_new_tokens: int) -> str:
+        """The held-back text; a row not done by EOS or a stop string ran out of tokens or context."""
+        if not self.stop_reason:
+            self.stop_reason = MAX_NEW_TOKENS if len(self.token_ids) >= max_new_tokens else CONTEXT_LENGTH
+            self.pending += self.text_stream.finish()
+        rest, self.pending = self.pending, ""
+        return rest
 
 
 class Generator:
@@ -91,8 +148,8 @@ class Generator:
         t0 = time.perf_counter()
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-        if threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0: the backend's default), got {threads}")
+        if not 0 <= threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be in 0..{MAX_THREADS} (0: the backend's default), got {threads}")
         self.path = Path(path)
         self.artifact = load_artifact(self.path)
         self.spec = self.artifact.spec
@@ -117,6 +174,10 @@ class Generator:
     # prompt -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
         """BOS + the prompt's tokens, checked against the context length (or cut with truncate)."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
+            raise GenerationError(f"the prompt is not valid UTF-8 text (character {e.start} is a lone surrogate); pass UTF-8 text") from None
         ids = [self.artifact.bos_id] + self.tokenizer.encode(prompt)
         ctx = self.spec.context_length
         if len(ids) <= ctx:
@@ -128,14 +189,17 @@ class Generator:
         return [self.artifact.bos_id] + ids[len(ids) - keep + 1:]
 
     # generation -------------------------------------------------------------------------------
-    def _token_steps(self, batch: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None, stats: Stats, t0: float) -> Iterator[list[int]]:
+    def _token_steps(self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float) -> Iterator[list[int]]:
         """Yield, per step, the next token of every row (left-padded batch, one RNG per row seeded alike)."""
+        max_new_tokens = params.max_new_tokens
+        if max_new_tokens == 0:
+            return
         B, width = len(batch), max(len(ids) for ids in batch)
         pad = self.artifact.pad_id
         input_ids = np.array([[pad] * (width - len(ids)) + ids for ids in batch], dtype=np.int64)  # (B, width)
         mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=np.int64)
         positions = position_ids(mask)  # left padding: the first real token is position 0
-        rngs = [np.random.default_rng(seed) for _ in range(B)]
+        rngs = [np.random.default_rng(params.seed) for _ in range(B)]
         history = [np.array(ids, dtype=np.int64) for ids in batch]
         self.backend.reset(B)
         t = time.perf_counter()
@@ -162,83 +226,56 @@ class Generator:
             logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
             step_pos += 1
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-               top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: Sequence[str] = (), truncate: bool = False) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are produced; stats in self.last_stats."""
+    def stream(self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are produced; stats in self.last_stats,
+        its token ids in self.last_token_ids. truncate: keep the end of a prompt longer than the context."""
         t0 = time.perf_counter()
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        if max_new_tokens < 0:
-            raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-        stop = [s for s in stop if s]
-        ids = self.encode_prompt(prompt, max_new_tokens, truncate)
-        stats = self.last_stats = Stats(self.backend.name, prompt_tokens=len(ids), load_s=self.load_s, stop_reason=MAX_NEW_TOKENS)
-        self.last_token_ids: list[int] = []
-        text_stream, pending = TextStream(self.tokenizer), ""
-        hold = max((len(s) for s in stop), default=1) - 1  # chars kept back: they may begin a stop string
+        ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
+        stats = self.last_stats = Stats(self.backend.name, prompt_tokens=len(ids), load_s=self.load_s)
+        row = Continuation(self.tokenizer, self.artifact.eos_id, sampling.stop)
+        self.last_token_ids = row.token_ids
         t_first = None
-        stats.stop_reason = CONTEXT_LENGTH
-        for (token,) in self._token_steps([ids], max_new_tokens, params, seed, stats, t0) if max_new_tokens else ():
+        for (token,) in self._token_steps([ids], sampling, stats, t0):
             t_first = t_first or time.perf_counter()
-            if token == self.artifact.eos_id:
-                stats.stop_reason = EOS
+            piece = row.feed(token)
+            if piece:
+                yield piece
+            if row.stop_reason:
                 break
-            self.last_token_ids.append(token)
-            pending += text_stream.feed(token)
-            hits = [i for i in (pending.find(s) for s in stop) if i >= 0]
-            if hits:
-                stats.stop_reason = STOP_STRING
-                pending = pending[: min(hits)]
-                break
-            if len(pending) > hold:
-                yield pending[: len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        else:
-            if len(self.last_token_ids) >= max_new_tokens:
-                stats.stop_reason = MAX_NEW_TOKENS
-        if stats.stop_reason != STOP_STRING:
-            pending += text_stream.finish()
-        if pending:
-            yield pending
-        stats.generated_tokens = len(self.last_token_ids)
+        rest = row.finish(sampling.max_new_tokens)
+        if rest:
+            yield rest
+        stats.stop_reason, stats.generated_tokens = row.stop_reason, len(row.token_ids)
         if t_first is not None and stats.generated_tokens > 1:
             stats.decode_tokens_per_s = (stats.generated_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
         stats.peak_rss_mb = peak_rss_mb()
 
-    def generate(self, prompt: str, **kwargs) -> Completion:
+    def generate(self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False) -> Completion:
         """The whole completion at once (same arguments as stream)."""
-        text = "".join(self.stream(prompt, **kwargs))
+        text = "".join(self.stream(prompt, sampling, truncate=truncate))
         return Completion(text, list(self.last_token_ids), self.last_stats)
 
-    def generate_batch(self, prompts: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 0.8, top_k: int = 40,
-                       top_p: float = 0.95, repetition_penalty: float = 1.0, seed: int | None = None,
-                       stop: Sequence[str] = (), truncate: bool = False) -> list[Completion]:
+    def generate_batch(self, prompts: Sequence[str], sampling: SamplingParams = SamplingParams(), *,
+                       truncate: bool = False) -> list[Completion]:
         """Several prompts in one left-padded batch; row i equals generate(prompts[i], same arguments)."""
         t0 = time.perf_counter()
         if not prompts:
             return []
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        batch = [self.encode_prompt(p, max_new_tokens, truncate) for p in prompts]
-        stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s, stop_reason=CONTEXT_LENGTH)
-        tokens: list[list[int]] = [[] for _ in batch]
-        done = [False] * len(batch)
-        for step_tokens in self._token_steps(batch, max_new_tokens, params, seed, stats, t0) if max_new_tokens else ():
+        batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
+        stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)
+        rows = [Continuation(self.tokenizer, self.artifact.eos_id, sampling.stop) for _ in batch]
+        texts = [""] * len(batch)
+        for step_tokens in self._token_steps(batch, sampling, stats, t0):
             for r, token in enumerate(step_tokens):
-                if not done[r]:
-                    if token == self.artifact.eos_id:
-                        done[r] = True
-                    else:
-                        tokens[r].append(token)
-            if all(done):
+                if not rows[r].stop_reason:
+                    texts[r] += rows[r].feed(token)
+            if all(row.stop_reason for row in rows):
                 break
         out = []
-        for r, ids in enumerate(tokens):
-            text = self.tokenizer.decode(ids)
-            reason = EOS if done[r] else (MAX_NEW_TOKENS if len(ids) >= max_new_tokens else CONTEXT_LENGTH)
-            cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], STOP_STRING
-            row = Stats(**{**stats.to_dict(), "prompt_tokens": len(batch[r]), "generated_tokens": len(ids), "stop_reason": reason, "peak_rss_mb": peak_rss_mb()})
-            out.append(Completion(text, ids, row))
+        for r, row in enumerate(rows):
+            text = texts[r] + row.finish(sampling.max_new_tokens)
+            row_stats = Stats(**{**stats.to_dict(), "prompt_tokens": len(batch[r]), "generated_tokens": len(row.token_ids),
+                                 "stop_reason": row.stop_reason, "peak_rss_mb": peak_rss_mb()})
+            out.append(Completion(text, row.token_ids, row_stats))
         self.last_stats = out[-1].stats
         return out

@@ -1,7 +1,10 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+"""How to generate: the sampling settings (one object, their defaults in one place) and choosing
+the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
 Pure functions over numpy arrays; randomness comes only from the numpy Generator passed in,
-so the same seed gives the same tokens on every backend and machine.
+so the same seed gives the same tokens on every backend and machine. A new sampler is a field
+of SamplingParams (default: off), its check in __post_init__, its cut in candidates() and
+sample_next(), and one line in cli.py to expose it.
 """
 
 from __future__ import annotations
@@ -16,26 +19,47 @@ class SamplingError(ValueError):
     """Invalid sampling settings; the message names the flag and the valid range."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
+    """Everything that decides which tokens a prompt continues with, as vLLM's SamplingParams:
+    the samplers, the seed and when to stop. craft-run's flags fill it field by field."""
+
+    max_new_tokens: int = 256  # most tokens to generate; 0 generates none
     temperature: float = 0.8  # 0 is greedy (argmax); higher is more random
     top_k: int = 40  # sample among the k most likely tokens; 0 disables
     top_p: float = 0.95  # ...and among the fewest tokens whose probability sums to p; 1 disables
+    min_p: float = 0.0  # ...and drop tokens less likely than min_p x the top token's probability (llama.cpp's rule); 0 disables
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's rule); 1 disables
+    seed: int | None = None  # the same seed, model and settings give the same text; None: a fresh random seed
+    stop: tuple[str, ...] = ()  # stop when the text produces one of these (not included in the text)
 
     def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise SamplingError(f"--max-new-tokens must be >= 0 (an integer; 0 generates none), got {self.max_new_tokens}")
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise SamplingError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not (isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0):
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(f"--top-k must be an integer >= 0 (0 disables it), got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise SamplingError(f"--top-p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if not (0 <= self.min_p <= 1):
+            raise SamplingError(f"--min-p must be in [0, 1] (0 disables it), got {self.min_p}")
         if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise SamplingError(f"--repetition-penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise SamplingError(f"--seed must be an integer >= 0 (or omitted: random), got {self.seed}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise SamplingError(f"--stop takes strings, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))  # an empty string would stop at once: ignored
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: float) -> np.ndarray:
@@ -50,15 +74,26 @@ def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: 
     return out
 
 
-def candidates(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids, their logits as float64), most likely first, that survive top-k then top-p.
+def candidates(logits: np.ndarray, top_k: int, top_p: float, min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, their logits as float64), most likely first, that survive top-k, top-p and min-p.
 
     Ties at the k-th value are broken by token id (lowest kept), so exactly k survive.
     The nucleus is the fewest tokens whose probability reaches top_p; it keeps at least one.
+    Min-p keeps the tokens whose probability is at least min_p x the most likely token's; it
+    cuts the same sorted list from the end, so its order among the three does not matter.
     Cost O(vocab) in two passes over the logits; only a few times k values are sorted (top-p
     alone first tries the top NUCLEUS_PREFILTER tokens and sorts everything only if they hold
     less than top_p).
     """
+    ids, values = _top_k_top_p(logits, top_k, top_p)
+    if min_p > 0:
+        n = int(np.count_nonzero(values >= values[0] + math.log(min_p)))  # p_i >= min_p * p_max
+        ids, values = ids[:n], values[:n]
+    return ids, values
+
+
+def _top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """candidates() before min-p."""
     vocab = logits.shape[-1]
     k = top_k if 0 < top_k < vocab else vocab
     if k == vocab and top_p < 1.0 and vocab > NUCLEUS_PREFILTER:
@@ -110,17 +145,18 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
                 previous: np.ndarray | None = None) -> int:
     """The next token id from one position's logits (vocab,).
 
-    Top-p is applied to the (temperature 1) probabilities of the top-k survivors, then one
-    token is drawn from those, sharpened or flattened by the temperature. With top-k set, the
-    few survivors are handled in plain Python: after a decode step has flushed the CPU caches,
-    a dozen small numpy calls cost more than the arithmetic on 40 numbers.
+    Top-p and min-p are applied to the (temperature 1) probabilities of the top-k survivors, as
+    llama.cpp does, then one token is drawn from those, sharpened or flattened by the
+    temperature. With top-k set, the few survivors are handled in plain Python: after a decode
+    step has flushed the CPU caches, a dozen small numpy calls cost more than the arithmetic
+    on 40 numbers.
     """
     if previous is not None:
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
     if not 0 < params.top_k < logits.shape[-1]:
-        ids, values = candidates(logits, params.top_k, params.top_p)
+        ids, values = candidates(logits, params.top_k, params.top_p, params.min_p)
         weights = np.exp((values - values[0]) / params.temperature)
         cdf = np.cumsum(weights)
         return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)])
@@ -136,6 +172,9 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
                 break
             mass += p
             kept += 1
+    if params.min_p > 0:  # keep token i while p_i >= min_p * p_max (values are sorted)
+        floor = best + math.log(params.min_p)
+        kept = min(kept, sum(1 for v in values if v >= floor))
     weights = [math.exp((v - best) / params.temperature) for v in values[:kept]]
     target, total = rng.random() * sum(weights), 0.0
     for i, w in enumerate(weights):

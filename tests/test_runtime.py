@@ -41,7 +41,7 @@ def test_greedy_equals_pytorch_cached_greedy(request, generators, name, run_name
         ids = gen.encode_prompt(prompt, 40)
         expected = torch_generate(run.model, ids, 40, eos_id=run.tokenizer.eos_id)
         expected = expected[:-1] if expected and expected[-1] == run.tokenizer.eos_id else expected
-        got = gen.generate(prompt, max_new_tokens=40, temperature=0)
+        got = gen.generate(prompt, SamplingParams(max_new_tokens=40, temperature=0))
         assert got.token_ids == expected, prompt
         seen.update(got.token_ids)
     assert len(seen) > 5  # trained enough to say something, not one token repeated
@@ -50,8 +50,8 @@ def test_greedy_equals_pytorch_cached_greedy(request, generators, name, run_name
 @pytest.mark.parametrize("name", ["char_fp32", "char_int8", "sp_fp32", "sp_int8"])
 def test_numpy_backend_equals_ort_backend(generators, name):
     for prompt in PROMPTS:
-        ort_ids = generators[(name, "ort")].generate(prompt, max_new_tokens=60, temperature=0).token_ids
-        np_ids = generators[(name, "numpy")].generate(prompt, max_new_tokens=60, temperature=0).token_ids
+        ort_ids = generators[(name, "ort")].generate(prompt, SamplingParams(max_new_tokens=60, temperature=0)).token_ids
+        np_ids = generators[(name, "numpy")].generate(prompt, SamplingParams(max_new_tokens=60, temperature=0)).token_ids
         assert np_ids == ort_ids, prompt
 
 
@@ -81,8 +81,8 @@ def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset):
         path.write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
         ort_gen, np_gen = Generator(path, "ort", threads=1), Generator(path, "numpy")
         for prompt in ("The", "def main():"):
-            expected = ort_gen.generate(prompt, max_new_tokens=48, temperature=0).token_ids
-            assert np_gen.generate(prompt, max_new_tokens=48, temperature=0).token_ids == expected, (quantize, prompt)
+            expected = ort_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids
+            assert np_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids == expected, (quantize, prompt)
 
 
 def test_ort_backend_public_api_fallback_gives_the_same_tokens(char_int8, generators, monkeypatch):
@@ -94,35 +94,35 @@ def test_ort_backend_public_api_fallback_gives_the_same_tokens(char_int8, genera
 
     assert isinstance(fallback.backend.binding, onnxruntime.IOBinding)  # the public wrapper, not the pybind object
     for prompt in PROMPTS:
-        expected = generators[("char_int8", "ort")].generate(prompt, max_new_tokens=30, temperature=0).token_ids
-        assert fallback.generate(prompt, max_new_tokens=30, temperature=0).token_ids == expected
+        expected = generators[("char_int8", "ort")].generate(prompt, SamplingParams(max_new_tokens=30, temperature=0)).token_ids
+        assert fallback.generate(prompt, SamplingParams(max_new_tokens=30, temperature=0)).token_ids == expected
 
 
 def test_temperature_zero_is_greedy_regardless_of_other_settings(generators):
     gen = generators[("sp_fp32", "ort")]
-    greedy = gen.generate("ROMEO:", max_new_tokens=30, temperature=0, top_k=0, top_p=1.0).token_ids
-    assert gen.generate("ROMEO:", max_new_tokens=30, temperature=0, top_k=5, top_p=0.5, seed=3).token_ids == greedy
+    greedy = gen.generate("ROMEO:", SamplingParams(max_new_tokens=30, temperature=0, top_k=0, top_p=1.0)).token_ids
+    assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=30, temperature=0, top_k=5, top_p=0.5, seed=3)).token_ids == greedy
 
 
 def test_seed_reproduces_and_differs(generators):
     gen = generators[("char_int8", "ort")]
-    a = gen.generate("ROMEO:", max_new_tokens=50, temperature=1.0, seed=7).token_ids
-    assert gen.generate("ROMEO:", max_new_tokens=50, temperature=1.0, seed=7).token_ids == a
-    assert gen.generate("ROMEO:", max_new_tokens=50, temperature=1.0, seed=8).token_ids != a
-    assert generators[("char_int8", "numpy")].generate("ROMEO:", max_new_tokens=50, temperature=1.0, seed=7).token_ids == a
+    a = gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids
+    assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids == a
+    assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=8)).token_ids != a
+    assert generators[("char_int8", "numpy")].generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids == a
 
 
 @pytest.mark.parametrize("name, backend", [("char_fp32", "ort"), ("sp_fp32", "ort"), ("sp_fp32", "numpy"), ("char_fp32", "numpy")])
 def test_batch_equals_one_by_one(generators, name, backend):
     gen = generators[(name, backend)]
     prompts = ["ROMEO:\n", "First Citizen:\nBefore we proceed", "A", ""]
-    batch = gen.generate_batch(prompts, max_new_tokens=30, temperature=0)
+    batch = gen.generate_batch(prompts, SamplingParams(max_new_tokens=30, temperature=0))
     for prompt, completion in zip(prompts, batch):
-        single = gen.generate(prompt, max_new_tokens=30, temperature=0)
+        single = gen.generate(prompt, SamplingParams(max_new_tokens=30, temperature=0))
         assert completion.token_ids == single.token_ids, prompt
         assert completion.text == single.text
-    sampled = gen.generate_batch(prompts[:2], max_new_tokens=20, temperature=0.9, seed=5)
-    assert sampled[1].token_ids == gen.generate(prompts[1], max_new_tokens=20, temperature=0.9, seed=5).token_ids
+    sampled = gen.generate_batch(prompts[:2], SamplingParams(max_new_tokens=20, temperature=0.9, seed=5))
+    assert sampled[1].token_ids == gen.generate(prompts[1], SamplingParams(max_new_tokens=20, temperature=0.9, seed=5)).token_ids
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_batch_equals_one_by_one(generators, name, backend):
        k=st.integers(1, 10), p=st.floats(0.05, 1.0), temperature=st.floats(0.1, 5.0), seed=st.integers(0, 2**32 - 1))
 def test_top_k_never_emits_outside_the_top_k(logits, k, p, temperature, seed):
     logits = np.array(logits, np.float32)
-    token = sample_next(logits, SamplingParams(temperature, k, p), np.random.default_rng(seed))
+    token = sample_next(logits, SamplingParams(temperature=temperature, top_k=k, top_p=p), np.random.default_rng(seed))
     kth_largest = np.sort(logits)[::-1][min(k, len(logits)) - 1]
     assert logits[token] >= kth_largest
     ids, _ = candidates(logits, k, p)
@@ -152,7 +152,7 @@ def test_top_p_keeps_the_nucleus():
 def test_sampling_follows_the_distribution():
     logits = np.log(np.array([0.6, 0.3, 0.1]))
     rng = np.random.default_rng(0)
-    counts = np.bincount([sample_next(logits, SamplingParams(1.0, 0, 1.0), rng) for _ in range(4000)], minlength=3)
+    counts = np.bincount([sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), rng) for _ in range(4000)], minlength=3)
     assert np.allclose(counts / 4000, [0.6, 0.3, 0.1], atol=0.03)
 
 
@@ -164,14 +164,14 @@ def test_sampling_follows_the_distribution():
 def test_top_k_path_follows_the_distribution(top_k, top_p, temperature, expected):
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     rng = np.random.default_rng(1)
-    params = SamplingParams(temperature, top_k, top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     counts = np.bincount([sample_next(logits, params, rng) for _ in range(6000)], minlength=4)
     assert np.allclose(counts / 6000, expected, atol=0.025)
 
 
 def test_repetition_penalty_discourages_repeats():
     logits = np.array([2.0, 1.9, -1.0])
-    params = SamplingParams(0.0, 0, 1.0, repetition_penalty=1.5)
+    params = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.5)
     assert sample_next(logits, params, np.random.default_rng(0), previous=np.array([0])) == 1
 
 
@@ -223,14 +223,14 @@ def char_gen(char_fp32):
 
 def test_prefill_once_then_one_token_per_step(char_gen):
     backend = scripted(char_gen, "abcdef")
-    char_gen.generate("ROMEO", max_new_tokens=6, temperature=0)
+    char_gen.generate("ROMEO", SamplingParams(max_new_tokens=6, temperature=0))
     prompt_len = len(char_gen.encode_prompt("ROMEO", 6))
     assert backend.calls == [(1, prompt_len)] + [(1, 1)] * 5
 
 
 def test_streaming_is_utf8_safe_with_byte_fallback(char_gen):
     scripted(char_gen, "ok 🙂 日本語 ✓ done")
-    pieces = list(char_gen.stream("x", max_new_tokens=len(char_gen.tokenizer.encode("ok 🙂 日本語 ✓ done")), temperature=0))
+    pieces = list(char_gen.stream("x", SamplingParams(max_new_tokens=len(char_gen.tokenizer.encode("ok 🙂 日本語 ✓ done")), temperature=0)))
     assert "".join(pieces) == "ok 🙂 日本語 ✓ done"
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
 
@@ -242,13 +242,13 @@ def test_streaming_is_utf8_safe_with_byte_fallback(char_gen):
 ])
 def test_stop_reasons(char_gen, text, kwargs, expected, reason):
     scripted(char_gen, text)
-    out = char_gen.generate("x", temperature=0, **kwargs)
+    out = char_gen.generate("x", SamplingParams(temperature=0, **kwargs))
     assert out.text == expected and out.stats.stop_reason == reason
 
 
 def test_stop_at_eos(char_gen):
     scripted(char_gen, "hi", then=[char_gen.artifact.eos_id])
-    out = char_gen.generate("x", max_new_tokens=20, temperature=0)
+    out = char_gen.generate("x", SamplingParams(max_new_tokens=20, temperature=0))
     assert out.text == "hi" and out.stats.stop_reason == "eos" and out.stats.generated_tokens == 2
 
 
@@ -256,13 +256,13 @@ def test_stop_at_context_length(char_gen):
     ctx = char_gen.spec.context_length
     scripted(char_gen, "a" * 200)
     prompt = "b" * (ctx - 11)  # BOS + prompt = ctx - 10 tokens
-    out = char_gen.generate(prompt, max_new_tokens=100, temperature=0)
+    out = char_gen.generate(prompt, SamplingParams(max_new_tokens=100, temperature=0))
     assert out.stats.stop_reason == "context_length" and out.stats.generated_tokens == 11
 
 
 def test_stats_are_filled(generators):
     gen = generators[("sp_int8", "ort")]
-    out = gen.generate("ROMEO:", max_new_tokens=20, temperature=0)
+    out = gen.generate("ROMEO:", SamplingParams(max_new_tokens=20, temperature=0))
     s = out.stats
     assert s.prompt_tokens == len(gen.encode_prompt("ROMEO:", 20)) and s.generated_tokens == len(out.token_ids)
     assert s.prefill_ms > 0 and s.time_to_first_token_s > 0 and s.decode_tokens_per_s > 0 and s.peak_rss_mb > 10
@@ -271,13 +271,13 @@ def test_stats_are_filled(generators):
 def test_edge_cases_empty_prompt_zero_tokens_long_prompt(generators):
     gen = generators[("char_fp32", "ort")]
     assert gen.encode_prompt("", 5) == [gen.artifact.bos_id]
-    assert len(gen.generate("", max_new_tokens=5, temperature=0).token_ids) == 5
-    zero = gen.generate("ROMEO", max_new_tokens=0)
+    assert len(gen.generate("", SamplingParams(max_new_tokens=5, temperature=0)).token_ids) == 5
+    zero = gen.generate("ROMEO", SamplingParams(max_new_tokens=0))
     assert zero.text == "" and zero.token_ids == [] and zero.stats.stop_reason == "max_new_tokens"
     long_prompt = "word " * 100
     with pytest.raises(GenerationError, match=r"the prompt is \d+ tokens but the model's context is 64; shorten it or pass --truncate"):
-        gen.generate(long_prompt, max_new_tokens=5)
-    out = gen.generate(long_prompt, max_new_tokens=5, temperature=0, truncate=True)
+        gen.generate(long_prompt, SamplingParams(max_new_tokens=5))
+    out = gen.generate(long_prompt, SamplingParams(max_new_tokens=5, temperature=0), truncate=True)
     assert len(out.token_ids) == 5
 
 
@@ -326,14 +326,14 @@ def test_cli_streams_reads_stdin_and_reports(char_int8):
     result = run_cli("craft.runtime.cli", str(char_int8), "-n", "20", "-t", "0", "--stats", input="ROMEO:\n")
     assert result.returncode == 0, result.stderr
     gen = Generator(char_int8)
-    assert result.stdout == gen.generate("ROMEO:\n", max_new_tokens=20, temperature=0).text + "\n"
+    assert result.stdout == gen.generate("ROMEO:\n", SamplingParams(max_new_tokens=20, temperature=0)).text + "\n"
     for word in ("prompt", "generated", "time to first token", "prefill", "tokens/s", "peak RSS", "max_new_tokens"):
         assert word in result.stderr
 
 
 def test_cli_stop_understands_escapes(char_fp32):
     gen = Generator(char_fp32)
-    text = gen.generate("ROMEO:", max_new_tokens=60, temperature=0).text
+    text = gen.generate("ROMEO:", SamplingParams(max_new_tokens=60, temperature=0)).text
     assert "\n" in text  # Shakespeare's lines end
     result = run_cli("craft.runtime.cli", str(char_fp32), "ROMEO:", "-n", "60", "-t", "0", "--stop", "\\n")
     assert result.returncode == 0 and result.stdout == text[: text.index("\n")] + "\n"
@@ -350,9 +350,10 @@ def test_runtime_never_imports_torch_or_onnx(char_int8, sp_int8):
     code = textwrap.dedent(f"""
         import sys
         from craft.runtime.generator import Generator
+        from craft.runtime.sampling import SamplingParams
         for path in ({str(char_int8)!r}, {str(sp_int8)!r}):
             for backend in ("ort", "numpy"):
-                text = Generator(path, backend=backend).generate("ROMEO", max_new_tokens=5, temperature=0).text
+                text = Generator(path, backend=backend).generate("ROMEO", SamplingParams(max_new_tokens=5, temperature=0)).text
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx"))
         print("LOADED", loaded)
     """)
