@@ -18,6 +18,7 @@ import pytest
 
 import gates
 from conftest import compare, generator, seconds_per_token_cached, seconds_per_token_uncached
+from craft.runtime.sampling import SamplingParams
 
 
 def gate(benchmark, figures, name: str, measure):
@@ -92,7 +93,7 @@ def test_gate_python_loop_overhead(benchmark, figures, small15m_models):
     gen.artifact = dataclasses.replace(gen.artifact, eos_id=-1)  # a briefly trained model may end early; time all steps
 
     def runtime() -> float:
-        out = gen.generate("Once upon a time", max_new_tokens=steps + 1, temperature=0.8, top_k=40, top_p=0.95, seed=0, stop=["\n\n\n\n\n\n"])
+        out = gen.generate("Once upon a time", SamplingParams(max_new_tokens=steps + 1, temperature=0.8, top_k=40, top_p=0.95, seed=0, stop=("\n\n\n\n\n\n",)))
         assert out.stats.generated_tokens == steps + 1, out.stats
         return 1.0 / out.stats.decode_tokens_per_s
 

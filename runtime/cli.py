@@ -64,11 +64,10 @@ def read_prompt(prompt: str | None) -> str:
     else:
         data = os.fsencode(prompt)  # argv's undecodable bytes come back as they were (surrogateescape)
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         fail(f"the prompt is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
              f"convert it first, e.g. iconv -f LATIN1 -t UTF-8")
-    return text if prompt is not None else text.replace("\r\n", "\n").replace("\r", "\n")  # stdin's text mode did this
 
 
 def write(text: str) -> None:
