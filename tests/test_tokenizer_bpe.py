@@ -291,3 +291,20 @@ def test_python_path_refuses_what_it_does_not_implement(smollm2):
     spec["pre_tokenizer"] = {"type": "BertPreTokenizer"}
     with pytest.raises(UnsupportedTokenizer, match="pre-tokenizer 'BertPreTokenizer' is not supported.*pip install tokenizers"):
         HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
+
+
+def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
+    """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is the only other need."""
+    import subprocess
+    import sys
+
+    _, library, _ = smollm2
+    data = tmp_path / "tokenizer.bin"
+    data.write_bytes(library.to_bytes())
+    code = ("import sys, json; sys.modules['tokenizers'] = None; sys.modules['torch'] = None\n"
+            "from craft.runtime.tokenizer import tokenizer_from_bytes\n"
+            f"tok = tokenizer_from_bytes('{HF_JSON}', open(sys.argv[1], 'rb').read())\n"
+            "print(json.dumps([tok.backend, tok.encode(sys.argv[2])]))")
+    out = subprocess.run([sys.executable, "-c", code, str(data), MIXED], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["python", library.encode(MIXED)]
