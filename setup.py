@@ -2,7 +2,7 @@
 
     craft/    -> craft           training side (torch)
     export/   -> craft.export    compiler (torch + onnx)
-    runtime/  -> craft.runtime   on-device runtime (numpy + onnxruntime + sentencepiece)
+    runtime/  -> craft.runtime   on-device runtime (numpy + onnxruntime + sentencepiece + jinja2 + tokenizers)
 
 The base install is the runtime alone, what a device needs; `[train]` adds the training and
 export stack, `[dev]` the test and benchmark tools.
@@ -31,6 +31,12 @@ setup(
         'onnxruntime>=1.15; platform_machine != "armv7l" and platform_machine != "armv6l"',
         "sentencepiece>=0.1.97",  # Debian bookworm's python3-sentencepiece; tested under emulation
         "click>=8.0",
+        # Chat templates of imported models render in its sandbox; 3.1.6 fixed the last known sandbox escape.
+        "jinja2>=3.1.6",
+        # Hugging Face tokenizer.json encoding. PyPI has wheels for x86_64, aarch64 and armv7l (manylinux2014)
+        # but none for armv6l (Pi 1, Zero): there craft.runtime.bpe_tokenizer's pure-Python path gives the same ids.
+        # >= 0.20 reads merges written as pairs.
+        'tokenizers>=0.20; platform_machine != "armv6l"',
     ],
     extras_require={
         # torch: install `torch==2.13.0` (the CPU build) first; this range is then already met.

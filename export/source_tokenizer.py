@@ -1,0 +1,269 @@
+"""The tokenizer and chat template of an imported model, from a Hugging Face directory or a GGUF file.
+
+Both give a TokenizerSource: a Hugging Face tokenizer.json (what craft.runtime.bpe_tokenizer
+runs), the special ids, whether a plain prompt starts with BOS, every id that ends a turn, and
+the chat template (None when the source has none):
+
+    source = read_hf_tokenizer("SmolLM2-135M-Instruct/")      # tokenizer.json + tokenizer_config.json
+    source = read_gguf_tokenizer("model.Q4_1.gguf")           # tokenizer.ggml.* metadata
+    tokenizer = source.tokenizer()                            # an HFTokenizer for the artifact
+
+A GGUF carries no tokenizer.json, so one is built from `tokenizer.ggml.model`: "gpt2" is
+byte-level BPE with the file's merges and the split regex that `tokenizer.ggml.pre` names;
+"llama" is sentencepiece-style BPE whose merges are recovered from the token scores (llama.cpp
+merges by score; transformers' GGUF loader recovers them the same way), with the "\u2581" prefix
+where sentencepiece and llama.cpp put it (Llama 2's tokenizer.json normalizer, not Metaspace).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from craft.runtime.bpe_pretokenizer import BYTE_CHAR
+from craft.runtime.bpe_tokenizer import HFTokenizer
+from craft.runtime.tokenizer import META_SPACE
+
+
+class TokenizerSourceError(ValueError):
+    """A source whose tokenizer cannot be read; one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TokenizerSource:
+    tokenizer_json: bytes  # a Hugging Face tokenizer.json, UTF-8
+    bos_id: int  # beginning of text; the EOS id where the model has none (GPT-2's convention)
+    eos_id: int  # end of text
+    pad_id: int  # padding (masked out); EOS when the source names none
+    add_bos: bool  # a plain prompt starts with bos_id (the source's add_bos_token / post-processor)
+    end_of_turn_ids: tuple[int, ...]  # every id that ends a reply: EOS, end-of-turn, end-of-message
+    chat_template: str | None  # Jinja source of the chat template, None when the source has none
+
+    def tokenizer(self, use_library: bool = True) -> HFTokenizer:
+        return HFTokenizer(self.tokenizer_json, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                           add_bos=self.add_bos, use_library=use_library)
+
+
+# ---- Hugging Face directory ----
+
+def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
+    """tokenizer.json, tokenizer_config.json (special tokens, add_bos_token, chat_template; or a
+    chat_template.jinja beside it) and generation_config.json (eos_token_id, maybe a list)."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerSourceError(f"{directory} has no tokenizer.json; Craft imports fast (tokenizer.json) tokenizers - "
+                                   "save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
+    raw = path.read_bytes()
+    spec = load_json(path, raw)
+    config = load_json(directory / "tokenizer_config.json")
+    generation = load_json(directory / "generation_config.json")
+    ids = {t: i for t, i in (spec.get("model") or {}).get("vocab", {}).items()} | {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
+        if token not in ids:
+            raise TokenizerSourceError(f"{directory}/tokenizer_config.json: {name} {token!r} is not in tokenizer.json's vocabulary")
+        return ids[token]
+
+    generation_eos = generation.get("eos_token_id")
+    generation_eos = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    eos = token_id("eos_token")
+    eos = eos if eos is not None else (generation_eos[0] if generation_eos else None)
+    if eos is None:
+        raise TokenizerSourceError(f"{directory} names no EOS token (eos_token in tokenizer_config.json or eos_token_id in "
+                                   "generation_config.json); add one so generation can stop")
+    template_bos = post_processor_bos(spec.get("post_processor"))
+    bos = first_id(token_id("bos_token"), generation.get("bos_token_id"), template_bos, eos)
+    add_bos = config.get("add_bos_token")
+    add_bos = bool(add_bos) if add_bos is not None else template_bos is not None
+    pad = first_id(token_id("pad_token"), generation.get("pad_token_id"), eos)
+    return TokenizerSource(raw, bos, eos, pad, add_bos, tuple(sorted({eos, *generation_eos})), hf_chat_template(directory, config))
+
+
+def load_json(path: Path, raw: bytes | None = None) -> dict:
+    if raw is None and not path.is_file():
+        return {}
+    try:
+        value = json.loads(raw if raw is not None else path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise TokenizerSourceError(f"{path} is not readable JSON ({e}); restore it from the model's source") from None
+    if not isinstance(value, dict):
+        raise TokenizerSourceError(f"{path} should hold a JSON object, got {type(value).__name__}; restore it from the model's source")
+    return value
+
+
+def first_id(*candidates: int | None) -> int:
+    return next(int(c) for c in candidates if c is not None)
+
+
+def post_processor_bos(spec: dict | None) -> int | None:
+    """The id a TemplateProcessing post-processor puts in front of a single sequence, if any."""
+    if not spec:
+        return None
+    if spec.get("type") == "Sequence":
+        return next((b for s in spec.get("processors", []) if (b := post_processor_bos(s)) is not None), None)
+    if spec.get("type") != "TemplateProcessing" or not spec.get("single"):
+        return None
+    first = spec["single"][0]
+    if "SpecialToken" not in first:
+        return None
+    ids = spec.get("special_tokens", {}).get(first["SpecialToken"]["id"], {}).get("ids") or [None]
+    return ids[0]
+
+
+def hf_chat_template(directory: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or named templates: the "default" one), else
+    chat_template.jinja / chat_template.json, which newer transformers save instead."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None:
+        template = load_json(directory / "chat_template.json").get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+# ---- GGUF file ----
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def split_then_bytes(regex: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        dict(BYTE_LEVEL, use_regex=False)]}
+
+
+# tokenizer.ggml.pre -> (normalizer, pre-tokenizer, ignore_merges), as llama.cpp splits for each name
+# (llama-vocab.cpp) and as the models' own tokenizer.json files spell it.
+DIGITS_THEN_GPT2 = (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}, False)
+LLAMA3 = (None, split_then_bytes(LLAMA3_REGEX), True)
+QWEN2 = ({"type": "NFC"}, split_then_bytes(QWEN2_REGEX), False)
+GPT2 = (None, BYTE_LEVEL, False)
+GGUF_PRE = {
+    "default": GPT2, "gpt2": GPT2, "gpt-2": GPT2, "mpt": GPT2, "olmo": GPT2, "phi-2": GPT2,
+    "smollm": DIGITS_THEN_GPT2, "starcoder": DIGITS_THEN_GPT2, "refact": DIGITS_THEN_GPT2, "command-r": DIGITS_THEN_GPT2,
+    "codeshell": DIGITS_THEN_GPT2,
+    "llama3": LLAMA3, "llama-v3": LLAMA3, "llama-bpe": LLAMA3, "falcon3": LLAMA3, "smaug-bpe": LLAMA3, "dbrx": LLAMA3,
+    "qwen2": QWEN2, "deepseek-r1-qwen": QWEN2, "megrez": QWEN2,
+}
+# Control tokens that llama.cpp treats as end of generation by their text (llama-vocab.cpp).
+END_OF_TURN_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+                     "_<EOT>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>"}
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type values
+
+
+def read_gguf_tokenizer(source) -> TokenizerSource:
+    """The tokenizer of a GGUF file (a path or a gguf.GGUFReader already open on it)."""
+    from gguf import GGUFReader
+
+    reader = source if isinstance(source, GGUFReader) else GGUFReader(str(source))
+    name = str(source) if not isinstance(source, GGUFReader) else str(reader.data.filename)
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    model = field("tokenizer.ggml.model")
+    tokens = field("tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise TokenizerSourceError(f"{name} has no tokenizer (tokenizer.ggml.model / tokens); convert the model with a "
+                                   "llama.cpp that writes them")
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+    eos = field("tokenizer.ggml.eos_token_id")
+    if eos is None:
+        raise TokenizerSourceError(f"{name} has no tokenizer.ggml.eos_token_id; generation could never stop - set it with gguf-new-metadata")
+    bos = field("tokenizer.ggml.bos_token_id")
+    if model == "gpt2":
+        pre = field("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE:
+            raise TokenizerSourceError(f"{name}: tokenizer.ggml.pre '{pre}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}")
+        spec = byte_level_json(tokens, types, field("tokenizer.ggml.merges") or [], GGUF_PRE[pre])
+        add_bos = bool(field("tokenizer.ggml.add_bos_token", False))
+    elif model == "llama":
+        unk = field("tokenizer.ggml.unknown_token_id")
+        spec = sentencepiece_json(tokens, types, field("tokenizer.ggml.scores"), field("tokenizer.ggml.merges"),
+                                  tokens[unk] if unk is not None else None, bool(field("tokenizer.ggml.add_space_prefix", True)))
+        add_bos = bool(field("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for sentencepiece vocabularies
+    else:
+        raise TokenizerSourceError(f"{name}: tokenizer.ggml.model '{model}' is not supported; expected 'gpt2' (byte-level BPE) or 'llama' (sentencepiece BPE)")
+    bos = bos if bos is not None else eos
+    if add_bos:
+        spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
+                                                                            {"Sequence": {"id": "A", "type_id": 0}}],
+                                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                                  "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
+    turn_ends = {eos} | {i for key in ("eot_token_id", "eom_token_id") if (i := field(f"tokenizer.ggml.{key}")) is not None}
+    turn_ends |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN_TEXTS}
+    pad = field("tokenizer.ggml.padding_token_id")
+    return TokenizerSource(json.dumps(spec, ensure_ascii=False).encode("utf-8"), int(bos), int(eos),
+                           int(pad if pad is not None else eos), add_bos, tuple(sorted(int(i) for i in turn_ends)),
+                           field("tokenizer.chat_template"))
+
+
+def added_tokens(tokens: list[str], types: list[int], keep=lambda token: True) -> list[dict]:
+    """Control and unknown tokens as special added tokens, user-defined ones as plain added tokens:
+    text spelling them becomes their id, as in llama.cpp."""
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": k != USER_DEFINED}
+            for i, (t, k) in enumerate(zip(tokens, types)) if k in (UNKNOWN, CONTROL, USER_DEFINED) and keep(t)]
+
+
+def byte_level_json(tokens: list[str], types: list[int], merges: list[str], pre: tuple) -> dict:
+    normalizer, pre_tokenizer, ignore_merges = pre
+    alphabet = set(BYTE_CHAR.values())
+    # A token outside GPT-2's alphabet (a control token with a space, say) is respelled in it, as transformers does.
+    vocab = {t if set(t) <= alphabet else "".join(BYTE_CHAR[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": added_tokens(tokens, types, keep=lambda t: set(t) <= alphabet),
+            "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": list(merges)}}
+
+
+def sentencepiece_json(tokens: list[str], types: list[int], scores: list[float] | None, merges: list[str] | None,
+                       unk: str | None, add_space_prefix: bool) -> dict:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if merges is None:
+        if scores is None:
+            raise TokenizerSourceError("a 'llama' GGUF vocabulary needs tokenizer.ggml.scores or tokenizer.ggml.merges")
+        merges = [f"{a} {b}" for a, b in merges_from_scores(vocab, dict(zip(tokens, scores)))]
+    decoders = [{"type": "Replace", "pattern": {"String": META_SPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if add_space_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    # sentencepiece (and llama.cpp) put "\u2581" in front of the text and after every special token, even before a
+    # space: Llama 2's own tokenizer.json spells that as this normalizer. (transformers' GGUF loader uses
+    # Metaspace instead, which skips the prefix when the text starts with a space: not what the model was trained on.)
+    space = [{"type": "Prepend", "prepend": META_SPACE}] if add_space_prefix else []
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens(tokens, types),
+            "normalizer": {"type": "Sequence", "normalizers": space + [{"type": "Replace", "pattern": {"String": " "}, "content": META_SPACE}]},
+            "pre_tokenizer": None,
+            "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": [m.split(" ") if isinstance(m, str) else m for m in merges]}}
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Every split of a token into two tokens, best-scored result first: sentencepiece's BPE merges
+    the pair whose result scores highest (transformers' generate_merges, the same order)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]

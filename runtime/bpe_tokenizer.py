@@ -1,0 +1,273 @@
+"""Hugging Face tokenizer.json tokenizers: byte-level BPE (GPT-2, SmolLM2, Qwen2, Llama-3) and
+sentencepiece-style BPE (Llama 2, TinyLlama, Mistral: "\u2581" for spaces, <0xNN> byte fallback).
+
+Encoding runs in the `tokenizers` library when it is installed (it has wheels for x86_64,
+aarch64 and armv7l); elsewhere (armv6l, or a venv without it) in the pure-Python pipeline here
+and in bpe_pretokenizer.py, which gives the same ids: added tokens are cut out first, then the
+normalizer, the pre-tokenizer and the BPE merges run exactly as the library's do.
+
+`encode` adds no special tokens; `add_bos` says whether the model expects BOS in front of a plain
+prompt (the source's post-processor / add_bos_token flag), for the caller to act on. Special
+tokens written in the text (<|im_start|>) become their ids, as in Hugging Face's tokenizers.
+
+`token_bytes(id)` is the exact bytes of a token (byte-level: GPT-2's char map inverted;
+sentencepiece-style: "\u2581" -> " ", <0xNN> -> that byte; special tokens: b""), so TextStream
+streams UTF-8 safely. The .onnx file stores `to_bytes()`: a JSON envelope holding the
+tokenizer.json object itself plus the special ids.
+
+Standard library (+ optional `tokenizers`): the runtime imports this file.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+from typing import Iterable
+
+from craft.runtime import bpe_pretokenizer as pre
+from craft.runtime.tokenizer import HF_JSON, META_SPACE
+
+CACHE_WORDS = 50_000  # BPE results kept per tokenizer; a word repeats often in running text
+
+
+class BPEModel:
+    """The "BPE" model of a tokenizer.json: vocabulary, ranked merges, byte fallback, unknown token."""
+
+    def __init__(self, spec: dict):
+        if spec.get("type") != "BPE":
+            raise pre.UnsupportedTokenizer(f"tokenizer model {spec.get('type')!r} is not supported; expected 'BPE'")
+        if spec.get("continuing_subword_prefix") or spec.get("end_of_word_suffix") or spec.get("dropout"):
+            raise pre.UnsupportedTokenizer("BPE with continuing_subword_prefix, end_of_word_suffix or dropout is not supported")
+        self.vocab: dict[str, int] = spec["vocab"]
+        self.byte_fallback = bool(spec.get("byte_fallback", False))
+        self.ignore_merges = bool(spec.get("ignore_merges", False))
+        self.fuse_unk = bool(spec.get("fuse_unk", False))
+        unk = spec.get("unk_token")
+        self.unk_id = self.vocab.get(unk) if unk is not None else None
+        self.merges: dict[tuple[int, int], tuple[int, int]] = {}  # (left id, right id) -> (rank, merged id)
+        for rank, merge in enumerate(spec.get("merges", [])):
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            self.merges[(self.vocab[left], self.vocab[right])] = (rank, self.vocab[left + right])
+        self._cache: dict[str, list[int]] = {}
+
+    def tokenize(self, word: str) -> list[int]:
+        ids = self._cache.get(word)
+        if ids is None:
+            ids = self._tokenize(word)
+            if len(self._cache) < CACHE_WORDS:
+                self._cache[word] = ids
+        return ids
+
+    def _tokenize(self, word: str) -> list[int]:
+        if self.ignore_merges and word in self.vocab:
+            return [self.vocab[word]]
+        ids: list[int] = []
+        unk_open = False  # the last id is an unknown token that a following unknown fuses into
+        for c in word:
+            i = self.vocab.get(c)
+            if i is not None:
+                ids.append(i)
+                unk_open = False
+                continue
+            if self.byte_fallback:
+                fallback = [self.vocab.get(f"<0x{b:02X}>") for b in c.encode("utf-8", "surrogatepass")]
+                if None not in fallback:
+                    ids.extend(fallback)
+                    unk_open = False
+                    continue
+            if self.unk_id is not None and not (unk_open and self.fuse_unk):
+                ids.append(self.unk_id)
+                unk_open = True
+        return self.merge(ids)
+
+    def merge(self, ids: list[int]) -> list[int]:
+        """Apply merges lowest rank first, leftmost first among equals (the library's Word::merge_all)."""
+        merges, n = self.merges, len(ids)
+        if n < 2:
+            return ids
+        sym: list[int | None] = list(ids)
+        prev, nxt = list(range(-1, n - 1)), list(range(1, n + 1))
+        nxt[-1] = -1
+        heap = [(m[0], pos, m[1]) for pos in range(n - 1) if (m := merges.get((ids[pos], ids[pos + 1])))]
+        heapq.heapify(heap)
+        while heap:
+            _, pos, new_id = heapq.heappop(heap)
+            right = nxt[pos]
+            if sym[pos] is None or right == -1:
+                continue
+            current = merges.get((sym[pos], sym[right]))
+            if current is None or current[1] != new_id:  # a stale entry
+                continue
+            sym[pos], sym[right] = new_id, None
+            nxt[pos] = nxt[right]
+            if nxt[pos] != -1:
+                prev[nxt[pos]] = pos
+            if prev[pos] != -1 and (m := merges.get((sym[prev[pos]], new_id))):
+                heapq.heappush(heap, (m[0], prev[pos], m[1]))
+            if nxt[pos] != -1 and (m := merges.get((new_id, sym[nxt[pos]]))):
+                heapq.heappush(heap, (m[0], pos, m[1]))
+        return [s for s in sym if s is not None]
+
+
+class AddedTokens:
+    """Cuts added tokens (<|im_start|>, <s>, ...) out of the text before the normalizer and BPE see it:
+    leftmost-longest matches, first of the tokens marked normalized=false on the raw text, then of
+    the others on the normalized text (the library's AddedVocabulary::extract_and_normalize)."""
+
+    def __init__(self, specs: list[dict], normalize):
+        self.tokens = {t["id"]: t for t in specs}
+        self.normalize = normalize
+        raw = {t["content"]: t["id"] for t in specs if not t.get("normalized", False) and t["content"]}
+        normed = {normalize(t["content"]): t["id"] for t in specs if t.get("normalized", False) and t["content"]}
+        self.raw, self.normed = self._matcher(raw), self._matcher(normed)
+
+    @staticmethod
+    def _matcher(contents: dict[str, int]) -> tuple[re.Pattern, dict[str, int]] | None:
+        if not contents:
+            return None
+        alternatives = sorted(contents, key=len, reverse=True)  # longest first: leftmost-longest
+        return re.compile("|".join(re.escape(c) for c in alternatives)), contents
+
+    def split(self, text: str) -> list[tuple[str, int | None, bool]]:
+        """(text, None, at_start) stretches for BPE (normalized) and ("", id, False) for added tokens."""
+        out: list[tuple[str, int | None, bool]] = []
+        for segment, token_id, start in self._find(text, self.raw):
+            if token_id is not None:
+                out.append(("", token_id, False))
+                continue
+            for sub, sub_id, sub_start in self._find(self.normalize(segment), self.normed):
+                out.append((sub, sub_id, start == 0 and sub_start == 0 and sub_id is None))
+        return out
+
+    def _find(self, text: str, matcher) -> list[tuple[str, int | None, int]]:
+        if matcher is None or not text:
+            return [(text, None, 0)] if text else []
+        pattern, ids = matcher
+        pieces: list[tuple[str, int | None, int]] = []
+        done = 0
+        for m in pattern.finditer(text):
+            start, stop = m.span()
+            token = self.tokens[ids[m.group()]]
+            if token.get("single_word", False):
+                before_word = start > 0 and re.match(r"\w", text[start - 1])
+                after_word = stop < len(text) and re.match(r"\w", text[stop])
+                if before_word or after_word:
+                    continue
+            if token.get("lstrip", False):
+                start = max(done, len(text[:start].rstrip(pre.WHITE_SPACE_CHARS)))
+            if token.get("rstrip", False):
+                stop = len(text) - len(text[stop:].lstrip(pre.WHITE_SPACE_CHARS))
+            if done < start:
+                pieces.append((text[done:start], None, done))
+            pieces.append(("", token["id"], start))
+            done = stop
+        if done < len(text):
+            pieces.append((text[done:], None, done))
+        return pieces
+
+
+class HFTokenizer:
+    """A tokenizer.json tokenizer with the Tokenizer protocol of craft.runtime.tokenizer."""
+
+    kind = HF_JSON
+
+    def __init__(self, tokenizer_json: str | bytes, *, bos_id: int, eos_id: int, pad_id: int, add_bos: bool,
+                 use_library: bool = True):
+        """use_library=False forces the pure-Python pipeline even where `tokenizers` is installed (tests)."""
+        self.json = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        spec = json.loads(self.json)
+        self.bos_id, self.eos_id, self.pad_id, self.add_bos = int(bos_id), int(eos_id), int(pad_id), bool(add_bos)
+        model, added = spec.get("model") or {}, spec.get("added_tokens") or []
+        pieces = {i: t for t, i in (model.get("vocab") or {}).items()} | {t["id"]: t["content"] for t in added}
+        self.vocab_size = max(pieces, default=-1) + 1
+        self._token_ids = {t: i for i, t in pieces.items()}
+        special = {t["id"] for t in added if t.get("special", False)}
+        self._bytes, self._strip_space = decoded_pieces(spec.get("decoder"), pieces, special, self.vocab_size)
+        self.backend = "python"
+        self._library = load_library(self.json) if use_library else None
+        if self._library is not None:
+            self.backend = "tokenizers"
+        else:
+            normalize = pre.normalizer(spec.get("normalizer"))
+            self._pre_tokenize = pre.pre_tokenizer(spec.get("pre_tokenizer"))
+            self._added = AddedTokens(added, normalize)
+            self._model = BPEModel(model)
+
+    def encode(self, text: str) -> list[int]:
+        if self._library is not None:
+            return self._library.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for stretch, token_id, at_start in self._added.split(text):
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            for word, _ in self._pre_tokenize([(stretch, at_start)]):
+                ids.extend(self._model.tokenize(word))
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token_id stands for; b"" for special tokens and ids past the vocabulary."""
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._token_ids.get(token)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Hugging Face's decode(skip_special_tokens=True), including its removal of the space that a
+        sentencepiece-style tokenizer put in front of the text."""
+        text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
+        return text[1:] if self._strip_space and text.startswith(" ") else text
+
+    def to_bytes(self) -> bytes:
+        envelope = {"kind": HF_JSON, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                    "add_bos": self.add_bos, "tokenizer": json.loads(self.json)}
+        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, use_library: bool = True) -> "HFTokenizer":
+        try:
+            envelope = json.loads(data.decode("utf-8"))
+            assert envelope.get("kind") == HF_JSON and isinstance(envelope.get("tokenizer"), dict)
+            ids = {k: int(envelope[k]) for k in ("bos_id", "eos_id", "pad_id")}
+        except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"not a {HF_JSON} tokenizer: expected JSON with kind='{HF_JSON}', the special ids "
+                             "and a 'tokenizer' object") from None
+        return cls(json.dumps(envelope["tokenizer"], ensure_ascii=False), add_bos=bool(envelope.get("add_bos", False)),
+                   use_library=use_library, **ids)
+
+
+def load_library(tokenizer_json: str):
+    """The `tokenizers` library's Tokenizer for this JSON, or None where the library is not installed."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def decoded_pieces(decoder: dict | None, pieces: dict[int, str], special: set[int], size: int) -> tuple[list[bytes], bool]:
+    """Each id's exact bytes under `decoder`, and whether decode drops one leading space."""
+    steps = decoder.get("decoders", []) if decoder and decoder.get("type") == "Sequence" else [decoder] if decoder else []
+    kinds = [s.get("type") for s in steps]
+    byte_level = "ByteLevel" in kinds
+    metaspace = any(s.get("type") == "Metaspace" or (s.get("type") == "Replace" and s.get("content") == " "
+                                                     and s.get("pattern", {}).get("String") == META_SPACE) for s in steps)
+    byte_fallback = "ByteFallback" in kinds
+    strip_space = any(s.get("type") == "Strip" and s.get("content") == " " and s.get("start", 0) > 0 for s in steps) or any(
+        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" and s.get("add_prefix_space", True)
+        for s in steps)
+    table = [b""] * size
+    for i, piece in pieces.items():
+        if i in special:
+            continue
+        if byte_level:
+            try:
+                table[i] = bytes(pre.CHAR_BYTE[c] for c in piece)
+            except KeyError:  # not written in GPT-2's alphabet (an added token): as the library, its UTF-8
+                table[i] = piece.encode("utf-8")
+        elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            table[i] = bytes([int(piece[3:5], 16)])
+        else:
+            table[i] = (piece.replace(META_SPACE, " ") if metaspace else piece).encode("utf-8")
+    return table, strip_space

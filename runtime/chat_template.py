@@ -1,0 +1,233 @@
+"""Render a model's chat template (Jinja, from its tokenizer_config.json or GGUF) into prompt text.
+
+A template travels inside the model file, so it is untrusted input: it renders in jinja2's
+ImmutableSandboxedEnvironment (no attribute escapes, no mutation of what it is given), sees only
+plain JSON data, and is bounded in output size, loop iterations and time. Anything that goes
+wrong is one ChatTemplateError line. The environment follows Hugging Face transformers'
+apply_chat_template, so the text is the same: trim_blocks + lstrip_blocks, loop controls, a
+`tojson` that does not escape HTML, `raise_exception`, `strftime_now`, `{% generation %}` blocks.
+
+    text = render_chat(template, [{"role": "user", "content": "Hi"}], bos_token="<s>", eos_token="</s>")
+
+Standard library + jinja2: the runtime imports this file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+MAX_CHARS = 1_000_000  # rendered text; a whole context of any model we run is far below this
+MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one render
+MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
+MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
+AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only pad: refused
+WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that does not parse, refuses the messages, or attempts something unsafe."""
+
+
+def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True, bos_token: str = "",
+                eos_token: str = "", max_chars: int = MAX_CHARS, **variables: Any) -> str:
+    """The prompt text for `messages` (dicts with "role" and "content"), ending with the assistant's
+    turn opener when add_generation_prompt. `variables` go to the template too (tools, documents,
+    pad_token, ...), as apply_chat_template's keyword arguments do. ChatTemplateError on failure."""
+    import jinja2
+
+    compiled = compile_template(template)
+    env = compiled.environment  # the Environment of make_environment, with its budget
+    chat = [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
+    if not all(isinstance(m, dict) for m in chat):
+        raise ChatTemplateError("chat messages must be dicts with 'role' and 'content'")
+    context = plain({"bos_token": bos_token, "eos_token": eos_token, **variables})
+    env.start_budget()
+    out: list[str] = []
+    size = 0
+    try:
+        for chunk in compiled.generate(messages=chat, add_generation_prompt=add_generation_prompt, **context):
+            size += len(chunk)
+            if size > max_chars:
+                raise ChatTemplateError(f"chat template output passed {max_chars} characters; the template or the conversation is too long")
+            out.append(chunk)
+    except ChatTemplateError:
+        raise
+    except jinja2.exceptions.SecurityError as e:
+        raise ChatTemplateError(f"chat template attempted an unsafe operation ({one_line(e)})") from None
+    except jinja2.exceptions.TemplateError as e:  # raise_exception() and other template-level errors
+        raise ChatTemplateError(f"chat template refused the conversation: {one_line(e)}") from None
+    except (Exception, RecursionError) as e:
+        raise ChatTemplateError(f"chat template failed to render ({type(e).__name__}: {one_line(e)})") from None
+    return "".join(out)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def plain(value: Any) -> Any:
+    """A copy made of JSON types only: the template sees no object with methods of its own."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for kind in (bool, str, int, float):  # subclasses (enums, numpy scalars) back to the base type
+        if isinstance(value, kind):
+            return kind(value) if kind is bool else getattr(kind, f"__{kind.__name__}__")(value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    raise ChatTemplateError(f"chat messages may hold only JSON values (str, number, bool, None, list, dict), got {type(value).__name__}")
+
+
+def check_size(value: Any) -> Any:
+    if isinstance(value, (str, list, dict)) and len(value) > MAX_CHARS:
+        raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    return value
+
+
+def check_arguments(name: str, subject: Any, args: tuple) -> None:
+    """Refuse the few string operations whose result can be far larger than their inputs."""
+    if name in AMPLIFYING:
+        raise ChatTemplateError(f"chat template called {name}(), which chat templates do not need")
+    if name == "replace" and isinstance(subject, str) and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
+        if len(subject) + grown > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name in ("format", "indent", "center", "wordwrap", "truncate") or name == "%":
+        for a in (subject, *args):
+            if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (isinstance(a, str) and WIDE_FORMAT.search(a)):
+                raise ChatTemplateError(f"chat template asked {name} for a width above {MAX_WIDTH}")
+
+
+@lru_cache(maxsize=8)
+def compile_template(template: str):
+    """The compiled template (cached: a chat re-renders the same one every turn); ChatTemplateError if it does not parse."""
+    import jinja2
+
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"chat template must be text, got {type(template).__name__}")
+    env = make_environment()
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not parse (line {e.lineno}: {one_line(e)})") from None
+    except (jinja2.exceptions.TemplateError, RecursionError, MemoryError) as e:
+        raise ChatTemplateError(f"chat template does not compile ({one_line(e)})") from None
+
+
+def make_environment():
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; here it just renders."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    class Environment(ImmutableSandboxedEnvironment):
+        """The sandbox plus budgets: unsafe attribute access raises at once (jinja2 would render it as
+        empty), and every call, range step, attribute and item lookup counts against the render's
+        iteration and time budget, so a template that loops forever or builds huge values fails."""
+
+        def start_budget(self) -> None:
+            self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS
+
+        def tick(self) -> None:
+            self.steps += 1
+            if self.steps > MAX_ITERATIONS or time.monotonic() > self.deadline:
+                raise ChatTemplateError(f"chat template ran past its budget ({MAX_ITERATIONS} steps or {MAX_SECONDS:g} s)")
+
+        def unsafe_undefined(self, obj, attribute):
+            raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+        def call(self, context, obj, *args, **kwargs):
+            self.tick()
+            name = getattr(obj, "__name__", "")
+            subject = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)  # jinja2 wraps str.format
+            check_arguments(name, subject, args + tuple(kwargs.values()))
+            return check_size(super().call(context, obj, *args, **kwargs))
+
+        def getattr(self, obj, attribute):
+            self.tick()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            self.tick()
+            return super().getitem(obj, argument)
+
+        intercepted_binops = frozenset(["*", "**", "%"])
+
+        def call_binop(self, context, operator, left, right):
+            self.tick()
+            if operator == "%" and isinstance(left, str):
+                check_arguments("%", left, right if isinstance(right, tuple) else (right,))
+            if operator == "*" and isinstance(left, int) != isinstance(right, int):  # str/list * n
+                n, seq = (left, right) if isinstance(left, int) else (right, left)
+                if hasattr(seq, "__len__") and len(seq) * max(n, 0) > MAX_CHARS:
+                    raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise ChatTemplateError("chat template raised a number to a power above 64")
+            return check_size(super().call_binop(context, operator, left, right))
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+
+    def bounded_range(*args):
+        steps = range(*args)
+        env.steps += len(steps)  # charged up front, so nested loops exhaust the budget early
+        env.tick()
+        return steps
+
+    def bounded_filter(name, function):
+        def bounded(*args, **kwargs):
+            env.tick()
+            check_arguments(name, None, args + tuple(kwargs.values()))
+            return check_size(function(*args, **kwargs))
+        for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
+            if hasattr(function, attr):
+                setattr(bounded, attr, getattr(function, attr))
+        return bounded
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_' ({name!r})")
+
+    class Namespace(jinja2.utils.Namespace):
+        """namespace() that refuses underscore names and values past the size bound (a doubling loop)."""
+
+        def __init__(*args, **kwargs):  # the signature of jinja2's Namespace, so namespace(self=...) works
+            self, args = args[0], args[1:]
+            for name, value in dict(*args, **kwargs).items():
+                check_name(name)
+                check_size(value)
+            jinja2.utils.Namespace.__init__(self, *args, **kwargs)
+
+        def __setitem__(self, name, value):
+            check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, check_size(value))
+
+    env.filters["tojson"] = tojson
+    env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})
+    env.globals.update(range=bounded_range, raise_exception=raise_exception, namespace=Namespace,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt), dict=lambda *a, **k: dict(*a, **k))
+    return env

@@ -1,0 +1,129 @@
+"""Chat templates: the text equals transformers' apply_chat_template; hostile templates are one ChatTemplateError
+line, fast; the template and end-of-turn ids travel in the artifact metadata."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from craft.runtime.artifact import (
+    META_CHAT_TEMPLATE,
+    META_EOT_IDS,
+    Artifact,
+    ArtifactError,
+    ModelSpec,
+)
+from craft.runtime.chat_template import ChatTemplateError, render_chat
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+          "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Exercises what Llama-3 / Qwen templates use: whitespace control, namespace, loop controls, tojson, raise_exception.
+FEATURES = """{{- bos_token }}
+{%- set ns = namespace(system='', n=0) %}
+{%- for m in messages %}
+    {%- if m.role == 'system' %}{% set ns.system = m.content %}{% continue %}{% endif %}
+    {%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('unknown role ' ~ m.role) }}{% endif %}
+    {%- set ns.n = ns.n + 1 %}
+<|start|>{{ m.role }} #{{ ns.n }}
+{{ m.content | trim }}{% if m.tool_calls is defined %} {{ m.tool_calls | tojson }}{% endif %}<|eot|>
+{% endfor %}
+{%- if ns.system %}[system: {{ ns.system }}]{% endif %}
+{%- if add_generation_prompt %}<|start|>assistant
+{% generation %}{% endgeneration %}{% endif %}"""
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi <b>&</b> \"quoted\" 日本 🙂"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "  and  3+3?\n", "tool_calls": [{"name": "add", "arguments": {"a": 3, "b": "<3>"}}]}],
+]
+HOSTILE = {
+    "dunder attribute": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "bare dunder": "{{ messages.__class__ }}",
+    "globals escape": "{{ cycler.__init__.__globals__.os }}",
+    "self escape": "{{ self._TemplateReference__context }}",
+    "mutation": "{{ messages.append({'role': 'x'}) }}",
+    "nested huge loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "huge range": "{{ range(10**9) | list | length }}",
+    "string bomb": "{{ 'a' * 10**9 }}",
+    "doubling loop": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "format width": "{{ '{:>999999999}'.format(1) }}",
+    "percent width": "{{ '%0999999999d' % 1 }}",
+    "center width": "{{ 'x' | center(10**9) }}",
+    "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "syntax": "{% for m in %}",
+    "raise": "{{ raise_exception('Conversation roles must alternate') }}",
+    "underscore namespace": "{% set ns = namespace() %}{% set ns._x = 1 %}",
+}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("template", [CHATML, FEATURES], ids=["chatml", "features"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["one", "multi"])
+def test_equals_transformers(template, conversation, add_generation_prompt):
+    pytest.importorskip("transformers", reason="transformers is the reference renderer; pip install transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    expected = render_jinja_template(conversations=[conversation], chat_template=template, add_generation_prompt=add_generation_prompt,
+                                     bos_token="<s>", eos_token="</s>")[0][0]
+    got = render_chat(template, conversation, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
+    assert got == expected and len(got) > 20
+
+
+def test_smollm2_template_from_its_gguf(smollm2_gguf):
+    """The real template, as the GGUF carries it, gives the ChatML text SmolLM2 was tuned on."""
+    from craft.export.source_tokenizer import read_gguf_tokenizer
+
+    template = read_gguf_tokenizer(smollm2_gguf).chat_template
+    text = render_chat(template, [{"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_templates_fail_with_one_line(name):
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError) as error:
+        render_chat(HOSTILE[name], CONVERSATIONS[1])
+    assert time.monotonic() - started < 10  # stopped by a budget, not by exhausting the machine
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("chat template ")
+
+
+def test_messages_and_output_are_bounded():
+    with pytest.raises(ChatTemplateError, match="only JSON values"):
+        render_chat(CHATML, [{"role": "user", "content": object()}])
+    with pytest.raises(ChatTemplateError, match="passed 100 characters"):
+        render_chat(CHATML, [{"role": "user", "content": "x" * 200}], max_chars=100)
+    # the template cannot change the caller's messages, and a None value is dropped as transformers does
+    conversation = [{"role": "user", "content": "hi", "name": None}]
+    assert render_chat("{{ messages[0] | tojson }}", conversation) == '{"role": "user", "content": "hi"}'
+    assert conversation == [{"role": "user", "content": "hi", "name": None}]
+
+
+# ---- artifact metadata ----
+
+SPEC = ModelSpec(vocab_size=100, dim=8, n_layer=1, n_head=2, n_kv_head=2, head_dim=4, hidden_dim=16, context_length=32,
+                 rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
+
+
+def artifact(**extra) -> Artifact:
+    return Artifact(spec=SPEC, tokenizer_kind="tokenizer.json", tokenizer_data=b"{}", bos_id=1, eos_id=2, pad_id=2,
+                    quantization="none", checkpoint_sha256="", craft_version="0", **extra)
+
+
+def test_chat_metadata_round_trip_and_defaults():
+    meta = artifact(chat_template=CHATML, end_of_turn_ids=(0, 2)).to_metadata()
+    again = Artifact.from_metadata(meta)
+    assert again.chat_template == CHATML and again.end_of_turn_ids == (0, 2) and again.stop_ids == (0, 2)
+    old = artifact().to_metadata()  # a craft-trained model, or a file written before these keys
+    assert META_CHAT_TEMPLATE not in old and META_EOT_IDS not in old
+    plain = Artifact.from_metadata(old)
+    assert plain.chat_template is None and plain.end_of_turn_ids == () and plain.stop_ids == (2,)
+
+
+@pytest.mark.parametrize("bad", ["[1, \"x\"]", "{}", "[100]", "[-1]", "not json"])
+def test_malformed_end_of_turn_ids(bad):
+    meta = artifact().to_metadata() | {META_EOT_IDS: bad}
+    with pytest.raises(ArtifactError, match="malformed Craft metadata"):
+        Artifact.from_metadata(meta)

@@ -1,0 +1,310 @@
+"""tokenizer.json tokenizers of imported models: the pure-Python path gives the `tokenizers` library's ids,
+the GGUF and Hugging Face directory readers give the tokenizers their sources describe, streaming stays UTF-8 safe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from craft.export.source_tokenizer import (
+    TokenizerSourceError,
+    read_gguf_tokenizer,
+    read_hf_tokenizer,
+)
+from craft.runtime.bpe_pretokenizer import UnsupportedTokenizer
+from craft.runtime.bpe_tokenizer import HFTokenizer
+from craft.runtime.tokenizer import HF_JSON, TextStream, tokenizer_from_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+tokenizers = pytest.importorskip("tokenizers", reason="the `tokenizers` library is the reference; pip install tokenizers")
+
+SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+MIXED = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello, World! It's 2024; we'LL see. "
+         "I'M sure they'RE fine\n\n\ndef fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n  # base\n    return fib(n-1)+fib(n - 2)\n"
+         "x   =    [1,2,3]\r\n\r\n   \t \n  trailing spaces   \n"
+         "日本語のテキスト、中文文本。한국어 ｆｕｌｌｗｉｄｔｈ\u3000ideographic space "
+         "emoji 🙂👍🏽 family 👨\u200d👩\u200d👧 flag 🇫🇷 "
+         "combining e\u0301 n\u0303 a\u030a\u0323 vs é ñ  café naïve Ωmega ſ ǅ "
+         "controls \x1c\x1d\x1e\x1f\x85\xa0\u2028 zero\u200bwidth\ufeff ▁meta▁space "
+         "numbers ١٢٣ ½ Ⅻ 3.14159 0x1F<|im_end|><|endoftext|>")
+FIXED = ["", " ", "  ", "\n", " \n ", "a", "<|im_start|>", "<|im_start|><|im_end|>", "  <|im_end|>  ", "abc<|im_end", "'s's 'S",
+         "\t\t\tindent", "🙂", "e\u0301", "日本", "x" * 300, " " * 50 + "y", "\n" * 10]
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=120)
+TEXT_WITH_SPECIALS = st.lists(st.one_of(TEXT, st.sampled_from(SPECIALS + [" ", "\n", "  "])), max_size=6).map("".join)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def pair(tokenizer_json: str, **ids) -> tuple[HFTokenizer, HFTokenizer]:
+    ids = {"bos_id": 0, "eos_id": 0, "pad_id": 0, "add_bos": False} | ids
+    library, python = HFTokenizer(tokenizer_json, **ids), HFTokenizer(tokenizer_json, use_library=False, **ids)
+    assert (library.backend, python.backend) == ("tokenizers", "python")
+    return library, python
+
+
+def assert_same_ids(tokenizer_json: str, library: HFTokenizer, python: HFTokenizer, text: str) -> list[int]:
+    reference = tokenizers.Tokenizer.from_str(tokenizer_json).encode(text, add_special_tokens=False).ids
+    assert library.encode(text) == reference
+    assert python.encode(text) == reference, text
+    return reference
+
+
+# ---- SmolLM2 (byte-level BPE from a real GGUF) ----
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    source = read_gguf_tokenizer(smollm2_gguf)
+    return source, *pair(source.tokenizer_json.decode(), bos_id=source.bos_id, eos_id=source.eos_id, pad_id=source.pad_id)
+
+
+def test_smollm2_source_metadata(smollm2):
+    source, library, _ = smollm2
+    assert (source.bos_id, source.eos_id, source.pad_id, source.add_bos) == (1, 2, 2, False)
+    assert source.end_of_turn_ids == (0, 2)  # <|im_end|> and <|endoftext|>, as llama.cpp stops
+    assert source.chat_template.startswith("{% for message in messages %}") and "<|im_start|>" in source.chat_template
+    assert library.vocab_size == 49152 and library.token_to_id("<|im_start|>") == 1
+
+
+@pytest.mark.parametrize("text", [MIXED, *FIXED])
+def test_smollm2_python_equals_library(smollm2, text):
+    source, library, python = smollm2
+    assert_same_ids(source.tokenizer_json.decode(), library, python, text)
+
+
+@PROPERTY
+@given(text=TEXT_WITH_SPECIALS)
+def test_smollm2_python_equals_library_property(smollm2, text):
+    _, library, python = smollm2
+    assert python.encode(text) == library.encode(text)
+
+
+def test_smollm2_equals_transformers_gguf_tokenizer(smollm2, smollm2_gguf):
+    transformers = pytest.importorskip("transformers", reason="transformers is the GGUF reference; pip install transformers")
+    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    _, library, python = smollm2
+    # transformers' GGUF loader splits "smollm" text with GPT-2's regex alone; llama.cpp (and SmolLM2's own
+    # tokenizer.json) split every \p{N} character off first. Only a space before a non-ASCII numeral tells them
+    # apart (ASCII digits never merge in this vocabulary): keep those out of the comparison, and check the split.
+    numerals = "numbers \u0661\u0662\u0663 \xbd \u216b"
+    assert numerals in MIXED
+    for text in [MIXED.replace(numerals, "numbers"), *FIXED]:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert library.encode(text) == expected and python.encode(text) == expected, text
+    assert python.decode(python.encode(MIXED)) == reference.decode(reference.encode(MIXED), skip_special_tokens=True)
+    space = python.token_to_id("\u0120")
+    assert python.encode(" \u0661")[0] == space != reference.encode(" \u0661", add_special_tokens=False)[0]
+
+
+@pytest.mark.parametrize("which", ["library", "python"])
+def test_smollm2_streaming_is_utf8_safe_and_exact(smollm2, which):
+    _, library, python = smollm2
+    tok = library if which == "library" else python
+    text = MIXED.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "")
+    ids = tok.encode(text)
+    assert any(len(tok.token_bytes(i)) and not tok.token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars exist
+    stream = TextStream(tok)
+    pieces = [stream.feed(i) for i in ids] + [stream.finish()]
+    # SmolLM2's vocabulary has no token for byte 0x1D: the library drops it too, so compare against its decode
+    assert "".join(pieces) == tokenizers.Tokenizer.from_str(smollm2[0].tokenizer_json.decode()).decode(ids) == text.replace("\x1d", "")
+    assert "\ufffd" not in "".join(pieces)
+    assert tok.token_bytes(tok.token_to_id("<|im_end|>")) == b""  # special tokens print nothing
+
+
+def test_round_trip_through_artifact_bytes(smollm2):
+    _, library, _ = smollm2
+    again = tokenizer_from_bytes(HF_JSON, library.to_bytes())
+    assert again.encode(MIXED) == library.encode(MIXED)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.vocab_size) == (1, 2, 2, False, 49152)
+    python = HFTokenizer.from_bytes(library.to_bytes(), use_library=False)
+    assert python.encode(MIXED) == library.encode(MIXED)
+    with pytest.raises(ValueError, match="not a tokenizer.json tokenizer"):
+        tokenizer_from_bytes(HF_JSON, b'{"kind": "char"}')
+
+
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", "gpt2_prefix_space"])
+def test_split_regex_variants_python_equals_library(smollm2, variant):
+    """Llama-3's and Qwen2's split regexes (and ignore_merges, NFC) over SmolLM2's vocabulary."""
+    spec = json.loads(smollm2[0].tokenizer_json)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    if variant == "gpt2_prefix_space":
+        spec["pre_tokenizer"] = dict(byte_level, use_regex=True, add_prefix_space=True)
+    else:
+        regex = LLAMA3_SPLIT if variant == "llama3" else QWEN2_SPLIT
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}, byte_level]}
+        spec["model"]["ignore_merges"] = variant == "llama3"
+        spec["normalizer"] = {"type": "NFC"} if variant == "qwen2" else None
+    text_json = json.dumps(spec)
+    library, python = pair(text_json)
+    for text in [MIXED, *FIXED]:
+        assert_same_ids(text_json, library, python, text)
+
+
+# ---- sentencepiece-style BPE (byte fallback), trained here with the tokenizers library ----
+
+def sentencepiece_style_json(corpus: str, style: str) -> str:
+    """A Llama-2 / TinyLlama-shaped tokenizer.json: <unk> <s> </s>, 256 <0xNN> tokens, then trained merges."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if style == "legacy":  # TinyLlama: a normalizer prepends and replaces, no pre-tokenizer
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:  # Mistral / newer Llama: Metaspace on the first piece only, unsplit
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator([corpus], BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spec = json.loads(tok.to_str())
+    trained = sorted((i, t) for t, i in spec["model"]["vocab"].items() if i >= 3)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    vocab |= {t: 259 + k for k, (_, t) in enumerate(trained)}
+    spec["model"]["vocab"] = vocab
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    return json.dumps(spec, ensure_ascii=False)
+
+
+@pytest.fixture(scope="module", params=["legacy", "metaspace"])
+def sentencepiece_style(request, small_corpus) -> str:
+    return sentencepiece_style_json(small_corpus.read_text(encoding="utf-8")[:100_000], request.param)
+
+
+def test_sentencepiece_style_python_equals_library(sentencepiece_style):
+    library, python = pair(sentencepiece_style)
+    for text in [MIXED.replace("<|", "<s>").replace("|>", "</s>"), *FIXED, "<s>Hello</s> <s> world"]:
+        ids = assert_same_ids(sentencepiece_style, library, python, text)
+        assert python.decode(ids) == tokenizers.Tokenizer.from_str(sentencepiece_style).decode(ids)
+    assert any(3 <= i < 259 for i in python.encode("日本 🙂"))  # byte fallback used
+
+
+@PROPERTY
+@given(text=st.lists(st.one_of(TEXT, st.sampled_from(["<s>", "</s>", " ", "  "])), max_size=5).map("".join))
+def test_sentencepiece_style_property(sentencepiece_style, text):
+    library, python = pair(sentencepiece_style)
+    assert python.encode(text) == library.encode(text)
+    assert python.decode(python.encode(text)) == tokenizers.Tokenizer.from_str(sentencepiece_style).decode(library.encode(text))
+
+
+def test_sentencepiece_style_token_bytes(sentencepiece_style):
+    _, python = pair(sentencepiece_style)
+    assert python.token_bytes(3 + 0xF0) == b"\xf0" and python.token_bytes(1) == b""
+    text = "Once 🙂 upon 日本語 a time"
+    stream = TextStream(python)
+    assert "".join([stream.feed(i) for i in python.encode(text)] + [stream.finish()]) == " " + text  # the prepended space
+    assert python.decode(python.encode(text)) == text  # decode drops it, as Hugging Face's does
+
+
+# ---- Hugging Face directory ----
+
+def test_read_hf_directory(tmp_path, sentencepiece_style):
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_style, encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "</s>"}, "unk_token": "<unk>",
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    source = read_hf_tokenizer(tmp_path)
+    assert (source.bos_id, source.eos_id, source.pad_id, source.add_bos) == (1, 2, 2, True)  # add_bos from the post-processor
+    assert source.end_of_turn_ids == (0, 2) and source.chat_template == "{{ bos_token }}D"
+    assert source.tokenizer().encode("hi") == source.tokenizer(use_library=False).encode("hi")
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": False, "pad_token": "<unk>"}))
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "chat_template.jinja").write_text("J", encoding="utf-8")
+    source = read_hf_tokenizer(tmp_path)
+    assert (source.bos_id, source.pad_id, source.add_bos, source.end_of_turn_ids, source.chat_template) == (1, 0, False, (2,), "J")
+
+
+def test_read_hf_directory_errors(tmp_path, sentencepiece_style):
+    with pytest.raises(TokenizerSourceError, match="has no tokenizer.json"):
+        read_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(sentencepiece_style, encoding="utf-8")
+    with pytest.raises(TokenizerSourceError, match="names no EOS token"):
+        read_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|nope|>"}))
+    with pytest.raises(TokenizerSourceError, match="'<|nope|>' is not in tokenizer.json"):
+        read_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    with pytest.raises(TokenizerSourceError, match="not readable JSON"):
+        read_hf_tokenizer(tmp_path)
+
+
+# ---- GGUF files written here ----
+
+def write_gguf(path, model: str, tokens: list[str], types: list[int], **extra) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key, value in extra.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_llama_vocabulary_matches_sentencepiece(tmp_path, small_corpus):
+    """A "llama" GGUF vocabulary (pieces, scores, types) becomes a tokenizer giving sentencepiece's own ids."""
+    spm = pytest.importorskip("sentencepiece")
+    model = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(input=str(small_corpus), model_prefix=str(model), vocab_size=600, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{model}.model")
+    tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))]
+    path = tmp_path / "sp.gguf"
+    write_gguf(path, "llama", tokens, types, token_scores=[sp.get_score(i) for i in range(len(tokens))],
+               bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), unk_token_id=sp.unk_id(), chat_template="{{ x }}")
+    source = read_gguf_tokenizer(path)
+    assert (source.bos_id, source.eos_id, source.add_bos, source.chat_template) == (sp.bos_id(), sp.eos_id(), True, "{{ x }}")
+    library, python = source.tokenizer(), source.tokenizer(use_library=False)
+    text = MIXED.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "")
+    for sample in [text, "KING RICHARD III:\nNow is the winter", "  two leading", "x\n\n\ny", "🙂 日本"]:
+        assert library.encode(sample) == sp.encode(sample) == python.encode(sample), sample
+        assert python.decode(python.encode(sample)) == sp.decode(sp.encode(sample)) == sample.replace("\u2581", " ")
+
+
+def test_gguf_errors(tmp_path):
+    path = tmp_path / "pre.gguf"
+    write_gguf(path, "gpt2", ["a", "b", "ab"], [1, 1, 1], token_merges=["a b"], tokenizer_pre="made-up", eos_token_id=2)
+    with pytest.raises(TokenizerSourceError, match="tokenizer.ggml.pre 'made-up' is not supported"):
+        read_gguf_tokenizer(path)
+    write_gguf(path, "bert", ["a"], [1], eos_token_id=0)
+    with pytest.raises(TokenizerSourceError, match="tokenizer.ggml.model 'bert' is not supported"):
+        read_gguf_tokenizer(path)
+    write_gguf(path, "gpt2", ["a"], [1])
+    with pytest.raises(TokenizerSourceError, match="no tokenizer.ggml.eos_token_id"):
+        read_gguf_tokenizer(path)
+
+
+def test_python_path_refuses_what_it_does_not_implement(smollm2):
+    spec = json.loads(smollm2[0].tokenizer_json)
+    spec["pre_tokenizer"] = {"type": "BertPreTokenizer"}
+    with pytest.raises(UnsupportedTokenizer, match="pre-tokenizer 'BertPreTokenizer' is not supported.*pip install tokenizers"):
+        HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
+
+
+def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
+    """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is the only other need."""
+    import subprocess
+    import sys
+
+    _, library, _ = smollm2
+    data = tmp_path / "tokenizer.bin"
+    data.write_bytes(library.to_bytes())
+    code = ("import sys, json; sys.modules['tokenizers'] = None; sys.modules['torch'] = None\n"
+            "from craft.runtime.tokenizer import tokenizer_from_bytes\n"
+            f"tok = tokenizer_from_bytes('{HF_JSON}', open(sys.argv[1], 'rb').read())\n"
+            "print(json.dumps([tok.backend, tok.encode(sys.argv[2])]))")
+    out = subprocess.run([sys.executable, "-c", code, str(data), MIXED], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["python", library.encode(MIXED)]
