@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_overrides
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import METRIC_FIELDS, read_metrics
 from craft.config import load_config
@@ -30,7 +31,7 @@ def test_tiny_run_loss_falls_and_run_dir_is_complete(char_run):
     assert "step 200" in (char_run / rd.SAMPLES).read_text()
     resolved = yaml.safe_load((char_run / rd.CONFIG).read_text())
     assert resolved["model"]["vocab_size"] > 0 and resolved["model"]["n_kv_head"] == 2
-    state, digest = rd.load_checkpoint(char_run / rd.CHECKPOINT)
+    state, digest = ckpt.read(char_run / rd.CHECKPOINT)
     assert state["step"] == 200 and len(digest) == 64
 
 
