@@ -89,19 +89,20 @@ def remove_temp_files(run_dir: Path) -> None:
 @contextmanager
 def new_run(run_dir: Path) -> Iterator[Path]:
     """Create run_dir for a new run's first files; if the body raises (a corpus too short for
-    the context, ...), remove what it made - the directories it created, or in a directory that
-    was already there the tokenizer (what marks a run) - so the corrected rerun is not refused."""
+    the context, ...), remove what it made - the directories it created, or the files it added to
+    one that was already there - so the corrected rerun is not refused."""
     run_dir = Path(run_dir)
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    existed = set(run_dir.iterdir()) if created is None else set()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         yield run_dir
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        else:  # tokens.bin / data.json stay: a cache that clear_run keeps too
-            for name in (SP_TOKENIZER, CHAR_TOKENIZER):
-                (run_dir / name).unlink(missing_ok=True)
+        else:
+            for path in set(run_dir.iterdir()) - existed:
+                path.unlink(missing_ok=True)
         raise
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_cli, tiny_overrides
 from craft import checkpoint as ckpt
@@ -152,6 +153,27 @@ def test_keep_last_prunes_and_checkpoint_is_the_newest(tmp_path, small_corpus):
     assert {"model", "optimizer", "scheduler", "step", "rng", "early_stopping", "best_val_loss"} <= set(state)
     assert len(state["rng"]["data"]) == 1 and state["scheduler"]["last_epoch"] == 50
     assert not list(run.glob(".*"))  # no temp files left behind
+
+
+def test_longer_resumed_run_keeps_the_schedule(three_checkpoints, tmp_path):
+    """--resume with a larger max_steps continues the schedule the run started with: no jump in
+    lr, the extra steps train at min_lr. train.lr_decay_steps stretches the decay on purpose."""
+    def lrs(run: Path) -> dict[int, float]:
+        return dict(losses(run, "train", "lr"))
+
+    cfg = yaml.safe_load((three_checkpoints / rd.CONFIG).read_text())["train"]
+    assert cfg["lr_decay_steps"] == 30  # resolved when the run started
+    run = copy_run(three_checkpoints, tmp_path / "longer")
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
+    assert result.returncode == 0, result.stderr
+    before, after = lrs(three_checkpoints), lrs(run)
+    assert all(after[s] == before[s] for s in range(1, 31))
+    assert after[30] == pytest.approx(cfg["min_lr"]) and all(after[s] == after[30] for s in range(31, 41))
+
+    stretched = copy_run(three_checkpoints, tmp_path / "stretched")
+    result = run_cli("craft.train", "--resume", str(stretched), "train.max_steps=40", "train.lr_decay_steps=40")
+    assert result.returncode == 0, result.stderr
+    assert lrs(stretched)[31] > 2 * cfg["min_lr"] and lrs(stretched)[40] == pytest.approx(cfg["min_lr"])
 
 
 def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
