@@ -255,7 +255,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "model.rope_theta": (1.0, 1e9), "model.norm_eps": (1e-12, 0.1), "model.dropout": (0.0, 0.99),
     "tokenizer.vocab_size": (1, 1 << 20), "data.val_fraction": (1e-4, 0.49),
     "train.batch_size": (1, 65536), "train.grad_accum": (1, 65536), "train.max_steps": (1, 10**9),
-    "train.lr": (1e-9, 1.0), "train.min_lr": (0.0, 1.0), "train.warmup_steps": (0, 10**9),
+    "train.lr": (1e-9, 1e6), "train.min_lr": (0.0, 1e6), "train.warmup_steps": (0, 10**9),
     "train.lr_decay_steps": (1, 10**9), "train.weight_decay": (0.0, 10.0), "train.beta1": (0.0, 0.9999),
     "train.beta2": (0.0, 0.9999), "train.grad_clip": (0.0, 1e6), "train.seed": (0, 2**32 - 1),
     "train.threads": (0, 4096), "train.log_interval": (1, 10**9), "train.eval_interval": (1, 10**9),

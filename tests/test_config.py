@@ -61,7 +61,7 @@ def test_extends_cycle_is_an_error(tmp_path):
     (["model.dim=130"], r"model.dim=130 is not divisible by model.n_head=4; pick n_head among"),
     (["model.dim=100"], r"model.dim / model.n_head = 25 must be even for RoPE"),
     (["model.n_kv_head=3"], r"model.n_head=4 is not divisible by model.n_kv_head=3"),
-    (["train.lr=-0.1"], r"train.lr=-0.1 is out of range; set a value in \[1e-09, 1\]"),
+    (["train.lr=-0.1"], r"train.lr=-0.1 is out of range; set a value in \[1e-09, 1e\+06\]"),
     (["train.max_steps=10", "train.warmup_steps=20"], r"train.warmup_steps=20 must be below train.max_steps=10; set train.warmup_steps=1 or -1"),
     (["train.seed=-1"], r"train.seed=-1 is out of range; set a value in \[0, 4294967295\]"),
     (["train.seed=1e20"], r"train.seed=100000000000000000000 is out of range"),
