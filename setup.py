@@ -3,6 +3,8 @@
     craft/    -> craft           training side (torch)
     export/   -> craft.export    compiler (torch + onnx)
     runtime/  -> craft.runtime   on-device runtime (numpy + onnxruntime + sentencepiece + jinja2 + tokenizers)
+    configs/  -> craft/configs   presets and device profiles (data, no code): beside runtime/ in
+                                 both layouts, where config.py and runtime/estimate.py look
 
 The base install is the runtime alone, what a device needs; `[train]` adds the training and
 export stack, `[dev]` the test and benchmark tools.
@@ -23,8 +25,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["craft", "craft.export", "craft.runtime"],
-    package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime"},
+    packages=["craft", "craft.export", "craft.runtime", "craft.configs"],
+    package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime", "craft.configs": "configs"},
+    package_data={"craft.configs": ["*.yaml", "devices/*.yaml"]},
     install_requires=[
         "numpy>=1.24",
         # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ sits beside runtime/: in a source checkout (or editable install) at the repository
+# root, in an installed wheel inside the craft package (setup.py ships it as package data).
+_HERE = Path(__file__).resolve().parent
+CONFIGS_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 DEFAULT_PRESET = "tiny"
 
 
@@ -69,17 +72,23 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    max_steps: int = 600  # optimizer steps; the cosine schedule ends here
+    max_steps: int = 600  # optimizer steps of the run; --resume may raise it to train further
     lr: float = 3e-3  # peak learning rate; small models tolerate a high one
     min_lr: float = 3e-4  # floor of the cosine decay (lr / 10, Chinchilla's habit)
-    warmup_steps: int = 50  # linear warmup from 0 to lr
+    # Linear warmup from 0 to lr. -1: a tenth of max_steps, at most 50 (tiny's 50 of 600), so that
+    # a short run (train.max_steps=30) needs no second override; the resolved number is saved.
+    warmup_steps: int = -1
+    # The cosine decay from lr reaches min_lr here, then lr stays at min_lr. 0: max_steps at the
+    # start of the run. Saved resolved in config.yaml, so a run resumed with a larger max_steps
+    # continues the same schedule (no jump in lr): its extra steps train at min_lr.
+    lr_decay_steps: int = 0
     weight_decay: float = 0.1  # AdamW decay on matrices only (not norms)
     beta1: float = 0.9  # AdamW betas as in nanoGPT / Llama
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast); see README for measured speed
     compile: bool = False  # torch.compile the model; off because compile time dominates short runs
-    seed: int = 1337  # seeds data sampling, init and dropout: same seed, same run
+    seed: int = 1337  # seeds data sampling, init and dropout: same seed, same run (0 to 2**32 - 1)
     threads: int = 0  # torch intra-op threads; 0 lets torch choose (all cores)
     log_interval: int = 10  # steps between progress-bar / metrics.jsonl updates
     eval_interval: int = 100  # steps between val-loss evaluations (and at the end)
@@ -238,52 +247,83 @@ def convert(value: Any, kind: type, key: str) -> Any:
     raise ConfigError(f"'{key}' expects {kind.__name__}, got {value!r}; write e.g. {key}={example}")
 
 
+# Inclusive bounds of every int and float field. Outside them a value is a typo (-1, 1e20) that
+# would crash torch or numpy, allocate without end or hang; inside them the checks below decide.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "model.vocab_size": (0, 1 << 20), "model.dim": (1, 16384), "model.n_layer": (1, 256), "model.n_head": (1, 1024),
+    "model.n_kv_head": (0, 1024), "model.ffn_dim": (0, 131072), "model.context_length": (1, 131072),
+    "model.rope_theta": (1.0, 1e9), "model.norm_eps": (1e-12, 0.1), "model.dropout": (0.0, 0.99),
+    "tokenizer.vocab_size": (1, 1 << 20), "data.val_fraction": (1e-4, 0.49),
+    "train.batch_size": (1, 65536), "train.grad_accum": (1, 65536), "train.max_steps": (1, 10**9),
+    "train.lr": (1e-9, 1e6), "train.min_lr": (0.0, 1e6), "train.warmup_steps": (0, 10**9),
+    "train.lr_decay_steps": (1, 10**9), "train.weight_decay": (0.0, 10.0), "train.beta1": (0.0, 0.9999),
+    "train.beta2": (0.0, 0.9999), "train.grad_clip": (0.0, 1e6), "train.seed": (0, 2**32 - 1),
+    "train.threads": (0, 4096), "train.log_interval": (1, 10**9), "train.eval_interval": (1, 10**9),
+    "train.eval_iters": (1, 10**6), "train.checkpoint_interval": (1, 10**9), "train.keep_last": (1, 1000),
+    "train.early_stop_patience": (0, 10**6), "train.early_stop_min_delta": (0.0, 10.0),
+    "train.sample_interval": (0, 10**9), "train.sample_tokens": (0, 65536), "train.sample_temperature": (0.0, 100.0),
+    "train.sample_top_k": (0, 1 << 20),
+}
+
+
+def resolve(cfg: Config) -> None:
+    """Fill the values that follow from others (-1 / 0: derived); a resolved value stays as it is."""
+    t = cfg.train
+    if t.warmup_steps == -1:
+        t.warmup_steps = max(0, min(50, t.max_steps // 10))
+    if t.lr_decay_steps == 0:
+        t.lr_decay_steps = t.max_steps
+
+
 def validate(cfg: Config) -> None:
-    """Reject impossible values with one line naming the key and the fix."""
-    m, t, tok, d = cfg.model, cfg.train, cfg.tokenizer, cfg.data
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    for key in ("dim", "n_layer", "n_head", "context_length"):
-        need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0: from the tokenizer), got {m.vocab_size}")
-    need(m.n_kv_head >= 0, f"model.n_kv_head must be >= 0 (0: same as n_head), got {m.n_kv_head}")
-    need(m.ffn_dim >= 0, f"model.ffn_dim must be >= 0 (0: 8/3 * dim), got {m.ffn_dim}")
-    need(m.dim % m.n_head == 0, f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}")
-    need(m.head_dim % 2 == 0, f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim")
-    need(m.n_head % m.kv_heads == 0, f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}")
-    need(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
-    need(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}")
-    need(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    need(tok.kind in ("sentencepiece", "char"), f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
-    need(tok.model_type in ("bpe", "unigram"), f"tokenizer.model_type must be 'bpe' or 'unigram', got '{tok.model_type}'")
-    need(tok.kind == "char" or tok.vocab_size >= 300, f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}")
-    need(0 < d.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {d.val_fraction}")
-    for key in ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_interval", "eval_iters", "checkpoint_interval", "keep_last"):
-        need(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
-    need(t.lr > 0, f"train.lr must be positive, got {t.lr}; a typical value is 3e-4 to 3e-3")
-    need(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr={t.lr}], got {t.min_lr}")
-    need(0 <= t.warmup_steps < t.max_steps, f"train.warmup_steps must be in [0, train.max_steps={t.max_steps}), got {t.warmup_steps}")
-    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}/{t.beta2}")
-    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
-    need(t.dtype in ("float32", "bfloat16"), f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
-    need(t.threads >= 0, f"train.threads must be >= 0 (0: all cores), got {t.threads}")
-    need(t.early_stop_patience >= 0 and t.sample_interval >= 0, "train.early_stop_patience and train.sample_interval must be >= 0 (0 disables)")
-    need(t.sample_tokens >= 0 and t.sample_temperature >= 0 and t.sample_top_k >= 0, "train.sample_tokens, sample_temperature and sample_top_k must be >= 0")
+    """Reject impossible values with one line naming the key and the fix (cfg resolved)."""
+    for name, section in (("model", cfg.model), ("tokenizer", cfg.tokenizer), ("data", cfg.data), ("train", cfg.train)):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            if hints[f.name] in (int, float):
+                key, value = f"{name}.{f.name}", getattr(section, f.name)
+                low, high = BOUNDS[key]
+                if not low <= value <= high:  # NaN fails too
+                    raise ConfigError(f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]")
+    m, t, tok = cfg.model, cfg.train, cfg.tokenizer
+    # Checks between fields, each built only when it fails (a divisor list can be long).
+    if m.dim % m.n_head:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim")
+    if m.n_head % m.kv_heads:
+        raise ConfigError(f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}")
+    if tok.kind not in ("sentencepiece", "char"):
+        raise ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
+    if tok.model_type not in ("bpe", "unigram"):
+        raise ConfigError(f"tokenizer.model_type must be 'bpe' or 'unigram', got '{tok.model_type}'")
+    if tok.kind != "char" and tok.vocab_size < 300:
+        raise ConfigError(f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}; lower train.min_lr (lr / 10 is usual)")
+    if t.warmup_steps >= t.max_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}; "
+                          f"set train.warmup_steps={t.max_steps // 10} or -1 (a tenth of max_steps, at most 50)")
+    if t.warmup_steps > t.lr_decay_steps:
+        raise ConfigError(f"train.lr_decay_steps={t.lr_decay_steps} must be at least train.warmup_steps={t.warmup_steps}; raise it or set 0 (max_steps)")
+    if t.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
 
 
 def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML preset or file (default: the tiny preset) < key=value overrides; validated."""
+    """Defaults < YAML preset or file (default: the tiny preset) < key=value overrides; resolved, validated."""
     cfg = Config()
     apply_dict(cfg, read_yaml(resolve_config_path(config or DEFAULT_PRESET)))
     apply_dict(cfg, parse_overrides(overrides or []))
+    resolve(cfg)
     validate(cfg)
     return cfg
 
@@ -292,7 +332,43 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     """A Config from a resolved mapping (a run directory's config.yaml), checked like a file."""
     cfg = Config()
     apply_dict(cfg, values)
+    resolve(cfg)  # a run written before a key existed gets its default, derived from the run's own values
     validate(cfg)
+    return cfg
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The resolved config.yaml of a craft-train run directory (what --resume and craft-export read)."""
+    import yaml
+
+    from craft.run_dir import CONFIG, RunDirError
+
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no {CONFIG}: not a craft-train run directory (or training never started)")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({getattr(e, 'problem', e)}); it was written by craft-train: restore it or start a new run") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's own config with key=value overrides, which may change anything but model.* and
+    tokenizer.*. Values resolved when the run started (warmup, lr_decay_steps) stay as they were."""
+    cfg = read_run_config(run_dir)
+    before = (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"])
+    apply_dict(cfg, parse_overrides(overrides))
+    resolve(cfg)
+    validate(cfg)
+    if (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"]) != before:
+        raise ConfigError("--resume cannot change model.* or tokenizer.* keys; start a new run with another out_dir=...")
+    cfg.out_dir = str(run_dir)
     return cfg
 
 

@@ -141,8 +141,13 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
         )
     except RuntimeError as e:
         message = str(e).splitlines()[-1] if str(e) else type(e).__name__
-        if "Vocabulary size" in message:
-            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split(': ')[-1]}); lower tokenizer.vocab_size") from None
+        if "smaller than required_chars" in message:  # "... 400 vs 2259. Increase vocab_size ..."
+            needed = message.split(" vs ")[-1].split(".")[0]
+            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus's {needed} distinct characters and "
+                            f"byte pieces; raise tokenizer.vocab_size above {needed}, or use tokenizer.kind=char") from None
+        if "too high" in message:  # "Vocabulary size too high (N). Please set it to a value <= M."
+            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split('. ')[-1].rstrip('.')}); "
+                            "lower tokenizer.vocab_size") from None
         raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
     return SentencePieceTokenizer(model.getvalue())
 
@@ -226,15 +231,29 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, progress) ->
 
 
 def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
-    tokens = np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r")
-    split = int(len(tokens) * (1 - info["val_fraction"]))
-    train, val = tokens[:split], tokens[split:]
+    train, val = split_tokens(np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])
     for name, part in (("train", train), ("val", val)):
         if len(part) <= context_length + 1:
             raise DataError(
                 f"the {name} split has {len(part)} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
                 f"use a larger corpus, a smaller model.context_length, or a larger data.val_fraction")
     return TokenData(train, val, info)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) views: the last val_fraction of the tokens is the val split (no copies)."""
+    split = int(len(tokens) * (1 - val_fraction))
+    return tokens[:split], tokens[split:]
+
+
+def val_tokens(run_dir: Path) -> np.ndarray | None:
+    """The val split of a run directory's token file (what craft-export measures perplexity on);
+    None when the run has no token file."""
+    info_path, tokens_path = Path(run_dir) / DATA_INFO, Path(run_dir) / TOKENS
+    if not (info_path.is_file() and tokens_path.is_file()):
+        return None
+    info = json.loads(info_path.read_text())
+    return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])[1]
 
 
 def sample_windows(tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator) -> np.ndarray:

@@ -3,26 +3,25 @@
     runs/NAME/
       config.yaml        fully resolved configuration
       tokenizer.model    sentencepiece model  (or tokenizer.json for the char tokenizer)
-      checkpoint.pt      latest checkpoint (model, optimizer, scheduler, step, data position, RNG)
-      step-NNNNNN.pt     earlier periodic checkpoints, the last `train.keep_last` kept
+      checkpoint.pt      latest checkpoint (what it holds: checkpoint.py)
+      step-NNNNNN.pt     periodic checkpoints, the last `train.keep_last` kept
       best.pt            lowest val loss so far
       metrics.jsonl      one JSON object per logged step / eval
       samples.txt        text sampled during training
-      train.bin, val.bin tokenized corpus (memory-mapped), data.json describes them
+      tokens.bin         tokenized corpus (memory-mapped), data.json describes it (data.py)
 
 Every file is written atomically (temp file, fsync, rename), so a kill at any moment leaves the
-previous good version in place. Checkpoints carry a SHA-256 of their payload so a truncated or
-corrupted file is detected on load.
+previous good version in place.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 CONFIG = "config.yaml"
 SP_TOKENIZER = "tokenizer.model"
@@ -34,7 +33,6 @@ SAMPLES = "samples.txt"
 PLOT = "loss.png"
 TENSORBOARD_GLOB = "events.out.tfevents.*"
 SAMPLE_HEADER = "--- step {step}"
-CHECKPOINT_FORMAT = 1
 
 
 class RunDirError(ValueError):
@@ -81,119 +79,31 @@ def tokenizer_path(run_dir: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> str:
-    """Serialize `state` with torch.save, prefix a SHA-256 of it, write atomically; returns the hash.
-
-    File layout: b"CRAFTCKPT1\\n" + 64 hex chars + b"\\n" + torch.save payload.
-    """
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest()
-    atomic_write_bytes(path, _MAGIC + digest.encode() + b"\n" + payload)
-    return digest
-
-
-_MAGIC = b"CRAFTCKPT1\n"
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, Any], str]:
-    """(state, sha256) of a checkpoint written by save_checkpoint; RunDirError if damaged.
-
-    Loaded with weights_only=True: a checkpoint is data, never code.
-    """
-    import torch
-
-    try:
-        blob = Path(path).read_bytes()
-    except OSError as e:
-        raise RunDirError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    head = len(_MAGIC) + 65
-    if not blob.startswith(_MAGIC) or len(blob) < head:
-        raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
-    digest = blob[len(_MAGIC):head - 1].decode("ascii", "replace")
-    payload = memoryview(blob)[head:]
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as e:  # a valid hash but unreadable payload: written by another torch?
-        raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"{path} has checkpoint format {state.get('format') if isinstance(state, dict) else '?'}, expected {CHECKPOINT_FORMAT}")
-    return state, digest
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step in a step-NNNNNN.pt name."""
-    return int(path.stem.split("-", 1)[1])
-
-
-def periodic_checkpoints(run_dir: Path) -> list[Path]:
-    """step-NNNNNN.pt files, newest (highest step) first."""
-    found = [p for p in Path(run_dir).glob("step-*.pt") if p.stem.split("-", 1)[1].isdigit()]
-    return sorted(found, key=checkpoint_step, reverse=True)
-
-
-def save_periodic_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> str:
-    """Write step-NNNNNN.pt, point checkpoint.pt at it, prune all but the newest keep_last.
-
-    checkpoint.pt is a hard link to the newest step file (one write, two names; replaced by an
-    atomic rename), or a second copy where the filesystem has no hard links.
-    """
-    numbered = run_dir / f"step-{step:06d}.pt"
-    digest = save_checkpoint(state, numbered)
-    link = run_dir / f".{CHECKPOINT}.link"
-    link.unlink(missing_ok=True)
-    try:
-        os.link(numbered, link)
-        os.replace(link, run_dir / CHECKPOINT)
-        fsync_dir(run_dir)
-    except OSError:  # no hard links here (some network / FAT filesystems)
-        save_checkpoint(state, run_dir / CHECKPOINT)
-    for old in periodic_checkpoints(run_dir)[keep_last:]:
-        old.unlink(missing_ok=True)
-    return digest
-
-
-def load_latest_checkpoint(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
-    """The newest loadable checkpoint: checkpoint.pt, else the periodic ones, newest first.
-
-    A damaged file is skipped with a warning naming it; RunDirError if none loads.
-    """
-    candidates: list[Path] = []
-    for path in [run_dir / CHECKPOINT] + periodic_checkpoints(run_dir):
-        if path.is_file() and not any(os.path.samefile(path, seen) for seen in candidates):
-            candidates.append(path)  # checkpoint.pt and its step file are one file: read it once
-    if not candidates:
-        raise RunDirError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train one with: craft-train out_dir={run_dir}")
-    errors = []
-    for path in candidates:
-        try:
-            state, digest = load_checkpoint(path)
-            if errors:
-                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {state.get('step')}) instead")
-            return state, digest, path
-        except RunDirError as e:
-            errors.append(str(e))
-    raise RunDirError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")
-
-
-def drop_checkpoints_after(run_dir: Path, step: int) -> None:
-    """Remove step files past `step` (the damaged ones a resume skipped), so pruning and later
-    fallbacks only see checkpoints of the run as it continues."""
-    for path in periodic_checkpoints(run_dir):
-        if checkpoint_step(path) > step:
-            path.unlink(missing_ok=True)
-
-
 def remove_temp_files(run_dir: Path) -> None:
     """Temp files of writes that a kill interrupted (the files they were replacing are intact)."""
     for path in Path(run_dir).glob(".*.tmp"):
         path.unlink(missing_ok=True)
     (Path(run_dir) / f".{CHECKPOINT}.link").unlink(missing_ok=True)
+
+
+@contextmanager
+def new_run(run_dir: Path) -> Iterator[Path]:
+    """Create run_dir for a new run's first files; if the body raises (a corpus too short for
+    the context, ...), remove what it made - the directories it created, or the files it added to
+    one that was already there - so the corrected rerun is not refused."""
+    run_dir = Path(run_dir)
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    existed = set(run_dir.iterdir()) if created is None else set()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield run_dir
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for path in set(run_dir.iterdir()) - existed:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def clear_run(run_dir: Path) -> None:

@@ -21,8 +21,9 @@ import numpy as np
 
 from craft import __version__
 from craft import run_dir as rd
-from craft.config import ConfigError, ModelConfig, config_from_dict
-from craft.data import load_tokenizer
+from craft.checkpoint import read as read_checkpoint
+from craft.config import ConfigError, ModelConfig, read_run_config
+from craft.data import load_tokenizer, val_tokens
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.quantize import OPS
 from craft.model import Transformer, rope_tables
@@ -56,17 +57,13 @@ class LoadedRun:
 
 def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     """Model, tokenizer and val tokens of a craft-train run directory; ExportError if unusable."""
-    import yaml
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir}")
-    if not (run_dir / rd.CONFIG).is_file():
-        raise ExportError(f"{run_dir} has no {rd.CONFIG}: not a craft-train run directory (or training never started)")
     try:
-        cfg = config_from_dict(yaml.safe_load((run_dir / rd.CONFIG).read_text()) or {})
-    except (ConfigError, yaml.YAMLError) as e:
-        raise ExportError(f"{run_dir / rd.CONFIG} is not a valid Craft config: {e}") from None
+        cfg = read_run_config(run_dir)
+    except (ConfigError, rd.RunDirError) as e:
+        raise ExportError(str(e)) from None
     tokenizer = load_tokenizer(run_dir)
     if tokenizer is None:
         raise ExportError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train")
@@ -74,7 +71,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     if not path.is_file():
         raise ExportError(f"{path} does not exist; training has not saved a checkpoint yet (wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})")
     try:
-        state, digest = rd.load_checkpoint(path)
+        state, digest = read_checkpoint(path)
     except rd.RunDirError as e:
         raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
     if state["config"]["model"] != cfg.to_dict()["model"]:
@@ -86,12 +83,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     except RuntimeError as e:
         raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {str(e).splitlines()[0]}") from None
     model.eval()
-    val = None
-    if (run_dir / "tokens.bin").is_file() and (run_dir / "data.json").is_file():
-        info = json.loads((run_dir / "data.json").read_text())
-        tokens = np.memmap(run_dir / "tokens.bin", dtype=np.dtype(info["dtype"]), mode="r")
-        val = tokens[int(len(tokens) * (1 - info["val_fraction"])):]
-    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val)
+    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val_tokens(run_dir))
 
 
 def model_spec(cfg: ModelConfig) -> A.ModelSpec:

@@ -23,6 +23,8 @@ from pathlib import Path
 from craft.runtime.artifact import Artifact, ArtifactError
 from craft.runtime.weights import SCHEMES
 
+# configs/ sits beside runtime/: at the repository root in a checkout, inside the craft package in
+# an installed wheel (setup.py ships it as package data).
 DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
 
 # (base MB, MB of RSS per MB of file) for (backend, quantized) - measured with craft-run --stats on x86_64, Python 3.11:
@@ -75,7 +77,7 @@ def parse_profile(path: Path) -> DeviceProfile:
 def load_profiles(folder: Path = DEVICES_DIR) -> list[DeviceProfile]:
     files = sorted(Path(folder).glob("*.yaml"))
     if not files:
-        raise DeviceError(f"no device profiles in {folder} (they ship in the Craft source tree, configs/devices/)")
+        raise DeviceError(f"no device profiles in {folder} (Craft ships them in configs/devices/)")
     return [parse_profile(f) for f in files]
 
 

@@ -13,6 +13,7 @@ import torch
 
 import craft.train
 from conftest import run_cli, tiny_overrides
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, read_metrics
 from craft.config import load_config
@@ -51,7 +52,7 @@ def test_early_stopping_stops_the_run(tmp_path, small_corpus):
     assert result["stopped"].startswith("early stopping") and result["step"] == 30, result
     run = tmp_path / "run"
     assert [r["step"] for r in read_metrics(run / rd.METRICS) if r["event"] == "eval"] == [10, 20, 30]
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert state["step"] == 30 and state["early_stopping"]["bad_evals"] == 2
     assert "--- step 30" in (run / rd.SAMPLES).read_text()  # the final sample is still written
 
@@ -86,10 +87,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, m
     with pytest.raises(TrainError, match=r"loss became nan at step 13; .*last good checkpoint is kept.*train.lr"):
         train(cfg, log=quiet)
     run = tmp_path / "run"
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert state["step"] == 10
     assert all(torch.isfinite(t).all() for t in state["model"].values())
-    assert [p.name for p in rd.periodic_checkpoints(run)] == ["step-000010.pt", "step-000005.pt"]
+    assert [p.name for p in ckpt.periodic(run)] == ["step-000010.pt", "step-000005.pt"]
     assert max(r["step"] for r in read_metrics(run / rd.METRICS)) == 12  # nothing logged for the bad step
 
 
@@ -100,7 +101,7 @@ def test_diverging_run_exits_3_with_one_line(tmp_path, small_corpus):
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("craft-train: error:") and "became nan" in lines[0], lines
-    state, _ = rd.load_checkpoint(tmp_path / "run" / rd.CHECKPOINT)
+    state, _ = ckpt.read(tmp_path / "run" / rd.CHECKPOINT)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
@@ -118,7 +119,7 @@ def test_samples_every_n_steps(tmp_path, small_corpus):
     assert [r["step"] for r in samples] == [10, 20, 30] and all(r["text"].startswith("ROMEO:") for r in samples)
     assert any("sample at step 10" in line for line in logged)
     # top-k 1 is greedy whatever the temperature: the final sample is the checkpoint's greedy continuation
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     model = Transformer(cfg.model)
     model.load_state_dict(state["model"])
     tok = load_tokenizer(run)

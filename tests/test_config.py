@@ -61,8 +61,21 @@ def test_extends_cycle_is_an_error(tmp_path):
     (["model.dim=130"], r"model.dim=130 is not divisible by model.n_head=4; pick n_head among"),
     (["model.dim=100"], r"model.dim / model.n_head = 25 must be even for RoPE"),
     (["model.n_kv_head=3"], r"model.n_head=4 is not divisible by model.n_kv_head=3"),
-    (["train.lr=-0.1"], r"train.lr must be positive, got -0.1"),
-    (["train.max_steps=10"], r"train.warmup_steps must be in \[0, train.max_steps=10\)"),
+    (["train.lr=-0.1"], r"train.lr=-0.1 is out of range; set a value in \[1e-09, 1e\+06\]"),
+    (["train.max_steps=10", "train.warmup_steps=20"], r"train.warmup_steps=20 must be below train.max_steps=10; set train.warmup_steps=1 or -1"),
+    (["train.seed=-1"], r"train.seed=-1 is out of range; set a value in \[0, 4294967295\]"),
+    (["train.seed=1e20"], r"train.seed=100000000000000000000 is out of range"),
+    (["train.threads=1e20"], r"train.threads=\d+ is out of range"),
+    (["train.batch_size=1e20"], r"train.batch_size=\d+ is out of range"),
+    (["model.vocab_size=1e20"], r"model.vocab_size=\d+ is out of range"),
+    (["model.ffn_dim=1e20"], r"model.ffn_dim=\d+ is out of range"),
+    (["model.dim=1e20"], r"model.dim=\d+ is out of range"),  # once hung building the divisor list
+    (["model.n_layer=1e20"], r"model.n_layer=\d+ is out of range"),
+    (["train.early_stop_min_delta=-1"], r"train.early_stop_min_delta=-1.0 is out of range; set a value in \[0, 10\]"),
+    (["train.early_stop_min_delta=nan"], r"train.early_stop_min_delta=nan is out of range"),
+    (["train.lr=inf"], r"train.lr=inf is out of range"),
+    (["train.min_lr=0.01", "train.lr=0.001"], r"train.min_lr=0.01 must not exceed train.lr=0.001"),
+    (["train.lr_decay_steps=10", "train.warmup_steps=20"], r"train.lr_decay_steps=10 must be at least train.warmup_steps=20"),
     (["tokenizer.kind=bytes"], r"tokenizer.kind must be 'sentencepiece' or 'char'"),
     (["model"], r"override 'model' is not key=value"),
     (["model=3"], r"'model' is a section"),
@@ -97,6 +110,76 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg and isinstance(again, Config)
+
+
+def test_every_numeric_field_is_bounded():
+    """A value outside BOUNDS is one line; every int / float field has bounds, and both ends load."""
+    import dataclasses
+    import typing
+
+    from craft.config import BOUNDS
+
+    cfg = Config()
+    numeric = [f"{name}.{f.name}" for name in ("model", "tokenizer", "data", "train")
+               for f in dataclasses.fields(getattr(cfg, name)) if typing.get_type_hints(type(getattr(cfg, name)))[f.name] in (int, float)]
+    assert sorted(numeric) == sorted(BOUNDS)
+    for key in ("model.n_layer", "train.seed", "train.batch_size", "train.threads", "train.sample_top_k"):
+        section, name = key.split(".")
+        low, high = BOUNDS[key]
+        for value in (low, high):
+            assert getattr(getattr(load_config("tiny", [f"{key}={value}"]), section), name) == value
+        with pytest.raises(ConfigError, match=f"{key}=.* is out of range"):
+            load_config("tiny", [f"{key}={high + 1}"])
+
+
+def test_warmup_default_follows_max_steps():
+    """warmup_steps -1: a tenth of max_steps, at most 50 - so max_steps alone can be lowered."""
+    assert load_config("tiny").train.warmup_steps == 50  # tiny's 600 steps: the 50 it always had
+    short = load_config("tiny", ["train.max_steps=30"])
+    assert (short.train.warmup_steps, short.train.lr_decay_steps) == (3, 30)
+    assert load_config("tiny", ["train.max_steps=1"]).train.warmup_steps == 0
+    assert load_config("tiny", ["train.max_steps=30", "train.warmup_steps=7"]).train.warmup_steps == 7  # explicit stays
+
+
+def test_resumed_config_keeps_the_schedule_the_run_started_with(tmp_path):
+    from craft.config import resumed_config
+
+    cfg = load_config("tiny", ["train.max_steps=100", f"out_dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    longer = resumed_config(tmp_path, ["train.max_steps=300"])
+    assert (longer.train.max_steps, longer.train.lr_decay_steps, longer.train.warmup_steps) == (300, 100, 10)
+    stretched = resumed_config(tmp_path, ["train.max_steps=300", "train.lr_decay_steps=300"])
+    assert stretched.train.lr_decay_steps == 300
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())  # a run written before lr_decay_steps existed
+    del old["train"]["lr_decay_steps"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert resumed_config(tmp_path, ["train.max_steps=300"]).train.lr_decay_steps == 100
+    with pytest.raises(ConfigError, match="cannot change model"):
+        resumed_config(tmp_path, ["model.n_layer=7"])
+
+
+def test_run_config_errors_name_the_file(tmp_path):
+    from craft.config import read_run_config
+    from craft.run_dir import RunDirError
+
+    with pytest.raises(RunDirError, match="has no config.yaml"):
+        read_run_config(tmp_path)
+    write(tmp_path / "config.yaml", "model: [1, 2\n")
+    with pytest.raises(ConfigError, match="config.yaml is not valid YAML"):
+        read_run_config(tmp_path)
+    write(tmp_path / "config.yaml", "train:\n  seed: -1\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: train.seed=-1 is out of range"):
+        read_run_config(tmp_path)
+
+
+def test_presets_found_where_the_package_is(tmp_path):
+    """configs/ beside runtime/: the repository root in a checkout, craft/configs in a wheel."""
+    from craft import config
+
+    assert config.CONFIGS_DIR.is_dir() and (config.CONFIGS_DIR / "devices").is_dir()
+    from craft.runtime import estimate
+
+    assert estimate.DEVICES_DIR == config.CONFIGS_DIR / "devices"
 
 
 def test_derived_model_sizes():

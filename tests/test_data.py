@@ -115,3 +115,26 @@ def test_sample_windows_shapes_targets_and_determinism():
     assert a.shape == (4, 9) and a.dtype == np.int64 and np.array_equal(a, b)
     assert np.all(np.diff(a, axis=1) == 1)  # consecutive tokens: targets are inputs shifted by one
     assert a.max() < 1000
+
+
+def test_sentencepiece_vocab_too_small_for_the_characters_says_so(tmp_path):
+    corpus = tmp_path / "cjk.txt"
+    chars = "".join(chr(0x4E00 + i) for i in range(600))
+    corpus.write_text("\n".join(chars[i:i + 40] for i in range(0, 600, 40)) * 3, encoding="utf-8")
+    cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.vocab_size=400"])
+    with pytest.raises(DataError, match=r"tokenizer.vocab_size=400 is too small for this corpus's \d+ distinct characters.*raise tokenizer.vocab_size") as info:
+        train_tokenizer(cfg, Corpus(str(corpus)))
+    assert "too large" not in str(info.value)
+
+
+def test_val_split_is_the_one_training_uses(tmp_path):
+    """craft-export's val tokens (data.val_tokens) are the trainer's val split, element for element."""
+    from craft.data import val_tokens
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.kind=char", "data.val_fraction=0.2", "model.context_length=16"])
+    assert val_tokens(tmp_path) is None  # no token file yet
+    data = prepare_tokens(cfg, Corpus(str(corpus)), train_tokenizer(cfg, Corpus(str(corpus))), tmp_path)
+    val = val_tokens(tmp_path)
+    assert np.array_equal(val, data.val) and len(val) + len(data.train) == data.info["n_tokens"]

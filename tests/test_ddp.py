@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_overrides
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 from craft.config import load_config
@@ -43,7 +44,7 @@ def test_two_processes_train_and_rank_0_writes(ddp_run):
     assert (run / rd.SAMPLES).read_text().count("--- step") == 1
     assert len(list(run.glob(rd.TENSORBOARD_GLOB))) <= 1
 
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert state["step"] == 40 and len(state["rng"]["data"]) == 2 and len(state["rng"]["torch"]) == 2
     assert state["rng"]["data"][0] != state["rng"]["data"][1]  # each rank reads its own windows
     cfg = load_config(str(run / rd.CONFIG))
@@ -58,7 +59,7 @@ def test_two_process_run_resumes_on_two(ddp_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from checkpoint.pt at step 40" in result.stdout and "done: step 50" in result.stdout
     assert "warning" not in result.stdout
-    assert rd.load_checkpoint(run / rd.CHECKPOINT)[0]["step"] == 50
+    assert ckpt.read(run / rd.CHECKPOINT)[0]["step"] == 50
 
 
 def test_two_process_run_resumes_on_one_with_a_warning(ddp_run, tmp_path):
@@ -66,4 +67,4 @@ def test_two_process_run_resumes_on_one_with_a_warning(ddp_run, tmp_path):
     result = run_cli("craft.train", "--resume", str(run), "train.max_steps=45")
     assert result.returncode == 0, result.stderr
     assert "written by 2 processes, this run has 1" in result.stdout and "done: step 45" in result.stdout
-    assert len(rd.load_checkpoint(run / rd.CHECKPOINT)[0]["rng"]["data"]) == 1
+    assert len(ckpt.read(run / rd.CHECKPOINT)[0]["rng"]["data"]) == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.config import ModelConfig, load_config
 from craft.export import verify as V
@@ -198,10 +199,10 @@ def test_cli_prints_report_and_default_output(char_run, tmp_path):
 
 def test_load_run_rejects_checkpoint_of_other_shape(char_run, tmp_path):
     run = copy_run(char_run, tmp_path / "run")
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     state["model"]["norm.weight"] = torch.ones(3)
     (run / rd.CHECKPOINT).unlink()
-    rd.save_checkpoint(state, run / rd.CHECKPOINT)
+    ckpt.write(state, run / rd.CHECKPOINT)
     with pytest.raises(ExportError, match="does not fit the model"):
         load_run(run)
 

@@ -1,12 +1,16 @@
-"""Packaging: one distribution, folders mapped into craft.*, editable install works, runtime is torch-free."""
+"""Packaging: one distribution, folders mapped into craft.*, presets and device profiles shipped in
+the wheel, editable install works, runtime is torch-free."""
 
 from __future__ import annotations
 
 import shutil
+import time
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
@@ -37,6 +41,60 @@ def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("craft-train = craft.train:main", "craft-export = craft.export.cli:main", "craft-run = craft.runtime.cli:main"):
         assert script in scripts
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    src = source_copy(tmp_path)
+    subprocess.run(PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)], check=True, timeout=300, cwd=tmp_path)
+    shutil.rmtree(src)  # nothing of the checkout is left to be found by accident
+    return next(tmp_path.glob("craft-*.whl"))
+
+
+def install_in_fresh_venv(tmp_path: Path, *requirements: str) -> Path:
+    """A venv without system site packages, `requirements` installed by this pip from the
+    configured index / cache (one at a time: torch==2.13.0 first keeps pip off the CUDA build);
+    returns its bin/ folder."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    for requirement in requirements:
+        subprocess.run(PIP + ["--python", str(venv / "bin" / "python"), "install", requirement], check=True, timeout=600, cwd=tmp_path)
+    return venv / "bin"
+
+
+def test_installed_wheel_has_presets_and_device_profiles(tmp_path, char_int8):
+    """What a device installs (the wheel, runtime deps only, no torch): craft-run --estimate reads
+    the device profiles and craft.config the presets from inside the installed package."""
+    started = time.perf_counter()
+    wheel = build_wheel(tmp_path)
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"craft/configs/tiny.yaml", "craft/configs/small.yaml", "craft/configs/devices/pi4.yaml"} <= set(names)
+    bin_dir = install_in_fresh_venv(tmp_path, str(wheel))
+    out = subprocess.run([str(bin_dir / "craft-run"), str(char_int8), "--estimate"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for device in ("pi-zero-2w", "pi4", "pi5"):
+        assert device in out.stdout, out.stdout
+    code = "import craft.config as c; print(c.CONFIGS_DIR); print(*c.list_presets())"
+    out = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    folder, presets = out.stdout.splitlines()
+    assert Path(folder).parts[-2:] == ("craft", "configs") and Path(folder).is_relative_to(tmp_path / "venv")
+    assert set(presets.split()) == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    print(f"wheel -> fresh venv -> craft-run --estimate: {time.perf_counter() - started:.0f}s")
+
+
+@pytest.mark.slow
+def test_installed_wheel_with_training_extras_runs_craft_train(tmp_path):
+    """The wheel with [train] in a fresh venv: craft-train --help, and a preset resolves. Slow:
+    installing torch into a new venv takes about a minute on 2 cores."""
+    started = time.perf_counter()
+    wheel = build_wheel(tmp_path)
+    bin_dir = install_in_fresh_venv(tmp_path, "torch==2.13.0", f"{wheel}[train]")
+    out = subprocess.run([str(bin_dir / "craft-train"), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0 and "--resume" in out.stdout and "Exit codes" in out.stdout, out.stderr
+    code = "from craft.config import load_config; c = load_config('small'); print(c.model.dim, c.train.warmup_steps)"
+    out = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["288", "200"], out.stderr
+    print(f"wheel[train] -> fresh venv -> craft-train --help: {time.perf_counter() - started:.0f}s")
 
 
 def test_editable_install_from_repo_root(tmp_path):

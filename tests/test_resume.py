@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_cli, tiny_overrides
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 
@@ -65,7 +67,7 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
     stopped_at = last_step(killed)
-    checkpoint_step = rd.load_checkpoint(killed / rd.CHECKPOINT)[0]["step"]
+    checkpoint_step = ckpt.read(killed / rd.CHECKPOINT)[0]["step"]
     assert 10 <= checkpoint_step <= stopped_at < 60, (kill_at, checkpoint_step, stopped_at)  # killed mid-run, after a checkpoint
 
     rc, out, err = finish(start("--resume", str(killed)))
@@ -78,7 +80,7 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
     assert got == expected, f"kill at step {stopped_at}, resumed from {checkpoint_step}"  # exact float equality
     assert losses(killed, "eval", "val_loss") == losses(whole, "eval", "val_loss")
     assert (killed / rd.SAMPLES).read_text() == (whole / rd.SAMPLES).read_text()
-    a, b = rd.load_checkpoint(whole / rd.CHECKPOINT)[0], rd.load_checkpoint(killed / rd.CHECKPOINT)[0]
+    a, b = ckpt.read(whole / rd.CHECKPOINT)[0], ckpt.read(killed / rd.CHECKPOINT)[0]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -114,7 +116,7 @@ def test_damaged_checkpoint_falls_back_with_warning(three_checkpoints, tmp_path,
     else:
         os.truncate(path, size // 3 if damage == "truncate" else 0)
     with pytest.raises(rd.RunDirError, match="corrupted or truncated|bad header"):
-        rd.load_checkpoint(path)
+        ckpt.read(path)
     assert (run / "step-000030.pt").samefile(path)  # one file under two names: both are damaged
 
     result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
@@ -123,15 +125,15 @@ def test_damaged_checkpoint_falls_back_with_warning(three_checkpoints, tmp_path,
     assert len(warnings) == 1 and "checkpoint.pt" in warnings[0] and "using step-000020.pt (step 20)" in warnings[0], result.stdout
     assert "at step 20" in result.stdout and "done: step 40" in result.stdout
     assert [s for s, _ in losses(run)] == list(range(1, 41))
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert state["step"] == 40
-    assert sorted(p.name for p in rd.periodic_checkpoints(run)) == ["step-000020.pt", "step-000030.pt", "step-000040.pt"]
-    assert rd.load_checkpoint(run / "step-000030.pt")[0]["step"] == 30  # rewritten by the resumed run: whole again
+    assert sorted(p.name for p in ckpt.periodic(run)) == ["step-000020.pt", "step-000030.pt", "step-000040.pt"]
+    assert ckpt.read(run / "step-000030.pt")[0]["step"] == 30  # rewritten by the resumed run: whole again
 
 
 def test_no_loadable_checkpoint_is_one_line_error(three_checkpoints, tmp_path):
     run = copy_run(three_checkpoints, tmp_path / "run")
-    for path in rd.periodic_checkpoints(run):
+    for path in ckpt.periodic(run):
         os.truncate(path, 100)
     result = run_cli("craft.train", "--resume", str(run))
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -143,14 +145,35 @@ def test_keep_last_prunes_and_checkpoint_is_the_newest(tmp_path, small_corpus):
     from conftest import train_run
 
     run = train_run(tmp_path / "run", small_corpus, **{**FAST, "train.max_steps": 50, "train.checkpoint_interval": 10, "train.keep_last": 2, "train.eval_interval": 25})
-    assert [p.name for p in rd.periodic_checkpoints(run)] == ["step-000050.pt", "step-000040.pt"]
+    assert [p.name for p in ckpt.periodic(run)] == ["step-000050.pt", "step-000040.pt"]
     assert (run / rd.CHECKPOINT).samefile(run / "step-000050.pt")
-    best, _ = rd.load_checkpoint(run / rd.BEST)
+    best, _ = ckpt.read(run / rd.BEST)
     assert best["step"] in (25, 50) and best["best_val_loss"] == min(v for _, v in losses(run, "eval", "val_loss"))
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert {"model", "optimizer", "scheduler", "step", "rng", "early_stopping", "best_val_loss"} <= set(state)
     assert len(state["rng"]["data"]) == 1 and state["scheduler"]["last_epoch"] == 50
     assert not list(run.glob(".*"))  # no temp files left behind
+
+
+def test_longer_resumed_run_keeps_the_schedule(three_checkpoints, tmp_path):
+    """--resume with a larger max_steps continues the schedule the run started with: no jump in
+    lr, the extra steps train at min_lr. train.lr_decay_steps stretches the decay on purpose."""
+    def lrs(run: Path) -> dict[int, float]:
+        return dict(losses(run, "train", "lr"))
+
+    cfg = yaml.safe_load((three_checkpoints / rd.CONFIG).read_text())["train"]
+    assert cfg["lr_decay_steps"] == 30  # resolved when the run started
+    run = copy_run(three_checkpoints, tmp_path / "longer")
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
+    assert result.returncode == 0, result.stderr
+    before, after = lrs(three_checkpoints), lrs(run)
+    assert all(after[s] == before[s] for s in range(1, 31))
+    assert after[30] == pytest.approx(cfg["min_lr"]) and all(after[s] == after[30] for s in range(31, 41))
+
+    stretched = copy_run(three_checkpoints, tmp_path / "stretched")
+    result = run_cli("craft.train", "--resume", str(stretched), "train.max_steps=40", "train.lr_decay_steps=40")
+    assert result.returncode == 0, result.stderr
+    assert lrs(stretched)[31] > 2 * cfg["min_lr"] and lrs(stretched)[40] == pytest.approx(cfg["min_lr"])
 
 
 def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
@@ -169,7 +192,7 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum)
     rc, out, err = finish(proc)
     assert rc == 130, err
     assert "Traceback" not in err
-    state, _ = rd.load_checkpoint(run / rd.CHECKPOINT)
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
     assert state["step"] == last_step(run) >= 7  # the step it was in when signalled, saved
     assert f"--resume {run}" in out
 
@@ -179,18 +202,18 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum)
 
 
 def test_unit_checkpoint_hash_and_header(tmp_path):
-    state = {"format": rd.CHECKPOINT_FORMAT, "step": 3, "w": torch.arange(10.0)}
+    state = {"format": ckpt.FORMAT, "step": 3, "w": torch.arange(10.0)}
     path = tmp_path / "c.pt"
-    digest = rd.save_checkpoint(state, path)
-    loaded, again = rd.load_checkpoint(path)
+    digest = ckpt.write(state, path)
+    loaded, again = ckpt.read(path)
     assert again == digest and torch.equal(loaded["w"], state["w"])
     blob = path.read_bytes()
     path.write_bytes(blob + b"x")  # appended garbage is a mismatch too
     with pytest.raises(rd.RunDirError, match="SHA-256"):
-        rd.load_checkpoint(path)
+        ckpt.read(path)
     path.write_bytes(b"PK\x03\x04" + blob[4:])  # a bare torch.save zip, not ours
     with pytest.raises(rd.RunDirError, match="bad header"):
-        rd.load_checkpoint(path)
+        ckpt.read(path)
 
 
 def test_unit_truncate_samples(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_overrides
+from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import METRIC_FIELDS, read_metrics
 from craft.config import load_config
@@ -30,7 +31,7 @@ def test_tiny_run_loss_falls_and_run_dir_is_complete(char_run):
     assert "step 200" in (char_run / rd.SAMPLES).read_text()
     resolved = yaml.safe_load((char_run / rd.CONFIG).read_text())
     assert resolved["model"]["vocab_size"] > 0 and resolved["model"]["n_kv_head"] == 2
-    state, digest = rd.load_checkpoint(char_run / rd.CHECKPOINT)
+    state, digest = ckpt.read(char_run / rd.CHECKPOINT)
     assert state["step"] == 200 and len(digest) == 64
 
 
@@ -46,6 +47,15 @@ def test_metrics_jsonl_schema(char_run):
     assert steps == sorted(steps) and steps[-1] == 200
 
 
+def test_short_run_needs_only_max_steps(tmp_path, small_corpus):
+    """train.max_steps=30 alone works: the warmup follows it (a tenth, at most 50)."""
+    result = run_cli("craft.train", "train.max_steps=30", "tokenizer.kind=char", f"data.path={small_corpus}", f"out_dir={tmp_path / 'r'}",
+                     "model.dim=32", "model.n_layer=1", "model.n_head=2", "model.context_length=32", "train.eval_iters=1", "train.sample_tokens=4")
+    assert result.returncode == 0 and "done: step 30" in result.stdout, result.stderr
+    saved = yaml.safe_load((tmp_path / "r" / rd.CONFIG).read_text())["train"]
+    assert (saved["warmup_steps"], saved["lr_decay_steps"]) == (3, 30)
+
+
 def test_schedule_follows_max_steps_override():
     cfg = load_config("tiny", ["train.max_steps=200", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"])
     assert lr_at(0, cfg) == pytest.approx(1e-3 / 20)
@@ -54,6 +64,8 @@ def test_schedule_follows_max_steps_override():
     assert lr_at(200, cfg) == pytest.approx(1e-4) and lr_at(199, cfg) > 1e-4
     longer = load_config("tiny", ["train.max_steps=2000", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"])
     assert lr_at(200, longer) > 9e-4  # same step, longer schedule: still near the peak
+    planned = load_config("tiny", ["train.max_steps=200", "train.lr_decay_steps=2000", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"])
+    assert lr_at(200, planned) == lr_at(200, longer)  # lr_decay_steps, not max_steps, shapes the decay
 
 
 def test_run_records_learning_rate_schedule(char_run):
@@ -76,6 +88,26 @@ def test_unreadable_corpus_leaves_no_run_directory(tmp_path):
     result = run_cli("craft.train", f"data.path={bad}", f"out_dir={tmp_path / 'r'}")
     assert result.returncode == 2 and "is not UTF-8 text" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case", ["empty_corpus", "context_longer_than_corpus", "seed", "existing_empty_dir"])
+def test_refused_run_leaves_nothing_and_the_rerun_works(tmp_path, case):
+    """A first run refused for its input leaves no run behind, so the corrected command runs."""
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "runs" / "r"
+    corpus.write_text("" if case == "empty_corpus" else "to be or not to be\n" * 20)  # 400 characters
+    args = [f"data.path={corpus}", f"out_dir={out}", "tokenizer.kind=char", "model.context_length=64", "train.threads=1"]
+    if case == "existing_empty_dir":
+        out.mkdir(parents=True)
+    refused = run_cli("craft.train", *args, "model.context_length=512", *(["train.seed=-1"] if case == "seed" else []))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    expected = {"empty_corpus": "is empty", "seed": "train.seed=-1 is out of range"}.get(case, "fewer than model.context_length + 2")
+    assert expected in refused.stderr
+    assert (sorted(out.iterdir()) == [] if case == "existing_empty_dir" else not (tmp_path / "runs").exists())
+    if case == "empty_corpus":
+        corpus.write_text("to be or not to be\n" * 20)
+    small = ["model.dim=32", "model.n_layer=1", "model.n_head=2", "train.batch_size=2", "train.max_steps=2", "train.eval_iters=1", "train.sample_tokens=4"]
+    rerun = run_cli("craft.train", *args, "model.context_length=16", *small)
+    assert rerun.returncode == 0 and "done: step 2" in rerun.stdout, rerun.stderr
 
 
 def test_cli_missing_corpus_is_one_line_exit_2(tmp_path):

@@ -1,0 +1,210 @@
+"""What a checkpoint holds, and how it is written and read back (the only module that does either).
+
+A checkpoint is a dict saved with torch.save and loaded with weights_only=True (data, never code):
+
+    format, craft_version, config    what wrote it (config: the resolved Config as a dict)
+    model, optimizer, scheduler      their state_dicts
+    step                             optimizer steps taken
+    best_val_loss, early_stopping    the lowest val loss so far (best.pt) and EarlyStopping's state
+    elapsed_s                        training seconds so far (a resumed run adds to them)
+    rng {data, torch, cuda}          one entry per process: the numpy generator that picks the data
+                                     windows (the data position), torch's CPU and CUDA RNG states
+
+File: b"CRAFTCKPT1\\n" + SHA-256 hex of the payload + b"\\n" + the torch.save payload, written
+atomically, so a truncated or corrupted file is detected on load. In the run directory:
+step-NNNNNN.pt (the newest train.keep_last of them), checkpoint.pt (a hard link to the newest)
+and best.pt (lowest val loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from craft import __version__
+from craft.callbacks import EarlyStopping
+from craft.config import Config
+from craft.distributed import Distributed
+from craft.run_dir import BEST, CHECKPOINT, RunDirError, atomic_write_bytes, fsync_dir
+
+FORMAT = 1
+MAGIC = b"CRAFTCKPT1\n"
+
+
+@dataclass
+class TrainState:
+    """Everything a training run changes as it goes: what a checkpoint saves and restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data_rng: np.random.Generator  # which windows come next: this process's data position
+    stopper: EarlyStopping
+    step: int = 0
+    best_val: float = math.inf
+    elapsed_before: float = 0.0  # training seconds of the runs this one continues
+    started: float = field(default_factory=time.perf_counter)  # when this process began training
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
+# --- the training state <-> a checkpoint -------------------------------------------------------
+
+def save(state: TrainState, cfg: Config, dist: Distributed, *, best: bool = False) -> None:
+    """Checkpoint `state` into cfg.out_dir: best.pt, or step-NNNNNN.pt + checkpoint.pt.
+
+    Every rank calls this (each one's RNG states are gathered); rank 0 alone writes.
+    """
+    cuda = dist.device.type == "cuda"
+    rngs = dist.gather({"data": state.data_rng.bit_generator.state, "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state().cpu() if cuda else None})
+    if not dist.main:
+        return
+    payload = {
+        "format": FORMAT, "craft_version": __version__, "config": cfg.to_dict(),
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "step": state.step, "best_val_loss": state.best_val, "early_stopping": state.stopper.state_dict(),
+        "elapsed_s": state.elapsed_s,
+        "rng": {"data": [r["data"] for r in rngs], "torch": [r["torch"] for r in rngs],
+                "cuda": [r["cuda"] for r in rngs] if cuda else []},
+    }
+    run_dir = Path(cfg.out_dir)
+    if best:
+        write(payload, run_dir / BEST)
+    else:
+        write_periodic(payload, run_dir, state.step, cfg.train.keep_last)
+
+
+def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tuple[Path, str]:
+    """Load the newest good checkpoint of cfg.out_dir into `state`; returns (its path, its SHA-256).
+
+    Written by as many processes as this run has: every RNG continues exactly. Otherwise the
+    run goes on from fresh data seeds, with a warning.
+    """
+    saved, digest, path = read_latest(Path(cfg.out_dir), warn=log)
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.best_val, state.elapsed_before = saved["step"], saved["best_val_loss"], saved.get("elapsed_s", 0.0)
+    state.stopper.load_state_dict(saved["early_stopping"])
+    rngs = saved["rng"]
+    if isinstance(rngs["torch"], torch.Tensor):  # written by craft 0.1.0's first trainer: one torch state
+        rngs = {**rngs, "torch": [rngs["torch"]] * len(rngs["data"])}
+    if len(rngs["data"]) == dist.world:
+        state.data_rng.bit_generator.state = rngs["data"][dist.rank]
+        torch.set_rng_state(rngs["torch"][dist.rank])
+        if dist.device.type == "cuda" and rngs.get("cuda"):
+            torch.cuda.set_rng_state(rngs["cuda"][dist.rank])
+    else:
+        log(f"warning: {path.name} was written by {len(rngs['data'])} processes, this run has {dist.world}; "
+            "data order continues from fresh seeds (not an exact continuation)")
+        state.data_rng = np.random.default_rng([cfg.train.seed, dist.rank, state.step])
+    return path, digest
+
+
+# --- checkpoint files --------------------------------------------------------------------------
+
+def write(payload: dict[str, Any], path: Path) -> str:
+    """torch.save `payload`, prefix the SHA-256 of it, write atomically; returns the hash."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, MAGIC + digest.encode() + b"\n" + data)
+    return digest
+
+
+def read(path: Path) -> tuple[dict[str, Any], str]:
+    """(payload, sha256) of a file written by write(); RunDirError if it is damaged."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise RunDirError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    head = len(MAGIC) + 65
+    if not blob.startswith(MAGIC) or len(blob) < head:
+        raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
+    digest = blob[len(MAGIC):head - 1].decode("ascii", "replace")
+    data = memoryview(blob)[head:]
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a valid hash but unreadable payload: written by another torch?
+        raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RunDirError(f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}")
+    return payload, digest
+
+
+def step_of(path: Path) -> int:
+    """The step in a step-NNNNNN.pt name."""
+    return int(path.stem.split("-", 1)[1])
+
+
+def periodic(run_dir: Path) -> list[Path]:
+    """step-NNNNNN.pt files, newest (highest step) first."""
+    found = [p for p in Path(run_dir).glob("step-*.pt") if p.stem.split("-", 1)[1].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def write_periodic(payload: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> str:
+    """Write step-NNNNNN.pt, point checkpoint.pt at it, prune all but the newest keep_last.
+
+    checkpoint.pt is a hard link to the newest step file (one write, two names; replaced by an
+    atomic rename), or a second copy where the filesystem has no hard links.
+    """
+    numbered = run_dir / f"step-{step:06d}.pt"
+    digest = write(payload, numbered)
+    link = run_dir / f".{CHECKPOINT}.link"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(numbered, link)
+        os.replace(link, run_dir / CHECKPOINT)
+        fsync_dir(run_dir)
+    except OSError:  # no hard links here (some network / FAT filesystems)
+        write(payload, run_dir / CHECKPOINT)
+    for old in periodic(run_dir)[keep_last:]:
+        old.unlink(missing_ok=True)
+    return digest
+
+
+def read_latest(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
+    """The newest loadable checkpoint: checkpoint.pt, else the periodic ones, newest first.
+
+    A damaged file is skipped with a warning naming it; RunDirError if none loads.
+    """
+    candidates: list[Path] = []
+    for path in [run_dir / CHECKPOINT] + periodic(run_dir):
+        if path.is_file() and not any(os.path.samefile(path, seen) for seen in candidates):
+            candidates.append(path)  # checkpoint.pt and its step file are one file: read it once
+    if not candidates:
+        raise RunDirError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train one with: craft-train out_dir={run_dir}")
+    errors = []
+    for path in candidates:
+        try:
+            payload, digest = read(path)
+            if errors:
+                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {payload.get('step')}) instead")
+            return payload, digest, path
+        except RunDirError as e:
+            errors.append(str(e))
+    raise RunDirError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")
+
+
+def drop_after(run_dir: Path, step: int) -> None:
+    """Remove step files past `step` (the damaged ones a resume skipped), so pruning and later
+    fallbacks only see checkpoints of the run as it continues."""
+    for path in periodic(run_dir):
+        if step_of(path) > step:
+            path.unlink(missing_ok=True)
