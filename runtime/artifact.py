@@ -83,12 +83,22 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
+        """Parse and type-check (ints are ints, never bools); ranges are craft.runtime.artifact_check's."""
         values = json.loads(text)
-        names = {f.name for f in fields(cls)}
-        missing = names - values.keys()
+        if not isinstance(values, dict):
+            raise ArtifactError(f"model config in the file is a JSON {type(values).__name__}, not an object; re-export it with craft-export")
+        missing = {f.name for f in fields(cls)} - values.keys()
         if missing:
             raise ArtifactError(f"model config in the file lacks {sorted(missing)}; re-export it with this craft version")
-        return cls(**{k: values[k] for k in names})
+        typed = {}
+        for f in fields(cls):
+            value = values[f.name]
+            kind = {"int": int, "float": (int, float), "bool": bool}[f.type]
+            if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
+                raise ArtifactError(f"model config in the file has {f.name}={json.dumps(value)[:40]}, expected {f.type}; "
+                                    f"re-export it with craft-export")
+            typed[f.name] = float(value) if f.type == "float" else value
+        return cls(**typed)
 
 
 @dataclass(frozen=True)
@@ -153,8 +163,10 @@ class Artifact:
             )
         except KeyError as e:
             raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None
-        except ValueError as e:
-            raise ArtifactError(f"{source} has malformed Craft metadata ({e}); re-export it with craft-export") from None
+        except ArtifactError as e:
+            raise ArtifactError(f"{source}: {e}") from None
+        except (ValueError, OverflowError, RecursionError) as e:  # RecursionError: JSON nested past the stack
+            raise ArtifactError(f"{source} has malformed Craft metadata ({str(e)[:200]}); re-export it with craft-export") from None
 
 
 def parse_token_ids(text: str, key: str, vocab_size: int) -> tuple[int, ...]:

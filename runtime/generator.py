@@ -19,7 +19,6 @@ single prompt and for every row of a batch. craft-run is a thin layer over this.
 from __future__ import annotations
 
 import resource
-import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from craft.runtime.artifact import Artifact, ArtifactError, position_ids
-from craft.runtime.onnx_file import OnnxFormatError, read_metadata
+from craft.runtime.artifact_check import check_file
 from craft.runtime.sampling import SamplingParams, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
@@ -80,25 +79,9 @@ def peak_rss_mb() -> float:
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    """The file's Craft metadata, checked; ArtifactError (one line) for anything else."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ArtifactError(f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}") from None
-    except OSError as e:
-        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise ArtifactError(f"model file {path} is a directory; pass the .onnx file (craft-export RUN_DIR -o FILE.onnx writes one)")
-    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: not opened
-        raise ArtifactError(f"model file {path} is not a regular file (a pipe or a device); pass the .onnx file from craft-export")
-    try:
-        metadata = read_metadata(path)
-    except OnnxFormatError as e:
-        raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
-    except OSError as e:
-        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
-    return Artifact.from_metadata(metadata, source=str(path))
+    """The file's Craft metadata, checked against the file itself (craft.runtime.artifact_check);
+    ArtifactError (one line) for anything else."""
+    return check_file(path)
 
 
 class Continuation:

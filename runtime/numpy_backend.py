@@ -18,7 +18,8 @@ import numpy as np
 
 from craft.runtime import weights as W
 from craft.runtime.artifact import ArtifactError, ModelSpec
-from craft.runtime.onnx_file import read_model
+from craft.runtime.artifact_check import entry_budget, expected_weights
+from craft.runtime.onnx_file import OnnxFormatError, read_model
 
 MASKED = np.float32(np.finfo(np.float32).min)
 
@@ -35,8 +36,12 @@ class NumpyBackend:
             raise ArtifactError(f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort")
         self.spec = spec
         scheme = W.SCHEMES[quantization]
-        w = read_model(path).initializers
         floats, stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
+        try:  # only the weights the spec names are decoded; the graph's nodes are not even parsed
+            w = read_model(path, with_weights=expected_weights(spec, quantization), with_nodes=False,
+                           max_entries=entry_budget(spec)).initializers
+        except OnnxFormatError as e:
+            raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
 
         def tensors(names: tuple[str, ...], layout) -> tuple[np.ndarray, ...]:
             """The named initializers, checked against the layout the format defines for this model."""

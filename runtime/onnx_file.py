@@ -22,6 +22,13 @@ tensors are copied once.  Because such views read the file lazily, replace a
 model file atomically (write elsewhere, then os.replace) rather than rewriting it
 in place while its arrays are in use: truncating a mapped file makes later reads
 of it kill the process with SIGBUS.
+
+The file is untrusted: every length, count and size it claims is checked against the
+bytes actually present before anything is allocated from it (a packed field may not claim
+more values than its bytes hold, raw_data must be exactly dims x the type's size), packed
+values are decoded in bounded chunks, and callers may cap how many nodes, tensors and
+values the reader builds objects for (a file of millions of empty entries would otherwise
+cost a hundred times its size in Python objects).
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 
-__all__ = ["OnnxFormatError", "ValueInfo", "Node", "OnnxModel", "read_model", "read_metadata"]
+__all__ = ["OnnxFormatError", "ValueInfo", "Node", "TensorInfo", "OnnxModel", "read_model", "read_metadata"]
+
+MAX_RANK = 64  # numpy's own limit: no tensor or value may claim more dims
+MAX_PAIRS = 4096  # metadata_props and opset_import entries; real files have a few dozen
 
 
 class OnnxFormatError(ValueError):
@@ -69,12 +79,27 @@ class Node:
     attributes: dict[str, object] = field(hash=False)
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """An initializer as its header describes it, read without decoding its data.  `dtype`
+    is None for a data type Craft does not read.  For the others the reader has checked that
+    the file holds exactly the data the shape claims."""
+    name: str
+    data_type: int
+    shape: tuple[int, ...]
+    dtype: np.dtype | None
+
+
 @dataclass
 class OnnxModel:
     """What Craft needs from a ModelProto.  `opsets` maps domain to version, with
     '' for the default ai.onnx domain (also used for nodes' `domain`).  `inputs`
     lists graph inputs as stored, so models older than IR version 4 may also
-    list their initializers there."""
+    list their initializers there.  `tensors` has every initializer's header,
+    `initializers` the decoded ones that were asked for; `node_count` counts the
+    nodes even when they were not parsed.  `structure_bytes` is the part of the
+    file that is neither initializer raw_data nor metadata: what a runtime turns
+    into objects (nodes, names, types, typed values), whatever their number."""
     ir_version: int
     opsets: dict[str, int]
     producer: str
@@ -84,20 +109,35 @@ class OnnxModel:
     nodes: list[Node]
     initializers: dict[str, np.ndarray]
     producer_version: str = ""
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    node_count: int = 0
+    structure_bytes: int = 0
 
 
-def read_model(path: str | os.PathLike, *, with_weights: bool = True) -> OnnxModel:
-    """Read the model at `path`.  With `with_weights=False` the initializers are
-    skipped without being decoded (the result has none; tensor-valued node
-    attributes, as in Constant nodes, are still decoded), which makes reading the
-    metadata, inputs, outputs and nodes of a large model take milliseconds.
+def read_model(path: str | os.PathLike, *, with_weights: bool | Collection[str] = True, with_nodes: bool = True,
+               max_entries: int | None = None) -> OnnxModel:
+    """Read the model at `path`.  `with_weights`: decode every initializer (True),
+    none (False: only their headers, in `tensors`; tensor-valued node attributes,
+    as in Constant nodes, are still decoded), or only those named.  Reading the
+    metadata, inputs, outputs and nodes of a large model then takes milliseconds.
+    `with_nodes=False` only counts the nodes.  `max_entries` caps the nodes, the
+    initializers, the inputs and the outputs (each); a file with more is refused.
     Raises OnnxFormatError as described there; OSError if the file cannot be opened."""
-    return _read(path, graph_wanted=True, with_weights=with_weights)
+    wanted = (lambda name: with_weights) if isinstance(with_weights, bool) else frozenset(with_weights).__contains__
+    return _read(path, _Options(True, wanted, with_nodes, max_entries))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """Return the model's metadata_props as a dict, without reading the graph."""
-    return _read(path, graph_wanted=False, with_weights=False).metadata
+    return _read(path, _Options(False, lambda name: False, False, None)).metadata
+
+
+@dataclass(frozen=True)
+class _Options:
+    graph: bool  # parse the graph at all
+    decode: Callable[[str], bool]  # which initializers to decode
+    nodes: bool
+    max_entries: int | None
 
 
 # --- protobuf wire format ----------------------------------------------------
@@ -170,14 +210,19 @@ def _text(buf: memoryview, a: int, b: int) -> str:
         raise _Malformed(f"malformed protobuf: invalid UTF-8 in string at byte {a}") from None
 
 
-def _add_ints(out: list[int], buf: memoryview, wire: int, a: int, b: int) -> None:
-    """Append a repeated int64 field's values, whether sent one by one or packed."""
+def _add_ints(out: list[int], buf: memoryview, wire: int, a: int, b: int, limit: int | None = None) -> None:
+    """Append a repeated int64 field's values, whether sent one by one or packed;
+    _Malformed once there are more than `limit`."""
     if wire == _VARINT:
         out.append(_signed(a))
     elif wire == _LEN:
         while a < b:
             value, a = _read_varint(buf, a, b)
             out.append(_signed(value))
+            if limit is not None and len(out) > limit:
+                break
+    if limit is not None and len(out) > limit:
+        raise _Malformed(f"more than {limit} dims (rank) at byte {a}")
 
 
 def _add_floats(out: list[float], buf: memoryview, wire: int, a: int, b: int) -> None:
@@ -188,9 +233,33 @@ def _add_floats(out: list[float], buf: memoryview, wire: int, a: int, b: int) ->
         out.extend(struct.unpack_from(f"<{(b - a) // 4}f", buf, a))
 
 
-def _decode_varints(data: np.ndarray) -> np.ndarray:
-    """Decode a packed run of varints (uint8 array) into uint64, vectorized."""
-    if data.size == 0 or data.max() < 0x80:  # every value fits in one byte
+_CHUNK = 1 << 20  # packed varints are decoded this many bytes at a time: bounds the temporaries
+
+
+def _count_varints(data: np.ndarray) -> int:
+    """How many varints a packed run (uint8 array) holds: the bytes that end one."""
+    if data.size and data[-1] >= 0x80:
+        raise _Malformed("truncated or malformed protobuf: packed varints end mid-value")
+    return sum(int(np.count_nonzero(data[i:i + _CHUNK] < 0x80)) for i in range(0, data.size, _CHUNK))
+
+
+def _decode_varints(data: np.ndarray) -> Iterator[np.ndarray]:
+    """Decode a packed run of varints (uint8 array) into uint64 arrays, vectorized, one
+    chunk of at most _CHUNK bytes at a time (each chunk ends with a whole value)."""
+    start = 0
+    while start < data.size:
+        stop = min(start + _CHUNK, data.size)
+        if stop < data.size:
+            ends = np.flatnonzero(data[start:stop] < 0x80)
+            if ends.size == 0:
+                raise _Malformed("malformed protobuf: packed varint longer than 10 bytes")
+            stop = start + int(ends[-1]) + 1
+        yield _decode_chunk(data[start:stop])
+        start = stop
+
+
+def _decode_chunk(data: np.ndarray) -> np.ndarray:
+    if data.max() < 0x80:  # every value fits in one byte
         return data.astype(np.uint64)
     if data[-1] >= 0x80:
         raise _Malformed("truncated or malformed protobuf: packed varints end mid-value")
@@ -224,66 +293,124 @@ def _frozen(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _typed_values(buf: memoryview, number: int, spans: list[tuple[int, int, int]]) -> np.ndarray:
-    """Concatenate the values of typed-data field `number` (packed or not)."""
-    parts = []
+@dataclass
+class _Tensor:
+    """A TensorProto's header and where its data lies: buf[raw[0]:raw[1]] or the typed spans."""
+    name: str = ""
+    data_type: int = 0
+    dims: list[int] = field(default_factory=list)
+    raw: tuple[int, int] | None = None
+    typed: list[tuple[int, int, int]] = field(default_factory=list)  # (wire, a, b) of the typed field
+    external: bool = False
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return np.dtype(_TENSOR_TYPES[self.data_type][0]) if self.data_type in _TENSOR_TYPES else None
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.raw[1] - self.raw[0] if self.raw else 0
+
+
+def _tensor_header(buf: memoryview, start: int, end: int) -> _Tensor:
+    """Read a TensorProto's fields (not its data) and check that the data present is exactly
+    what dims and type claim; nothing is allocated from the claims."""
+    t = _Tensor()
+    typed = {}
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 1:
+            _add_ints(t.dims, buf, wire, a, b, MAX_RANK)
+        elif number == 2 and wire == _VARINT:
+            t.data_type = a
+        elif number == 8 and wire == _LEN:
+            t.name = _text(buf, a, b)
+        elif number == 9 and wire == _LEN:
+            t.raw = (a, b)
+        elif number == 14 and wire == _VARINT:
+            t.external = a == 1
+        elif number in (4, 5, 7, 10, 11):
+            typed.setdefault(number, []).append((wire, a, b))
+    if t.external:
+        raise _Malformed(f"tensor {t.name!r} keeps its data in an external file "
+                         "(data_location=EXTERNAL); Craft models must be self-contained")
+    if any(d < 0 for d in t.dims):
+        raise _Malformed(f"tensor {t.name!r} has negative dims {t.dims}")
+    if t.dtype is None:
+        return t  # refused if decoded; its header may still be looked at
+    t.typed = typed.get(_TENSOR_TYPES[t.data_type][1], [])
+    count = math.prod(t.dims)
+    if t.raw is not None:
+        if t.raw_bytes != count * t.dtype.itemsize:
+            raise _Malformed(f"tensor {t.name!r} of shape {tuple(t.dims)} has {t.raw_bytes} "
+                             f"bytes of raw_data, expected {count * t.dtype.itemsize}")
+    else:
+        present = _count_typed(buf, _TENSOR_TYPES[t.data_type][1], t.typed)
+        if present != count:
+            raise _Malformed(f"tensor {t.name!r} of shape {tuple(t.dims)} has {present} "
+                             f"values, expected {count}")
+    return t
+
+
+def _count_typed(buf: memoryview, number: int, spans: list[tuple[int, int, int]]) -> int:
+    """How many values typed-data field `number` holds (packed or not), without decoding them."""
+    count = 0
     if number in _FIXED_WIDTH_FIELDS:
         dtype, single_wire = _FIXED_WIDTH_FIELDS[number]
         for wire, a, b in spans:
             if wire in (_LEN, single_wire):
                 if (b - a) % dtype.itemsize:
                     raise _Malformed(f"malformed protobuf: packed field {number} of {b - a} bytes")
-                parts.append(np.frombuffer(buf, dtype, (b - a) // dtype.itemsize, a))
+                count += (b - a) // dtype.itemsize
+    else:
+        for wire, a, b in spans:
+            if wire == _LEN:
+                count += _count_varints(np.frombuffer(buf, np.uint8, b - a, a))
+            elif wire == _VARINT:
+                count += 1
+    return count
+
+
+def _tensor_values(buf: memoryview, t: _Tensor) -> np.ndarray:
+    """The data of a checked header, as a read-only array of its shape."""
+    if t.dtype is None:
+        raise _Malformed(f"tensor {t.name!r} has data type {t.data_type}, which Craft does not read")
+    count = math.prod(t.dims)
+    if t.raw is not None:
+        values = np.frombuffer(buf, t.dtype, count, t.raw[0]) if count else np.empty(0, t.dtype)
+        return _frozen(values.reshape(t.dims))
+    number = _TENSOR_TYPES[t.data_type][1]
+    # float16 values are stored as their uint16 bit patterns
+    values = np.empty(count, np.uint16 if t.data_type == 10 else t.dtype.newbyteorder("="))
+    filled = 0
+    for part in _typed_parts(buf, number, t.typed):
+        values[filled:filled + part.size] = part  # a cast, as astype would (int32_data holds int8 ... bool)
+        filled += part.size
+    assert filled == count, "checked by _tensor_header"
+    if t.data_type == 10:
+        values = values.view(np.float16)
+    return _frozen(values.reshape(t.dims))
+
+
+def _typed_parts(buf: memoryview, number: int, spans: list[tuple[int, int, int]]) -> Iterator[np.ndarray]:
+    """The values of typed-data field `number` (packed or not), in bounded pieces."""
+    if number in _FIXED_WIDTH_FIELDS:
+        dtype, single_wire = _FIXED_WIDTH_FIELDS[number]
+        for wire, a, b in spans:
+            if wire in (_LEN, single_wire):
+                yield np.frombuffer(buf, dtype, (b - a) // dtype.itemsize, a)
     else:
         dtype = np.dtype(np.int64 if number in (5, 7) else np.uint64)  # int32/int64 vs uint64
         for wire, a, b in spans:
             if wire == _LEN:
-                parts.append(_decode_varints(np.frombuffer(buf, np.uint8, b - a, a)).view(dtype))
+                for part in _decode_varints(np.frombuffer(buf, np.uint8, b - a, a)):
+                    yield part.view(dtype)
             elif wire == _VARINT:
-                parts.append(np.array([a], np.uint64).view(dtype))
-    return np.concatenate(parts) if parts else np.empty(0, dtype)
+                yield np.array([a], np.uint64).view(dtype)
 
 
 def _parse_tensor(buf: memoryview, start: int, end: int) -> tuple[str, np.ndarray]:
-    name, dims, data_type, raw, external = "", [], 0, None, False
-    typed: dict[int, list[tuple[int, int, int]]] = {}
-    for number, wire, a, b in _fields(buf, start, end):
-        if number == 1:
-            _add_ints(dims, buf, wire, a, b)
-        elif number == 2 and wire == _VARINT:
-            data_type = a
-        elif number == 8 and wire == _LEN:
-            name = _text(buf, a, b)
-        elif number == 9 and wire == _LEN:
-            raw = (a, b)
-        elif number == 14 and wire == _VARINT:
-            external = a == 1
-        elif number in (4, 5, 7, 10, 11):
-            typed.setdefault(number, []).append((wire, a, b))
-    if external:
-        raise _Malformed(f"tensor {name!r} keeps its data in an external file "
-                         "(data_location=EXTERNAL); Craft models must be self-contained")
-    if data_type not in _TENSOR_TYPES:
-        raise _Malformed(f"tensor {name!r} has data type {data_type}, which Craft does not read")
-    if any(d < 0 for d in dims):
-        raise _Malformed(f"tensor {name!r} has negative dims {dims}")
-    little_endian, typed_field = _TENSOR_TYPES[data_type]
-    dtype, count = np.dtype(little_endian), math.prod(dims)
-    if raw is not None:
-        if raw[1] - raw[0] != count * dtype.itemsize:
-            raise _Malformed(f"tensor {name!r} of shape {tuple(dims)} has {raw[1] - raw[0]} "
-                             f"bytes of raw_data, expected {count * dtype.itemsize}")
-        values = np.frombuffer(buf, dtype, count, raw[0]) if count else np.empty(0, dtype)
-    else:
-        values = _typed_values(buf, typed_field, typed.get(typed_field, []))
-        if values.size != count:
-            raise _Malformed(f"tensor {name!r} of shape {tuple(dims)} has {values.size} "
-                             f"values, expected {count}")
-        if data_type == 10:  # float16 values are stored as their uint16 bit patterns
-            values = values.astype(np.uint16).view(np.float16)
-        else:
-            values = values.astype(dtype, copy=False)
-    return name, _frozen(values.reshape(dims))
+    t = _tensor_header(buf, start, end)
+    return t.name, _tensor_values(buf, t)
 
 
 # --- graph structure ---------------------------------------------------------
@@ -378,8 +505,12 @@ def _parse_value_info(buf: memoryview, start: int, end: int) -> ValueInfo:
             if number == 1 and wire == _VARINT:
                 elem_type = a
             elif number == 2 and wire == _LEN:  # TensorShapeProto; its field 1 is repeated dim
-                shape = [_parse_dim(buf, da, db) for n, w, da, db in _fields(buf, a, b)
-                         if n == 1 and w == _LEN]
+                shape = []
+                for n, w, da, db in _fields(buf, a, b):
+                    if n == 1 and w == _LEN:
+                        if len(shape) == MAX_RANK:
+                            raise _Malformed(f"value {name!r} has more than {MAX_RANK} dims")
+                        shape.append(_parse_dim(buf, da, db))
     return ValueInfo(name, elem_type, tuple(shape))
 
 
@@ -393,15 +524,28 @@ def _parse_dim(buf: memoryview, start: int, end: int) -> int | str | None:
     return dim
 
 
-def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, with_weights: bool) -> None:
+def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, options: _Options) -> None:
+    limit = options.max_entries
+    counts = [0, 0, 0]  # initializers, inputs, outputs (nodes: model.node_count)
     for number, wire, a, b in _fields(buf, start, end):
-        if wire != _LEN:
+        if wire != _LEN or number not in (1, 5, 11, 12):
             continue
+        index = (1, 5, 11, 12).index(number)
+        if index == 0:
+            model.node_count += 1
+        else:
+            counts[index - 1] += 1
+        if limit is not None and (model.node_count if index == 0 else counts[index - 1]) > limit:
+            raise _Malformed(f"more than {limit} {('nodes', 'initializers', 'inputs', 'outputs')[index]} in the graph")
         if number == 1:
-            model.nodes.append(_parse_node(buf, a, b))
-        elif number == 5 and with_weights:
-            name, array = _parse_tensor(buf, a, b)
-            model.initializers[name] = array
+            if options.nodes:
+                model.nodes.append(_parse_node(buf, a, b))
+        elif number == 5:
+            tensor = _tensor_header(buf, a, b)
+            model.structure_bytes -= tensor.raw_bytes
+            model.tensors[tensor.name] = TensorInfo(tensor.name, tensor.data_type, tuple(tensor.dims), tensor.dtype)
+            if options.decode(tensor.name):
+                model.initializers[tensor.name] = _tensor_values(buf, tensor)
         elif number == 11:
             model.inputs.append(_parse_value_info(buf, a, b))
         elif number == 12:
@@ -422,9 +566,10 @@ def _parse_pair(buf: memoryview, start: int, end: int) -> tuple[str, int | str |
     return key, value
 
 
-def _parse_model(buf: memoryview, graph_wanted: bool, with_weights: bool) -> OnnxModel:
-    model = OnnxModel(0, {}, "", {}, [], [], [], {})
+def _parse_model(buf: memoryview, options: _Options) -> OnnxModel:
+    model = OnnxModel(0, {}, "", {}, [], [], [], {}, structure_bytes=len(buf))
     ir_version = graph = None
+    pairs = 0
     for number, wire, a, b in _fields(buf, 0, len(buf)):
         if number == 1 and wire == _VARINT:
             ir_version = _signed(a)
@@ -434,23 +579,27 @@ def _parse_model(buf: memoryview, graph_wanted: bool, with_weights: bool) -> Onn
             model.producer_version = _text(buf, a, b)
         elif number == 7 and wire == _LEN:
             graph = (a, b)
-        elif number == 8 and wire == _LEN:
-            domain, version = _parse_pair(buf, a, b)
-            model.opsets[_domain(domain)] = version if isinstance(version, int) else 0
-        elif number == 14 and wire == _LEN:
+        elif number in (8, 14) and wire == _LEN:
+            pairs += 1
+            if pairs > MAX_PAIRS:
+                raise _Malformed(f"more than {MAX_PAIRS} metadata_props and opset_import entries")
             key, value = _parse_pair(buf, a, b)
-            model.metadata[key] = value if isinstance(value, str) else ""
+            if number == 8:
+                model.opsets[_domain(key)] = value if isinstance(value, int) else 0
+            else:
+                model.metadata[key] = value if isinstance(value, str) else ""
+                model.structure_bytes -= b - a
     if ir_version is None or ir_version <= 0:
         raise _Malformed("not an ONNX model (no ir_version)")
     model.ir_version = ir_version
-    if graph_wanted:
+    if options.graph:
         if graph is None:
             raise _Malformed("not an ONNX model (no graph)")
-        _parse_graph(buf, *graph, model, with_weights)
+        _parse_graph(buf, *graph, model, options)
     return model
 
 
-def _read(path: str | os.PathLike, graph_wanted: bool, with_weights: bool) -> OnnxModel:
+def _read(path: str | os.PathLike, options: _Options) -> OnnxModel:
     shown = os.fsdecode(path)
     with open(path, "rb") as file:
         try:
@@ -460,8 +609,8 @@ def _read(path: str | os.PathLike, graph_wanted: bool, with_weights: bool) -> On
     if len(data) == 0:
         raise OnnxFormatError(f"{shown}: empty file, not an ONNX model")
     try:
-        return _parse_model(memoryview(data), graph_wanted, with_weights)
+        return _parse_model(memoryview(data), options)
     except _Malformed as error:
         raise OnnxFormatError(f"{shown}: {error}") from None
-    except (IndexError, ValueError, OverflowError, struct.error) as error:  # safety net
+    except (IndexError, ValueError, OverflowError, MemoryError, struct.error) as error:  # safety net
         raise OnnxFormatError(f"{shown}: malformed ONNX file ({type(error).__name__}: {error})") from None

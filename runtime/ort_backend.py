@@ -9,6 +9,12 @@ The binding is driven through onnxruntime's pybind objects (session._sess, bindi
 when they exist: the public wrappers re-create an OrtDevice and re-validate every value on
 every call, about 80 us per token here - a tenth of a decode step. The public API is the
 fallback.
+
+The file must have passed craft.runtime.artifact_check (Generator does that first): ONNX
+Runtime then gets a graph whose inputs, outputs, weights and size are what the metadata says.
+Whatever it still refuses - a damaged op, a bad attribute, a shape that fails at run time - is
+one ArtifactError line, never ONNX Runtime's own exception; the logits it returns are checked
+against the spec before anyone indexes them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from craft.runtime import artifact as A
-from craft.runtime.artifact import ModelSpec
+from craft.runtime.artifact import ArtifactError, ModelSpec
 
 
 class OrtBackend:
@@ -26,13 +32,17 @@ class OrtBackend:
     def __init__(self, path: str, spec: ModelSpec, threads: int = 0):
         import onnxruntime as ort
 
-        self.spec = spec
+        self.spec, self.path = spec, path
+        self._errors = ort_errors()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        opts.log_severity_level = 4  # fatal only: a damaged file's problem is our one line, not ORT's log
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except self._errors as e:
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({one_line(e)}); re-export it with craft-export") from None
         self._outputs = [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
         self._inputs = [n for i in range(spec.n_layer) for n in A.past_names(i)]
         # Drive IOBinding through onnxruntime's pybind objects (session._sess, binding._iobinding)
@@ -79,9 +89,36 @@ class OrtBackend:
             b.bind_ortvalue_input(name, value)
         for name in self._outputs:
             self._bind_output(name)
-        self._run()
-        outputs = b.get_outputs()
-        logits = outputs[0].numpy()
+        try:
+            self._run()
+            outputs = b.get_outputs()
+            logits = outputs[0].numpy()
+        except self._errors as e:
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export") from None
+        B, T = input_ids.shape
+        if logits.shape != (B, T, self.spec.vocab_size) or logits.dtype != np.float32 or len(outputs) != len(self._outputs):
+            raise ArtifactError(f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
+                                f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export")
         self.cache = [outputs[i] for i in range(1, len(self._outputs))]
         self.cache_length += input_ids.shape[1]
         return logits[:, -1:] if last_only else logits
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises for a model it cannot load or run: its own exception classes
+    (Fail, InvalidGraph, InvalidArgument, RuntimeException, ...: plain Exceptions), C++ errors
+    pybind11 maps to RuntimeError, and MemoryError for an allocation it could not make."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+    except ImportError:
+        own = ()
+    else:
+        own = tuple(c for c in vars(C).values() if isinstance(c, type) and issubclass(c, Exception))
+    return own + (RuntimeError, MemoryError)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message on one line, its '[ONNXRuntimeError] : 1 : FAIL :' prefix dropped."""
+    text = " ".join(str(error).split())
+    text = text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."

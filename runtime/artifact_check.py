@@ -1,0 +1,175 @@
+"""Check a Craft .onnx file against itself before anything is sized from what it says.
+
+The file is untrusted. Its metadata claims a network (ModelSpec), special token ids and a
+quantization scheme; the backends and --estimate size loops, buffers and ONNX Runtime's
+bindings from those claims. check_file() holds every claim against the file itself first,
+reading it with the bounded reader (craft.runtime.onnx_file: every length already checked
+against the bytes present) and without decoding a single weight:
+
+  ranges    every ModelSpec field in a sane range; n_kv_head divides n_head; head_dim even;
+            special ids inside the vocabulary; a quantization scheme this runtime knows
+  weights   every weight the spec implies is present with exactly the shape and dtype its
+            scheme's layout gives (craft.runtime.weights); none of a layer the spec lacks
+  graph     inputs and outputs are the contract's names for n_layer (craft.runtime.artifact),
+            with their element types, ranks and the fixed dims the spec implies
+  size      at most entry_budget(spec) nodes (initializers, inputs, outputs alike) and
+            STRUCTURE_BYTES_PER_LAYER * (n_layer + 1) bytes of graph structure: what ONNX
+            Runtime turns into objects, so that a file of millions of tiny entries cannot make
+            it allocate a hundred times the file's size
+
+A Craft export has about 60 nodes and 12 KB of structure per layer (both schemes): the
+budgets are twice that. Each failure is one ArtifactError line naming the file, what was
+expected and found, and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import stat
+from pathlib import Path
+
+import numpy as np
+
+from craft.runtime import artifact as A
+from craft.runtime import weights as W
+from craft.runtime.artifact import Artifact, ArtifactError, ModelSpec
+from craft.runtime.onnx_file import OnnxFormatError, OnnxModel, ValueInfo, read_metadata, read_model
+
+NODES_PER_LAYER = 128  # nodes (and initializers, inputs, outputs) allowed per layer, one layer's worth for the rest
+STRUCTURE_BYTES_PER_LAYER = 32 * 1024  # bytes of non-weight, non-metadata protobuf per layer, likewise
+
+# the ranges a ModelSpec field may take (inclusive); beyond them no real model lies
+RANGES = {
+    "vocab_size": (1, 1 << 24), "dim": (1, 1 << 16), "n_layer": (1, 1024), "n_head": (1, 1024), "n_kv_head": (1, 1024),
+    "head_dim": (2, 4096), "hidden_dim": (1, 1 << 20), "context_length": (1, 1 << 24),
+}
+INT64, FLOAT32 = 7, 1  # TensorProto element types of the contract's inputs and outputs
+FIX = "re-export it with craft-export"
+
+
+def entry_budget(spec: ModelSpec) -> int:
+    """The most nodes, initializers, inputs or outputs (each) a file of this spec may have."""
+    return NODES_PER_LAYER * (spec.n_layer + 1)
+
+
+def spec_problem(spec: ModelSpec) -> str | None:
+    """What is wrong with a (type-checked) spec's values, or None."""
+    for name, (lo, hi) in RANGES.items():
+        value = getattr(spec, name)
+        if not lo <= value <= hi:
+            return f"model config has {name}={value}, expected {lo}..{hi}"
+    if spec.n_head % spec.n_kv_head:
+        return f"model config has n_head={spec.n_head}, not a multiple of n_kv_head={spec.n_kv_head}"
+    if spec.head_dim % 2:
+        return f"model config has head_dim={spec.head_dim}, expected an even number (RoPE rotates pairs)"
+    if not (math.isfinite(spec.rope_theta) and spec.rope_theta > 0):
+        return f"model config has rope_theta={spec.rope_theta}, expected a positive number"
+    if not (math.isfinite(spec.norm_eps) and 0 <= spec.norm_eps < 1):
+        return f"model config has norm_eps={spec.norm_eps}, expected 0 <= norm_eps < 1"
+    return None
+
+
+def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of every stored weight a file of this spec and scheme has."""
+    scheme = W.SCHEMES[quantization]
+    out = {name: (shape, np.dtype(np.float32)) for name, shape in W.float_weights(spec).items()}
+    for name, shape in W.scheme_weights(spec).items():
+        layout = scheme.embedding_layout(shape) if name == W.EMBEDDING else scheme.layout(shape)
+        out.update(zip(scheme.stored_names(name), layout))
+    return out
+
+
+def expected_io(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Graph inputs and outputs: name -> (element type, shape); None marks a dynamic dim."""
+    kv = (FLOAT32, (None, spec.n_kv_head, None, spec.head_dim))
+    inputs = {A.INPUT_IDS: (INT64, (None, None)), A.ATTENTION_MASK: (INT64, (None, None)), A.POSITION_IDS: (INT64, (None, None))}
+    outputs = {A.LOGITS: (FLOAT32, (None, None, spec.vocab_size))}
+    for i in range(spec.n_layer):
+        inputs.update(dict.fromkeys(A.past_names(i), kv))
+        outputs.update(dict.fromkeys(A.present_names(i), kv))
+    return inputs, outputs
+
+
+def check_file(path: str | Path) -> Artifact:
+    """The file's Craft metadata, checked against the file as described above; ArtifactError
+    (one line) for anything else: not a file, not ONNX, not Craft, or any claim the file belies."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise ArtifactError(f"model file {path} is a directory; pass the .onnx file (craft-export RUN_DIR -o FILE.onnx writes one)")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: not opened
+        raise ArtifactError(f"model file {path} is not a regular file (a pipe or a device); pass the .onnx file from craft-export")
+    try:
+        artifact = Artifact.from_metadata(read_metadata(path), source=str(path))
+        problem = check_claims(artifact)
+        if problem:
+            raise ArtifactError(f"{path}: {problem}; {FIX}")
+        model = read_model(path, with_weights=False, with_nodes=False, max_entries=entry_budget(artifact.spec))
+    except OnnxFormatError as e:
+        raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
+    problem = check_model(artifact, model)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; {FIX}")
+    return artifact
+
+
+def check_claims(artifact: Artifact) -> str | None:
+    """What is wrong with the metadata on its own (ranges, ids, scheme), or None."""
+    spec = artifact.spec
+    problem = spec_problem(spec)
+    if problem:
+        return problem
+    for name in ("bos_id", "eos_id", "pad_id"):
+        value = getattr(artifact, name)
+        if not 0 <= value < spec.vocab_size:
+            return f"metadata has {name}={value}, outside the vocabulary 0..{spec.vocab_size - 1}"
+    if artifact.quantization not in W.SCHEMES:
+        return f"its quantization '{artifact.quantization}' is unknown to this runtime (it knows {', '.join(W.SCHEMES)})"
+    return None
+
+
+def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
+    """What the graph and its weights' headers belie of the metadata, or None."""
+    spec = artifact.spec
+    budget = STRUCTURE_BYTES_PER_LAYER * (spec.n_layer + 1)
+    if model.structure_bytes > budget:
+        return (f"its graph structure takes {model.structure_bytes} bytes, more than the {budget} "
+                f"a model of {spec.n_layer} layers needs")
+    expected = expected_weights(spec, artifact.quantization)
+    for name, (shape, dtype) in expected.items():
+        info = model.tensors.get(name)
+        if info is None:
+            return f"it lacks weight '{name}' that a model of its config ({spec.n_layer} layers, {artifact.quantization}) has"
+        if info.shape != shape or info.dtype != dtype:
+            found = f"{info.dtype or f'type {info.data_type}'} {info.shape}"
+            return f"weight '{name}' is {found}, the model config needs {dtype} {shape}"
+    families = tuple({name.split(".")[0] + "." for name in (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo)})
+    for name in model.tensors:
+        if name.startswith(families) and name not in expected:
+            return f"it has weight '{name}' that a model of its config ({spec.n_layer} layers, {artifact.quantization}) lacks"
+    inputs, outputs = expected_io(spec)
+    return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem("output", model.outputs, outputs, spec.n_layer)
+
+
+def io_problem(kind: str, found: list[ValueInfo], expected: dict[str, tuple], n_layer: int) -> str | None:
+    """Whether graph inputs (or outputs) are exactly the expected names, types and dims."""
+    names = [v.name for v in found]
+    if sorted(names) != sorted(expected):
+        missing, extra = sorted(expected.keys() - set(names)), sorted(set(names) - expected.keys())
+        what = f"lacks {missing[:3]}" if missing else f"has {extra[:3]} besides" if extra else "repeats names in"
+        return f"its graph {what} the {kind}s the Craft format defines for {n_layer} layers"
+    for value in found:
+        elem_type, shape = expected[value.name]
+        fits = len(value.shape) == len(shape) and all(
+            not isinstance(d, int) if e is None else (d == e or not isinstance(d, int)) for d, e in zip(value.shape, shape))
+        if value.elem_type != elem_type or not fits:
+            want = tuple("?" if e is None else e for e in shape)
+            return f"graph {kind} '{value.name}' is type {value.elem_type} {value.shape}, the model config needs type {elem_type} {want}"
+    return None
