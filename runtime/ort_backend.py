@@ -107,14 +107,15 @@ class OrtBackend:
 def ort_errors() -> tuple[type[BaseException], ...]:
     """What ONNX Runtime raises for a model it cannot load or run: its own exception classes
     (Fail, InvalidGraph, InvalidArgument, RuntimeException, ...: plain Exceptions), C++ errors
-    pybind11 maps to RuntimeError, and MemoryError for an allocation it could not make."""
+    pybind11 maps to RuntimeError, MemoryError for an allocation it could not make, and
+    UnicodeDecodeError when its message quotes a damaged name that is not UTF-8."""
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
     except ImportError:
         own = ()
     else:
         own = tuple(c for c in vars(C).values() if isinstance(c, type) and issubclass(c, Exception))
-    return own + (RuntimeError, MemoryError)
+    return own + (RuntimeError, MemoryError, UnicodeDecodeError)
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

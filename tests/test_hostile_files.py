@@ -1,0 +1,363 @@
+"""Hostile .onnx files: the runtime's promise is one line naming the problem and exit 2 - never a
+traceback, never a hang, never wrong text from a file that lies, never memory sized from a claim.
+
+Damaged copies of a real tiny export (byte flips, truncations) run through craft-run's own
+entry point on both backends and --estimate, in a child process with a timeout; metadata that
+lies about the network is checked against the weights and the graph; files built to blow up
+memory (huge claimed context or layers, millions of empty nodes, packed data lying about its
+size) must be refused within 2x the file's size plus a fixed baseline of peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from craft.runtime import artifact as A
+from craft.runtime.artifact import ArtifactError
+from craft.runtime.generator import Generator, load_artifact
+
+BACKENDS = ("ort", "numpy")
+BASELINE_MB = 100  # a child that imports the runtime and loads a tiny model: numpy, onnxruntime, the interpreter
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GQA model with random weights (vocab 300, dim 64, 2 layers, 4 heads / 2 kv heads,
+    context 64) exported tied as int8 and untied as float32: both schemes, both head layouts."""
+    from craft.config import ModelConfig
+    from craft.export.exporter import build_model_proto, random_run
+
+    folder = tmp_path_factory.mktemp("hostile")
+    out = {}
+    for name, quantize, tie in (("int8", "int8", True), ("fp32", "none", False)):
+        cfg = ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie)
+        out[name] = folder / f"tiny.{name}.onnx"
+        out[name].write_bytes(build_model_proto(random_run(cfg), quantize)[0].SerializeToString())
+    return out
+
+
+def raw_spans(path: Path) -> list[tuple[int, int]]:
+    """Where the weights' raw_data lie in the file (the rest is structure and metadata)."""
+    content = path.read_bytes()
+    spans = []
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if len(tensor.raw_data) >= 16:
+            start = content.find(tensor.raw_data)
+            spans.append((start, start + len(tensor.raw_data)))
+    return spans
+
+
+# --- a child process drives craft-run's entry point over many damaged copies ------------------
+
+WORKER = textwrap.dedent("""
+    import contextlib, io, json, sys, traceback
+    import numpy as np
+    from craft.runtime.cli import main
+
+    def cli(args):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as e:
+                return e.code, err.getvalue()
+        return "no exit", err.getvalue()
+
+    job = json.loads(sys.argv[1])
+    original = open(job["source"], "rb").read()
+    structure = np.ones(len(original), bool)
+    for a, b in job["raw"]:
+        structure[a:b] = False
+    structure = np.flatnonzero(structure)
+    summary = {"ran": 0, "refused": 0, "failures": [], "messages": []}
+    for case in range(job["cases"]):
+        rng = np.random.default_rng([job["seed"], case])
+        content = bytearray(original)
+        if job["kind"] == "flip":  # 1-4 bytes, half of them in the graph structure and metadata
+            for _ in range(rng.integers(1, 5)):
+                where = structure if rng.random() < 0.5 else np.arange(len(content))
+                content[rng.choice(where)] ^= int(rng.integers(1, 256))
+        else:  # truncation at an offset spread over the file, the tail more densely
+            content = content[: int(len(content) * (case + rng.random()) / job["cases"])]
+        open(job["path"], "wb").write(bytes(content))
+        print("case", case, flush=True)  # the last one printed names a hang or a crash
+        runs = [[job["path"], "ab", "-n", "3", "--backend", b] + (["-t", "0"] if case % 2 else ["--seed", "1"])
+                for b in job["backends"]] + [[job["path"], "--estimate"]]
+        for args in runs:
+            try:
+                code, err = cli(args)
+            except BaseException:
+                summary["failures"].append([case, args[1:], traceback.format_exc()[-1500:]])
+                continue
+            one_line = code == 2 and err.startswith("craft-run: error: ") and err.count("\\n") == 1
+            if code == 0 and "Traceback" not in err:
+                summary["ran"] += 1
+            elif one_line:
+                summary["refused"] += 1
+                summary["messages"].append(err.strip()[:160])
+            else:
+                summary["failures"].append([case, args[1:], code, err[-1500:]])
+    print("SUMMARY", json.dumps(summary))
+""")
+
+
+def damage(tmp_path: Path, source: Path, kind: str, cases: int, seed: int, backends=BACKENDS) -> dict:
+    job = dict(source=str(source), path=str(tmp_path / "damaged.onnx"), raw=raw_spans(source), kind=kind,
+               cases=cases, seed=seed, backends=list(backends))
+    result = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, timeout=240)
+    last = [line for line in result.stdout.splitlines() if line.startswith("case")][-1:]
+    assert result.returncode == 0, f"worker died at {last}: {result.stderr[-3000:]}"
+    summary = json.loads(result.stdout.split("SUMMARY ", 1)[1])
+    assert not summary["failures"], json.dumps(summary["failures"][:3], indent=1)
+    return summary
+
+
+@pytest.mark.parametrize("name", ["int8", "fp32"])
+def test_byte_flips_run_or_get_one_line(tmp_path, files, name):
+    """200 copies of the file with 1-4 bytes flipped, each through craft-run on both backends
+    and --estimate: every outcome is a run (exit 0) or one line and exit 2."""
+    summary = damage(tmp_path, files[name], "flip", cases=200 if name == "int8" else 60, seed=1)
+    assert summary["ran"] > 0 and summary["refused"] > 0, summary  # both outcomes were exercised
+    assert not any("Traceback" in m or "\n" in m for m in summary["messages"])
+
+
+def test_truncations_are_refused_in_one_line(tmp_path, files):
+    summary = damage(tmp_path, files["int8"], "truncate", cases=60, seed=2)
+    assert summary["ran"] == 0 and summary["refused"] == 60 * 3, summary  # a cut file never runs
+
+
+# --- metadata that lies, checked against the weights and the graph ------------------------------
+
+def rewrite(source: Path, target: Path, spec: dict | None = None, graph=None, **metadata: str) -> Path:
+    """A copy of `source` with ModelSpec fields (spec), metadata values or the graph changed."""
+    model = onnx.load(str(source))
+    props = {p.key: p.value for p in model.metadata_props}
+    if spec is not None:
+        props[A.META_CONFIG] = json.dumps({**json.loads(props[A.META_CONFIG]), **spec})
+    props.update(metadata)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    if graph is not None:
+        graph(model.graph)
+    target.write_bytes(model.SerializeToString())
+    return target
+
+
+def refused(path: Path, pattern: str) -> None:
+    """load_artifact (what --estimate reads) and both backends refuse with one ArtifactError line."""
+    with pytest.raises(ArtifactError, match=pattern) as error:
+        load_artifact(path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(str(path))
+    for backend in BACKENDS:
+        with pytest.raises(ArtifactError, match=pattern):
+            Generator(path, backend=backend)
+
+
+SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 layers, 4/2 heads of 16, vocab 300
+    ({"n_layer": 1}, "has weight 'layers.1.*' that a model of its config \\(1 layers"),  # 1 layer of 2: no silent wrong text
+    ({"n_layer": 3}, "lacks weight 'layers.2."),
+    ({"n_layer": 1_000_000}, "n_layer=1000000, expected 1..1024"),
+    ({"n_head": 8}, "wqkv.weight.* the model config needs"),
+    ({"n_head": 3}, "n_head=3, not a multiple of n_kv_head=2"),
+    ({"n_kv_head": 4}, "wqkv.weight.* the model config needs"),
+    ({"n_kv_head": 0}, "n_kv_head=0, expected 1..1024"),
+    ({"head_dim": 32}, "the model config needs"),
+    ({"head_dim": 15}, "head_dim=15, expected an even number"),
+    ({"dim": 65}, "the model config needs"),
+    ({"hidden_dim": 160}, "w13.weight.* the model config needs"),
+    ({"vocab_size": 301}, "tok_embeddings.weight.* the model config needs"),
+    ({"vocab_size": 1 << 30}, "vocab_size=1073741824, expected"),
+    ({"context_length": 128}, "rope.cos' is float32 \\(64, 16\\), the model config needs float32 \\(128, 16\\)"),  # beyond the RoPE table
+    ({"context_length": 32}, "rope.cos"),
+    ({"context_length": 1 << 40}, "context_length=1099511627776, expected"),
+    ({"tie_embeddings": False}, "lacks weight 'output.weight"),
+    ({"dim": float("inf")}, "dim=Infinity, expected int"),
+    ({"rope_theta": -1.0}, "rope_theta=-1.0"),
+    ({"norm_eps": float("nan")}, "norm_eps=nan"),
+    ({"n_layer": "2"}, 'n_layer="2", expected int'),
+    ({"n_layer": True}, "n_layer=true, expected int"),
+    ({"n_layer": 2.0}, "n_layer=2.0, expected int"),
+    ({"tie_embeddings": 1}, "tie_embeddings=1, expected bool"),
+]
+
+
+@pytest.mark.parametrize("changes, pattern", SPEC_LIES, ids=lambda v: json.dumps(v) if isinstance(v, dict) else "")
+def test_model_config_lies_are_refused(tmp_path, files, changes, pattern):
+    refused(rewrite(files["int8"], tmp_path / "lie.onnx", spec=changes), pattern)
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    (A.META_BOS, "-1", "bos_id=-1, outside the vocabulary 0..299"),
+    (A.META_EOS, "300", "eos_id=300, outside the vocabulary"),
+    (A.META_PAD, str(1 << 62), "pad_id=4611686018427387904, outside"),
+    (A.META_QUANT, "none", "lacks weight 'tok_embeddings.weight'"),
+    (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
+    (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
+    (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
+])
+def test_metadata_lies_are_refused(tmp_path, files, key, value, pattern):
+    refused(rewrite(files["int8"], tmp_path / "lie.onnx", **{key: value}), pattern)
+
+
+def test_foreign_graph_with_craft_metadata_is_refused(tmp_path, files):
+    from onnx import TensorProto, helper, numpy_helper
+
+    foreign = helper.make_model(helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]))
+    onnx.helper.set_model_props(foreign, {p.key: p.value for p in onnx.load(str(files["int8"])).metadata_props})
+    (tmp_path / "foreign.onnx").write_bytes(foreign.SerializeToString())
+    refused(tmp_path / "foreign.onnx", "lacks weight 'norm.weight'")
+
+
+def test_graph_io_that_is_not_the_contracts_is_refused(tmp_path, files):
+    def rename_past(graph):
+        graph.input[3].name = "past.0.key"
+
+    def static_kv_heads(graph):
+        graph.output[1].type.tensor_type.shape.dim[1].dim_value = 3
+
+    def int32_ids(graph):
+        graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
+
+    refused(rewrite(files["int8"], tmp_path / "a.onnx", graph=rename_past), "its graph lacks \\['past_key_values.0.key'\\] the inputs")
+    refused(rewrite(files["int8"], tmp_path / "b.onnx", graph=static_kv_heads), "graph output 'present.0.key' is type 1 \\('batch', 3,")
+    refused(rewrite(files["int8"], tmp_path / "c.onnx", graph=int32_ids), "graph input 'input_ids' is type 6")
+
+
+def test_damaged_graph_that_only_onnx_runtime_sees_is_one_line(tmp_path, files):
+    """An op type changed by one byte and a node nested 2000 attributes deep: the weights and
+    I/O are intact, so the numpy backend runs them right; ONNX Runtime refuses in one line."""
+    def misspell(graph):
+        graph.node[5].op_type = graph.node[5].op_type[:-1] + "X"
+
+    path = rewrite(files["int8"], tmp_path / "op.onnx", graph=misspell)
+    deep_node = b""
+    for _ in range(2000):  # NodeProto.attribute -> AttributeProto.g -> GraphProto.node -> ...
+        deep_node = field(5, field(6, field(1, deep_node)))
+    nested = tmp_path / "nested.onnx"
+    nested.write_bytes(inject_into_graph(files["int8"].read_bytes(), field(1, deep_node)))
+    for target, pattern in ((path, "ONNX Runtime cannot load it"), (nested, "ONNX Runtime cannot load it")):
+        with pytest.raises(ArtifactError, match=pattern) as error:
+            Generator(target, backend="ort")
+        assert "\n" not in str(error.value)
+        assert len(Generator(target, backend="numpy").generate("ab", max_new_tokens=3, temperature=0).token_ids) == 3
+    for target in (path, nested):
+        result = run_cli("craft.runtime.cli", str(target), "hi", "-n", "2")
+        assert result.returncode == 2 and result.stderr.startswith("craft-run: error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+# --- memory: hostile files are refused before anything is sized from them ----------------------
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def inject_into_graph(content: bytes, extra: bytes) -> bytes:
+    """The model with `extra` (GraphProto fields) appended to its graph: the graph is field 7,
+    re-encoded with its new length; every other top-level field is kept byte for byte."""
+    model = onnx.load_from_string(content)
+    graph = model.graph.SerializeToString() + extra
+    model.ClearField("graph")
+    return model.SerializeToString() + field(7, graph)
+
+
+def hostile_files(folder: Path, source: Path) -> dict[str, Path]:
+    original = source.read_bytes()
+    lying = field(1, varint(100_000_000)) + varint(2 << 3) + varint(7) + field(8, b"const_lie") + field(7, b"\x01" * 5_000_000)
+    honest = field(1, varint(5_000_000)) + varint(2 << 3) + varint(7) + field(8, b"const_big") + field(7, b"\x01" * 5_000_000)
+    contents = {
+        "huge_context": rewrite(source, folder / "c.onnx", spec={"context_length": 1 << 24}).read_bytes(),
+        "huge_layers": rewrite(source, folder / "l.onnx", spec={"n_layer": 1024}).read_bytes(),
+        "million_layers": rewrite(source, folder / "m.onnx", spec={"n_layer": 5_000_000}).read_bytes(),
+        "empty_nodes": inject_into_graph(original, b"\x0a\x00" * 2_000_000),
+        "empty_inputs": inject_into_graph(original, b"\x5a\x00" * 2_000_000),
+        "lying_packed_tensor": inject_into_graph(original, field(5, lying)),
+        "big_typed_tensor": inject_into_graph(original, field(5, honest)),
+        "million_metadata": original + b"".join(field(14, field(1, str(i).encode()) + field(2, b"")) for i in range(500_000)),
+    }
+    out = {}
+    for name, content in contents.items():
+        out[name] = folder / f"{name}.onnx"
+        out[name].write_bytes(content)
+    return out
+
+
+PEAK_RSS = textwrap.dedent("""
+    import json, sys
+    from craft.runtime.artifact import ArtifactError
+    from craft.runtime.generator import Generator, load_artifact
+
+    def peak_mb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+    backend, out = sys.argv[1], {}
+    Generator(sys.argv[2], backend="numpy" if backend == "estimate" else backend)  # the baseline: a loaded runtime
+    for path in sys.argv[3:]:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak to the current RSS
+            f.write("5")
+        try:
+            if backend == "estimate":
+                load_artifact(path)
+            else:
+                Generator(path, backend=backend).generate("ab", max_new_tokens=3, temperature=0)
+            outcome = "ran"
+        except ArtifactError as e:
+            outcome = str(e)
+        out[path] = (outcome, peak_mb())
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read (and reset) through /proc (Linux)")
+def test_hostile_files_are_refused_within_bounded_memory(tmp_path, files):
+    """Peak RSS while loading each file, per backend and for --estimate's read, stays under 2x
+    the file's size + BASELINE_MB; and the file is refused in one line, naming its lie."""
+    expected = {
+        "huge_context": "rope.cos", "huge_layers": "lacks weight 'layers.2.", "million_layers": "n_layer=5000000",
+        "empty_nodes": "more than 384 nodes", "empty_inputs": "more than 384 inputs",
+        "lying_packed_tensor": "tensor 'const_lie' of shape \\(100000000,\\) has 5000000 values",
+        "big_typed_tensor": "graph structure takes", "million_metadata": "more than 4096 metadata_props",
+    }
+    hostile = hostile_files(tmp_path, files["int8"])
+    report = []
+    for backend in ("ort", "numpy", "estimate"):
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, backend, str(files["int8"]),
+                                 *map(str, hostile.values())], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (backend, result.stderr[-2000:])
+        out = json.loads(result.stdout)
+        for name, path in hostile.items():
+            outcome, peak = out[str(path)]
+            limit = 2 * path.stat().st_size / 2**20 + BASELINE_MB
+            assert re.search(expected[name], outcome) and "\n" not in outcome, (name, backend, outcome)
+            report.append(f"{name}/{backend}: {peak:.0f} MB (limit {limit:.0f})")
+            assert peak < limit, report
+    print("\n".join(report))
+
+
+def test_cli_refuses_hostile_files_in_one_line(tmp_path, files):
+    """End to end through craft-run (a real process): exit 2, one line, for a run and --estimate."""
+    lie = rewrite(files["int8"], tmp_path / "one_layer.onnx", spec={"n_layer": 1})
+    for args in ([str(lie), "hi", "--backend", "numpy"], [str(lie), "hi"], [str(lie), "--estimate"]):
+        result = run_cli("craft.runtime.cli", *args)
+        assert result.returncode == 2 and result.stdout == "", result
+        assert re.fullmatch(r"craft-run: error: .*has weight 'layers\.1\..*re-export it with craft-export\n", result.stderr)
