@@ -300,7 +300,8 @@ def test_unsupported_tensor_type_is_refused(tmp_path) -> None:
     onnx.save(helper.make_model(helper.make_graph([], "g", [], [], [tensor])), tmp_path / "s.onnx")
     with pytest.raises(OnnxFormatError, match="tensor 'names' has data type 8"):
         onnx_file.read_model(tmp_path / "s.onnx")
-    assert onnx_file.read_model(tmp_path / "s.onnx", with_weights=False).initializers == {}
+    light = onnx_file.read_model(tmp_path / "s.onnx", with_weights=False)
+    assert light.initializers == {} and light.tensors["names"] == onnx_file.TensorInfo("names", 8, (2,), None)
 
 
 def test_external_data_is_refused(tmp_path) -> None:
@@ -363,3 +364,98 @@ def test_works_without_onnx_and_protobuf(model_path: str) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", str(2 * len(SUPPORTED) * len(SHAPES))]
+
+
+# --- bounded by the bytes present: hostile claims allocate nothing --------------------------
+
+def tensor_bytes(name: str, dims: list[int], data_type: int, typed_field: int, payload: bytes) -> bytes:
+    """A TensorProto with packed dims and a packed typed-data field, as hand-encoded bytes."""
+    return (length_delimited(1, b"".join(varint(d) for d in dims)) + tag(2, 0) + varint(data_type)
+            + length_delimited(8, name.encode()) + length_delimited(typed_field, payload))
+
+
+def model_with_graph(graph: bytes, metadata: bytes = b"") -> bytes:
+    return tag(1, 0) + varint(9) + length_delimited(7, graph) + metadata
+
+
+def peak_allocated(function) -> int:
+    """Bytes allocated at the peak while `function` runs (numpy's buffers included)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("data_type, typed_field, payload, found", [
+    (TensorProto.INT64, 7, b"\x01" * 8_000_000, 8_000_000),  # varints: one per byte < 0x80
+    (TensorProto.FLOAT, 4, b"\x00" * 8_000_000, 2_000_000),  # fixed width: bytes / 4
+])
+def test_packed_data_lying_about_its_size_is_refused_before_decoding(tmp_path, data_type, typed_field, payload, found) -> None:
+    path = tmp_path / "lie.onnx"
+    path.write_bytes(model_with_graph(length_delimited(5, tensor_bytes("lie", [100_000_000], data_type, typed_field, payload))))
+    for with_weights in (True, False):
+        def read():
+            with pytest.raises(OnnxFormatError, match=f"tensor 'lie' of shape \\(100000000,\\) has {found} values, expected 100000000"):
+                onnx_file.read_model(path, with_weights=with_weights)
+        assert peak_allocated(read) < 3_000_000  # counted in 1 MB chunks, never decoded (was 680 MB)
+
+
+def test_large_packed_varints_decode_in_chunks_as_onnx_does(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    values = np.concatenate([rng.integers(-(2**63), 2**63 - 1, 150_000, dtype=np.int64, endpoint=True),
+                             rng.integers(-300, 300, 150_000, dtype=np.int64)])
+    model = helper.make_model(helper.make_graph([], "g", [], [], [typed_tensor("big", values),
+                                                                 typed_tensor("small", values[-1000:].astype(np.int8))]))
+    onnx.save(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx").stat().st_size > 2 * onnx_file._CHUNK  # several chunks, some split mid-run
+    read = onnx_file.read_model(tmp_path / "big.onnx").initializers
+    assert_same_array(read["big"], values, "big")
+    assert_same_array(read["small"], values[-1000:].astype(np.int8), "small")
+
+
+def test_max_entries_caps_what_the_reader_builds(tmp_path) -> None:
+    path = tmp_path / "nodes.onnx"
+    path.write_bytes(model_with_graph(length_delimited(1, b"") * 2_000_000))
+
+    def read():  # two million empty nodes: counted, never built (the unbounded reader built 1 GB of them)
+        with pytest.raises(OnnxFormatError, match="more than 1000 nodes in the graph"):
+            onnx_file.read_model(path, with_nodes=False, max_entries=1000)
+
+    assert peak_allocated(read) < 1_000_000
+    assert onnx_file.read_model(path, with_nodes=False).node_count == 2_000_000
+    for number, kind in [(5, "initializers"), (11, "inputs"), (12, "outputs")]:
+        path.write_bytes(model_with_graph(length_delimited(number, b"") * 11))
+        with pytest.raises(OnnxFormatError, match=f"more than 10 {kind}"):
+            onnx_file.read_model(path, with_weights=False, max_entries=10)
+        onnx_file.read_model(path, with_weights=False, max_entries=11)
+
+
+def test_headers_for_all_decoding_only_the_named(model_path: str) -> None:
+    expected = onnx.load(model_path)
+    light = onnx_file.read_model(model_path, with_weights=["float_4_raw", "int8_1_typed"], with_nodes=False)
+    assert light.nodes == [] and light.node_count == len(expected.graph.node)
+    assert set(light.initializers) == {"float_4_raw", "int8_1_typed"}
+    assert_same_array(light.initializers["int8_1_typed"], onnx_file.read_model(model_path).initializers["int8_1_typed"], "int8")
+    assert light.tensors.keys() == {t.name for t in expected.graph.initializer}
+    for tensor in expected.graph.initializer:
+        info = light.tensors[tensor.name]
+        assert (info.data_type, info.shape, info.dtype) == (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).dtype)
+    # structure: the file less initializers' raw_data and metadata entries (typed values count as structure)
+    raw = sum(len(t.raw_data) for t in expected.graph.initializer)
+    metadata = sum(p.ByteSize() for p in expected.metadata_props)
+    assert light.structure_bytes == os.path.getsize(model_path) - raw - metadata
+
+
+def test_rank_and_metadata_entries_are_capped(tmp_path) -> None:
+    deep = tensor_bytes("deep", [1] * 65, TensorProto.FLOAT, 4, b"\0\0\0\0")
+    (tmp_path / "rank.onnx").write_bytes(model_with_graph(length_delimited(5, deep)))
+    with pytest.raises(OnnxFormatError, match="more than 64 dims"):
+        onnx_file.read_model(tmp_path / "rank.onnx", with_weights=False)
+    entries = b"".join(length_delimited(14, length_delimited(1, str(i).encode())) for i in range(5000))
+    (tmp_path / "meta.onnx").write_bytes(model_with_graph(b"", entries))
+    with pytest.raises(OnnxFormatError, match="more than 4096 metadata_props"):
+        onnx_file.read_metadata(tmp_path / "meta.onnx")
