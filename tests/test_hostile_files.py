@@ -25,6 +25,7 @@ from conftest import run_cli
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError
 from craft.runtime.generator import Generator, load_artifact
+from craft.runtime.sampling import SamplingParams
 
 BACKENDS = ("ort", "numpy")
 BASELINE_MB = 100  # a child that imports the runtime and loads a tiny model: numpy, onnxruntime, the interpreter
@@ -258,7 +259,7 @@ def test_damaged_graph_that_only_onnx_runtime_sees_is_one_line(tmp_path, files):
         with pytest.raises(ArtifactError, match=pattern) as error:
             Generator(target, backend="ort")
         assert "\n" not in str(error.value)
-        assert len(Generator(target, backend="numpy").generate("ab", max_new_tokens=3, temperature=0).token_ids) == 3
+        assert len(Generator(target, backend="numpy").generate("ab", SamplingParams(max_new_tokens=3, temperature=0)).token_ids) == 3
     for target in (path, nested):
         result = run_cli("craft.runtime.cli", str(target), "hi", "-n", "2")
         assert result.returncode == 2 and result.stderr.startswith("craft-run: error: ") and result.stderr.count("\n") == 1, result.stderr
@@ -313,6 +314,7 @@ PEAK_RSS = textwrap.dedent("""
     import json, sys
     from craft.runtime.artifact import ArtifactError
     from craft.runtime.generator import Generator, load_artifact
+    from craft.runtime.sampling import SamplingParams
 
     def peak_mb():
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
@@ -326,7 +328,7 @@ PEAK_RSS = textwrap.dedent("""
             if backend == "estimate":
                 load_artifact(path)
             else:
-                Generator(path, backend=backend).generate("ab", max_new_tokens=3, temperature=0)
+                Generator(path, backend=backend).generate("ab", SamplingParams(max_new_tokens=3, temperature=0))
             outcome = "ran"
         except ArtifactError as e:
             outcome = str(e)
