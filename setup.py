@@ -43,9 +43,12 @@ setup(
     ],
     extras_require={
         # torch: install `torch==2.13.0` (the CPU build) first; this range is then already met.
-        "train": ["torch>=2.4", "onnx>=1.16", "pyyaml>=6.0", "tqdm>=4.60"],
-        # matplotlib and tensorboard are optional for users; the tests exercise both.
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "tensorboard>=2.10"],
+        # gguf: craft-export reads .gguf sources with it (and its dequantization routines).
+        "train": ["torch>=2.4", "onnx>=1.16", "pyyaml>=6.0", "tqdm>=4.60", "gguf>=0.10"],
+        # matplotlib and tensorboard are optional for users; the tests exercise both. transformers
+        # (+ accelerate for its GGUF loader) is the reference the import tests compare against.
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "tensorboard>=2.10",
+                "transformers>=4.56", "accelerate>=0.26"],
         "plot": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },

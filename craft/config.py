@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: taken from the tokenizer once it is built (the usual case)
-    dim: int = 128  # residual width; head_dim = dim / n_head
+    dim: int = 128  # residual width; head_dim = dim / n_head unless head_size says otherwise
     n_layer: int = 4  # transformer blocks
     n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 means n_head (plain MHA)
@@ -39,6 +39,13 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon, Llama's value
     tie_embeddings: bool = True  # LM head shares the embedding matrix: fewer bytes on the device
     dropout: float = 0.0  # small models on small corpora rarely need it; nanoGPT's CPU recipe uses 0
+    # Imported models (craft.export.sources) need these; Craft's own presets keep the defaults.
+    head_size: int = 0  # per-head width when a checkpoint says so (Mistral/Llama head_dim); 0 means dim / n_head
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2); Llama keeps none
+    rope_scaling_factor: float = 0.0  # Llama-3 "llama3" rope_scaling: wavelengths stretched by this; 0 means none
+    rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths above original_context / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths below original_context / this stay as they are
+    rope_original_context: int = 8192  # Llama-3 scaling: the context the model was pretrained with
 
     @property
     def kv_heads(self) -> int:
@@ -46,7 +53,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_head
+        return self.head_size or self.dim // self.n_head
 
     @property
     def hidden_dim(self) -> int:
@@ -253,6 +260,8 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "model.vocab_size": (0, 1 << 20), "model.dim": (1, 16384), "model.n_layer": (1, 256), "model.n_head": (1, 1024),
     "model.n_kv_head": (0, 1024), "model.ffn_dim": (0, 131072), "model.context_length": (1, 131072),
     "model.rope_theta": (1.0, 1e9), "model.norm_eps": (1e-12, 0.1), "model.dropout": (0.0, 0.99),
+    "model.head_size": (0, 4096), "model.rope_scaling_factor": (0.0, 1e4), "model.rope_low_freq_factor": (1e-6, 1e4),
+    "model.rope_high_freq_factor": (1e-6, 1e4), "model.rope_original_context": (1, 1 << 24),
     "tokenizer.vocab_size": (1, 1 << 20), "data.val_fraction": (1e-4, 0.49),
     "train.batch_size": (1, 65536), "train.grad_accum": (1, 65536), "train.max_steps": (1, 10**9),
     "train.lr": (1e-9, 1e6), "train.min_lr": (0.0, 1e6), "train.warmup_steps": (0, 10**9),

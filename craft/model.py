@@ -7,6 +7,9 @@ layout, so the weights load into transformers' LlamaForCausalLM unpermuted), opt
 grouped-query attention (n_kv_head < n_head), SwiGLU MLP, no biases, LM head tied to the
 embedding by default. Parameter names follow Meta's / llama2.c's checkpoints.
 
+Imported models (craft.export.sources) use the same module with what their configs say: q/k/v
+biases (Qwen2), an untied head, a head width other than dim / n_head, Llama-3 rope scaling.
+
 forward() serves training (no cache, causal) and generation (a KV-cache per layer that it
 accepts and returns, with an attention mask and explicit positions for left-padded batches);
 the ONNX graph in craft.export.graph computes exactly the same function.
@@ -37,10 +40,27 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, head_dim): angle pos * theta^(-2i/head_dim), the half repeated twice."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, head_dim / 2)
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Angular frequencies (head_dim / 2,) float64: theta^(-2i/head_dim), then Llama-3 rope scaling
+    when cfg.rope_scaling_factor is set: wavelengths longer than original_context / low_freq_factor
+    are stretched by the factor, shorter than original_context / high_freq_factor kept, and those
+    between interpolated smoothly (transformers' "llama3" rope_type)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    factor = cfg.rope_scaling_factor
+    if not factor:
+        return inv_freq
+    low, high, original = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the long end, 1 at the short end
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, interpolated)
+    return torch.where(wavelength < original / high, inv_freq, scaled)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (context_length, head_dim): angle pos * frequency, the half repeated twice."""
+    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), rope_frequencies(cfg))  # (length, hd / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
     return angles.cos().float(), angles.sin().float()
 
@@ -59,9 +79,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
@@ -123,7 +143,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -131,10 +151,27 @@ class Transformer(nn.Module):
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "Transformer":
+        """A model in eval mode that holds `state`'s tensors themselves (no random init, no copy):
+        how imported weights become a model. A tied config's state needs no output.weight."""
+        with torch.device("meta"):  # parameters without storage; load_state_dict(assign=True) gives them state's
+            model = cls(cfg)
+        state = dict(state)
+        if cfg.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_embeddings:  # assign made two Parameters of one tensor: make them one again
+            model.output.weight = model.tok_embeddings.weight
+        model.rope_cos, model.rope_sin = rope_tables(cfg)  # the buffers were built on meta too
+        return model.eval()
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once

@@ -22,11 +22,11 @@ import numpy as np
 from craft import __version__
 from craft import run_dir as rd
 from craft.checkpoint import read as read_checkpoint
-from craft.config import ConfigError, ModelConfig, read_run_config
+from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
 from craft.data import load_tokenizer, val_tokens
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.quantize import OPS
-from craft.model import Transformer, rope_tables
+from craft.model import Transformer
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.tokenizer import Tokenizer
@@ -74,7 +74,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         state, digest = read_checkpoint(path)
     except rd.RunDirError as e:
         raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
-    if state["config"]["model"] != cfg.to_dict()["model"]:
+    if saved_model_config(state) != cfg.model:
         raise ExportError(f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
                           f"keep each run's checkpoint and config.yaml together")
     model = Transformer(cfg.model)
@@ -84,6 +84,16 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {str(e).splitlines()[0]}") from None
     model.eval()
     return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val_tokens(run_dir))
+
+
+def saved_model_config(state: dict) -> ModelConfig | None:
+    """The model config a checkpoint was trained with, fields it predates at their defaults."""
+    saved = ModelConfig()
+    try:
+        apply_dict(saved, state["config"]["model"])
+    except (ConfigError, KeyError, TypeError):
+        return None
+    return saved
 
 
 def model_spec(cfg: ModelConfig) -> A.ModelSpec:
@@ -110,8 +120,7 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
         out[n.wo] = sd[p + "attention.wo.weight"].T
         out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
         out[n.w2] = sd[p + "feed_forward.w2.weight"].T
-    cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_theta)
-    out[W.ROPE_COS], out[W.ROPE_SIN] = cos.numpy(), sin.numpy()
+    out[W.ROPE_COS], out[W.ROPE_SIN] = model.rope_cos.numpy(), model.rope_sin.numpy()  # scaling, if any, is in them
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 

@@ -1,0 +1,129 @@
+"""Import a GGUF file of the Llama family (general.architecture "llama"), read with the `gguf` package.
+
+Tensors of type F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants (Q2_K..Q6_K) are
+dequantized to float32 with the package's own routines (gguf.quants.dequantize); any other type
+is refused with one line. Every tensor's name and shape is checked against the config from the
+file's header before any tensor data is read.
+
+llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) stores the rows of attn_q and
+attn_k permuted for its interleaved RoPE: within each head, rows (0, 1, 2, ..., hd-1) of the
+"rotate half" layout are written as (0, hd/2, 1, hd/2+1, ...). unpermute_rope_rows undoes it, so
+the weights are back in the Hugging Face layout that craft.model uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from craft.config import ModelConfig
+from craft.export.sources import GGUF, Source, SourceError, check_shapes, file_sha256, rename
+
+ARCHITECTURES = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF name (with {i} for the layer) -> Craft name (craft.model.Transformer's state_dict)
+TENSOR_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+}
+
+
+def load_gguf(path: Path) -> Source:
+    """The model in a GGUF file as a Source; SourceError (one line) if unusable."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OSError) as e:  # the reader's way of saying "short or bad bytes"
+        raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    tensors = {t.name: t for t in reader.tensors}
+    architecture, cfg = model_config(fields, tensors, path)
+    craft_names = {rename(name, TENSOR_NAMES): name for name in tensors}
+    shapes = {c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in craft_names.items()}  # GGUF lists dims fastest first
+    check_shapes(cfg, shapes, str(path), TENSOR_NAMES)
+    for name in craft_names.values():
+        kind = tensors[name].tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise SourceError(f"{path}: tensor {name} has type {kind}; Craft imports {', '.join(SUPPORTED_TYPES)} - "
+                              f"convert the model to one of those (e.g. Q8_0 or Q4_K_M)")
+    state = {}
+    for craft, name in craft_names.items():
+        t = tensors[name]
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[craft])
+        if name.endswith("attn_q.weight"):
+            w = unpermute_rope_rows(w, cfg.n_head)
+        elif name.endswith("attn_k.weight"):
+            w = unpermute_rope_rows(w, cfg.kv_heads)
+        state[craft] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # copies only a read-only mapping
+    return Source(GGUF, path, architecture, cfg, state, file_sha256([path]))
+
+
+def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelConfig]:
+    """(architecture, Craft ModelConfig) from the GGUF metadata; SourceError naming what is unsupported."""
+    architecture = fields.get("general.architecture", "unknown")
+    if architecture not in ARCHITECTURES:
+        raise SourceError(f"{where}: GGUF architecture '{architecture}' is not supported; Craft imports {', '.join(ARCHITECTURES)} "
+                          f"(or the Hugging Face directory of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
+
+    def get(key: str, default=None):
+        value = fields.get(f"{architecture}.{key}", default)
+        if value is None or isinstance(value, (str, list)):
+            raise SourceError(f"{where} lacks a number for '{architecture}.{key}', which a {architecture} GGUF must have")
+        return value
+
+    scaling = fields.get(f"{architecture}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise SourceError(f"{where}: rope scaling '{scaling}' is not supported for GGUF; export the Hugging Face directory instead")
+    if "rope_freqs.weight" in tensors:
+        raise SourceError(f"{where}: Llama-3 rope scaling (rope_freqs.weight) is not supported for GGUF; "
+                          f"export the Hugging Face directory instead")
+    if "token_embd.weight" not in tensors:
+        raise SourceError(f"{where} lacks tensor token_embd.weight; the file is incomplete")
+    dim, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", dim // max(n_head, 1)))
+    rotary = int(get("rope.dimension_count", head_dim))
+    if rotary != head_dim or int(get("attention.value_length", head_dim)) != head_dim:
+        raise SourceError(f"{where}: partial rotary ({rotary} of {head_dim}) or different key/value widths are not supported")
+    vocab = int(tensors["token_embd.weight"].shape[-1])  # the embedding's rows: (dim, vocab) in GGUF's order
+    cfg = ModelConfig(
+        vocab_size=vocab, dim=dim, n_layer=int(get("block_count")), n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)), ffn_dim=int(get("feed_forward_length")),
+        context_length=int(get("context_length")), rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings="output.weight" not in tensors,
+        dropout=0.0, head_size=head_dim if head_dim * n_head != dim else 0)
+    for key in ("dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "context_length"):
+        if getattr(cfg, key) <= 0:
+            raise SourceError(f"{where}: {key} must be positive, got {getattr(cfg, key)}")
+    if cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
+        raise SourceError(f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
+                          f"heads must be a multiple of key-value heads and the width even")
+    return architecture, cfg
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation of q/k rows, (n_head * hd, ...) "rotate half" -> interleaved pairs
+    (convert_hf_to_gguf.py's LlamaModel.permute). Only tests use it: they write GGUF files with it."""
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_rope_rows: interleaved pairs back to "rotate half" (as transformers'
+    GGUF loader does). unpermute_rope_rows(permute_rope_rows(w, h), h) == w exactly."""
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,188 @@
+"""Import of GGUF files (craft.export.source_gguf): llama.cpp's q/k row permutation undone, the
+package's dequantization, Craft's logits equal to transformers' GGUF loader; bad files one line.
+
+GGUF files are written from random transformers models with gguf.GGUFWriter, as llama.cpp's
+converter does; the real SmolLM2-135M-Instruct Q4_1 file is used where it is present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from craft.export.source_gguf import permute_rope_rows, unpermute_rope_rows
+from craft.export.sources import GGUF, SourceError, detect_kind, load_source
+
+gguf = pytest.importorskip("gguf", reason="gguf not installed (a dev dependency here; craft-export needs it for .gguf sources)")
+transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
+
+from import_models import craft_logits, max_diff, random_hf_model, reference_logits, write_gguf  # noqa: E402
+
+PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
+SMOLLM2 = Path.home() / ".cache" / "craft" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def transformers_gguf_model(path: Path):
+    """transformers' own GGUF loader (the reference): dequantizes and un-permutes by itself."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+# --- the permutation ---------------------------------------------------------------------------
+
+def rope_rotate_half(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Hugging Face layout: element i pairs with i + hd/2."""
+    half = x.shape[0] // 2
+    a, b = x[:half], x[half:]
+    return np.concatenate([a * np.cos(angles) - b * np.sin(angles), b * np.cos(angles) + a * np.sin(angles)])
+
+
+def rope_interleaved(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """llama.cpp's layout: element 2i pairs with 2i + 1."""
+    a, b = x[0::2], x[1::2]
+    out = np.empty_like(x)
+    out[0::2], out[1::2] = a * np.cos(angles) - b * np.sin(angles), b * np.cos(angles) + a * np.sin(angles)
+    return out
+
+
+def test_permutation_maps_rotate_half_onto_llama_cpp_rope():
+    """RoPE of llama.cpp on the permuted rows == the permuted Hugging Face RoPE: the permutation
+    is the one that makes a GGUF compute what the Hugging Face model computes."""
+    rng = np.random.default_rng(0)
+    n_head, hd, dim = 3, 8, 12
+    w = rng.standard_normal((n_head * hd, dim))
+    x = rng.standard_normal(dim)
+    angles = 7 * 10000.0 ** (-np.arange(0, hd, 2) / hd)  # position 7
+    hf = np.concatenate([rope_rotate_half(h, angles) for h in np.split(w @ x, n_head)])
+    llama_cpp = np.concatenate([rope_interleaved(h, angles) for h in np.split(permute_rope_rows(w, n_head) @ x, n_head)])
+    np.testing.assert_allclose(llama_cpp, permute_rope_rows(hf[:, None], n_head)[:, 0], atol=1e-12)
+    assert not np.allclose(permute_rope_rows(w, n_head), w)
+    assert np.array_equal(unpermute_rope_rows(permute_rope_rows(w, n_head), n_head), w)
+
+
+# --- files written from random models --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A GQA, untied Llama and its GGUF files in F32 and Q8_0."""
+    model = random_hf_model("llama")
+    directory = tmp_path_factory.mktemp("gguf")
+    return model, {q: write_gguf(model, directory / f"llama.{q}.gguf", q) for q in ("F32", "Q8_0")}
+
+
+def test_f32_gguf_matches_the_transformers_model(llama):
+    model, files = llama
+    assert detect_kind(files["F32"]) == GGUF
+    source = load_source(files["F32"])
+    assert (source.config.n_kv_head, source.config.tie_embeddings) == (2, False)
+    fed, reference = reference_logits(model, PROMPT)
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_matches_transformers_gguf_loader(llama, qtype):
+    path = llama[1][qtype]
+    fed, reference = reference_logits(transformers_gguf_model(path), PROMPT)
+    assert max_diff(reference, craft_logits(load_source(path).model(), fed, len(PROMPT))) < 1e-5
+
+
+def test_q8_0_is_dequantized_not_reinterpreted(llama):
+    """Q8_0 weights are within Q8_0's step of the originals, and not equal to them."""
+    model, files = llama
+    got = load_source(files["Q8_0"]).state_dict["layers.0.feed_forward.w1.weight"]
+    want = model.state_dict()["model.layers.0.mlp.gate_proj.weight"]
+    error = float((got - want).abs().max())
+    assert 0 < error < float(want.abs().max()) / 127
+
+
+def test_tied_gguf(tmp_path):
+    model = random_hf_model("llama", tie_word_embeddings=True)
+    source = load_source(write_gguf(model, tmp_path / "tied.gguf"))
+    assert source.config.tie_embeddings
+    fed, reference = reference_logits(model, PROMPT, steps=2)
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+
+
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason=f"{SMOLLM2} not present")
+def test_smollm2_q4_1_matches_transformers_gguf_loader():
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    source = load_source(SMOLLM2)
+    assert (source.config.n_layer, source.config.dim, source.config.tie_embeddings) == (30, 576, True)
+    with torch.no_grad():
+        ours = source.model()(ids)
+        reference = transformers_gguf_model(SMOLLM2)(ids).logits
+    assert float((ours - reference).abs().max()) < 1e-3
+
+
+# --- bad files: one line each ---------------------------------------------------------------
+
+def refusal(path: Path) -> str:
+    with pytest.raises(SourceError) as e:
+        load_source(path)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None) -> Path:
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in dict(context_length=16, embedding_length=8, block_count=1, feed_forward_length=16, vocab_size=4).items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_head_count(2)
+    data = np.ones((4, 8), np.float64 if tensor_type == "F64" else np.float32)
+    writer.add_tensor("token_embd.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    message = refusal(minimal_gguf(tmp_path / "m.gguf", "gpt2"))
+    assert "'gpt2'" in message and "llama" in message
+
+
+def test_unsupported_tensor_type(llama, tmp_path):
+    """A model whose embedding is F64: named, with the supported types listed."""
+    model, _ = llama
+    path = write_gguf(model, tmp_path / "f64.gguf")
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "mixed.gguf"), "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("llama.") or name == "tokenizer.ggml.tokens":
+            value_type = field.types[0]
+            if value_type == gguf.GGUFValueType.ARRAY:
+                writer.add_array(name, field.contents())
+            else:
+                writer.add_key_value(name, field.contents(), value_type)
+    for t in reader.tensors:
+        data = np.asarray(t.data, np.float64 if t.name == "token_embd.weight" else np.float32)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    message = refusal(tmp_path / "mixed.gguf")
+    assert "token_embd.weight" in message and "F64" in message and "Q8_0" in message
+
+
+def test_truncated_gguf(llama, tmp_path):
+    data = llama[1]["Q8_0"].read_bytes()
+    for keep in (len(data) - 100, 200):  # inside the tensor data, inside the metadata
+        path = tmp_path / f"cut{keep}.gguf"
+        path.write_bytes(data[:keep])
+        assert "truncated" in refusal(path)
+
+
+def test_gguf_shapes_that_disagree_with_its_metadata(tmp_path):
+    message = refusal(minimal_gguf(tmp_path / "m.gguf"))  # says 1 block, holds only the embedding
+    assert "blk.0." in message
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"not a model")
+    with pytest.raises(SourceError, match="not a GGUF file"):
+        detect_kind(path)

@@ -1,0 +1,175 @@
+"""Import of Hugging Face model directories (craft.export.source_hf): Craft's model with the
+imported weights computes transformers' logits; bad directories are one line each.
+
+Random-init models of each supported shape are saved with save_pretrained in tmp dirs (transformers
+is a dev-only dependency: skipped without it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from craft.export.sources import HF, SourceError, detect_kind, load_source
+
+transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
+
+from import_models import VOCAB, craft_logits, max_diff, random_hf_model, reference_logits  # noqa: E402
+
+PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
+TORCH_TOLERANCE = 1e-5
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "qwen2-biases": ("qwen2", {}),
+    "mistral-head-dim": ("mistral", dict(head_dim=32, sliding_window=None)),  # 4 heads x 32 != hidden 64
+    "llama3-rope-scaling": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16))),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, tuple[object, Path]]:
+    """name -> (transformers model, its save_pretrained directory)."""
+    out = {}
+    for name, (architecture, overrides) in CASES.items():
+        model = random_hf_model(architecture, **overrides)
+        directory = tmp_path_factory.mktemp(name)
+        model.save_pretrained(directory)
+        out[name] = (model, directory)
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_craft_model_matches_transformers(saved, name):
+    hf_model, directory = saved[name]
+    assert detect_kind(directory) == HF
+    source = load_source(directory)
+    fed, reference = reference_logits(hf_model, PROMPT)
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < TORCH_TOLERANCE
+
+
+def test_config_carries_what_the_architectures_need(saved):
+    cfg = {name: load_source(directory).config for name, (_, directory) in saved.items()}
+    assert (cfg["llama-gqa-untied"].n_kv_head, cfg["llama-gqa-untied"].tie_embeddings) == (2, False)
+    assert cfg["llama-tied"].tie_embeddings and not cfg["llama-tied"].qkv_bias
+    assert cfg["qwen2-biases"].qkv_bias
+    assert (cfg["mistral-head-dim"].head_dim, cfg["mistral-head-dim"].dim) == (32, 64)
+    assert (cfg["llama3-rope-scaling"].rope_scaling_factor, cfg["llama3-rope-scaling"].rope_original_context) == (8.0, 16)
+    assert cfg["llama3-rope-scaling"].rope_theta == 500000.0
+
+
+def test_rope_scaling_changes_the_logits(saved):
+    """The Llama-3 case would fail without the scaling: the parity above is not vacuous."""
+    import dataclasses
+
+    from craft.model import Transformer
+
+    hf_model, directory = saved["llama3-rope-scaling"]
+    source = load_source(directory)
+    unscaled = Transformer.from_state_dict(dataclasses.replace(source.config, rope_scaling_factor=0.0), source.state_dict)
+    fed, reference = reference_logits(hf_model, PROMPT, steps=0)
+    assert max_diff(reference, craft_logits(unscaled, fed, len(PROMPT))) > 0.1
+
+
+def test_sharded_safetensors_and_pytorch_bin(saved, tmp_path):
+    hf_model, _ = saved["qwen2-biases"]
+    sharded = tmp_path / "sharded"
+    hf_model.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    as_bin = tmp_path / "bin"
+    as_bin.mkdir()
+    (as_bin / "config.json").write_text((sharded / "config.json").read_text())
+    torch.save(hf_model.state_dict(), as_bin / "pytorch_model.bin")
+    fed, reference = reference_logits(hf_model, PROMPT, steps=2)
+    for directory in (sharded, as_bin):
+        source = load_source(directory)
+        assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < TORCH_TOLERANCE
+
+
+def test_bfloat16_checkpoint(saved, tmp_path):
+    hf_model, _ = saved["llama-gqa-untied"]
+    bf16 = random_hf_model("llama").to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf_model.state_dict().items()})
+    bf16.save_pretrained(tmp_path)
+    source = load_source(tmp_path)
+    for name, tensor in bf16.state_dict().items():
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(source.state_dict["tok_embeddings.weight"], tensor.float())
+
+
+# --- bad input: one line each ----------------------------------------------------------------
+
+def copy_model(directory: Path, tmp_path: Path, edit_config=None) -> Path:
+    out = tmp_path / "model"
+    out.mkdir()
+    config = json.loads((directory / "config.json").read_text())
+    if edit_config:
+        edit_config(config)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    return out
+
+
+def refusal(directory: Path) -> str:
+    with pytest.raises(SourceError) as e:
+        load_source(directory)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unsupported_architecture_is_named(saved, tmp_path):
+    directory = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    message = refusal(directory)
+    assert "GPT2LMHeadModel" in message and "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message
+
+
+def test_unsupported_rope_scaling_is_named(saved, tmp_path):
+    directory = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.update(
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}))
+    assert "yarn" in refusal(directory)
+
+
+def test_llama3_rope_scaling_with_a_missing_field_is_named(saved, tmp_path):
+    def drop_factor(c):
+        del c["rope_parameters"]["high_freq_factor"]
+
+    directory = copy_model(saved["llama3-rope-scaling"][1], tmp_path, drop_factor)
+    assert "high_freq_factor" in refusal(directory)
+
+
+def test_truncated_safetensors(saved, tmp_path):
+    directory = copy_model(saved["llama-gqa-untied"][1], tmp_path)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    assert "truncated" in refusal(directory)
+
+
+def test_shapes_that_disagree_with_the_config(saved, tmp_path):
+    directory = copy_model(saved["llama-gqa-untied"][1], tmp_path, lambda c: c.update(intermediate_size=128))
+    message = refusal(directory)
+    assert "mlp.gate_proj.weight" in message and "[128, 64]" in message
+
+
+def test_tensor_the_architecture_does_not_have(saved, tmp_path):
+    """A Qwen2 checkpoint relabelled as Llama: its q/k/v biases are refused, not dropped."""
+    directory = copy_model(saved["qwen2-biases"][1], tmp_path, lambda c: c.update(architectures=["LlamaForCausalLM"]))
+    assert "_proj.bias" in refusal(directory)
+
+
+def test_missing_weights_and_bad_config(saved, tmp_path):
+    directory = copy_model(saved["llama-tied"][1], tmp_path)
+    (directory / "model.safetensors").unlink()
+    assert "model.safetensors" in refusal(directory)
+    (directory / "config.json").write_text("{not json")
+    assert "config.json" in refusal(directory)
+    (directory / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    assert "num_attention_heads" in refusal(directory)
+
+
+def test_vocabulary_in_fixture_is_what_the_tests_assume(saved):
+    assert load_source(saved["llama-tied"][1]).config.vocab_size == VOCAB
