@@ -27,7 +27,8 @@ setup(
     python_requires=">=3.10",
     packages=["craft", "craft.export", "craft.runtime", "craft.configs"],
     package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime", "craft.configs": "configs"},
-    package_data={"craft.configs": ["*.yaml", "devices/*.yaml"]},
+    package_data={"craft.configs": ["*.yaml", "devices/*.yaml"],
+                  "craft.export": ["perplexity_text.txt"]},  # the int8 quality check of imported models
     install_requires=[
         "numpy>=1.24",
         # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.

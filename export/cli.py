@@ -1,4 +1,5 @@
-"""craft-export: compile a run directory into one verified .onnx file (a thin layer over exporter.export)."""
+"""craft-export: compile a run directory, Hugging Face directory or GGUF file into one verified .onnx file
+(a thin layer over exporter.export)."""
 
 from __future__ import annotations
 
@@ -29,29 +30,36 @@ def print_report(report: dict, output: Path | None) -> None:
 
 
 @click.command(name="craft-export", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .onnx file.  [default: RUN_DIR/model.<quantize>.onnx]")
+              help="Output .onnx file.  [default: SOURCE/model.<quantize>.onnx; for a .gguf file: its name with .<quantize>.onnx]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default=INT8,
               help="Weights: " + "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values()) + ".")
 @click.option("--opset", type=click.IntRange(14, 21), default=None, help="ONNX opset of the graph.  [default: 17]")
-@click.option("--checkpoint", default="checkpoint.pt", help="Checkpoint file in RUN_DIR to export (e.g. best.pt).")
+@click.option("--checkpoint", default="checkpoint.pt", help="Checkpoint file in a run directory to export (e.g. best.pt).")
+@click.option("--from", "kind", type=click.Choice(["run", "hf", "gguf"]), default=None,
+              help="What SOURCE is: a craft-train run, a Hugging Face model directory or a GGUF file.  [default: detected]")
 @click.version_option(__version__, prog_name="craft-export")
-def main(run_dir: Path, output: Path | None, quantize: str, opset: int | None, checkpoint: str) -> None:
-    """Compile RUN_DIR (written by craft-train) into one self-contained .onnx file.
+def main(source: Path, output: Path | None, quantize: str, opset: int | None, checkpoint: str, kind: str | None) -> None:
+    """Compile SOURCE into one self-contained .onnx file. SOURCE is a run directory (written by
+    craft-train), a Hugging Face model directory (config.json, safetensors, tokenizer.json; Llama,
+    Mistral, Qwen2) or a GGUF file of the llama architecture.
 
-    The file carries the model config, tokenizer and special ids in its metadata and has
-    KV-cache inputs/outputs; craft-run needs nothing else. Before writing, the export is
+    The file carries the model config, tokenizer, special ids and chat template in its metadata
+    and has KV-cache inputs/outputs; craft-run needs nothing else. Before writing, the export is
     verified: PyTorch vs ONNX Runtime logits on a prefill and 8 cached decode steps, and for
-    int8 the val perplexity against float32. Exit codes: 0 written, 2 bad input (nothing
-    written), 3 verification failed (nothing written; the figures are printed).
+    int8 the perplexity against float32 (the run's val split; for an imported model a bundled
+    English text). Exit codes: 0 written, 2 bad input (nothing written), 3 verification failed
+    (nothing written; the figures are printed).
     """
     from craft.export.exporter import ExportError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET
 
-    output = output or Path(run_dir) / f"model.{quantize}.onnx"
+    if output is None:
+        output = Path(source).with_suffix(f".{quantize}.onnx") if Path(source).is_file() else Path(source) / f"model.{quantize}.onnx"
     try:
-        report = export(run_dir, output, quantize=quantize, opset=opset or DEFAULT_OPSET, checkpoint=checkpoint, log=click.echo)
+        report = export(source, output, quantize=quantize, opset=opset or DEFAULT_OPSET, checkpoint=checkpoint,
+                        log=click.echo, kind=kind)
     except ExportError as e:
         click.echo(f"craft-export: error: {e}", err=True)
         sys.exit(EXIT_USAGE)

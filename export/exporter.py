@@ -1,10 +1,12 @@
-"""craft-export's body: run directory -> verified, self-contained .onnx file.
+"""craft-export's body: run directory, Hugging Face directory or GGUF file -> verified, self-contained .onnx file.
 
-    load run dir (config, tokenizer, checkpoint)  ->  weights in the artifact layout (craft.runtime.weights)
+    load the source (config, tokenizer, weights)  ->  weights in the artifact layout (craft.runtime.weights)
     ->  graph.build_decoder (the scheme's ops: quantize.py)  ->  metadata (config, tokenizer, ...)
     ->  verify.py (PyTorch vs ONNX Runtime, quantized perplexity)  ->  temp file, rename
 
-Nothing is left at the output path unless the whole file was written and verified.
+Nothing is left at the output path unless the whole file was written and verified. A run
+directory is read here (load_run); an imported model through craft.export.sources and
+craft.export.source_tokenizer (load_imported).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
 from craft.data import load_tokenizer, val_tokens
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.quantize import OPS
+from craft.export.sources import HF, RUN, SourceError, detect_kind, load_source
 from craft.model import Transformer
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
@@ -44,22 +47,32 @@ class VerificationError(RuntimeError):
         self.report = report
 
 
+PERPLEXITY_TEXT = Path(__file__).with_name("perplexity_text.txt")  # int8 quality check of imported models
+
+
 @dataclass
 class LoadedRun:
+    """A model ready to export: a craft-train run, or an imported model (run_dir is then its path)."""
+
     run_dir: Path
     config: ModelConfig
     model: Transformer
     tokenizer: Tokenizer
-    checkpoint_sha256: str
+    checkpoint_sha256: str  # of the checkpoint, or of an imported model's weight files
     step: int
-    val_tokens: np.ndarray | None = field(default=None, repr=False)
+    val_tokens: np.ndarray | None = field(default=None, repr=False)  # perplexity text, as ids
+    source_kind: str = RUN
+    architecture: str = "craft"  # an imported model's own name for it (LlamaForCausalLM, llama, ...)
+    chat_template: str | None = None  # the source's, if it has one
+    end_of_turn_ids: tuple[int, ...] = ()  # every id that ends a reply (imported models)
 
 
 def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     """Model, tokenizer and val tokens of a craft-train run directory; ExportError if unusable."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExportError(f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir}")
+        raise ExportError(f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir} "
+                          f"(or give a Hugging Face model directory or a .gguf file)")
     try:
         cfg = read_run_config(run_dir)
     except (ConfigError, rd.RunDirError) as e:
@@ -86,6 +99,26 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val_tokens(run_dir))
 
 
+def load_imported(path: Path, kind: str) -> LoadedRun:
+    """An imported model (kind HF or GGUF) with its tokenizer and chat template; the bundled English
+    text, in its tokens, stands in for a val split. ExportError (one line) if unusable."""
+    from craft.export.source_tokenizer import read_gguf_tokenizer, read_hf_tokenizer
+
+    path = Path(path)
+    try:
+        source = load_source(path, kind)
+        tokens = read_hf_tokenizer(path) if kind == HF else read_gguf_tokenizer(path)
+        tokenizer = tokens.tokenizer()
+    except ValueError as e:  # SourceError, TokenizerSourceError: one line each
+        raise ExportError(str(e)) from None
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise ExportError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
+                          f"{source.config.vocab_size}; they belong to different models")
+    val = np.asarray(tokenizer.encode(PERPLEXITY_TEXT.read_text(encoding="utf-8")), dtype=np.int64)
+    return LoadedRun(path, source.config, source.model(), tokenizer, source.sha256, 0, val, kind, source.architecture,
+                     tokens.chat_template, tokens.end_of_turn_ids)
+
+
 def saved_model_config(state: dict) -> ModelConfig | None:
     """The model config a checkpoint was trained with, fields it predates at their defaults."""
     saved = ModelConfig()
@@ -100,7 +133,7 @@ def model_spec(cfg: ModelConfig) -> A.ModelSpec:
     return A.ModelSpec(
         vocab_size=cfg.vocab_size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
         head_dim=cfg.head_dim, hidden_dim=cfg.hidden_dim, context_length=cfg.context_length,
-        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings)
+        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, qkv_bias=cfg.qkv_bias)
 
 
 def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
@@ -117,6 +150,8 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
         out[n.ffn_norm] = sd[p + "ffn_norm.weight"]
         wq, wk, wv = (sd[p + f"attention.{w}.weight"].T for w in ("wq", "wk", "wv"))  # (dim, out)
         out[n.wqkv] = np.concatenate([wq * q_scale, wk, wv], axis=1)
+        if cfg.qkv_bias:
+            out[n.wqkv_bias] = np.concatenate([sd[p + "attention.wq.bias"] * q_scale, sd[p + "attention.wk.bias"], sd[p + "attention.wv.bias"]])
         out[n.wo] = sd[p + "attention.wo.weight"].T
         out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
         out[n.w2] = sd[p + "feed_forward.w2.weight"].T
@@ -137,9 +172,11 @@ def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET,
         spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
         bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
         quantization=quantize, checkpoint_sha256=run.checkpoint_sha256, craft_version=__version__,
+        chat_template=run.chat_template, end_of_turn_ids=run.end_of_turn_ids, source_kind=run.source_kind,
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = f"Craft {__version__} export of {run.run_dir.name} (step {run.step}); metadata keys 'craft.*' describe it"
+    what = f"step {run.step}" if run.source_kind == RUN else f"{run.architecture} from {run.source_kind}"
+    proto.doc_string = f"Craft {__version__} export of {run.run_dir.name} ({what}); metadata keys 'craft.*' describe it"
     return proto, ops
 
 
@@ -172,9 +209,11 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"cannot write {output} (permission denied); choose another -o")
 
 
-def export(run_dir: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
-           checkpoint: str = rd.CHECKPOINT, log=print) -> dict:
-    """Write a verified .onnx for the run; returns the report. ExportError / VerificationError on failure."""
+def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
+           checkpoint: str = rd.CHECKPOINT, log=print, kind: str | None = None) -> dict:
+    """Write a verified .onnx for the source - a run directory, a Hugging Face directory or a GGUF
+    file (`kind` RUN / HF / GGUF; detected when None) - and return the report.
+    ExportError / VerificationError on failure."""
     import onnx
 
     from craft.export.verify import verify
@@ -184,8 +223,15 @@ def export(run_dir: Path, output: Path, quantize: str = W.INT8, opset: int = DEF
     output = Path(output)
     check_output_path(output)
     t0 = time.perf_counter()
-    run = load_run(run_dir, checkpoint)
-    log(f"exporting {run.run_dir} (step {run.step}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
+    try:
+        kind = kind or detect_kind(source)
+    except SourceError as e:
+        raise ExportError(str(e)) from None
+    if kind != RUN and checkpoint != rd.CHECKPOINT:
+        raise ExportError(f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint")
+    run = load_run(source, checkpoint) if kind == RUN else load_imported(source, kind)
+    what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
+    log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)
     proto, ops = build_model_proto(run, quantize, opset, weights)
     onnx.checker.check_model(proto, full_check=True)

@@ -120,6 +120,8 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
 
         h = g.rms_norm(x, g.weight(n.attention_norm, weights[n.attention_norm]), spec.norm_eps)
         qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
+        if spec.qkv_bias:  # float32 in every scheme
+            qkv = g.op("Add", qkv, g.weight(n.wqkv_bias, weights[n.wqkv_bias]))
         qkv = g.op("Reshape", qkv, g.const([0, 0, H + 2 * KV, hd]))  # (B, T, H + 2KV, hd)
         qk, v = g.split(qkv, [H + KV, KV], axis=2)
         qk = g.op("Transpose", rope(qk), perm=[0, 2, 1, 3])  # (B, H + KV, T, hd)

@@ -46,23 +46,21 @@ class Source:
 
 
 def detect_kind(path: Path) -> str:
-    """RUN for a directory with config.yaml, HF for one with config.json, GGUF for a file that
-    starts with the GGUF magic; SourceError otherwise."""
+    """GGUF for a file that starts with the GGUF magic, HF for a directory with config.json and no
+    config.yaml, RUN otherwise (so that load_run explains what a run directory lacks); SourceError
+    for a file that is not GGUF and for a missing .gguf path."""
     path = Path(path)
-    if path.is_dir():
-        if (path / "config.yaml").is_file():
-            return RUN
-        if (path / "config.json").is_file():
-            return HF
-        raise SourceError(f"{path} has neither config.yaml (a craft-train run) nor config.json (a Hugging Face model "
-                          f"directory); point craft-export at one of those or at a .gguf file")
     if path.is_file():
         with open(path, "rb") as f:
             if f.read(4) == GGUF_MAGIC:
                 return GGUF
         raise SourceError(f"{path} is not a GGUF file (no GGUF magic); craft-export takes a run directory, "
                           f"a Hugging Face model directory or a .gguf file")
-    raise SourceError(f"{path} does not exist; give a run directory, a Hugging Face model directory or a .gguf file")
+    if path.suffix == ".gguf" and not path.exists():
+        raise SourceError(f"{path} does not exist; give the path of a .gguf file")
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return HF
+    return RUN
 
 
 def load_source(path: Path, kind: str | None = None) -> Source:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 FORMAT_VERSION = 1
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
@@ -52,11 +52,12 @@ META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char" | "toke
 META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
 META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
 META_QUANT = "craft.quantization"  # a scheme name: a key of craft.runtime.weights.SCHEMES
-META_CHECKPOINT = "craft.checkpoint_sha256"
+META_CHECKPOINT = "craft.checkpoint_sha256"  # SHA-256 of the source: checkpoint, HF weight files or GGUF file
 META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures at export
 # Optional (absent from files of craft-trained models and from older files; FORMAT_VERSION unchanged):
 META_CHAT_TEMPLATE = "craft.chat_template"  # the source's Jinja chat template, rendered by craft.runtime.chat_template
 META_EOT_IDS = "craft.end_of_turn_ids"  # JSON list of every id that ends a reply (EOS, end-of-turn, ...)
+META_SOURCE_KIND = "craft.source.kind"  # "hf" | "gguf" for an imported model; absent: a craft-train run
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""
@@ -77,6 +78,8 @@ class ModelSpec:
     rope_theta: float
     norm_eps: float
     tie_embeddings: bool
+    # Fields added later have defaults, so files written before them still read:
+    qkv_bias: bool = False  # the file has layers.{i}.attention.wqkv.bias (imported Qwen2 models)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
@@ -87,11 +90,13 @@ class ModelSpec:
         values = json.loads(text)
         if not isinstance(values, dict):
             raise ArtifactError(f"model config in the file is a JSON {type(values).__name__}, not an object; re-export it with craft-export")
-        missing = {f.name for f in fields(cls)} - values.keys()
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - values.keys()
         if missing:
             raise ArtifactError(f"model config in the file lacks {sorted(missing)}; re-export it with this craft version")
         typed = {}
         for f in fields(cls):
+            if f.name not in values:  # a field added later: its default
+                continue
             value = values[f.name]
             kind = {"int": int, "float": (int, float), "bool": bool}[f.type]
             if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
@@ -116,6 +121,7 @@ class Artifact:
     craft_version: str
     chat_template: str | None = None  # None: the model has no chat template (plain completion only)
     end_of_turn_ids: tuple[int, ...] = ()  # empty: only eos_id ends a reply
+    source_kind: str = "run"  # what was exported: a craft-train run, a Hugging Face directory ("hf") or a GGUF file
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -128,6 +134,8 @@ class Artifact:
             optional[META_CHAT_TEMPLATE] = self.chat_template
         if self.end_of_turn_ids:
             optional[META_EOT_IDS] = json.dumps(list(self.end_of_turn_ids))
+        if self.source_kind != "run":
+            optional[META_SOURCE_KIND] = self.source_kind
         return optional | {
             META_FORMAT: str(FORMAT_VERSION),
             META_VERSION: self.craft_version,
@@ -160,6 +168,7 @@ class Artifact:
                 craft_version=metadata.get(META_VERSION, ""),
                 chat_template=metadata.get(META_CHAT_TEMPLATE),
                 end_of_turn_ids=parse_token_ids(metadata.get(META_EOT_IDS, "[]"), META_EOT_IDS, spec.vocab_size),
+                source_kind=metadata.get(META_SOURCE_KIND, "run"),
             )
         except KeyError as e:
             raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None

@@ -63,7 +63,8 @@ class NumpyBackend:
         self.layers = []
         for i in range(spec.n_layer):
             n = W.layer(i)
-            self.layers.append({"attention_norm": float32(n.attention_norm), "wqkv": linear(n.wqkv), "wo": linear(n.wo),
+            self.layers.append({"attention_norm": float32(n.attention_norm), "wqkv": linear(n.wqkv),
+                                "wqkv_bias": float32(n.wqkv_bias) if spec.qkv_bias else np.float32(0), "wo": linear(n.wo),
                                 "ffn_norm": float32(n.ffn_norm), "w13": linear(n.w13), "w2": linear(n.w2)})
         self.norm = float32(W.NORM)
         self.rope_cos = float32(W.ROPE_COS)
@@ -102,7 +103,7 @@ class NumpyBackend:
         x = self.embedding_rows(input_ids)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attention_norm"], s.norm_eps)
-            qkv = layer["wqkv"](h).reshape(B, T, H + 2 * KV, hd)  # (B, T, H + 2KV, hd)
+            qkv = (layer["wqkv"](h) + layer["wqkv_bias"]).reshape(B, T, H + 2 * KV, hd)  # (B, T, H + 2KV, hd)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]
             qk = qk * cos + np.concatenate([qk[..., hd // 2:], qk[..., : hd // 2]], axis=-1) * sin
             q = qk[:, :, :H].transpose(0, 2, 1, 3).reshape(B, KV, G, T, hd)  # (B, KV, G, T, hd); q is pre-scaled

@@ -9,12 +9,14 @@ graph does. Linear weights are in the (in_features, out_features) layout, y = x 
     norm.weight, layers.{i}.attention_norm.weight, layers.{i}.ffn_norm.weight      (dim,)
     layers.{i}.attention.wqkv.weight        (dim, (n_heads + 2 * n_kv_heads) * head_dim): columns are
                                             [q | k | v]; q is pre-multiplied by 1 / sqrt(head_dim)
+    layers.{i}.attention.wqkv.bias          ((n_heads + 2 * n_kv_heads) * head_dim,) the same way;
+                                            only when the spec says qkv_bias (imported Qwen2 models)
     layers.{i}.attention.wo.weight          (n_heads * head_dim, dim)
     layers.{i}.feed_forward.w13.weight      (dim, 2 * hidden): [gate | up]
     layers.{i}.feed_forward.w2.weight       (hidden, dim)
     rope.cos, rope.sin                      (context_length, head_dim), "rotate half" layout
 
-Norms and rope tables are float32 in every file. The embedding and the linear weights are
+Norms, rope tables and biases are float32 in every file. The embedding and the linear weights are
 stored as the file's scheme (metadata `craft.quantization`, a key of SCHEMES) says: a float
 weight NAME becomes the tensors NAME + suffix for each of the scheme's suffixes.
 
@@ -48,6 +50,7 @@ class LayerNames:
 
     attention_norm: str
     wqkv: str
+    wqkv_bias: str
     wo: str
     ffn_norm: str
     w13: str
@@ -56,15 +59,17 @@ class LayerNames:
 
 def layer(i: int) -> LayerNames:
     p = f"layers.{i}."
-    return LayerNames(p + "attention_norm.weight", p + "attention.wqkv.weight", p + "attention.wo.weight",
+    return LayerNames(p + "attention_norm.weight", p + "attention.wqkv.weight", p + "attention.wqkv.bias", p + "attention.wo.weight",
                       p + "ffn_norm.weight", p + "feed_forward.w13.weight", p + "feed_forward.w2.weight")
 
 
 def float_weights(spec: ModelSpec) -> dict[str, Shape]:
-    """Name -> shape of the weights stored as float32 whatever the scheme: norms and rope tables."""
+    """Name -> shape of the weights stored as float32 whatever the scheme: norms, rope tables, biases."""
     out = {NORM: (spec.dim,), ROPE_COS: (spec.context_length, spec.head_dim), ROPE_SIN: (spec.context_length, spec.head_dim)}
     for i in range(spec.n_layer):
         out[layer(i).attention_norm] = out[layer(i).ffn_norm] = (spec.dim,)
+        if spec.qkv_bias:
+            out[layer(i).wqkv_bias] = ((spec.n_head + 2 * spec.n_kv_head) * spec.head_dim,)
     return out
 
 

@@ -8,12 +8,13 @@ and gguf are dev-only dependencies: the tests that use this module skip without 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-VOCAB = 97
+VOCAB = 300  # room for a CharTokenizer (258 reserved ids + characters), so exported files run in craft-run
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
@@ -64,10 +65,67 @@ def max_diff(a: list, b: list) -> float:
     return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) for x, y in zip(a, b, strict=True))
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def save_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer.json of exactly VOCAB ids (256 bytes, <s>, </s>, merges), trained on
+    the bundled English text with the `tokenizers` library, and a tokenizer_config.json naming the
+    specials and a chat template: a real tokenizer for the random models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from craft.export.exporter import PERPLEXITY_TEXT
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([PERPLEXITY_TEXT.read_text(encoding="utf-8")], trainer)
+    assert tokenizer.get_vocab_size() == VOCAB
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory / "tokenizer.json"
+
+
+def ort_logits(path: Path, fed: list[int], prompt_length: int) -> list[np.ndarray]:
+    """An exported file's logits under ONNX Runtime for the same feed as reference_logits."""
+    from craft.export.verify import ort_forward, ort_session
+    from craft.runtime.artifact import Artifact
+    from craft.runtime.onnx_file import read_metadata
+
+    spec = Artifact.from_metadata(read_metadata(path)).spec
+    session = ort_session(path.read_bytes())
+    logits, past = ort_forward(session, spec, np.array([fed[:prompt_length]]), None)
+    out = [logits[0]]
+    for token in fed[prompt_length:]:
+        logits, past = ort_forward(session, spec, np.array([[token]]), past)
+        out.append(logits[0])
+    return out
+
+
+def numpy_logits(path: Path, fed: list[int], prompt_length: int) -> list[np.ndarray]:
+    """The same feed through the runtime's numpy backend."""
+    from craft.runtime.artifact import Artifact
+    from craft.runtime.numpy_backend import NumpyBackend
+    from craft.runtime.onnx_file import read_metadata
+
+    art = Artifact.from_metadata(read_metadata(path))
+    backend = NumpyBackend(str(path), art.spec, art.quantization)
+    backend.reset(1)
+    out = []
+    for chunk in [fed[:prompt_length]] + [[t] for t in fed[prompt_length:]]:
+        mask = np.ones((1, backend.cache_length + len(chunk)), np.int64)
+        positions = np.arange(backend.cache_length, backend.cache_length + len(chunk))[None]
+        out.append(backend.forward(np.array([chunk]), mask, positions)[0])
+    return out
+
+
 def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     """A llama GGUF of a transformers Llama model, as llama.cpp's converter writes it: metadata
     keys, GGUF tensor names, q/k rows permuted for llama.cpp's RoPE; 2-D weights in `qtype`
-    (F32, F16 or Q8_0 via gguf.quants), norms in F32. A byte-level token list makes it loadable."""
+    (F32, F16 or Q8_0 via gguf.quants), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.*."""
     import gguf
 
     from craft.export.source_gguf import permute_rope_rows
@@ -89,12 +147,18 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    spec = json.loads(save_tokenizer(path.parent).read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in spec["added_tokens"]}
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"<{i}>" for i in range(c.vocab_size)])
-    writer.add_token_types([gguf.TokenType.NORMAL] * c.vocab_size)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.add_chat_template(CHAT_TEMPLATE)
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}

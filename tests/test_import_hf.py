@@ -16,10 +16,13 @@ from craft.export.sources import HF, SourceError, detect_kind, load_source
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
 
-from import_models import VOCAB, craft_logits, max_diff, random_hf_model, reference_logits  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from import_models import (CHAT_TEMPLATE, VOCAB, craft_logits, max_diff, numpy_logits, ort_logits,  # noqa: E402
+                           random_hf_model, reference_logits, save_tokenizer)
 
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
-TORCH_TOLERANCE = 1e-5
+TORCH_TOLERANCE = 1e-5  # Craft's PyTorch model vs transformers
+FILE_TOLERANCE = 1e-4  # the exported float32 file (ONNX Runtime, numpy backend) vs transformers
 
 CASES = {
     "llama-gqa-untied": ("llama", {}),
@@ -39,6 +42,7 @@ def saved(tmp_path_factory) -> dict[str, tuple[object, Path]]:
         model = random_hf_model(architecture, **overrides)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
+        save_tokenizer(directory)
         out[name] = (model, directory)
     return out
 
@@ -173,3 +177,89 @@ def test_missing_weights_and_bad_config(saved, tmp_path):
 
 def test_vocabulary_in_fixture_is_what_the_tests_assume(saved):
     assert load_source(saved["llama-tied"][1]).config.vocab_size == VOCAB
+
+
+# --- export: the .onnx file computes what transformers does ----------------------------------
+
+@pytest.fixture(scope="module")
+def exported(saved, tmp_path_factory) -> dict[str, Path]:
+    """name -> float32 .onnx exported from the saved directory."""
+    from craft.export.exporter import export
+
+    out = {}
+    for name, (_, directory) in saved.items():
+        out[name] = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
+        report = export(directory, out[name], quantize="none", log=lambda *a: None)
+        assert max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"]) < FILE_TOLERANCE
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_exported_file_matches_transformers(saved, exported, name):
+    hf_model, _ = saved[name]
+    fed, reference = reference_logits(hf_model, PROMPT)
+    assert max_diff(reference, ort_logits(exported[name], fed, len(PROMPT))) < FILE_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["qwen2-biases", "mistral-head-dim", "llama-gqa-untied"])
+def test_numpy_backend_runs_imported_shapes(saved, exported, name):
+    hf_model, _ = saved[name]
+    fed, reference = reference_logits(hf_model, PROMPT, steps=3)
+    assert max_diff(reference, numpy_logits(exported[name], fed, len(PROMPT))) < FILE_TOLERANCE
+
+
+def test_metadata_names_the_source(saved, exported):
+    from craft.export.sources import load_source as read_source
+    from craft.runtime import artifact as A
+    from craft.runtime.onnx_file import read_metadata
+
+    meta = read_metadata(exported["qwen2-biases"])
+    art = A.Artifact.from_metadata(meta)
+    assert art.source_kind == "hf" and art.spec.qkv_bias and not art.spec.tie_embeddings
+    assert art.tokenizer_kind == "tokenizer.json" and art.chat_template == CHAT_TEMPLATE and art.eos_id == 1
+    assert art.checkpoint_sha256 == read_source(saved["qwen2-biases"][1]).sha256
+    assert A.Artifact.from_metadata(read_metadata(exported["mistral-head-dim"])).spec.head_dim == 32
+
+
+def test_int8_export_of_an_imported_model(saved, tmp_path):
+    from craft.export.exporter import export
+
+    report = export(saved["qwen2-biases"][1], tmp_path / "q.onnx", quantize="int8", log=lambda *a: None)
+    assert report["perplexity_tokens"] > 500  # the bundled English text stands in for a val split
+    assert report["perplexity_delta"] < 0.01 and report["size_ratio"] < 0.45
+
+
+def test_cli_refuses_bad_sources_in_one_line(saved, tmp_path):
+    bad = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
+    out = tmp_path / "out.onnx"
+    cases = [([str(bad)], "GPT2LMHeadModel"), ([str(saved["llama-tied"][1]), "--from", "gguf"], "GGUF"),
+             ([str(saved["llama-tied"][1]), "--checkpoint", "best.pt"], "--checkpoint"),
+             ([str(tmp_path / "absent.gguf")], "does not exist")]
+    for args, expected in cases:
+        result = run_cli("craft.export.cli", *args, "-o", str(out))
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists()
+
+
+def test_missing_or_unreadable_tokenizer(saved, tmp_path):
+    from craft.export.exporter import ExportError, export
+
+    directory = copy_model(saved["llama-tied"][1], tmp_path)  # weights and config, no tokenizer
+    with pytest.raises(ExportError, match="tokenizer.json"):
+        export(directory, tmp_path / "m.onnx", quantize="none", log=lambda *a: None)
+    (directory / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ExportError) as e:
+        export(directory, tmp_path / "m.onnx", quantize="none", log=lambda *a: None)
+    assert "tokenizer.json" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_exports_a_hugging_face_directory_that_craft_run_chats_with(saved, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = run_cli("craft.export.cli", str(saved["llama-gqa-untied"][1]), "--quantize", "none", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "LlamaForCausalLM, hf" in result.stdout and out.is_file()
+    result = run_cli("craft.runtime.cli", str(out), "The light", "-n", "5", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 5
