@@ -1,7 +1,8 @@
 """Check at export time that the .onnx computes what the checkpoint computes.
 
 1. Parity: PyTorch vs ONNX Runtime (float32 graph) on a prefill and on DECODE_STEPS cached
-   decode steps: max |logit difference| must stay below FP32_TOLERANCE.
+   decode steps: max |logit difference| must stay below fp32_limit (FP32_TOLERANCE, scaled up
+   for models whose logits are large: float32 rounding is relative).
 2. Quality: perplexity of the int8 graph vs the float32 graph on the run's val split (the
    same windows for both); the relative increase must stay within MAX_PPL_INCREASE.
 
@@ -17,7 +18,8 @@ import torch
 
 from craft.runtime import artifact as A
 
-FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 (float32 rounding is ~1e-6 here)
+FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 for logits up to LOGIT_SCALE (rounding is ~1e-6 there)
+LOGIT_SCALE = 10.0  # larger logits (a pretrained 135M model reaches ~35) scale the tolerance in proportion
 MAX_PPL_INCREASE = 0.01  # int8 may raise val perplexity by at most 1% relative to float32
 DECODE_STEPS = 8
 PROMPT_TOKENS = 16
@@ -57,6 +59,7 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
         pt_logits, pt_past = model(ids, past=model.empty_cache())
         ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
         prefill = float(np.abs(pt_logits.numpy() - ort_logits).max())
+        scale = float(pt_logits.abs().max())
         decode = 0.0
         for _ in range(steps):
             token = int(pt_logits[0, -1].argmax())
@@ -65,7 +68,13 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
             pt_logits, pt_past = model(torch.tensor([[token]]), past=pt_past)
             ort_logits, ort_past = ort_forward(session, spec, np.array([[token]]), ort_past)
             decode = max(decode, float(np.abs(pt_logits.numpy() - ort_logits).max()))
-    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+            scale = max(scale, float(pt_logits.abs().max()))
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode, "max_abs_logit": scale}
+
+
+def fp32_limit(max_abs_logit: float) -> float:
+    """The float32 parity limit for logits of this magnitude: FP32_TOLERANCE up to LOGIT_SCALE, proportional above."""
+    return FP32_TOLERANCE * max(1.0, max_abs_logit / LOGIT_SCALE)
 
 
 def perplexity(session, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4) -> tuple[float, int]:
@@ -99,15 +108,16 @@ def verify(run, fp32_bytes: bytes, int8_bytes: bytes | None, log=print) -> dict:
     report: dict = {"failures": []}
     report.update(parity(run, fp32, spec, prompt))
     worst = max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"])
+    report["fp32_limit"] = limit = fp32_limit(report["max_abs_logit"])
     log(f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
-        f"{DECODE_STEPS} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {FP32_TOLERANCE:.0e})")
-    if not worst < FP32_TOLERANCE:
-        report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {worst:.2e} (limit {FP32_TOLERANCE:.0e})")
+        f"{DECODE_STEPS} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {limit:.1e})")
+    if not worst < limit:
+        report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {worst:.2e} (limit {limit:.1e})")
     if int8_bytes is None:
         return report
     int8 = ort_session(int8_bytes)
     int8_parity = parity(run, int8, spec, prompt)
-    report["int8_max_abs_diff"] = max(int8_parity.values())
+    report["int8_max_abs_diff"] = max(int8_parity["prefill_max_abs_diff"], int8_parity["decode_max_abs_diff"])
     if run.val_tokens is None or len(run.val_tokens) < 2:
         log("  quality: the run has no val tokens (tokens.bin), perplexity not measured")
         return report
