@@ -107,7 +107,7 @@ def load_imported(path: Path, kind: str) -> LoadedRun:
     path = Path(path)
     try:
         source = load_source(path, kind)
-        tokens = read_hf_tokenizer(path) if kind == HF else read_gguf_tokenizer(path)
+        tokens = read_hf_tokenizer(path) if kind == HF else read_gguf_tokenizer(source.gguf_reader)
         tokenizer = tokens.tokenizer()
     except ValueError as e:  # SourceError, TokenizerSourceError: one line each
         raise ExportError(str(e)) from None

@@ -70,7 +70,7 @@ def load_gguf(path: Path) -> Source:
         elif name.endswith("attn_k.weight"):
             w = unpermute_rope_rows(w, cfg.kv_heads)
         state[craft] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # copies only a read-only mapping
-    return Source(GGUF, path, architecture, cfg, state, file_sha256([path]))
+    return Source(GGUF, path, architecture, cfg, state, file_sha256([path]), reader)
 
 
 def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelConfig]:

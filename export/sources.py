@@ -40,6 +40,8 @@ class Source:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] = field(repr=False)  # Craft names, float32
     sha256: str  # of the weight files (and config.json): the artifact's source hash
+    gguf_reader: object | None = field(default=None, repr=False)  # a GGUF source's open gguf.GGUFReader: its
+    # tokenizer is read from the same parse (reading a 49k-token vocabulary's metadata takes seconds)
 
     def model(self) -> Transformer:
         return Transformer.from_state_dict(self.config, self.state_dict)
