@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from craft.runtime.artifact import ATTENTION_STANDARD, ATTENTIONS, ORT_INPLACE_MIN
 from craft.runtime.command import OneLineErrors
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
@@ -39,8 +40,11 @@ def print_report(report: dict, output: Path | None) -> None:
 @click.option("--checkpoint", default="checkpoint.pt", help="Checkpoint file in a run directory to export (e.g. best.pt).")
 @click.option("--from", "kind", type=click.Choice(["run", "hf", "gguf"]), default=None,
               help="What SOURCE is: a craft-train run, a Hugging Face model directory or a GGUF file.  [default: detected]")
+@click.option("--attention", type=click.Choice(list(ATTENTIONS)), default=ATTENTION_STANDARD,
+              help=f"KV-cache attention: standard (standard ONNX ops, any ONNX runtime) or inplace (ONNX Runtime's "
+                   f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN}).")
 @click.version_option(__version__, prog_name="craft-export")
-def main(source: Path, output: Path | None, quantize: str, opset: int | None, checkpoint: str, kind: str | None) -> None:
+def main(source: Path, output: Path | None, quantize: str, opset: int | None, checkpoint: str, kind: str | None, attention: str) -> None:
     """Compile SOURCE into one self-contained .onnx file. SOURCE is a run directory (written by
     craft-train), a Hugging Face model directory (config.json, safetensors, tokenizer.json; Llama,
     Mistral, Qwen2) or a GGUF file of the llama architecture.
@@ -59,7 +63,7 @@ def main(source: Path, output: Path | None, quantize: str, opset: int | None, ch
         output = Path(source).with_suffix(f".{quantize}.onnx") if Path(source).is_file() else Path(source) / f"model.{quantize}.onnx"
     try:
         report = export(source, output, quantize=quantize, opset=opset or DEFAULT_OPSET, checkpoint=checkpoint,
-                        log=click.echo, kind=kind)
+                        log=click.echo, kind=kind, attention=attention)
     except ExportError as e:
         click.echo(f"craft-export: error: {e}", err=True)
         sys.exit(EXIT_USAGE)

@@ -159,20 +159,21 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET, weights: dict[str, np.ndarray] | None = None):
+def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET, weights: dict[str, np.ndarray] | None = None,
+                      attention: str = A.ATTENTION_STANDARD):
     """(ModelProto with metadata, the scheme's ops) for one quantization; ops.errors has the
     quantizer's max error per weight. `weights`: artifact_weights(run.model), when the caller
-    already has them."""
+    already has them; `attention`: how the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS)."""
     import onnx
 
     spec = model_spec(run.config)
     ops = OPS[quantize]()
-    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, ops, opset)
+    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, ops, opset, attention)
     meta = A.Artifact(
         spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
         bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
         quantization=quantize, checkpoint_sha256=run.checkpoint_sha256, craft_version=__version__,
-        chat_template=run.chat_template, end_of_turn_ids=run.end_of_turn_ids, source_kind=run.source_kind,
+        chat_template=run.chat_template, end_of_turn_ids=run.end_of_turn_ids, source_kind=run.source_kind, attention=attention,
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
     what = f"step {run.step}" if run.source_kind == RUN else f"{run.architecture} from {run.source_kind}"
@@ -210,9 +211,10 @@ def check_output_path(output: Path) -> None:
 
 
 def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
-           checkpoint: str = rd.CHECKPOINT, log=print, kind: str | None = None) -> dict:
+           checkpoint: str = rd.CHECKPOINT, log=print, kind: str | None = None, attention: str = A.ATTENTION_STANDARD) -> dict:
     """Write a verified .onnx for the source - a run directory, a Hugging Face directory or a GGUF
-    file (`kind` RUN / HF / GGUF; detected when None) - and return the report.
+    file (`kind` RUN / HF / GGUF; detected when None) - and return the report; `attention` is how
+    the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS).
     ExportError / VerificationError on failure."""
     import onnx
 
@@ -220,6 +222,8 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
 
     if quantize not in W.SCHEMES:
         raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(W.SCHEMES)}")
+    if attention not in A.ATTENTIONS:
+        raise ExportError(f"unknown --attention '{attention}'; expected one of: {', '.join(A.ATTENTIONS)}")
     output = Path(output)
     check_output_path(output)
     t0 = time.perf_counter()
@@ -233,16 +237,16 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)
-    proto, ops = build_model_proto(run, quantize, opset, weights)
+    proto, ops = build_model_proto(run, quantize, opset, weights, attention)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     if quantize == W.NONE:
         fp32_bytes, int8_bytes = data, None
     else:  # the float32 graph is the reference the quantized one is measured against
-        fp32_bytes, int8_bytes = build_model_proto(run, W.NONE, opset, weights)[0].SerializeToString(), data
+        fp32_bytes, int8_bytes = build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(), data
     report = verify(run, fp32_bytes, int8_bytes, log=log)
     report.update({
-        "quantization": quantize, "opset": opset, "parameters": run.model.num_parameters(),
+        "quantization": quantize, "opset": opset, "attention": attention, "parameters": run.model.num_parameters(),
         "file_bytes": len(data), "fp32_file_bytes": len(fp32_bytes),
         "size_ratio": len(data) / len(fp32_bytes),
         "max_weight_quant_error": max(ops.errors.values()) if ops.errors else 0.0,

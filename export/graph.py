@@ -26,6 +26,7 @@ from craft.runtime.artifact import ModelSpec
 MASKED = float(np.finfo(np.float32).min)  # additive bias for masked keys, as in craft.model
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.13 and most other runtimes; see README "Artifact"
 MIN_OPSET, MAX_OPSET = 14, 21
+ROPE_COS_HALF, ROPE_SIN_HALF = "rope.cos_half", "rope.sin_half"  # GroupQueryAttention's (context, hd / 2) tables
 
 
 class GraphBuilder:
@@ -76,7 +77,8 @@ class GraphBuilder:
         return self.op("Mul", self.op("Div", x, rms), weight)
 
 
-def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET,
+                  attention: str = "standard") -> onnx.ModelProto:
     """The decoder with KV-cache I/O of the artifact contract.
 
     `weights` are float32 arrays named and laid out as craft.runtime.weights describes;
@@ -84,13 +86,64 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+    if attention not in A.ATTENTIONS:
+        raise ValueError(f"--attention must be one of {', '.join(A.ATTENTIONS)}, got '{attention}'")
     g = GraphBuilder(opset)
-    H, KV, hd, L = spec.n_head, spec.n_kv_head, spec.head_dim, spec.n_layer
+    KV, hd, L = spec.n_kv_head, spec.head_dim, spec.n_layer
+
+    # Rotary tables stay in every file under their contract names (the numpy backend reads them).
+    rope_cos, rope_sin = g.weight(W.ROPE_COS, weights[W.ROPE_COS]), g.weight(W.ROPE_SIN, weights[W.ROPE_SIN])
+    S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
+    attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(g, spec, weights, S, rope_cos, rope_sin)
+
+    x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
+    for i in range(L):
+        n = W.layer(i)
+        h = g.rms_norm(x, g.weight(n.attention_norm, weights[n.attention_norm]), spec.norm_eps)
+        qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
+        if spec.qkv_bias:  # float32 in every scheme; added before rotary (inside the attention)
+            qkv = g.op("Add", qkv, g.weight(n.wqkv_bias, weights[n.wqkv_bias]))
+        x = g.op("Add", x, scheme.linear(g, attend(i, qkv), n.wo, weights[n.wo]))
+
+        h = g.rms_norm(x, g.weight(n.ffn_norm, weights[n.ffn_norm]), spec.norm_eps)
+        gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+        x = g.op("Add", x, scheme.linear(g, act, n.w2, weights[n.w2]))
+
+    x = g.rms_norm(x, g.weight(W.NORM, weights[W.NORM]), spec.norm_eps)
+    scheme.head(g, weights, x, A.LOGITS, spec)
+
+    def tensor(name, elem, shape):
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    inputs = [tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+              tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+              tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"])]
+    outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
+    past_axis, present_axis = ("cache_seq", "cache_seq") if attention == A.ATTENTION_INPLACE else ("past_seq", "total_seq")
+    for i in range(L):
+        for name in A.past_names(i):
+            inputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, past_axis, hd]))
+        for name in A.present_names(i):
+            outputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, present_axis, hd]))
+
+    graph = helper.make_graph(g.nodes, "craft_decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", opset)]
+    if g.uses_ms_domain:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
+    model.ir_version = min(model.ir_version, ir_version_for(opset))
+    return model
+
+
+def standard_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, rope_cos: str, rope_sin: str):
+    """Standard ONNX ops: rotary from position_ids, a causal + padding bias, the cache grown by
+    Concat (present = past + new). Returns attend(layer, qkv (B, T, (H + 2KV) * hd)) -> (B, T, H * hd)."""
+    H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
     group = H // KV
 
     # attention bias (B, 1, T, S): 0 where a query may read a key, MASKED elsewhere --------------
     T = g.op("Gather", g.op("Shape", A.INPUT_IDS), g.const(1), axis=0)  # scalar
-    S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
     P = g.op("Sub", S, T)
     key_pos = g.op("Range", g.const(0), S, g.const(1))  # (S,)
     query_pos = g.op("Range", P, S, g.const(1))  # (T,)
@@ -101,7 +154,6 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         bias = g.op("Unsqueeze", bias, g.const([1]))  # (B, 1, 1, T, S) against (B, KV, G, T, S)
 
     # rotary tables for these positions, shaped for (B, T, heads, hd) --------------------------
-    rope_cos, rope_sin = g.weight(W.ROPE_COS, weights[W.ROPE_COS]), g.weight(W.ROPE_SIN, weights[W.ROPE_SIN])
     cos = g.op("Unsqueeze", g.op("Gather", rope_cos, A.POSITION_IDS, axis=0), g.const([2]))  # (B, T, 1, hd)
     sin = g.op("Unsqueeze", g.op("Gather", rope_sin, A.POSITION_IDS, axis=0), g.const([2]))
     half_sign = np.concatenate([-np.ones(hd // 2), np.ones(hd // 2)]).astype(np.float32)
@@ -112,16 +164,8 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         swapped = g.op("Concat", hi, lo, axis=-1)
         return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, sin_signed))
 
-    x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
-    for i in range(L):
-        n = W.layer(i)
-        past_k, past_v = A.past_names(i)
-        present_k, present_v = A.present_names(i)
-
-        h = g.rms_norm(x, g.weight(n.attention_norm, weights[n.attention_norm]), spec.norm_eps)
-        qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
-        if spec.qkv_bias:  # float32 in every scheme
-            qkv = g.op("Add", qkv, g.weight(n.wqkv_bias, weights[n.wqkv_bias]))
+    def attend(i: int, qkv: str) -> str:
+        (past_k, past_v), (present_k, present_v) = A.past_names(i), A.present_names(i)
         qkv = g.op("Reshape", qkv, g.const([0, 0, H + 2 * KV, hd]))  # (B, T, H + 2KV, hd)
         qk, v = g.split(qkv, [H + KV, KV], axis=2)
         qk = g.op("Transpose", rope(qk), perm=[0, 2, 1, 3])  # (B, H + KV, T, hd)
@@ -139,37 +183,32 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         y = g.op("MatMul", probs, v)  # (B, H, T, hd) or (B, KV, G, T, hd)
         if group > 1:
             y = g.op("Reshape", y, g.const([0, H, -1, hd]))  # (B, H, T, hd)
-        y = g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # (B, T, H * hd)
-        x = g.op("Add", x, scheme.linear(g, y, n.wo, weights[n.wo]))
+        return g.op("Reshape", g.op("Transpose", y, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))  # (B, T, H * hd)
 
-        h = g.rms_norm(x, g.weight(n.ffn_norm, weights[n.ffn_norm]), spec.norm_eps)
-        gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-        x = g.op("Add", x, scheme.linear(g, act, n.w2, weights[n.w2]))
+    return attend
 
-    x = g.rms_norm(x, g.weight(W.NORM, weights[W.NORM]), spec.norm_eps)
-    scheme.head(g, weights, x, A.LOGITS, spec)
 
-    def tensor(name, elem, shape):
-        return helper.make_tensor_value_info(name, elem, shape)
+def inplace_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, rope_cos: str, rope_sin: str):
+    """ONNX Runtime's com.microsoft GroupQueryAttention: rotary, attention and the cache write in
+    one node per layer. The cache is one (B, KV, context, hd) buffer per tensor that the runtime
+    binds as both past and present (past_present_share_buffer): each step writes its new keys in
+    place at each row's length, nothing is copied. Rows are counted from the mask (seqlens_k =
+    valid tokens - 1, as GenAI feeds it); positions follow from them, so position_ids is unused:
+    the runtime packs each row's tokens at the start of its buffer (runtime/ort_backend.py)."""
+    H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
+    seqlens_k = g.op("Cast", g.op("Sub", g.op("ReduceSum", A.ATTENTION_MASK, g.const([1]), keepdims=0), g.const(1)), to=TensorProto.INT32)  # (B,)
+    total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
+    cos = g.weight(ROPE_COS_HALF, weights[W.ROPE_COS][:, : hd // 2])  # (context, hd / 2): the "rotate half" table's distinct half
+    sin = g.weight(ROPE_SIN_HALF, weights[W.ROPE_SIN][:, : hd // 2])
 
-    inputs = [tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-              tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-              tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"])]
-    outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
-    for i in range(L):
-        for name in A.past_names(i):
-            inputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, "past_seq", hd]))
-        for name in A.present_names(i):
-            outputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, "total_seq", hd]))
+    def attend(i: int, qkv: str) -> str:
+        (past_k, past_v), (present_k, present_v) = A.past_names(i), A.present_names(i)
+        y, _, _ = g.op("GroupQueryAttention", qkv, "", "", past_k, past_v, seqlens_k, total, cos, sin,  # packed q, k, v
+                       outputs=[f"attention_{i}", present_k, present_v], domain="com.microsoft",
+                       num_heads=H, kv_num_heads=KV, scale=1.0, do_rotary=1, rotary_interleaved=0)  # q is pre-scaled
+        return y  # (B, T, H * hd)
 
-    graph = helper.make_graph(g.nodes, "craft_decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", opset)]
-    if g.uses_ms_domain:
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
-    model.ir_version = min(model.ir_version, ir_version_for(opset))
-    return model
+    return attend
 
 
 def ir_version_for(opset: int) -> int:

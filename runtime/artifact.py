@@ -58,6 +58,19 @@ META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures a
 META_CHAT_TEMPLATE = "craft.chat_template"  # the source's Jinja chat template, rendered by craft.runtime.chat_template
 META_EOT_IDS = "craft.end_of_turn_ids"  # JSON list of every id that ends a reply (EOS, end-of-turn, ...)
 META_SOURCE_KIND = "craft.source.kind"  # "hf" | "gguf" for an imported model; absent: a craft-train run
+META_ATTENTION = "craft.attention"  # one of ATTENTIONS; absent means ATTENTION_STANDARD
+
+# How the graph keeps its KV-cache (META_ATTENTION):
+# standard  standard ONNX ops; past (B, kv, P, hd) in, present (B, kv, P + T, hd) out (a Concat):
+#           any ONNX runtime can drive it with plain session.run().
+# inplace   com.microsoft GroupQueryAttention (onnxruntime >= ORT_INPLACE_MIN); past and present are
+#           the same (B, kv, context_length, hd) buffer, bound as both input and output, written in
+#           place at each row's length = its attention_mask sum (tokens packed at the start of the
+#           buffer); position_ids is accepted but unused. Fed plain growing arrays instead, it
+#           behaves like `standard` (present = past + new), so session.run() still works.
+ATTENTION_STANDARD, ATTENTION_INPLACE = "standard", "inplace"
+ATTENTIONS = (ATTENTION_STANDARD, ATTENTION_INPLACE)
+ORT_INPLACE_MIN = "1.20"
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""
@@ -122,6 +135,7 @@ class Artifact:
     chat_template: str | None = None  # None: the model has no chat template (plain completion only)
     end_of_turn_ids: tuple[int, ...] = ()  # empty: only eos_id ends a reply
     source_kind: str = "run"  # what was exported: a craft-train run, a Hugging Face directory ("hf") or a GGUF file
+    attention: str = ATTENTION_STANDARD  # how the graph keeps its KV-cache: one of ATTENTIONS
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -136,6 +150,8 @@ class Artifact:
             optional[META_EOT_IDS] = json.dumps(list(self.end_of_turn_ids))
         if self.source_kind != "run":
             optional[META_SOURCE_KIND] = self.source_kind
+        if self.attention != ATTENTION_STANDARD:  # a standard file's metadata stays what older runtimes read
+            optional[META_ATTENTION] = self.attention
         return optional | {
             META_FORMAT: str(FORMAT_VERSION),
             META_VERSION: self.craft_version,
@@ -158,6 +174,9 @@ class Artifact:
                                 f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip())
         try:
             spec = ModelSpec.from_json(metadata[META_CONFIG])
+            attention = metadata.get(META_ATTENTION, ATTENTION_STANDARD)
+            if attention not in ATTENTIONS:
+                raise ValueError(f"{META_ATTENTION} is '{attention[:40]}', this runtime knows {', '.join(ATTENTIONS)}")
             return cls(
                 spec=spec,
                 tokenizer_kind=metadata[META_TOKENIZER_KIND],
@@ -169,6 +188,7 @@ class Artifact:
                 chat_template=metadata.get(META_CHAT_TEMPLATE),
                 end_of_turn_ids=parse_token_ids(metadata.get(META_EOT_IDS, "[]"), META_EOT_IDS, spec.vocab_size),
                 source_kind=metadata.get(META_SOURCE_KIND, "run"),
+                attention=attention,
             )
         except KeyError as e:
             raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None

@@ -1,9 +1,12 @@
 """Backend `ort`: the .onnx graph on ONNX Runtime's CPU execution provider, with its KV-cache.
 
-Each step binds the previous step's `present.*` OrtValues as this step's `past_key_values.*`
-through IOBinding: the cache stays inside ONNX Runtime, never converted to numpy or copied by
-Python (session.run() would copy every output into a new numpy array); the only copy per step
-is the graph's own Concat (past + new token). Only the logits come back to numpy.
+A `standard` file (craft.runtime.artifact.ATTENTIONS): each step binds the previous step's
+`present.*` OrtValues as this step's `past_key_values.*` through IOBinding: the cache stays
+inside ONNX Runtime, never converted to numpy or copied by Python (session.run() would copy
+every output into a new numpy array); the only copy per step is the graph's own Concat (past +
+new token). An `inplace` file: one (B, kv, context, hd) buffer per cache tensor, bound once as
+both past and present; GroupQueryAttention writes each step's keys into it, nothing is copied,
+and a step binds only its three small inputs and the logits. Only the logits come back to numpy.
 
 The binding is driven through onnxruntime's pybind objects (session._sess, binding._iobinding)
 when they exist: the public wrappers re-create an OrtDevice and re-validate every value on
@@ -42,7 +45,15 @@ class OrtBackend:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
+            if "GroupQueryAttention" in str(e):
+                raise ArtifactError(f"{path} uses in-place attention (GroupQueryAttention), which this onnxruntime {ort.__version__} "
+                                    f"cannot run; install onnxruntime>={A.ORT_INPLACE_MIN}, use --backend numpy, or re-export with "
+                                    f"--attention standard") from None
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({one_line(e)}); re-export it with craft-export") from None
+        self.inplace = self.session.get_modelmeta().custom_metadata_map.get(A.META_ATTENTION) == A.ATTENTION_INPLACE
+        if self.inplace and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):  # older GQA miscomputes a chat turn's prefill
+            raise ArtifactError(f"{path} uses in-place attention, which needs onnxruntime>={A.ORT_INPLACE_MIN} (this is {ort.__version__}); "
+                                f"upgrade onnxruntime, use --backend numpy, or re-export with --attention standard")
         self._outputs = [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
         self._inputs = [n for i in range(spec.n_layer) for n in A.past_names(i)]
         # Drive IOBinding through onnxruntime's pybind objects (session._sess, binding._iobinding)
@@ -70,8 +81,19 @@ class OrtBackend:
 
     def reset(self, batch: int) -> None:
         """Empty the cache for a new batch of this many sequences."""
-        self._empty = np.zeros((batch, self.spec.n_kv_head, 0, self.spec.head_dim), np.float32)  # kept alive: the OrtValue wraps it
-        self.cache = [self._ortvalue(self._empty)] * (2 * self.spec.n_layer)
+        s = self.spec
+        if not self.inplace:
+            self._buffers = [np.zeros((batch, s.n_kv_head, 0, s.head_dim), np.float32)]  # kept alive: the OrtValue wraps it
+            self.cache = [self._ortvalue(self._buffers[0])] * (2 * s.n_layer)
+        else:  # bound here once as both past and present: every step writes into these buffers
+            self._buffers = [np.zeros((batch, s.n_kv_head, s.context_length, s.head_dim), np.float32) for _ in range(2 * s.n_layer)]
+            self.cache = [self._ortvalue(buffer) for buffer in self._buffers]
+            self.binding.clear_binding_inputs()
+            self.binding.clear_binding_outputs()
+            self._bind_output(A.LOGITS)  # first, so that it stays output 0 when each step re-binds it
+            for past, present, value in zip(self._inputs, self._outputs[1:], self.cache):
+                self.binding.bind_ortvalue_input(past, value)
+                self.binding.bind_ortvalue_output(present, value)
         self.cache_length = 0
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
@@ -79,6 +101,8 @@ class OrtBackend:
         cached positions; extends the cache by T. attention_mask is (B, cache_length + T) and
         position_ids (B, T), both int64.
         """
+        if self.inplace:
+            return self._forward_inplace(input_ids, attention_mask, position_ids, last_only)
         feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]  # alive until run
         b = self.binding
         b.clear_binding_inputs()
@@ -95,13 +119,54 @@ class OrtBackend:
             logits = outputs[0].numpy()
         except self._errors as e:
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export") from None
-        B, T = input_ids.shape
-        if logits.shape != (B, T, self.spec.vocab_size) or logits.dtype != np.float32 or len(outputs) != len(self._outputs):
-            raise ArtifactError(f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
-                                f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export")
+        self._check_logits(logits, input_ids.shape, len(outputs))
         self.cache = [outputs[i] for i in range(1, len(self._outputs))]
         self.cache_length += input_ids.shape[1]
         return logits[:, -1:] if last_only else logits
+
+    def _forward_inplace(self, input_ids, attention_mask, position_ids, last_only):
+        """forward() for an `inplace` file: the cache holds each row's tokens from its start, so a
+        left-padded prefill is fed packed to the left (right-padded) and its logits moved back."""
+        T = input_ids.shape[1]
+        lengths = attention_mask.sum(axis=1)  # (B,) valid tokens per row, cache included
+        padded = self.cache_length == 0 and T > 1 and bool((lengths < T).any())
+        assert padded or self.cache_length == 0 or attention_mask[:, self.cache_length:].all(), "new tokens must all be real"
+        if padded:  # row r's tokens are its last lengths[r] columns: move them to the front
+            shift = (np.arange(T)[None, :] + (T - lengths)[:, None]) % T  # (B, T)
+            input_ids = np.take_along_axis(input_ids, shift, axis=1)
+            attention_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
+        feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]  # alive until run
+        for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
+            self._bind_array(name, array)
+        self._bind_output(A.LOGITS)
+        try:
+            self._run()
+            outputs = self.binding.get_outputs()
+            logits = outputs[0].numpy()  # (B, T, vocab)
+        except self._errors as e:
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export") from None
+        self._check_logits(logits, input_ids.shape, len(outputs))
+        self.cache_length += T
+        if padded:  # back to the caller's left-padded layout
+            logits = np.take_along_axis(logits, ((np.arange(T)[None, :] - (T - lengths)[:, None]) % T)[:, :, None], axis=1)
+        return logits[:, -1:] if last_only else logits
+
+    def _check_logits(self, logits: np.ndarray, ids_shape: tuple[int, int], n_outputs: int) -> None:
+        B, T = ids_shape
+        if logits.shape != (B, T, self.spec.vocab_size) or logits.dtype != np.float32 or n_outputs != len(self._outputs):
+            raise ArtifactError(f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
+                                f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export")
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'1.20.1' -> (1, 20, 1); a suffix such as 'dev' ends the numbers."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:

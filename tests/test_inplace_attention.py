@@ -1,0 +1,92 @@
+"""The `inplace` attention variant (GroupQueryAttention, one cache buffer bound as past and present)
+computes what the `standard` graph computes: same greedy tokens on both ort paths and the numpy
+backend, for single prompts, left-padded batches, a prompt fed in chunks (a chat turn after a
+cached one) and generation up to the context length; export verifies it against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from craft.runtime import artifact as A
+from craft.runtime.artifact import ArtifactError
+from craft.runtime.generator import Generator
+from craft.runtime.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
+PROMPTS = ["Ā", "ĀāĂăĄ", "ĂăĄąĆćĈĉĊ", ""]
+
+
+@pytest.fixture(scope="module", params=["int8", "none"])
+def pair(request, tmp_path_factory) -> dict:
+    """{"standard": Generator, "inplace": Generator, "numpy": Generator on the inplace file}: one
+    random model with grouped-query heads (4 query, 2 key-value), both attention variants."""
+    from craft.config import ModelConfig
+    from craft.export.exporter import build_model_proto, random_run
+
+    run = random_run(ModelConfig(vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, context_length=48))
+    folder = tmp_path_factory.mktemp("inplace")
+    gens = {}
+    for attention in A.ATTENTIONS:
+        path = folder / f"{attention}.onnx"
+        path.write_bytes(build_model_proto(run, request.param, attention=attention)[0].SerializeToString())
+        gens[attention] = Generator(path, threads=1)
+    gens["numpy"] = Generator(folder / "inplace.onnx", backend="numpy")
+    return gens
+
+
+def test_inplace_file_declares_itself_and_its_cache_shape(pair):
+    assert pair["inplace"].artifact.attention == A.ATTENTION_INPLACE and pair["inplace"].backend.inplace
+    assert pair["standard"].artifact.attention == A.ATTENTION_STANDARD and not pair["standard"].backend.inplace
+    pair["inplace"].generate("Ā", GREEDY)
+    assert pair["inplace"].backend._buffers[0].shape == (1, 2, 48, 16)  # (B, kv, context, hd), written in place
+
+
+def test_inplace_greedy_equals_standard_and_numpy(pair):
+    for prompt in PROMPTS:
+        expected = pair["standard"].generate(prompt, GREEDY).token_ids
+        assert pair["inplace"].generate(prompt, GREEDY).token_ids == expected, prompt
+        assert pair["numpy"].generate(prompt, GREEDY).token_ids == expected, prompt
+
+
+def test_inplace_left_padded_batch_equals_one_by_one(pair):
+    batch = pair["inplace"].generate_batch(PROMPTS, GREEDY)
+    assert [c.token_ids for c in batch] == [pair["standard"].generate(p, GREEDY).token_ids for p in PROMPTS]
+
+
+def test_inplace_to_the_end_of_the_context(pair):
+    long = SamplingParams(max_new_tokens=100, temperature=0)
+    a, b = pair["standard"].generate("Ā", long), pair["inplace"].generate("Ā", long)
+    assert b.token_ids == a.token_ids and b.stats.stop_reason == a.stats.stop_reason == "context_length"
+
+
+def test_inplace_chunked_prefill_equals_standard(pair):
+    """A chat turn: a prompt prefilled after cached tokens (past > 0, several new tokens)."""
+    ids = np.arange(3, 12)[None]
+    logits = {}
+    for name in A.ATTENTIONS:
+        backend = pair[name].backend
+        backend.reset(1)
+        steps = [backend.forward(ids[:, :4], np.ones((1, 4), np.int64), np.arange(4)[None]),
+                 backend.forward(ids[:, 4:], np.ones((1, 9), np.int64), np.arange(4, 9)[None]),
+                 backend.forward(np.array([[20]]), np.ones((1, 10), np.int64), np.array([[9]]))]
+        logits[name] = np.concatenate(steps, axis=1)
+    assert np.abs(logits["standard"] - logits["inplace"]).max() < 1e-4
+
+
+def test_unknown_attention_in_metadata_is_one_line_error(pair):
+    meta = pair["inplace"].artifact.to_metadata()
+    assert meta[A.META_ATTENTION] == A.ATTENTION_INPLACE
+    assert A.META_ATTENTION not in pair["standard"].artifact.to_metadata()  # standard files read as before
+    with pytest.raises(ArtifactError, match="craft.attention"):
+        A.Artifact.from_metadata({**meta, A.META_ATTENTION: "paged"})
+
+
+def test_export_verifies_inplace_against_pytorch(char_run, tmp_path):
+    from craft.export.exporter import export
+
+    report = export(char_run, tmp_path / "m.onnx", quantize="int8", attention=A.ATTENTION_INPLACE, log=lambda *a: None)
+    assert report["attention"] == A.ATTENTION_INPLACE and not report["failures"]
+    assert max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"]) < 1e-4
+    gen = Generator(tmp_path / "m.onnx", threads=1)
+    assert gen.generate("ROMEO:", GREEDY).token_ids == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
