@@ -48,8 +48,10 @@ setup(
         "train": ["torch>=2.4", "onnx>=1.16", "pyyaml>=6.0", "tqdm>=4.60", "gguf>=0.10"],
         # matplotlib and tensorboard are optional for users; the tests exercise both. transformers
         # (+ accelerate for its GGUF loader) is the reference the import tests compare against.
+        # onnxruntime-genai (+ onnx-ir, which its model builder imports): the benchmarks' peer (benchmarks/genai_peer.py).
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "tensorboard>=2.10",
-                "transformers>=4.56", "accelerate>=0.26"],
+                "transformers>=4.56", "accelerate>=0.26",
+                'onnxruntime-genai>=0.18; platform_machine == "x86_64" or platform_machine == "AMD64"', "onnx-ir"],
         "plot": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },

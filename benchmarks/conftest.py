@@ -87,16 +87,20 @@ def small_models(small_run, small_exports) -> dict:
 
 
 def random_weight_models(folder: Path, name: str, **shape) -> dict:
-    """fp32 and int8 exports of a random-weight model of the given shape (speed only, no quality),
-    plus the PyTorch model itself under "torch"."""
+    """fp32 and int8 exports of a random-weight model of the given shape (speed only, no quality)
+    under "none" / "int8" (standard attention) and "none inplace" / "int8 inplace", plus the
+    PyTorch model itself under "torch"."""
     from craft.config import ModelConfig
     from craft.export.exporter import build_model_proto, random_run
+    from craft.runtime.artifact import ATTENTION_INPLACE, ATTENTION_STANDARD
 
     run = random_run(ModelConfig(**shape))
     paths: dict = {"torch": run.model}
     for quantize in ("none", "int8"):
-        paths[quantize] = folder / f"{name}.{quantize}.onnx"
-        paths[quantize].write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
+        for attention in (ATTENTION_STANDARD, ATTENTION_INPLACE):
+            key = quantize if attention == ATTENTION_STANDARD else f"{quantize} {attention}"
+            paths[key] = folder / f"{name}.{quantize}.{attention}.onnx"
+            paths[key].write_bytes(build_model_proto(run, quantize, attention=attention)[0].SerializeToString())
     return paths
 
 
@@ -111,12 +115,27 @@ def small15m_models(tmp_path_factory) -> dict:
     return random_weight_models(tmp_path_factory.mktemp("small15m"), "small15m", **{**dataclasses.asdict(cfg), "vocab_size": 32000})
 
 
+PEER_SHAPE = dict(vocab_size=32000, dim=288, n_layer=6, n_head=6, ffn_dim=768, context_length=256)  # stories15M
+
+
 @pytest.fixture(scope="session")
 def peer_models(tmp_path_factory) -> dict:
     """The shape that published llama.cpp / llama2.c / ORT GenAI figures use (stories15M): as the
     small preset but with 6 key-value heads (plain multi-head attention), random weights."""
-    return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", vocab_size=32000, dim=288, n_layer=6, n_head=6,
-                                ffn_dim=768, context_length=256)
+    return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", **PEER_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def genai_models(tmp_path_factory) -> dict:
+    """{"int8": folder, "int4": folder}: ONNX Runtime GenAI models of the peer shape, built by its
+    own model builder from a random Hugging Face Llama (genai_peer.py)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install -e '.[dev]'): no peer to compare with")
+    pytest.importorskip("transformers", reason="transformers not installed (pip install -e '.[train]'): cannot build the peer model")
+    from genai_peer import build_genai_model
+
+    folder = tmp_path_factory.mktemp("genai")
+    shape = {**PEER_SHAPE, "n_kv_head": PEER_SHAPE["n_head"], "ffn_dim": PEER_SHAPE["ffn_dim"]}
+    return {precision: build_genai_model(folder, precision, **shape) for precision in ("int8", "int4")}
 
 
 @pytest.fixture(scope="session")
@@ -129,10 +148,10 @@ def base_models(tmp_path_factory) -> dict:
 _GENERATORS: dict = {}
 
 
-def generator(path: Path, backend: str = "ort") -> Generator:
-    key = (str(path), backend)
+def generator(path: Path, backend: str = "ort", threads: int = THREADS) -> Generator:
+    key = (str(path), backend, threads)
     if key not in _GENERATORS:
-        _GENERATORS[key] = Generator(path, backend=backend, threads=THREADS)
+        _GENERATORS[key] = Generator(path, backend=backend, threads=threads)
     return _GENERATORS[key]
 
 
@@ -184,6 +203,18 @@ def seconds_per_token_uncached(gen: Generator, context: int) -> float:
     t = time.perf_counter()
     uncached_step(gen, context)
     return time.perf_counter() - t
+
+
+PEER_PROMPT, PEER_NEW_TOKENS = 16, 128  # the issue's protocol: a 16-token prompt, 128 greedy tokens
+
+
+def seconds_per_token_generating(gen: Generator, prompt: int = PEER_PROMPT, new_tokens: int = PEER_NEW_TOKENS) -> float:
+    """Prefill `prompt` tokens (untimed), then `new_tokens` greedy steps through the backend; seconds
+    per step - the same protocol as genai_peer.GenAIDecoder.seconds_per_token."""
+    token = prefill(gen, prompt)
+    t = time.perf_counter()
+    decode_steps(gen, token, new_tokens)
+    return (time.perf_counter() - t) / new_tokens
 
 
 def compare(numerator: tuple, denominator: tuple, rounds: int = 9) -> dict:

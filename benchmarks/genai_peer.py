@@ -58,7 +58,9 @@ class GenAIDecoder:
 
     def seconds_per_token(self, prompt: np.ndarray, new_tokens: int) -> float:
         """Prefill `prompt` (untimed), then `new_tokens` greedy steps; seconds per step. min_length
-        keeps a random model's EOS from ending the run early."""
+        keeps a random model's EOS from ending the run early. append_tokens runs the prefill; each
+        generate_next_token picks a token from the logits it has, then runs the model on it at the
+        next call: the first call (a pick, no model run) is left out of the timing."""
         total = len(prompt) + 1 + new_tokens
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=total, min_length=total)

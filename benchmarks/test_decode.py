@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DECODE_STEPS, THREADS, context_ids, decode_steps, generator, prefill, prefill_around, uncached_step
+from conftest import (DECODE_STEPS, PEER_NEW_TOKENS, PEER_PROMPT, THREADS, compare, context_ids, decode_steps, generator, prefill,
+                      prefill_around, seconds_per_token_generating, uncached_step)
 
 CONTEXTS = [16, 128, 240]
 
@@ -96,7 +97,7 @@ def test_pytorch_eager_cached_decode(benchmark, small15m_models, context):
 
 
 @pytest.mark.parametrize("context", [16, 240])
-@pytest.mark.parametrize("backend, quantize", [("ort", "int8"), ("ort", "none"), ("numpy", "int8")])
+@pytest.mark.parametrize("backend, quantize", [("ort", "int8"), ("ort", "int8 inplace"), ("ort", "none"), ("numpy", "int8")])
 def test_peer_shape_decode(benchmark, peer_models, backend, quantize, context):
     """stories15M's shape (multi-head attention, vocab 32000): comparable with published figures."""
     benchmark.group = f"peer shape (stories15M) decode: {quantize} {backend}"
@@ -139,3 +140,27 @@ def test_110m_shape_decode(benchmark, base_models, quantize):
     gen = generator(base_models[quantize], "ort")
     benchmark.pedantic(decode_steps, setup=lambda: ((gen, prefill_around(gen, 16)), {}), rounds=3)
     record(benchmark, DECODE_STEPS)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_genai_peer_decode(benchmark, figures, peer_models, genai_models, precision, threads):
+    """ONNX Runtime GenAI (its own model builder, the peer shape) beside Craft's in-place file, the
+    issue's protocol (16-token prompt, 128 greedy tokens), interleaved; 1 thread is gated in
+    test_gates.py, 2 threads is a figure. extra_info: both sides' tokens/s and the ratio."""
+    from craft.runtime.weights import SCHEMES
+    from genai_peer import GenAIDecoder
+
+    benchmark.group = f"peer shape (stories15M), 16 + 128 tokens: Craft vs ORT GenAI {precision}"
+    peer = GenAIDecoder(genai_models[precision], threads=threads)
+    craft = generator(peer_models[f"{precision} inplace"], threads=threads) if precision in SCHEMES else None
+    prompt = context_ids(generator(peer_models["int8"]), PEER_PROMPT)[0]
+    if craft is None:
+        r = benchmark.pedantic(lambda: {"genai_s_per_token": min(peer.seconds_per_token(prompt, PEER_NEW_TOKENS) for _ in range(5))},
+                               rounds=1, iterations=1)
+    else:
+        r = benchmark.pedantic(compare, args=(("genai_s_per_token", lambda: peer.seconds_per_token(prompt, PEER_NEW_TOKENS)),
+                                              ("craft_s_per_token", lambda: seconds_per_token_generating(craft))), rounds=1, iterations=1)
+        figures[f"Craft {precision} vs GenAI {precision} decode speed, {threads} threads"] = r["ratio"]
+    benchmark.extra_info.update({f"{k[:-len('_s_per_token')]}_tokens_per_s": 1 / v for k, v in r.items() if k.endswith("_s_per_token")})
+    figures[f"GenAI {precision} {threads} threads tokens/s"] = 1 / r["genai_s_per_token"]
