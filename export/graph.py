@@ -96,22 +96,32 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
     S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
     attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(g, spec, weights, S, rope_cos, rope_sin)
 
+    fuse_norms = attention == A.ATTENTION_INPLACE  # com.microsoft is required anyway: one node per residual Add + RMSNorm
+
+    def add_and_norm(x: str, delta: str, norm: str) -> tuple[str, str]:
+        """(rms_norm(x + delta), x + delta): the residual stream and the next block's input."""
+        weight = g.weight(norm, weights[norm])
+        if not fuse_norms:
+            x = g.op("Add", x, delta)
+            return g.rms_norm(x, weight, spec.norm_eps), x
+        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", delta, x, weight, domain="com.microsoft", epsilon=spec.norm_eps,
+                          outputs=[f"{norm}.out", "", "", f"{norm}.residual"])
+        return h, x
+
     x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
+    first = W.layer(0).attention_norm
+    h = g.rms_norm(x, g.weight(first, weights[first]), spec.norm_eps)
     for i in range(L):
         n = W.layer(i)
-        h = g.rms_norm(x, g.weight(n.attention_norm, weights[n.attention_norm]), spec.norm_eps)
         qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
         if spec.qkv_bias:  # float32 in every scheme; added before rotary (inside the attention)
             qkv = g.op("Add", qkv, g.weight(n.wqkv_bias, weights[n.wqkv_bias]))
-        x = g.op("Add", x, scheme.linear(g, attend(i, qkv), n.wo, weights[n.wo]))
-
-        h = g.rms_norm(x, g.weight(n.ffn_norm, weights[n.ffn_norm]), spec.norm_eps)
+        h, x = add_and_norm(x, scheme.linear(g, attend(i, qkv), n.wo, weights[n.wo]), n.ffn_norm)
         gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-        x = g.op("Add", x, scheme.linear(g, act, n.w2, weights[n.w2]))
+        h, x = add_and_norm(x, scheme.linear(g, act, n.w2, weights[n.w2]), W.layer(i + 1).attention_norm if i + 1 < L else W.NORM)
 
-    x = g.rms_norm(x, g.weight(W.NORM, weights[W.NORM]), spec.norm_eps)
-    scheme.head(g, weights, x, A.LOGITS, spec)
+    scheme.head(g, weights, h, A.LOGITS, spec)
 
     def tensor(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape)
