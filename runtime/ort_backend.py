@@ -28,6 +28,17 @@ from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'1.20.1' -> (1, 20, 1); a suffix such as 'dev' ends the numbers."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
 class OrtBackend:
     name = "ort"
     use_pybind = True  # False forces the public-API path (tests compare the two)
@@ -156,17 +167,6 @@ class OrtBackend:
         if logits.shape != (B, T, self.spec.vocab_size) or logits.dtype != np.float32 or n_outputs != len(self._outputs):
             raise ArtifactError(f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
                                 f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export")
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'1.20.1' -> (1, 20, 1); a suffix such as 'dev' ends the numbers."""
-    numbers = []
-    for part in version.split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:

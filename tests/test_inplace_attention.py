@@ -90,3 +90,14 @@ def test_export_verifies_inplace_against_pytorch(char_run, tmp_path):
     assert max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"]) < 1e-4
     gen = Generator(tmp_path / "m.onnx", threads=1)
     assert gen.generate("ROMEO:", GREEDY).token_ids == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
+
+
+def test_inplace_file_refused_by_an_onnxruntime_too_old_for_it(pair, monkeypatch):
+    """onnxruntime 1.18 / 1.19 run GroupQueryAttention but miscompute a prefill after cached tokens
+    (a chat turn; measured: logits off by 0.3): the runtime refuses with one line instead."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.19.2")
+    with pytest.raises(ArtifactError, match=f"onnxruntime>={A.ORT_INPLACE_MIN}"):
+        Generator(pair["inplace"].path, threads=1)
+    Generator(pair["standard"].path, threads=1)  # standard files run anywhere
