@@ -26,7 +26,6 @@ from craft.runtime.artifact import ModelSpec
 MASKED = float(np.finfo(np.float32).min)  # additive bias for masked keys, as in craft.model
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.13 and most other runtimes; see README "Artifact"
 MIN_OPSET, MAX_OPSET = 14, 21
-ROPE_COS_HALF, ROPE_SIN_HALF = "rope.cos_half", "rope.sin_half"  # GroupQueryAttention's (context, hd / 2) tables
 
 
 class GraphBuilder:
@@ -94,7 +93,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
     # Rotary tables stay in every file under their contract names (the numpy backend reads them).
     rope_cos, rope_sin = g.weight(W.ROPE_COS, weights[W.ROPE_COS]), g.weight(W.ROPE_SIN, weights[W.ROPE_SIN])
     S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
-    attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(g, spec, weights, S, rope_cos, rope_sin)
+    attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(g, spec, S, rope_cos, rope_sin)
 
     fuse_norms = attention == A.ATTENTION_INPLACE  # com.microsoft is required anyway: one node per residual Add + RMSNorm
 
@@ -146,7 +145,7 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
     return model
 
 
-def standard_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, rope_cos: str, rope_sin: str):
+def standard_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, rope_sin: str):
     """Standard ONNX ops: rotary from position_ids, a causal + padding bias, the cache grown by
     Concat (present = past + new). Returns attend(layer, qkv (B, T, (H + 2KV) * hd)) -> (B, T, H * hd)."""
     H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
@@ -198,7 +197,7 @@ def standard_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, 
     return attend
 
 
-def inplace_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, rope_cos: str, rope_sin: str):
+def inplace_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, rope_sin: str):
     """ONNX Runtime's com.microsoft GroupQueryAttention: rotary, attention and the cache write in
     one node per layer. The cache is one (B, KV, context, hd) buffer per tensor that the runtime
     binds as both past and present (past_present_share_buffer): each step writes its new keys in
@@ -208,8 +207,9 @@ def inplace_attention(g: GraphBuilder, spec: ModelSpec, weights: dict, S: str, r
     H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
     seqlens_k = g.op("Cast", g.op("Sub", g.op("ReduceSum", A.ATTENTION_MASK, g.const([1]), keepdims=0), g.const(1)), to=TensorProto.INT32)  # (B,)
     total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
-    cos = g.weight(ROPE_COS_HALF, weights[W.ROPE_COS][:, : hd // 2])  # (context, hd / 2): the "rotate half" table's distinct half
-    sin = g.weight(ROPE_SIN_HALF, weights[W.ROPE_SIN][:, : hd // 2])
+    # (context, hd / 2): the distinct half of each "rotate half" table, sliced from the contract's
+    # tables (no second copy in the file; ONNX Runtime folds the Slice at load)
+    cos, sin = (g.op("Slice", table, g.const([0]), g.const([hd // 2]), g.const([1])) for table in (rope_cos, rope_sin))
 
     def attend(i: int, qkv: str) -> str:
         (past_k, past_v), (present_k, present_v) = A.past_names(i), A.present_names(i)
