@@ -106,14 +106,16 @@ class NumpyBackend:
             qkv = (layer["wqkv"](h) + layer["wqkv_bias"]).reshape(B, T, H + 2 * KV, hd)  # (B, T, H + 2KV, hd)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]
             qk = qk * cos + np.concatenate([qk[..., hd // 2:], qk[..., : hd // 2]], axis=-1) * sin
-            q = qk[:, :, :H].transpose(0, 2, 1, 3).reshape(B, KV, G, T, hd)  # (B, KV, G, T, hd); q is pre-scaled
+            q = qk[:, :, :H].transpose(0, 2, 1, 3).reshape(B, KV, G * T, hd)  # (B, KV, G * T, hd); q is pre-scaled
             self.cache_k[i][:, :, P:S] = qk[:, :, H:].transpose(0, 2, 1, 3)  # (B, KV, T, hd) into the cache
             self.cache_v[i][:, :, P:S] = v.transpose(0, 2, 1, 3)
-            k = self.cache_k[i][:, :, None, :S]  # (B, KV, 1, S, hd)
-            vv = self.cache_v[i][:, :, None, :S]
-            scores = q @ k.swapaxes(-1, -2) + bias  # (B, KV, G, T, S)
+            # the G query heads of a kv head as rows of one matmul: (B, KV) stacked 2-D products,
+            # not a broadcast over a size-1 axis (numpy's slow path)
+            k = self.cache_k[i][:, :, :S]  # (B, KV, S, hd)
+            vv = self.cache_v[i][:, :, :S]
+            scores = (q @ k.swapaxes(-1, -2)).reshape(B, KV, G, T, S) + bias  # (B, KV, G, T, S)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            probs = scores / scores.sum(axis=-1, keepdims=True)
+            probs = (scores / scores.sum(axis=-1, keepdims=True)).reshape(B, KV, G * T, S)
             y = (probs @ vv).reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H * hd)
             x = x + layer["wo"](y)
             h = rms_norm(x, layer["ffn_norm"], s.norm_eps)
