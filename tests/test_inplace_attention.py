@@ -82,12 +82,21 @@ def test_unknown_attention_in_metadata_is_one_line_error(pair):
         A.Artifact.from_metadata({**meta, A.META_ATTENTION: "paged"})
 
 
-def test_export_verifies_inplace_against_pytorch(char_run, tmp_path):
-    from craft.export.exporter import export
+def test_craft_export_attention_flag_verifies_inplace_against_pytorch(char_run, tmp_path):
+    """craft-export --attention inplace: verified like any export (PyTorch parity, int8 perplexity)."""
+    import json
 
-    report = export(char_run, tmp_path / "m.onnx", quantize="int8", attention=A.ATTENTION_INPLACE, log=lambda *a: None)
-    assert report["attention"] == A.ATTENTION_INPLACE and not report["failures"]
+    import onnx
+    from conftest import run_cli
+
+    result = run_cli("craft.export.cli", str(char_run), "-o", str(tmp_path / "m.onnx"), "--attention", "inplace")
+    assert result.returncode == 0, result.stderr
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    report = json.loads(meta[A.META_EXPORT_REPORT])
+    assert meta[A.META_ATTENTION] == report["attention"] == A.ATTENTION_INPLACE
     assert max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"]) < 1e-4
+    bad = run_cli("craft.export.cli", str(char_run), "-o", str(tmp_path / "n.onnx"), "--attention", "paged")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
     gen = Generator(tmp_path / "m.onnx", threads=1)
     assert gen.generate("ROMEO:", GREEDY).token_ids == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
 
