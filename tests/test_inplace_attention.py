@@ -17,19 +17,29 @@ GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 PROMPTS = ["Ā", "ĀāĂăĄ", "ĂăĄąĆćĈĉĊ", ""]
 
 
-@pytest.fixture(scope="module", params=["int8", "none"])
+@pytest.fixture(scope="module", params=[("int8", False), ("none", False), ("int8", True)], ids=["int8", "fp32", "int8-qkv-bias"])
 def pair(request, tmp_path_factory) -> dict:
     """{"standard": Generator, "inplace": Generator, "numpy": Generator on the inplace file}: one
-    random model with grouped-query heads (4 query, 2 key-value), both attention variants."""
+    random model with grouped-query heads (4 query, 2 key-value), both attention variants; with
+    q/k/v biases (imported Qwen2 models) in one case: the bias is added before the rotary."""
+    import torch
+
     from craft.config import ModelConfig
     from craft.export.exporter import build_model_proto, random_run
 
-    run = random_run(ModelConfig(vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, context_length=48))
+    quantize, qkv_bias = request.param
+    run = random_run(ModelConfig(vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, context_length=48,
+                                 qkv_bias=qkv_bias))
+    if qkv_bias:  # large enough to change the tokens if the bias went in after the rotary
+        with torch.no_grad():
+            for name, p in run.model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.5)
     folder = tmp_path_factory.mktemp("inplace")
     gens = {}
     for attention in A.ATTENTIONS:
         path = folder / f"{attention}.onnx"
-        path.write_bytes(build_model_proto(run, request.param, attention=attention)[0].SerializeToString())
+        path.write_bytes(build_model_proto(run, quantize, attention=attention)[0].SerializeToString())
         gens[attention] = Generator(path, threads=1)
     gens["numpy"] = Generator(folder / "inplace.onnx", backend="numpy")
     return gens
