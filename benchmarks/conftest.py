@@ -115,7 +115,7 @@ def small15m_models(tmp_path_factory) -> dict:
     return random_weight_models(tmp_path_factory.mktemp("small15m"), "small15m", **{**dataclasses.asdict(cfg), "vocab_size": 32000})
 
 
-PEER_SHAPE = dict(vocab_size=32000, dim=288, n_layer=6, n_head=6, ffn_dim=768, context_length=256)  # stories15M
+PEER_SHAPE = {"vocab_size": 32000, "dim": 288, "n_layer": 6, "n_head": 6, "ffn_dim": 768, "context_length": 256}  # stories15M
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +134,7 @@ def genai_models(tmp_path_factory) -> dict:
     from genai_peer import build_genai_model
 
     folder = tmp_path_factory.mktemp("genai")
-    shape = {**PEER_SHAPE, "n_kv_head": PEER_SHAPE["n_head"], "ffn_dim": PEER_SHAPE["ffn_dim"]}
+    shape = {**PEER_SHAPE, "n_kv_head": PEER_SHAPE["n_head"]}  # stories15M: plain multi-head attention
     return {precision: build_genai_model(folder, precision, **shape) for precision in ("int8", "int4")}
 
 
