@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +141,12 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
         raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never point there
+        raise RunDirError(f"{path} holds Python objects besides tensors and plain data; Craft loads checkpoints as data only "
+                          "and refused it - use a checkpoint that craft-train wrote") from None
     except Exception as e:  # a valid hash but unreadable payload: written by another torch?
-        raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunDirError(f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}")
     return payload, digest

@@ -152,7 +152,7 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {', '.join(str(p) for p in _seen)}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -165,6 +165,16 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     beside = path.parent / str(base)  # a file next to this one, else a preset name or path
     base_path = beside if beside.is_file() else resolve_config_path(str(base))
     return deep_merge(read_yaml(base_path, _seen + (path,)), data)
+
+
+def read_text(path: Path) -> str:
+    """A config file's text; ConfigError (not a traceback) if it cannot be read or is not UTF-8 text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a UTF-8 text file (byte {e.start}); pass a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}; check the path and its permissions") from None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -356,8 +366,8 @@ def read_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {CONFIG}: not a craft-train run directory (or training never started)")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        values = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({getattr(e, 'problem', e)}); it was written by craft-train: restore it or start a new run") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")

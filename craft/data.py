@@ -2,11 +2,13 @@
 
 A corpus is a text file, a directory of .txt files (sorted, recursively), or "" for the
 bundled one: Python's own documentation (pydoc_data.topics, in every CPython), so craft-train
-works offline with no arguments. Documents are streamed in ~1 MB chunks: a large corpus is
-never held in memory as Python objects. Tokens go to one uint16/uint32 file (tokens.bin)
-that training memory-maps; the first (1 - val_fraction) of the tokens train, the rest is the
-val split (nanoGPT's split: deterministic, no shuffling). data.json records what produced
-the file so a rerun reuses it and a changed corpus or tokenizer rebuilds it.
+works offline with no arguments. Documents are streamed in ~1 MB chunks, and each chunk's
+tokens go straight to the token file: memory stays bounded whatever the corpus size. Tokens go
+to one uint16/uint32 file (tokens.bin) that training memory-maps; the first (1 - val_fraction)
+of the tokens train, the rest is the val split (nanoGPT's split: deterministic, no shuffling).
+data.json records what produced the file (corpus, tokenizer hash) and the file's own SHA-256,
+so a rerun reuses it, a changed corpus or tokenizer rebuilds it, a damaged one is rebuilt, and
+a resume with another tokenizer than the run's is refused (check_tokenizer).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Iterator
 import numpy as np
 
 from craft.config import Config
-from craft.run_dir import CHAR_TOKENIZER, SP_TOKENIZER, atomic_write_bytes
+from craft.run_dir import CHAR_TOKENIZER, SP_TOKENIZER, RunDirError, atomic_file, atomic_write_bytes
 from craft.runtime.tokenizer import CHAR, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 TOKENS = "tokens.bin"
 DATA_INFO = "data.json"
 CHUNK_CHARS = 1 << 20  # documents are read and encoded in chunks of about this many characters
+HASH_BLOCK = 1 << 24  # bytes of tokens.bin hashed / counted at a time
 
 
 class DataError(ValueError):
@@ -91,7 +94,7 @@ def _read_chunks(file: Path) -> Iterator[str]:
                 if not chunk:
                     return
                 if not chunk.endswith("\n"):
-                    chunk += f.readline()
+                    chunk += f.readline(CHUNK_CHARS)  # to the line's end, unless the line is huge
                 yield chunk
     except UnicodeDecodeError as e:
         raise DataError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. iconv -t UTF-8") from None
@@ -162,12 +165,49 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> Path:
     return path
 
 
-def load_tokenizer(run_dir: Path) -> Tokenizer | None:
-    if (run_dir / SP_TOKENIZER).is_file():
-        return SentencePieceTokenizer((run_dir / SP_TOKENIZER).read_bytes())
-    if (run_dir / CHAR_TOKENIZER).is_file():
-        return CharTokenizer.from_bytes((run_dir / CHAR_TOKENIZER).read_bytes())
+def load_tokenizer(run_dir: Path, kind: str | None = None) -> Tokenizer | None:
+    """The run's tokenizer: the file of tokenizer.kind `kind` (None: whichever exists), or None
+    if there is none. RunDirError if the file is damaged."""
+    names = [tokenizer_file_of(kind)] if kind else [SP_TOKENIZER, CHAR_TOKENIZER]
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_file():
+            data = path.read_bytes()
+            try:
+                return SentencePieceTokenizer(data) if name == SP_TOKENIZER else CharTokenizer.from_bytes(data)
+            except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parser raise
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                raise RunDirError(f"{path} is not a valid tokenizer ({reason}); restore it, or start the run again with --overwrite") from None
     return None
+
+
+def tokenizer_file_of(kind: str) -> str:
+    return CHAR_TOKENIZER if kind == CHAR else SP_TOKENIZER
+
+
+def check_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer other than the one that made the run's tokens (recorded in data.json):
+    training or exporting with it would read the token ids as other text."""
+    info = read_info(Path(run_dir))
+    recorded = info.get("tokenizer_sha256") if info else None
+    actual = hashlib.sha256(tokenizer.to_bytes()).hexdigest()
+    if recorded and recorded != actual:
+        raise RunDirError(f"{Path(run_dir) / tokenizer_file(tokenizer)} is not the tokenizer this run was trained with "
+                          f"(sha256 {actual[:12]}, {DATA_INFO} records {recorded[:12]}); restore the run's own tokenizer file")
+
+
+def read_info(run_dir: Path) -> dict | None:
+    """data.json, or None if there is none; RunDirError if it is damaged."""
+    path = Path(run_dir) / DATA_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_bytes())
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except ValueError as e:
+        raise RunDirError(f"{path} is damaged ({str(e)[:120]}); delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)") from None
+    return info
 
 
 # --- tokens on disk ----------------------------------------------------------------------------
@@ -182,7 +222,9 @@ class TokenData:
 
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the train split's token frequencies: the loss of a model that ignores context."""
-        counts = np.bincount(self.train, minlength=self.info["vocab_size"]).astype(np.float64)
+        counts = np.zeros(self.info["vocab_size"], np.float64)
+        for start in range(0, len(self.train), HASH_BLOCK):  # in blocks: bincount copies to int64
+            counts += np.bincount(self.train[start:start + HASH_BLOCK], minlength=len(counts))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
@@ -201,33 +243,56 @@ def prepare_tokens(cfg: Config, corpus: Corpus, tokenizer: Tokenizer, run_dir: P
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "val_fraction": cfg.data.val_fraction,
     }
-    info_path, tokens_path = run_dir / DATA_INFO, run_dir / TOKENS
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if not (tokens_path.is_file() and {k: info.get(k) for k in wanted} == wanted):
+    tokens_path = run_dir / TOKENS
+    try:
+        info = read_info(run_dir) or {}
+    except RunDirError:  # a damaged record only costs a rebuild
+        info = {}
+    if not (tokens_path.is_file() and {k: info.get(k) for k in wanted} == wanted and tokens_intact(tokens_path, info)):
         info = dict(wanted, **_write_tokens(corpus, tokenizer, tokens_path, progress))
-        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+        atomic_write_bytes(run_dir / DATA_INFO, json.dumps(info, indent=1).encode())
     return open_tokens(run_dir, info, cfg.model.context_length)
 
 
 def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, progress) -> dict:
+    """Each document as BOS + its tokens + EOS, chunk by chunk straight into the file (through a
+    temp file that any failure removes); returns the counts and the file's SHA-256."""
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = path.with_suffix(".tmp")
     n_tokens = n_docs = 0
-    with open(tmp, "wb") as f:
+    digest = hashlib.sha256()
+
+    def put(f, ids: list[int]) -> None:
+        nonlocal n_tokens
+        data = np.asarray(ids, dtype=dtype).tobytes()
+        f.write(data)
+        digest.update(data)
+        n_tokens += len(ids)
+
+    with atomic_file(path) as f:
         for doc in corpus.documents():
-            ids = [tokenizer.bos_id]
+            put(f, [tokenizer.bos_id])
             for chunk in doc:
-                ids.extend(tokenizer.encode(chunk))
+                put(f, tokenizer.encode(chunk))
                 if progress:
                     progress(len(chunk))
-            ids.append(tokenizer.eos_id)
-            np.asarray(ids, dtype=dtype).tofile(f)
-            n_tokens += len(ids)
+            put(f, [tokenizer.eos_id])
             n_docs += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"n_tokens": n_tokens, "n_documents": n_docs}
+    return {"n_tokens": n_tokens, "n_documents": n_docs, "tokens_sha256": digest.hexdigest()}
+
+
+def tokens_intact(path: Path, info: dict) -> bool:
+    """Whether tokens.bin has data.json's length and (when recorded) SHA-256: a truncated or
+    modified file would silently train on other data."""
+    size = path.stat().st_size
+    if "n_tokens" in info and size != info["n_tokens"] * np.dtype(info.get("dtype", "uint16")).itemsize:
+        return False
+    if "tokens_sha256" not in info:
+        return True
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest() == info["tokens_sha256"]
 
 
 def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
@@ -249,10 +314,14 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
 def val_tokens(run_dir: Path) -> np.ndarray | None:
     """The val split of a run directory's token file (what craft-export measures perplexity on);
     None when the run has no token file."""
-    info_path, tokens_path = Path(run_dir) / DATA_INFO, Path(run_dir) / TOKENS
-    if not (info_path.is_file() and tokens_path.is_file()):
+    tokens_path = Path(run_dir) / TOKENS
+    info = read_info(Path(run_dir))
+    if info is None or not tokens_path.is_file():
         return None
-    info = json.loads(info_path.read_text())
+    n = info.get("n_tokens")
+    if n is not None and tokens_path.stat().st_size != n * np.dtype(info["dtype"]).itemsize:
+        raise RunDirError(f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: it was truncated or replaced; "
+                          f"rebuild it with craft-train --resume {run_dir}, or delete it (the export then skips the perplexity check)")
     return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])[1]
 
 

@@ -9,19 +9,22 @@
       metrics.jsonl      one JSON object per logged step / eval
       samples.txt        text sampled during training
       tokens.bin         tokenized corpus (memory-mapped), data.json describes it (data.py)
+      train.lock         flock'ed by the craft-train writing the run; holds its pid
 
 Every file is written atomically (temp file, fsync, rename), so a kill at any moment leaves the
-previous good version in place.
+previous good version in place. A temp file is named .NAME.PID.XXXX.tmp: removed by its writer
+on any exception or SIGTERM, and by sweep_temp_files once that process is gone (a SIGKILL).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 CONFIG = "config.yaml"
 SP_TOKENIZER = "tokenizer.model"
@@ -33,6 +36,8 @@ SAMPLES = "samples.txt"
 PLOT = "loss.png"
 TENSORBOARD_GLOB = "events.out.tfevents.*"
 SAMPLE_HEADER = "--- step {step}"
+LOCK = "train.lock"
+TEMP_SUFFIX = ".tmp"
 
 
 class RunDirError(ValueError):
@@ -45,19 +50,54 @@ os.umask(_UMASK)
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` (fsync, rename) when the block ends; on any exception
+    (an OSError, KeyboardInterrupt, SIGTERM's Terminated) the temp file is removed and `path` is
+    untouched. An OSError names `path` (not the temp file)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and (e.filename is None or e.filename == tmp or str(e.filename).startswith(str(path.parent / f".{path.name}."))):
+            e.filename, e.filename2 = str(path), None
         raise
     fsync_dir(path.parent)
+
+
+def sweep_temp_files(directory: Path, name: str = "") -> None:
+    """Remove temp files of atomic writes (of `name`, or any) whose process is gone: a writer
+    killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone."""
+    for path in Path(directory).glob(f".{name}*{TEMP_SUFFIX}"):
+        parts = path.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if pid is None or not _alive(pid):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
 
 
 def fsync_dir(directory: Path) -> None:
@@ -81,27 +121,81 @@ def tokenizer_path(run_dir: Path) -> Path | None:
 
 def remove_temp_files(run_dir: Path) -> None:
     """Temp files of writes that a kill interrupted (the files they were replacing are intact)."""
-    for path in Path(run_dir).glob(".*.tmp"):
-        path.unlink(missing_ok=True)
+    sweep_temp_files(run_dir)
     (Path(run_dir) / f".{CHECKPOINT}.link").unlink(missing_ok=True)
 
 
+def check_out_dir(run_dir: Path) -> None:
+    """Refuse an out_dir that cannot become a run directory before any work is done for it."""
+    run_dir = Path(run_dir)
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        what = "is a file" if existing == run_dir else f"is inside {existing}, which is a file"
+        raise RunDirError(f"out_dir={run_dir} {what}, not a directory; choose another out_dir=...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); choose another out_dir=...")
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/train.lock while one craft-train writes the run: a second
+    one (two --resume at once) is refused with the holder's pid. The kernel drops the lock when
+    the holder exits, however it exits; the file itself stays (removing it would race)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+        self.created = False  # whether acquire() made the file (a refused new run removes it)
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            return
+        self.created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is in use by another craft-train (pid {holder}); "
+                              f"wait for it to finish or stop it (kill {holder}), then run again") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks: go on unlocked
+                os.close(fd)
+                raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
 @contextmanager
-def new_run(run_dir: Path) -> Iterator[Path]:
-    """Create run_dir for a new run's first files; if the body raises (a corpus too short for
-    the context, ...), remove what it made - the directories it created, or the files it added to
-    one that was already there - so the corrected rerun is not refused."""
+def new_run(run_dir: Path, lock: RunLock | None = None) -> Iterator[Path]:
+    """Create run_dir for a new run's first files (taking `lock` as soon as it exists); if the
+    body raises (a corpus too short for the context, ...), remove what it made - the directories
+    it created, or the files it added to one that was already there - so the corrected rerun is
+    not refused. Refused the lock, it removes nothing: the directory is another run's."""
     run_dir = Path(run_dir)
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     existed = set(run_dir.iterdir()) if created is None else set()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
     try:
         yield run_dir
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         else:
-            for path in set(run_dir.iterdir()) - existed:
+            made = set(run_dir.iterdir()) - existed
+            if lock is not None and lock.created:
+                made.add(lock.path)
+            for path in made:
                 path.unlink(missing_ok=True)
         raise
 

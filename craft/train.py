@@ -15,8 +15,9 @@ The step: AdamW (fused), linear warmup + cosine decay to train.lr_decay_steps, g
 and accumulation, optional bf16 autocast and torch.compile (eager, with a warning, where compiling
 fails). With train.threads=1 on CPU, a run killed at any moment and resumed logs bit-identical
 losses to the uninterrupted run: eval and samples draw from their own fixed generators.
-SIGINT/SIGTERM save a checkpoint and exit 130; a NaN/inf loss or gradient norm stops without
-saving (exit 3), keeping the last good checkpoint.
+SIGINT/SIGTERM save a checkpoint and exit 130 (a signal during an eval abandons the eval); a
+NaN/inf loss or gradient norm stops without saving (exit 3), keeping the last good checkpoint.
+One craft-train at a time writes a run directory: it holds an flock on RUN_DIR/train.lock.
 
 Several processes (torchrun): gloo on CPU, nccl with one GPU per process; rank 0 alone writes
 checkpoints, logs and samples; out_dir must be on a filesystem that every node sees.
@@ -43,7 +44,7 @@ from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, write_sample
 from craft.checkpoint import TrainState
 from craft.config import Config, ConfigError, load_config, resumed_config, save_config
-from craft.data import Corpus, DataError, TokenData, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
+from craft.data import Corpus, DataError, TokenData, check_tokenizer, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
 from craft.distributed import Distributed
 from craft.model import Transformer
 from craft.runtime.command import OneLineErrors
@@ -66,14 +67,21 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
-def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, log=print) -> tuple[Tokenizer, TokenData]:
-    """Tokenizer and token file of the run (trained / built by rank 0, reused on resume).
+def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, log=print,
+                lock: rd.RunLock | None = None) -> tuple[Tokenizer, TokenData]:
+    """Tokenizer and token file of the run (trained / built by rank 0, reused on resume), with
+    `lock` taken as soon as the run directory exists.
 
     A new run is checked as far as it can be before out_dir exists, and a refusal after that
     (a corpus shorter than the context) removes what it made: the corrected rerun starts clean.
-    With several processes the run directory must be on a filesystem that all of them see.
+    A resume uses the tokenizer of the run's tokenizer.kind, and only the one its tokens were
+    made with. With several processes the run directory must be on a filesystem that all see.
     """
     run_dir = Path(cfg.out_dir)
+    if dist.main:
+        rd.check_out_dir(run_dir)
+        if lock is not None and run_dir.is_dir():
+            lock.acquire()
     if not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite")
     corpus = Corpus(cfg.data.path)
@@ -87,17 +95,18 @@ def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, l
         log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
         tokenizer = train_tokenizer(cfg, corpus)
         check_vocab_size(cfg, tokenizer)
-        with rd.new_run(run_dir):
+        with rd.new_run(run_dir, lock):
             save_tokenizer(tokenizer, run_dir)
             data = tokenize(cfg, corpus, tokenizer)
     elif dist.main:
-        tokenizer = load_tokenizer(run_dir)
+        tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)
         if tokenizer is None:
             raise rd.RunDirError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}) to resume with; start it again with --overwrite")
+        check_tokenizer(run_dir, tokenizer)
         data = tokenize(cfg, corpus, tokenizer)
     dist.barrier()
     if not dist.main:
-        tokenizer = load_tokenizer(run_dir)
+        tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)
         if tokenizer is None:
             raise rd.RunDirError(f"rank {dist.rank} does not see {run_dir}'s tokenizer; put out_dir on a filesystem shared by all nodes")
         data = prepare_tokens(cfg, corpus, tokenizer, run_dir)
@@ -155,14 +164,18 @@ def batch_to(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast, dist: Distributed) -> float:
+def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast, dist: Distributed, stop=None) -> float | None:
     """Mean loss over train.eval_iters batches of the split: the same batches every call (a
-    fixed RNG that leaves the training stream alone), shared out over the ranks."""
+    fixed RNG that leaves the training stream alone), shared out over the ranks. None when
+    `stop()` turns true between batches (a signal: a long eval must not delay the exit)."""
     model.eval()
     rng = np.random.default_rng(cfg.train.seed + 1)
     device = next(model.parameters()).device
     total = 0.0
     for i in range(cfg.train.eval_iters):
+        if stop is not None and stop():
+            model.train()
+            return None
         batch = sample_windows(tokens, cfg.train.batch_size, cfg.model.context_length, rng)
         if i % dist.world != dist.rank:
             continue
@@ -256,15 +269,17 @@ class TrainStep:
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train as cfg says, writing cfg.out_dir; returns the final metrics. craft-train's body."""
     dist = Distributed()
+    lock = rd.RunLock(Path(cfg.out_dir))
     try:
-        return _train(cfg, dist, resume, overwrite, log if dist.main else (lambda *a, **k: None))
+        return _train(cfg, dist, lock, resume, overwrite, log if dist.main else (lambda *a, **k: None))
     finally:
+        lock.release()
         dist.close()
 
 
-def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -> dict:
+def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overwrite: bool, log) -> dict:
     run_dir, t = Path(cfg.out_dir), cfg.train
-    tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log)
+    tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log, lock)
     state = new_state(cfg, dist)
     if resume:
         path, digest = ckpt.resume(state, cfg, dist, log)
@@ -286,6 +301,9 @@ def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -
     state.started = time.perf_counter()
     step_time, steps_timed = 0.0, 0  # time in training steps (not eval / checkpoints) since the last log
     state.model.train()
+    # With several processes every rank must finish an eval (it ends in a collective), so only a
+    # single process abandons one when signalled.
+    stop_eval = None if dist.enabled else (lambda: signals.received is not None)
     try:
         with Signals() as signals, progress_bar(t.max_steps, "training", unit="step", initial=state.step) as bar:
             while state.step < t.max_steps:
@@ -301,8 +319,11 @@ def _train(cfg: Config, dist: Distributed, resume: bool, overwrite: bool, log) -
                     metrics.write({"event": "train", "step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0],
                                    "tokens_per_s": tokens_per_s, "elapsed_s": state.elapsed_s})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                evaluated = None
                 if state.step % t.eval_interval == 0 or last:
-                    val = evaluate(state.model, data.val, cfg, train_step.autocast, dist)
+                    evaluated = evaluate(state.model, data.val, cfg, train_step.autocast, dist, stop_eval)
+                if evaluated is not None:
+                    val = evaluated
                     metrics.write({"event": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
                     if dist.main:
                         bar.write(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}", file=sys.stderr)
@@ -355,7 +376,8 @@ def main(overrides, config, resume, overwrite, plot_dir):
     With no arguments: the tiny preset on the bundled corpus (Python's documentation) into
     runs/tiny. KEY=VALUE overrides any config key, e.g. model.n_layer=6 train.max_steps=2000
     data.path=corpus.txt tokenizer.kind=char out_dir=runs/mine. Exit codes: 0 done,
-    2 bad input, 3 loss diverged, 130 interrupted (a checkpoint was saved).
+    1 a file could not be read or written (a full disk: the last checkpoint is kept), 2 bad
+    input or the run is in use, 3 loss diverged, 130 interrupted (a checkpoint was saved).
     """
     try:
         if plot_dir is not None:

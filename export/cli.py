@@ -53,8 +53,9 @@ def main(source: Path, output: Path | None, quantize: str, opset: int | None, ch
     and has KV-cache inputs/outputs; craft-run needs nothing else. Before writing, the export is
     verified: PyTorch vs ONNX Runtime logits on a prefill and 8 cached decode steps, and for
     int8 the perplexity against float32 (the run's val split; for an imported model a bundled
-    English text). Exit codes: 0 written, 2 bad input (nothing written), 3 verification failed
-    (nothing written; the figures are printed).
+    English text). Exit codes: 0 written, 1 a file could not be read or written, 2 bad input
+    (nothing written), 3 verification failed (nothing written; the figures are printed),
+    143 terminated (nothing written).
     """
     from craft.export.exporter import ExportError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET

@@ -4,8 +4,9 @@
     ->  graph.build_decoder (the scheme's ops: quantize.py)  ->  metadata (config, tokenizer, ...)
     ->  verify.py (PyTorch vs ONNX Runtime, quantized perplexity)  ->  temp file, rename
 
-Nothing is left at the output path unless the whole file was written and verified. A run
-directory is read here (load_run); an imported model through craft.export.sources and
+Nothing is left at the output path unless the whole file was written and verified; the output
+is a new path or a regular file (never a device), and an interrupted write leaves no temp file.
+A run directory is read here (load_run); an imported model through craft.export.sources and
 craft.export.source_tokenizer (load_imported).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from craft import __version__
 from craft import run_dir as rd
 from craft.checkpoint import read as read_checkpoint
 from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
-from craft.data import load_tokenizer, val_tokens
+from craft.data import check_tokenizer, load_tokenizer, val_tokens
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.quantize import OPS
 from craft.export.sources import HF, RUN, SourceError, detect_kind, load_source
@@ -75,9 +77,12 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
                           f"(or give a Hugging Face model directory or a .gguf file)")
     try:
         cfg = read_run_config(run_dir)
+        tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)  # the run's kind: never a stray file of the other
+        if tokenizer is not None:
+            check_tokenizer(run_dir, tokenizer)
+        val = val_tokens(run_dir)
     except (ConfigError, rd.RunDirError) as e:
         raise ExportError(str(e)) from None
-    tokenizer = load_tokenizer(run_dir)
     if tokenizer is None:
         raise ExportError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train")
     path = run_dir / checkpoint
@@ -87,6 +92,8 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         state, digest = read_checkpoint(path)
     except rd.RunDirError as e:
         raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ExportError(f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: it is not this run's tokenizer; restore the run's own")
     if saved_model_config(state) != cfg.model:
         raise ExportError(f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
                           f"keep each run's checkpoint and config.yaml together")
@@ -96,7 +103,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     except RuntimeError as e:
         raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val_tokens(run_dir))
+    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val)
 
 
 def load_imported(path: Path, kind: str) -> LoadedRun:
@@ -195,9 +202,19 @@ def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
 
 
 def check_output_path(output: Path) -> None:
+    """Refuse an output that is not a new path or a regular file (a rename would replace a device
+    or FIFO with a file), or that cannot be written; sweep temp files of killed exports to it."""
     parent = output.resolve().parent
     if output.is_dir():
         raise ExportError(f"output {output} is a directory; give a file name, e.g. -o {output / 'model.onnx'}")
+    try:
+        mode = output.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise ExportError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ExportError(f"output {output} exists and is not a regular file (a device, FIFO or socket); give a new path or a .onnx file")
     if not parent.is_dir():
         raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")
     try:  # probe by writing: permission bits do not tell root, read-only mounts or /proc apart
@@ -208,6 +225,7 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"cannot write {output} ({e.strerror}); choose another -o") from None
     if output.exists() and not os.access(output, os.W_OK):
         raise ExportError(f"cannot write {output} (permission denied); choose another -o")
+    rd.sweep_temp_files(parent, output.name)
 
 
 def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
@@ -256,6 +274,7 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
         raise VerificationError("; ".join(report["failures"]), report)
     onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
                                         A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"})})
+    check_output_path(output)  # again: minutes passed, something may have appeared there
     try:
         rd.atomic_write_bytes(output, proto.SerializeToString())
     except OSError as e:

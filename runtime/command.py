@@ -1,20 +1,59 @@
 """click.Command with Craft's error style, shared by craft-train, craft-export and craft-run.
 
 A usage error (unknown option, bad value) is one line on stderr - "PROG: error: ... (see
-PROG --help)" - and exit code 2, instead of click's multi-line usage block.
+PROG --help)" - and exit code 2, instead of click's multi-line usage block. An OSError that
+reaches the top (a full disk, a permission, a read-only mount) is one line naming the file and
+the fix, exit code 1. SIGTERM raises Terminated, so the code it interrupts unwinds (temp files
+are removed by the `finally` blocks that made them) before the process exits with 143.
 """
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 
 import click
+
+EXIT_OS_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+
+_FIXES = {
+    errno.ENOSPC: "free some space (or choose another path) and run again",
+    errno.EDQUOT: "free some space (or choose another path) and run again",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EROFS: "it is on a read-only filesystem; choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EISDIR: "it is a directory; give a file",
+    errno.EEXIST: "something else is in the way; choose another path",
+    errno.ENOENT: "check the path",
+    errno.EIO: "the device reported an I/O error; check the disk",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt: `except Exception` lets it through)."""
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and what to do about it."""
+    where = f"{e.filename}: " if e.filename is not None else ""
+    reason = e.strerror or type(e).__name__
+    fix = _FIXES.get(e.errno)
+    return f"{where}{reason}" + (f"; {fix}" if fix else "")
+
+
+def _raise_terminated(signum, _frame) -> None:
+    raise Terminated(signum)
 
 
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
         prog = prog_name or self.name
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_DFL:  # not when embedded in a program that handles SIGTERM itself
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             result = super().main(args=args, prog_name=prog_name, **kwargs)
         except click.UsageError as e:
@@ -25,5 +64,14 @@ class OneLineErrors(click.Command):
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("\ninterrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
+        except Terminated:
+            click.echo(f"{prog}: terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
+        except OSError as e:
+            click.echo(f"{prog}: error: {os_error_message(e)}", err=True)
+            sys.exit(EXIT_OS_ERROR)
+        finally:
+            if previous is signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
