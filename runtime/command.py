@@ -10,6 +10,7 @@ are removed by the `finally` blocks that made them) before the process exits wit
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 
@@ -47,6 +48,21 @@ def _raise_terminated(signum, _frame) -> None:
     raise Terminated(signum)
 
 
+def _stdout_failed(e: OSError) -> bool:
+    """Whether `e` came from printing (click.echo: stdout on a full disk, a closed pipe); then
+    stdout is pointed at /dev/null, so that Python's flush at exit prints no second error."""
+    tb = e.__traceback__
+    while tb is not None and not (tb.tb_frame.f_code.co_name == "echo" and "click" in tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (embedded)
+        pass
+    return True
+
+
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
@@ -69,7 +85,8 @@ class OneLineErrors(click.Command):
             click.echo(f"{prog}: terminated", err=True)
             sys.exit(EXIT_TERMINATED)
         except OSError as e:
-            click.echo(f"{prog}: error: {os_error_message(e)}", err=True)
+            stdout = e.filename is None and _stdout_failed(e)
+            click.echo(f"{prog}: error: {'stdout: ' if stdout else ''}{os_error_message(e)}", err=True)
             sys.exit(EXIT_OS_ERROR)
         finally:
             if previous is signal.SIG_DFL:

@@ -1,0 +1,344 @@
+"""craft-train under hostile conditions: OS errors are one line (exit 1 or 2) and leave no temp
+files, a run directory has one writer at a time, a resume trains only on the run's own data,
+SIGTERM is honoured during a long eval, and tokenizing a large corpus takes bounded memory."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli, tiny_overrides, train_run
+from craft import checkpoint as ckpt
+from craft import run_dir as rd
+from craft.callbacks import read_metrics
+from craft.data import DATA_INFO, TOKENS
+
+FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 2, "train.eval_iters": 2, "train.log_interval": 1}
+
+
+def overrides(out: Path, corpus: Path, **extra) -> list[str]:
+    return tiny_overrides(out, corpus, **{**FAST, **extra})
+
+
+def assert_one_line(result: subprocess.CompletedProcess, prog: str, code: int, *needles: str) -> str:
+    """The command failed with `code` and exactly one stderr line 'PROG: error: ...' holding `needles`."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), (result.returncode, result.stderr[-3000:])
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def temp_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.name.endswith(".tmp"))
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def last_step(run: Path) -> int:
+    path = run / rd.METRICS
+    steps = [r["step"] for r in read_metrics(path) if r.get("event") == "train"] if path.is_file() else []
+    return steps[-1] if steps else 0
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while last_step(run) < step:
+        assert proc.poll() is None, f"run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"no step {step} after {timeout}s"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, read_only) -> a fresh tmpfs under tmp_path (root only; unmounted afterwards)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a small tmpfs")
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def short_run(tmp_path, small_corpus) -> Path:
+    """A 10-step char run of its own (tests damage it)."""
+    return train_run(tmp_path / "run", small_corpus, **{**FAST, "train.max_steps": 10, "train.checkpoint_interval": 10, "train.eval_interval": 10})
+
+
+# --- OS errors: one line, nothing left behind ----------------------------------------------------
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path, small_corpus):
+    out = tmp_path / "taken"
+    out.write_text("not a directory")
+    assert_one_line(run_cli("craft.train", *overrides(out, small_corpus)), "craft-train", 2, "is a file")
+    assert_one_line(run_cli("craft.train", *overrides(out / "run", small_corpus)), "craft-train", 2, "which is a file")
+    assert out.read_text() == "not a directory"
+
+
+def test_out_dir_that_cannot_be_written_is_refused(tmp_path, small_corpus, tmpfs):
+    read_only = tmpfs("1m", read_only=True)
+    assert_one_line(run_cli("craft.train", *overrides(read_only / "run", small_corpus)), "craft-train", 2, "cannot be written")
+
+
+@pytest.mark.parametrize("case", ["binary", "unreadable", "directory"])
+def test_config_that_cannot_be_read_is_one_line(tmp_path, case):
+    config = tmp_path / "mine.yaml"
+    if case == "binary":
+        config.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 50)
+    elif case == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file: no unreadable config")
+        config.write_text("model:\n  dim: 64\n")
+        config.chmod(0)
+    else:
+        config.mkdir()
+    expected = {"binary": "not a UTF-8 text file", "unreadable": "cannot read config", "directory": "does not exist"}[case]
+    assert_one_line(run_cli("craft.train", "--config", str(config)), "craft-train", 2, expected)
+
+
+def test_disk_full_while_tokenizing_leaves_nothing(tmp_path, small_corpus, tmpfs):
+    """tokens.bin (400 kB) does not fit a 256 kB tmpfs: one line naming it, exit 1, no tokens.tmp."""
+    disk = tmpfs("256k")
+    result = run_cli("craft.train", *overrides(disk / "run", small_corpus))
+    assert_one_line(result, "craft-train", 1, TOKENS, "No space left on device", "free some space")
+    assert list(disk.iterdir()) == []  # the refused first run removed its directory, temp files included
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_last_one(tmp_path, small_corpus, monkeypatch, capsys):
+    """ENOSPC while writing step 20's checkpoint (simulated at fsync, in-process): exit 1 with one
+    line naming the file; checkpoint.pt still holds step 10 and no temp file is left."""
+    from craft.train import main
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "step-000020.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit:
+        main(overrides(run, small_corpus, **{"train.max_steps": 30, "train.checkpoint_interval": 10, "train.eval_interval": 100}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("craft-train: error:") and "step-000020.pt: No space left on device" in err[0]
+    assert ckpt.read(run / rd.CHECKPOINT)[0]["step"] == 10
+    assert temp_files(run) == []
+
+
+def test_stdout_on_a_full_disk_is_one_line(tmp_path, small_corpus):
+    """craft-train > /dev/full: its first log line fails with ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert_one_line(result, "craft-train", 1, "stdout: No space left on device")
+    assert not (tmp_path / "run").exists()
+
+
+# --- the run directory: one writer, the run's own data -------------------------------------------
+
+def test_unit_run_lock_names_its_holder(tmp_path):
+    first, second = rd.RunLock(tmp_path), rd.RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(rd.RunDirError, match=f"in use by another craft-train \\(pid {os.getpid()}\\)"):
+        second.acquire()
+    first.release()
+    second.acquire()  # released: the next writer gets it
+    second.release()
+
+
+def test_two_resumes_at_once_the_second_is_refused(short_run):
+    first = start("--resume", str(short_run), "train.max_steps=100000", "train.eval_interval=100000", "train.checkpoint_interval=100000")
+    try:
+        wait_for_step(first, short_run, 12)
+        second = run_cli("craft.train", "--resume", str(short_run), "train.max_steps=20")
+        assert_one_line(second, "craft-train", 2, f"in use by another craft-train (pid {first.pid})", f"kill {first.pid}")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    step = ckpt.read(short_run / rd.CHECKPOINT)[0]["step"]
+    again = run_cli("craft.train", "--resume", str(short_run), f"train.max_steps={step + 2}")
+    assert again.returncode == 0, again.stderr  # the lock went with its holder
+    assert [r["step"] for r in read_metrics(short_run / rd.METRICS) if r["event"] == "train"] == list(range(1, step + 3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_token_file_is_rebuilt_on_resume(short_run, damage):
+    """tokens.bin cut short or with one byte changed: the resume re-tokenizes the corpus rather than
+    training on other data, and the file comes back identical."""
+    tokens = short_run / TOKENS
+    original = hashlib.sha256(tokens.read_bytes()).hexdigest()
+    assert json.loads((short_run / DATA_INFO).read_text())["tokens_sha256"] == original
+    data = bytearray(tokens.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF
+    tokens.write_bytes(bytes(data))
+    result = run_cli("craft.train", "--resume", str(short_run), "train.max_steps=12")
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(tokens.read_bytes()).hexdigest() == original
+
+
+@pytest.mark.parametrize("damage", ["tokenizer_swapped", "tokenizer_garbage", "data_json_garbage", "config_binary"])
+def test_resume_refuses_what_the_run_did_not_make(short_run, damage):
+    from craft.runtime.tokenizer import CharTokenizer
+
+    expected = {
+        "tokenizer_swapped": "is not the tokenizer this run was trained with",
+        "tokenizer_garbage": "is not a valid tokenizer",
+        "data_json_garbage": "is damaged",
+        "config_binary": "not a UTF-8 text file",
+    }[damage]
+    if damage == "tokenizer_swapped":  # another corpus's char tokenizer: the ids would mean other characters
+        (short_run / rd.CHAR_TOKENIZER).write_bytes(CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz \n"]).to_bytes())
+    elif damage == "tokenizer_garbage":
+        (short_run / rd.CHAR_TOKENIZER).write_bytes(b"\x00{not json")
+    elif damage == "data_json_garbage":
+        (short_run / DATA_INFO).write_text('{"n_tokens": 12')
+    else:
+        (short_run / rd.CONFIG).write_bytes(b"\xff\xfe\x00binary")
+    before = ckpt.read(short_run / rd.CHECKPOINT)[1]
+    assert_one_line(run_cli("craft.train", "--resume", str(short_run), "train.max_steps=12"), "craft-train", 2, expected)
+    assert ckpt.read(short_run / rd.CHECKPOINT)[1] == before  # nothing trained
+
+
+def test_refused_pickle_never_suggests_weights_only_false(tmp_path):
+    """A checkpoint whose (correctly hashed) payload pickles an arbitrary object."""
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    pickle.dump({"format": ckpt.FORMAT, "evil": Path("/etc")}, buf)
+    data = buf.getvalue()
+    path = tmp_path / "evil.pt"
+    path.write_bytes(ckpt.MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    with pytest.raises(rd.RunDirError) as refused:
+        ckpt.read(path)
+    message = str(refused.value)
+    assert "data only" in message and "weights_only" not in message and "\n" not in message
+
+
+# --- signals and temp files -------------------------------------------------------------------------
+
+def test_sigterm_during_a_long_eval_exits_promptly_with_a_checkpoint(tmp_path, small_corpus):
+    run = tmp_path / "run"
+    proc = start(*overrides(run, small_corpus, **{"train.max_steps": 1000, "train.eval_interval": 5, "train.eval_iters": 1_000_000,
+                                                   "train.checkpoint_interval": 1000}))
+    wait_for_step(proc, run, 5)
+    time.sleep(1.0)  # well inside the eval (a million batches)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert took < 15, f"exited {took:.1f}s after SIGTERM"  # a batch and a checkpoint, not the whole eval
+    assert ckpt.read(run / rd.CHECKPOINT)[0]["step"] == 5
+    assert not [r for r in read_metrics(run / rd.METRICS) if r["event"] == "eval"]  # the abandoned eval logged nothing
+
+
+def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path):
+    """What craft-export's final write (and every run-directory write) relies on: a command run by
+    OneLineErrors turns SIGTERM into an exception, and atomic_file removes its temp file on it."""
+    target = tmp_path / "model.onnx"
+    script = textwrap.dedent(f"""
+        import sys, time, click
+        from craft.run_dir import atomic_file
+        from craft.runtime.command import OneLineErrors
+
+        @click.command(cls=OneLineErrors)
+        def main():
+            with atomic_file({str(target)!r}) as f:
+                f.write(b"x" * 1000)
+                print("writing", flush=True)
+                time.sleep(60)
+        main()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+    assert len(temp_files(tmp_path)) == 1 and f".{os.path.basename(target)}.{proc.pid}." in temp_files(tmp_path)[0].name
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.strip() == "main: terminated", err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unit_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        stale, live, legacy, other = (tmp_path / f".model.onnx.{gone.pid}.abc.tmp", tmp_path / f".model.onnx.{alive.pid}.abc.tmp",
+                                      tmp_path / ".model.onnx.k3j_x.tmp", tmp_path / f".other.onnx.{gone.pid}.abc.tmp")
+        for path in (stale, live, legacy, other):
+            path.write_bytes(b"partial")
+        rd.sweep_temp_files(tmp_path, "model.onnx")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
+    """50 MB of text with the char tokenizer: the tokenizing process's peak RSS grows by less than
+    a quarter of the corpus (before chunking it grew ~10x the corpus: one Python int per char)."""
+    text = shakespeare.read_text(encoding="utf-8")
+    corpus = tmp_path / "big.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        while f.tell() < 50_000_000:
+            f.write(text)
+    size = corpus.stat().st_size
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from craft.config import load_config
+        from craft.data import Corpus, prepare_tokens, train_tokenizer
+
+        def status(key):
+            return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+        cfg = load_config("tiny", ["data.path={corpus}", "tokenizer.kind=char", "out_dir={tmp_path / 'run'}"])
+        corpus = Corpus(cfg.data.path)
+        tokenizer = train_tokenizer(cfg, corpus)
+        Path(cfg.out_dir).mkdir()
+        base = status("VmRSS:")
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+        data = prepare_tokens(cfg, corpus, tokenizer, Path(cfg.out_dir))
+        print(base, status("VmHWM:"), data.info["n_tokens"])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, peak, n_tokens = map(int, result.stdout.split())
+    assert n_tokens == len(corpus.read_text(encoding="utf-8")) + 2  # BOS + one id per (known) char + EOS
+    assert peak - base < size / 4, f"peak RSS grew by {(peak - base) / 1e6:.0f} MB tokenizing {size / 1e6:.0f} MB"
+    shutil.rmtree(tmp_path / "run")
