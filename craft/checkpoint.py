@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,9 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
     if hashlib.sha256(data).hexdigest() != digest:
         raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: the error says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never point there
         raise RunDirError(f"{path} holds Python objects besides tensors and plain data; Craft loads checkpoints as data only "
                           "and refused it - use a checkpoint that craft-train wrote") from None

@@ -312,7 +312,8 @@ def test_unit_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
 
 def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
     """50 MB of text with the char tokenizer: the tokenizing process's peak RSS grows by less than
-    a quarter of the corpus (before chunking it grew ~10x the corpus: one Python int per char)."""
+    half the corpus - by what one 1M-char chunk takes (~20 MB); before chunking it grew by ~10x
+    the corpus (a Python list of every id of a document)."""
     text = shakespeare.read_text(encoding="utf-8")
     corpus = tmp_path / "big.txt"
     with open(corpus, "w", encoding="utf-8") as f:
@@ -340,5 +341,5 @@ def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
     assert result.returncode == 0, result.stderr[-3000:]
     base, peak, n_tokens = map(int, result.stdout.split())
     assert n_tokens == len(corpus.read_text(encoding="utf-8")) + 2  # BOS + one id per (known) char + EOS
-    assert peak - base < size / 4, f"peak RSS grew by {(peak - base) / 1e6:.0f} MB tokenizing {size / 1e6:.0f} MB"
+    assert peak - base < size / 2, f"peak RSS grew by {(peak - base) / 1e6:.0f} MB tokenizing {size / 1e6:.0f} MB"
     shutil.rmtree(tmp_path / "run")
