@@ -259,10 +259,10 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     if quantize == W.NONE:
-        fp32_bytes, int8_bytes = data, None
+        fp32_bytes, quantized_bytes = data, None
     else:  # the float32 graph is the reference the quantized one is measured against
-        fp32_bytes, int8_bytes = build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(), data
-    report = verify(run, fp32_bytes, int8_bytes, log=log)
+        fp32_bytes, quantized_bytes = build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(), data
+    report = verify(run, fp32_bytes, quantized_bytes, quantize, log=log)
     report.update({
         "quantization": quantize, "opset": opset, "attention": attention, "parameters": run.model.num_parameters(),
         "file_bytes": len(data), "fp32_file_bytes": len(fp32_bytes),

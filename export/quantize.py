@@ -5,12 +5,13 @@ The numbers and names are not decided here: craft.runtime.weights defines every 
 stored tensors, its quantizer (which reports its own worst-case error, printed in the export
 report) and the numpy arithmetic that must equal these nodes. This file is the graph side only.
 
-int8 (the default for --quantize int8): activations are quantized on the fly to uint8 per
-tensor: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, the pattern ONNX Runtime fuses
-into DynamicQuantizeMatMul and runs with VNNI (x86) or SDOT/I8MM (ARM) integer kernels. Why
-this one: README "int8 scheme" has the measurements. The embedding is stored transposed,
-(dim, vocab) with a scale per token, so that one int8 tensor serves both the lookup (Gather
-along axis 1) and a tied LM head (a plain linear).
+int8 and int4 (blocks of 32): com.microsoft MatMulNBits with accuracy_level 4, which quantizes
+each activation row per block of 32 to int8 on the fly and runs VNNI (x86) / SDOT (ARM)
+integer dot products against the weight blocks. Finer activation scales than the per-tensor
+DynamicQuantizeLinear it replaces (one outlier set the step of the whole tensor), at the same
+decode speed: README "Quantization" has the measurements. The embedding is stored as the
+head's weight (vocab, blocks, bytes); the lookup gathers its rows with standard ops, so one
+tensor serves both.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from onnx import TensorProto
 
 from craft.runtime import weights as W
+
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations and integer dot products (0-3 dequantize to float per call: 50x slower)
 
 
 class SchemeOps:
@@ -59,30 +62,48 @@ class Float32Ops(SchemeOps):
         g.op("Reshape", logits, g.op("Concat", batch_seq, g.const([spec.vocab_size]), axis=0), outputs=[out])
 
 
-class Int8Ops(SchemeOps):
-    """int8 weights (q, scale), dynamic uint8 activations (see module docstring)."""
+class BlockOps(SchemeOps):
+    """int8 / int4 blocks of 32 (q, scale) multiplied by com.microsoft MatMulNBits, accuracy_level 4."""
 
-    scheme = W.SCHEMES[W.INT8]
-
-    def _matmul(self, g, x: str, q: str, scale: str, out: list[str] | int = 1) -> str:
-        xq, x_scale, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)  # uint8, per tensor
-        acc = g.op("MatMulInteger", xq, q, x_zero)  # int32
-        return g.op("Mul", g.op("Cast", acc, to=TensorProto.FLOAT), g.op("Mul", x_scale, scale), outputs=out)
+    def _matmul(self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1) -> str:
+        K, N = shape
+        return g.op("MatMulNBits", x, q, scale, domain="com.microsoft", outputs=out, K=K, N=N,
+                    bits=self.scheme.weight_bits, block_size=W.BLOCK, accuracy_level=ACCURACY_LEVEL)
 
     def linear(self, g, x: str, name: str, w: np.ndarray) -> str:
-        return self._matmul(g, x, *self.store(g, name, w))
+        return self._matmul(g, x, *self.store(g, name, w), shape=w.shape)
 
     def embedding(self, g, weights: dict, ids: str) -> str:
-        q, scale = self.store_embedding(g, weights[W.EMBEDDING])  # (dim, vocab), scale per token
-        rows = g.op("Transpose", g.op("Gather", q, ids, axis=1), perm=[1, 2, 0])  # (dim, B, T) -> (B, T, dim)
-        row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, 1)
-        return g.op("Mul", g.op("Cast", rows, to=TensorProto.FLOAT), row_scale)
+        """Rows of the head's own blocks with standard ops: Gather the bytes, unpack, subtract the
+        zero point, times the block's scale. One stored tensor serves the lookup and the head."""
+        e = weights[W.EMBEDDING]  # (vocab, dim)
+        q, scale = self.store_embedding(g, e)  # (vocab, blocks, bytes), (vocab, blocks)
+        rows = g.op("Gather", q, ids, axis=0)  # (B, T, blocks, bytes) uint8
+        if self.scheme.weight_bits == 4:  # even k in the low nibble, odd k in the high one
+            sixteen = g.const(16, np.uint8)
+            low, high = g.op("Mod", rows, sixteen), g.op("Div", rows, sixteen)
+            pairs = g.op("Concat", g.op("Unsqueeze", low, g.const([-1])), g.op("Unsqueeze", high, g.const([-1])), axis=-1)
+            rows = g.op("Reshape", pairs, g.const([0, 0, 0, W.BLOCK]))  # (B, T, blocks, 32)
+        values = g.op("Sub", g.op("Cast", rows, to=TensorProto.FLOAT), g.const(float(self.scheme.offset), np.float32))
+        row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, blocks, 1)
+        full = g.op("Reshape", g.op("Mul", values, row_scale), g.const([0, 0, -1]))  # (B, T, blocks * 32)
+        if e.shape[1] % W.BLOCK:
+            full = g.op("Slice", full, g.const([0]), g.const([e.shape[1]]), g.const([2]))
+        return full
 
     def head(self, g, weights: dict, x: str, out: str, spec) -> None:
         if spec.tie_embeddings:
-            self._matmul(g, x, *self.scheme.stored_names(W.EMBEDDING), out=[out])
+            self._matmul(g, x, *self.scheme.stored_names(W.EMBEDDING), shape=(spec.dim, spec.vocab_size), out=[out])
         else:
-            self._matmul(g, x, *self.store(g, W.HEAD, weights[W.HEAD]), out=[out])
+            self._matmul(g, x, *self.store(g, W.HEAD, weights[W.HEAD]), shape=weights[W.HEAD].shape, out=[out])
 
 
-OPS: dict[str, type[SchemeOps]] = {ops.scheme.name: ops for ops in (Float32Ops, Int8Ops)}  # one per weights.SCHEMES entry
+class Int8Ops(BlockOps):
+    scheme = W.SCHEMES[W.INT8]
+
+
+class Int4Ops(BlockOps):
+    scheme = W.SCHEMES[W.INT4]
+
+
+OPS: dict[str, type[SchemeOps]] = {ops.scheme.name: ops for ops in (Float32Ops, Int8Ops, Int4Ops)}  # one per weights.SCHEMES entry

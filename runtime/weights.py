@@ -182,76 +182,115 @@ class FloatLinear:
         return matmul(x[:, -1:] if last_only else x, self.w)
 
 
-# int8 ---------------------------------------------------------------------------------------------
-class Int8(Scheme):
-    """Symmetric int8 with one float32 scale per output column: NAME.q int8 (in, out), NAME.scale
-    float32 (out,). The embedding is stored as E^T, so its scales are per token. The graph
-    quantizes activations per tensor to uint8 on the fly (DynamicQuantizeLinear -> MatMulInteger),
-    which Int8Linear reproduces exactly."""
+# block-quantized: int8 and int4 -------------------------------------------------------------------
+BLOCK = 32  # weights and activations are quantized in blocks of 32 along in_features (GGUF Q8_0 / Q4_0 blocks)
 
-    name = "int8"
-    description = "per-channel, about 4x smaller and faster on CPUs"
-    weight_bits = 8
-    suffixes = (".q", ".scale")
+
+class BlockQuant(Scheme):
+    """Symmetric blocks of 32 along in_features, in com.microsoft MatMulNBits' layout: for W
+    (in=K, out=N), NAME.q uint8 (N, ceil(K / 32), 32 * bits / 8) holds q + 2^(bits-1) (the
+    operator's default zero point; 4 bits: two per byte, even k in the low nibble) and
+    NAME.scale float32 (N, ceil(K / 32)) one scale per block. The embedding is stored as the
+    linear weight E^T, so the table is (vocab, blocks, bytes): one tensor for the lookup and a
+    tied head. The graph multiplies with MatMulNBits accuracy_level 4, which quantizes the
+    activations per row and block of 32 to int8 (ActivationBlocks) and runs integer dot products."""
+
     embedding_transposed = True
+    suffixes = (".q", ".scale")
+
+    def __init__(self, bits: int, name: str, description: str):
+        self.weight_bits, self.name, self.description = bits, name, description
+        self.qmax = 2 ** (bits - 1) - 1  # symmetric: q in [-qmax - 1, qmax], scale = amax / qmax
+        self.offset = 2 ** (bits - 1)  # stored value = q + offset (MatMulNBits' default zero point)
 
     def layout(self, shape):
-        return ((shape, np.dtype(np.int8)), ((shape[1],), np.dtype(np.float32)))
+        K, N = shape
+        blocks = -(-K // BLOCK)
+        return (((N, blocks, BLOCK * self.weight_bits // 8), np.dtype(np.uint8)), ((N, blocks), np.dtype(np.float32)))
 
     def quantize(self, w):
-        """q is in [-127, 127] (never -128, so negation cannot overflow); an all-zero column gets scale 1."""
+        """q = rint(w / scale) clipped to [-qmax - 1, qmax], scale = amax / qmax per block (an all-zero block gets scale 1)."""
         w = np.asarray(w, dtype=np.float32)
-        amax = np.abs(w).max(axis=0)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        error = float(np.abs(q.astype(np.float32) * scale - w).max()) if w.size else 0.0
-        return (q, scale), error
+        K, N = w.shape
+        blocks = -(-K // BLOCK)
+        wb = np.zeros((N, blocks * BLOCK), np.float32)
+        wb[:, :K] = w.T
+        wb = wb.reshape(N, blocks, BLOCK)  # (N, blocks, 32)
+        amax = np.abs(wb).max(axis=-1)
+        scale = np.where(amax > 0, amax / np.float32(self.qmax), 1.0).astype(np.float32)  # (N, blocks)
+        q = np.clip(np.rint(wb / scale[..., None]), -self.qmax - 1, self.qmax).astype(np.int16) + self.offset
+        stored = (self.pack(q.astype(np.uint8)), scale)
+        error = float(np.abs(self.dequantize(stored, w.shape) - w).max()) if w.size else 0.0
+        return stored, error
+
+    def pack(self, u: np.ndarray) -> np.ndarray:
+        """(N, blocks, 32) values in [0, 2^bits) -> the stored bytes."""
+        if self.weight_bits == 8:
+            return u
+        return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # even k low nibble, odd k high
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """Stored bytes (..., bytes) -> signed q (..., 32) as float32 (exact small integers)."""
+        if self.weight_bits == 8:
+            u = packed
+        else:
+            u = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], BLOCK)
+        return u.astype(np.float32) - np.float32(self.offset)
 
     def dequantize(self, stored, shape):
-        q, scale = stored
-        return q.astype(np.float32) * scale
+        packed, scale = stored
+        K, N = shape
+        w = self.unpack(packed) * scale[..., None]  # (N, blocks, 32)
+        return np.ascontiguousarray(w.reshape(N, -1)[:, :K].T)
 
     def linear(self, stored, shape):
-        return Int8Linear(*stored)
+        return BlockLinear(self.dequantize(stored, shape))
 
     def embedding(self, stored, shape):
-        q, scale = stored  # (dim, vocab), (vocab,)
-        scale = scale.astype(np.float32)
+        packed, scale = stored  # (vocab, blocks, bytes), (vocab, blocks)
+        dim = shape[1]
 
-        def rows(ids: np.ndarray) -> np.ndarray:  # (B, T) -> (dim, B, T) -> (B, T, dim), scaled per token
-            return q[:, ids].transpose(1, 2, 0).astype(np.float32) * scale[ids][..., None]
+        def rows(ids: np.ndarray) -> np.ndarray:  # (B, T) -> (B, T, dim), as the graph's Gather + Mul
+            return (self.unpack(packed[ids]) * scale[ids][..., None]).reshape(*ids.shape, -1)[..., :dim]
 
-        return rows, Int8Linear(q, scale)
-
-
-def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.float32]:
-    """ONNX DynamicQuantizeLinear: (x as uint8 values held in float32, scale, zero point).
-
-    scale = (max(x, 0) - min(x, 0)) / 255 over the whole tensor; zero point and values are
-    rounded half to even and saturated to [0, 255], as the operator specifies.
-    """
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(255))
-    if scale == 0:
-        return np.zeros_like(x), np.float32(0), np.float32(0)
-    zero = np.float32(np.clip(np.rint(np.float32(-lo) / scale), 0, 255))
-    q = np.clip(np.rint(x / scale) + zero, 0, 255)
-    return q, scale, zero
+        return rows, BlockLinear(self.dequantize(stored, shape[::-1]))
 
 
-class Int8Linear:
-    def __init__(self, q: np.ndarray, scale: np.ndarray):
-        self.w = q.astype(np.float32)  # exact small integers
-        self.scale = scale.astype(np.float32)
+def quantize_activation_blocks(x: np.ndarray) -> np.ndarray:
+    """x (M, K) as MatMulNBits accuracy_level 4 sees it: per row and block of 32 along K,
+    scale = amax / 127, q = round_half_even(x * (127 / amax)) (both divisions in float32, as
+    MLAS QuantizeARow_CompInt8 computes them); returns q * scale, float32.
+
+    Its integer dot products with the weight's q are exact in ONNX Runtime and here; only the
+    float32 summation order differs, so results agree to ~1e-6 relative, not bit for bit."""
+    M, K = x.shape
+    blocks = -(-K // BLOCK)
+    xb = np.zeros((M, blocks * BLOCK), np.float32)
+    xb[:, :K] = x
+    xb = xb.reshape(M, blocks, BLOCK)  # (M, blocks, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    q = np.rint(xb * inverse)  # numpy rounds half to even, as _MM_ROUND_NEAREST
+    return (q * scale).reshape(M, -1)[:, :K]
+
+
+class BlockLinear:
+    """x @ W with W the dequantized blocks (exact: q * scale) and x quantized per row and block."""
+
+    def __init__(self, w: np.ndarray):
+        self.w = np.asarray(w, dtype=np.float32)  # (K, N)
 
     def __call__(self, x: np.ndarray, last_only: bool = False) -> np.ndarray:
-        """The activation scale spans all of x even with last_only, as ONNX Runtime's per-tensor quantization does."""
-        q, scale, zero = dynamic_quantize(x)
-        if last_only:
-            q = q[:, -1:]
-        acc = matmul(q - zero, self.w)  # integer-valued; float32 holds these sums exactly at these widths
-        return acc * (scale * self.scale)
+        x = x[:, -1:] if last_only else x  # per-row quantization: the last row alone is exact
+        B, T, K = x.shape
+        return matmul(quantize_activation_blocks(x.reshape(B * T, K)).reshape(B, T, K), self.w)
 
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (Float32(), Int8())}
-NONE, INT8 = Float32.name, Int8.name
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    Float32(),
+    BlockQuant(8, "int8", "blocks of 32, about 4x smaller and faster on CPUs"),
+    BlockQuant(4, "int4", "blocks of 32, about 7x smaller"),
+)}
+NONE, INT8, INT4 = "none", "int8", "int4"
