@@ -38,7 +38,10 @@ def test_checker_and_contract_io(request, which):
     assert outputs == [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
     dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
     assert dims == ["batch", spec.n_kv_head, "past_seq", spec.head_dim]  # sequence axes dynamic
-    assert {o.domain for o in model.opset_import} == {""}  # standard ONNX ops only
+    # float32 is standard ONNX only; the quantized schemes add com.microsoft MatMulNBits and nothing else
+    contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert contrib == (set() if "fp32" in which else {"MatMulNBits"})
+    assert {o.domain for o in model.opset_import} == ({""} if "fp32" in which else {"", "com.microsoft"})
 
 
 def torch_greedy_logits(run, prompts: list[list[int]], steps: int):
@@ -99,13 +102,31 @@ def test_metadata_round_trips_from_the_file_alone(request, run_name, model_name)
     assert (art.bos_id, art.eos_id, art.pad_id) == (run.tokenizer.bos_id, run.tokenizer.eos_id, run.tokenizer.pad_id)
     assert art.quantization == "int8" and art.checkpoint_sha256 == run.checkpoint_sha256
     report = json.loads(read_metadata(path)[A.META_EXPORT_REPORT])
-    assert report["perplexity_delta"] <= V.MAX_PPL_INCREASE and report["decode_max_abs_diff"] < V.FP32_TOLERANCE
+    limit = V.QUALITY_LIMITS["int8"]
+    assert report["perplexity_ratio"] <= limit.max_ppl_ratio and report["top1_agreement"] >= limit.min_top1
+    assert report["decode_max_abs_diff"] < V.FP32_TOLERANCE
 
 
 def test_int8_bounds_on_tiny_runs(char_fp32, char_int8, sp_int8):
     report = json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])
-    assert report["perplexity_delta"] <= 0.01 and report["perplexity_tokens"] > 1000
+    assert report["perplexity_ratio"] <= V.QUALITY_LIMITS["int8"].max_ppl_ratio and report["perplexity_tokens"] > 1000
+    assert 0.99 <= report["top1_agreement"] <= 1.0
     assert char_int8.stat().st_size < 0.5 * char_fp32.stat().st_size  # tiny: metadata and scales weigh more
+
+
+def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
+    out = tmp_path / "m.int4.onnx"
+    report = export(sp_run, out, quantize="int4", log=lambda *a: None)
+    assert 1.0 <= report["perplexity_ratio"] <= V.QUALITY_LIMITS["int4"].max_ppl_ratio  # 4 bits cost something, within budget
+    assert 0.5 < report["top1_agreement"] < json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])["top1_agreement"]
+    assert out.stat().st_size < 0.75 * sp_int8.stat().st_size
+
+
+def test_quality_limit_failure_exits_3_with_the_figures(sp_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(V.QUALITY_LIMITS, "int8", V.QualityLimit(1.0, 1.0, "impossible, for the test"))
+    with pytest.raises(VerificationError, match="agrees with float32 on .*% of next tokens") as e:
+        export(sp_run, tmp_path / "m.onnx", quantize="int8", log=lambda *a: None)
+    assert e.value.report["top1_agreement"] < 1.0 and not (tmp_path / "m.onnx").exists()
 
 
 def test_int8_file_is_at_most_30_percent_for_small_preset():
@@ -141,7 +162,7 @@ def onnx_files(folder: Path) -> list[str]:
     ("no_checkpoint", "checkpoint.pt does not exist"),
     ("truncated", "corrupted or truncated"),
     ("other_config", "different model config"),
-    ("bad_quantize", "'int4' is not one of 'none', 'int8'"),
+    ("bad_quantize", "'int2' is not one of 'none', 'int8', 'int4'"),
     ("unwritable", "cannot write"),
     ("output_dir_missing", "does not exist; create it"),
 ])
@@ -164,7 +185,7 @@ def test_bad_input_one_line_nonzero_and_no_file(char_run, tmp_path, case, patter
     elif case == "other_config":
         (run / rd.CONFIG).write_text((run / rd.CONFIG).read_text().replace("n_layer: 2", "n_layer: 3"))
     elif case == "bad_quantize":
-        args = ["--quantize", "int4"]
+        args = ["--quantize", "int2"]
     elif case == "unwritable":
         if os.geteuid() == 0:
             out = Path("/proc/m.onnx")  # root ignores permission bits; /proc refuses everyone
@@ -192,7 +213,7 @@ def test_cli_prints_report_and_default_output(char_run, tmp_path):
     run = copy_run(char_run, tmp_path / "run")
     result = run_cli("craft.export.cli", str(run))
     assert result.returncode == 0, result.stderr
-    for phrase in ("parity  PyTorch vs ONNX Runtime fp32", "quality val perplexity", "size ", "ratio", "parameters", "wrote"):
+    for phrase in ("parity  PyTorch vs ONNX Runtime fp32", "quality int8 vs fp32", "top-1 agreement", "size ", "ratio", "parameters", "wrote"):
         assert phrase in result.stdout
     assert (run / "model.int8.onnx").is_file() and onnx_files(run) == ["model.int8.onnx"]
 
