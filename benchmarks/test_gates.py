@@ -116,8 +116,8 @@ def test_gate_int8_file_size(benchmark, figures, request, models):
 
 def test_gate_int8_perplexity(benchmark, figures, small_exports):
     report = small_exports["int8"]
-    r = gate(benchmark, figures, "small", lambda: {"fp32_ppl": report["fp32_perplexity"], "int8_ppl": report["int8_perplexity"],
-                                                     "ppl_delta": report["perplexity_delta"]})
+    r = gate(benchmark, figures, "small", lambda: {"fp32_ppl": report["fp32_perplexity"], "int8_ppl": report["perplexity"],
+                                                     "ppl_delta": report["perplexity_ratio"] - 1})
     figures[f"int8 perplexity increase (gate <= {gates.INT8_PPL_INCREASE:.0%})"] = r["ppl_delta"]
     assert r["ppl_delta"] <= gates.INT8_PPL_INCREASE
 

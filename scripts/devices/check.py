@@ -61,7 +61,7 @@ REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("CRAFT_DEVICES_CACHE") or REPO / ".cache" / "devices")
 EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 
-MIN_ORT = "1.15.1"  # oldest onnxruntime with a cp311 aarch64 wheel; runs the opset-17 artifact (README)
+MIN_ORT = "1.22.1"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits (int8 files)
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
