@@ -1,14 +1,13 @@
 """Build the portable ONNX decoder graph, node by node, from weights in the artifact layout.
 
 One graph serves prefill (past length 0) and decode (one new token) for any batch: every
-sequence axis is dynamic. The schemes shipped today use standard ONNX ops only (opset
-14..21); a scheme's ops may use ONNX Runtime's com.microsoft domain, which the model then
-imports. ONNX Runtime fuses the patterns written here (RMSNorm -> SimplifiedLayerNormalization,
-Transpose + MatMul -> FusedMatMul, DynamicQuantizeLinear + MatMulInteger ->
-DynamicQuantizeMatMul) at load time on whatever CPU it runs on, so the file itself carries no
+sequence axis is dynamic. Standard ONNX ops (opset 14..21), except a quantized scheme's
+com.microsoft MatMulNBits (quantize.py), which the model then imports. ONNX Runtime fuses the
+patterns written here (RMSNorm -> SimplifiedLayerNormalization, Transpose + MatMul ->
+FusedMatMul) at load time on whatever CPU it runs on, so the file itself carries no
 machine-specific ops.
 
-How linear layers, the embedding and the LM head are written (float or int8) is the
+How linear layers, the embedding and the LM head are written (float, int8, int4) is the
 quantization scheme's business (quantize.py, with craft.runtime.weights); this file is the
 network's structure, the same function as craft.model.Transformer.forward with a KV-cache.
 """
