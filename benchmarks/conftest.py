@@ -86,17 +86,17 @@ def small_models(small_run, small_exports) -> dict:
     return {q: small_run / f"small.{q}.onnx" for q in small_exports}
 
 
-def random_weight_models(folder: Path, name: str, **shape) -> dict:
-    """fp32 and int8 exports of a random-weight model of the given shape (speed only, no quality)
-    under "none" / "int8" (standard attention) and "none inplace" / "int8 inplace", plus the
-    PyTorch model itself under "torch"."""
+def random_weight_models(folder: Path, name: str, schemes=("none", "int8"), **shape) -> dict:
+    """Exports of a random-weight model of the given shape (speed only, no quality) in each of
+    `schemes`, under "none" / "int8" (standard attention) and "none inplace" / "int8 inplace",
+    plus the PyTorch model itself under "torch"."""
     from craft.config import ModelConfig
     from craft.export.exporter import build_model_proto, random_run
     from craft.runtime.artifact import ATTENTION_INPLACE, ATTENTION_STANDARD
 
     run = random_run(ModelConfig(**shape))
     paths: dict = {"torch": run.model}
-    for quantize in ("none", "int8"):
+    for quantize in schemes:
         for attention in (ATTENTION_STANDARD, ATTENTION_INPLACE):
             key = quantize if attention == ATTENTION_STANDARD else f"{quantize} {attention}"
             paths[key] = folder / f"{name}.{quantize}.{attention}.onnx"
@@ -122,7 +122,7 @@ PEER_SHAPE = {"vocab_size": 32000, "dim": 288, "n_layer": 6, "n_head": 6, "ffn_d
 def peer_models(tmp_path_factory) -> dict:
     """The shape that published llama.cpp / llama2.c / ORT GenAI figures use (stories15M): as the
     small preset but with 6 key-value heads (plain multi-head attention), random weights."""
-    return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", **PEER_SHAPE)
+    return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", ("none", "int8", "int4"), **PEER_SHAPE)
 
 
 @pytest.fixture(scope="session")
