@@ -20,6 +20,7 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 CONFIGS_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 DEFAULT_PRESET = "tiny"
+ARCHS = ("llama", "recurrent")  # model.arch: craft.model.Transformer, craft.recurrent.Recurrent
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    arch: str = "llama"  # "llama" (attention + KV-cache) or "recurrent" (gated recurrence, fixed-size state; craft/recurrent.py)
     vocab_size: int = 0  # 0: taken from the tokenizer once it is built (the usual case)
     dim: int = 128  # residual width; head_dim = dim / n_head unless head_size says otherwise
     n_layer: int = 4  # transformer blocks
@@ -312,6 +314,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim")
     if m.n_head % m.kv_heads:
         raise ConfigError(f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}")
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
     if tok.kind not in ("sentencepiece", "char"):
         raise ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
     if tok.model_type not in ("bpe", "unigram"):

@@ -227,6 +227,15 @@ def attention_bias(attention_mask: torch.Tensor | None, B: int, T: int, P: int, 
     return torch.where(allowed, zero, torch.tensor(MASKED, device=device)).expand(B, 1, T, S)
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network that model.arch names: Transformer, or craft.recurrent.Recurrent (same skeleton and interface)."""
+    if cfg.arch == "recurrent":
+        from craft.recurrent import Recurrent
+
+        return Recurrent(cfg)
+    return Transformer(cfg)
+
+
 @torch.no_grad()
 def generate(
     model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
@@ -238,12 +247,13 @@ def generate(
     """
     model.eval()
     ids = torch.tensor([prompt_ids], dtype=torch.long)
-    past = model.empty_cache()
+    past, length = model.empty_cache(), 0
     out: list[int] = []
     for _ in range(max_new_tokens):
-        if past[0][0].shape[2] + ids.shape[1] > model.cfg.context_length:
+        if length + ids.shape[1] > model.cfg.context_length:
             break
         logits, past = model(ids, past=past)
+        length += ids.shape[1]
         logits = logits[0, -1].float()
         if temperature <= 0:
             token = int(logits.argmax())

@@ -46,7 +46,7 @@ from craft.checkpoint import TrainState
 from craft.config import Config, ConfigError, load_config, resumed_config, save_config
 from craft.data import Corpus, DataError, TokenData, check_tokenizer, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
 from craft.distributed import Distributed
-from craft.model import Transformer
+from craft.model import Transformer, build_model
 from craft.runtime.command import OneLineErrors
 from craft.runtime.tokenizer import Tokenizer
 
@@ -140,7 +140,7 @@ def new_state(cfg: Config, dist: Distributed) -> TrainState:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(dist.device)
+    model = build_model(cfg.model).to(dist.device)
     if dist.enabled:
         torch.manual_seed(cfg.train.seed + dist.rank)  # but each rank its own dropout stream
     optimizer = build_optimizer(model, cfg)
@@ -356,7 +356,8 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
 
 def log_start(cfg: Config, model: Transformer, data: TokenData, dist: Distributed, log) -> None:
     m = cfg.model
-    log(f"craft {__version__} | {m.n_layer} layers, dim {m.dim}, {m.n_head} heads ({m.kv_heads} kv), context {m.context_length}, "
+    mixing = "recurrent" if m.arch == "recurrent" else f"{m.n_head} heads ({m.kv_heads} kv)"
+    log(f"craft {__version__} | {m.n_layer} layers, dim {m.dim}, {mixing}, context {m.context_length}, "
         f"vocab {m.vocab_size}: {model.num_parameters():,} parameters")
     log(f"data: {describe(data)} | unigram entropy {data.unigram_entropy():.3f} nats/token")
     if dist.enabled:
