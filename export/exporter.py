@@ -29,9 +29,10 @@ from craft.checkpoint import read as read_checkpoint
 from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
 from craft.data import check_tokenizer, load_tokenizer, val_tokens
 from craft.export.graph import DEFAULT_OPSET, build_decoder
+from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
 from craft.export.sources import HF, RUN, SourceError, detect_kind, load_source
-from craft.model import Transformer
+from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.tokenizer import Tokenizer
@@ -97,7 +98,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     if saved_model_config(state) != cfg.model:
         raise ExportError(f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
                           f"keep each run's checkpoint and config.yaml together")
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -140,16 +141,28 @@ def model_spec(cfg: ModelConfig) -> A.ModelSpec:
     return A.ModelSpec(
         vocab_size=cfg.vocab_size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
         head_dim=cfg.head_dim, hidden_dim=cfg.hidden_dim, context_length=cfg.context_length,
-        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, qkv_bias=cfg.qkv_bias)
+        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, qkv_bias=cfg.qkv_bias, arch=cfg.arch)
 
 
 def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
-    """The model's weights, float32, named and laid out as craft.runtime.weights says (x @ W, fused qkv / w13)."""
+    """The model's weights, float32, named and laid out as craft.runtime.weights says (x @ W, fused qkv / w13;
+    a recurrent model's blocks as W.recurrent_layer names them)."""
     cfg = model.cfg
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}  # PyTorch's names
     out = {W.EMBEDDING: sd["tok_embeddings.weight"], W.NORM: sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out[W.HEAD] = sd["output.weight"].T
+    if cfg.arch == A.RECURRENT:
+        for i in range(cfg.n_layer):
+            p, n = f"layers.{i}.", W.recurrent_layer(i)
+            out[n.recurrence_norm] = sd[p + "recurrence_norm.weight"]
+            out[n.win] = sd[p + "recurrence.win.weight"].T
+            out[n.decay] = sd[p + "recurrence.decay"]
+            out[n.wo] = sd[p + "recurrence.wo.weight"].T
+            out[n.ffn_norm] = sd[p + "ffn_norm.weight"]
+            out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
+            out[n.w2] = sd[p + "feed_forward.w2.weight"].T
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     q_scale = np.float32(1.0 / math.sqrt(cfg.head_dim))  # folded into wq: the graph does not scale scores
     for i in range(cfg.n_layer):
         p, n = f"layers.{i}.", W.layer(i)
@@ -175,7 +188,11 @@ def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET,
 
     spec = model_spec(run.config)
     ops = OPS[quantize]()
-    proto = build_decoder(spec, artifact_weights(run.model) if weights is None else weights, ops, opset, attention)
+    weights = artifact_weights(run.model) if weights is None else weights
+    if spec.arch == A.RECURRENT:  # no KV-cache: `attention` has nothing to say (export() refuses a non-standard one)
+        proto = build_recurrent_decoder(spec, weights, ops, opset)
+    else:
+        proto = build_decoder(spec, weights, ops, opset, attention)
     meta = A.Artifact(
         spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
         bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
@@ -198,7 +215,7 @@ def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
 
     torch.manual_seed(seed)
     chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # stays below the surrogates
-    return LoadedRun(Path(f"random-{cfg.dim}x{cfg.n_layer}"), cfg, Transformer(cfg).eval(), CharTokenizer(chars), "0" * 64, 0)
+    return LoadedRun(Path(f"random-{cfg.dim}x{cfg.n_layer}"), cfg, build_model(cfg).eval(), CharTokenizer(chars), "0" * 64, 0)
 
 
 def check_output_path(output: Path) -> None:
@@ -252,6 +269,9 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
     if kind != RUN and checkpoint != rd.CHECKPOINT:
         raise ExportError(f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint")
     run = load_run(source, checkpoint) if kind == RUN else load_imported(source, kind)
+    if run.config.arch == A.RECURRENT and attention != A.ATTENTION_STANDARD:
+        raise ExportError(f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "
+                          f"(a fixed-size state, no cache) - drop --attention")
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)

@@ -54,18 +54,20 @@ def ort_session(model_bytes: bytes, threads: int = 0):
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarray] | None, mask: np.ndarray | None = None):
-    """One forward with the artifact I/O; returns (logits, present list [k0, v0, k1, v1, ...])."""
+def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarray] | None, mask: np.ndarray | None = None,
+                past_length: int = 0):
+    """One forward with the artifact I/O after `past_length` tokens; returns (logits, present list
+    [k0, v0, k1, v1, ...], or a recurrent file's [state0, state1, ...])."""
     B, T = ids.shape
+    names = A.empty_past(spec, B)
     if past is None:
-        past = [np.zeros((B, spec.n_kv_head, 0, spec.head_dim), np.float32) for _ in range(2 * spec.n_layer)]
-    P = past[0].shape[2]
+        past = [np.zeros(shape, np.float32) for shape in names.values()]
+    P = past[0].shape[2] if spec.arch == A.LLAMA else past_length
     if mask is None:
         mask = np.ones((B, P + T), np.int64)
     positions = A.position_ids(mask)[:, P:]
     feeds = {A.INPUT_IDS: ids.astype(np.int64), A.ATTENTION_MASK: mask.astype(np.int64), A.POSITION_IDS: positions.astype(np.int64)}
-    for i in range(spec.n_layer):
-        feeds[A.past_names(i)[0]], feeds[A.past_names(i)[1]] = past[2 * i], past[2 * i + 1]
+    feeds.update(zip(names, past))
     logits, *present = session.run(None, feeds)
     return logits, present
 
@@ -79,13 +81,14 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
         ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
         prefill = float(np.abs(pt_logits.numpy() - ort_logits).max())
         scale = float(pt_logits.abs().max())
-        decode = 0.0
+        decode, length = 0.0, len(prompt)
         for _ in range(steps):
             token = int(pt_logits[0, -1].argmax())
-            if pt_past[0][0].shape[2] + 1 > spec.context_length:
+            if length + 1 > spec.context_length:
                 break
             pt_logits, pt_past = model(torch.tensor([[token]]), past=pt_past)
-            ort_logits, ort_past = ort_forward(session, spec, np.array([[token]]), ort_past)
+            ort_logits, ort_past = ort_forward(session, spec, np.array([[token]]), ort_past, past_length=length)
+            length += 1
             decode = max(decode, float(np.abs(pt_logits.numpy() - ort_logits).max()))
             scale = max(scale, float(pt_logits.abs().max()))
     return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode, "max_abs_logit": scale}

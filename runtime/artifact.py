@@ -7,6 +7,10 @@ Graph inputs    input_ids int64 (B, T); attention_mask int64 (B, P + T); positio
                 past_key_values.{i}.key / .value float32 (B, n_kv_heads, P, head_dim)
 Graph outputs   logits float32 (B, T, vocab); present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
                 (Hugging Face / Optimum names, so third-party runtimes can drive the file too.)
+Recurrent files (ModelSpec.arch "recurrent"): past_state.{i} float32 (B, dim) in, present_state.{i}
+                (B, dim) out, in place of the key/value pairs: a fixed size whatever P is. The last T
+                columns of attention_mask gate the state (a pad leaves it untouched); position_ids
+                is accepted and unused, so one loop drives both kinds.
 
 Weights (graph initializers): their names, shapes and each quantization scheme's stored
 layout are the other half of the contract, in craft.runtime.weights.
@@ -33,6 +37,32 @@ def past_names(layer: int) -> tuple[str, str]:
 
 def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
+
+
+LLAMA, RECURRENT = "llama", "recurrent"  # ModelSpec.arch: craft.config.ARCHS
+
+
+def past_state_name(layer: int) -> str:
+    return f"past_state.{layer}"
+
+
+def present_state_name(layer: int) -> str:
+    return f"present_state.{layer}"
+
+
+def empty_past(spec: "ModelSpec", batch: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every past input before the first token: an empty KV-cache (P = 0), or a
+    recurrent file's zero state. Feed zeros of these shapes for a prefill."""
+    if spec.arch == RECURRENT:
+        return {past_state_name(i): (batch, spec.dim) for i in range(spec.n_layer)}
+    return {name: (batch, spec.n_kv_head, 0, spec.head_dim) for i in range(spec.n_layer) for name in past_names(i)}
+
+
+def present_outputs(spec: "ModelSpec") -> list[str]:
+    """The outputs after logits, in the order of empty_past's inputs: this step's past for the next."""
+    if spec.arch == RECURRENT:
+        return [present_state_name(i) for i in range(spec.n_layer)]
+    return [name for i in range(spec.n_layer) for name in present_names(i)]
 
 
 def position_ids(attention_mask):
@@ -93,6 +123,7 @@ class ModelSpec:
     tie_embeddings: bool
     # Fields added later have defaults, so files written before them still read:
     qkv_bias: bool = False  # the file has layers.{i}.attention.wqkv.bias (imported Qwen2 models)
+    arch: str = LLAMA  # LLAMA or RECURRENT (craft/recurrent.py: state I/O in place of the KV-cache)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
@@ -111,11 +142,14 @@ class ModelSpec:
             if f.name not in values:  # a field added later: its default
                 continue
             value = values[f.name]
-            kind = {"int": int, "float": (int, float), "bool": bool}[f.type]
+            kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
             if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
                 raise ArtifactError(f"model config in the file has {f.name}={json.dumps(value)[:40]}, expected {f.type}; "
                                     f"re-export it with craft-export")
             typed[f.name] = float(value) if f.type == "float" else value
+        if typed.get("arch", LLAMA) not in (LLAMA, RECURRENT):
+            raise ArtifactError(f"model config names architecture {json.dumps(typed['arch'])[:40]}, this runtime runs {LLAMA!r} and "
+                                f"{RECURRENT!r}; upgrade craft or re-export the model")
         return cls(**typed)
 
 

@@ -16,7 +16,15 @@ graph does. Linear weights are in the (in_features, out_features) layout, y = x 
     layers.{i}.feed_forward.w2.weight       (hidden, dim)
     rope.cos, rope.sin                      (context_length, head_dim), "rotate half" layout
 
-Norms, rope tables and biases are float32 in every file. The embedding and the linear weights are
+A recurrent file (ModelSpec.arch "recurrent", craft/recurrent.py) has no attention and no rope
+tables; its blocks hold instead:
+
+    layers.{i}.recurrence_norm.weight       (dim,)
+    layers.{i}.recurrence.win.weight        (dim, 3 * dim): [a | v | g] (decay gate, input, output gate)
+    layers.{i}.recurrence.decay             (dim,) float32: added to the decay gate's input
+    layers.{i}.recurrence.wo.weight         (dim, dim)
+
+Norms, rope tables, biases and decays are float32 in every file. The embedding and the linear weights are
 stored as the file's scheme (metadata `craft.quantization`, a key of SCHEMES) says: a float
 weight NAME becomes the tensors NAME + suffix for each of the scheme's suffixes.
 
@@ -63,8 +71,35 @@ def layer(i: int) -> LayerNames:
                       p + "ffn_norm.weight", p + "feed_forward.w13.weight", p + "feed_forward.w2.weight")
 
 
+@dataclass(frozen=True)
+class RecurrentLayerNames:
+    """The weight names of recurrent block i (shapes in the module docstring)."""
+
+    recurrence_norm: str
+    win: str
+    decay: str
+    wo: str
+    ffn_norm: str
+    w13: str
+    w2: str
+
+
+def recurrent_layer(i: int) -> RecurrentLayerNames:
+    p = f"layers.{i}."
+    return RecurrentLayerNames(p + "recurrence_norm.weight", p + "recurrence.win.weight", p + "recurrence.decay",
+                               p + "recurrence.wo.weight", p + "ffn_norm.weight", p + "feed_forward.w13.weight",
+                               p + "feed_forward.w2.weight")
+
+
 def float_weights(spec: ModelSpec) -> dict[str, Shape]:
-    """Name -> shape of the weights stored as float32 whatever the scheme: norms, rope tables, biases."""
+    """Name -> shape of the weights stored as float32 whatever the scheme: norms, rope tables, biases
+    (a recurrent file: norms and decays)."""
+    if spec.arch == "recurrent":
+        out = {NORM: (spec.dim,)}
+        for i in range(spec.n_layer):
+            n = recurrent_layer(i)
+            out[n.recurrence_norm] = out[n.decay] = out[n.ffn_norm] = (spec.dim,)
+        return out
     out = {NORM: (spec.dim,), ROPE_COS: (spec.context_length, spec.head_dim), ROPE_SIN: (spec.context_length, spec.head_dim)}
     for i in range(spec.n_layer):
         out[layer(i).attention_norm] = out[layer(i).ffn_norm] = (spec.dim,)
@@ -78,6 +113,12 @@ def scheme_weights(spec: ModelSpec) -> dict[str, Shape]:
     out = {EMBEDDING: (spec.vocab_size, spec.dim)}
     if not spec.tie_embeddings:
         out[HEAD] = (spec.dim, spec.vocab_size)
+    if spec.arch == "recurrent":
+        for i in range(spec.n_layer):
+            n = recurrent_layer(i)
+            out.update({n.win: (spec.dim, 3 * spec.dim), n.wo: (spec.dim, spec.dim),
+                        n.w13: (spec.dim, 2 * spec.hidden_dim), n.w2: (spec.hidden_dim, spec.dim)})
+        return out
     qkv = (spec.n_head + 2 * spec.n_kv_head) * spec.head_dim
     for i in range(spec.n_layer):
         n = layer(i)
