@@ -3,7 +3,8 @@
 A rough, documented model - good to a factor of ~1.5, meant to tell "fits / does not fit" and
 "tens vs hundreds of tokens/s" before a file is copied to a board:
 
-  memory   peak RSS = runtime base + k * file size + KV-cache at full context, with base and k
+  memory   peak RSS = runtime base + k * file size + KV-cache at full context (a recurrent file: its
+           fixed state, the same at any context), with base and k
            measured for each backend on x86_64 (RSS_MODEL below); must fit in memory_mb minus
            os_reserved_mb of the device profile.
   speed    decode on Pi-class boards is memory-bound: each token streams every weight from RAM
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from craft.runtime.artifact import Artifact, ArtifactError
+from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError
 from craft.runtime.weights import SCHEMES
 
 # configs/ sits beside runtime/: at the repository root in a checkout, inside the craft package in
@@ -89,6 +90,8 @@ class Estimate:
     available_mb: float
     bytes_per_token: float
     tokens_per_s: float
+    cache_bytes: int = 0  # per sequence: the KV-cache at full context, or a recurrent file's state
+    recurrent: bool = False
 
     @property
     def fits(self) -> bool:
@@ -104,18 +107,29 @@ def estimate(artifact: Artifact, file_bytes: int, device: DeviceProfile, backend
                             f"(it knows {', '.join(SCHEMES)}); upgrade craft or re-export the file")
     bits = SCHEMES[artifact.quantization].weight_bits
     file_mb = file_bytes / 2**20
-    kv_bytes = 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * spec.context_length * 4
-    base, per_mb = RSS_MODEL[(backend, bits < 32)]
-    rss = base + per_mb * file_mb + (2 if backend == "ort" else 1) * kv_bytes / 2**20  # ort holds past + present
+    recurrent = spec.arch == RECURRENT
     weight_bytes = file_bytes * (32 // bits if backend == "numpy" else 1)  # numpy expands stored weights to float32
-    per_token = weight_bytes + kv_bytes / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
+    if recurrent:  # the state is read and written once per token, whatever the context
+        cache_bytes = spec.n_layer * spec.dim * 4
+        per_token = weight_bytes + 2 * cache_bytes
+    else:
+        cache_bytes = 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * spec.context_length * 4
+        per_token = weight_bytes + cache_bytes / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
+    base, per_mb = RSS_MODEL[(backend, bits < 32)]
+    rss = base + per_mb * file_mb + (2 if backend == "ort" else 1) * cache_bytes / 2**20  # ort holds past + present
     seconds = per_token / (EFFICIENCY * device.bandwidth_gbs * 1e9) + FIXED_MS[backend] * device.core_slowdown / 1e3
-    return Estimate(device, backend, rss, device.memory_mb - device.os_reserved_mb, per_token, 1.0 / seconds)
+    return Estimate(device, backend, rss, device.memory_mb - device.os_reserved_mb, per_token, 1.0 / seconds, cache_bytes, recurrent)
+
+
+def cache_column(e: Estimate) -> str:
+    """What a sequence carries between steps: 'KV 1.5MB' (the cache at full context) or 'state 6.9kB'."""
+    size = f"{e.cache_bytes / 2**20:.1f}MB" if e.cache_bytes >= 2**20 else f"{e.cache_bytes / 1024:.1f}kB"
+    return f"state {size}" if e.recurrent else f"KV {size}"
 
 
 def format_estimates(estimates: list[Estimate]) -> str:
-    lines = [f"{'device':12s} {'backend':8s} {'peak RSS':>10s} {'available':>10s} {'fits':>5s} {'MB/token':>9s} {'tokens/s':>9s}"]
+    lines = [f"{'device':12s} {'backend':8s} {'peak RSS':>10s} {'available':>10s} {'fits':>5s} {'MB/token':>9s} {'tokens/s':>9s} {'cache/state':>14s}"]
     for e in estimates:
         lines.append(f"{e.device.name:12s} {e.backend:8s} {e.rss_mb:8.0f}MB {e.available_mb:8.0f}MB {'yes' if e.fits else 'NO':>5s} "
-                     f"{e.bytes_per_token / 2**20:9.1f} {e.tokens_per_s:9.0f}")
+                     f"{e.bytes_per_token / 2**20:9.1f} {e.tokens_per_s:9.0f} {cache_column(e):>14s}")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from craft.runtime.artifact import Artifact, ArtifactError, position_ids
+from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
 from craft.runtime.artifact_check import check_file
 from craft.runtime.sampling import SamplingParams, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
@@ -147,6 +147,10 @@ class Generator:
             from craft.runtime.ort_backend import OrtBackend
 
             self.backend = OrtBackend(str(self.path), self.spec, threads)
+        elif self.spec.arch == RECURRENT:
+            from craft.runtime.numpy_recurrent import NumpyRecurrentBackend
+
+            self.backend = NumpyRecurrentBackend(str(self.path), self.spec, self.artifact.quantization)
         else:
             from craft.runtime.numpy_backend import NumpyBackend
 

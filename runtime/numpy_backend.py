@@ -30,52 +30,62 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * weight
 
 
-class NumpyBackend:
-    name = "numpy"
+class StoredWeights:
+    """The weights of a Craft file by their craft.runtime.weights names, each checked against the
+    shape and dtype the format defines for this model, as the file's scheme multiplies them."""
 
     def __init__(self, path: str, spec: ModelSpec, quantization: str):
         if quantization not in W.SCHEMES:
             raise ArtifactError(f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort")
-        self.spec = spec
-        scheme = W.SCHEMES[quantization]
-        floats, stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
+        self.path, self.spec, self.scheme = path, spec, W.SCHEMES[quantization]
         try:  # only the weights the spec names are decoded; the graph's nodes are not even parsed
-            w = read_model(path, with_weights=expected_weights(spec, quantization), with_nodes=False,
-                           max_entries=entry_budget(spec)).initializers
+            self.initializers = read_model(path, with_weights=expected_weights(spec, quantization), with_nodes=False,
+                                           max_entries=entry_budget(spec)).initializers
         except OnnxFormatError as e:
             raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
+        self.floats, self.stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
 
-        def tensors(names: tuple[str, ...], layout) -> tuple[np.ndarray, ...]:
-            """The named initializers, checked against the layout the format defines for this model."""
-            for name, (shape, dtype) in zip(names, layout):
-                if name not in w:
-                    raise ArtifactError(f"{path} lacks weight '{name}' that the Craft format defines; re-export it with craft-export")
-                if w[name].shape != shape or w[name].dtype != dtype:
-                    raise ArtifactError(f"{path}: weight '{name}' is {w[name].dtype} {w[name].shape}, the model config needs "
-                                        f"{dtype} {shape}; re-export it with craft-export")
-            return tuple(w[name] for name in names)
+    def tensors(self, names: tuple[str, ...], layout) -> tuple[np.ndarray, ...]:
+        w = self.initializers
+        for name, (shape, dtype) in zip(names, layout):
+            if name not in w:
+                raise ArtifactError(f"{self.path} lacks weight '{name}' that the Craft format defines; re-export it with craft-export")
+            if w[name].shape != shape or w[name].dtype != dtype:
+                raise ArtifactError(f"{self.path}: weight '{name}' is {w[name].dtype} {w[name].shape}, the model config needs "
+                                    f"{dtype} {shape}; re-export it with craft-export")
+        return tuple(w[name] for name in names)
 
-        def float32(name: str) -> np.ndarray:
-            return tensors((name,), [(floats[name], np.dtype(np.float32))])[0]
+    def float32(self, name: str) -> np.ndarray:
+        return self.tensors((name,), [(self.floats[name], np.dtype(np.float32))])[0]
 
-        def linear(name: str) -> W.Linear:
-            shape = stored_shapes[name]
-            return scheme.linear(tensors(scheme.stored_names(name), scheme.layout(shape)), shape)
+    def linear(self, name: str) -> W.Linear:
+        shape = self.stored_shapes[name]
+        return self.scheme.linear(self.tensors(self.scheme.stored_names(name), self.scheme.layout(shape)), shape)
 
+    def embedding_and_head(self) -> tuple:
+        """(rows: ids (B, T) -> (B, T, dim), head: x (B, T, dim) -> logits), the head tied or not."""
+        shape = self.stored_shapes[W.EMBEDDING]
+        rows, tied_head = self.scheme.embedding(self.tensors(self.scheme.stored_names(W.EMBEDDING), self.scheme.embedding_layout(shape)), shape)
+        return rows, tied_head if self.spec.tie_embeddings else self.linear(W.HEAD)
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, path: str, spec: ModelSpec, quantization: str):
+        self.spec = spec
+        w = StoredWeights(path, spec, quantization)
         self.layers = []
         for i in range(spec.n_layer):
             n = W.layer(i)
-            self.layers.append({"attention_norm": float32(n.attention_norm), "wqkv": linear(n.wqkv),
-                                "wqkv_bias": float32(n.wqkv_bias) if spec.qkv_bias else np.float32(0), "wo": linear(n.wo),
-                                "ffn_norm": float32(n.ffn_norm), "w13": linear(n.w13), "w2": linear(n.w2)})
-        self.norm = float32(W.NORM)
-        self.rope_cos = float32(W.ROPE_COS)
+            self.layers.append({"attention_norm": w.float32(n.attention_norm), "wqkv": w.linear(n.wqkv),
+                                "wqkv_bias": w.float32(n.wqkv_bias) if spec.qkv_bias else np.float32(0), "wo": w.linear(n.wo),
+                                "ffn_norm": w.float32(n.ffn_norm), "w13": w.linear(n.w13), "w2": w.linear(n.w2)})
+        self.norm = w.float32(W.NORM)
+        self.rope_cos = w.float32(W.ROPE_COS)
         half = spec.head_dim // 2
-        self.rope_sin_signed = float32(W.ROPE_SIN) * np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
-        shape = stored_shapes[W.EMBEDDING]
-        self.embedding_rows, tied_head = scheme.embedding(
-            tensors(scheme.stored_names(W.EMBEDDING), scheme.embedding_layout(shape)), shape)
-        self.head = tied_head if spec.tie_embeddings else linear(W.HEAD)
+        self.rope_sin_signed = w.float32(W.ROPE_SIN) * np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
+        self.embedding_rows, self.head = w.embedding_and_head()
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
         self.cache_length = 0

@@ -65,8 +65,8 @@ class OrtBackend:
         if self.inplace and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):  # older GQA miscomputes a chat turn's prefill
             raise ArtifactError(f"{path} uses in-place attention, which needs onnxruntime>={A.ORT_INPLACE_MIN} (this is {ort.__version__}); "
                                 f"upgrade onnxruntime, use --backend numpy, or re-export with --attention standard")
-        self._outputs = [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
-        self._inputs = [n for i in range(spec.n_layer) for n in A.past_names(i)]
+        self._outputs = [A.LOGITS] + A.present_outputs(spec)  # a recurrent file's state in place of the cache
+        self._inputs = list(A.empty_past(spec, 1))
         # Drive IOBinding through onnxruntime's pybind objects (session._sess, binding._iobinding)
         # when they exist, else through the public wrappers; the three calls that differ:
         binding = self.session.io_binding()
@@ -93,9 +93,9 @@ class OrtBackend:
     def reset(self, batch: int) -> None:
         """Empty the cache for a new batch of this many sequences."""
         s = self.spec
-        if not self.inplace:
-            self._buffers = [np.zeros((batch, s.n_kv_head, 0, s.head_dim), np.float32)]  # kept alive: the OrtValue wraps it
-            self.cache = [self._ortvalue(self._buffers[0])] * (2 * s.n_layer)
+        if not self.inplace:  # an empty cache, or a recurrent file's zero state: every past input has this shape
+            self._buffers = [np.zeros(next(iter(A.empty_past(s, batch).values())), np.float32)]  # kept alive: the OrtValue wraps it
+            self.cache = [self._ortvalue(self._buffers[0])] * len(self._inputs)
         else:  # bound here once as both past and present: every step writes into these buffers
             self._buffers = [np.zeros((batch, s.n_kv_head, s.context_length, s.head_dim), np.float32) for _ in range(2 * s.n_layer)]
             self.cache = [self._ortvalue(buffer) for buffer in self._buffers]
