@@ -139,6 +139,30 @@ def genai_models(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def recurrent15m_models(tmp_path_factory) -> dict:
+    """configs/recurrent_small.yaml (small's recurrent sibling) at the 15M-class size, vocab 32000,
+    with a context of 2048, random weights: the flat-token-time gate runs on it (a step of a few
+    milliseconds, long enough to time through a shared machine's noise)."""
+    from craft.config import load_config
+
+    cfg = load_config("recurrent_small").model
+    return random_weight_models(tmp_path_factory.mktemp("recurrent15m"), "recurrent15m",
+                                **{**dataclasses.asdict(cfg), "vocab_size": 32000, "context_length": 2048})
+
+
+@pytest.fixture(scope="session")
+def long_context_models(tmp_path_factory) -> dict:
+    """{"llama": models, "recurrent": models}: the Tiny Shakespeare recipe's shape (configs/
+    shakespeare_char.yaml and its recurrent sibling: dim 128, 4 layers, vocab 65, equal parameter
+    counts) with a context of 2048, random weights: decode at 16, 256 and 2048 tokens of context."""
+    from craft.config import load_config
+
+    folder = tmp_path_factory.mktemp("long_context")
+    return {arch: random_weight_models(folder, arch, **{**dataclasses.asdict(load_config(preset).model), "vocab_size": 323, "context_length": 2048})
+            for arch, preset in (("llama", "shakespeare_char"), ("recurrent", "shakespeare_char_recurrent"))}
+
+
+@pytest.fixture(scope="session")
 def base_models(tmp_path_factory) -> dict:
     """A 110M-class shape (stories110M: dim 768, 12 layers, 12 heads, vocab 32000)."""
     return random_weight_models(tmp_path_factory.mktemp("base"), "base110m", vocab_size=32000, dim=768, n_layer=12, n_head=12,

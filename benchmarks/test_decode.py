@@ -32,6 +32,18 @@ def test_decode_cached(benchmark, small15m_models, quantize, backend, context):
     record(benchmark, DECODE_STEPS)
 
 
+@pytest.mark.parametrize("context", [16, 256, 2040])  # 2040: the 16 timed steps end at the 2048 limit
+@pytest.mark.parametrize("arch", ["llama", "recurrent"])
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_decode_long_context(benchmark, long_context_models, arch, backend, context):
+    """Transformer (KV-cache) vs recurrent (fixed state) at equal parameters, int8: the
+    recurrent per-token time stays flat as the context grows (gated in test_gates.py)."""
+    benchmark.group = f"shakespeare_char shape, context 2048, int8 {backend}: {arch}"
+    gen = generator(long_context_models[arch]["int8"], backend)
+    benchmark.pedantic(decode_steps, setup=lambda: ((gen, prefill_around(gen, context)), {}), rounds=3)
+    record(benchmark, DECODE_STEPS)
+
+
 @pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.parametrize("backend", ["ort", "numpy"])
 def test_decode_uncached(benchmark, small15m_models, backend, context):

@@ -52,6 +52,16 @@ def test_gate_token_time_grows_slowly_with_context(benchmark, figures, small15m_
     assert r["ratio"] <= limit
 
 
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_gate_recurrent_token_time_is_flat(benchmark, figures, recurrent15m_models, backend):
+    gen = generator(recurrent15m_models["int8"], backend)
+    r = gate(benchmark, figures, f"recurrent 15M {backend} int8", lambda: compare(
+        ("ctx2040_s_per_token", lambda: seconds_per_token_cached(gen, 2040)),  # steps end at the 2048 limit
+        ("ctx16_s_per_token", lambda: seconds_per_token_cached(gen, 16))))  # 9 rounds: each prefills 2032 tokens
+    figures[f"recurrent {backend} token time 2040 vs 16 (gate <= {gates.RECURRENT_TOKEN_TIME_2040_VS_16})"] = r["ratio"]
+    assert r["ratio"] <= gates.RECURRENT_TOKEN_TIME_2040_VS_16
+
+
 @pytest.mark.parametrize("models", ["small_models", "small15m_models", "peer_models"])
 def test_gate_int8_not_slower_than_fp32(benchmark, figures, request, models):
     paths = request.getfixturevalue(models)
