@@ -10,7 +10,8 @@ against the bytes present) and without decoding a single weight:
             special ids inside the vocabulary; a quantization scheme this runtime knows
   weights   every weight the spec implies is present with exactly the shape and dtype its
             scheme's layout gives (craft.runtime.weights); none of a layer the spec lacks
-  graph     inputs and outputs are the contract's names for n_layer (craft.runtime.artifact),
+  graph     inputs and outputs are the contract's names for n_layer and the architecture
+            (KV-cache pairs, or a recurrent file's states: craft.runtime.artifact),
             with their element types, ranks and the fixed dims the spec implies
   size      at most entry_budget(spec) nodes (initializers, inputs, outputs alike) and
             STRUCTURE_BYTES_PER_LAYER * (n_layer + 1) bytes of graph structure: what ONNX
@@ -81,9 +82,13 @@ def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tupl
 
 def expected_io(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """Graph inputs and outputs: name -> (element type, shape); None marks a dynamic dim."""
-    kv = (FLOAT32, (None, spec.n_kv_head, None, spec.head_dim))
     inputs = {A.INPUT_IDS: (INT64, (None, None)), A.ATTENTION_MASK: (INT64, (None, None)), A.POSITION_IDS: (INT64, (None, None))}
     outputs = {A.LOGITS: (FLOAT32, (None, None, spec.vocab_size))}
+    if spec.arch == A.RECURRENT:  # a state (B, dim) per layer in place of the key/value pairs
+        inputs.update({A.past_state_name(i): (FLOAT32, (None, spec.dim)) for i in range(spec.n_layer)})
+        outputs.update({A.present_state_name(i): (FLOAT32, (None, spec.dim)) for i in range(spec.n_layer)})
+        return inputs, outputs
+    kv = (FLOAT32, (None, spec.n_kv_head, None, spec.head_dim))
     for i in range(spec.n_layer):
         inputs.update(dict.fromkeys(A.past_names(i), kv))
         outputs.update(dict.fromkeys(A.present_names(i), kv))

@@ -201,3 +201,17 @@ def test_estimate_counts_the_state_not_a_kv_cache(files, char_int8):
     assert recurrent.recurrent and recurrent.cache_bytes == 2 * 64 * 4  # n_layer * dim float32, whatever the context
     assert transformer.cache_bytes == 2 * 2 * 2 * 16 * 64 * 4  # key + value, 2 layers, 2 kv heads, head_dim 16, context 64
     assert "state 0.5kB" in format_estimates([recurrent]) and "KV 32.0kB" in format_estimates([transformer])
+
+
+def test_a_state_input_of_the_wrong_shape_is_one_line_exit_2(files, tmp_path):
+    from conftest import run_cli
+
+    proto = onnx.load(str(files["int8"]))
+    state = next(i for i in proto.graph.input if i.name == A.past_state_name(1))
+    state.type.tensor_type.shape.dim[1].dim_value = 65  # the model's dim is 64
+    bad = tmp_path / "bad_state.onnx"
+    onnx.save(proto, str(bad))
+    result = run_cli("craft.runtime.cli", str(bad), "hello", "-n", "4")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "graph input 'past_state.1' is type 1 ('batch', 65), the model config needs type 1 ('?', 64)" in result.stderr
+    assert "Traceback" not in result.stderr
