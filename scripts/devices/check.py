@@ -16,13 +16,13 @@ usage: scripts/devices/check.sh          (or `make devices`; this file is its bo
              runtime alone, as a device installs it; no torch, onnx or training code anywhere
              on the guest's path (guest_run.py also blocks those imports and reports them).
 4. runs      craft-run -t 0 --json (greedy) through guest_run.py, each under a memory cap:
-               x86_64  host python      ort, numpy   tiny + small   the reference
-               aarch64 qemu cortex-a53  ort, numpy   tiny + small   (Pi Zero 2 W / Pi 3 64-bit)
+               x86_64  host python      ort, numpy   tiny, recurrent, small   the reference
+               aarch64 qemu cortex-a53  ort, numpy   tiny, recurrent, small   (Pi Zero 2 W / Pi 3 64-bit)
                        qemu cortex-a72  ort          tiny           (Pi 4)
                        qemu cortex-a76  ort          tiny           (Pi 5: int8 dot-product kernels)
                        cortex-a53, every ORT in CRAFT_DEVICE_ORT_VERSIONS   tiny
-               armv7l  qemu cortex-a7   numpy        tiny + small   (32-bit Pi OS: no ORT wheel)
-5. gates     tiny: token ids and text identical to the x86_64 run of the same backend, on every
+               armv7l  qemu cortex-a7   numpy        tiny, recurrent, small   (32-bit Pi OS: no ORT wheel)
+5. gates     tiny and recurrent: token ids and text identical to the x86_64 run of the same backend, on every
              machine; every run exits 0 with only the runtime's packages loaded; small: every run
              generates all its tokens under the cap, and its x86_64 numpy peak RSS fits the Pi
              Zero 2 W budget (configs/devices/pi-zero-2w.yaml: memory_mb - os_reserved_mb).
@@ -63,6 +63,7 @@ EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 
 MIN_ORT = "1.22.1"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits (int8 files)
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
+GATED = ("tiny", "recurrent")  # models whose greedy output must match x86_64 token for token
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
 ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
@@ -290,7 +291,7 @@ class Run:
     arch: str  # x86_64 | arm64 | armhf
     cpu: str
     backend: str
-    model: str  # tiny | small
+    model: str  # tiny | recurrent | small
     ort: str = ""  # onnxruntime version, "" = the prepared one
     pythonpath: str = ""
     result: dict = field(default_factory=dict)
@@ -302,7 +303,7 @@ class Run:
 
 def execute(run: Run, cap: MemoryCap, stage: Path, work: Path, models_info: dict, host_python: str) -> Run:
     model = models_info[run.model]["path"]
-    n = TINY_TOKENS if run.model == "tiny" else SMALL_TOKENS
+    n = TINY_TOKENS if run.model in GATED else SMALL_TOKENS
     report = work / f"{run.name.replace('/', '_')}.json"
     craft_run = [model, PROMPT, "-t", "0", "-n", str(n), "--json", "--backend", run.backend]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -358,13 +359,13 @@ def all_ort_versions(host_python: str) -> list[str]:
 def plan(arches: list[str], ort_versions: list[str], sweep: bool = False) -> list[Run]:
     if sweep:
         return [Run("x86_64", "host", "ort", "tiny")] + [Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions]
-    runs = [Run("x86_64", "host", b, m) for m in ("tiny", "small") for b in ("ort", "numpy")]
+    runs = [Run("x86_64", "host", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
     if "arm64" in arches:
-        runs += [Run("arm64", "cortex-a53", b, m) for m in ("tiny", "small") for b in ("ort", "numpy")]
+        runs += [Run("arm64", "cortex-a53", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
         runs += [Run("arm64", cpu, "ort", "tiny") for cpu in ("cortex-a72", "cortex-a76")]
         runs += [Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions]
     if "armhf" in arches:
-        runs += [Run("armhf", "cortex-a7", "numpy", m) for m in ("tiny", "small")]
+        runs += [Run("armhf", "cortex-a7", "numpy", m) for m in ("tiny", "recurrent", "small")]
     # slowest first, so that the pool finishes together
     return sorted(runs, key=lambda r: (r.model != "small", r.arch == "x86_64"))
 
@@ -483,16 +484,16 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
         ort = (dev.get("packages") or {}).get("onnxruntime") or "-"
         if not res.get("ok"):
             failures.append(f"{r.name}: {res.get('error', 'failed')}")
-            say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:5s} {ort:7s} {'-':>6s}  FAILED: {res.get('error', '')[:200]}")
+            say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  FAILED: {res.get('error', '')[:200]}")
             continue
         n = len(res["tokens"])
-        want = TINY_TOKENS if r.model == "tiny" else SMALL_TOKENS
+        want = TINY_TOKENS if r.model in GATED else SMALL_TOKENS
         if r.arch == "x86_64":
             other = ref.get(("numpy" if r.backend == "ort" else "ort", r.model), {})
             same = not other.get("ok") or other.get("tokens") == res["tokens"]
             verdict = "reference" + ("" if same else " (ort != numpy)")
-            if r.model == "tiny" and not same and r.backend == "numpy":
-                failures.append("x86_64 tiny: the ort and numpy backends' greedy outputs differ")
+            if r.model in GATED and not same and r.backend == "numpy":
+                failures.append(f"x86_64 {r.model}: the ort and numpy backends' greedy outputs differ")
         else:
             base = ref.get((r.backend, r.model), {})
             same = bool(base.get("ok")) and base.get("tokens") == res["tokens"] and base.get("text") == res["text"]
@@ -501,7 +502,7 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
             else:
                 k = next((i for i, (a, b) in enumerate(zip(base.get("tokens") or [], res["tokens"])) if a != b), min(n, len(base.get("tokens") or [])))
                 verdict = f"DIFFERS at token {k}"
-                if r.model == "tiny":
+                if r.model in GATED:
                     failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
                 else:
                     verdict += " (info)"
@@ -516,7 +517,7 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
         hwm = dev.get("vmhwm_mb")
         peak = res.get("peak_mb")
         tps = (res.get("stats") or {}).get("decode_tokens_per_s", 0)
-        say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:5s} {ort:7s} {n:6d}  {verdict:22s} "
+        say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {n:6d}  {verdict:22s} "
             f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} {tps:6.1f} {res['wall_s']:5.1f}s")
     small_native = ref.get(("numpy", "small"), {})
     hwm = (small_native.get("device") or {}).get("vmhwm_mb")

@@ -8,6 +8,8 @@ usage: make_models.py OUT_DIR [DATA_FILE]
                    exported with craft-export --quantize int8: the real pipeline, and a
                    sentencepiece model inside the file, so the device's sentencepiece loads it.
                    DATA_FILE defaults to the bundled corpus.
+  recurrent.int8.onnx  the same with model.arch=recurrent (craft/recurrent.py: state I/O, an
+                   ONNX Scan): gated like tiny, token for token against x86_64.
   small.int8.onnx  the small preset (configs/small.yaml) at its 15M-class size (vocab 32000)
                    with random weights, built like the benchmarks' model (no training): the
                    memory test.
@@ -35,15 +37,15 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def build_tiny(out: Path, data: str | None) -> dict:
+def build_tiny(out: Path, data: str | None, name: str = "tiny", extra: tuple[str, ...] = ()) -> dict:
     t0 = time.perf_counter()
-    run_dir = out / "tiny-run"
-    train = [sys.executable, "-m", "craft.train", f"out_dir={run_dir}", *TINY_OVERRIDES, "--overwrite"]
+    run_dir = out / f"{name}-run"
+    train = [sys.executable, "-m", "craft.train", f"out_dir={run_dir}", *TINY_OVERRIDES, *extra, "--overwrite"]
     if data:
         train.insert(3, f"data.path={data}")
     log = run(train)
     t1 = time.perf_counter()
-    path = out / "tiny.int8.onnx"
+    path = out / f"{name}.int8.onnx"
     export_log = run([sys.executable, "-m", "craft.export.cli", str(run_dir), "--quantize", "int8", "-o", str(path)])
     done = [line for line in log.splitlines() if line.startswith("done:")]
     return {"path": str(path), "train_s": round(t1 - t0, 1), "export_s": round(time.perf_counter() - t1, 1),
@@ -84,9 +86,10 @@ def main() -> None:
     import sentencepiece
     import torch
 
-    info = {"tiny": build_tiny(out, data), "small": build_small(out),
+    info = {"tiny": build_tiny(out, data), "recurrent": build_tiny(out, data, "recurrent", ("model.arch=recurrent",)),
+            "small": build_small(out),
             "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__}}
-    for name in ("tiny", "small"):
+    for name in ("tiny", "recurrent", "small"):
         info[name].update(describe(info[name]["path"]))
     (out / "models.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
