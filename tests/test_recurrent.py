@@ -112,6 +112,31 @@ def test_training_resumes_bitwise(tmp_path, small_corpus):
     assert losses(half) == losses(whole)
 
 
+def test_ddp_trains_it_and_samples_are_written(tmp_path, small_corpus):
+    """torchrun, 2 processes (gloo): the recurrent model goes through DDP like the transformer."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+    from craft import checkpoint as ckpt
+    from craft.callbacks import read_metrics
+
+    run = tmp_path / "ddp"
+    args = tiny_overrides(run, small_corpus, **{**RECURRENT, "train.batch_size": 8, "train.max_steps": 30, "train.warmup_steps": 5,
+                                                "train.eval_interval": 30, "train.eval_iters": 2, "train.log_interval": 5,
+                                                "train.checkpoint_interval": 30, "train.threads": 0})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "craft.train", *args],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed: 2 processes (gloo)" in result.stdout and "recurrent" in result.stdout
+    train = [r for r in read_metrics(run / "metrics.jsonl") if r["event"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0, (train[0], train[-1])
+    assert (run / "samples.txt").read_text().count("--- step") == 1
+    model = Recurrent(load_config(str(run / "config.yaml")).model)
+    model.load_state_dict(ckpt.read(run / "checkpoint.pt")[0]["model"])  # plain keys, the recurrent ones
+
+
 # export and runtime ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
