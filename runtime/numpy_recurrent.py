@@ -44,7 +44,7 @@ class NumpyRecurrentBackend:
         by T tokens. The last T columns of attention_mask gate it (a pad leaves a row's state as it was);
         position_ids are not used: a recurrence knows order from the state."""
         s = self.spec
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if self.cache_length + T > s.context_length:
             raise ValueError(f"sequence of {self.cache_length + T} tokens exceeds the model's context of {s.context_length}")
         mask = attention_mask[:, -T:, None].astype(np.float32)  # (B, T, 1)
