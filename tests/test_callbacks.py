@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import craft.model
 import craft.train
 from conftest import run_cli, tiny_overrides
 from craft import checkpoint as ckpt
@@ -79,7 +80,7 @@ class NaNAfter(Transformer):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, monkeypatch, accum):
-    monkeypatch.setattr(craft.train, "Transformer", NaNAfter)
+    monkeypatch.setattr(craft.model, "Transformer", NaNAfter)  # what craft.model.build_model builds for train.py
     monkeypatch.setattr(NaNAfter, "calls", 0)
     monkeypatch.setattr(NaNAfter, "at", 12 * accum + 1)  # the first micro-batch of step 13
     cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 40, "train.checkpoint_interval": 5, "train.eval_interval": 10,
