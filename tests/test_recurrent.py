@@ -240,3 +240,12 @@ def test_a_state_input_of_the_wrong_shape_is_one_line_exit_2(files, tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "graph input 'past_state.1' is type 1 ('batch', 65), the model config needs type 1 ('?', 64)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_transformer_only_export_flag_is_one_line_exit_2(recurrent_run, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("craft.export.cli", str(recurrent_run), "--attention", "inplace", "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "is a recurrent model (a fixed-size state, no cache) - drop --attention" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
