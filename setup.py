@@ -27,8 +27,10 @@ setup(
     python_requires=">=3.10",
     packages=["craft", "craft.export", "craft.runtime", "craft.configs"],
     package_dir={"craft": "craft", "craft.export": "export", "craft.runtime": "runtime", "craft.configs": "configs"},
-    package_data={"craft.configs": ["*.yaml", "devices/*.yaml"],
-                  "craft.export": ["perplexity_text.txt"]},  # the int8 quality check of imported models
+    package_data={
+        "craft.configs": ["*.yaml", "devices/*.yaml"],
+        "craft.export": ["perplexity_text.txt"],
+    },  # the int8 quality check of imported models
     install_requires=[
         "numpy>=1.24",
         # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.
@@ -50,9 +52,18 @@ setup(
         # matplotlib and tensorboard are optional for users; the tests exercise both. transformers
         # (+ accelerate for its GGUF loader) is the reference the import tests compare against.
         # onnxruntime-genai (+ onnx-ir, which its model builder imports): the benchmarks' peer (benchmarks/genai_peer.py).
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "tensorboard>=2.10",
-                "transformers>=4.56", "accelerate>=0.26",
-                'onnxruntime-genai>=0.18; platform_machine == "x86_64" or platform_machine == "AMD64"', "onnx-ir"],
+        "dev": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "matplotlib>=3.5",
+            "tensorboard>=2.10",
+            "transformers>=4.56",
+            "accelerate>=0.26",
+            'onnxruntime-genai>=0.18; platform_machine == "x86_64" or platform_machine == "AMD64"',
+            "onnx-ir",
+        ],
         "plot": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },

@@ -30,8 +30,13 @@ THREADS = 1  # one ORT / BLAS thread: the Pi-class setting, and the least noisy 
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run benchmarks marked slow (the 110M-class shape)")
-    parser.addoption("--pin-core", type=int, default=None, metavar="N",
-                     help="pin the whole run to CPU core N (a Pi-class single-core profile)")
+    parser.addoption(
+        "--pin-core",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pin the whole run to CPU core N (a Pi-class single-core profile)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -57,6 +62,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 # --- models --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> Path:
     """The small preset (dim 288, 6 layers, 6 heads, context 256, vocab 4096) trained briefly on
@@ -65,8 +71,19 @@ def small_run(tmp_path_factory) -> Path:
     from craft.train import train
 
     out = tmp_path_factory.mktemp("bench") / "small"
-    cfg = load_config("small", [f"out_dir={out}", "train.max_steps=40", "train.batch_size=8", "train.warmup_steps=5",
-                                "train.lr=3e-3", "train.eval_interval=40", "train.eval_iters=4", "train.checkpoint_interval=40"])
+    cfg = load_config(
+        "small",
+        [
+            f"out_dir={out}",
+            "train.max_steps=40",
+            "train.batch_size=8",
+            "train.warmup_steps=5",
+            "train.lr=3e-3",
+            "train.eval_interval=40",
+            "train.eval_iters=4",
+            "train.checkpoint_interval=40",
+        ],
+    )
     train(cfg, log=lambda *a, **k: None)
     return out
 
@@ -77,7 +94,10 @@ def small_exports(small_run) -> dict:
     craft-export (the report holds the perplexities), files beside it in the run directory."""
     from craft.export.exporter import export
 
-    return {q: export(small_run, small_run / f"small.{q}.onnx", quantize=q, log=lambda *a, **k: None) for q in ("none", "int8")}
+    return {
+        q: export(small_run, small_run / f"small.{q}.onnx", quantize=q, log=lambda *a, **k: None)
+        for q in ("none", "int8")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +132,19 @@ def small15m_models(tmp_path_factory) -> dict:
     from craft.config import load_config
 
     cfg = load_config("small").model
-    return random_weight_models(tmp_path_factory.mktemp("small15m"), "small15m", **{**dataclasses.asdict(cfg), "vocab_size": 32000})
+    return random_weight_models(
+        tmp_path_factory.mktemp("small15m"), "small15m", **{**dataclasses.asdict(cfg), "vocab_size": 32000}
+    )
 
 
-PEER_SHAPE = {"vocab_size": 32000, "dim": 288, "n_layer": 6, "n_head": 6, "ffn_dim": 768, "context_length": 256}  # stories15M
+PEER_SHAPE = {
+    "vocab_size": 32000,
+    "dim": 288,
+    "n_layer": 6,
+    "n_head": 6,
+    "ffn_dim": 768,
+    "context_length": 256,
+}  # stories15M
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +158,12 @@ def peer_models(tmp_path_factory) -> dict:
 def genai_models(tmp_path_factory) -> dict:
     """{"int8": folder, "int4": folder}: ONNX Runtime GenAI models of the peer shape, built by its
     own model builder from a random Hugging Face Llama (genai_peer.py)."""
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (pip install -e '.[dev]'): no peer to compare with")
-    pytest.importorskip("transformers", reason="transformers not installed (pip install -e '.[train]'): cannot build the peer model")
+    pytest.importorskip(
+        "onnxruntime_genai", reason="onnxruntime-genai not installed (pip install -e '.[dev]'): no peer to compare with"
+    )
+    pytest.importorskip(
+        "transformers", reason="transformers not installed (pip install -e '.[train]'): cannot build the peer model"
+    )
     from genai_peer import build_genai_model
 
     folder = tmp_path_factory.mktemp("genai")
@@ -146,8 +179,11 @@ def recurrent15m_models(tmp_path_factory) -> dict:
     from craft.config import load_config
 
     cfg = load_config("recurrent_small").model
-    return random_weight_models(tmp_path_factory.mktemp("recurrent15m"), "recurrent15m",
-                                **{**dataclasses.asdict(cfg), "vocab_size": 32000, "context_length": 2048})
+    return random_weight_models(
+        tmp_path_factory.mktemp("recurrent15m"),
+        "recurrent15m",
+        **{**dataclasses.asdict(cfg), "vocab_size": 32000, "context_length": 2048},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -158,15 +194,27 @@ def long_context_models(tmp_path_factory) -> dict:
     from craft.config import load_config
 
     folder = tmp_path_factory.mktemp("long_context")
-    return {arch: random_weight_models(folder, arch, **{**dataclasses.asdict(load_config(preset).model), "vocab_size": 323, "context_length": 2048})
-            for arch, preset in (("llama", "shakespeare_char"), ("recurrent", "shakespeare_char_recurrent"))}
+    return {
+        arch: random_weight_models(
+            folder, arch, **{**dataclasses.asdict(load_config(preset).model), "vocab_size": 323, "context_length": 2048}
+        )
+        for arch, preset in (("llama", "shakespeare_char"), ("recurrent", "shakespeare_char_recurrent"))
+    }
 
 
 @pytest.fixture(scope="session")
 def base_models(tmp_path_factory) -> dict:
     """A 110M-class shape (stories110M: dim 768, 12 layers, 12 heads, vocab 32000)."""
-    return random_weight_models(tmp_path_factory.mktemp("base"), "base110m", vocab_size=32000, dim=768, n_layer=12, n_head=12,
-                                ffn_dim=2048, context_length=1024)
+    return random_weight_models(
+        tmp_path_factory.mktemp("base"),
+        "base110m",
+        vocab_size=32000,
+        dim=768,
+        n_layer=12,
+        n_head=12,
+        ffn_dim=2048,
+        context_length=1024,
+    )
 
 
 _GENERATORS: dict = {}
@@ -180,6 +228,7 @@ def generator(path: Path, backend: str = "ort", threads: int = THREADS) -> Gener
 
 
 # --- measuring -------------------------------------------------------------------------------------
+
 
 def context_ids(gen: Generator, length: int) -> np.ndarray:
     rng = np.random.default_rng(length)
@@ -269,6 +318,8 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("Craft figures (ratios measured in this run)")
         for key, value in FIGURES.items():
             if key.endswith("_s_per_token"):
-                terminalreporter.write_line(f"{key[:-len('_s_per_token')] + ' ms/token':58s} {value * 1e3:10.3f}")
+                terminalreporter.write_line(f"{key[: -len('_s_per_token')] + ' ms/token':58s} {value * 1e3:10.3f}")
             else:
-                terminalreporter.write_line(f"{key:58s} {value:10.3f}" if isinstance(value, float) else f"{key:58s} {value}")
+                terminalreporter.write_line(
+                    f"{key:58s} {value:10.3f}" if isinstance(value, float) else f"{key:58s} {value}"
+                )

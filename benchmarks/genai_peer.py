@@ -21,8 +21,18 @@ from pathlib import Path
 import numpy as np
 
 
-def build_genai_model(folder: Path, precision: str, *, vocab_size: int, dim: int, n_layer: int, n_head: int,
-                      n_kv_head: int, ffn_dim: int, context_length: int) -> Path:
+def build_genai_model(
+    folder: Path,
+    precision: str,
+    *,
+    vocab_size: int,
+    dim: int,
+    n_layer: int,
+    n_head: int,
+    n_kv_head: int,
+    ffn_dim: int,
+    context_length: int,
+) -> Path:
     """A GenAI model folder (model.onnx + genai_config.json) of this shape, random weights; precision int8 | int4."""
     hf = folder / "hf"
     if not (hf / "config.json").exists():
@@ -31,16 +41,44 @@ def build_genai_model(folder: Path, precision: str, *, vocab_size: int, dim: int
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=dim, intermediate_size=ffn_dim, num_hidden_layers=n_layer,
-                          num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=context_length,
-                          tie_word_embeddings=True, rms_norm_eps=1e-5)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=dim,
+            intermediate_size=ffn_dim,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_kv_head,
+            max_position_embeddings=context_length,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+        )
         LlamaForCausalLM(cfg).save_pretrained(hf)
         words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
         words.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(hf)
+        PreTrainedTokenizerFast(tokenizer_object=words, bos_token="t1", eos_token="t2", unk_token="t0").save_pretrained(
+            hf
+        )
     out = folder / precision
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
-                    "-e", "cpu", "-c", str(folder / "cache")], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-p",
+            precision,
+            "-e",
+            "cpu",
+            "-c",
+            str(folder / "cache"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -52,8 +90,15 @@ class GenAIDecoder:
 
         self.og = og
         config = og.Config(str(folder))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                              "inter_op_num_threads": 1}}}}))
+        config.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}
+                    }
+                }
+            )
+        )
         self.model = og.Model(config)
 
     def seconds_per_token(self, prompt: np.ndarray, new_tokens: int) -> float:

@@ -12,8 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (DECODE_STEPS, PEER_NEW_TOKENS, PEER_PROMPT, THREADS, compare, context_ids, decode_steps, generator, prefill,
-                      prefill_around, seconds_per_token_generating, uncached_step)
+from conftest import (
+    DECODE_STEPS,
+    PEER_NEW_TOKENS,
+    PEER_PROMPT,
+    THREADS,
+    compare,
+    context_ids,
+    decode_steps,
+    generator,
+    prefill,
+    prefill_around,
+    seconds_per_token_generating,
+    uncached_step,
+)
 
 CONTEXTS = [16, 128, 240]
 
@@ -75,7 +87,11 @@ def test_bare_session_run_decode_step(benchmark, small15m_models, quantize):
     opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     _, past = ort_forward(session, spec, context_ids(generator(path), 128), None)
-    feeds = {"input_ids": np.array([[5]]), "attention_mask": np.ones((1, 129), np.int64), "position_ids": np.array([[128]])}
+    feeds = {
+        "input_ids": np.array([[5]]),
+        "attention_mask": np.ones((1, 129), np.int64),
+        "position_ids": np.array([[128]]),
+    }
     for i in range(spec.n_layer):
         feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
     benchmark.group = "small 15M decode step floor: bare session.run at context 128"
@@ -109,7 +125,9 @@ def test_pytorch_eager_cached_decode(benchmark, small15m_models, context):
 
 
 @pytest.mark.parametrize("context", [16, 240])
-@pytest.mark.parametrize("backend, quantize", [("ort", "int8"), ("ort", "int8 inplace"), ("ort", "none"), ("numpy", "int8")])
+@pytest.mark.parametrize(
+    "backend, quantize", [("ort", "int8"), ("ort", "int8 inplace"), ("ort", "none"), ("numpy", "int8")]
+)
 def test_peer_shape_decode(benchmark, peer_models, backend, quantize, context):
     """stories15M's shape (multi-head attention, vocab 32000): comparable with published figures."""
     benchmark.group = f"peer shape (stories15M) decode: {quantize} {backend}"
@@ -126,8 +144,23 @@ def test_process_start_to_first_token(benchmark, small15m_models, backend):
     import sys
 
     def first_token():
-        proc = subprocess.Popen([sys.executable, "-m", "craft.runtime.cli", str(small15m_models["int8"]), "Once upon a time",
-                                 "-n", "4", "--threads", str(THREADS), "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "craft.runtime.cli",
+                str(small15m_models["int8"]),
+                "Once upon a time",
+                "-n",
+                "4",
+                "--threads",
+                str(THREADS),
+                "--backend",
+                backend,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         assert proc.stdout.read(1)
         proc.stdout.read()
         assert proc.wait(timeout=60) == 0
@@ -168,11 +201,23 @@ def test_genai_peer_decode(benchmark, figures, peer_models, genai_models, precis
     craft = generator(peer_models[f"{precision} inplace"], threads=threads) if precision in SCHEMES else None
     prompt = context_ids(generator(peer_models["int8"]), PEER_PROMPT)[0]
     if craft is None:
-        r = benchmark.pedantic(lambda: {"genai_s_per_token": min(peer.seconds_per_token(prompt, PEER_NEW_TOKENS) for _ in range(5))},
-                               rounds=1, iterations=1)
+        r = benchmark.pedantic(
+            lambda: {"genai_s_per_token": min(peer.seconds_per_token(prompt, PEER_NEW_TOKENS) for _ in range(5))},
+            rounds=1,
+            iterations=1,
+        )
     else:
-        r = benchmark.pedantic(compare, args=(("genai_s_per_token", lambda: peer.seconds_per_token(prompt, PEER_NEW_TOKENS)),
-                                              ("craft_s_per_token", lambda: seconds_per_token_generating(craft))), rounds=1, iterations=1)
+        r = benchmark.pedantic(
+            compare,
+            args=(
+                ("genai_s_per_token", lambda: peer.seconds_per_token(prompt, PEER_NEW_TOKENS)),
+                ("craft_s_per_token", lambda: seconds_per_token_generating(craft)),
+            ),
+            rounds=1,
+            iterations=1,
+        )
         figures[f"Craft {precision} vs GenAI {precision} decode speed, {threads} threads"] = r["ratio"]
-    benchmark.extra_info.update({f"{k[:-len('_s_per_token')]}_tokens_per_s": 1 / v for k, v in r.items() if k.endswith("_s_per_token")})
+    benchmark.extra_info.update(
+        {f"{k[: -len('_s_per_token')]}_tokens_per_s": 1 / v for k, v in r.items() if k.endswith("_s_per_token")}
+    )
     figures[f"GenAI {precision} {threads} threads tokens/s"] = 1 / r["genai_s_per_token"]

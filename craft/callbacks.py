@@ -123,13 +123,24 @@ def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: Metri
     prompt = [tokenizer.bos_id] + tokenizer.encode(t.sample_prompt)
     generator = torch.Generator().manual_seed(t.seed + step)
     was_training = model.training
-    sampler = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()  # generate() runs on CPU
-    ids = generate(sampler, prompt, t.sample_tokens, temperature=t.sample_temperature, top_k=t.sample_top_k,
-                   eos_id=tokenizer.eos_id, generator=generator)
+    sampler = (
+        model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+    )  # generate() runs on CPU
+    ids = generate(
+        sampler,
+        prompt,
+        t.sample_tokens,
+        temperature=t.sample_temperature,
+        top_k=t.sample_top_k,
+        eos_id=tokenizer.eos_id,
+        generator=generator,
+    )
     model.train(was_training)
     text = t.sample_prompt + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
     with open(Path(run_dir) / rd.SAMPLES, "a", encoding="utf-8") as f:
-        f.write(f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n")
+        f.write(
+            f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n"
+        )
     metrics.write({"event": "sample", "step": step, "text": text})
     return text
 
@@ -145,7 +156,9 @@ def plot_run(run_dir: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise rd.RunDirError("plotting needs matplotlib: pip install 'craft[plot]' (or pip install matplotlib)") from None
+        raise rd.RunDirError(
+            "plotting needs matplotlib: pip install 'craft[plot]' (or pip install matplotlib)"
+        ) from None
     records = read_metrics(path)
     train = [r for r in records if r.get("event") == "train"]
     evals = [r for r in records if r.get("event") == "eval"]

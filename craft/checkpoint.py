@@ -63,23 +63,38 @@ class TrainState:
 
 # --- the training state <-> a checkpoint -------------------------------------------------------
 
+
 def save(state: TrainState, cfg: Config, dist: Distributed, *, best: bool = False) -> None:
     """Checkpoint `state` into cfg.out_dir: best.pt, or step-NNNNNN.pt + checkpoint.pt.
 
     Every rank calls this (each one's RNG states are gathered); rank 0 alone writes.
     """
     cuda = dist.device.type == "cuda"
-    rngs = dist.gather({"data": state.data_rng.bit_generator.state, "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state().cpu() if cuda else None})
+    rngs = dist.gather(
+        {
+            "data": state.data_rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state().cpu() if cuda else None,
+        }
+    )
     if not dist.main:
         return
     payload = {
-        "format": FORMAT, "craft_version": __version__, "config": cfg.to_dict(),
-        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-        "step": state.step, "best_val_loss": state.best_val, "early_stopping": state.stopper.state_dict(),
+        "format": FORMAT,
+        "craft_version": __version__,
+        "config": cfg.to_dict(),
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "best_val_loss": state.best_val,
+        "early_stopping": state.stopper.state_dict(),
         "elapsed_s": state.elapsed_s,
-        "rng": {"data": [r["data"] for r in rngs], "torch": [r["torch"] for r in rngs],
-                "cuda": [r["cuda"] for r in rngs] if cuda else []},
+        "rng": {
+            "data": [r["data"] for r in rngs],
+            "torch": [r["torch"] for r in rngs],
+            "cuda": [r["cuda"] for r in rngs] if cuda else [],
+        },
     }
     run_dir = Path(cfg.out_dir)
     if best:
@@ -98,7 +113,11 @@ def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tupl
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    state.step, state.best_val, state.elapsed_before = saved["step"], saved["best_val_loss"], saved.get("elapsed_s", 0.0)
+    state.step, state.best_val, state.elapsed_before = (
+        saved["step"],
+        saved["best_val_loss"],
+        saved.get("elapsed_s", 0.0),
+    )
     state.stopper.load_state_dict(saved["early_stopping"])
     rngs = saved["rng"]
     if isinstance(rngs["torch"], torch.Tensor):  # written by craft 0.1.0's first trainer: one torch state
@@ -109,13 +128,16 @@ def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tupl
         if dist.device.type == "cuda" and rngs.get("cuda"):
             torch.cuda.set_rng_state(rngs["cuda"][dist.rank])
     else:
-        log(f"warning: {path.name} was written by {len(rngs['data'])} processes, this run has {dist.world}; "
-            "data order continues from fresh seeds (not an exact continuation)")
+        log(
+            f"warning: {path.name} was written by {len(rngs['data'])} processes, this run has {dist.world}; "
+            "data order continues from fresh seeds (not an exact continuation)"
+        )
         state.data_rng = np.random.default_rng([cfg.train.seed, dist.rank, state.step])
     return path, digest
 
 
 # --- checkpoint files --------------------------------------------------------------------------
+
 
 def write(payload: dict[str, Any], path: Path) -> str:
     """torch.save `payload`, prefix the SHA-256 of it, write atomically; returns the hash."""
@@ -136,7 +158,7 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
     head = len(MAGIC) + 65
     if not blob.startswith(MAGIC) or len(blob) < head:
         raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
-    digest = blob[len(MAGIC):head - 1].decode("ascii", "replace")
+    digest = blob[len(MAGIC) : head - 1].decode("ascii", "replace")
     data = memoryview(blob)[head:]
     if hashlib.sha256(data).hexdigest() != digest:
         raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
@@ -145,13 +167,17 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
             warnings.simplefilter("ignore")
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never point there
-        raise RunDirError(f"{path} holds Python objects besides tensors and plain data; Craft loads checkpoints as data only "
-                          "and refused it - use a checkpoint that craft-train wrote") from None
+        raise RunDirError(
+            f"{path} holds Python objects besides tensors and plain data; Craft loads checkpoints as data only "
+            "and refused it - use a checkpoint that craft-train wrote"
+        ) from None
     except Exception as e:  # a valid hash but unreadable payload: written by another torch?
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise RunDirError(f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}")
+        raise RunDirError(
+            f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}"
+        )
     return payload, digest
 
 

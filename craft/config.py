@@ -45,7 +45,9 @@ class ModelConfig:
     head_size: int = 0  # per-head width when a checkpoint says so (Mistral/Llama head_dim); 0 means dim / n_head
     qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2); Llama keeps none
     rope_scaling_factor: float = 0.0  # Llama-3 "llama3" rope_scaling: wavelengths stretched by this; 0 means none
-    rope_low_freq_factor: float = 1.0  # Llama-3 scaling: wavelengths above original_context / this are divided by factor
+    rope_low_freq_factor: float = (
+        1.0  # Llama-3 scaling: wavelengths above original_context / this are divided by factor
+    )
     rope_high_freq_factor: float = 4.0  # Llama-3 scaling: wavelengths below original_context / this stay as they are
     rope_original_context: int = 8192  # Llama-3 scaling: the context the model was pretrained with
 
@@ -127,12 +129,15 @@ class Config:
 
 # --- loading -------------------------------------------------------------------------------
 
+
 def resolve_config_path(name_or_path: str) -> Path:
     """A preset name ("tiny") or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML path or a preset: {', '.join(list_presets())}")
+            raise ConfigError(
+                f"config file {path} does not exist; pass a YAML path or a preset: {', '.join(list_presets())}"
+            )
         return path
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
@@ -223,7 +228,9 @@ def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.{dataclasses.fields(current)[0].name}=...")
+                raise ConfigError(
+                    f"'{dotted}' is a section; set its keys, e.g. {dotted}.{dataclasses.fields(current)[0].name}=..."
+                )
             apply_dict(current, value, prefix=f"{dotted}.")
         else:
             setattr(obj, key, convert(value, hints[key], dotted))
@@ -269,20 +276,46 @@ def convert(value: Any, kind: type, key: str) -> Any:
 # Inclusive bounds of every int and float field. Outside them a value is a typo (-1, 1e20) that
 # would crash torch or numpy, allocate without end or hang; inside them the checks below decide.
 BOUNDS: dict[str, tuple[float, float]] = {
-    "model.vocab_size": (0, 1 << 20), "model.dim": (1, 16384), "model.n_layer": (1, 256), "model.n_head": (1, 1024),
-    "model.n_kv_head": (0, 1024), "model.ffn_dim": (0, 131072), "model.context_length": (1, 131072),
-    "model.rope_theta": (1.0, 1e9), "model.norm_eps": (1e-12, 0.1), "model.dropout": (0.0, 0.99),
-    "model.head_size": (0, 4096), "model.rope_scaling_factor": (0.0, 1e4), "model.rope_low_freq_factor": (1e-6, 1e4),
-    "model.rope_high_freq_factor": (1e-6, 1e4), "model.rope_original_context": (1, 1 << 24),
-    "tokenizer.vocab_size": (1, 1 << 20), "data.val_fraction": (1e-4, 0.49),
-    "train.batch_size": (1, 65536), "train.grad_accum": (1, 65536), "train.max_steps": (1, 10**9),
-    "train.lr": (1e-9, 1e6), "train.min_lr": (0.0, 1e6), "train.warmup_steps": (0, 10**9),
-    "train.lr_decay_steps": (1, 10**9), "train.weight_decay": (0.0, 10.0), "train.beta1": (0.0, 0.9999),
-    "train.beta2": (0.0, 0.9999), "train.grad_clip": (0.0, 1e6), "train.seed": (0, 2**32 - 1),
-    "train.threads": (0, 4096), "train.log_interval": (1, 10**9), "train.eval_interval": (1, 10**9),
-    "train.eval_iters": (1, 10**6), "train.checkpoint_interval": (1, 10**9), "train.keep_last": (1, 1000),
-    "train.early_stop_patience": (0, 10**6), "train.early_stop_min_delta": (0.0, 10.0),
-    "train.sample_interval": (0, 10**9), "train.sample_tokens": (0, 65536), "train.sample_temperature": (0.0, 100.0),
+    "model.vocab_size": (0, 1 << 20),
+    "model.dim": (1, 16384),
+    "model.n_layer": (1, 256),
+    "model.n_head": (1, 1024),
+    "model.n_kv_head": (0, 1024),
+    "model.ffn_dim": (0, 131072),
+    "model.context_length": (1, 131072),
+    "model.rope_theta": (1.0, 1e9),
+    "model.norm_eps": (1e-12, 0.1),
+    "model.dropout": (0.0, 0.99),
+    "model.head_size": (0, 4096),
+    "model.rope_scaling_factor": (0.0, 1e4),
+    "model.rope_low_freq_factor": (1e-6, 1e4),
+    "model.rope_high_freq_factor": (1e-6, 1e4),
+    "model.rope_original_context": (1, 1 << 24),
+    "tokenizer.vocab_size": (1, 1 << 20),
+    "data.val_fraction": (1e-4, 0.49),
+    "train.batch_size": (1, 65536),
+    "train.grad_accum": (1, 65536),
+    "train.max_steps": (1, 10**9),
+    "train.lr": (1e-9, 1e6),
+    "train.min_lr": (0.0, 1e6),
+    "train.warmup_steps": (0, 10**9),
+    "train.lr_decay_steps": (1, 10**9),
+    "train.weight_decay": (0.0, 10.0),
+    "train.beta1": (0.0, 0.9999),
+    "train.beta2": (0.0, 0.9999),
+    "train.grad_clip": (0.0, 1e6),
+    "train.seed": (0, 2**32 - 1),
+    "train.threads": (0, 4096),
+    "train.log_interval": (1, 10**9),
+    "train.eval_interval": (1, 10**9),
+    "train.eval_iters": (1, 10**6),
+    "train.checkpoint_interval": (1, 10**9),
+    "train.keep_last": (1, 1000),
+    "train.early_stop_patience": (0, 10**6),
+    "train.early_stop_min_delta": (0.0, 10.0),
+    "train.sample_interval": (0, 10**9),
+    "train.sample_tokens": (0, 65536),
+    "train.sample_temperature": (0.0, 100.0),
     "train.sample_top_k": (0, 1 << 20),
 }
 
@@ -305,15 +338,23 @@ def validate(cfg: Config) -> None:
                 key, value = f"{name}.{f.name}", getattr(section, f.name)
                 low, high = BOUNDS[key]
                 if not low <= value <= high:  # NaN fails too
-                    raise ConfigError(f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]")
+                    raise ConfigError(
+                        f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]"
+                    )
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
     # Checks between fields, each built only when it fails (a divisor list can be long).
     if m.dim % m.n_head:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}")
+        raise ConfigError(
+            f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}"
+        )
     if m.head_dim % 2:
-        raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim")
+        raise ConfigError(
+            f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim"
+        )
     if m.n_head % m.kv_heads:
-        raise ConfigError(f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}")
+        raise ConfigError(
+            f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}"
+        )
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
     if tok.kind not in ("sentencepiece", "char"):
@@ -321,14 +362,22 @@ def validate(cfg: Config) -> None:
     if tok.model_type not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer.model_type must be 'bpe' or 'unigram', got '{tok.model_type}'")
     if tok.kind != "char" and tok.vocab_size < 300:
-        raise ConfigError(f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}")
+        raise ConfigError(
+            f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}"
+        )
     if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}; lower train.min_lr (lr / 10 is usual)")
+        raise ConfigError(
+            f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}; lower train.min_lr (lr / 10 is usual)"
+        )
     if t.warmup_steps >= t.max_steps:
-        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}; "
-                          f"set train.warmup_steps={t.max_steps // 10} or -1 (a tenth of max_steps, at most 50)")
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} must be below train.max_steps={t.max_steps}; "
+            f"set train.warmup_steps={t.max_steps // 10} or -1 (a tenth of max_steps, at most 50)"
+        )
     if t.warmup_steps > t.lr_decay_steps:
-        raise ConfigError(f"train.lr_decay_steps={t.lr_decay_steps} must be at least train.warmup_steps={t.warmup_steps}; raise it or set 0 (max_steps)")
+        raise ConfigError(
+            f"train.lr_decay_steps={t.lr_decay_steps} must be at least train.warmup_steps={t.warmup_steps}; raise it or set 0 (max_steps)"
+        )
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
 
@@ -372,7 +421,9 @@ def read_run_config(run_dir: Path) -> Config:
     try:
         values = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML ({getattr(e, 'problem', e)}); it was written by craft-train: restore it or start a new run") from None
+        raise ConfigError(
+            f"{path} is not valid YAML ({getattr(e, 'problem', e)}); it was written by craft-train: restore it or start a new run"
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
     try:
@@ -390,7 +441,9 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> Config:
     resolve(cfg)
     validate(cfg)
     if (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"]) != before:
-        raise ConfigError("--resume cannot change model.* or tokenizer.* keys; start a new run with another out_dir=...")
+        raise ConfigError(
+            "--resume cannot change model.* or tokenizer.* keys; start a new run with another out_dir=..."
+        )
     cfg.out_dir = str(run_dir)
     return cfg
 

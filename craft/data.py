@@ -39,6 +39,7 @@ class DataError(ValueError):
 
 # --- corpus ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Corpus:
     """Where the text comes from; `documents()` streams it chunk by chunk."""
@@ -97,12 +98,15 @@ def _read_chunks(file: Path) -> Iterator[str]:
                     chunk += f.readline(CHUNK_CHARS)  # to the line's end, unless the line is huge
                 yield chunk
     except UnicodeDecodeError as e:
-        raise DataError(f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. iconv -t UTF-8") from None
+        raise DataError(
+            f"{file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. iconv -t UTF-8"
+        ) from None
     except OSError as e:
         raise DataError(f"cannot read {file}: {e.strerror}") from None
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
+
 
 def train_tokenizer(cfg: Config, corpus: Corpus) -> Tokenizer:
     """Build the tokenizer that cfg.tokenizer asks for from the corpus."""
@@ -135,7 +139,10 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
             allow_whitespace_only_pieces=True,  # indentation runs in code become single pieces
             split_digits=True,
             character_coverage=0.9995,  # rare characters go to bytes instead of taking ids
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
             input_sentence_size=2_000_000,  # sample at most this many lines from a huge corpus
             shuffle_input_sentence=True,
             max_sentence_length=1 << 16,
@@ -146,11 +153,15 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
         message = str(e).splitlines()[-1] if str(e) else type(e).__name__
         if "smaller than required_chars" in message:  # "... 400 vs 2259. Increase vocab_size ..."
             needed = message.split(" vs ")[-1].split(".")[0]
-            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus's {needed} distinct characters and "
-                            f"byte pieces; raise tokenizer.vocab_size above {needed}, or use tokenizer.kind=char") from None
+            raise DataError(
+                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus's {needed} distinct characters and "
+                f"byte pieces; raise tokenizer.vocab_size above {needed}, or use tokenizer.kind=char"
+            ) from None
         if "too high" in message:  # "Vocabulary size too high (N). Please set it to a value <= M."
-            raise DataError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split('. ')[-1].rstrip('.')}); "
-                            "lower tokenizer.vocab_size") from None
+            raise DataError(
+                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split('. ')[-1].rstrip('.')}); "
+                "lower tokenizer.vocab_size"
+            ) from None
         raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
     return SentencePieceTokenizer(model.getvalue())
 
@@ -177,7 +188,9 @@ def load_tokenizer(run_dir: Path, kind: str | None = None) -> Tokenizer | None:
                 return SentencePieceTokenizer(data) if name == SP_TOKENIZER else CharTokenizer.from_bytes(data)
             except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parser raise
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-                raise RunDirError(f"{path} is not a valid tokenizer ({reason}); restore it, or start the run again with --overwrite") from None
+                raise RunDirError(
+                    f"{path} is not a valid tokenizer ({reason}); restore it, or start the run again with --overwrite"
+                ) from None
     return None
 
 
@@ -192,8 +205,10 @@ def check_tokenizer(run_dir: Path, tokenizer: Tokenizer) -> None:
     recorded = info.get("tokenizer_sha256") if info else None
     actual = hashlib.sha256(tokenizer.to_bytes()).hexdigest()
     if recorded and recorded != actual:
-        raise RunDirError(f"{Path(run_dir) / tokenizer_file(tokenizer)} is not the tokenizer this run was trained with "
-                          f"(sha256 {actual[:12]}, {DATA_INFO} records {recorded[:12]}); restore the run's own tokenizer file")
+        raise RunDirError(
+            f"{Path(run_dir) / tokenizer_file(tokenizer)} is not the tokenizer this run was trained with "
+            f"(sha256 {actual[:12]}, {DATA_INFO} records {recorded[:12]}); restore the run's own tokenizer file"
+        )
 
 
 def read_info(run_dir: Path) -> dict | None:
@@ -206,11 +221,14 @@ def read_info(run_dir: Path) -> dict | None:
         if not isinstance(info, dict):
             raise ValueError(f"a JSON {type(info).__name__}, not an object")
     except ValueError as e:
-        raise RunDirError(f"{path} is damaged ({str(e)[:120]}); delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)") from None
+        raise RunDirError(
+            f"{path} is damaged ({str(e)[:120]}); delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)"
+        ) from None
     return info
 
 
 # --- tokens on disk ----------------------------------------------------------------------------
+
 
 @dataclass
 class TokenData:
@@ -224,7 +242,7 @@ class TokenData:
         """Entropy (nats/token) of the train split's token frequencies: the loss of a model that ignores context."""
         counts = np.zeros(self.info["vocab_size"], np.float64)
         for start in range(0, len(self.train), HASH_BLOCK):  # in blocks: bincount copies to int64
-            counts += np.bincount(self.train[start:start + HASH_BLOCK], minlength=len(counts))
+            counts += np.bincount(self.train[start : start + HASH_BLOCK], minlength=len(counts))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
@@ -296,12 +314,15 @@ def tokens_intact(path: Path, info: dict) -> bool:
 
 
 def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
-    train, val = split_tokens(np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])
+    train, val = split_tokens(
+        np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"]
+    )
     for name, part in (("train", train), ("val", val)):
         if len(part) <= context_length + 1:
             raise DataError(
                 f"the {name} split has {len(part)} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
-                f"use a larger corpus, a smaller model.context_length, or a larger data.val_fraction")
+                f"use a larger corpus, a smaller model.context_length, or a larger data.val_fraction"
+            )
     return TokenData(train, val, info)
 
 
@@ -320,8 +341,10 @@ def val_tokens(run_dir: Path) -> np.ndarray | None:
         return None
     n = info.get("n_tokens")
     if n is not None and tokens_path.stat().st_size != n * np.dtype(info["dtype"]).itemsize:
-        raise RunDirError(f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: it was truncated or replaced; "
-                          f"rebuild it with craft-train --resume {run_dir}, or delete it (the export then skips the perplexity check)")
+        raise RunDirError(
+            f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: it was truncated or replaced; "
+            f"rebuild it with craft-train --resume {run_dir}, or delete it (the export then skips the perplexity check)"
+        )
     return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])[1]
 
 
@@ -347,4 +370,3 @@ def count_chars(corpus: Corpus) -> int:
 def describe(data: TokenData) -> str:
     n = data.info["n_tokens"]
     return f"{n:,} tokens ({len(data.train):,} train / {len(data.val):,} val, {data.info['n_documents']} documents, {data.info['dtype']})"
-

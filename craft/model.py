@@ -60,7 +60,9 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (context_length, head_dim): angle pos * frequency, the half repeated twice."""
-    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), rope_frequencies(cfg))  # (length, hd / 2)
+    angles = torch.outer(
+        torch.arange(cfg.context_length, dtype=torch.float64), rope_frequencies(cfg)
+    )  # (length, hd / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
     return angles.cos().float(), angles.sin().float()
 
@@ -99,8 +101,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, hd)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, is_causal=bias is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+            q, k, v, attn_mask=bias, is_causal=bias is None, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H * hd)
         return self.wo(y), present
 
@@ -238,8 +240,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 @torch.no_grad()
 def generate(
-    model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
-    temperature: float = 0.0, top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None,
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[int]:
     """Cached generation in PyTorch: greedy at temperature 0, else temperature + top-k sampling.
 

@@ -109,7 +109,8 @@ class Recurrent(nn.Module):
         *,
         past: State | None = None,  # per layer (B, dim); None: a zero state, and no state returned
         attention_mask: torch.Tensor | None = None,  # (B, P + T) or (B, T), 1 = token, 0 = pad; its last T columns gate
-        position_ids: torch.Tensor | None = None,  # accepted for the transformer's signature; a recurrence has no positions
+        position_ids: torch.Tensor
+        | None = None,  # accepted for the transformer's signature; a recurrence has no positions
     ):
         """Logits (B, T, vocab), plus the loss if targets are given, plus the new state if `past` is given."""
         B, T = input_ids.shape

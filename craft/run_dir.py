@@ -72,7 +72,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and (e.filename is None or e.filename == tmp or str(e.filename).startswith(str(path.parent / f".{path.name}."))):
+        if isinstance(e, OSError) and (
+            e.filename is None or e.filename == tmp or str(e.filename).startswith(str(path.parent / f".{path.name}."))
+        ):
             e.filename, e.filename2 = str(path), None
         raise
     fsync_dir(path.parent)
@@ -82,7 +84,7 @@ def sweep_temp_files(directory: Path, name: str = "") -> None:
     """Remove temp files of atomic writes (of `name`, or any) whose process is gone: a writer
     killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone."""
     for path in Path(directory).glob(f".{name}*{TEMP_SUFFIX}"):
-        parts = path.name[1:-len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
+        parts = path.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
         pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
         if pid is None or not _alive(pid):
             path.unlink(missing_ok=True)
@@ -133,7 +135,9 @@ def check_out_dir(run_dir: Path) -> None:
         what = "is a file" if existing == run_dir else f"is inside {existing}, which is a file"
         raise RunDirError(f"out_dir={run_dir} {what}, not a directory; choose another out_dir=...")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); choose another out_dir=...")
+        raise RunDirError(
+            f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); choose another out_dir=..."
+        )
 
 
 class RunLock:
@@ -158,10 +162,16 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
             os.close(fd)
-            raise RunDirError(f"{self.path.parent} is in use by another craft-train (pid {holder}); "
-                              f"wait for it to finish or stop it (kill {holder}), then run again") from None
+            raise RunDirError(
+                f"{self.path.parent} is in use by another craft-train (pid {holder}); "
+                f"wait for it to finish or stop it (kill {holder}), then run again"
+            ) from None
         except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks: go on unlocked
+            if e.errno not in (
+                errno.ENOLCK,
+                errno.EOPNOTSUPP,
+                errno.ENOSYS,
+            ):  # a filesystem without locks: go on unlocked
                 os.close(fd)
                 raise
         os.ftruncate(fd, 0)
@@ -224,7 +234,7 @@ def truncate_samples(run_dir: Path, step: int) -> None:
     pos = 0 if text.startswith(prefix) else text.find("\n" + prefix)
     while pos != -1:
         start = pos if text.startswith(prefix, pos) else pos + 1
-        digits = text[start + len(prefix):].split(" ", 1)[0]
+        digits = text[start + len(prefix) :].split(" ", 1)[0]
         if digits.isdigit() and int(digits) > step:
             cut = start
             break

@@ -44,7 +44,19 @@ from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, write_sample
 from craft.checkpoint import TrainState
 from craft.config import Config, ConfigError, load_config, resumed_config, save_config
-from craft.data import Corpus, DataError, TokenData, check_tokenizer, count_chars, describe, load_tokenizer, prepare_tokens, sample_windows, save_tokenizer, train_tokenizer
+from craft.data import (
+    Corpus,
+    DataError,
+    TokenData,
+    check_tokenizer,
+    count_chars,
+    describe,
+    load_tokenizer,
+    prepare_tokens,
+    sample_windows,
+    save_tokenizer,
+    train_tokenizer,
+)
 from craft.distributed import Distributed
 from craft.model import Transformer, build_model
 from craft.runtime.command import OneLineErrors
@@ -67,8 +79,9 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
 
 
-def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, log=print,
-                lock: rd.RunLock | None = None) -> tuple[Tokenizer, TokenData]:
+def prepare_run(
+    cfg: Config, resume: bool, overwrite: bool, dist: Distributed, log=print, lock: rd.RunLock | None = None
+) -> tuple[Tokenizer, TokenData]:
     """Tokenizer and token file of the run (trained / built by rank 0, reused on resume), with
     `lock` taken as soon as the run directory exists.
 
@@ -83,13 +96,17 @@ def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, l
         if lock is not None and run_dir.is_dir():
             lock.acquire()
     if not resume and rd.tokenizer_path(run_dir) and not overwrite:
-        raise rd.RunDirError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite")
+        raise rd.RunDirError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite"
+        )
     corpus = Corpus(cfg.data.path)
     if dist.main and run_dir.is_dir():
         rd.remove_temp_files(run_dir)  # left by a run killed mid-write
     if dist.main and not resume:
         if count_chars(corpus) == 0:
-            raise DataError(f"corpus {corpus.name} is empty; point data.path at a file (or folder of .txt files) with text")
+            raise DataError(
+                f"corpus {corpus.name} is empty; point data.path at a file (or folder of .txt files) with text"
+            )
         if overwrite:
             rd.clear_run(run_dir)
         log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
@@ -101,14 +118,18 @@ def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, l
     elif dist.main:
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)
         if tokenizer is None:
-            raise rd.RunDirError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}) to resume with; start it again with --overwrite")
+            raise rd.RunDirError(
+                f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}) to resume with; start it again with --overwrite"
+            )
         check_tokenizer(run_dir, tokenizer)
         data = tokenize(cfg, corpus, tokenizer)
     dist.barrier()
     if not dist.main:
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)
         if tokenizer is None:
-            raise rd.RunDirError(f"rank {dist.rank} does not see {run_dir}'s tokenizer; put out_dir on a filesystem shared by all nodes")
+            raise rd.RunDirError(
+                f"rank {dist.rank} does not see {run_dir}'s tokenizer; put out_dir on a filesystem shared by all nodes"
+            )
         data = prepare_tokens(cfg, corpus, tokenizer, run_dir)
     check_vocab_size(cfg, tokenizer)
     if cfg.model.vocab_size == 0:
@@ -118,7 +139,9 @@ def prepare_run(cfg: Config, resume: bool, overwrite: bool, dist: Distributed, l
 
 def check_vocab_size(cfg: Config, tokenizer: Tokenizer) -> None:
     if 0 < cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0"
+        )
 
 
 def tokenize(cfg: Config, corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
@@ -146,7 +169,13 @@ def new_state(cfg: Config, dist: Distributed) -> TrainState:
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.train.lr)
     data_rng = np.random.default_rng([cfg.train.seed, dist.rank])
-    return TrainState(model, optimizer, scheduler, data_rng, EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta))
+    return TrainState(
+        model,
+        optimizer,
+        scheduler,
+        data_rng,
+        EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta),
+    )
 
 
 def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:
@@ -164,7 +193,9 @@ def batch_to(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: np.ndarray, cfg: Config, autocast, dist: Distributed, stop=None) -> float | None:
+def evaluate(
+    model: Transformer, tokens: np.ndarray, cfg: Config, autocast, dist: Distributed, stop=None
+) -> float | None:
     """Mean loss over train.eval_iters batches of the split: the same batches every call (a
     fixed RNG that leaves the training stream alone), shared out over the ranks. None when
     `stop()` turns true between batches (a signal: a long eval must not delay the exit)."""
@@ -213,11 +244,21 @@ class TrainStep:
     def __init__(self, state: TrainState, cfg: Config, dist: Distributed, log=print):
         self.state, self.cfg, self.dist, self.log = state, cfg, dist, log
         device = dist.device
-        self.ddp = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else None
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                state.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if dist.enabled
+            else None
+        )
         self.eager = self.ddp or state.model
-        self.net = torch.compile(self.eager) if cfg.train.compile else self.eager  # the training graph only; eval and samples run eager
+        self.net = (
+            torch.compile(self.eager) if cfg.train.compile else self.eager
+        )  # the training graph only; eval and samples run eager
         self.compile_pending = cfg.train.compile
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" else nullcontext()
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.dtype == "bfloat16" else nullcontext()
+        )
 
     def __call__(self, tokens: np.ndarray, signals: Signals) -> float:
         """Take the step; returns its loss (mean over ranks). One collective carries that loss and
@@ -228,11 +269,15 @@ class TrainStep:
         loss /= self.dist.world
         if signalled and signals.received is None:
             signals.received = signal.SIGTERM
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            state.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")
+        ).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
-            raise TrainError(f"{what} at step {state.step + 1}; stopped without saving, the last good checkpoint is kept. "
-                             f"Lower train.lr (now {t.lr}) or set train.grad_clip (now {t.grad_clip}), then start again")
+            raise TrainError(
+                f"{what} at step {state.step + 1}; stopped without saving, the last good checkpoint is kept. "
+                f"Lower train.lr (now {t.lr}) or set train.grad_clip (now {t.grad_clip}), then start again"
+            )
         state.optimizer.step()
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
@@ -243,7 +288,9 @@ class TrainStep:
         t, accum, device = self.cfg.train, self.cfg.train.grad_accum, self.dist.device
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = batch_to(sample_windows(tokens, t.batch_size, self.cfg.model.context_length, self.state.data_rng), device)
+            batch = batch_to(
+                sample_windows(tokens, t.batch_size, self.cfg.model.context_length, self.state.data_rng), device
+            )
             with self.ddp.no_sync() if self.ddp is not None and micro < accum - 1 else nullcontext():
                 with self.autocast:
                     _, loss = self.net(batch[:, :-1], batch[:, 1:])
@@ -284,8 +331,10 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
     if resume:
         path, digest = ckpt.resume(state, cfg, dist, log)
         if state.step >= t.max_steps:
-            raise rd.RunDirError(f"{run_dir} already reached step {state.step} of train.max_steps={t.max_steps}; "
-                                 f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * state.step}")
+            raise rd.RunDirError(
+                f"{run_dir} already reached step {state.step} of train.max_steps={t.max_steps}; "
+                f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * state.step}"
+            )
         log(f"resuming {run_dir} from {path.name} at step {state.step} (sha256 {digest[:12]})")
     dist.barrier()  # every rank has read its checkpoint before rank 0 tidies the directory
     if dist.main:
@@ -316,60 +365,113 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                 if state.step % t.log_interval == 0 or last or state.step == 1:
                     tokens_per_s = tokens_per_step * steps_timed / max(step_time, 1e-9)
                     step_time, steps_timed = 0.0, 0
-                    metrics.write({"event": "train", "step": state.step, "loss": loss, "lr": state.scheduler.get_last_lr()[0],
-                                   "tokens_per_s": tokens_per_s, "elapsed_s": state.elapsed_s})
+                    metrics.write(
+                        {
+                            "event": "train",
+                            "step": state.step,
+                            "loss": loss,
+                            "lr": state.scheduler.get_last_lr()[0],
+                            "tokens_per_s": tokens_per_s,
+                            "elapsed_s": state.elapsed_s,
+                        }
+                    )
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 evaluated = None
                 if state.step % t.eval_interval == 0 or last:
                     evaluated = evaluate(state.model, data.val, cfg, train_step.autocast, dist, stop_eval)
                 if evaluated is not None:
                     val = evaluated
-                    metrics.write({"event": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                    metrics.write(
+                        {"event": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+                    )
                     if dist.main:
-                        bar.write(f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}", file=sys.stderr)
+                        bar.write(
+                            f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}",
+                            file=sys.stderr,
+                        )
                     if val < state.best_val:
                         state.best_val = val
                         ckpt.save(state, cfg, dist, best=True)
                     if state.stopper.update(val):
-                        result["stopped"] = (f"early stopping: val loss did not improve by more than {t.early_stop_min_delta} "
-                                             f"in {t.early_stop_patience} evals (best {state.stopper.best:.4f})")
+                        result["stopped"] = (
+                            f"early stopping: val loss did not improve by more than {t.early_stop_min_delta} "
+                            f"in {t.early_stop_patience} evals (best {state.stopper.best:.4f})"
+                        )
                         ckpt.save(state, cfg, dist)
                         log(result["stopped"])
                         break
                 if state.step % t.checkpoint_interval == 0 or last:
                     ckpt.save(state, cfg, dist)
                 if dist.main and t.sample_interval and state.step % t.sample_interval == 0 and not last:
-                    log(f"sample at step {state.step}: {write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)!r}")
+                    log(
+                        f"sample at step {state.step}: {write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)!r}"
+                    )
                 if signals.received is not None:
                     if state.step % t.checkpoint_interval != 0 and not last:
                         ckpt.save(state, cfg, dist)
                     result["stopped"] = f"signal {signal.Signals(signals.received).name}"
-                    log(f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {state.step}; continue with --resume {run_dir}")
+                    log(
+                        f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {state.step}; continue with --resume {run_dir}"
+                    )
                     break
         if dist.main and not result["stopped"].startswith("signal"):
-            log(f"sample at step {state.step}:\n{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)}\n")
+            log(
+                f"sample at step {state.step}:\n{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)}\n"
+            )
     finally:
         metrics.close()
-    return {**result, "step": state.step, "val_loss": val, "best_val_loss": state.best_val,
-            "unigram_entropy": data.unigram_entropy(), "elapsed_s": time.perf_counter() - state.started}
+    return {
+        **result,
+        "step": state.step,
+        "val_loss": val,
+        "best_val_loss": state.best_val,
+        "unigram_entropy": data.unigram_entropy(),
+        "elapsed_s": time.perf_counter() - state.started,
+    }
 
 
 def log_start(cfg: Config, model: Transformer, data: TokenData, dist: Distributed, log) -> None:
     m = cfg.model
     mixing = "recurrent" if m.arch == "recurrent" else f"{m.n_head} heads ({m.kv_heads} kv)"
-    log(f"craft {__version__} | {m.n_layer} layers, dim {m.dim}, {mixing}, context {m.context_length}, "
-        f"vocab {m.vocab_size}: {model.num_parameters():,} parameters")
+    log(
+        f"craft {__version__} | {m.n_layer} layers, dim {m.dim}, {mixing}, context {m.context_length}, "
+        f"vocab {m.vocab_size}: {model.num_parameters():,} parameters"
+    )
     log(f"data: {describe(data)} | unigram entropy {data.unigram_entropy():.3f} nats/token")
     if dist.enabled:
         log(f"distributed: {dist.world} processes ({torch.distributed.get_backend()}), device {dist.device}")
 
 
-@click.command(name="craft-train", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    name="craft-train",
+    cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--config", "-c", "config", default=None, metavar="NAME|FILE", help="Preset in configs/ (tiny, small, base, ...) or a YAML file.  [default: tiny]")
-@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="RUN_DIR", help="Continue the run in RUN_DIR from its newest good checkpoint (overrides may extend it, e.g. train.max_steps=4000).")
+@click.option(
+    "--config",
+    "-c",
+    "config",
+    default=None,
+    metavar="NAME|FILE",
+    help="Preset in configs/ (tiny, small, base, ...) or a YAML file.  [default: tiny]",
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="RUN_DIR",
+    help="Continue the run in RUN_DIR from its newest good checkpoint (overrides may extend it, e.g. train.max_steps=4000).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in out_dir instead of refusing.")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="RUN_DIR", help="Write RUN_DIR/loss.png (train/val loss and learning rate) and exit; needs matplotlib.")
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="RUN_DIR",
+    help="Write RUN_DIR/loss.png (train/val loss and learning rate) and exit; needs matplotlib.",
+)
 @click.version_option(__version__, prog_name="craft-train")
 def main(overrides, config, resume, overwrite, plot_dir):
     """Train a small Llama-style model and write its run directory.
@@ -388,7 +490,9 @@ def main(overrides, config, resume, overwrite, plot_dir):
             return
         if resume is not None:
             if config is not None:
-                raise ConfigError("--resume takes the run's own config.yaml; drop --config (KEY=VALUE overrides still apply)")
+                raise ConfigError(
+                    "--resume takes the run's own config.yaml; drop --config (KEY=VALUE overrides still apply)"
+                )
             cfg = resumed_config(resume, list(overrides))
         else:
             cfg = load_config(config, list(overrides))
@@ -402,9 +506,13 @@ def main(overrides, config, resume, overwrite, plot_dir):
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
         sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)
     val = result["val_loss"]
-    click.echo(f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
-               f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
-               f"run directory: {cfg.out_dir}" if val is not None else f"stopped at step {result['step']} ({result['stopped']})")
+    click.echo(
+        f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
+        f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
+        f"run directory: {cfg.out_dir}"
+        if val is not None
+        else f"stopped at step {result['step']} ({result['stopped']})"
+    )
     if result["stopped"].startswith("signal"):
         sys.exit(EXIT_INTERRUPTED)
 

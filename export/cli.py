@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 
+from craft import __version__
 from craft.runtime.artifact import ATTENTION_STANDARD, ATTENTIONS, ORT_INPLACE_MIN
 from craft.runtime.command import OneLineErrors
 from craft.runtime.weights import INT8, NONE, SCHEMES
-
-from craft import __version__
 
 EXIT_USAGE, EXIT_VERIFY = 2, 3
 
@@ -22,29 +21,65 @@ def format_size(n: int) -> str:
 
 
 def print_report(report: dict, output: Path | None) -> None:
-    click.echo(f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); fp32 {format_size(report['fp32_file_bytes'])}; "
-               f"ratio {report['size_ratio']:.1%}; {report['parameters']:,} parameters; opset {report['opset']}")
+    click.echo(
+        f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); fp32 {format_size(report['fp32_file_bytes'])}; "
+        f"ratio {report['size_ratio']:.1%}; {report['parameters']:,} parameters; opset {report['opset']}"
+    )
     if report["quantization"] != NONE:
-        click.echo(f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}")
+        click.echo(
+            f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}"
+        )
     if output is not None:
         click.echo(f"wrote {output} in {report['export_s']:.1f}s")
 
 
-@click.command(name="craft-export", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    name="craft-export",
+    cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output .onnx file.  [default: SOURCE/model.<quantize>.onnx; for a .gguf file: its name with .<quantize>.onnx]")
-@click.option("--quantize", type=click.Choice(list(SCHEMES)), default=INT8,
-              help="Weights: " + "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values()) + ".")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output .onnx file.  [default: SOURCE/model.<quantize>.onnx; for a .gguf file: its name with .<quantize>.onnx]",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(list(SCHEMES)),
+    default=INT8,
+    help="Weights: " + "; ".join(f"{s.name} ({s.description})" for s in SCHEMES.values()) + ".",
+)
 @click.option("--opset", type=click.IntRange(14, 21), default=None, help="ONNX opset of the graph.  [default: 17]")
-@click.option("--checkpoint", default="checkpoint.pt", help="Checkpoint file in a run directory to export (e.g. best.pt).")
-@click.option("--from", "kind", type=click.Choice(["run", "hf", "gguf"]), default=None,
-              help="What SOURCE is: a craft-train run, a Hugging Face model directory or a GGUF file.  [default: detected]")
-@click.option("--attention", type=click.Choice(list(ATTENTIONS)), default=ATTENTION_STANDARD,
-              help=f"KV-cache attention: standard (standard ONNX ops, any ONNX runtime) or inplace (ONNX Runtime's "
-                   f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN}).")
+@click.option(
+    "--checkpoint", default="checkpoint.pt", help="Checkpoint file in a run directory to export (e.g. best.pt)."
+)
+@click.option(
+    "--from",
+    "kind",
+    type=click.Choice(["run", "hf", "gguf"]),
+    default=None,
+    help="What SOURCE is: a craft-train run, a Hugging Face model directory or a GGUF file.  [default: detected]",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(list(ATTENTIONS)),
+    default=ATTENTION_STANDARD,
+    help=f"KV-cache attention: standard (standard ONNX ops, any ONNX runtime) or inplace (ONNX Runtime's "
+    f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN}).",
+)
 @click.version_option(__version__, prog_name="craft-export")
-def main(source: Path, output: Path | None, quantize: str, opset: int | None, checkpoint: str, kind: str | None, attention: str) -> None:
+def main(
+    source: Path,
+    output: Path | None,
+    quantize: str,
+    opset: int | None,
+    checkpoint: str,
+    kind: str | None,
+    attention: str,
+) -> None:
     """Compile SOURCE into one self-contained .onnx file. SOURCE is a run directory (written by
     craft-train), a Hugging Face model directory (config.json, safetensors, tokenizer.json; Llama,
     Mistral, Qwen2) or a GGUF file of the llama architecture.
@@ -61,10 +96,22 @@ def main(source: Path, output: Path | None, quantize: str, opset: int | None, ch
     from craft.export.graph import DEFAULT_OPSET
 
     if output is None:
-        output = Path(source).with_suffix(f".{quantize}.onnx") if Path(source).is_file() else Path(source) / f"model.{quantize}.onnx"
+        output = (
+            Path(source).with_suffix(f".{quantize}.onnx")
+            if Path(source).is_file()
+            else Path(source) / f"model.{quantize}.onnx"
+        )
     try:
-        report = export(source, output, quantize=quantize, opset=opset or DEFAULT_OPSET, checkpoint=checkpoint,
-                        log=click.echo, kind=kind, attention=attention)
+        report = export(
+            source,
+            output,
+            quantize=quantize,
+            opset=opset or DEFAULT_OPSET,
+            checkpoint=checkpoint,
+            log=click.echo,
+            kind=kind,
+            attention=attention,
+        )
     except ExportError as e:
         click.echo(f"craft-export: error: {e}", err=True)
         sys.exit(EXIT_USAGE)

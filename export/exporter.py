@@ -74,8 +74,10 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     """Model, tokenizer and val tokens of a craft-train run directory; ExportError if unusable."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ExportError(f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir} "
-                          f"(or give a Hugging Face model directory or a .gguf file)")
+        raise ExportError(
+            f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir} "
+            f"(or give a Hugging Face model directory or a .gguf file)"
+        )
     try:
         cfg = read_run_config(run_dir)
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)  # the run's kind: never a stray file of the other
@@ -85,19 +87,27 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     except (ConfigError, rd.RunDirError) as e:
         raise ExportError(str(e)) from None
     if tokenizer is None:
-        raise ExportError(f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train")
+        raise ExportError(
+            f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train"
+        )
     path = run_dir / checkpoint
     if not path.is_file():
-        raise ExportError(f"{path} does not exist; training has not saved a checkpoint yet (wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})")
+        raise ExportError(
+            f"{path} does not exist; training has not saved a checkpoint yet (wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})"
+        )
     try:
         state, digest = read_checkpoint(path)
     except rd.RunDirError as e:
         raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ExportError(f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: it is not this run's tokenizer; restore the run's own")
+        raise ExportError(
+            f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: it is not this run's tokenizer; restore the run's own"
+        )
     if saved_model_config(state) != cfg.model:
-        raise ExportError(f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
-                          f"keep each run's checkpoint and config.yaml together")
+        raise ExportError(
+            f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
+            f"keep each run's checkpoint and config.yaml together"
+        )
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -120,11 +130,24 @@ def load_imported(path: Path, kind: str) -> LoadedRun:
     except ValueError as e:  # SourceError, TokenizerSourceError: one line each
         raise ExportError(str(e)) from None
     if tokenizer.vocab_size > source.config.vocab_size:
-        raise ExportError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
-                          f"{source.config.vocab_size}; they belong to different models")
+        raise ExportError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
+            f"{source.config.vocab_size}; they belong to different models"
+        )
     val = np.asarray(tokenizer.encode(PERPLEXITY_TEXT.read_text(encoding="utf-8")), dtype=np.int64)
-    return LoadedRun(path, source.config, source.model(), tokenizer, source.sha256, 0, val, kind, source.architecture,
-                     tokens.chat_template, tokens.end_of_turn_ids)
+    return LoadedRun(
+        path,
+        source.config,
+        source.model(),
+        tokenizer,
+        source.sha256,
+        0,
+        val,
+        kind,
+        source.architecture,
+        tokens.chat_template,
+        tokens.end_of_turn_ids,
+    )
 
 
 def saved_model_config(state: dict) -> ModelConfig | None:
@@ -139,9 +162,20 @@ def saved_model_config(state: dict) -> ModelConfig | None:
 
 def model_spec(cfg: ModelConfig) -> A.ModelSpec:
     return A.ModelSpec(
-        vocab_size=cfg.vocab_size, dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
-        head_dim=cfg.head_dim, hidden_dim=cfg.hidden_dim, context_length=cfg.context_length,
-        rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings, qkv_bias=cfg.qkv_bias, arch=cfg.arch)
+        vocab_size=cfg.vocab_size,
+        dim=cfg.dim,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_kv_head=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_dim=cfg.hidden_dim,
+        context_length=cfg.context_length,
+        rope_theta=cfg.rope_theta,
+        norm_eps=cfg.norm_eps,
+        tie_embeddings=cfg.tie_embeddings,
+        qkv_bias=cfg.qkv_bias,
+        arch=cfg.arch,
+    )
 
 
 def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
@@ -160,7 +194,9 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
             out[n.decay] = sd[p + "recurrence.decay"]
             out[n.wo] = sd[p + "recurrence.wo.weight"].T
             out[n.ffn_norm] = sd[p + "ffn_norm.weight"]
-            out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
+            out[n.w13] = np.concatenate(
+                [sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1
+            )
             out[n.w2] = sd[p + "feed_forward.w2.weight"].T
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
     q_scale = np.float32(1.0 / math.sqrt(cfg.head_dim))  # folded into wq: the graph does not scale scores
@@ -171,7 +207,9 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
         wq, wk, wv = (sd[p + f"attention.{w}.weight"].T for w in ("wq", "wk", "wv"))  # (dim, out)
         out[n.wqkv] = np.concatenate([wq * q_scale, wk, wv], axis=1)
         if cfg.qkv_bias:
-            out[n.wqkv_bias] = np.concatenate([sd[p + "attention.wq.bias"] * q_scale, sd[p + "attention.wk.bias"], sd[p + "attention.wv.bias"]])
+            out[n.wqkv_bias] = np.concatenate(
+                [sd[p + "attention.wq.bias"] * q_scale, sd[p + "attention.wk.bias"], sd[p + "attention.wv.bias"]]
+            )
         out[n.wo] = sd[p + "attention.wo.weight"].T
         out[n.w13] = np.concatenate([sd[p + "feed_forward.w1.weight"].T, sd[p + "feed_forward.w3.weight"].T], axis=1)
         out[n.w2] = sd[p + "feed_forward.w2.weight"].T
@@ -179,8 +217,13 @@ def artifact_weights(model: Transformer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET, weights: dict[str, np.ndarray] | None = None,
-                      attention: str = A.ATTENTION_STANDARD):
+def build_model_proto(
+    run: LoadedRun,
+    quantize: str,
+    opset: int = DEFAULT_OPSET,
+    weights: dict[str, np.ndarray] | None = None,
+    attention: str = A.ATTENTION_STANDARD,
+):
     """(ModelProto with metadata, the scheme's ops) for one quantization; ops.errors has the
     quantizer's max error per weight. `weights`: artifact_weights(run.model), when the caller
     already has them; `attention`: how the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS)."""
@@ -194,10 +237,19 @@ def build_model_proto(run: LoadedRun, quantize: str, opset: int = DEFAULT_OPSET,
     else:
         proto = build_decoder(spec, weights, ops, opset, attention)
     meta = A.Artifact(
-        spec=spec, tokenizer_kind=run.tokenizer.kind, tokenizer_data=run.tokenizer.to_bytes(),
-        bos_id=run.tokenizer.bos_id, eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
-        quantization=quantize, checkpoint_sha256=run.checkpoint_sha256, craft_version=__version__,
-        chat_template=run.chat_template, end_of_turn_ids=run.end_of_turn_ids, source_kind=run.source_kind, attention=attention,
+        spec=spec,
+        tokenizer_kind=run.tokenizer.kind,
+        tokenizer_data=run.tokenizer.to_bytes(),
+        bos_id=run.tokenizer.bos_id,
+        eos_id=run.tokenizer.eos_id,
+        pad_id=run.tokenizer.pad_id,
+        quantization=quantize,
+        checkpoint_sha256=run.checkpoint_sha256,
+        craft_version=__version__,
+        chat_template=run.chat_template,
+        end_of_turn_ids=run.end_of_turn_ids,
+        source_kind=run.source_kind,
+        attention=attention,
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
     what = f"step {run.step}" if run.source_kind == RUN else f"{run.architecture} from {run.source_kind}"
@@ -214,8 +266,12 @@ def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
     from craft.runtime.tokenizer import CharTokenizer
 
     torch.manual_seed(seed)
-    chars = "".join(chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET))  # stays below the surrogates
-    return LoadedRun(Path(f"random-{cfg.dim}x{cfg.n_layer}"), cfg, build_model(cfg).eval(), CharTokenizer(chars), "0" * 64, 0)
+    chars = "".join(
+        chr(0x100 + i) for i in range(cfg.vocab_size - CharTokenizer.CHAR_OFFSET)
+    )  # stays below the surrogates
+    return LoadedRun(
+        Path(f"random-{cfg.dim}x{cfg.n_layer}"), cfg, build_model(cfg).eval(), CharTokenizer(chars), "0" * 64, 0
+    )
 
 
 def check_output_path(output: Path) -> None:
@@ -231,7 +287,9 @@ def check_output_path(output: Path) -> None:
     except OSError as e:
         raise ExportError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
     if mode is not None and not stat.S_ISREG(mode):
-        raise ExportError(f"output {output} exists and is not a regular file (a device, FIFO or socket); give a new path or a .onnx file")
+        raise ExportError(
+            f"output {output} exists and is not a regular file (a device, FIFO or socket); give a new path or a .onnx file"
+        )
     if not parent.is_dir():
         raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")
     try:  # probe by writing: permission bits do not tell root, read-only mounts or /proc apart
@@ -245,8 +303,16 @@ def check_output_path(output: Path) -> None:
     rd.sweep_temp_files(parent, output.name)
 
 
-def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFAULT_OPSET,
-           checkpoint: str = rd.CHECKPOINT, log=print, kind: str | None = None, attention: str = A.ATTENTION_STANDARD) -> dict:
+def export(
+    source: Path,
+    output: Path,
+    quantize: str = W.INT8,
+    opset: int = DEFAULT_OPSET,
+    checkpoint: str = rd.CHECKPOINT,
+    log=print,
+    kind: str | None = None,
+    attention: str = A.ATTENTION_STANDARD,
+) -> dict:
     """Write a verified .onnx for the source - a run directory, a Hugging Face directory or a GGUF
     file (`kind` RUN / HF / GGUF; detected when None) - and return the report; `attention` is how
     the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS).
@@ -267,11 +333,15 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
     except SourceError as e:
         raise ExportError(str(e)) from None
     if kind != RUN and checkpoint != rd.CHECKPOINT:
-        raise ExportError(f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint")
+        raise ExportError(
+            f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint"
+        )
     run = load_run(source, checkpoint) if kind == RUN else load_imported(source, kind)
     if run.config.arch == A.RECURRENT and attention != A.ATTENTION_STANDARD:
-        raise ExportError(f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "
-                          f"(a fixed-size state, no cache) - drop --attention")
+        raise ExportError(
+            f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "
+            f"(a fixed-size state, no cache) - drop --attention"
+        )
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)
@@ -281,24 +351,41 @@ def export(source: Path, output: Path, quantize: str = W.INT8, opset: int = DEFA
     if quantize == W.NONE:
         fp32_bytes, quantized_bytes = data, None
     else:  # the float32 graph is the reference the quantized one is measured against
-        fp32_bytes, quantized_bytes = build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(), data
+        fp32_bytes, quantized_bytes = (
+            build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(),
+            data,
+        )
     report = verify(run, fp32_bytes, quantized_bytes, quantize, log=log)
-    report.update({
-        "quantization": quantize, "opset": opset, "attention": attention, "parameters": run.model.num_parameters(),
-        "file_bytes": len(data), "fp32_file_bytes": len(fp32_bytes),
-        "size_ratio": len(data) / len(fp32_bytes),
-        "max_weight_quant_error": max(ops.errors.values()) if ops.errors else 0.0,
-        "export_s": time.perf_counter() - t0, "checkpoint_sha256": run.checkpoint_sha256,
-    })
+    report.update(
+        {
+            "quantization": quantize,
+            "opset": opset,
+            "attention": attention,
+            "parameters": run.model.num_parameters(),
+            "file_bytes": len(data),
+            "fp32_file_bytes": len(fp32_bytes),
+            "size_ratio": len(data) / len(fp32_bytes),
+            "max_weight_quant_error": max(ops.errors.values()) if ops.errors else 0.0,
+            "export_s": time.perf_counter() - t0,
+            "checkpoint_sha256": run.checkpoint_sha256,
+        }
+    )
     if report["failures"]:
         raise VerificationError("; ".join(report["failures"]), report)
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                        A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"})})
+    onnx.helper.set_model_props(
+        proto,
+        {
+            **{p.key: p.value for p in proto.metadata_props},
+            A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"}),
+        },
+    )
     check_output_path(output)  # again: minutes passed, something may have appeared there
     try:
         rd.atomic_write_bytes(output, proto.SerializeToString())
     except OSError as e:
-        raise ExportError(f"cannot write {output} ({e.strerror}); nothing was written - free space or choose another -o") from None
+        raise ExportError(
+            f"cannot write {output} ({e.strerror}); nothing was written - free space or choose another -o"
+        ) from None
     report["file_bytes"] = output.stat().st_size
     report["export_s"] = time.perf_counter() - t0
     return report

@@ -53,7 +53,11 @@ class GraphBuilder:
     def op(self, op_type: str, *inputs: str, outputs: int | list[str] = 1, domain: str = "", name: str = "", **attrs):
         self._count += 1
         base = name or f"{op_type}_{self._count}"
-        outs = outputs if isinstance(outputs, list) else [f"{base}_out{i}" if outputs > 1 else f"{base}_out" for i in range(outputs)]
+        outs = (
+            outputs
+            if isinstance(outputs, list)
+            else [f"{base}_out{i}" if outputs > 1 else f"{base}_out" for i in range(outputs)]
+        )
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain or None, **attrs))
         if domain == "com.microsoft":
             self.uses_ms_domain = True
@@ -75,8 +79,9 @@ class GraphBuilder:
         return self.op("Mul", self.op("Div", x, rms), weight)
 
 
-def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET,
-                  attention: str = "standard") -> onnx.ModelProto:
+def build_decoder(
+    spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET, attention: str = "standard"
+) -> onnx.ModelProto:
     """The decoder with KV-cache I/O of the artifact contract.
 
     `weights` are float32 arrays named and laid out as craft.runtime.weights describes;
@@ -92,9 +97,13 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
     # Rotary tables stay in every file under their contract names (the numpy backend reads them).
     rope_cos, rope_sin = g.weight(W.ROPE_COS, weights[W.ROPE_COS]), g.weight(W.ROPE_SIN, weights[W.ROPE_SIN])
     S = g.op("Gather", g.op("Shape", A.ATTENTION_MASK), g.const(1), axis=0)  # scalar: past + T
-    attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(g, spec, S, rope_cos, rope_sin)
+    attend = (inplace_attention if attention == A.ATTENTION_INPLACE else standard_attention)(
+        g, spec, S, rope_cos, rope_sin
+    )
 
-    fuse_norms = attention == A.ATTENTION_INPLACE  # com.microsoft is required anyway: one node per residual Add + RMSNorm
+    fuse_norms = (
+        attention == A.ATTENTION_INPLACE
+    )  # com.microsoft is required anyway: one node per residual Add + RMSNorm
 
     def add_and_norm(x: str, delta: str, norm: str) -> tuple[str, str]:
         """(rms_norm(x + delta), x + delta): the residual stream and the next block's input."""
@@ -102,8 +111,15 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         if not fuse_norms:
             x = g.op("Add", x, delta)
             return g.rms_norm(x, weight, spec.norm_eps), x
-        h, _, _, x = g.op("SkipSimplifiedLayerNormalization", delta, x, weight, domain="com.microsoft", epsilon=spec.norm_eps,
-                          outputs=[f"{norm}.out", "", "", f"{norm}.residual"])
+        h, _, _, x = g.op(
+            "SkipSimplifiedLayerNormalization",
+            delta,
+            x,
+            weight,
+            domain="com.microsoft",
+            epsilon=spec.norm_eps,
+            outputs=[f"{norm}.out", "", "", f"{norm}.residual"],
+        )
         return h, x
 
     x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
@@ -117,18 +133,24 @@ def build_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset
         h, x = add_and_norm(x, scheme.linear(g, attend(i, qkv), n.wo, weights[n.wo]), n.ffn_norm)
         gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
-        h, x = add_and_norm(x, scheme.linear(g, act, n.w2, weights[n.w2]), W.layer(i + 1).attention_norm if i + 1 < L else W.NORM)
+        h, x = add_and_norm(
+            x, scheme.linear(g, act, n.w2, weights[n.w2]), W.layer(i + 1).attention_norm if i + 1 < L else W.NORM
+        )
 
     scheme.head(g, weights, h, A.LOGITS, spec)
 
     def tensor(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape)
 
-    inputs = [tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-              tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-              tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"])]
+    inputs = [
+        tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+        tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+        tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
+    ]
     outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
-    past_axis, present_axis = ("cache_seq", "cache_seq") if attention == A.ATTENTION_INPLACE else ("past_seq", "total_seq")
+    past_axis, present_axis = (
+        ("cache_seq", "cache_seq") if attention == A.ATTENTION_INPLACE else ("past_seq", "total_seq")
+    )
     for i in range(L):
         for name in A.past_names(i):
             inputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, past_axis, hd]))
@@ -155,9 +177,13 @@ def standard_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, 
     P = g.op("Sub", S, T)
     key_pos = g.op("Range", g.const(0), S, g.const(1))  # (S,)
     query_pos = g.op("Range", P, S, g.const(1))  # (T,)
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1])))  # (T, S)
+    causal = g.op(
+        "LessOrEqual", g.op("Unsqueeze", key_pos, g.const([0])), g.op("Unsqueeze", query_pos, g.const([1]))
+    )  # (T, S)
     not_pad = g.op("Unsqueeze", g.op("Cast", A.ATTENTION_MASK, to=TensorProto.BOOL), g.const([1, 2]))  # (B, 1, 1, S)
-    bias = g.op("Where", g.op("And", causal, not_pad), g.const(0.0, np.float32), g.const(MASKED, np.float32))  # (B, 1, T, S)
+    bias = g.op(
+        "Where", g.op("And", causal, not_pad), g.const(0.0, np.float32), g.const(MASKED, np.float32)
+    )  # (B, 1, T, S)
     if group > 1:
         bias = g.op("Unsqueeze", bias, g.const([1]))  # (B, 1, 1, T, S) against (B, KV, G, T, S)
 
@@ -204,7 +230,11 @@ def inplace_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, r
     valid tokens - 1, as GenAI feeds it); positions follow from them, so position_ids is unused:
     the runtime packs each row's tokens at the start of its buffer (runtime/ort_backend.py)."""
     H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
-    seqlens_k = g.op("Cast", g.op("Sub", g.op("ReduceSum", A.ATTENTION_MASK, g.const([1]), keepdims=0), g.const(1)), to=TensorProto.INT32)  # (B,)
+    seqlens_k = g.op(
+        "Cast",
+        g.op("Sub", g.op("ReduceSum", A.ATTENTION_MASK, g.const([1]), keepdims=0), g.const(1)),
+        to=TensorProto.INT32,
+    )  # (B,)
     total = g.op("Cast", S, to=TensorProto.INT32)  # scalar
     # (context, hd / 2): the distinct half of each "rotate half" table, sliced from the contract's
     # tables (no second copy in the file; ONNX Runtime folds the Slice at load)
@@ -212,9 +242,25 @@ def inplace_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, r
 
     def attend(i: int, qkv: str) -> str:
         (past_k, past_v), (present_k, present_v) = A.past_names(i), A.present_names(i)
-        y, _, _ = g.op("GroupQueryAttention", qkv, "", "", past_k, past_v, seqlens_k, total, cos, sin,  # packed q, k, v
-                       outputs=[f"attention_{i}", present_k, present_v], domain="com.microsoft",
-                       num_heads=H, kv_num_heads=KV, scale=1.0, do_rotary=1, rotary_interleaved=0)  # q is pre-scaled
+        y, _, _ = g.op(
+            "GroupQueryAttention",
+            qkv,
+            "",
+            "",
+            past_k,
+            past_v,
+            seqlens_k,
+            total,
+            cos,
+            sin,  # packed q, k, v
+            outputs=[f"attention_{i}", present_k, present_v],
+            domain="com.microsoft",
+            num_heads=H,
+            kv_num_heads=KV,
+            scale=1.0,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )  # q is pre-scaled
         return y  # (B, T, H * hd)
 
     return attend

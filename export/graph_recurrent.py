@@ -27,16 +27,23 @@ from craft.runtime.artifact import ModelSpec
 
 def scan_body() -> onnx.GraphProto:
     """One time step: (h (B, D), a_t (B, D), u_t (B, D)) -> (h' = a_t * h + u_t, h' again as the scan output)."""
+
     def value(name):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
 
-    nodes = [helper.make_node("Mul", ["h", "a_t"], ["h_kept"]),
-             helper.make_node("Add", ["h_kept", "u_t"], ["h_next"]),
-             helper.make_node("Identity", ["h_next"], ["h_t"])]
-    return helper.make_graph(nodes, "recurrence_step", [value("h"), value("a_t"), value("u_t")], [value("h_next"), value("h_t")])
+    nodes = [
+        helper.make_node("Mul", ["h", "a_t"], ["h_kept"]),
+        helper.make_node("Add", ["h_kept", "u_t"], ["h_next"]),
+        helper.make_node("Identity", ["h_next"], ["h_t"]),
+    ]
+    return helper.make_graph(
+        nodes, "recurrence_step", [value("h"), value("a_t"), value("u_t")], [value("h_next"), value("h_t")]
+    )
 
 
-def build_recurrent_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_recurrent_decoder(
+    spec: ModelSpec, weights: dict[str, np.ndarray], scheme, opset: int = DEFAULT_OPSET
+) -> onnx.ModelProto:
     """The recurrent decoder with state I/O of the artifact contract (craft.runtime.artifact).
 
     `weights` are float32 arrays named and laid out as craft.runtime.weights describes for a
@@ -49,7 +56,9 @@ def build_recurrent_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], sch
 
     # the gate of this call's tokens: the last T columns of attention_mask, (B, T, 1) float ------
     T = g.op("Slice", g.op("Shape", A.INPUT_IDS), g.const([1]), g.const([2]))  # (1,)
-    step_mask = g.op("Slice", A.ATTENTION_MASK, g.op("Neg", T), g.const([np.iinfo(np.int64).max]), g.const([1]), g.const([1]))  # (B, T)
+    step_mask = g.op(
+        "Slice", A.ATTENTION_MASK, g.op("Neg", T), g.const([np.iinfo(np.int64).max]), g.const([1]), g.const([1])
+    )  # (B, T)
     mask = g.op("Unsqueeze", g.op("Cast", step_mask, to=TensorProto.FLOAT), g.const([-1]))  # (B, T, 1)
     pad = g.op("Sub", g.const(1.0, np.float32), mask)  # (B, T, 1): 1 at pads
     body = scan_body()
@@ -62,8 +71,17 @@ def build_recurrent_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], sch
         a = g.op("Sigmoid", g.op("Add", a_in, g.weight(n.decay, weights[n.decay])))
         a = g.op("Add", g.op("Mul", a, mask), pad)  # pads: a = 1
         u = g.op("Mul", g.op("Sub", g.const(1.0, np.float32), a), v)  # (1 - a) * v; pads: 0
-        _, states = g.op("Scan", A.past_state_name(i), a, u, outputs=[A.present_state_name(i), f"layers.{i}.states"],
-                         body=body, num_scan_inputs=2, scan_input_axes=[1, 1], scan_output_axes=[1])  # (B, T, dim)
+        _, states = g.op(
+            "Scan",
+            A.past_state_name(i),
+            a,
+            u,
+            outputs=[A.present_state_name(i), f"layers.{i}.states"],
+            body=body,
+            num_scan_inputs=2,
+            scan_input_axes=[1, 1],
+            scan_output_axes=[1],
+        )  # (B, T, dim)
         y = g.op("Mul", states, g.op("Mul", gate, g.op("Sigmoid", gate)))  # h * silu(g)
         x = g.op("Add", x, scheme.linear(g, y, n.wo, weights[n.wo]))
 
@@ -78,9 +96,11 @@ def build_recurrent_decoder(spec: ModelSpec, weights: dict[str, np.ndarray], sch
     def tensor(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape)
 
-    inputs = [tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-              tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-              tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"])]  # unused: one loop drives both kinds
+    inputs = [
+        tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+        tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+        tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
+    ]  # unused: one loop drives both kinds
     inputs += [tensor(A.past_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]
     outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
     outputs += [tensor(A.present_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]

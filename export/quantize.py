@@ -21,7 +21,9 @@ from onnx import TensorProto
 
 from craft.runtime import weights as W
 
-ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations and integer dot products (0-3 dequantize to float per call: 50x slower)
+ACCURACY_LEVEL = (
+    4  # MatMulNBits: int8 activations and integer dot products (0-3 dequantize to float per call: 50x slower)
+)
 
 
 class SchemeOps:
@@ -67,8 +69,19 @@ class BlockOps(SchemeOps):
 
     def _matmul(self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1) -> str:
         K, N = shape
-        return g.op("MatMulNBits", x, q, scale, domain="com.microsoft", outputs=out, K=K, N=N,
-                    bits=self.scheme.weight_bits, block_size=W.BLOCK, accuracy_level=ACCURACY_LEVEL)
+        return g.op(
+            "MatMulNBits",
+            x,
+            q,
+            scale,
+            domain="com.microsoft",
+            outputs=out,
+            K=K,
+            N=N,
+            bits=self.scheme.weight_bits,
+            block_size=W.BLOCK,
+            accuracy_level=ACCURACY_LEVEL,
+        )
 
     def linear(self, g, x: str, name: str, w: np.ndarray) -> str:
         return self._matmul(g, x, *self.store(g, name, w), shape=w.shape)
@@ -82,7 +95,9 @@ class BlockOps(SchemeOps):
         if self.scheme.weight_bits == 4:  # even k in the low nibble, odd k in the high one
             sixteen = g.const(16, np.uint8)
             low, high = g.op("Mod", rows, sixteen), g.op("Div", rows, sixteen)
-            pairs = g.op("Concat", g.op("Unsqueeze", low, g.const([-1])), g.op("Unsqueeze", high, g.const([-1])), axis=-1)
+            pairs = g.op(
+                "Concat", g.op("Unsqueeze", low, g.const([-1])), g.op("Unsqueeze", high, g.const([-1])), axis=-1
+            )
             rows = g.op("Reshape", pairs, g.const([0, 0, 0, W.BLOCK]))  # (B, T, blocks, 32)
         values = g.op("Sub", g.op("Cast", rows, to=TensorProto.FLOAT), g.const(float(self.scheme.offset), np.float32))
         row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, blocks, 1)
@@ -106,4 +121,6 @@ class Int4Ops(BlockOps):
     scheme = W.SCHEMES[W.INT4]
 
 
-OPS: dict[str, type[SchemeOps]] = {ops.scheme.name: ops for ops in (Float32Ops, Int8Ops, Int4Ops)}  # one per weights.SCHEMES entry
+OPS: dict[str, type[SchemeOps]] = {
+    ops.scheme.name: ops for ops in (Float32Ops, Int8Ops, Int4Ops)
+}  # one per weights.SCHEMES entry

@@ -48,19 +48,29 @@ def load_gguf(path: Path) -> Source:
 
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OSError) as e:  # the reader's way of saying "short or bad bytes"
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        OSError,
+    ) as e:  # the reader's way of saying "short or bad bytes"
         raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
     tensors = {t.name: t for t in reader.tensors}
     architecture, cfg = model_config(fields, tensors, path)
     craft_names = {rename(name, TENSOR_NAMES): name for name in tensors}
-    shapes = {c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in craft_names.items()}  # GGUF lists dims fastest first
+    shapes = {
+        c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in craft_names.items()
+    }  # GGUF lists dims fastest first
     check_shapes(cfg, shapes, str(path), TENSOR_NAMES)
     for name in craft_names.values():
         kind = tensors[name].tensor_type.name
         if kind not in SUPPORTED_TYPES:
-            raise SourceError(f"{path}: tensor {name} has type {kind}; Craft imports {', '.join(SUPPORTED_TYPES)} - "
-                              f"convert the model to one of those (e.g. Q8_0 or Q4_K_M)")
+            raise SourceError(
+                f"{path}: tensor {name} has type {kind}; Craft imports {', '.join(SUPPORTED_TYPES)} - "
+                f"convert the model to one of those (e.g. Q8_0 or Q4_K_M)"
+            )
     state = {}
     for craft, name in craft_names.items():
         t = tensors[name]
@@ -77,41 +87,61 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
     """(architecture, Craft ModelConfig) from the GGUF metadata; SourceError naming what is unsupported."""
     architecture = fields.get("general.architecture", "unknown")
     if architecture not in ARCHITECTURES:
-        raise SourceError(f"{where}: GGUF architecture '{architecture}' is not supported; Craft imports {', '.join(ARCHITECTURES)} "
-                          f"(or the Hugging Face directory of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
+        raise SourceError(
+            f"{where}: GGUF architecture '{architecture}' is not supported; Craft imports {', '.join(ARCHITECTURES)} "
+            f"(or the Hugging Face directory of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+        )
 
     def get(key: str, default=None):
         value = fields.get(f"{architecture}.{key}", default)
         if value is None or isinstance(value, (str, list)):
-            raise SourceError(f"{where} lacks a number for '{architecture}.{key}', which a {architecture} GGUF must have")
+            raise SourceError(
+                f"{where} lacks a number for '{architecture}.{key}', which a {architecture} GGUF must have"
+            )
         return value
 
     scaling = fields.get(f"{architecture}.rope.scaling.type", "none")
     if scaling != "none":
-        raise SourceError(f"{where}: rope scaling '{scaling}' is not supported for GGUF; export the Hugging Face directory instead")
+        raise SourceError(
+            f"{where}: rope scaling '{scaling}' is not supported for GGUF; export the Hugging Face directory instead"
+        )
     if "rope_freqs.weight" in tensors:
-        raise SourceError(f"{where}: Llama-3 rope scaling (rope_freqs.weight) is not supported for GGUF; "
-                          f"export the Hugging Face directory instead")
+        raise SourceError(
+            f"{where}: Llama-3 rope scaling (rope_freqs.weight) is not supported for GGUF; "
+            f"export the Hugging Face directory instead"
+        )
     if "token_embd.weight" not in tensors:
         raise SourceError(f"{where} lacks tensor token_embd.weight; the file is incomplete")
     dim, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", dim // max(n_head, 1)))
     rotary = int(get("rope.dimension_count", head_dim))
     if rotary != head_dim or int(get("attention.value_length", head_dim)) != head_dim:
-        raise SourceError(f"{where}: partial rotary ({rotary} of {head_dim}) or different key/value widths are not supported")
+        raise SourceError(
+            f"{where}: partial rotary ({rotary} of {head_dim}) or different key/value widths are not supported"
+        )
     vocab = int(tensors["token_embd.weight"].shape[-1])  # the embedding's rows: (dim, vocab) in GGUF's order
     cfg = ModelConfig(
-        vocab_size=vocab, dim=dim, n_layer=int(get("block_count")), n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)), ffn_dim=int(get("feed_forward_length")),
-        context_length=int(get("context_length")), rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings="output.weight" not in tensors,
-        dropout=0.0, head_size=head_dim if head_dim * n_head != dim else 0)
+        vocab_size=vocab,
+        dim=dim,
+        n_layer=int(get("block_count")),
+        n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)),
+        ffn_dim=int(get("feed_forward_length")),
+        context_length=int(get("context_length")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors,
+        dropout=0.0,
+        head_size=head_dim if head_dim * n_head != dim else 0,
+    )
     for key in ("dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "context_length"):
         if getattr(cfg, key) <= 0:
             raise SourceError(f"{where}: {key} must be positive, got {getattr(cfg, key)}")
     if cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
-        raise SourceError(f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
-                          f"heads must be a multiple of key-value heads and the width even")
+        raise SourceError(
+            f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
+            f"heads must be a multiple of key-value heads and the width even"
+        )
     return architecture, cfg
 
 

@@ -69,9 +69,13 @@ def load_hf(directory: Path) -> Source:
 def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
     """(architecture, Craft ModelConfig) from a config.json mapping; SourceError naming what is unsupported."""
     architectures = hf.get("architectures") or []
-    architecture = architectures[0] if isinstance(architectures, list) and architectures else hf.get("model_type", "unknown")
+    architecture = (
+        architectures[0] if isinstance(architectures, list) and architectures else hf.get("model_type", "unknown")
+    )
     if architecture not in ARCHITECTURES:
-        raise SourceError(f"{where}: architecture '{architecture}' is not supported; Craft imports {', '.join(ARCHITECTURES)}")
+        raise SourceError(
+            f"{where}: architecture '{architecture}' is not supported; Craft imports {', '.join(ARCHITECTURES)}"
+        )
 
     def get(key: str, kind: type, default=None):
         value = hf.get(key, default)
@@ -90,7 +94,9 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
     dim, n_head = get("hidden_size", int), get("num_attention_heads", int)
     refuse_unless(get("hidden_act", str, "silu") == "silu", f"hidden_act '{hf.get('hidden_act')}' (only silu)")
     refuse_unless(not hf.get("mlp_bias", False), "mlp_bias")
-    refuse_unless(not hf.get("attention_bias", False) or architecture == "Qwen2ForCausalLM", "attention_bias (an o_proj bias)")
+    refuse_unless(
+        not hf.get("attention_bias", False) or architecture == "Qwen2ForCausalLM", "attention_bias (an o_proj bias)"
+    )
     refuse_unless(not hf.get("use_sliding_window", False), "use_sliding_window")
     context = get("max_position_embeddings", int)
     if architecture == "MistralForCausalLM" and hf.get("sliding_window") is not None:
@@ -98,17 +104,29 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
     rope = rope_settings(hf, where)
     head_dim = get("head_dim", int, dim // n_head)
     cfg = ModelConfig(
-        vocab_size=get("vocab_size", int), dim=dim, n_layer=get("num_hidden_layers", int), n_head=n_head,
-        n_kv_head=get("num_key_value_heads", int, n_head), ffn_dim=get("intermediate_size", int),
-        context_length=context, rope_theta=rope.pop("rope_theta"), norm_eps=get("rms_norm_eps", float, 1e-6),
-        tie_embeddings=get("tie_word_embeddings", bool, False), dropout=0.0,
-        head_size=head_dim if head_dim * n_head != dim else 0, qkv_bias=architecture == "Qwen2ForCausalLM", **rope)
+        vocab_size=get("vocab_size", int),
+        dim=dim,
+        n_layer=get("num_hidden_layers", int),
+        n_head=n_head,
+        n_kv_head=get("num_key_value_heads", int, n_head),
+        ffn_dim=get("intermediate_size", int),
+        context_length=context,
+        rope_theta=rope.pop("rope_theta"),
+        norm_eps=get("rms_norm_eps", float, 1e-6),
+        tie_embeddings=get("tie_word_embeddings", bool, False),
+        dropout=0.0,
+        head_size=head_dim if head_dim * n_head != dim else 0,
+        qkv_bias=architecture == "Qwen2ForCausalLM",
+        **rope,
+    )
     for key in ("vocab_size", "dim", "n_layer", "n_head", "ffn_dim", "context_length"):
         if getattr(cfg, key) <= 0:
             raise SourceError(f"{where}: {key} must be positive, got {getattr(cfg, key)}")
     if cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
-        raise SourceError(f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
-                          f"heads must be a multiple of key-value heads and the width even")
+        raise SourceError(
+            f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
+            f"heads must be a multiple of key-value heads and the width even"
+        )
     return architecture, cfg
 
 
@@ -131,13 +149,17 @@ def rope_settings(hf: dict, where: Path) -> dict:
         raise SourceError(f"{where}: llama3 rope_scaling lacks {', '.join(missing)}")
     if not params["high_freq_factor"] > params["low_freq_factor"] or params["factor"] <= 0:
         raise SourceError(f"{where}: llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor")
-    out.update(rope_scaling_factor=float(params["factor"]), rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_context=int(params["original_max_position_embeddings"]))
+    out.update(
+        rope_scaling_factor=float(params["factor"]),
+        rope_low_freq_factor=float(params["low_freq_factor"]),
+        rope_high_freq_factor=float(params["high_freq_factor"]),
+        rope_original_context=int(params["original_max_position_embeddings"]),
+    )
     return out
 
 
 # --- weight files ------------------------------------------------------------------------------
+
 
 class Tensor:
     """A tensor in a weight file: its shape from the header, its data read on demand as float32."""
@@ -149,7 +171,10 @@ class Tensor:
 
 def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
     """(weight files, name -> Tensor) of the directory's safetensors (preferred) or pytorch_model.bin."""
-    for single, index, reader in ((SAFETENSORS, SAFETENSORS_INDEX, safetensors_tensors), (TORCH_BIN, TORCH_BIN_INDEX, torch_bin_tensors)):
+    for single, index, reader in (
+        (SAFETENSORS, SAFETENSORS_INDEX, safetensors_tensors),
+        (TORCH_BIN, TORCH_BIN_INDEX, torch_bin_tensors),
+    ):
         if (directory / index).is_file():
             files = shard_files(directory / index)
         elif (directory / single).is_file():
@@ -160,8 +185,10 @@ def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
         for file in files:
             tensors.update(reader(file))
         return files, tensors
-    raise SourceError(f"{directory} has no {SAFETENSORS} (or shards with {SAFETENSORS_INDEX}) and no {TORCH_BIN}; "
-                      f"save the model with save_pretrained")
+    raise SourceError(
+        f"{directory} has no {SAFETENSORS} (or shards with {SAFETENSORS_INDEX}) and no {TORCH_BIN}; "
+        f"save the model with save_pretrained"
+    )
 
 
 def shard_files(index: Path) -> list[Path]:
@@ -183,11 +210,15 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
         head = f.read(8)
         header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if not 0 < header_len <= size - 8:
-            raise SourceError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes in a {size}-byte file)")
+            raise SourceError(
+                f"{path} is truncated or not a safetensors file (header of {header_len} bytes in a {size}-byte file)"
+            )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SourceError(f"{path} has an unreadable safetensors header; the file is corrupt or truncated") from None
+            raise SourceError(
+                f"{path} has an unreadable safetensors header; the file is corrupt or truncated"
+            ) from None
     header.pop("__metadata__", None)
     base = 8 + header_len
     tensors = {}
@@ -200,10 +231,16 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
             raise SourceError(f"{path}: tensor {name} has dtype {dtype}; Craft imports {', '.join(SAFETENSORS_DTYPES)}")
         itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
         if end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end:
-            raise SourceError(f"{path}: tensor {name} claims {end - begin} bytes for shape {list(shape)} of {dtype}; the file is corrupt")
+            raise SourceError(
+                f"{path}: tensor {name} claims {end - begin} bytes for shape {list(shape)} of {dtype}; the file is corrupt"
+            )
         if base + end > size:
-            raise SourceError(f"{path} is truncated: tensor {name} ends at byte {base + end}, the file has {size}; download it again")
-        tensors[name] = Tensor(shape, lambda dtype=dtype, shape=shape, offset=base + begin: _read_safetensor(path, dtype, shape, offset))
+            raise SourceError(
+                f"{path} is truncated: tensor {name} ends at byte {base + end}, the file has {size}; download it again"
+            )
+        tensors[name] = Tensor(
+            shape, lambda dtype=dtype, shape=shape, offset=base + begin: _read_safetensor(path, dtype, shape, offset)
+        )
     return tensors
 
 
@@ -220,8 +257,10 @@ def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...: all mean "unusable file"
-        raise SourceError(f"cannot load {path} with torch.load(weights_only=True) ({str(e).splitlines()[0]}); "
-                          f"save the model as safetensors instead") from None
+        raise SourceError(
+            f"cannot load {path} with torch.load(weights_only=True) ({str(e).splitlines()[0]}); "
+            f"save the model as safetensors instead"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SourceError(f"{path} is not a state_dict of tensors")
     return {name: Tensor(tuple(t.shape), lambda t=t: t.float().clone()) for name, t in state.items()}

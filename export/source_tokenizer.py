@@ -41,11 +41,18 @@ class TokenizerSource:
     chat_template: str | None  # Jinja source of the chat template, None when the source has none
 
     def tokenizer(self, use_library: bool = True) -> HFTokenizer:
-        return HFTokenizer(self.tokenizer_json, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
-                           add_bos=self.add_bos, use_library=use_library)
+        return HFTokenizer(
+            self.tokenizer_json,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            add_bos=self.add_bos,
+            use_library=use_library,
+        )
 
 
 # ---- Hugging Face directory ----
+
 
 def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     """tokenizer.json, tokenizer_config.json (special tokens, add_bos_token, chat_template; or a
@@ -53,13 +60,17 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     directory = Path(directory)
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise TokenizerSourceError(f"{directory} has no tokenizer.json; Craft imports fast (tokenizer.json) tokenizers - "
-                                   "save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
+        raise TokenizerSourceError(
+            f"{directory} has no tokenizer.json; Craft imports fast (tokenizer.json) tokenizers - "
+            "save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
+        )
     raw = path.read_bytes()
     spec = load_json(path, raw)
     config = load_json(directory / "tokenizer_config.json")
     generation = load_json(directory / "generation_config.json")
-    ids = {t: i for t, i in (spec.get("model") or {}).get("vocab", {}).items()} | {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    ids = {t: i for t, i in (spec.get("model") or {}).get("vocab", {}).items()} | {
+        t["content"]: t["id"] for t in spec.get("added_tokens", [])
+    }
 
     def token_id(name: str) -> int | None:
         token = config.get(name)
@@ -67,7 +78,9 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
         if token is None:
             return None
         if token not in ids:
-            raise TokenizerSourceError(f"{directory}/tokenizer_config.json: {name} {token!r} is not in tokenizer.json's vocabulary")
+            raise TokenizerSourceError(
+                f"{directory}/tokenizer_config.json: {name} {token!r} is not in tokenizer.json's vocabulary"
+            )
         return ids[token]
 
     generation_eos = generation.get("eos_token_id")
@@ -75,14 +88,18 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     eos = token_id("eos_token")
     eos = eos if eos is not None else (generation_eos[0] if generation_eos else None)
     if eos is None:
-        raise TokenizerSourceError(f"{directory} names no EOS token (eos_token in tokenizer_config.json or eos_token_id in "
-                                   "generation_config.json); add one so generation can stop")
+        raise TokenizerSourceError(
+            f"{directory} names no EOS token (eos_token in tokenizer_config.json or eos_token_id in "
+            "generation_config.json); add one so generation can stop"
+        )
     template_bos = post_processor_bos(spec.get("post_processor"))
     bos = first_id(token_id("bos_token"), generation.get("bos_token_id"), template_bos, eos)
     add_bos = config.get("add_bos_token")
     add_bos = bool(add_bos) if add_bos is not None else template_bos is not None
     pad = first_id(token_id("pad_token"), generation.get("pad_token_id"), eos)
-    return TokenizerSource(raw, bos, eos, pad, add_bos, tuple(sorted({eos, *generation_eos})), hf_chat_template(directory, config))
+    return TokenizerSource(
+        raw, bos, eos, pad, add_bos, tuple(sorted({eos, *generation_eos})), hf_chat_template(directory, config)
+    )
 
 
 def load_json(path: Path, raw: bytes | None = None) -> dict:
@@ -93,7 +110,9 @@ def load_json(path: Path, raw: bytes | None = None) -> dict:
     except (ValueError, OSError) as e:
         raise TokenizerSourceError(f"{path} is not readable JSON ({e}); restore it from the model's source") from None
     if not isinstance(value, dict):
-        raise TokenizerSourceError(f"{path} should hold a JSON object, got {type(value).__name__}; restore it from the model's source")
+        raise TokenizerSourceError(
+            f"{path} should hold a JSON object, got {type(value).__name__}; restore it from the model's source"
+        )
     return value
 
 
@@ -133,35 +152,72 @@ def hf_chat_template(directory: Path, config: dict) -> str | None:
 # ---- GGUF file ----
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
 def split_then_bytes(regex: str) -> dict:
-    return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-        dict(BYTE_LEVEL, use_regex=False)]}
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            dict(BYTE_LEVEL, use_regex=False),
+        ],
+    }
 
 
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer, ignore_merges), as llama.cpp splits for each name
 # (llama-vocab.cpp) and as the models' own tokenizer.json files spell it.
-DIGITS_THEN_GPT2 = (None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}, False)
+DIGITS_THEN_GPT2 = (
+    None,
+    {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]},
+    False,
+)
 LLAMA3 = (None, split_then_bytes(LLAMA3_REGEX), True)
 QWEN2 = ({"type": "NFC"}, split_then_bytes(QWEN2_REGEX), False)
 GPT2 = (None, BYTE_LEVEL, False)
 GGUF_PRE = {
-    "default": GPT2, "gpt2": GPT2, "gpt-2": GPT2, "mpt": GPT2, "olmo": GPT2, "phi-2": GPT2,
-    "smollm": DIGITS_THEN_GPT2, "starcoder": DIGITS_THEN_GPT2, "refact": DIGITS_THEN_GPT2, "command-r": DIGITS_THEN_GPT2,
+    "default": GPT2,
+    "gpt2": GPT2,
+    "gpt-2": GPT2,
+    "mpt": GPT2,
+    "olmo": GPT2,
+    "phi-2": GPT2,
+    "smollm": DIGITS_THEN_GPT2,
+    "starcoder": DIGITS_THEN_GPT2,
+    "refact": DIGITS_THEN_GPT2,
+    "command-r": DIGITS_THEN_GPT2,
     "codeshell": DIGITS_THEN_GPT2,
-    "llama3": LLAMA3, "llama-v3": LLAMA3, "llama-bpe": LLAMA3, "falcon3": LLAMA3, "smaug-bpe": LLAMA3, "dbrx": LLAMA3,
-    "qwen2": QWEN2, "deepseek-r1-qwen": QWEN2, "megrez": QWEN2,
+    "llama3": LLAMA3,
+    "llama-v3": LLAMA3,
+    "llama-bpe": LLAMA3,
+    "falcon3": LLAMA3,
+    "smaug-bpe": LLAMA3,
+    "dbrx": LLAMA3,
+    "qwen2": QWEN2,
+    "deepseek-r1-qwen": QWEN2,
+    "megrez": QWEN2,
 }
 # Control tokens that llama.cpp treats as end of generation by their text (llama-vocab.cpp).
-END_OF_TURN_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
-                     "_<EOT>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>"}
+END_OF_TURN_TEXTS = {
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    "<end_of_utterance>",
+}
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type values
 
 
@@ -179,83 +235,164 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
     model = field("tokenizer.ggml.model")
     tokens = field("tokenizer.ggml.tokens")
     if model is None or not tokens:
-        raise TokenizerSourceError(f"{name} has no tokenizer (tokenizer.ggml.model / tokens); convert the model with a "
-                                   "llama.cpp that writes them")
+        raise TokenizerSourceError(
+            f"{name} has no tokenizer (tokenizer.ggml.model / tokens); convert the model with a "
+            "llama.cpp that writes them"
+        )
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
     eos = field("tokenizer.ggml.eos_token_id")
     if eos is None:
-        raise TokenizerSourceError(f"{name} has no tokenizer.ggml.eos_token_id; generation could never stop - set it with gguf-new-metadata")
+        raise TokenizerSourceError(
+            f"{name} has no tokenizer.ggml.eos_token_id; generation could never stop - set it with gguf-new-metadata"
+        )
     bos = field("tokenizer.ggml.bos_token_id")
     if model == "gpt2":
         pre = field("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE:
-            raise TokenizerSourceError(f"{name}: tokenizer.ggml.pre '{pre}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}")
+            raise TokenizerSourceError(
+                f"{name}: tokenizer.ggml.pre '{pre}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}"
+            )
         spec = byte_level_json(tokens, types, field("tokenizer.ggml.merges") or [], GGUF_PRE[pre])
         add_bos = bool(field("tokenizer.ggml.add_bos_token", False))
     elif model == "llama":
         unk = field("tokenizer.ggml.unknown_token_id")
-        spec = sentencepiece_json(tokens, types, field("tokenizer.ggml.scores"), field("tokenizer.ggml.merges"),
-                                  tokens[unk] if unk is not None else None, bool(field("tokenizer.ggml.add_space_prefix", True)))
-        add_bos = bool(field("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for sentencepiece vocabularies
+        spec = sentencepiece_json(
+            tokens,
+            types,
+            field("tokenizer.ggml.scores"),
+            field("tokenizer.ggml.merges"),
+            tokens[unk] if unk is not None else None,
+            bool(field("tokenizer.ggml.add_space_prefix", True)),
+        )
+        add_bos = bool(
+            field("tokenizer.ggml.add_bos_token", True)
+        )  # llama.cpp's default for sentencepiece vocabularies
     else:
-        raise TokenizerSourceError(f"{name}: tokenizer.ggml.model '{model}' is not supported; expected 'gpt2' (byte-level BPE) or 'llama' (sentencepiece BPE)")
+        raise TokenizerSourceError(
+            f"{name}: tokenizer.ggml.model '{model}' is not supported; expected 'gpt2' (byte-level BPE) or 'llama' (sentencepiece BPE)"
+        )
     bos = bos if bos is not None else eos
     if add_bos:
-        spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}},
-                                                                            {"Sequence": {"id": "A", "type_id": 0}}],
-                                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                                  "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
-    turn_ends = {eos} | {i for key in ("eot_token_id", "eom_token_id") if (i := field(f"tokenizer.ggml.{key}")) is not None}
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}},
+        }
+    turn_ends = {eos} | {
+        i for key in ("eot_token_id", "eom_token_id") if (i := field(f"tokenizer.ggml.{key}")) is not None
+    }
     turn_ends |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN_TEXTS}
     pad = field("tokenizer.ggml.padding_token_id")
-    return TokenizerSource(json.dumps(spec, ensure_ascii=False).encode("utf-8"), int(bos), int(eos),
-                           int(pad if pad is not None else eos), add_bos, tuple(sorted(int(i) for i in turn_ends)),
-                           field("tokenizer.chat_template"))
+    return TokenizerSource(
+        json.dumps(spec, ensure_ascii=False).encode("utf-8"),
+        int(bos),
+        int(eos),
+        int(pad if pad is not None else eos),
+        add_bos,
+        tuple(sorted(int(i) for i in turn_ends)),
+        field("tokenizer.chat_template"),
+    )
 
 
 def added_tokens(tokens: list[str], types: list[int], keep=lambda token: True) -> list[dict]:
     """Control and unknown tokens as special added tokens, user-defined ones as plain added tokens:
     text spelling them becomes their id, as in llama.cpp."""
-    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-             "special": k != USER_DEFINED}
-            for i, (t, k) in enumerate(zip(tokens, types)) if k in (UNKNOWN, CONTROL, USER_DEFINED) and keep(t)]
+    return [
+        {
+            "id": i,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": k != USER_DEFINED,
+        }
+        for i, (t, k) in enumerate(zip(tokens, types))
+        if k in (UNKNOWN, CONTROL, USER_DEFINED) and keep(t)
+    ]
 
 
 def byte_level_json(tokens: list[str], types: list[int], merges: list[str], pre: tuple) -> dict:
     normalizer, pre_tokenizer, ignore_merges = pre
     alphabet = set(BYTE_CHAR.values())
     # A token outside GPT-2's alphabet (a control token with a space, say) is respelled in it, as transformers does.
-    vocab = {t if set(t) <= alphabet else "".join(BYTE_CHAR[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
-    return {"version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": added_tokens(tokens, types, keep=lambda t: set(t) <= alphabet),
-            "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": list(merges)}}
+    vocab = {
+        t if set(t) <= alphabet else "".join(BYTE_CHAR[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+    }
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens(tokens, types, keep=lambda t: set(t) <= alphabet),
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": ignore_merges,
+            "vocab": vocab,
+            "merges": list(merges),
+        },
+    }
 
 
-def sentencepiece_json(tokens: list[str], types: list[int], scores: list[float] | None, merges: list[str] | None,
-                       unk: str | None, add_space_prefix: bool) -> dict:
+def sentencepiece_json(
+    tokens: list[str],
+    types: list[int],
+    scores: list[float] | None,
+    merges: list[str] | None,
+    unk: str | None,
+    add_space_prefix: bool,
+) -> dict:
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is None:
         if scores is None:
             raise TokenizerSourceError("a 'llama' GGUF vocabulary needs tokenizer.ggml.scores or tokenizer.ggml.merges")
         merges = [f"{a} {b}" for a, b in merges_from_scores(vocab, dict(zip(tokens, scores)))]
-    decoders = [{"type": "Replace", "pattern": {"String": META_SPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]
+    decoders = [
+        {"type": "Replace", "pattern": {"String": META_SPACE}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
     if add_space_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     # sentencepiece (and llama.cpp) put "\u2581" in front of the text and after every special token, even before a
     # space: Llama 2's own tokenizer.json spells that as this normalizer. (transformers' GGUF loader uses
     # Metaspace instead, which skips the prefix when the text starts with a space: not what the model was trained on.)
     space = [{"type": "Prepend", "prepend": META_SPACE}] if add_space_prefix else []
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added_tokens(tokens, types),
-            "normalizer": {"type": "Sequence", "normalizers": space + [{"type": "Replace", "pattern": {"String": " "}, "content": META_SPACE}]},
-            "pre_tokenizer": None,
-            "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders},
-            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                      "vocab": vocab, "merges": [m.split(" ") if isinstance(m, str) else m for m in merges]}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": space + [{"type": "Replace", "pattern": {"String": " "}, "content": META_SPACE}],
+        },
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [m.split(" ") if isinstance(m, str) else m for m in merges],
+        },
+    }
 
 
 def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -263,7 +400,9 @@ def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[
     the pair whose result scores highest (transformers' generate_merges, the same order)."""
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [
+            (piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
+        ]
         merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]

@@ -56,8 +56,10 @@ def detect_kind(path: Path) -> str:
         with open(path, "rb") as f:
             if f.read(4) == GGUF_MAGIC:
                 return GGUF
-        raise SourceError(f"{path} is not a GGUF file (no GGUF magic); craft-export takes a run directory, "
-                          f"a Hugging Face model directory or a .gguf file")
+        raise SourceError(
+            f"{path} is not a GGUF file (no GGUF magic); craft-export takes a run directory, "
+            f"a Hugging Face model directory or a .gguf file"
+        )
     if path.suffix == ".gguf" and not path.exists():
         raise SourceError(f"{path} does not exist; give the path of a .gguf file")
     if path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file():
@@ -89,7 +91,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str, source_names: dict[str, str]) -> None:
+def check_shapes(
+    cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str, source_names: dict[str, str]
+) -> None:
     """SourceError unless `shapes` (Craft name -> shape, from the file's header) is exactly what
     `cfg` needs. `source_names` (the source's name table, as rename takes it) names tensors in
     the message as the source does."""
@@ -97,15 +101,21 @@ def check_shapes(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: s
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in shapes:
-            raise SourceError(f"{source} lacks tensor {rename(name, back)} that its config implies; "
-                              f"the checkpoint is incomplete or its config describes another model")
+            raise SourceError(
+                f"{source} lacks tensor {rename(name, back)} that its config implies; "
+                f"the checkpoint is incomplete or its config describes another model"
+            )
         if tuple(shapes[name]) != shape:
-            raise SourceError(f"{source}: tensor {rename(name, back)} has shape {list(shapes[name])}, its config "
-                              f"implies {list(shape)}; the checkpoint and its config describe different models")
+            raise SourceError(
+                f"{source}: tensor {rename(name, back)} has shape {list(shapes[name])}, its config "
+                f"implies {list(shape)}; the checkpoint and its config describe different models"
+            )
     extra = sorted(set(shapes) - set(expected))
     if extra:
-        raise SourceError(f"{source} has tensor {rename(extra[0], back)} that its config does not call for "
-                          f"({len(extra)} such); the config describes another model, or one Craft does not import")
+        raise SourceError(
+            f"{source} has tensor {rename(extra[0], back)} that its config does not call for "
+            f"({len(extra)} such); the config describes another model, or one Craft does not import"
+        )
 
 
 def rename(name: str, table: dict[str, str]) -> str:
@@ -114,7 +124,7 @@ def rename(name: str, table: dict[str, str]) -> str:
     parts = name.split(".")
     for k, part in enumerate(parts):
         if part.isdigit():
-            template = ".".join(parts[:k] + ["{i}"] + parts[k + 1:])
+            template = ".".join(parts[:k] + ["{i}"] + parts[k + 1 :])
             if template in table:
                 return table[template].format(i=part)
     return table.get(name, name)

@@ -54,8 +54,14 @@ def ort_session(model_bytes: bytes, threads: int = 0):
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarray] | None, mask: np.ndarray | None = None,
-                past_length: int = 0):
+def ort_forward(
+    session,
+    spec: A.ModelSpec,
+    ids: np.ndarray,
+    past: list[np.ndarray] | None,
+    mask: np.ndarray | None = None,
+    past_length: int = 0,
+):
     """One forward with the artifact I/O after `past_length` tokens; returns (logits, present list
     [k0, v0, k1, v1, ...], or a recurrent file's [state0, state1, ...])."""
     B, T = ids.shape
@@ -66,7 +72,11 @@ def ort_forward(session, spec: A.ModelSpec, ids: np.ndarray, past: list[np.ndarr
     if mask is None:
         mask = np.ones((B, P + T), np.int64)
     positions = A.position_ids(mask)[:, P:]
-    feeds = {A.INPUT_IDS: ids.astype(np.int64), A.ATTENTION_MASK: mask.astype(np.int64), A.POSITION_IDS: positions.astype(np.int64)}
+    feeds = {
+        A.INPUT_IDS: ids.astype(np.int64),
+        A.ATTENTION_MASK: mask.astype(np.int64),
+        A.POSITION_IDS: positions.astype(np.int64),
+    }
     feeds.update(zip(names, past))
     logits, *present = session.run(None, feeds)
     return logits, present
@@ -108,16 +118,18 @@ def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
     return log_z - picked, logits.argmax(-1)
 
 
-def quality(sessions: list, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4) -> dict:
+def quality(
+    sessions: list, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4
+) -> dict:
     """Perplexity of each session over consecutive context-length windows of `tokens` (the same
     windows for all), and the share of positions whose argmax equals the first session's."""
     ctx = spec.context_length
     n_windows = max(1, min(len(tokens) - 1, max_tokens) // ctx)
-    windows = [np.asarray(tokens[i * ctx: i * ctx + ctx + 1], dtype=np.int64) for i in range(n_windows)]
+    windows = [np.asarray(tokens[i * ctx : i * ctx + ctx + 1], dtype=np.int64) for i in range(n_windows)]
     windows = [w for w in windows if len(w) >= 2]
     nll, agree, count = np.zeros(len(sessions)), np.zeros(len(sessions)), 0
     for start in range(0, len(windows), batch):
-        group = windows[start:start + batch]
+        group = windows[start : start + batch]
         width = min(len(w) for w in group)
         block = np.stack([w[:width] for w in group])  # (b, width)
         reference = None
@@ -127,10 +139,16 @@ def quality(sessions: list, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: i
             nll[i] += losses.sum()
             agree[i] += (top == reference).sum()
         count += block[:, 1:].size
-    return {"perplexity": [math.exp(v / count) for v in nll], "top1": [float(v / count) for v in agree], "tokens": count}
+    return {
+        "perplexity": [math.exp(v / count) for v in nll],
+        "top1": [float(v / count) for v in agree],
+        "tokens": count,
+    }
 
 
-def perplexity(session, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4) -> tuple[float, int]:
+def perplexity(
+    session, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4
+) -> tuple[float, int]:
     """(exp(mean next-token NLL), tokens scored) over consecutive context-length windows of `tokens`."""
     q = quality([session], spec, tokens, max_tokens, batch)
     return q["perplexity"][0], q["tokens"]
@@ -142,33 +160,51 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
 
     spec = model_spec(run.config)
     fp32 = ort_session(fp32_bytes)
-    prompt_text_ids = [int(t) for t in run.val_tokens[:PROMPT_TOKENS - 1]] if run.val_tokens is not None and len(run.val_tokens) else run.tokenizer.encode("The")
+    prompt_text_ids = (
+        [int(t) for t in run.val_tokens[: PROMPT_TOKENS - 1]]
+        if run.val_tokens is not None and len(run.val_tokens)
+        else run.tokenizer.encode("The")
+    )
     prompt = [run.tokenizer.bos_id] + prompt_text_ids
     report: dict = {"failures": []}
     report.update(parity(run, fp32, spec, prompt))
     worst = max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"])
     report["fp32_limit"] = limit = fp32_limit(report["max_abs_logit"])
-    log(f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
-        f"{DECODE_STEPS} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {limit:.1e})")
+    log(
+        f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
+        f"{DECODE_STEPS} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {limit:.1e})"
+    )
     if not worst < limit:
         report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {worst:.2e} (limit {limit:.1e})")
     if quantized_bytes is None:
         return report
     quantized = ort_session(quantized_bytes)
     quantized_parity = parity(run, quantized, spec, prompt)
-    report["quantized_max_abs_diff"] = max(quantized_parity["prefill_max_abs_diff"], quantized_parity["decode_max_abs_diff"])
+    report["quantized_max_abs_diff"] = max(
+        quantized_parity["prefill_max_abs_diff"], quantized_parity["decode_max_abs_diff"]
+    )
     if run.val_tokens is None or len(run.val_tokens) < 2:
         log("  quality: the run has no val tokens (tokens.bin), top-1 agreement and perplexity not measured")
         return report
     q = quality([fp32, quantized], spec, run.val_tokens)
     (ppl32, ppl_q), top1 = q["perplexity"], q["top1"][1]
     ratio, bound = ppl_q / ppl32, QUALITY_LIMITS[quantization]
-    report.update(fp32_perplexity=ppl32, perplexity=ppl_q, perplexity_ratio=ratio, top1_agreement=top1, perplexity_tokens=q["tokens"])
-    log(f"  quality {quantization} vs fp32 on {q['tokens']:,} val tokens: top-1 agreement {top1:.2%} (limit {bound.min_top1:.0%}), "
+    report.update(
+        fp32_perplexity=ppl32,
+        perplexity=ppl_q,
+        perplexity_ratio=ratio,
+        top1_agreement=top1,
+        perplexity_tokens=q["tokens"],
+    )
+    log(
+        f"  quality {quantization} vs fp32 on {q['tokens']:,} val tokens: top-1 agreement {top1:.2%} (limit {bound.min_top1:.0%}), "
         f"perplexity {ppl32:.4f} -> {ppl_q:.4f}, ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); "
-        f"max |logit diff| vs PyTorch {report['quantized_max_abs_diff']:.3f}")
+        f"max |logit diff| vs PyTorch {report['quantized_max_abs_diff']:.3f}"
+    )
     if top1 < bound.min_top1 or ratio > bound.max_ppl_ratio:
-        report["failures"].append(f"{quantization} agrees with float32 on {top1:.2%} of next tokens (limit {bound.min_top1:.0%}) with "
-                                  f"perplexity ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); export with --quantize "
-                                  f"{'int8' if quantization == 'int4' else 'none'} instead")
+        report["failures"].append(
+            f"{quantization} agrees with float32 on {top1:.2%} of next tokens (limit {bound.min_top1:.0%}) with "
+            f"perplexity ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); export with --quantize "
+            f"{'int8' if quantization == 'int4' else 'none'} instead"
+        )
     return report

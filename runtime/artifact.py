@@ -78,7 +78,9 @@ def position_ids(attention_mask):
 META_FORMAT = "craft.format_version"
 META_VERSION = "craft.version"
 META_CONFIG = "craft.model_config"  # JSON of ModelSpec
-META_TOKENIZER_KIND = "craft.tokenizer.kind"  # "sentencepiece" | "char" | "tokenizer.json" (craft.runtime.tokenizer.KINDS)
+META_TOKENIZER_KIND = (
+    "craft.tokenizer.kind"  # "sentencepiece" | "char" | "tokenizer.json" (craft.runtime.tokenizer.KINDS)
+)
 META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
 META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
 META_QUANT = "craft.quantization"  # a scheme name: a key of craft.runtime.weights.SCHEMES
@@ -101,6 +103,7 @@ META_ATTENTION = "craft.attention"  # one of ATTENTIONS; absent means ATTENTION_
 ATTENTION_STANDARD, ATTENTION_INPLACE = "standard", "inplace"
 ATTENTIONS = (ATTENTION_STANDARD, ATTENTION_INPLACE)
 ORT_INPLACE_MIN = "1.20"
+
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""
@@ -133,10 +136,14 @@ class ModelSpec:
         """Parse and type-check (ints are ints, never bools); ranges are craft.runtime.artifact_check's."""
         values = json.loads(text)
         if not isinstance(values, dict):
-            raise ArtifactError(f"model config in the file is a JSON {type(values).__name__}, not an object; re-export it with craft-export")
+            raise ArtifactError(
+                f"model config in the file is a JSON {type(values).__name__}, not an object; re-export it with craft-export"
+            )
         missing = {f.name for f in fields(cls) if f.default is MISSING} - values.keys()
         if missing:
-            raise ArtifactError(f"model config in the file lacks {sorted(missing)}; re-export it with this craft version")
+            raise ArtifactError(
+                f"model config in the file lacks {sorted(missing)}; re-export it with this craft version"
+            )
         typed = {}
         for f in fields(cls):
             if f.name not in values:  # a field added later: its default
@@ -144,12 +151,16 @@ class ModelSpec:
             value = values[f.name]
             kind = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
             if not isinstance(value, kind) or (f.type != "bool" and isinstance(value, bool)):
-                raise ArtifactError(f"model config in the file has {f.name}={json.dumps(value)[:40]}, expected {f.type}; "
-                                    f"re-export it with craft-export")
+                raise ArtifactError(
+                    f"model config in the file has {f.name}={json.dumps(value)[:40]}, expected {f.type}; "
+                    f"re-export it with craft-export"
+                )
             typed[f.name] = float(value) if f.type == "float" else value
         if typed.get("arch", LLAMA) not in (LLAMA, RECURRENT):
-            raise ArtifactError(f"model config names architecture {json.dumps(typed['arch'])[:40]}, this runtime runs {LLAMA!r} and "
-                                f"{RECURRENT!r}; upgrade craft or re-export the model")
+            raise ArtifactError(
+                f"model config names architecture {json.dumps(typed['arch'])[:40]}, this runtime runs {LLAMA!r} and "
+                f"{RECURRENT!r}; upgrade craft or re-export the model"
+            )
         return cls(**typed)
 
 
@@ -192,7 +203,9 @@ class Artifact:
             META_CONFIG: self.spec.to_json(),
             META_TOKENIZER_KIND: self.tokenizer_kind,
             META_TOKENIZER: base64.b64encode(self.tokenizer_data).decode("ascii"),
-            META_BOS: str(self.bos_id), META_EOS: str(self.eos_id), META_PAD: str(self.pad_id),
+            META_BOS: str(self.bos_id),
+            META_EOS: str(self.eos_id),
+            META_PAD: str(self.pad_id),
             META_QUANT: self.quantization,
             META_CHECKPOINT: self.checkpoint_sha256,
         }
@@ -201,11 +214,15 @@ class Artifact:
     def from_metadata(cls, metadata: dict[str, str], source: str = "model") -> "Artifact":
         """Parse and check; ArtifactError naming `source` if it is not a Craft file of this format."""
         if META_FORMAT not in metadata:
-            raise ArtifactError(f"{source} is not a Craft model (no '{META_FORMAT}' in its metadata); export one with craft-export")
+            raise ArtifactError(
+                f"{source} is not a Craft model (no '{META_FORMAT}' in its metadata); export one with craft-export"
+            )
         version = metadata[META_FORMAT]
         if version != str(FORMAT_VERSION):
-            raise ArtifactError(f"{source} has Craft format version {version}, this runtime reads version {FORMAT_VERSION}; "
-                                f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip())
+            raise ArtifactError(
+                f"{source} has Craft format version {version}, this runtime reads version {FORMAT_VERSION}; "
+                f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip()
+            )
         try:
             spec = ModelSpec.from_json(metadata[META_CONFIG])
             attention = metadata.get(META_ATTENTION, ATTENTION_STANDARD)
@@ -215,7 +232,9 @@ class Artifact:
                 spec=spec,
                 tokenizer_kind=metadata[META_TOKENIZER_KIND],
                 tokenizer_data=base64.b64decode(metadata[META_TOKENIZER], validate=True),
-                bos_id=int(metadata[META_BOS]), eos_id=int(metadata[META_EOS]), pad_id=int(metadata[META_PAD]),
+                bos_id=int(metadata[META_BOS]),
+                eos_id=int(metadata[META_EOS]),
+                pad_id=int(metadata[META_PAD]),
                 quantization=metadata[META_QUANT],
                 checkpoint_sha256=metadata.get(META_CHECKPOINT, ""),
                 craft_version=metadata.get(META_VERSION, ""),
@@ -229,7 +248,9 @@ class Artifact:
         except ArtifactError as e:
             raise ArtifactError(f"{source}: {e}") from None
         except (ValueError, OverflowError, RecursionError) as e:  # RecursionError: JSON nested past the stack
-            raise ArtifactError(f"{source} has malformed Craft metadata ({str(e)[:200]}); re-export it with craft-export") from None
+            raise ArtifactError(
+                f"{source} has malformed Craft metadata ({str(e)[:200]}); re-export it with craft-export"
+            ) from None
 
 
 def parse_token_ids(text: str, key: str, vocab_size: int) -> tuple[int, ...]:

@@ -41,8 +41,14 @@ STRUCTURE_BYTES_PER_LAYER = 32 * 1024  # bytes of non-weight, non-metadata proto
 
 # the ranges a ModelSpec field may take (inclusive); beyond them no real model lies
 RANGES = {
-    "vocab_size": (1, 1 << 24), "dim": (1, 1 << 16), "n_layer": (1, 1024), "n_head": (1, 1024), "n_kv_head": (1, 1024),
-    "head_dim": (2, 4096), "hidden_dim": (1, 1 << 20), "context_length": (1, 1 << 24),
+    "vocab_size": (1, 1 << 24),
+    "dim": (1, 1 << 16),
+    "n_layer": (1, 1024),
+    "n_head": (1, 1024),
+    "n_kv_head": (1, 1024),
+    "head_dim": (2, 4096),
+    "hidden_dim": (1, 1 << 20),
+    "context_length": (1, 1 << 24),
 }
 INT64, FLOAT32 = 7, 1  # TensorProto element types of the contract's inputs and outputs
 FIX = "re-export it with craft-export"
@@ -82,7 +88,11 @@ def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tupl
 
 def expected_io(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """Graph inputs and outputs: name -> (element type, shape); None marks a dynamic dim."""
-    inputs = {A.INPUT_IDS: (INT64, (None, None)), A.ATTENTION_MASK: (INT64, (None, None)), A.POSITION_IDS: (INT64, (None, None))}
+    inputs = {
+        A.INPUT_IDS: (INT64, (None, None)),
+        A.ATTENTION_MASK: (INT64, (None, None)),
+        A.POSITION_IDS: (INT64, (None, None)),
+    }
     outputs = {A.LOGITS: (FLOAT32, (None, None, spec.vocab_size))}
     if spec.arch == A.RECURRENT:  # a state (B, dim) per layer in place of the key/value pairs
         inputs.update({A.past_state_name(i): (FLOAT32, (None, spec.dim)) for i in range(spec.n_layer)})
@@ -102,13 +112,19 @@ def check_file(path: str | Path) -> Artifact:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise ArtifactError(f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}") from None
+        raise ArtifactError(
+            f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}"
+        ) from None
     except OSError as e:
         raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
     if stat.S_ISDIR(mode):
-        raise ArtifactError(f"model file {path} is a directory; pass the .onnx file (craft-export RUN_DIR -o FILE.onnx writes one)")
+        raise ArtifactError(
+            f"model file {path} is a directory; pass the .onnx file (craft-export RUN_DIR -o FILE.onnx writes one)"
+        )
     if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end: not opened
-        raise ArtifactError(f"model file {path} is not a regular file (a pipe or a device); pass the .onnx file from craft-export")
+        raise ArtifactError(
+            f"model file {path} is not a regular file (a pipe or a device); pass the .onnx file from craft-export"
+        )
     try:
         artifact = Artifact.from_metadata(read_metadata(path), source=str(path))
         problem = check_claims(artifact)
@@ -136,7 +152,9 @@ def check_claims(artifact: Artifact) -> str | None:
         if not 0 <= value < spec.vocab_size:
             return f"metadata has {name}={value}, outside the vocabulary 0..{spec.vocab_size - 1}"
     if artifact.quantization not in W.SCHEMES:
-        return f"its quantization '{artifact.quantization}' is unknown to this runtime (it knows {', '.join(W.SCHEMES)})"
+        return (
+            f"its quantization '{artifact.quantization}' is unknown to this runtime (it knows {', '.join(W.SCHEMES)})"
+        )
     return None
 
 
@@ -145,8 +163,10 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
     spec = artifact.spec
     budget = STRUCTURE_BYTES_PER_LAYER * (spec.n_layer + 1)
     if model.structure_bytes > budget:
-        return (f"its graph structure takes {model.structure_bytes} bytes, more than the {budget} "
-                f"a model of {spec.n_layer} layers needs")
+        return (
+            f"its graph structure takes {model.structure_bytes} bytes, more than the {budget} "
+            f"a model of {spec.n_layer} layers needs"
+        )
     expected = expected_weights(spec, artifact.quantization)
     for name, (shape, dtype) in expected.items():
         info = model.tensors.get(name)
@@ -160,7 +180,9 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
         if name.startswith(families) and name not in expected:
             return f"it has weight '{name}' that a model of its config ({spec.n_layer} layers, {artifact.quantization}) lacks"
     inputs, outputs = expected_io(spec)
-    return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem("output", model.outputs, outputs, spec.n_layer)
+    return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem(
+        "output", model.outputs, outputs, spec.n_layer
+    )
 
 
 def io_problem(kind: str, found: list[ValueInfo], expected: dict[str, tuple], n_layer: int) -> str | None:
@@ -173,7 +195,9 @@ def io_problem(kind: str, found: list[ValueInfo], expected: dict[str, tuple], n_
     for value in found:
         elem_type, shape = expected[value.name]
         fits = len(value.shape) == len(shape) and all(
-            not isinstance(d, int) if e is None else (d == e or not isinstance(d, int)) for d, e in zip(value.shape, shape))
+            not isinstance(d, int) if e is None else (d == e or not isinstance(d, int))
+            for d, e in zip(value.shape, shape)
+        )
         if value.elem_type != elem_type or not fits:
             want = tuple("?" if e is None else e for e in shape)
             return f"graph {kind} '{value.name}' is type {value.elem_type} {value.shape}, the model config needs type {elem_type} {want}"

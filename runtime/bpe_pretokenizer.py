@@ -29,7 +29,9 @@ Step = Callable[[list[Piece]], list[Piece]]
 # The regex ByteLevel splits with when use_regex is true (GPT-2's, as the tokenizers library spells it).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Unicode White_Space: what Oniguruma's \s matches in a UTF-8 pattern.
-WHITE_SPACE_CHARS = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE_CHARS = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
 WHITE_SPACE = "\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 # Letters and numbers live in planes 0-3; planes 4-16 hold none (unassigned, tags, private use).
 LAST_CLASSIFIED = 0x3FFFF
@@ -41,7 +43,9 @@ class UnsupportedTokenizer(ValueError):
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map, which byte-level vocabularies are written in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -80,9 +84,9 @@ def onig_to_python(pattern: str) -> re.Pattern:
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
             nxt = pattern[i + 1]
-            if nxt in "pP" and pattern[i + 2:i + 3] == "{":
+            if nxt in "pP" and pattern[i + 2 : i + 3] == "{":
                 end = pattern.index("}", i)
-                body = category_class(pattern[i + 3:end])
+                body = category_class(pattern[i + 3 : end])
                 if nxt == "P" and in_class:
                     raise UnsupportedTokenizer(f"regex {pattern!r}: \\P{{..}} inside [...] is not supported")
                 out.append(body if in_class else (f"[{'^' if nxt == 'P' else ''}{body}]"))
@@ -94,16 +98,16 @@ def onig_to_python(pattern: str) -> re.Pattern:
                 out.append(WHITE_SPACE if in_class else f"[{'^' if nxt == 'S' else ''}{WHITE_SPACE}]")
                 i += 2
                 continue
-            out.append(pattern[i:i + 2])
+            out.append(pattern[i : i + 2])
             i += 2
             continue
         if c == "[" and not in_class:
             in_class = True
             out.append(c)
-            if pattern[i + 1:i + 2] == "^":
+            if pattern[i + 1 : i + 2] == "^":
                 out.append("^")
                 i += 1
-            if pattern[i + 1:i + 2] == "]":  # a leading ] is a literal
+            if pattern[i + 1 : i + 2] == "]":  # a leading ] is a literal
                 out.append("\\]")
                 i += 1
         elif c == "[" and in_class:
@@ -121,6 +125,7 @@ def onig_to_python(pattern: str) -> re.Pattern:
 
 
 # ---- splitting a piece (the library's NormalizedString::split) ----
+
 
 def split_piece(piece: Piece, spans: list[tuple[int, int]], behavior: str, invert: bool = False) -> list[Piece]:
     """Cut piece at the match spans (sorted, non-overlapping) as SplitDelimiterBehavior `behavior` says."""
@@ -186,6 +191,7 @@ def is_numeric(c: str) -> bool:
 
 # ---- normalizers: str -> str, applied to each stretch of text between added tokens ----
 
+
 def normalizer(spec: dict | None) -> Callable[[str], str]:
     if spec is None:
         return lambda s: s
@@ -197,6 +203,7 @@ def normalizer(spec: dict | None) -> Callable[[str], str]:
             for step in steps:
                 s = step(s)
             return s
+
         return sequence
     if kind == "Prepend":
         return lambda s: spec["prepend"] + s if s else s
@@ -210,10 +217,13 @@ def normalizer(spec: dict | None) -> Callable[[str], str]:
         return lambda s: unicodedata.normalize(kind, s)
     if kind == "Lowercase":
         return str.lower
-    raise UnsupportedTokenizer(f"normalizer {kind!r} is not supported by the pure-Python tokenizer; pip install tokenizers")
+    raise UnsupportedTokenizer(
+        f"normalizer {kind!r} is not supported by the pure-Python tokenizer; pip install tokenizers"
+    )
 
 
 # ---- pre-tokenizers: list of pieces -> list of pieces ----
+
 
 def pre_tokenizer(spec: dict | None) -> Step:
     if spec is None:
@@ -226,6 +236,7 @@ def pre_tokenizer(spec: dict | None) -> Step:
             for step in steps:
                 pieces = step(pieces)
             return pieces
+
         return sequence
     if kind == "ByteLevel":
         return byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True))
@@ -240,7 +251,9 @@ def pre_tokenizer(spec: dict | None) -> Step:
         return each(lambda p: split_piece(p, char_spans(is_numeric, p[0]), behavior))
     if kind == "Metaspace":
         return metaspace(spec)
-    raise UnsupportedTokenizer(f"pre-tokenizer {kind!r} is not supported by the pure-Python tokenizer; pip install tokenizers")
+    raise UnsupportedTokenizer(
+        f"pre-tokenizer {kind!r} is not supported by the pure-Python tokenizer; pip install tokenizers"
+    )
 
 
 def each(split: Callable[[Piece], list[Piece]]) -> Step:
@@ -256,6 +269,7 @@ def byte_level(add_prefix_space: bool, use_regex: bool) -> Step:
             text = " " + text
         parts = split_piece((text, at_start), regex_spans(regex, text), "isolated") if regex else [(text, at_start)]
         return [("".join(BYTE_CHAR[b] for b in t.encode("utf-8", "surrogatepass")), s) for t, s in parts]
+
     return each(split)
 
 
@@ -274,5 +288,5 @@ def metaspace(spec: dict) -> Step:
         if not do_split:
             return [(text, at_start)]
         return split_piece((text, at_start), char_spans(lambda c: c == replacement, text), "mergedwithnext")
-    return each(split)
 
+    return each(split)

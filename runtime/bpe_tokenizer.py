@@ -38,7 +38,9 @@ class BPEModel:
         if spec.get("type") != "BPE":
             raise pre.UnsupportedTokenizer(f"tokenizer model {spec.get('type')!r} is not supported; expected 'BPE'")
         if spec.get("continuing_subword_prefix") or spec.get("end_of_word_suffix") or spec.get("dropout"):
-            raise pre.UnsupportedTokenizer("BPE with continuing_subword_prefix, end_of_word_suffix or dropout is not supported")
+            raise pre.UnsupportedTokenizer(
+                "BPE with continuing_subword_prefix, end_of_word_suffix or dropout is not supported"
+            )
         self.vocab: dict[str, int] = spec["vocab"]
         self.byte_fallback = bool(spec.get("byte_fallback", False))
         self.ignore_merges = bool(spec.get("ignore_merges", False))
@@ -172,8 +174,16 @@ class HFTokenizer:
 
     kind = HF_JSON
 
-    def __init__(self, tokenizer_json: str | bytes, *, bos_id: int, eos_id: int, pad_id: int, add_bos: bool,
-                 use_library: bool = True):
+    def __init__(
+        self,
+        tokenizer_json: str | bytes,
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        add_bos: bool,
+        use_library: bool = True,
+    ):
         """use_library=False forces the pure-Python pipeline even where `tokenizers` is installed (tests)."""
         self.json = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
         spec = json.loads(self.json)
@@ -220,8 +230,14 @@ class HFTokenizer:
         return text[1:] if self._strip_space and text.startswith(" ") else text
 
     def to_bytes(self) -> bytes:
-        envelope = {"kind": HF_JSON, "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                    "add_bos": self.add_bos, "tokenizer": json.loads(self.json)}
+        envelope = {
+            "kind": HF_JSON,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "add_bos": self.add_bos,
+            "tokenizer": json.loads(self.json),
+        }
         return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -231,10 +247,16 @@ class HFTokenizer:
             assert envelope.get("kind") == HF_JSON and isinstance(envelope.get("tokenizer"), dict)
             ids = {k: int(envelope[k]) for k in ("bos_id", "eos_id", "pad_id")}
         except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"not a {HF_JSON} tokenizer: expected JSON with kind='{HF_JSON}', the special ids "
-                             "and a 'tokenizer' object") from None
-        return cls(json.dumps(envelope["tokenizer"], ensure_ascii=False), add_bos=bool(envelope.get("add_bos", False)),
-                   use_library=use_library, **ids)
+            raise ValueError(
+                f"not a {HF_JSON} tokenizer: expected JSON with kind='{HF_JSON}', the special ids "
+                "and a 'tokenizer' object"
+            ) from None
+        return cls(
+            json.dumps(envelope["tokenizer"], ensure_ascii=False),
+            add_bos=bool(envelope.get("add_bos", False)),
+            use_library=use_library,
+            **ids,
+        )
 
 
 def load_library(tokenizer_json: str):
@@ -246,17 +268,29 @@ def load_library(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def decoded_pieces(decoder: dict | None, pieces: dict[int, str], special: set[int], size: int) -> tuple[list[bytes], bool]:
+def decoded_pieces(
+    decoder: dict | None, pieces: dict[int, str], special: set[int], size: int
+) -> tuple[list[bytes], bool]:
     """Each id's exact bytes under `decoder`, and whether decode drops one leading space."""
-    steps = decoder.get("decoders", []) if decoder and decoder.get("type") == "Sequence" else [decoder] if decoder else []
+    steps = (
+        decoder.get("decoders", []) if decoder and decoder.get("type") == "Sequence" else [decoder] if decoder else []
+    )
     kinds = [s.get("type") for s in steps]
     byte_level = "ByteLevel" in kinds
-    metaspace = any(s.get("type") == "Metaspace" or (s.get("type") == "Replace" and s.get("content") == " "
-                                                     and s.get("pattern", {}).get("String") == META_SPACE) for s in steps)
+    metaspace = any(
+        s.get("type") == "Metaspace"
+        or (s.get("type") == "Replace" and s.get("content") == " " and s.get("pattern", {}).get("String") == META_SPACE)
+        for s in steps
+    )
     byte_fallback = "ByteFallback" in kinds
-    strip_space = any(s.get("type") == "Strip" and s.get("content") == " " and s.get("start", 0) > 0 for s in steps) or any(
-        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" and s.get("add_prefix_space", True)
-        for s in steps)
+    strip_space = any(
+        s.get("type") == "Strip" and s.get("content") == " " and s.get("start", 0) > 0 for s in steps
+    ) or any(
+        s.get("type") == "Metaspace"
+        and s.get("prepend_scheme", "always") != "never"
+        and s.get("add_prefix_space", True)
+        for s in steps
+    )
     table = [b""] * size
     for i, piece in pieces.items():
         if i in special:

@@ -33,8 +33,16 @@ class ChatTemplateError(ValueError):
     """A chat template that does not parse, refuses the messages, or attempts something unsafe."""
 
 
-def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True, bos_token: str = "",
-                eos_token: str = "", max_chars: int = MAX_CHARS, **variables: Any) -> str:
+def render_chat(
+    template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+    max_chars: int = MAX_CHARS,
+    **variables: Any,
+) -> str:
     """The prompt text for `messages` (dicts with "role" and "content"), ending with the assistant's
     turn opener when add_generation_prompt. `variables` go to the template too (tools, documents,
     pad_token, ...), as apply_chat_template's keyword arguments do. ChatTemplateError on failure."""
@@ -53,7 +61,9 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         for chunk in compiled.generate(messages=chat, add_generation_prompt=add_generation_prompt, **context):
             size += len(chunk)
             if size > max_chars:
-                raise ChatTemplateError(f"chat template output passed {max_chars} characters; the template or the conversation is too long")
+                raise ChatTemplateError(
+                    f"chat template output passed {max_chars} characters; the template or the conversation is too long"
+                )
             out.append(chunk)
     except ChatTemplateError:
         raise
@@ -81,7 +91,9 @@ def plain(value: Any) -> Any:
         return {plain(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
-    raise ChatTemplateError(f"chat messages may hold only JSON values (str, number, bool, None, list, dict), got {type(value).__name__}")
+    raise ChatTemplateError(
+        f"chat messages may hold only JSON values (str, number, bool, None, list, dict), got {type(value).__name__}"
+    )
 
 
 def check_size(value: Any) -> Any:
@@ -94,13 +106,21 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
     """Refuse the few string operations whose result can be far larger than their inputs."""
     if name in AMPLIFYING:
         raise ChatTemplateError(f"chat template called {name}(), which chat templates do not need")
-    if name == "replace" and isinstance(subject, str) and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+    if (
+        name == "replace"
+        and isinstance(subject, str)
+        and len(args) >= 2
+        and isinstance(args[0], str)
+        and isinstance(args[1], str)
+    ):
         grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
         if len(subject) + grown > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     if name in ("format", "indent", "center", "wordwrap", "truncate") or name == "%":
         for a in (subject, *args):
-            if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (isinstance(a, str) and WIDE_FORMAT.search(a)):
+            if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (
+                isinstance(a, str) and WIDE_FORMAT.search(a)
+            ):
                 raise ChatTemplateError(f"chat template asked {name} for a width above {MAX_WIDTH}")
 
 
@@ -150,10 +170,14 @@ def make_environment():
         def tick(self) -> None:
             self.steps += 1
             if self.steps > MAX_ITERATIONS or time.monotonic() > self.deadline:
-                raise ChatTemplateError(f"chat template ran past its budget ({MAX_ITERATIONS} steps or {MAX_SECONDS:g} s)")
+                raise ChatTemplateError(
+                    f"chat template ran past its budget ({MAX_ITERATIONS} steps or {MAX_SECONDS:g} s)"
+                )
 
         def unsafe_undefined(self, obj, attribute):
-            raise jinja2.exceptions.SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+            raise jinja2.exceptions.SecurityError(
+                f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe"
+            )
 
         def call(self, context, obj, *args, **kwargs):
             self.tick()
@@ -197,6 +221,7 @@ def make_environment():
             env.tick()
             check_arguments(name, None, args + tuple(kwargs.values()))
             return check_size(function(*args, **kwargs))
+
         for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
             if hasattr(function, attr):
                 setattr(bounded, attr, getattr(function, attr))
@@ -228,6 +253,11 @@ def make_environment():
 
     env.filters["tojson"] = tojson
     env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})
-    env.globals.update(range=bounded_range, raise_exception=raise_exception, namespace=Namespace,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt), dict=lambda *a, **k: dict(*a, **k))
+    env.globals.update(
+        range=bounded_range,
+        raise_exception=raise_exception,
+        namespace=Namespace,
+        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        dict=lambda *a, **k: dict(*a, **k),
+    )
     return env

@@ -28,8 +28,17 @@ class NumpyRecurrentBackend:
         self.layers = []
         for i in range(spec.n_layer):
             n = W.recurrent_layer(i)
-            self.layers.append({"recurrence_norm": w.float32(n.recurrence_norm), "win": w.linear(n.win), "decay": w.float32(n.decay),
-                                "wo": w.linear(n.wo), "ffn_norm": w.float32(n.ffn_norm), "w13": w.linear(n.w13), "w2": w.linear(n.w2)})
+            self.layers.append(
+                {
+                    "recurrence_norm": w.float32(n.recurrence_norm),
+                    "win": w.linear(n.win),
+                    "decay": w.float32(n.decay),
+                    "wo": w.linear(n.wo),
+                    "ffn_norm": w.float32(n.ffn_norm),
+                    "w13": w.linear(n.w13),
+                    "w2": w.linear(n.w2),
+                }
+            )
         self.norm = w.float32(W.NORM)
         self.embedding_rows, self.head = w.embedding_and_head()
         self.state: list[np.ndarray] = []
@@ -39,14 +48,18 @@ class NumpyRecurrentBackend:
         self.state = [np.zeros((batch, self.spec.dim), np.float32) for _ in range(self.spec.n_layer)]
         self.cache_length = 0
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T); advances the state
         by T tokens. The last T columns of attention_mask gate it (a pad leaves a row's state as it was);
         position_ids are not used: a recurrence knows order from the state."""
         s = self.spec
         T = input_ids.shape[1]
         if self.cache_length + T > s.context_length:
-            raise ValueError(f"sequence of {self.cache_length + T} tokens exceeds the model's context of {s.context_length}")
+            raise ValueError(
+                f"sequence of {self.cache_length + T} tokens exceeds the model's context of {s.context_length}"
+            )
         mask = attention_mask[:, -T:, None].astype(np.float32)  # (B, T, 1)
         x = self.embedding_rows(input_ids)  # (B, T, dim)
         for i, layer in enumerate(self.layers):

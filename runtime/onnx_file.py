@@ -60,6 +60,7 @@ class ValueInfo:
     value is not a tensor or its type is unset); each shape entry is an int for
     a fixed dim, a str for a named (dynamic) dim and None for an unknown one.
     The shape is () both for scalars and when the rank is unknown."""
+
     name: str
     elem_type: int
     shape: tuple[int | str | None, ...]
@@ -71,6 +72,7 @@ class Node:
     (STRING), np.ndarray (TENSOR), or lists of those (FLOATS, INTS, STRINGS,
     TENSORS); kinds Craft does not read (graphs, sparse tensors, type protos)
     map to None so that their presence is still visible."""
+
     op_type: str
     domain: str
     name: str
@@ -84,6 +86,7 @@ class TensorInfo:
     """An initializer as its header describes it, read without decoding its data.  `dtype`
     is None for a data type Craft does not read.  For the others the reader has checked that
     the file holds exactly the data the shape claims."""
+
     name: str
     data_type: int
     shape: tuple[int, ...]
@@ -100,6 +103,7 @@ class OnnxModel:
     nodes even when they were not parsed.  `structure_bytes` is the part of the
     file that is neither initializer raw_data nor metadata: what a runtime turns
     into objects (nodes, names, types, typed values), whatever their number."""
+
     ir_version: int
     opsets: dict[str, int]
     producer: str
@@ -114,8 +118,13 @@ class OnnxModel:
     structure_bytes: int = 0
 
 
-def read_model(path: str | os.PathLike, *, with_weights: bool | Collection[str] = True, with_nodes: bool = True,
-               max_entries: int | None = None) -> OnnxModel:
+def read_model(
+    path: str | os.PathLike,
+    *,
+    with_weights: bool | Collection[str] = True,
+    with_nodes: bool = True,
+    max_entries: int | None = None,
+) -> OnnxModel:
     """Read the model at `path`.  `with_weights`: decode every initializer (True),
     none (False: only their headers, in `tensors`; tensor-valued node attributes,
     as in Constant nodes, are still decoded), or only those named.  Reading the
@@ -197,8 +206,9 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         else:
             raise _Malformed(f"malformed protobuf: unsupported wire type {wire} at byte {pos}")
         if size > end - pos:
-            raise _Malformed(f"truncated or malformed protobuf: field {number} at byte {pos} "
-                             f"needs {size} bytes, {end - pos} left")
+            raise _Malformed(
+                f"truncated or malformed protobuf: field {number} at byte {pos} needs {size} bytes, {end - pos} left"
+            )
         yield number, wire, pos, pos + size
         pos += size
 
@@ -240,7 +250,7 @@ def _count_varints(data: np.ndarray) -> int:
     """How many varints a packed run (uint8 array) holds: the bytes that end one."""
     if data.size and data[-1] >= 0x80:
         raise _Malformed("truncated or malformed protobuf: packed varints end mid-value")
-    return sum(int(np.count_nonzero(data[i:i + _CHUNK] < 0x80)) for i in range(0, data.size, _CHUNK))
+    return sum(int(np.count_nonzero(data[i : i + _CHUNK] < 0x80)) for i in range(0, data.size, _CHUNK))
 
 
 def _decode_varints(data: np.ndarray) -> Iterator[np.ndarray]:
@@ -276,8 +286,18 @@ def _decode_chunk(data: np.ndarray) -> np.ndarray:
 
 # TensorProto.DataType -> (little-endian numpy dtype, field holding typed values)
 _TENSOR_TYPES = {
-    1: ("<f4", 4), 2: ("u1", 5), 3: ("i1", 5), 4: ("<u2", 5), 5: ("<i2", 5), 6: ("<i4", 5),
-    7: ("<i8", 7), 9: ("?", 5), 10: ("<f2", 5), 11: ("<f8", 10), 12: ("<u4", 11), 13: ("<u8", 11),
+    1: ("<f4", 4),
+    2: ("u1", 5),
+    3: ("i1", 5),
+    4: ("<u2", 5),
+    5: ("<i2", 5),
+    6: ("<i4", 5),
+    7: ("<i8", 7),
+    9: ("?", 5),
+    10: ("<f2", 5),
+    11: ("<f8", 10),
+    12: ("<u4", 11),
+    13: ("<u8", 11),
 }
 # float_data and double_data hold fixed-width values; the other typed fields hold varints
 _FIXED_WIDTH_FIELDS = {4: (np.dtype("<f4"), _FIXED32), 10: (np.dtype("<f8"), _FIXED64)}
@@ -296,6 +316,7 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 @dataclass
 class _Tensor:
     """A TensorProto's header and where its data lies: buf[raw[0]:raw[1]] or the typed spans."""
+
     name: str = ""
     data_type: int = 0
     dims: list[int] = field(default_factory=list)
@@ -331,8 +352,10 @@ def _tensor_header(buf: memoryview, start: int, end: int) -> _Tensor:
         elif number in (4, 5, 7, 10, 11):
             typed.setdefault(number, []).append((wire, a, b))
     if t.external:
-        raise _Malformed(f"tensor {t.name!r} keeps its data in an external file "
-                         "(data_location=EXTERNAL); Craft models must be self-contained")
+        raise _Malformed(
+            f"tensor {t.name!r} keeps its data in an external file "
+            "(data_location=EXTERNAL); Craft models must be self-contained"
+        )
     if any(d < 0 for d in t.dims):
         raise _Malformed(f"tensor {t.name!r} has negative dims {t.dims}")
     if t.dtype is None:
@@ -341,13 +364,14 @@ def _tensor_header(buf: memoryview, start: int, end: int) -> _Tensor:
     count = math.prod(t.dims)
     if t.raw is not None:
         if t.raw_bytes != count * t.dtype.itemsize:
-            raise _Malformed(f"tensor {t.name!r} of shape {tuple(t.dims)} has {t.raw_bytes} "
-                             f"bytes of raw_data, expected {count * t.dtype.itemsize}")
+            raise _Malformed(
+                f"tensor {t.name!r} of shape {tuple(t.dims)} has {t.raw_bytes} "
+                f"bytes of raw_data, expected {count * t.dtype.itemsize}"
+            )
     else:
         present = _count_typed(buf, _TENSOR_TYPES[t.data_type][1], t.typed)
         if present != count:
-            raise _Malformed(f"tensor {t.name!r} of shape {tuple(t.dims)} has {present} "
-                             f"values, expected {count}")
+            raise _Malformed(f"tensor {t.name!r} of shape {tuple(t.dims)} has {present} values, expected {count}")
     return t
 
 
@@ -383,7 +407,7 @@ def _tensor_values(buf: memoryview, t: _Tensor) -> np.ndarray:
     values = np.empty(count, np.uint16 if t.data_type == 10 else t.dtype.newbyteorder("="))
     filled = 0
     for part in _typed_parts(buf, number, t.typed):
-        values[filled:filled + part.size] = part  # a cast, as astype would (int32_data holds int8 ... bool)
+        values[filled : filled + part.size] = part  # a cast, as astype would (int32_data holds int8 ... bool)
         filled += part.size
     assert filled == count, "checked by _tensor_header"
     if t.data_type == 10:
@@ -452,8 +476,14 @@ def _parse_attribute(buf: memoryview, start: int, end: int) -> tuple[str, object
         return name, _parse_tensor(buf, *tensor)[1] if tensor else None
     if kind == _ATTR_TENSORS:
         return name, [_parse_tensor(buf, a, b)[1] for a, b in tensors]
-    values = {_ATTR_FLOAT: f, _ATTR_INT: i, _ATTR_STRING: s,
-              _ATTR_FLOATS: floats, _ATTR_INTS: ints, _ATTR_STRINGS: strings}
+    values = {
+        _ATTR_FLOAT: f,
+        _ATTR_INT: i,
+        _ATTR_STRING: s,
+        _ATTR_FLOATS: floats,
+        _ATTR_INTS: ints,
+        _ATTR_STRINGS: strings,
+    }
     return name, values.get(kind)
 
 

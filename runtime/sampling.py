@@ -28,14 +28,18 @@ class SamplingParams:
     temperature: float = 0.8  # 0 is greedy (argmax); higher is more random
     top_k: int = 40  # sample among the k most likely tokens; 0 disables
     top_p: float = 0.95  # ...and among the fewest tokens whose probability sums to p; 1 disables
-    min_p: float = 0.0  # ...and drop tokens less likely than min_p x the top token's probability (llama.cpp's rule); 0 disables
+    min_p: float = (
+        0.0  # ...and drop tokens less likely than min_p x the top token's probability (llama.cpp's rule); 0 disables
+    )
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the text (CTRL's rule); 1 disables
     seed: int | None = None  # the same seed, model and settings give the same text; None: a fresh random seed
     stop: tuple[str, ...] = ()  # stop when the text produces one of these (not included in the text)
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise SamplingError(f"--max-new-tokens must be >= 0 (an integer; 0 generates none), got {self.max_new_tokens}")
+            raise SamplingError(
+                f"--max-new-tokens must be >= 0 (an integer; 0 generates none), got {self.max_new_tokens}"
+            )
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise SamplingError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not _is_int(self.top_k) or self.top_k < 0:
@@ -131,7 +135,7 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             near = np.arange(vocab)
         sub = logits[near]
         if len(sub) > 8 * k:  # a skewed sample or flat logits: narrow to the k-th value (ties kept)
-            kth = sub[np.argpartition(sub, len(sub) - k)[len(sub) - k:]].min()
+            kth = sub[np.argpartition(sub, len(sub) - k)[len(sub) - k :]].min()
             keep = np.flatnonzero(sub >= kth)
             near, sub = near[keep], sub[keep]
     order = np.lexsort((near, -sub))[:k]  # logit descending, id ascending
@@ -141,8 +145,9 @@ def _sorted_top(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 NUCLEUS_PREFILTER = 1024
 
 
-def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-                previous: np.ndarray | None = None) -> int:
+def sample_next(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, previous: np.ndarray | None = None
+) -> int:
     """The next token id from one position's logits (vocab,).
 
     Top-p and min-p are applied to the (temperature 1) probabilities of the top-k survivors, as

@@ -67,8 +67,15 @@ class LayerNames:
 
 def layer(i: int) -> LayerNames:
     p = f"layers.{i}."
-    return LayerNames(p + "attention_norm.weight", p + "attention.wqkv.weight", p + "attention.wqkv.bias", p + "attention.wo.weight",
-                      p + "ffn_norm.weight", p + "feed_forward.w13.weight", p + "feed_forward.w2.weight")
+    return LayerNames(
+        p + "attention_norm.weight",
+        p + "attention.wqkv.weight",
+        p + "attention.wqkv.bias",
+        p + "attention.wo.weight",
+        p + "ffn_norm.weight",
+        p + "feed_forward.w13.weight",
+        p + "feed_forward.w2.weight",
+    )
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,15 @@ class RecurrentLayerNames:
 
 def recurrent_layer(i: int) -> RecurrentLayerNames:
     p = f"layers.{i}."
-    return RecurrentLayerNames(p + "recurrence_norm.weight", p + "recurrence.win.weight", p + "recurrence.decay",
-                               p + "recurrence.wo.weight", p + "ffn_norm.weight", p + "feed_forward.w13.weight",
-                               p + "feed_forward.w2.weight")
+    return RecurrentLayerNames(
+        p + "recurrence_norm.weight",
+        p + "recurrence.win.weight",
+        p + "recurrence.decay",
+        p + "recurrence.wo.weight",
+        p + "ffn_norm.weight",
+        p + "feed_forward.w13.weight",
+        p + "feed_forward.w2.weight",
+    )
 
 
 def float_weights(spec: ModelSpec) -> dict[str, Shape]:
@@ -100,7 +113,11 @@ def float_weights(spec: ModelSpec) -> dict[str, Shape]:
             n = recurrent_layer(i)
             out[n.recurrence_norm] = out[n.decay] = out[n.ffn_norm] = (spec.dim,)
         return out
-    out = {NORM: (spec.dim,), ROPE_COS: (spec.context_length, spec.head_dim), ROPE_SIN: (spec.context_length, spec.head_dim)}
+    out = {
+        NORM: (spec.dim,),
+        ROPE_COS: (spec.context_length, spec.head_dim),
+        ROPE_SIN: (spec.context_length, spec.head_dim),
+    }
     for i in range(spec.n_layer):
         out[layer(i).attention_norm] = out[layer(i).ffn_norm] = (spec.dim,)
         if spec.qkv_bias:
@@ -116,14 +133,26 @@ def scheme_weights(spec: ModelSpec) -> dict[str, Shape]:
     if spec.arch == "recurrent":
         for i in range(spec.n_layer):
             n = recurrent_layer(i)
-            out.update({n.win: (spec.dim, 3 * spec.dim), n.wo: (spec.dim, spec.dim),
-                        n.w13: (spec.dim, 2 * spec.hidden_dim), n.w2: (spec.hidden_dim, spec.dim)})
+            out.update(
+                {
+                    n.win: (spec.dim, 3 * spec.dim),
+                    n.wo: (spec.dim, spec.dim),
+                    n.w13: (spec.dim, 2 * spec.hidden_dim),
+                    n.w2: (spec.hidden_dim, spec.dim),
+                }
+            )
         return out
     qkv = (spec.n_head + 2 * spec.n_kv_head) * spec.head_dim
     for i in range(spec.n_layer):
         n = layer(i)
-        out.update({n.wqkv: (spec.dim, qkv), n.wo: (spec.n_head * spec.head_dim, spec.dim),
-                    n.w13: (spec.dim, 2 * spec.hidden_dim), n.w2: (spec.hidden_dim, spec.dim)})
+        out.update(
+            {
+                n.wqkv: (spec.dim, qkv),
+                n.wo: (spec.n_head * spec.head_dim, spec.dim),
+                n.w13: (spec.dim, 2 * spec.hidden_dim),
+                n.w2: (spec.hidden_dim, spec.dim),
+            }
+        )
     return out
 
 
@@ -163,7 +192,9 @@ class Scheme:
         """x @ W in numpy with the arithmetic of this scheme's graph ops."""
         raise NotImplementedError
 
-    def embedding(self, stored: tuple[np.ndarray, ...], shape: Shape) -> tuple[Callable[[np.ndarray], np.ndarray], Linear]:
+    def embedding(
+        self, stored: tuple[np.ndarray, ...], shape: Shape
+    ) -> tuple[Callable[[np.ndarray], np.ndarray], Linear]:
         """(rows: ids (B, T) -> (B, T, dim) float32, tied head: x @ E^T) from the stored table."""
         raise NotImplementedError
 
@@ -329,9 +360,12 @@ class BlockLinear:
         return matmul(quantize_activation_blocks(x.reshape(B * T, K)).reshape(B, T, K), self.w)
 
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (
-    Float32(),
-    BlockQuant(8, "int8", "blocks of 32, about 4x smaller and faster on CPUs"),
-    BlockQuant(4, "int4", "blocks of 32, about 7x smaller"),
-)}
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Float32(),
+        BlockQuant(8, "int8", "blocks of 32, about 4x smaller and faster on CPUs"),
+        BlockQuant(4, "int4", "blocks of 32, about 7x smaller"),
+    )
+}
 NONE, INT8, INT4 = "none", "int8", "int4"

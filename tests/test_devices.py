@@ -40,14 +40,22 @@ def test_staged_runtime_alone(tmp_path, sp_int8):
     assert not (stage / "craft" / "export").exists() and (stage / "craft" / "runtime" / "generator.py").is_file()
     args = [str(sp_int8), check.PROMPT, "-t", "0", "-n", "12", "--json"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    staged = subprocess.run([sys.executable, str(stage / "guest_run.py"), str(tmp_path / "report.json"), *args], cwd=stage,
-                            env={**env, "PYTHONPATH": str(stage)}, capture_output=True, text=True, timeout=120)
+    staged = subprocess.run(
+        [sys.executable, str(stage / "guest_run.py"), str(tmp_path / "report.json"), *args],
+        cwd=stage,
+        env={**env, "PYTHONPATH": str(stage)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert staged.returncode == 0, staged.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["craft_from"] == str(stage / "craft")
     assert report["forbidden_loaded"] == [] and report["forbidden_attempts"] == []
     assert report["packages"]["numpy"] and report["packages"]["onnxruntime"] and report["packages"]["sentencepiece"]
-    in_tree = subprocess.run([sys.executable, "-m", "craft.runtime.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    in_tree = subprocess.run(
+        [sys.executable, "-m", "craft.runtime.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert in_tree.returncode == 0, in_tree.stderr
     assert json.loads(staged.stdout)["token_ids"] == json.loads(in_tree.stdout)["token_ids"]
 
@@ -62,10 +70,22 @@ def test_guest_run_blocks_forbidden_imports():
         assert guest.Block().find_spec(name) is None
 
 
-@pytest.mark.skipif(os.environ.get("CRAFT_DEVICE_CHECK") != "1", reason="the emulated-ARM device check runs with CRAFT_DEVICE_CHECK=1 (CI runs scripts/devices/check.sh itself)")
+@pytest.mark.skipif(
+    os.environ.get("CRAFT_DEVICE_CHECK") != "1",
+    reason="the emulated-ARM device check runs with CRAFT_DEVICE_CHECK=1 (CI runs scripts/devices/check.sh itself)",
+)
 def test_device_check():
-    proc = subprocess.run([str(DEVICES / "check.sh")], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HOST_PYTHON": sys.executable})
+    proc = subprocess.run(
+        [str(DEVICES / "check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HOST_PYTHON": sys.executable},
+    )
     if proc.returncode == 77:
-        pytest.skip(next((line for line in proc.stdout.splitlines() if line.startswith("SKIP")), "device check skipped (exit 77)"))
+        pytest.skip(
+            next(
+                (line for line in proc.stdout.splitlines() if line.startswith("SKIP")), "device check skipped (exit 77)"
+            )
+        )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -47,6 +47,11 @@ def test_model_predicts_memory_fit_and_bandwidth_bound_speed(sp_int8, sp_fp32):
 def test_cli_estimate_prints_every_device(sp_int8):
     result = run_cli("craft.runtime.cli", str(sp_int8), "--estimate")
     assert result.returncode == 0, result.stderr
-    assert "pi4" in result.stdout and "pi5" in result.stdout and "pi-zero-2w" in result.stdout and "tokens/s" in result.stdout
+    assert (
+        "pi4" in result.stdout
+        and "pi5" in result.stdout
+        and "pi-zero-2w" in result.stdout
+        and "tokens/s" in result.stdout
+    )
     numpy_only = run_cli("craft.runtime.cli", str(sp_int8), "--estimate", "--backend", "numpy")
     assert all(" numpy " in line for line in numpy_only.stdout.splitlines()[1:])

@@ -94,8 +94,14 @@ def test_metadata_round_trips_from_the_file_alone(request, run_name, model_name)
     run = load_run(run_dir)
     art = Artifact.from_metadata(read_metadata(path))
     cfg = run.config
-    assert (art.spec.dim, art.spec.n_layer, art.spec.n_head, art.spec.n_kv_head, art.spec.vocab_size, art.spec.context_length) == \
-           (cfg.dim, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.vocab_size, cfg.context_length)
+    assert (
+        art.spec.dim,
+        art.spec.n_layer,
+        art.spec.n_head,
+        art.spec.n_kv_head,
+        art.spec.vocab_size,
+        art.spec.context_length,
+    ) == (cfg.dim, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.vocab_size, cfg.context_length)
     assert art.tokenizer_data == run.tokenizer.to_bytes()
     tok = tokenizer_from_bytes(art.tokenizer_kind, art.tokenizer_data)
     assert tok.encode("Hark, 日本 🙂") == run.tokenizer.encode("Hark, 日本 🙂")
@@ -117,7 +123,9 @@ def test_int8_bounds_on_tiny_runs(char_fp32, char_int8, sp_int8):
 def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
     out = tmp_path / "m.int4.onnx"
     report = export(sp_run, out, quantize="int4", log=lambda *a: None)
-    assert 1.0 <= report["perplexity_ratio"] <= V.QUALITY_LIMITS["int4"].max_ppl_ratio  # 4 bits cost something, within budget
+    assert (
+        1.0 <= report["perplexity_ratio"] <= V.QUALITY_LIMITS["int4"].max_ppl_ratio
+    )  # 4 bits cost something, within budget
     assert 0.5 < report["top1_agreement"] < json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])["top1_agreement"]
     assert out.stat().st_size < 0.75 * sp_int8.stat().st_size
 
@@ -155,17 +163,20 @@ def onnx_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".onnx" in p.name)
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing", "does not exist; train one with"),
-    ("no_config", "has no config.yaml"),
-    ("no_tokenizer", "has no tokenizer"),
-    ("no_checkpoint", "checkpoint.pt does not exist"),
-    ("truncated", "corrupted or truncated"),
-    ("other_config", "different model config"),
-    ("bad_quantize", "'int2' is not one of 'none', 'int8', 'int4'"),
-    ("unwritable", "cannot write"),
-    ("output_dir_missing", "does not exist; create it"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("missing", "does not exist; train one with"),
+        ("no_config", "has no config.yaml"),
+        ("no_tokenizer", "has no tokenizer"),
+        ("no_checkpoint", "checkpoint.pt does not exist"),
+        ("truncated", "corrupted or truncated"),
+        ("other_config", "different model config"),
+        ("bad_quantize", "'int2' is not one of 'none', 'int8', 'int4'"),
+        ("unwritable", "cannot write"),
+        ("output_dir_missing", "does not exist; create it"),
+    ],
+)
 def test_bad_input_one_line_nonzero_and_no_file(char_run, tmp_path, case, pattern):
     run = tmp_path / "run"
     out = tmp_path / "out" / "m.onnx"
@@ -213,7 +224,15 @@ def test_cli_prints_report_and_default_output(char_run, tmp_path):
     run = copy_run(char_run, tmp_path / "run")
     result = run_cli("craft.export.cli", str(run))
     assert result.returncode == 0, result.stderr
-    for phrase in ("parity  PyTorch vs ONNX Runtime fp32", "quality int8 vs fp32", "top-1 agreement", "size ", "ratio", "parameters", "wrote"):
+    for phrase in (
+        "parity  PyTorch vs ONNX Runtime fp32",
+        "quality int8 vs fp32",
+        "top-1 agreement",
+        "size ",
+        "ratio",
+        "parameters",
+        "wrote",
+    ):
         assert phrase in result.stdout
     assert (run / "model.int8.onnx").is_file() and onnx_files(run) == ["model.int8.onnx"]
 

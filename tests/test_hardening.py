@@ -24,7 +24,13 @@ from craft import run_dir as rd
 from craft.callbacks import read_metrics
 from craft.data import DATA_INFO, TOKENS
 
-FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 2, "train.eval_iters": 2, "train.log_interval": 1}
+FAST = {
+    "tokenizer.kind": "char",
+    "model.n_kv_head": 0,
+    "train.warmup_steps": 2,
+    "train.eval_iters": 2,
+    "train.log_interval": 1,
+}
 
 
 def overrides(out: Path, corpus: Path, **extra) -> list[str]:
@@ -34,7 +40,10 @@ def overrides(out: Path, corpus: Path, **extra) -> list[str]:
 def assert_one_line(result: subprocess.CompletedProcess, prog: str, code: int, *needles: str) -> str:
     """The command failed with `code` and exactly one stderr line 'PROG: error: ...' holding `needles`."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == code and len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), (result.returncode, result.stderr[-3000:])
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), (
+        result.returncode,
+        result.stderr[-3000:],
+    )
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -46,7 +55,9 @@ def temp_files(directory: Path) -> list[Path]:
 
 def start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def last_step(run: Path) -> int:
@@ -74,7 +85,10 @@ def tmpfs(tmp_path):
         point = tmp_path / f"tmpfs{len(mounted)}"
         point.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode != 0:
+        if (
+            subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode
+            != 0
+        ):
             pytest.skip("cannot mount a tmpfs here (no CAP_SYS_ADMIN)")
         mounted.append(point)
         return point
@@ -87,10 +101,15 @@ def tmpfs(tmp_path):
 @pytest.fixture
 def short_run(tmp_path, small_corpus) -> Path:
     """A 10-step char run of its own (tests damage it)."""
-    return train_run(tmp_path / "run", small_corpus, **{**FAST, "train.max_steps": 10, "train.checkpoint_interval": 10, "train.eval_interval": 10})
+    return train_run(
+        tmp_path / "run",
+        small_corpus,
+        **{**FAST, "train.max_steps": 10, "train.checkpoint_interval": 10, "train.eval_interval": 10},
+    )
 
 
 # --- OS errors: one line, nothing left behind ----------------------------------------------------
+
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path, small_corpus):
     out = tmp_path / "taken"
@@ -102,7 +121,9 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, small_corpus):
 
 def test_out_dir_that_cannot_be_written_is_refused(tmp_path, small_corpus, tmpfs):
     read_only = tmpfs("1m", read_only=True)
-    assert_one_line(run_cli("craft.train", *overrides(read_only / "run", small_corpus)), "craft-train", 2, "cannot be written")
+    assert_one_line(
+        run_cli("craft.train", *overrides(read_only / "run", small_corpus)), "craft-train", 2, "cannot be written"
+    )
 
 
 @pytest.mark.parametrize("case", ["binary", "unreadable", "directory"])
@@ -117,7 +138,9 @@ def test_config_that_cannot_be_read_is_one_line(tmp_path, case):
         config.chmod(0)
     else:
         config.mkdir()
-    expected = {"binary": "not a UTF-8 text file", "unreadable": "cannot read config", "directory": "does not exist"}[case]
+    expected = {"binary": "not a UTF-8 text file", "unreadable": "cannot read config", "directory": "does not exist"}[
+        case
+    ]
     assert_one_line(run_cli("craft.train", "--config", str(config)), "craft-train", 2, expected)
 
 
@@ -144,7 +167,13 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one(tmp_path, small_corpus, mo
     monkeypatch.setattr(os, "fsync", fsync)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as exit:
-        main(overrides(run, small_corpus, **{"train.max_steps": 30, "train.checkpoint_interval": 10, "train.eval_interval": 100}))
+        main(
+            overrides(
+                run,
+                small_corpus,
+                **{"train.max_steps": 30, "train.checkpoint_interval": 10, "train.eval_interval": 100},
+            )
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 1 and len(err) == 1, err
     assert err[0].startswith("craft-train: error:") and "step-000020.pt: No space left on device" in err[0]
@@ -157,13 +186,19 @@ def test_stdout_on_a_full_disk_is_one_line(tmp_path, small_corpus):
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
-                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
     assert_one_line(result, "craft-train", 1, "stdout: No space left on device")
     assert not (tmp_path / "run").exists()
 
 
 # --- the run directory: one writer, the run's own data -------------------------------------------
+
 
 def test_unit_run_lock_names_its_holder(tmp_path):
     first, second = rd.RunLock(tmp_path), rd.RunLock(tmp_path)
@@ -176,11 +211,19 @@ def test_unit_run_lock_names_its_holder(tmp_path):
 
 
 def test_two_resumes_at_once_the_second_is_refused(short_run):
-    first = start("--resume", str(short_run), "train.max_steps=100000", "train.eval_interval=100000", "train.checkpoint_interval=100000")
+    first = start(
+        "--resume",
+        str(short_run),
+        "train.max_steps=100000",
+        "train.eval_interval=100000",
+        "train.checkpoint_interval=100000",
+    )
     try:
         wait_for_step(first, short_run, 12)
         second = run_cli("craft.train", "--resume", str(short_run), "train.max_steps=20")
-        assert_one_line(second, "craft-train", 2, f"in use by another craft-train (pid {first.pid})", f"kill {first.pid}")
+        assert_one_line(
+            second, "craft-train", 2, f"in use by another craft-train (pid {first.pid})", f"kill {first.pid}"
+        )
     finally:
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=120)
@@ -188,7 +231,9 @@ def test_two_resumes_at_once_the_second_is_refused(short_run):
     step = ckpt.read(short_run / rd.CHECKPOINT)[0]["step"]
     again = run_cli("craft.train", "--resume", str(short_run), f"train.max_steps={step + 2}")
     assert again.returncode == 0, again.stderr  # the lock went with its holder
-    assert [r["step"] for r in read_metrics(short_run / rd.METRICS) if r["event"] == "train"] == list(range(1, step + 3))
+    assert [r["step"] for r in read_metrics(short_run / rd.METRICS) if r["event"] == "train"] == list(
+        range(1, step + 3)
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -228,7 +273,9 @@ def test_resume_refuses_what_the_run_did_not_make(short_run, damage):
     else:
         (short_run / rd.CONFIG).write_bytes(b"\xff\xfe\x00binary")
     before = ckpt.read(short_run / rd.CHECKPOINT)[1]
-    assert_one_line(run_cli("craft.train", "--resume", str(short_run), "train.max_steps=12"), "craft-train", 2, expected)
+    assert_one_line(
+        run_cli("craft.train", "--resume", str(short_run), "train.max_steps=12"), "craft-train", 2, expected
+    )
     assert ckpt.read(short_run / rd.CHECKPOINT)[1] == before  # nothing trained
 
 
@@ -250,10 +297,21 @@ def test_refused_pickle_never_suggests_weights_only_false(tmp_path):
 
 # --- signals and temp files -------------------------------------------------------------------------
 
+
 def test_sigterm_during_a_long_eval_exits_promptly_with_a_checkpoint(tmp_path, small_corpus):
     run = tmp_path / "run"
-    proc = start(*overrides(run, small_corpus, **{"train.max_steps": 1000, "train.eval_interval": 5, "train.eval_iters": 1_000_000,
-                                                   "train.checkpoint_interval": 1000}))
+    proc = start(
+        *overrides(
+            run,
+            small_corpus,
+            **{
+                "train.max_steps": 1000,
+                "train.eval_interval": 5,
+                "train.eval_iters": 1_000_000,
+                "train.checkpoint_interval": 1000,
+            },
+        )
+    )
     wait_for_step(proc, run, 5)
     time.sleep(1.0)  # well inside the eval (a million batches)
     signalled = time.monotonic()
@@ -283,7 +341,9 @@ def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path):
                 time.sleep(60)
         main()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     assert len(temp_files(tmp_path)) == 1 and f".{os.path.basename(target)}.{proc.pid}." in temp_files(tmp_path)[0].name
     proc.send_signal(signal.SIGTERM)
@@ -297,8 +357,12 @@ def test_unit_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
     gone.wait()
     alive = subprocess.Popen(["sleep", "30"])
     try:
-        stale, live, legacy, other = (tmp_path / f".model.onnx.{gone.pid}.abc.tmp", tmp_path / f".model.onnx.{alive.pid}.abc.tmp",
-                                      tmp_path / ".model.onnx.k3j_x.tmp", tmp_path / f".other.onnx.{gone.pid}.abc.tmp")
+        stale, live, legacy, other = (
+            tmp_path / f".model.onnx.{gone.pid}.abc.tmp",
+            tmp_path / f".model.onnx.{alive.pid}.abc.tmp",
+            tmp_path / ".model.onnx.k3j_x.tmp",
+            tmp_path / f".other.onnx.{gone.pid}.abc.tmp",
+        )
         for path in (stale, live, legacy, other):
             path.write_bytes(b"partial")
         rd.sweep_temp_files(tmp_path, "model.onnx")
@@ -309,6 +373,7 @@ def test_unit_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
 
 
 # --- memory -------------------------------------------------------------------------------------------
+
 
 def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
     """50 MB of text with the char tokenizer: the tokenizing process's peak RSS grows by less than
@@ -328,7 +393,7 @@ def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
         def status(key):
             return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 
-        cfg = load_config("tiny", ["data.path={corpus}", "tokenizer.kind=char", "out_dir={tmp_path / 'run'}"])
+        cfg = load_config("tiny", ["data.path={corpus}", "tokenizer.kind=char", "out_dir={tmp_path / "run"}"])
         corpus = Corpus(cfg.data.path)
         tokenizer = train_tokenizer(cfg, corpus)
         Path(cfg.out_dir).mkdir()

@@ -21,7 +21,10 @@ from craft.export.exporter import ExportError, check_output_path
 
 def assert_one_line(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == code and len(lines) == 1 and lines[0].startswith("craft-export: error:"), (result.returncode, result.stderr[-3000:])
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith("craft-export: error:"), (
+        result.returncode,
+        result.stderr[-3000:],
+    )
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -60,16 +63,31 @@ def test_output_device_through_the_command_is_one_line(char_run):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
-@pytest.mark.parametrize("damage", ["config_binary", "config_directory", "data_json_garbage", "tokens_truncated",
-                                    "tokenizer_garbage", "tokenizer_swapped", "checkpoint_pickle", "tokens_unreadable"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "config_binary",
+        "config_directory",
+        "data_json_garbage",
+        "tokens_truncated",
+        "tokenizer_garbage",
+        "tokenizer_swapped",
+        "checkpoint_pickle",
+        "tokens_unreadable",
+    ],
+)
 def test_damaged_run_directory_is_one_line(run_copy, damage):
     from craft import checkpoint as ckpt
     from craft.runtime.tokenizer import CharTokenizer
 
     expected = {
-        "config_binary": "not a UTF-8 text file", "config_directory": "has no config.yaml", "data_json_garbage": "is damaged",
-        "tokens_truncated": "truncated or replaced", "tokenizer_garbage": "is not a valid tokenizer",
-        "tokenizer_swapped": "is not the tokenizer this run was trained with", "checkpoint_pickle": "data only",
+        "config_binary": "not a UTF-8 text file",
+        "config_directory": "has no config.yaml",
+        "data_json_garbage": "is damaged",
+        "tokens_truncated": "truncated or replaced",
+        "tokenizer_garbage": "is not a valid tokenizer",
+        "tokenizer_swapped": "is not the tokenizer this run was trained with",
+        "checkpoint_pickle": "data only",
         "tokens_unreadable": "Permission denied",
     }[damage]
     code = 1 if damage == "tokens_unreadable" else 2

@@ -41,7 +41,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("hostile")
     out = {}
     for name, quantize, tie in (("int8", "int8", True), ("fp32", "none", False)):
-        cfg = ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie)
+        cfg = ModelConfig(
+            vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie
+        )
         out[name] = folder / f"tiny.{name}.onnx"
         out[name].write_bytes(build_model_proto(random_run(cfg), quantize)[0].SerializeToString())
     return out
@@ -113,9 +115,18 @@ WORKER = textwrap.dedent("""
 
 
 def damage(tmp_path: Path, source: Path, kind: str, cases: int, seed: int, backends=BACKENDS) -> dict:
-    job = dict(source=str(source), path=str(tmp_path / "damaged.onnx"), raw=raw_spans(source), kind=kind,
-               cases=cases, seed=seed, backends=list(backends))
-    result = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, timeout=60 + cases)
+    job = dict(
+        source=str(source),
+        path=str(tmp_path / "damaged.onnx"),
+        raw=raw_spans(source),
+        kind=kind,
+        cases=cases,
+        seed=seed,
+        backends=list(backends),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, timeout=60 + cases
+    )
     last = [line for line in result.stdout.splitlines() if line.startswith("case")][-1:]
     assert result.returncode == 0, f"worker died at {last}: {result.stderr[-3000:]}"
     summary = json.loads(result.stdout.split("SUMMARY ", 1)[1])
@@ -146,6 +157,7 @@ def test_truncations_are_refused_in_one_line(tmp_path, files):
 
 # --- metadata that lies, checked against the weights and the graph ------------------------------
 
+
 def rewrite(source: Path, target: Path, spec: dict | None = None, graph=None, **metadata: str) -> Path:
     """A copy of `source` with ModelSpec fields (spec), metadata values or the graph changed."""
     model = onnx.load(str(source))
@@ -172,7 +184,10 @@ def refused(path: Path, pattern: str) -> None:
 
 
 SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 layers, 4/2 heads of 16, vocab 300
-    ({"n_layer": 1}, "has weight 'layers.1.*' that a model of its config \\(1 layers"),  # 1 layer of 2: no silent wrong text
+    (
+        {"n_layer": 1},
+        "has weight 'layers.1.*' that a model of its config \\(1 layers",
+    ),  # 1 layer of 2: no silent wrong text
     ({"n_layer": 3}, "lacks weight 'layers.2."),
     ({"n_layer": 1_000_000}, "n_layer=1000000, expected 1..1024"),
     ({"n_head": 8}, "wqkv.weight.* the model config needs"),
@@ -185,7 +200,10 @@ SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 la
     ({"hidden_dim": 160}, "w13.weight.* the model config needs"),
     ({"vocab_size": 301}, "tok_embeddings.weight.* the model config needs"),
     ({"vocab_size": 1 << 30}, "vocab_size=1073741824, expected"),
-    ({"context_length": 128}, "rope.cos' is float32 \\(64, 16\\), the model config needs float32 \\(128, 16\\)"),  # beyond the RoPE table
+    (
+        {"context_length": 128},
+        "rope.cos' is float32 \\(64, 16\\), the model config needs float32 \\(128, 16\\)",
+    ),  # beyond the RoPE table
     ({"context_length": 32}, "rope.cos"),
     ({"context_length": 1 << 40}, "context_length=1099511627776, expected"),
     ({"tie_embeddings": False}, "lacks weight 'output.weight"),
@@ -204,15 +222,18 @@ def test_model_config_lies_are_refused(tmp_path, files, changes, pattern):
     refused(rewrite(files["int8"], tmp_path / "lie.onnx", spec=changes), pattern)
 
 
-@pytest.mark.parametrize("key, value, pattern", [
-    (A.META_BOS, "-1", "bos_id=-1, outside the vocabulary 0..299"),
-    (A.META_EOS, "300", "eos_id=300, outside the vocabulary"),
-    (A.META_PAD, str(1 << 62), "pad_id=4611686018427387904, outside"),
-    (A.META_QUANT, "none", "lacks weight 'tok_embeddings.weight'"),
-    (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
-    (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
-    (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
-])
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        (A.META_BOS, "-1", "bos_id=-1, outside the vocabulary 0..299"),
+        (A.META_EOS, "300", "eos_id=300, outside the vocabulary"),
+        (A.META_PAD, str(1 << 62), "pad_id=4611686018427387904, outside"),
+        (A.META_QUANT, "none", "lacks weight 'tok_embeddings.weight'"),
+        (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
+        (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
+        (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
+    ],
+)
 def test_metadata_lies_are_refused(tmp_path, files, key, value, pattern):
     refused(rewrite(files["int8"], tmp_path / "lie.onnx", **{key: value}), pattern)
 
@@ -220,9 +241,15 @@ def test_metadata_lies_are_refused(tmp_path, files, key, value, pattern):
 def test_foreign_graph_with_craft_metadata_is_refused(tmp_path, files):
     from onnx import TensorProto, helper, numpy_helper
 
-    foreign = helper.make_model(helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]))
+    foreign = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Gemm", ["x", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+            [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")],
+        )
+    )
     onnx.helper.set_model_props(foreign, {p.key: p.value for p in onnx.load(str(files["int8"])).metadata_props})
     (tmp_path / "foreign.onnx").write_bytes(foreign.SerializeToString())
     refused(tmp_path / "foreign.onnx", "lacks weight 'norm.weight'")
@@ -238,14 +265,21 @@ def test_graph_io_that_is_not_the_contracts_is_refused(tmp_path, files):
     def int32_ids(graph):
         graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
 
-    refused(rewrite(files["int8"], tmp_path / "a.onnx", graph=rename_past), "its graph lacks \\['past_key_values.0.key'\\] the inputs")
-    refused(rewrite(files["int8"], tmp_path / "b.onnx", graph=static_kv_heads), "graph output 'present.0.key' is type 1 \\('batch', 3,")
+    refused(
+        rewrite(files["int8"], tmp_path / "a.onnx", graph=rename_past),
+        "its graph lacks \\['past_key_values.0.key'\\] the inputs",
+    )
+    refused(
+        rewrite(files["int8"], tmp_path / "b.onnx", graph=static_kv_heads),
+        "graph output 'present.0.key' is type 1 \\('batch', 3,",
+    )
     refused(rewrite(files["int8"], tmp_path / "c.onnx", graph=int32_ids), "graph input 'input_ids' is type 6")
 
 
 def test_damaged_graph_that_only_onnx_runtime_sees_is_one_line(tmp_path, files):
     """An op type changed by one byte and a node nested 2000 attributes deep: the weights and
     I/O are intact, so the numpy backend runs them right; ONNX Runtime refuses in one line."""
+
     def misspell(graph):
         graph.node[5].op_type = graph.node[5].op_type[:-1] + "X"
 
@@ -259,13 +293,23 @@ def test_damaged_graph_that_only_onnx_runtime_sees_is_one_line(tmp_path, files):
         with pytest.raises(ArtifactError, match=pattern) as error:
             Generator(target, backend="ort")
         assert "\n" not in str(error.value)
-        assert len(Generator(target, backend="numpy").generate("ab", SamplingParams(max_new_tokens=3, temperature=0)).token_ids) == 3
+        assert (
+            len(
+                Generator(target, backend="numpy")
+                .generate("ab", SamplingParams(max_new_tokens=3, temperature=0))
+                .token_ids
+            )
+            == 3
+        )
     for target in (path, nested):
         result = run_cli("craft.runtime.cli", str(target), "hi", "-n", "2")
-        assert result.returncode == 2 and result.stderr.startswith("craft-run: error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert (
+            result.returncode == 2 and result.stderr.startswith("craft-run: error: ") and result.stderr.count("\n") == 1
+        ), result.stderr
 
 
 # --- memory: hostile files are refused before anything is sized from them ----------------------
+
 
 def varint(value: int) -> bytes:
     out = bytearray()
@@ -291,8 +335,20 @@ def inject_into_graph(content: bytes, extra: bytes) -> bytes:
 
 def hostile_files(folder: Path, source: Path) -> dict[str, Path]:
     original = source.read_bytes()
-    lying = field(1, varint(100_000_000)) + varint(2 << 3) + varint(7) + field(8, b"const_lie") + field(7, b"\x01" * 5_000_000)
-    honest = field(1, varint(5_000_000)) + varint(2 << 3) + varint(7) + field(8, b"const_big") + field(7, b"\x01" * 5_000_000)
+    lying = (
+        field(1, varint(100_000_000))
+        + varint(2 << 3)
+        + varint(7)
+        + field(8, b"const_lie")
+        + field(7, b"\x01" * 5_000_000)
+    )
+    honest = (
+        field(1, varint(5_000_000))
+        + varint(2 << 3)
+        + varint(7)
+        + field(8, b"const_big")
+        + field(7, b"\x01" * 5_000_000)
+    )
     contents = {
         "huge_context": rewrite(source, folder / "c.onnx", spec={"context_length": 1 << 24}).read_bytes(),
         "huge_layers": rewrite(source, folder / "l.onnx", spec={"n_layer": 1024}).read_bytes(),
@@ -301,7 +357,8 @@ def hostile_files(folder: Path, source: Path) -> dict[str, Path]:
         "empty_inputs": inject_into_graph(original, b"\x5a\x00" * 2_000_000),
         "lying_packed_tensor": inject_into_graph(original, field(5, lying)),
         "big_typed_tensor": inject_into_graph(original, field(5, honest)),
-        "million_metadata": original + b"".join(field(14, field(1, str(i).encode()) + field(2, b"")) for i in range(500_000)),
+        "million_metadata": original
+        + b"".join(field(14, field(1, str(i).encode()) + field(2, b"")) for i in range(500_000)),
     }
     out = {}
     for name, content in contents.items():
@@ -337,21 +394,31 @@ PEAK_RSS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read (and reset) through /proc (Linux)")
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="peak RSS is read (and reset) through /proc (Linux)"
+)
 def test_hostile_files_are_refused_within_bounded_memory(tmp_path, files):
     """Peak RSS while loading each file, per backend and for --estimate's read, stays under 2x
     the file's size + BASELINE_MB; and the file is refused in one line, naming its lie."""
     expected = {
-        "huge_context": "rope.cos", "huge_layers": "lacks weight 'layers.2.", "million_layers": "n_layer=5000000",
-        "empty_nodes": "more than 384 nodes", "empty_inputs": "more than 384 inputs",
+        "huge_context": "rope.cos",
+        "huge_layers": "lacks weight 'layers.2.",
+        "million_layers": "n_layer=5000000",
+        "empty_nodes": "more than 384 nodes",
+        "empty_inputs": "more than 384 inputs",
         "lying_packed_tensor": "tensor 'const_lie' of shape \\(100000000,\\) has 5000000 values",
-        "big_typed_tensor": "graph structure takes", "million_metadata": "more than 4096 metadata_props",
+        "big_typed_tensor": "graph structure takes",
+        "million_metadata": "more than 4096 metadata_props",
     }
     hostile = hostile_files(tmp_path, files["int8"])
     report = []
     for backend in ("ort", "numpy", "estimate"):
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, backend, str(files["int8"]),
-                                 *map(str, hostile.values())], capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, backend, str(files["int8"]), *map(str, hostile.values())],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, (backend, result.stderr[-2000:])
         out = json.loads(result.stdout)
         for name, path in hostile.items():
@@ -369,4 +436,6 @@ def test_cli_refuses_hostile_files_in_one_line(tmp_path, files):
     for args in ([str(lie), "hi", "--backend", "numpy"], [str(lie), "hi"], [str(lie), "--estimate"]):
         result = run_cli("craft.runtime.cli", *args)
         assert result.returncode == 2 and result.stdout == "", result
-        assert re.fullmatch(r"craft-run: error: .*has weight 'layers\.1\..*re-export it with craft-export\n", result.stderr)
+        assert re.fullmatch(
+            r"craft-run: error: .*has weight 'layers\.1\..*re-export it with craft-export\n", result.stderr
+        )

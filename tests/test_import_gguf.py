@@ -15,21 +15,33 @@ import torch
 from craft.export.source_gguf import permute_rope_rows, unpermute_rope_rows
 from craft.export.sources import GGUF, SourceError, detect_kind, load_source
 
-gguf = pytest.importorskip("gguf", reason="gguf not installed (a dev dependency here; craft-export needs it for .gguf sources)")
+gguf = pytest.importorskip(
+    "gguf", reason="gguf not installed (a dev dependency here; craft-export needs it for .gguf sources)"
+)
 transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
 
-from import_models import (CHAT_TEMPLATE, craft_logits, max_diff, ort_logits, random_hf_model,  # noqa: E402
-                           reference_logits, write_gguf)
+from import_models import (
+    CHAT_TEMPLATE,
+    craft_logits,
+    max_diff,
+    ort_logits,
+    random_hf_model,  # noqa: E402
+    reference_logits,
+    write_gguf,
+)
 
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
 
 
 def transformers_gguf_model(path: Path):
     """transformers' own GGUF loader (the reference): dequantizes and un-permutes by itself."""
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 # --- the permutation ---------------------------------------------------------------------------
+
 
 def rope_rotate_half(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
     """Hugging Face layout: element i pairs with i + hd/2."""
@@ -55,13 +67,16 @@ def test_permutation_maps_rotate_half_onto_llama_cpp_rope():
     x = rng.standard_normal(dim)
     angles = 7 * 10000.0 ** (-np.arange(0, hd, 2) / hd)  # position 7
     hf = np.concatenate([rope_rotate_half(h, angles) for h in np.split(w @ x, n_head)])
-    llama_cpp = np.concatenate([rope_interleaved(h, angles) for h in np.split(permute_rope_rows(w, n_head) @ x, n_head)])
+    llama_cpp = np.concatenate(
+        [rope_interleaved(h, angles) for h in np.split(permute_rope_rows(w, n_head) @ x, n_head)]
+    )
     np.testing.assert_allclose(llama_cpp, permute_rope_rows(hf[:, None], n_head)[:, 0], atol=1e-12)
     assert not np.allclose(permute_rope_rows(w, n_head), w)
     assert np.array_equal(unpermute_rope_rows(permute_rope_rows(w, n_head), n_head), w)
 
 
 # --- files written from random models --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
@@ -133,6 +148,7 @@ def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
 
 # --- bad files: one line each ---------------------------------------------------------------
 
+
 def refusal(path: Path) -> str:
     with pytest.raises(SourceError) as e:
         load_source(path)
@@ -143,7 +159,9 @@ def refusal(path: Path) -> str:
 
 def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None) -> Path:
     writer = gguf.GGUFWriter(str(path), architecture)
-    for key, value in dict(context_length=16, embedding_length=8, block_count=1, feed_forward_length=16, vocab_size=4).items():
+    for key, value in dict(
+        context_length=16, embedding_length=8, block_count=1, feed_forward_length=16, vocab_size=4
+    ).items():
         getattr(writer, f"add_{key}")(value)
     writer.add_head_count(2)
     data = np.ones((4, 8), np.float64 if tensor_type == "F64" else np.float32)
@@ -203,7 +221,9 @@ def test_cli_refuses_a_truncated_gguf_in_one_line(llama, tmp_path):
     path = tmp_path / "cut.gguf"
     path.write_bytes(llama[1]["F32"].read_bytes()[:-4096])
     result = run_cli("craft.export.cli", str(path))
-    assert result.returncode == 2 and "truncated" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.returncode == 2 and "truncated" in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+        result.stderr
+    )
     assert not path.with_suffix(".int8.onnx").exists()
 
 

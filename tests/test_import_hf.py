@@ -17,8 +17,17 @@ from craft.export.sources import HF, SourceError, detect_kind, load_source
 transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
 
 from conftest import run_cli  # noqa: E402
-from import_models import (CHAT_TEMPLATE, VOCAB, craft_logits, max_diff, numpy_logits, ort_logits,  # noqa: E402
-                           random_hf_model, reference_logits, save_tokenizer)
+from import_models import (
+    CHAT_TEMPLATE,
+    VOCAB,
+    craft_logits,
+    max_diff,
+    numpy_logits,
+    ort_logits,  # noqa: E402
+    random_hf_model,
+    reference_logits,
+    save_tokenizer,
+)
 
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
 TORCH_TOLERANCE = 1e-5  # Craft's PyTorch model vs transformers
@@ -29,8 +38,19 @@ CASES = {
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "qwen2-biases": ("qwen2", {}),
     "mistral-head-dim": ("mistral", dict(head_dim=32, sliding_window=None)),  # 4 heads x 32 != hidden 64
-    "llama3-rope-scaling": ("llama", dict(rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama3-rope-scaling": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
 }
 
 
@@ -62,7 +82,10 @@ def test_config_carries_what_the_architectures_need(saved):
     assert cfg["llama-tied"].tie_embeddings and not cfg["llama-tied"].qkv_bias
     assert cfg["qwen2-biases"].qkv_bias
     assert (cfg["mistral-head-dim"].head_dim, cfg["mistral-head-dim"].dim) == (32, 64)
-    assert (cfg["llama3-rope-scaling"].rope_scaling_factor, cfg["llama3-rope-scaling"].rope_original_context) == (8.0, 16)
+    assert (cfg["llama3-rope-scaling"].rope_scaling_factor, cfg["llama3-rope-scaling"].rope_original_context) == (
+        8.0,
+        16,
+    )
     assert cfg["llama3-rope-scaling"].rope_theta == 500000.0
 
 
@@ -74,7 +97,9 @@ def test_rope_scaling_changes_the_logits(saved):
 
     hf_model, directory = saved["llama3-rope-scaling"]
     source = load_source(directory)
-    unscaled = Transformer.from_state_dict(dataclasses.replace(source.config, rope_scaling_factor=0.0), source.state_dict)
+    unscaled = Transformer.from_state_dict(
+        dataclasses.replace(source.config, rope_scaling_factor=0.0), source.state_dict
+    )
     fed, reference = reference_logits(hf_model, PROMPT, steps=0)
     assert max_diff(reference, craft_logits(unscaled, fed, len(PROMPT))) > 0.1
 
@@ -107,6 +132,7 @@ def test_bfloat16_checkpoint(saved, tmp_path):
 
 # --- bad input: one line each ----------------------------------------------------------------
 
+
 def copy_model(directory: Path, tmp_path: Path, edit_config=None) -> Path:
     out = tmp_path / "model"
     out.mkdir()
@@ -133,8 +159,11 @@ def test_unsupported_architecture_is_named(saved, tmp_path):
 
 
 def test_unsupported_rope_scaling_is_named(saved, tmp_path):
-    directory = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.update(
-        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}))
+    directory = copy_model(
+        saved["llama-tied"][1],
+        tmp_path,
+        lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+    )
     assert "yarn" in refusal(directory)
 
 
@@ -180,6 +209,7 @@ def test_vocabulary_in_fixture_is_what_the_tests_assume(saved):
 
 
 # --- export: the .onnx file computes what transformers does ----------------------------------
+
 
 @pytest.fixture(scope="module")
 def exported(saved, tmp_path_factory) -> dict[str, Path]:
@@ -232,9 +262,12 @@ def test_int8_export_of_an_imported_model(saved, tmp_path):
 def test_cli_refuses_bad_sources_in_one_line(saved, tmp_path):
     bad = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.update(architectures=["GPT2LMHeadModel"]))
     out = tmp_path / "out.onnx"
-    cases = [([str(bad)], "GPT2LMHeadModel"), ([str(saved["llama-tied"][1]), "--from", "gguf"], "GGUF"),
-             ([str(saved["llama-tied"][1]), "--checkpoint", "best.pt"], "--checkpoint"),
-             ([str(tmp_path / "absent.gguf")], "does not exist")]
+    cases = [
+        ([str(bad)], "GPT2LMHeadModel"),
+        ([str(saved["llama-tied"][1]), "--from", "gguf"], "GGUF"),
+        ([str(saved["llama-tied"][1]), "--checkpoint", "best.pt"], "--checkpoint"),
+        ([str(tmp_path / "absent.gguf")], "does not exist"),
+    ]
     for args, expected in cases:
         result = run_cli("craft.export.cli", *args, "-o", str(out))
         assert result.returncode == 2, result.stderr

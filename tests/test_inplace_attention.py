@@ -17,7 +17,9 @@ GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 PROMPTS = ["Ā", "ĀāĂăĄ", "ĂăĄąĆćĈĉĊ", ""]
 
 
-@pytest.fixture(scope="module", params=[("int8", False), ("none", False), ("int8", True)], ids=["int8", "fp32", "int8-qkv-bias"])
+@pytest.fixture(
+    scope="module", params=[("int8", False), ("none", False), ("int8", True)], ids=["int8", "fp32", "int8-qkv-bias"]
+)
 def pair(request, tmp_path_factory) -> dict:
     """{"standard": Generator, "inplace": Generator, "numpy": Generator on the inplace file}: one
     random model with grouped-query heads (4 query, 2 key-value), both attention variants; with
@@ -28,8 +30,11 @@ def pair(request, tmp_path_factory) -> dict:
     from craft.export.exporter import build_model_proto, random_run
 
     quantize, qkv_bias = request.param
-    run = random_run(ModelConfig(vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, context_length=48,
-                                 qkv_bias=qkv_bias))
+    run = random_run(
+        ModelConfig(
+            vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128, context_length=48, qkv_bias=qkv_bias
+        )
+    )
     if qkv_bias:  # large enough to change the tokens if the bias went in after the rotary
         with torch.no_grad():
             for name, p in run.model.named_parameters():
@@ -77,9 +82,11 @@ def test_inplace_chunked_prefill_equals_standard(pair):
     for name in A.ATTENTIONS:
         backend = pair[name].backend
         backend.reset(1)
-        steps = [backend.forward(ids[:, :4], np.ones((1, 4), np.int64), np.arange(4)[None]),
-                 backend.forward(ids[:, 4:], np.ones((1, 9), np.int64), np.arange(4, 9)[None]),
-                 backend.forward(np.array([[20]]), np.ones((1, 10), np.int64), np.array([[9]]))]
+        steps = [
+            backend.forward(ids[:, :4], np.ones((1, 4), np.int64), np.arange(4)[None]),
+            backend.forward(ids[:, 4:], np.ones((1, 9), np.int64), np.arange(4, 9)[None]),
+            backend.forward(np.array([[20]]), np.ones((1, 10), np.int64), np.array([[9]])),
+        ]
         logits[name] = np.concatenate(steps, axis=1)
     assert np.abs(logits["standard"] - logits["inplace"]).max() < 1e-4
 
@@ -97,6 +104,7 @@ def test_craft_export_attention_flag_verifies_inplace_against_pytorch(char_run, 
     import json
 
     import onnx
+
     from conftest import run_cli
 
     result = run_cli("craft.export.cli", str(char_run), "-o", str(tmp_path / "m.onnx"), "--attention", "inplace")
@@ -108,7 +116,10 @@ def test_craft_export_attention_flag_verifies_inplace_against_pytorch(char_run, 
     bad = run_cli("craft.export.cli", str(char_run), "-o", str(tmp_path / "n.onnx"), "--attention", "paged")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "n.onnx").exists()
     gen = Generator(tmp_path / "m.onnx", threads=1)
-    assert gen.generate("ROMEO:", GREEDY).token_ids == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
+    assert (
+        gen.generate("ROMEO:", GREEDY).token_ids
+        == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
+    )
 
 
 def test_inplace_file_refused_by_an_onnxruntime_too_old_for_it(pair, monkeypatch):

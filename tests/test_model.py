@@ -32,7 +32,7 @@ def test_cached_decode_matches_full_forward(n_kv_head):
         logits, past = model(ids[:, :7], past=model.empty_cache(2))  # prefill 7
         steps = [logits]
         for t in range(7, 20):  # then one token at a time
-            logits, past = model(ids[:, t:t + 1], past=past)
+            logits, past = model(ids[:, t : t + 1], past=past)
             steps.append(logits)
     cached = torch.cat(steps, dim=1)
     assert (cached - full).abs().max().item() < 1e-5

@@ -21,10 +21,18 @@ OnnxFormatError = onnx_file.OnnxFormatError
 
 # TensorProto data type -> numpy dtype, for every type onnx_file supports
 SUPPORTED = {
-    TensorProto.FLOAT: np.float32, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8,
-    TensorProto.UINT16: np.uint16, TensorProto.INT16: np.int16, TensorProto.INT32: np.int32,
-    TensorProto.INT64: np.int64, TensorProto.BOOL: np.bool_, TensorProto.FLOAT16: np.float16,
-    TensorProto.DOUBLE: np.float64, TensorProto.UINT32: np.uint32, TensorProto.UINT64: np.uint64,
+    TensorProto.FLOAT: np.float32,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.INT16: np.int16,
+    TensorProto.INT32: np.int32,
+    TensorProto.INT64: np.int64,
+    TensorProto.BOOL: np.bool_,
+    TensorProto.FLOAT16: np.float16,
+    TensorProto.DOUBLE: np.float64,
+    TensorProto.UINT32: np.uint32,
+    TensorProto.UINT64: np.uint64,
 }
 SHAPES = [(), (0,), (3, 0, 2), (5,), (2, 3, 4)]
 
@@ -65,8 +73,13 @@ def build_model(with_big_metadata: bool = True) -> onnx.ModelProto:
         assert tensor.HasField("raw_data") == tensor.name.endswith("_raw"), tensor.name
 
     attrs = dict(
-        alpha=1.5, count=-7, mode=b"reflect", axes=[0, -1, 2**40], scales=[0.5, -2.25],
-        labels=[b"a", "ü€".encode(), b""], value=numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(2, 3)),
+        alpha=1.5,
+        count=-7,
+        mode=b"reflect",
+        axes=[0, -1, 2**40],
+        scales=[0.5, -2.25],
+        labels=[b"a", "ü€".encode(), b""],
+        value=numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(2, 3)),
         pair=[numpy_helper.from_array(np.ones(2, np.float32)), typed_tensor("", np.array([-3, 4], np.int8))],
     )
     nodes = [
@@ -74,8 +87,13 @@ def build_model(with_big_metadata: bool = True) -> onnx.ModelProto:
         helper.make_node("Relu", ["h"], ["y"], name="relu"),
         helper.make_node("Constant", [], ["c"], value=typed_tensor("", np.array(2.5, np.float16))),
         helper.make_node("Cast", ["y"], ["z"], to=TensorProto.INT64),
-        helper.make_node("If", ["cond"], ["w"], then_branch=helper.make_graph([], "t", [], []),
-                         else_branch=helper.make_graph([], "e", [], [])),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["w"],
+            then_branch=helper.make_graph([], "t", [], []),
+            else_branch=helper.make_graph([], "e", [], []),
+        ),
     ]
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, None, 224]),
@@ -87,10 +105,20 @@ def build_model(with_big_metadata: bool = True) -> onnx.ModelProto:
         helper.make_tensor_value_info("w", TensorProto.FLOAT16, [1]),
         helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None),
     ]
-    graph = helper.make_graph(nodes, "craft_graph", inputs, outputs, initializers,
-                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2])])
-    model = helper.make_model(graph, producer_name="craft-export", producer_version="0.3.1",
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("craft.ops", 2)])
+    graph = helper.make_graph(
+        nodes,
+        "craft_graph",
+        inputs,
+        outputs,
+        initializers,
+        value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(
+        graph,
+        producer_name="craft-export",
+        producer_version="0.3.1",
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("craft.ops", 2)],
+    )
     metadata = {"task": "classification", "labels": "chat,chien,Hund,犬,🐕", "empty": ""}
     if with_big_metadata:
         metadata["blob"] = base64.b64encode(np.random.default_rng(1).bytes(768 * 1024)).decode()
@@ -108,8 +136,10 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 def shape_of(value_info: onnx.ValueInfoProto) -> tuple:
     if not value_info.type.HasField("tensor_type"):
         return ()
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
-                 for d in value_info.type.tensor_type.shape.dim)
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+        for d in value_info.type.tensor_type.shape.dim
+    )
 
 
 def assert_same_array(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -135,7 +165,8 @@ def test_inputs_and_outputs_match_onnx(model_path: str) -> None:
     model = onnx_file.read_model(model_path)
     for ours, theirs in [(model.inputs, expected.input), (model.outputs, expected.output)]:
         assert [(v.name, v.elem_type, v.shape) for v in ours] == [
-            (v.name, v.type.tensor_type.elem_type, shape_of(v)) for v in theirs]
+            (v.name, v.type.tensor_type.elem_type, shape_of(v)) for v in theirs
+        ]
     assert model.inputs[0] == onnx_file.ValueInfo("x", TensorProto.FLOAT, ("batch", 3, None, 224))
     assert model.outputs[2] == onnx_file.ValueInfo("seq", 0, ())
 
@@ -174,7 +205,8 @@ def test_nodes_and_attributes_match_onnx(model_path: str) -> None:
     expected = onnx.load(model_path).graph.node
     nodes = onnx_file.read_model(model_path).nodes
     assert [(n.op_type, n.domain, n.name, n.inputs, n.outputs) for n in nodes] == [
-        (n.op_type, n.domain, n.name, tuple(n.input), tuple(n.output)) for n in expected]
+        (n.op_type, n.domain, n.name, tuple(n.input), tuple(n.output)) for n in expected
+    ]
     for node, proto in zip(nodes, expected):
         assert list(node.attributes) == [a.name for a in proto.attribute]
         for attribute in proto.attribute:
@@ -199,20 +231,30 @@ def test_without_weights_reads_everything_but_initializers(model_path: str) -> N
     light = onnx_file.read_model(model_path, with_weights=False)
     assert light.initializers == {}
     assert (light.ir_version, light.opsets, light.producer, light.metadata, light.inputs, light.outputs) == (
-        full.ir_version, full.opsets, full.producer, full.metadata, full.inputs, full.outputs)
+        full.ir_version,
+        full.opsets,
+        full.producer,
+        full.metadata,
+        full.inputs,
+        full.outputs,
+    )
     assert [(n.op_type, n.inputs, list(n.attributes)) for n in light.nodes] == [
-        (n.op_type, n.inputs, list(n.attributes)) for n in full.nodes]
+        (n.op_type, n.inputs, list(n.attributes)) for n in full.nodes
+    ]
 
 
 def test_accepts_pathlike_and_ai_onnx_domain_alias(tmp_path) -> None:
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["a"], ["b"], domain="ai.onnx")], "g", [], []),
-                              opset_imports=[helper.make_opsetid("ai.onnx", 13)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["a"], ["b"], domain="ai.onnx")], "g", [], []),
+        opset_imports=[helper.make_opsetid("ai.onnx", 13)],
+    )
     onnx.save(model, tmp_path / "m.onnx")
     read = onnx_file.read_model(tmp_path / "m.onnx")
     assert read.opsets == {"": 13} and read.nodes[0].domain == ""
 
 
 # --- hand-encoded protobuf: encodings that onnx's serializer never produces ---
+
 
 def varint(value: int) -> bytes:
     value &= (1 << 64) - 1
@@ -233,20 +275,40 @@ def length_delimited(number: int, payload: bytes) -> bytes:
 
 
 def test_unpacked_typed_data_packed_dims_and_unknown_fields(tmp_path) -> None:
-    unknown = (tag(99, 0) + varint(5) + tag(98, 1) + b"\0" * 8 + tag(97, 5) + b"\0" * 4
-               + length_delimited(96, b"ignored"))
-    floats = (length_delimited(1, varint(2) + varint(2)) + tag(2, 0) + varint(TensorProto.FLOAT)
-              + b"".join(tag(4, 5) + struct.pack("<f", v) for v in [1.0, -2.0, 3.5, 1e-3])
-              + length_delimited(8, b"floats") + unknown)
-    int64s = (tag(1, 0) + varint(3) + tag(2, 0) + varint(TensorProto.INT64)
-              + b"".join(tag(7, 0) + varint(v) for v in [-1, 2**62, -(2**63)])
-              + length_delimited(8, b"int64s"))
-    int32s = (length_delimited(1, varint(3)) + tag(2, 0) + varint(TensorProto.INT32)
-              + length_delimited(5, varint(-5) + varint(300) + varint(-(2**31)))
-              + length_delimited(8, b"int32s"))
+    unknown = (
+        tag(99, 0) + varint(5) + tag(98, 1) + b"\0" * 8 + tag(97, 5) + b"\0" * 4 + length_delimited(96, b"ignored")
+    )
+    floats = (
+        length_delimited(1, varint(2) + varint(2))
+        + tag(2, 0)
+        + varint(TensorProto.FLOAT)
+        + b"".join(tag(4, 5) + struct.pack("<f", v) for v in [1.0, -2.0, 3.5, 1e-3])
+        + length_delimited(8, b"floats")
+        + unknown
+    )
+    int64s = (
+        tag(1, 0)
+        + varint(3)
+        + tag(2, 0)
+        + varint(TensorProto.INT64)
+        + b"".join(tag(7, 0) + varint(v) for v in [-1, 2**62, -(2**63)])
+        + length_delimited(8, b"int64s")
+    )
+    int32s = (
+        length_delimited(1, varint(3))
+        + tag(2, 0)
+        + varint(TensorProto.INT32)
+        + length_delimited(5, varint(-5) + varint(300) + varint(-(2**31)))
+        + length_delimited(8, b"int32s")
+    )
     graph = b"".join(length_delimited(5, t) for t in [floats, int64s, int32s]) + unknown
-    content = tag(1, 0) + varint(9) + unknown + length_delimited(7, graph) + length_delimited(
-        8, length_delimited(1, b"") + tag(2, 0) + varint(17))
+    content = (
+        tag(1, 0)
+        + varint(9)
+        + unknown
+        + length_delimited(7, graph)
+        + length_delimited(8, length_delimited(1, b"") + tag(2, 0) + varint(17))
+    )
     path = tmp_path / "hand.onnx"
     path.write_bytes(content)
     expected = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
@@ -258,6 +320,7 @@ def test_unpacked_typed_data_packed_dims_and_unknown_fields(tmp_path) -> None:
 
 
 # --- refusing what is not a usable ONNX model --------------------------------
+
 
 def test_truncated_file_is_refused(tmp_path, model_path: str) -> None:
     content = open(model_path, "rb").read()
@@ -307,10 +370,13 @@ def test_unsupported_tensor_type_is_refused(tmp_path) -> None:
 def test_external_data_is_refused(tmp_path) -> None:
     model = build_model(False)
     path = tmp_path / "external.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0
+    )
     assert (tmp_path / "weights.bin").exists()
-    with pytest.raises(OnnxFormatError, match=f"^{re.escape(str(path))}: tensor '.*' keeps its data in an external file"):
+    with pytest.raises(
+        OnnxFormatError, match=f"^{re.escape(str(path))}: tensor '.*' keeps its data in an external file"
+    ):
         onnx_file.read_model(path)
     assert onnx_file.read_metadata(path)["task"] == "classification"  # no weights needed for that
 
@@ -336,12 +402,15 @@ def test_corrupted_files_raise_only_onnx_format_error(tmp_path) -> None:
     assert 100 < refused < 450  # both outcomes were exercised
 
 
-SMALL_MODEL = helper.make_model(helper.make_graph(
-    [helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=0.5, transB=1)], "g",
-    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
-    [numpy_helper.from_array(np.ones((2, 4), np.float32), "w"), typed_tensor("b", np.array([1, -2], np.int64))],
-)).SerializeToString()
+SMALL_MODEL = helper.make_model(
+    helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=0.5, transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [numpy_helper.from_array(np.ones((2, 4), np.float32), "w"), typed_tensor("b", np.array([1, -2], np.int64))],
+    )
+).SerializeToString()
 
 
 def test_works_without_onnx_and_protobuf(model_path: str) -> None:
@@ -368,10 +437,16 @@ def test_works_without_onnx_and_protobuf(model_path: str) -> None:
 
 # --- bounded by the bytes present: hostile claims allocate nothing --------------------------
 
+
 def tensor_bytes(name: str, dims: list[int], data_type: int, typed_field: int, payload: bytes) -> bytes:
     """A TensorProto with packed dims and a packed typed-data field, as hand-encoded bytes."""
-    return (length_delimited(1, b"".join(varint(d) for d in dims)) + tag(2, 0) + varint(data_type)
-            + length_delimited(8, name.encode()) + length_delimited(typed_field, payload))
+    return (
+        length_delimited(1, b"".join(varint(d) for d in dims))
+        + tag(2, 0)
+        + varint(data_type)
+        + length_delimited(8, name.encode())
+        + length_delimited(typed_field, payload)
+    )
 
 
 def model_with_graph(graph: bytes, metadata: bytes = b"") -> bytes:
@@ -390,26 +465,44 @@ def peak_allocated(function) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("data_type, typed_field, payload, found", [
-    (TensorProto.INT64, 7, b"\x01" * 8_000_000, 8_000_000),  # varints: one per byte < 0x80
-    (TensorProto.FLOAT, 4, b"\x00" * 8_000_000, 2_000_000),  # fixed width: bytes / 4
-])
-def test_packed_data_lying_about_its_size_is_refused_before_decoding(tmp_path, data_type, typed_field, payload, found) -> None:
+@pytest.mark.parametrize(
+    "data_type, typed_field, payload, found",
+    [
+        (TensorProto.INT64, 7, b"\x01" * 8_000_000, 8_000_000),  # varints: one per byte < 0x80
+        (TensorProto.FLOAT, 4, b"\x00" * 8_000_000, 2_000_000),  # fixed width: bytes / 4
+    ],
+)
+def test_packed_data_lying_about_its_size_is_refused_before_decoding(
+    tmp_path, data_type, typed_field, payload, found
+) -> None:
     path = tmp_path / "lie.onnx"
-    path.write_bytes(model_with_graph(length_delimited(5, tensor_bytes("lie", [100_000_000], data_type, typed_field, payload))))
+    path.write_bytes(
+        model_with_graph(length_delimited(5, tensor_bytes("lie", [100_000_000], data_type, typed_field, payload)))
+    )
     for with_weights in (True, False):
+
         def read():
-            with pytest.raises(OnnxFormatError, match=f"tensor 'lie' of shape \\(100000000,\\) has {found} values, expected 100000000"):
+            with pytest.raises(
+                OnnxFormatError, match=f"tensor 'lie' of shape \\(100000000,\\) has {found} values, expected 100000000"
+            ):
                 onnx_file.read_model(path, with_weights=with_weights)
+
         assert peak_allocated(read) < 3_000_000  # counted in 1 MB chunks, never decoded (was 680 MB)
 
 
 def test_large_packed_varints_decode_in_chunks_as_onnx_does(tmp_path) -> None:
     rng = np.random.default_rng(5)
-    values = np.concatenate([rng.integers(-(2**63), 2**63 - 1, 150_000, dtype=np.int64, endpoint=True),
-                             rng.integers(-300, 300, 150_000, dtype=np.int64)])
-    model = helper.make_model(helper.make_graph([], "g", [], [], [typed_tensor("big", values),
-                                                                 typed_tensor("small", values[-1000:].astype(np.int8))]))
+    values = np.concatenate(
+        [
+            rng.integers(-(2**63), 2**63 - 1, 150_000, dtype=np.int64, endpoint=True),
+            rng.integers(-300, 300, 150_000, dtype=np.int64),
+        ]
+    )
+    model = helper.make_model(
+        helper.make_graph(
+            [], "g", [], [], [typed_tensor("big", values), typed_tensor("small", values[-1000:].astype(np.int8))]
+        )
+    )
     onnx.save(model, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx").stat().st_size > 2 * onnx_file._CHUNK  # several chunks, some split mid-run
     read = onnx_file.read_model(tmp_path / "big.onnx").initializers
@@ -439,11 +532,17 @@ def test_headers_for_all_decoding_only_the_named(model_path: str) -> None:
     light = onnx_file.read_model(model_path, with_weights=["float_4_raw", "int8_1_typed"], with_nodes=False)
     assert light.nodes == [] and light.node_count == len(expected.graph.node)
     assert set(light.initializers) == {"float_4_raw", "int8_1_typed"}
-    assert_same_array(light.initializers["int8_1_typed"], onnx_file.read_model(model_path).initializers["int8_1_typed"], "int8")
+    assert_same_array(
+        light.initializers["int8_1_typed"], onnx_file.read_model(model_path).initializers["int8_1_typed"], "int8"
+    )
     assert light.tensors.keys() == {t.name for t in expected.graph.initializer}
     for tensor in expected.graph.initializer:
         info = light.tensors[tensor.name]
-        assert (info.data_type, info.shape, info.dtype) == (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).dtype)
+        assert (info.data_type, info.shape, info.dtype) == (
+            tensor.data_type,
+            tuple(tensor.dims),
+            numpy_helper.to_array(tensor).dtype,
+        )
     # structure: the file less initializers' raw_data and metadata entries (typed values count as structure)
     raw = sum(len(t.raw_data) for t in expected.graph.initializer)
     metadata = sum(p.ByteSize() for p in expected.metadata_props)

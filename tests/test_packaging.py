@@ -4,9 +4,9 @@ the wheel, editable install works, runtime is torch-free."""
 from __future__ import annotations
 
 import shutil
-import time
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,14 +20,24 @@ PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 def source_copy(tmp_path: Path) -> Path:
     """The checkout's sources in a tmp dir: building writes build/ and *.egg-info next to setup.py."""
     dst = tmp_path / "src"
-    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "runs", "build", "*.egg-info", ".cache",
-                                                          "__pycache__", "*.onnx", "results"))
+    shutil.copytree(
+        REPO,
+        dst,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "venv", "runs", "build", "*.egg-info", ".cache", "__pycache__", "*.onnx", "results"
+        ),
+    )
     return dst
 
 
 def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     src = source_copy(tmp_path)
-    subprocess.run(PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)], check=True, timeout=300, cwd=tmp_path)
+    subprocess.run(
+        PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     wheel = zipfile.ZipFile(next(tmp_path.glob("craft-*.whl")))
     names = wheel.namelist()
     for expected in ("craft/__init__.py", "craft/model.py", "craft/export/graph.py", "craft/runtime/generator.py"):
@@ -36,16 +46,32 @@ def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     assert not top_level & {"runtime", "export", "tests", "benchmarks"}, top_level  # no generic names squatted
     metadata = wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
     base = [line for line in metadata.splitlines() if line.startswith("Requires-Dist") and "extra ==" not in line]
-    assert sorted(line.split()[1].split(">")[0] for line in base) == ["click", "jinja2", "numpy", "onnxruntime", "sentencepiece", "tokenizers"]
-    assert "torch" in metadata and "extra == \"train\"" in metadata
+    assert sorted(line.split()[1].split(">")[0] for line in base) == [
+        "click",
+        "jinja2",
+        "numpy",
+        "onnxruntime",
+        "sentencepiece",
+        "tokenizers",
+    ]
+    assert "torch" in metadata and 'extra == "train"' in metadata
     scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    for script in ("craft-train = craft.train:main", "craft-export = craft.export.cli:main", "craft-run = craft.runtime.cli:main"):
+    for script in (
+        "craft-train = craft.train:main",
+        "craft-export = craft.export.cli:main",
+        "craft-run = craft.runtime.cli:main",
+    ):
         assert script in scripts
 
 
 def build_wheel(tmp_path: Path) -> Path:
     src = source_copy(tmp_path)
-    subprocess.run(PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)], check=True, timeout=300, cwd=tmp_path)
+    subprocess.run(
+        PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     shutil.rmtree(src)  # nothing of the checkout is left to be found by accident
     return next(tmp_path.glob("craft-*.whl"))
 
@@ -57,7 +83,12 @@ def install_in_fresh_venv(tmp_path: Path, *requirements: str) -> Path:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     for requirement in requirements:
-        subprocess.run(PIP + ["--python", str(venv / "bin" / "python"), "install", requirement], check=True, timeout=600, cwd=tmp_path)
+        subprocess.run(
+            PIP + ["--python", str(venv / "bin" / "python"), "install", requirement],
+            check=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
     return venv / "bin"
 
 
@@ -69,12 +100,20 @@ def test_installed_wheel_has_presets_and_device_profiles(tmp_path, char_int8):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"craft/configs/tiny.yaml", "craft/configs/small.yaml", "craft/configs/devices/pi4.yaml"} <= set(names)
     bin_dir = install_in_fresh_venv(tmp_path, str(wheel))
-    out = subprocess.run([str(bin_dir / "craft-run"), str(char_int8), "--estimate"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [str(bin_dir / "craft-run"), str(char_int8), "--estimate"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     for device in ("pi-zero-2w", "pi4", "pi5"):
         assert device in out.stdout, out.stdout
     code = "import craft.config as c; print(c.CONFIGS_DIR); print(*c.list_presets())"
-    out = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = subprocess.run(
+        [str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     folder, presets = out.stdout.splitlines()
     assert Path(folder).parts[-2:] == ("craft", "configs") and Path(folder).is_relative_to(tmp_path / "venv")
@@ -89,10 +128,14 @@ def test_installed_wheel_with_training_extras_runs_craft_train(tmp_path):
     started = time.perf_counter()
     wheel = build_wheel(tmp_path)
     bin_dir = install_in_fresh_venv(tmp_path, "torch==2.13.0", f"{wheel}[train]")
-    out = subprocess.run([str(bin_dir / "craft-train"), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [str(bin_dir / "craft-train"), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert out.returncode == 0 and "--resume" in out.stdout and "Exit codes" in out.stdout, out.stderr
     code = "from craft.config import load_config; c = load_config('small'); print(c.model.dim, c.train.warmup_steps)"
-    out = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = subprocess.run(
+        [str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert out.returncode == 0 and out.stdout.split() == ["288", "200"], out.stderr
     print(f"wheel[train] -> fresh venv -> craft-train --help: {time.perf_counter() - started:.0f}s")
 
@@ -103,29 +146,63 @@ def test_editable_install_from_repo_root(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps",
-                    "-e", "."], check=True, timeout=300, cwd=src)
+    subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps", "-e", "."],
+        check=True,
+        timeout=300,
+        cwd=src,
+    )
     # craft.runtime.artifact needs only the standard library, so the bare venv can import it
-    out = subprocess.run([str(python), "-c", "import craft.export, craft.runtime.artifact as a; print(a.__file__)"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    out = subprocess.run(
+        [str(python), "-c", "import craft.export, craft.runtime.artifact as a; print(a.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == src / "runtime" / "artifact.py"
 
 
 def test_source_checkout_imports_without_install(tmp_path):
     """`python -m craft.train` / `torchrun -m craft.train` in the repo root put the checkout first on sys.path."""
-    out = subprocess.run([sys.executable, "-c", "import craft.runtime.artifact as a, craft.export.graph as g; print(a.__file__, g.__file__)"],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import craft.runtime.artifact as a, craft.export.graph as g; print(a.__file__, g.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(REPO / "runtime" / "artifact.py"), str(REPO / "export" / "graph.py")]
 
 
 def test_runtime_modules_import_with_torch_blocked():
-    modules = ["craft", "craft.runtime", "craft.runtime.artifact", "craft.runtime.onnx_file", "craft.runtime.tokenizer",
-               "craft.runtime.bpe_tokenizer", "craft.runtime.bpe_pretokenizer", "craft.runtime.chat_template",
-               "craft.runtime.sampling", "craft.runtime.weights", "craft.runtime.ort_backend", "craft.runtime.numpy_backend",
-               "craft.runtime.generator", "craft.runtime.cli", "craft.runtime.command"]
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; sys.modules['yaml'] = None\n"
-            + "".join(f"import {m}\n" for m in modules) + "print('ok')")
+    modules = [
+        "craft",
+        "craft.runtime",
+        "craft.runtime.artifact",
+        "craft.runtime.onnx_file",
+        "craft.runtime.tokenizer",
+        "craft.runtime.bpe_tokenizer",
+        "craft.runtime.bpe_pretokenizer",
+        "craft.runtime.chat_template",
+        "craft.runtime.sampling",
+        "craft.runtime.weights",
+        "craft.runtime.ort_backend",
+        "craft.runtime.numpy_backend",
+        "craft.runtime.generator",
+        "craft.runtime.cli",
+        "craft.runtime.command",
+    ]
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; sys.modules['yaml'] = None\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

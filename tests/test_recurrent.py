@@ -53,10 +53,10 @@ def test_parallel_forward_equals_token_by_token_decode(model):
         full = model(ids)
         state, steps = model.empty_cache(3), []
         for t in range(0, 150, 50):  # prefill in pieces, then one token at a time
-            logits, state = model(ids[:, t:t + 50] if t < 100 else ids[:, t:t + 1], past=state)
+            logits, state = model(ids[:, t : t + 50] if t < 100 else ids[:, t : t + 1], past=state)
             steps.append(logits)
         for t in range(101, 150):
-            logits, state = model(ids[:, t:t + 1], past=state)
+            logits, state = model(ids[:, t : t + 1], past=state)
             steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     assert [s.shape for s in state] == [(3, 32)] * 2  # the state does not grow with the tokens read
@@ -99,8 +99,16 @@ def test_training_resumes_bitwise(tmp_path, small_corpus):
     from craft.config import resumed_config
     from craft.train import train
 
-    extra = {**RECURRENT, "train.max_steps": 30, "train.lr_decay_steps": 30, "train.warmup_steps": 5,
-             "train.checkpoint_interval": 15, "train.eval_interval": 15, "train.log_interval": 1, "train.eval_iters": 2}
+    extra = {
+        **RECURRENT,
+        "train.max_steps": 30,
+        "train.lr_decay_steps": 30,
+        "train.warmup_steps": 5,
+        "train.checkpoint_interval": 15,
+        "train.eval_interval": 15,
+        "train.log_interval": 1,
+        "train.eval_iters": 2,
+    }
     whole = train_run(tmp_path / "whole", small_corpus, **extra)
     half = train_run(tmp_path / "half", small_corpus, **{**extra, "train.max_steps": 15})
     train(resumed_config(half, ["train.max_steps=30"]), resume=True, log=lambda *a, **k: None)
@@ -123,11 +131,38 @@ def test_ddp_trains_it_and_samples_are_written(tmp_path, small_corpus):
     from craft.callbacks import read_metrics
 
     run = tmp_path / "ddp"
-    args = tiny_overrides(run, small_corpus, **{**RECURRENT, "train.batch_size": 8, "train.max_steps": 30, "train.warmup_steps": 5,
-                                                "train.eval_interval": 30, "train.eval_iters": 2, "train.log_interval": 5,
-                                                "train.checkpoint_interval": 30, "train.threads": 0})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "craft.train", *args],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = tiny_overrides(
+        run,
+        small_corpus,
+        **{
+            **RECURRENT,
+            "train.batch_size": 8,
+            "train.max_steps": 30,
+            "train.warmup_steps": 5,
+            "train.eval_interval": 30,
+            "train.eval_iters": 2,
+            "train.log_interval": 5,
+            "train.checkpoint_interval": 30,
+            "train.threads": 0,
+        },
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "craft.train",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: 2 processes (gloo)" in result.stdout and "recurrent" in result.stdout
     train = [r for r in read_metrics(run / "metrics.jsonl") if r["event"] == "train"]
@@ -138,6 +173,7 @@ def test_ddp_trains_it_and_samples_are_written(tmp_path, small_corpus):
 
 
 # export and runtime ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def recurrent_run(tmp_path_factory, small_corpus):
@@ -165,7 +201,11 @@ def test_export_has_state_io_and_says_recurrent(files):
 
 @pytest.fixture(scope="module")
 def generators(files):
-    return {(q, backend): Generator(path, backend=backend, threads=1) for q, path in files.items() for backend in ("ort", "numpy")}
+    return {
+        (q, backend): Generator(path, backend=backend, threads=1)
+        for q, path in files.items()
+        for backend in ("ort", "numpy")
+    }
 
 
 @pytest.mark.parametrize("backend", ["ort", "numpy"])
@@ -186,7 +226,10 @@ def test_greedy_equals_pytorch_greedy(recurrent_run, generators, backend):
 def test_numpy_backend_equals_ort_backend(generators, quantize):
     for prompt in PROMPTS:
         params = SamplingParams(max_new_tokens=60, temperature=0)
-        assert generators[(quantize, "numpy")].generate(prompt, params).token_ids == generators[(quantize, "ort")].generate(prompt, params).token_ids
+        assert (
+            generators[(quantize, "numpy")].generate(prompt, params).token_ids
+            == generators[(quantize, "ort")].generate(prompt, params).token_ids
+        )
     ort, npb = generators[(quantize, "ort")], generators[(quantize, "numpy")]
     ids = np.array([ort.encode_prompt("KING HENRY:\nO", 1)])
     mask, pos = np.ones_like(ids), np.arange(ids.shape[1])[None]
@@ -203,7 +246,10 @@ def test_numpy_backend_equals_ort_backend(generators, quantize):
 def test_left_padded_batch_rows_equal_single_prompts(generators, backend):
     """float32: int8 quantizes activations per tensor, so a batch's rows share a scale (as with attention)."""
     gen = generators[("none", backend)]
-    for params in (SamplingParams(max_new_tokens=30, temperature=0), SamplingParams(max_new_tokens=30, temperature=0.8, seed=7)):
+    for params in (
+        SamplingParams(max_new_tokens=30, temperature=0),
+        SamplingParams(max_new_tokens=30, temperature=0.8, seed=7),
+    ):
         for prompt, row in zip(PROMPTS, gen.generate_batch(PROMPTS, params)):
             assert row.token_ids == gen.generate(prompt, params).token_ids, (prompt, params.temperature)
 
@@ -224,7 +270,9 @@ def test_estimate_counts_the_state_not_a_kv_cache(files, char_int8):
     recurrent = estimate(A.Artifact.from_metadata(read_metadata(files["int8"])), files["int8"].stat().st_size, pi4)
     transformer = estimate(A.Artifact.from_metadata(read_metadata(char_int8)), char_int8.stat().st_size, pi4)
     assert recurrent.recurrent and recurrent.cache_bytes == 2 * 64 * 4  # n_layer * dim float32, whatever the context
-    assert transformer.cache_bytes == 2 * 2 * 2 * 16 * 64 * 4  # key + value, 2 layers, 2 kv heads, head_dim 16, context 64
+    assert (
+        transformer.cache_bytes == 2 * 2 * 2 * 16 * 64 * 4
+    )  # key + value, 2 layers, 2 kv heads, head_dim 16, context 64
     assert "state 0.5kB" in format_estimates([recurrent]) and "KV 32.0kB" in format_estimates([transformer])
 
 
@@ -238,7 +286,11 @@ def test_a_state_input_of_the_wrong_shape_is_one_line_exit_2(files, tmp_path):
     onnx.save(proto, str(bad))
     result = run_cli("craft.runtime.cli", str(bad), "hello", "-n", "4")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "graph input 'past_state.1' is type 1 ('batch', 65), the model config needs type 1 ('?', 64)" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "graph input 'past_state.1' is type 1 ('batch', 65), the model config needs type 1 ('?', 64)"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -247,5 +299,8 @@ def test_transformer_only_export_flag_is_one_line_exit_2(recurrent_run, tmp_path
 
     result = run_cli("craft.export.cli", str(recurrent_run), "--attention", "inplace", "-o", str(tmp_path / "m.onnx"))
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "is a recurrent model (a fixed-size state, no cache) - drop --attention" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "is a recurrent model (a fixed-size state, no cache) - drop --attention" in result.stderr
+    )
     assert not (tmp_path / "m.onnx").exists()

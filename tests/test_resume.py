@@ -20,7 +20,13 @@ from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 
-FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 5, "train.eval_iters": 2, "train.log_interval": 1}
+FAST = {
+    "tokenizer.kind": "char",
+    "model.n_kv_head": 0,
+    "train.warmup_steps": 5,
+    "train.eval_iters": 2,
+    "train.log_interval": 1,
+}
 
 
 def overrides(out: Path, corpus: Path, **extra) -> list[str]:
@@ -29,7 +35,9 @@ def overrides(out: Path, corpus: Path, **extra) -> list[str]:
 
 def start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
@@ -58,7 +66,12 @@ def losses(run: Path, event: str = "train", key: str = "loss") -> list[tuple[int
 def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
     """SIGKILL at a random step between checkpoints, --resume: the same losses, bit for bit."""
     kill_at = random.Random().randint(12, 45)  # printed on failure by the assertion messages below
-    extra = {"train.max_steps": 60, "train.checkpoint_interval": 10, "train.eval_interval": 20, "train.sample_interval": 25}
+    extra = {
+        "train.max_steps": 60,
+        "train.checkpoint_interval": 10,
+        "train.eval_interval": 20,
+        "train.sample_interval": 25,
+    }
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = start(*overrides(whole, small_corpus, **extra))
     victim = start(*overrides(killed, small_corpus, **extra))
@@ -68,7 +81,11 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, small_corpus):
     assert victim.returncode == -signal.SIGKILL
     stopped_at = last_step(killed)
     checkpoint_step = ckpt.read(killed / rd.CHECKPOINT)[0]["step"]
-    assert 10 <= checkpoint_step <= stopped_at < 60, (kill_at, checkpoint_step, stopped_at)  # killed mid-run, after a checkpoint
+    assert 10 <= checkpoint_step <= stopped_at < 60, (
+        kill_at,
+        checkpoint_step,
+        stopped_at,
+    )  # killed mid-run, after a checkpoint
 
     rc, out, err = finish(start("--resume", str(killed)))
     assert rc == 0, err
@@ -90,7 +107,17 @@ def three_checkpoints(tmp_path_factory, small_corpus) -> Path:
     from conftest import train_run
 
     run = tmp_path_factory.mktemp("resume") / "run"
-    return train_run(run, small_corpus, **{**FAST, "train.max_steps": 30, "train.checkpoint_interval": 10, "train.keep_last": 3, "train.eval_interval": 10})
+    return train_run(
+        run,
+        small_corpus,
+        **{
+            **FAST,
+            "train.max_steps": 30,
+            "train.checkpoint_interval": 10,
+            "train.keep_last": 3,
+            "train.eval_interval": 10,
+        },
+    )
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -122,7 +149,9 @@ def test_damaged_checkpoint_falls_back_with_warning(three_checkpoints, tmp_path,
     result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "checkpoint.pt" in warnings[0] and "using step-000020.pt (step 20)" in warnings[0], result.stdout
+    assert len(warnings) == 1 and "checkpoint.pt" in warnings[0] and "using step-000020.pt (step 20)" in warnings[0], (
+        result.stdout
+    )
     assert "at step 20" in result.stdout and "done: step 40" in result.stdout
     assert [s for s, _ in losses(run)] == list(range(1, 41))
     state, _ = ckpt.read(run / rd.CHECKPOINT)
@@ -144,7 +173,17 @@ def test_no_loadable_checkpoint_is_one_line_error(three_checkpoints, tmp_path):
 def test_keep_last_prunes_and_checkpoint_is_the_newest(tmp_path, small_corpus):
     from conftest import train_run
 
-    run = train_run(tmp_path / "run", small_corpus, **{**FAST, "train.max_steps": 50, "train.checkpoint_interval": 10, "train.keep_last": 2, "train.eval_interval": 25})
+    run = train_run(
+        tmp_path / "run",
+        small_corpus,
+        **{
+            **FAST,
+            "train.max_steps": 50,
+            "train.checkpoint_interval": 10,
+            "train.keep_last": 2,
+            "train.eval_interval": 25,
+        },
+    )
     assert [p.name for p in ckpt.periodic(run)] == ["step-000050.pt", "step-000040.pt"]
     assert (run / rd.CHECKPOINT).samefile(run / "step-000050.pt")
     best, _ = ckpt.read(run / rd.BEST)
@@ -158,6 +197,7 @@ def test_keep_last_prunes_and_checkpoint_is_the_newest(tmp_path, small_corpus):
 def test_longer_resumed_run_keeps_the_schedule(three_checkpoints, tmp_path):
     """--resume with a larger max_steps continues the schedule the run started with: no jump in
     lr, the extra steps train at min_lr. train.lr_decay_steps stretches the decay on purpose."""
+
     def lrs(run: Path) -> dict[int, float]:
         return dict(losses(run, "train", "lr"))
 
@@ -186,7 +226,13 @@ def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum):
     run = tmp_path / "run"
-    proc = start(*overrides(run, small_corpus, **{"train.max_steps": 100000, "train.checkpoint_interval": 100000, "train.eval_interval": 100000}))
+    proc = start(
+        *overrides(
+            run,
+            small_corpus,
+            **{"train.max_steps": 100000, "train.checkpoint_interval": 100000, "train.eval_interval": 100000},
+        )
+    )
     wait_for_step(proc, run, 7)
     proc.send_signal(signum)
     rc, out, err = finish(proc)
@@ -196,7 +242,9 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum)
     assert state["step"] == last_step(run) >= 7  # the step it was in when signalled, saved
     assert f"--resume {run}" in out
 
-    result = run_cli("craft.train", "--resume", str(run), f"train.max_steps={state['step'] + 3}", "train.eval_interval=50")
+    result = run_cli(
+        "craft.train", "--resume", str(run), f"train.max_steps={state['step'] + 3}", "train.eval_interval=50"
+    )
     assert result.returncode == 0, result.stderr
     assert [s for s, _ in losses(run)] == list(range(1, state["step"] + 4))
 
@@ -217,7 +265,9 @@ def test_unit_checkpoint_hash_and_header(tmp_path):
 
 
 def test_unit_truncate_samples(tmp_path):
-    text = "".join(f"--- step {s} (temperature 0.8, top-k 40) ---\nline {s}\n--- not a header\n\n" for s in (10, 20, 30))
+    text = "".join(
+        f"--- step {s} (temperature 0.8, top-k 40) ---\nline {s}\n--- not a header\n\n" for s in (10, 20, 30)
+    )
     (tmp_path / rd.SAMPLES).write_text(text)
     rd.truncate_samples(tmp_path, 25)
     kept = (tmp_path / rd.SAMPLES).read_text()

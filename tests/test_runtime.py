@@ -24,9 +24,16 @@ PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "", "Hark 🙂 日本"]
 
 @pytest.fixture(scope="module")
 def generators(char_fp32, char_int8, sp_fp32, sp_int8):
-    return {(name, backend): Generator(path, backend=backend, threads=1)
-            for name, path in {"char_fp32": char_fp32, "char_int8": char_int8, "sp_fp32": sp_fp32, "sp_int8": sp_int8}.items()
-            for backend in ("ort", "numpy")}
+    return {
+        (name, backend): Generator(path, backend=backend, threads=1)
+        for name, path in {
+            "char_fp32": char_fp32,
+            "char_int8": char_int8,
+            "sp_fp32": sp_fp32,
+            "sp_int8": sp_int8,
+        }.items()
+        for backend in ("ort", "numpy")
+    }
 
 
 @pytest.mark.parametrize("name, run_name", [("char_fp32", "char_run"), ("sp_fp32", "sp_run")])
@@ -49,7 +56,9 @@ def test_greedy_equals_pytorch_cached_greedy(request, generators, name, run_name
 def test_numpy_backend_equals_ort_backend(generators, name):
     for prompt in PROMPTS:
         ort_ids = generators[(name, "ort")].generate(prompt, SamplingParams(max_new_tokens=60, temperature=0)).token_ids
-        np_ids = generators[(name, "numpy")].generate(prompt, SamplingParams(max_new_tokens=60, temperature=0)).token_ids
+        np_ids = (
+            generators[(name, "numpy")].generate(prompt, SamplingParams(max_new_tokens=60, temperature=0)).token_ids
+        )
         assert np_ids == ort_ids, prompt
 
 
@@ -80,7 +89,10 @@ def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset):
         ort_gen, np_gen = Generator(path, "ort", threads=1), Generator(path, "numpy")
         for prompt in ("The", "def main():"):
             expected = ort_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids
-            assert np_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids == expected, (quantize, prompt)
+            assert np_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids == expected, (
+                quantize,
+                prompt,
+            )
 
 
 def test_ort_backend_public_api_fallback_gives_the_same_tokens(char_int8, generators, monkeypatch):
@@ -92,14 +104,21 @@ def test_ort_backend_public_api_fallback_gives_the_same_tokens(char_int8, genera
 
     assert isinstance(fallback.backend.binding, onnxruntime.IOBinding)  # the public wrapper, not the pybind object
     for prompt in PROMPTS:
-        expected = generators[("char_int8", "ort")].generate(prompt, SamplingParams(max_new_tokens=30, temperature=0)).token_ids
+        expected = (
+            generators[("char_int8", "ort")]
+            .generate(prompt, SamplingParams(max_new_tokens=30, temperature=0))
+            .token_ids
+        )
         assert fallback.generate(prompt, SamplingParams(max_new_tokens=30, temperature=0)).token_ids == expected
 
 
 def test_temperature_zero_is_greedy_regardless_of_other_settings(generators):
     gen = generators[("sp_fp32", "ort")]
     greedy = gen.generate("ROMEO:", SamplingParams(max_new_tokens=30, temperature=0, top_k=0, top_p=1.0)).token_ids
-    assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=30, temperature=0, top_k=5, top_p=0.5, seed=3)).token_ids == greedy
+    assert (
+        gen.generate("ROMEO:", SamplingParams(max_new_tokens=30, temperature=0, top_k=5, top_p=0.5, seed=3)).token_ids
+        == greedy
+    )
 
 
 def test_seed_reproduces_and_differs(generators):
@@ -107,10 +126,17 @@ def test_seed_reproduces_and_differs(generators):
     a = gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids
     assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids == a
     assert gen.generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=8)).token_ids != a
-    assert generators[("char_int8", "numpy")].generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)).token_ids == a
+    assert (
+        generators[("char_int8", "numpy")]
+        .generate("ROMEO:", SamplingParams(max_new_tokens=50, temperature=1.0, seed=7))
+        .token_ids
+        == a
+    )
 
 
-@pytest.mark.parametrize("name, backend", [("char_fp32", "ort"), ("sp_fp32", "ort"), ("sp_fp32", "numpy"), ("char_fp32", "numpy")])
+@pytest.mark.parametrize(
+    "name, backend", [("char_fp32", "ort"), ("sp_fp32", "ort"), ("sp_fp32", "numpy"), ("char_fp32", "numpy")]
+)
 def test_batch_equals_one_by_one(generators, name, backend):
     gen = generators[(name, backend)]
     prompts = ["ROMEO:\n", "First Citizen:\nBefore we proceed", "A", ""]
@@ -120,10 +146,14 @@ def test_batch_equals_one_by_one(generators, name, backend):
         assert completion.token_ids == single.token_ids, prompt
         assert completion.text == single.text
     sampled = gen.generate_batch(prompts[:2], SamplingParams(max_new_tokens=20, temperature=0.9, seed=5))
-    assert sampled[1].token_ids == gen.generate(prompts[1], SamplingParams(max_new_tokens=20, temperature=0.9, seed=5)).token_ids
+    assert (
+        sampled[1].token_ids
+        == gen.generate(prompts[1], SamplingParams(max_new_tokens=20, temperature=0.9, seed=5)).token_ids
+    )
 
 
 # --- the loop: stop reasons, streaming, edge cases --------------------------------------------------
+
 
 class ScriptedBackend:
     """Stands in for a backend: the logits make scripts[r] row r's greedy continuation, whatever the input."""
@@ -168,16 +198,23 @@ def test_prefill_once_then_one_token_per_step(char_gen):
 
 def test_streaming_is_utf8_safe_with_byte_fallback(char_gen):
     scripted(char_gen, "ok 🙂 日本語 ✓ done")
-    pieces = list(char_gen.stream("x", SamplingParams(max_new_tokens=len(char_gen.tokenizer.encode("ok 🙂 日本語 ✓ done")), temperature=0)))
+    pieces = list(
+        char_gen.stream(
+            "x", SamplingParams(max_new_tokens=len(char_gen.tokenizer.encode("ok 🙂 日本語 ✓ done")), temperature=0)
+        )
+    )
     assert "".join(pieces) == "ok 🙂 日本語 ✓ done"
     assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
 
 
-@pytest.mark.parametrize("text, kwargs, expected, reason", [
-    ("hello world", dict(max_new_tokens=5), "hello", "max_new_tokens"),
-    ("hello END more", dict(max_new_tokens=20, stop=["END"]), "hello ", "stop_string"),
-    ("ab\n\ncd", dict(max_new_tokens=20, stop=["\n\n", "zz"]), "ab", "stop_string"),
-])
+@pytest.mark.parametrize(
+    "text, kwargs, expected, reason",
+    [
+        ("hello world", dict(max_new_tokens=5), "hello", "max_new_tokens"),
+        ("hello END more", dict(max_new_tokens=20, stop=["END"]), "hello ", "stop_string"),
+        ("ab\n\ncd", dict(max_new_tokens=20, stop=["\n\n", "zz"]), "ab", "stop_string"),
+    ],
+)
 def test_stop_reasons(char_gen, text, kwargs, expected, reason):
     scripted(char_gen, text)
     out = char_gen.generate("x", SamplingParams(temperature=0, **kwargs))
@@ -199,7 +236,12 @@ def test_a_batch_row_stops_exactly_as_a_single_prompt_does(char_gen):
     scripted(char_gen, *(row[0] for row in rows), then=[eos])
     batch = char_gen.generate_batch(["x", "a longer prompt", "", "y"], params)
     for (script, text, token_ids, reason), got in zip(rows, batch):
-        assert (got.text, got.token_ids, got.stats.stop_reason, got.stats.generated_tokens) == (text, token_ids, reason, len(token_ids)), script
+        assert (got.text, got.token_ids, got.stats.stop_reason, got.stats.generated_tokens) == (
+            text,
+            token_ids,
+            reason,
+            len(token_ids),
+        ), script
         scripted(char_gen, script, then=[eos])
         single = char_gen.generate("x", params)
         assert (single.text, single.token_ids, single.stats.stop_reason) == (text, token_ids, reason), script
@@ -249,13 +291,16 @@ def test_edge_cases_empty_prompt_zero_tokens_long_prompt(generators):
     zero = gen.generate("ROMEO", SamplingParams(max_new_tokens=0))
     assert zero.text == "" and zero.token_ids == [] and zero.stats.stop_reason == "max_new_tokens"
     long_prompt = "word " * 100
-    with pytest.raises(GenerationError, match=r"the prompt is \d+ tokens but the model's context is 64; shorten it or pass --truncate"):
+    with pytest.raises(
+        GenerationError, match=r"the prompt is \d+ tokens but the model's context is 64; shorten it or pass --truncate"
+    ):
         gen.generate(long_prompt, SamplingParams(max_new_tokens=5))
     out = gen.generate(long_prompt, SamplingParams(max_new_tokens=5, temperature=0), truncate=True)
     assert len(out.token_ids) == 5
 
 
 # --- bad files -------------------------------------------------------------------------------------
+
 
 def test_refuses_files_that_are_not_craft_models(tmp_path, char_fp32):
     plain = onnx.load(str(char_fp32))
@@ -277,13 +322,16 @@ def test_refuses_files_that_are_not_craft_models(tmp_path, char_fp32):
         Generator(tmp_path / "missing.onnx")
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--top-k", "-1"], "--top-k must be an integer >= 0"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--temperature", "-0.5"], "--temperature must be >= 0"),
-    (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
-    (["--backend", "tflite"], "'tflite' is not one of 'ort', 'numpy'"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--top-k", "-1"], "--top-k must be an integer >= 0"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--temperature", "-0.5"], "--temperature must be >= 0"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
+        (["--backend", "tflite"], "'tflite' is not one of 'ort', 'numpy'"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(char_int8, args, pattern):
     result = run_cli("craft.runtime.cli", str(char_int8), "hi", *args)
     assert result.returncode == 2 and pattern in result.stderr
@@ -314,10 +362,16 @@ def test_cli_stop_understands_escapes(char_fp32):
 
 
 def test_cli_json(char_int8):
-    result = run_cli("craft.runtime.cli", str(char_int8), "ROMEO", "-n", "10", "--seed", "1", "--json", "--backend", "numpy")
+    result = run_cli(
+        "craft.runtime.cli", str(char_int8), "ROMEO", "-n", "10", "--seed", "1", "--json", "--backend", "numpy"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert len(out["token_ids"]) == 10 and out["stats"]["backend"] == "numpy" and out["stats"]["stop_reason"] == "max_new_tokens"
+    assert (
+        len(out["token_ids"]) == 10
+        and out["stats"]["backend"] == "numpy"
+        and out["stats"]["stop_reason"] == "max_new_tokens"
+    )
 
 
 def test_runtime_never_imports_torch_or_onnx(char_int8, sp_int8):
@@ -337,8 +391,16 @@ def test_runtime_never_imports_torch_or_onnx(char_int8, sp_int8):
     blocked = "import sys\nsys.modules['torch'] = None\nsys.modules['onnx'] = None\n" + code
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    cli = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
-                          "sys.argv = ['craft-run', sys.argv[1], 'hi', '-n', '3']; from craft.runtime.cli import main; main()", str(char_int8)],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+            "sys.argv = ['craft-run', sys.argv[1], 'hi', '-n', '3']; from craft.runtime.cli import main; main()",
+            str(char_int8),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
-

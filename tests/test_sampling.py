@@ -14,8 +14,13 @@ from craft.runtime.sampling import SamplingError, SamplingParams, candidates, sa
 
 
 @settings(max_examples=200, deadline=None)
-@given(logits=st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=80),
-       k=st.integers(1, 10), p=st.floats(0.05, 1.0), temperature=st.floats(0.1, 5.0), seed=st.integers(0, 2**32 - 1))
+@given(
+    logits=st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=80),
+    k=st.integers(1, 10),
+    p=st.floats(0.05, 1.0),
+    temperature=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_top_k_never_emits_outside_the_top_k(logits, k, p, temperature, seed):
     logits = np.array(logits, np.float32)
     token = sample_next(logits, SamplingParams(temperature=temperature, top_k=k, top_p=p), np.random.default_rng(seed))
@@ -38,15 +43,21 @@ def test_top_p_keeps_the_nucleus():
 def test_sampling_follows_the_distribution():
     logits = np.log(np.array([0.6, 0.3, 0.1]))
     rng = np.random.default_rng(0)
-    counts = np.bincount([sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), rng) for _ in range(4000)], minlength=3)
+    counts = np.bincount(
+        [sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), rng) for _ in range(4000)],
+        minlength=3,
+    )
     assert np.allclose(counts / 4000, [0.6, 0.3, 0.1], atol=0.03)
 
 
-@pytest.mark.parametrize("top_k, top_p, temperature, expected", [
-    (3, 1.0, 1.0, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # top-k renormalizes
-    (3, 0.7, 1.0, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # then the nucleus: 0.5 < 0.7 <= 0.8
-    (2, 1.0, 0.5, [0.5**2 / (0.5**2 + 0.3**2), 0.3**2 / (0.5**2 + 0.3**2), 0.0, 0.0]),  # temperature sharpens
-])
+@pytest.mark.parametrize(
+    "top_k, top_p, temperature, expected",
+    [
+        (3, 1.0, 1.0, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # top-k renormalizes
+        (3, 0.7, 1.0, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # then the nucleus: 0.5 < 0.7 <= 0.8
+        (2, 1.0, 0.5, [0.5**2 / (0.5**2 + 0.3**2), 0.3**2 / (0.5**2 + 0.3**2), 0.0, 0.0]),  # temperature sharpens
+    ],
+)
 def test_top_k_path_follows_the_distribution(top_k, top_p, temperature, expected):
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     rng = np.random.default_rng(1)
@@ -87,20 +98,36 @@ def test_min_p_sampling_follows_the_renormalized_distribution(top_k):
 
 
 @settings(max_examples=200, deadline=None)
-@given(logits=st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=80),
-       k=st.integers(0, 10), min_p=st.floats(0.01, 1.0), temperature=st.floats(0.1, 5.0), seed=st.integers(0, 2**32 - 1))
+@given(
+    logits=st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=80),
+    k=st.integers(0, 10),
+    min_p=st.floats(0.01, 1.0),
+    temperature=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_min_p_never_emits_a_token_below_its_floor(logits, k, min_p, temperature, seed):
     logits = np.array(logits, np.float32)
-    token = sample_next(logits, SamplingParams(temperature=temperature, top_k=k, top_p=1.0, min_p=min_p), np.random.default_rng(seed))
+    token = sample_next(
+        logits, SamplingParams(temperature=temperature, top_k=k, top_p=1.0, min_p=min_p), np.random.default_rng(seed)
+    )
     assert logits[token] >= logits.max() + math.log(min_p) - 1e-9  # p(token) >= min_p * p(max)
 
 
 # --- the settings object ---------------------------------------------------------------------------
 
+
 def test_defaults_are_llama_cpp_like_with_min_p_off():
     p = SamplingParams()
-    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == \
-        (256, 0.8, 40, 0.95, 0.0, 1.0, None, ())
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.seed, p.stop) == (
+        256,
+        0.8,
+        40,
+        0.95,
+        0.0,
+        1.0,
+        None,
+        (),
+    )
 
 
 def test_settings_are_keyword_only_and_frozen():
@@ -115,25 +142,26 @@ def test_stop_is_a_tuple_of_non_empty_strings():
     assert SamplingParams(stop="END").stop == ("END",)  # one string is one stop string, not its characters
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(top_k=-1), "--top-k must be an integer >= 0"),
-    (dict(top_k=2.5), "--top-k must be an integer >= 0"),
-    (dict(top_p=0.0), r"--top-p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
-    (dict(top_p=float("nan")), r"--top-p must be in \(0, 1\]"),
-    (dict(min_p=-0.1), r"--min-p must be in \[0, 1\]"),
-    (dict(min_p=1.5), r"--min-p must be in \[0, 1\]"),
-    (dict(temperature=-1.0), "--temperature must be >= 0"),
-    (dict(temperature=float("inf")), "--temperature must be >= 0"),
-    (dict(repetition_penalty=0.0), "--repetition-penalty must be > 0"),
-    (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
-    (dict(max_new_tokens=True), "--max-new-tokens must be >= 0"),
-    (dict(seed=-1), "--seed must be an integer >= 0"),
-    (dict(stop=["ok", 3]), "--stop takes strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(top_k=-1), "--top-k must be an integer >= 0"),
+        (dict(top_k=2.5), "--top-k must be an integer >= 0"),
+        (dict(top_p=0.0), r"--top-p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
+        (dict(top_p=float("nan")), r"--top-p must be in \(0, 1\]"),
+        (dict(min_p=-0.1), r"--min-p must be in \[0, 1\]"),
+        (dict(min_p=1.5), r"--min-p must be in \[0, 1\]"),
+        (dict(temperature=-1.0), "--temperature must be >= 0"),
+        (dict(temperature=float("inf")), "--temperature must be >= 0"),
+        (dict(repetition_penalty=0.0), "--repetition-penalty must be > 0"),
+        (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
+        (dict(max_new_tokens=True), "--max-new-tokens must be >= 0"),
+        (dict(seed=-1), "--seed must be an integer >= 0"),
+        (dict(stop=["ok", 3]), "--stop takes strings"),
+    ],
+)
 def test_sampling_arguments_are_validated(kwargs, pattern):
     with pytest.raises(SamplingError, match=pattern) as e:
         SamplingParams(**kwargs)
     assert "\n" not in str(e.value)
-
-

@@ -13,9 +13,19 @@ from craft.runtime.tokenizer import CharTokenizer, SentencePieceTokenizer, TextS
 # Valid Unicode scalar values (no lone surrogates: those are not UTF-8), control characters included.
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
 FIXED = [
-    "", " ", "  leading and trailing  ", "\n\n\t\r\x00\x07\x1b[0m", "tab\there", "naïve café — “quotes”",
-    "日本語のテキスト、中文文本。한국어", "emoji 🙂👍🏽 family 👨‍👩‍👧 flags 🇫🇷", "zero\u200bwidth\ufeffBOM",
-    "math ∑∫√∞ ≤ ≥", "combining e\u0301 vs é", "\U0010ffff\U0001f600", "KING RICHARD III:\nNow is the winter",
+    "",
+    " ",
+    "  leading and trailing  ",
+    "\n\n\t\r\x00\x07\x1b[0m",
+    "tab\there",
+    "naïve café — “quotes”",
+    "日本語のテキスト、中文文本。한국어",
+    "emoji 🙂👍🏽 family 👨‍👩‍👧 flags 🇫🇷",
+    "zero\u200bwidth\ufeffBOM",
+    "math ∑∫√∞ ≤ ≥",
+    "combining e\u0301 vs é",
+    "\U0010ffff\U0001f600",
+    "KING RICHARD III:\nNow is the winter",
 ]
 
 

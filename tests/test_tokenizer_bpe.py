@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from craft.export.source_tokenizer import (
     TokenizerSourceError,
     read_gguf_tokenizer,
@@ -14,27 +17,51 @@ from craft.export.source_tokenizer import (
 from craft.runtime.bpe_pretokenizer import UnsupportedTokenizer
 from craft.runtime.bpe_tokenizer import HFTokenizer
 from craft.runtime.tokenizer import HF_JSON, TextStream, tokenizer_from_bytes
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-tokenizers = pytest.importorskip("tokenizers", reason="the `tokenizers` library is the reference; pip install tokenizers")
+tokenizers = pytest.importorskip(
+    "tokenizers", reason="the `tokenizers` library is the reference; pip install tokenizers"
+)
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-MIXED = ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello, World! It's 2024; we'LL see. "
-         "I'M sure they'RE fine\n\n\ndef fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n  # base\n    return fib(n-1)+fib(n - 2)\n"
-         "x   =    [1,2,3]\r\n\r\n   \t \n  trailing spaces   \n"
-         "日本語のテキスト、中文文本。한국어 ｆｕｌｌｗｉｄｔｈ\u3000ideographic space "
-         "emoji 🙂👍🏽 family 👨\u200d👩\u200d👧 flag 🇫🇷 "
-         "combining e\u0301 n\u0303 a\u030a\u0323 vs é ñ  café naïve Ωmega ſ ǅ "
-         "controls \x1c\x1d\x1e\x1f\x85\xa0\u2028 zero\u200bwidth\ufeff ▁meta▁space "
-         "numbers ١٢٣ ½ Ⅻ 3.14159 0x1F<|im_end|><|endoftext|>")
-FIXED = ["", " ", "  ", "\n", " \n ", "a", "<|im_start|>", "<|im_start|><|im_end|>", "  <|im_end|>  ", "abc<|im_end", "'s's 'S",
-         "\t\t\tindent", "🙂", "e\u0301", "日本", "x" * 300, " " * 50 + "y", "\n" * 10]
+MIXED = (
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello, World! It's 2024; we'LL see. "
+    "I'M sure they'RE fine\n\n\ndef fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n  # base\n    return fib(n-1)+fib(n - 2)\n"
+    "x   =    [1,2,3]\r\n\r\n   \t \n  trailing spaces   \n"
+    "日本語のテキスト、中文文本。한국어 ｆｕｌｌｗｉｄｔｈ\u3000ideographic space "
+    "emoji 🙂👍🏽 family 👨\u200d👩\u200d👧 flag 🇫🇷 "
+    "combining e\u0301 n\u0303 a\u030a\u0323 vs é ñ  café naïve Ωmega ſ ǅ "
+    "controls \x1c\x1d\x1e\x1f\x85\xa0\u2028 zero\u200bwidth\ufeff ▁meta▁space "
+    "numbers ١٢٣ ½ Ⅻ 3.14159 0x1F<|im_end|><|endoftext|>"
+)
+FIXED = [
+    "",
+    " ",
+    "  ",
+    "\n",
+    " \n ",
+    "a",
+    "<|im_start|>",
+    "<|im_start|><|im_end|>",
+    "  <|im_end|>  ",
+    "abc<|im_end",
+    "'s's 'S",
+    "\t\t\tindent",
+    "🙂",
+    "e\u0301",
+    "日本",
+    "x" * 300,
+    " " * 50 + "y",
+    "\n" * 10,
+]
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=120)
 TEXT_WITH_SPECIALS = st.lists(st.one_of(TEXT, st.sampled_from(SPECIALS + [" ", "\n", "  "])), max_size=6).map("".join)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -54,10 +81,13 @@ def assert_same_ids(tokenizer_json: str, library: HFTokenizer, python: HFTokeniz
 
 # ---- SmolLM2 (byte-level BPE from a real GGUF) ----
 
+
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
     source = read_gguf_tokenizer(smollm2_gguf)
-    return source, *pair(source.tokenizer_json.decode(), bos_id=source.bos_id, eos_id=source.eos_id, pad_id=source.pad_id)
+    return source, *pair(
+        source.tokenizer_json.decode(), bos_id=source.bos_id, eos_id=source.eos_id, pad_id=source.pad_id
+    )
 
 
 def test_smollm2_source_metadata(smollm2):
@@ -82,7 +112,9 @@ def test_smollm2_python_equals_library_property(smollm2, text):
 
 
 def test_smollm2_equals_transformers_gguf_tokenizer(smollm2, smollm2_gguf):
-    transformers = pytest.importorskip("transformers", reason="transformers is the GGUF reference; pip install transformers")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is the GGUF reference; pip install transformers"
+    )
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     _, library, python = smollm2
     # transformers' GGUF loader splits "smollm" text with GPT-2's regex alone; llama.cpp (and SmolLM2's own
@@ -104,11 +136,17 @@ def test_smollm2_streaming_is_utf8_safe_and_exact(smollm2, which):
     tok = library if which == "library" else python
     text = MIXED.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "")
     ids = tok.encode(text)
-    assert any(len(tok.token_bytes(i)) and not tok.token_bytes(i).decode("utf-8", "ignore") for i in ids)  # split chars exist
+    assert any(
+        len(tok.token_bytes(i)) and not tok.token_bytes(i).decode("utf-8", "ignore") for i in ids
+    )  # split chars exist
     stream = TextStream(tok)
     pieces = [stream.feed(i) for i in ids] + [stream.finish()]
     # SmolLM2's vocabulary has no token for byte 0x1D: the library drops it too, so compare against its decode
-    assert "".join(pieces) == tokenizers.Tokenizer.from_str(smollm2[0].tokenizer_json.decode()).decode(ids) == text.replace("\x1d", "")
+    assert (
+        "".join(pieces)
+        == tokenizers.Tokenizer.from_str(smollm2[0].tokenizer_json.decode()).decode(ids)
+        == text.replace("\x1d", "")
+    )
     assert "\ufffd" not in "".join(pieces)
     assert tok.token_bytes(tok.token_to_id("<|im_end|>")) == b""  # special tokens print nothing
 
@@ -133,8 +171,13 @@ def test_split_regex_variants_python_equals_library(smollm2, variant):
         spec["pre_tokenizer"] = dict(byte_level, use_regex=True, add_prefix_space=True)
     else:
         regex = LLAMA3_SPLIT if variant == "llama3" else QWEN2_SPLIT
-        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}, byte_level]}
+        spec["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+                byte_level,
+            ],
+        }
         spec["model"]["ignore_merges"] = variant == "llama3"
         spec["normalizer"] = {"type": "NFC"} if variant == "qwen2" else None
     text_json = json.dumps(spec)
@@ -144,6 +187,7 @@ def test_split_regex_variants_python_equals_library(smollm2, variant):
 
 
 # ---- sentencepiece-style BPE (byte fallback), trained here with the tokenizers library ----
+
 
 def sentencepiece_style_json(corpus: str, style: str) -> str:
     """A Llama-2 / TinyLlama-shaped tokenizer.json: <unk> <s> </s>, 256 <0xNN> tokens, then trained merges."""
@@ -156,17 +200,23 @@ def sentencepiece_style_json(corpus: str, style: str) -> str:
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     else:  # Mistral / newer Llama: Metaspace on the first piece only, unsplit
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator([corpus], BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.train_from_iterator(
+        [corpus], BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    )
     spec = json.loads(tok.to_str())
     trained = sorted((i, t) for t, i in spec["model"]["vocab"].items() if i >= 3)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
     vocab |= {t: 259 + k for k, (_, t) in enumerate(trained)}
     spec["model"]["vocab"] = vocab
-    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                                                      {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
+    }
     return json.dumps(spec, ensure_ascii=False)
 
 
@@ -188,7 +238,9 @@ def test_sentencepiece_style_python_equals_library(sentencepiece_style):
 def test_sentencepiece_style_property(sentencepiece_style, text):
     library, python = pair(sentencepiece_style)
     assert python.encode(text) == library.encode(text)
-    assert python.decode(python.encode(text)) == tokenizers.Tokenizer.from_str(sentencepiece_style).decode(library.encode(text))
+    assert python.decode(python.encode(text)) == tokenizers.Tokenizer.from_str(sentencepiece_style).decode(
+        library.encode(text)
+    )
 
 
 def test_sentencepiece_style_token_bytes(sentencepiece_style):
@@ -196,28 +248,54 @@ def test_sentencepiece_style_token_bytes(sentencepiece_style):
     assert python.token_bytes(3 + 0xF0) == b"\xf0" and python.token_bytes(1) == b""
     text = "Once 🙂 upon 日本語 a time"
     stream = TextStream(python)
-    assert "".join([stream.feed(i) for i in python.encode(text)] + [stream.finish()]) == " " + text  # the prepended space
+    assert (
+        "".join([stream.feed(i) for i in python.encode(text)] + [stream.finish()]) == " " + text
+    )  # the prepended space
     assert python.decode(python.encode(text)) == text  # decode drops it, as Hugging Face's does
 
 
 # ---- Hugging Face directory ----
 
+
 def test_read_hf_directory(tmp_path, sentencepiece_style):
     (tmp_path / "tokenizer.json").write_text(sentencepiece_style, encoding="utf-8")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"content": "</s>"}, "unk_token": "<unk>",
-        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}]}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": {"content": "</s>"},
+                "unk_token": "<unk>",
+                "chat_template": [
+                    {"name": "tool_use", "template": "T"},
+                    {"name": "default", "template": "{{ bos_token }}D"},
+                ],
+            }
+        )
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     source = read_hf_tokenizer(tmp_path)
-    assert (source.bos_id, source.eos_id, source.pad_id, source.add_bos) == (1, 2, 2, True)  # add_bos from the post-processor
+    assert (source.bos_id, source.eos_id, source.pad_id, source.add_bos) == (
+        1,
+        2,
+        2,
+        True,
+    )  # add_bos from the post-processor
     assert source.end_of_turn_ids == (0, 2) and source.chat_template == "{{ bos_token }}D"
     assert source.tokenizer().encode("hi") == source.tokenizer(use_library=False).encode("hi")
 
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "add_bos_token": False, "pad_token": "<unk>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "</s>", "add_bos_token": False, "pad_token": "<unk>"})
+    )
     (tmp_path / "generation_config.json").unlink()
     (tmp_path / "chat_template.jinja").write_text("J", encoding="utf-8")
     source = read_hf_tokenizer(tmp_path)
-    assert (source.bos_id, source.pad_id, source.add_bos, source.end_of_turn_ids, source.chat_template) == (1, 0, False, (2,), "J")
+    assert (source.bos_id, source.pad_id, source.add_bos, source.end_of_turn_ids, source.chat_template) == (
+        1,
+        0,
+        False,
+        (2,),
+        "J",
+    )
 
 
 def test_read_hf_directory_errors(tmp_path, sentencepiece_style):
@@ -235,6 +313,7 @@ def test_read_hf_directory_errors(tmp_path, sentencepiece_style):
 
 
 # ---- GGUF files written here ----
+
 
 def write_gguf(path, model: str, tokens: list[str], types: list[int], **extra) -> None:
     import gguf
@@ -255,17 +334,41 @@ def test_gguf_llama_vocabulary_matches_sentencepiece(tmp_path, small_corpus):
     """A "llama" GGUF vocabulary (pieces, scores, types) becomes a tokenizer giving sentencepiece's own ids."""
     spm = pytest.importorskip("sentencepiece")
     model = tmp_path / "sp"
-    spm.SentencePieceTrainer.train(input=str(small_corpus), model_prefix=str(model), vocab_size=600, model_type="bpe",
-                                   byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   add_dummy_prefix=True, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(small_corpus),
+        model_prefix=str(model),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        minloglevel=2,
+    )
     sp = spm.SentencePieceProcessor(model_file=f"{model}.model")
     tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))]
+    types = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(len(tokens))
+    ]
     path = tmp_path / "sp.gguf"
-    write_gguf(path, "llama", tokens, types, token_scores=[sp.get_score(i) for i in range(len(tokens))],
-               bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), unk_token_id=sp.unk_id(), chat_template="{{ x }}")
+    write_gguf(
+        path,
+        "llama",
+        tokens,
+        types,
+        token_scores=[sp.get_score(i) for i in range(len(tokens))],
+        bos_token_id=sp.bos_id(),
+        eos_token_id=sp.eos_id(),
+        unk_token_id=sp.unk_id(),
+        chat_template="{{ x }}",
+    )
     source = read_gguf_tokenizer(path)
-    assert (source.bos_id, source.eos_id, source.add_bos, source.chat_template) == (sp.bos_id(), sp.eos_id(), True, "{{ x }}")
+    assert (source.bos_id, source.eos_id, source.add_bos, source.chat_template) == (
+        sp.bos_id(),
+        sp.eos_id(),
+        True,
+        "{{ x }}",
+    )
     library, python = source.tokenizer(), source.tokenizer(use_library=False)
     text = MIXED.replace("<|im_start|>", "").replace("<|im_end|>", "").replace("<|endoftext|>", "")
     for sample in [text, "KING RICHARD III:\nNow is the winter", "  two leading", "x\n\n\ny", "🙂 日本"]:
@@ -289,7 +392,9 @@ def test_gguf_errors(tmp_path):
 def test_python_path_refuses_what_it_does_not_implement(smollm2):
     spec = json.loads(smollm2[0].tokenizer_json)
     spec["pre_tokenizer"] = {"type": "BertPreTokenizer"}
-    with pytest.raises(UnsupportedTokenizer, match="pre-tokenizer 'BertPreTokenizer' is not supported.*pip install tokenizers"):
+    with pytest.raises(
+        UnsupportedTokenizer, match="pre-tokenizer 'BertPreTokenizer' is not supported.*pip install tokenizers"
+    ):
         HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
 
 
@@ -301,10 +406,12 @@ def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_
     _, library, _ = smollm2
     data = tmp_path / "tokenizer.bin"
     data.write_bytes(library.to_bytes())
-    code = ("import sys, json; sys.modules['tokenizers'] = None; sys.modules['torch'] = None\n"
-            "from craft.runtime.tokenizer import tokenizer_from_bytes\n"
-            f"tok = tokenizer_from_bytes('{HF_JSON}', open(sys.argv[1], 'rb').read())\n"
-            "print(json.dumps([tok.backend, tok.encode(sys.argv[2])]))")
+    code = (
+        "import sys, json; sys.modules['tokenizers'] = None; sys.modules['torch'] = None\n"
+        "from craft.runtime.tokenizer import tokenizer_from_bytes\n"
+        f"tok = tokenizer_from_bytes('{HF_JSON}', open(sys.argv[1], 'rb').read())\n"
+        "print(json.dumps([tok.backend, tok.encode(sys.argv[2])]))"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(data), MIXED], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["python", library.encode(MIXED)]

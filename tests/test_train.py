@@ -26,7 +26,16 @@ def test_tiny_run_loss_falls_and_run_dir_is_complete(char_run):
     counts = np.bincount(tokens[: int(len(tokens) * 0.9)]).astype(float)
     p = counts[counts > 0] / counts.sum()
     assert evals[-1]["val_loss"] < -(p * np.log(p)).sum() - 0.3  # uses context: well below the unigram entropy
-    for name in (rd.CONFIG, rd.CHAR_TOKENIZER, rd.CHECKPOINT, rd.BEST, rd.METRICS, rd.SAMPLES, "tokens.bin", "data.json"):
+    for name in (
+        rd.CONFIG,
+        rd.CHAR_TOKENIZER,
+        rd.CHECKPOINT,
+        rd.BEST,
+        rd.METRICS,
+        rd.SAMPLES,
+        "tokens.bin",
+        "data.json",
+    ):
         assert (char_run / name).is_file(), name
     assert "step 200" in (char_run / rd.SAMPLES).read_text()
     resolved = yaml.safe_load((char_run / rd.CONFIG).read_text())
@@ -49,8 +58,19 @@ def test_metrics_jsonl_schema(char_run):
 
 def test_short_run_needs_only_max_steps(tmp_path, small_corpus):
     """train.max_steps=30 alone works: the warmup follows it (a tenth, at most 50)."""
-    result = run_cli("craft.train", "train.max_steps=30", "tokenizer.kind=char", f"data.path={small_corpus}", f"out_dir={tmp_path / 'r'}",
-                     "model.dim=32", "model.n_layer=1", "model.n_head=2", "model.context_length=32", "train.eval_iters=1", "train.sample_tokens=4")
+    result = run_cli(
+        "craft.train",
+        "train.max_steps=30",
+        "tokenizer.kind=char",
+        f"data.path={small_corpus}",
+        f"out_dir={tmp_path / 'r'}",
+        "model.dim=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.context_length=32",
+        "train.eval_iters=1",
+        "train.sample_tokens=4",
+    )
     assert result.returncode == 0 and "done: step 30" in result.stdout, result.stderr
     saved = yaml.safe_load((tmp_path / "r" / rd.CONFIG).read_text())["train"]
     assert (saved["warmup_steps"], saved["lr_decay_steps"]) == (3, 30)
@@ -62,9 +82,20 @@ def test_schedule_follows_max_steps_override():
     assert lr_at(19, cfg) == pytest.approx(1e-3)
     assert lr_at(110, cfg) == pytest.approx(5.5e-4)  # halfway through the decay
     assert lr_at(200, cfg) == pytest.approx(1e-4) and lr_at(199, cfg) > 1e-4
-    longer = load_config("tiny", ["train.max_steps=2000", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"])
+    longer = load_config(
+        "tiny", ["train.max_steps=2000", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"]
+    )
     assert lr_at(200, longer) > 9e-4  # same step, longer schedule: still near the peak
-    planned = load_config("tiny", ["train.max_steps=200", "train.lr_decay_steps=2000", "train.warmup_steps=20", "train.lr=1e-3", "train.min_lr=1e-4"])
+    planned = load_config(
+        "tiny",
+        [
+            "train.max_steps=200",
+            "train.lr_decay_steps=2000",
+            "train.warmup_steps=20",
+            "train.lr=1e-3",
+            "train.min_lr=1e-4",
+        ],
+    )
     assert lr_at(200, planned) == lr_at(200, longer)  # lr_decay_steps, not max_steps, shapes the decay
 
 
@@ -78,7 +109,10 @@ def test_run_records_learning_rate_schedule(char_run):
 def test_cli_bad_override_is_one_line_exit_2(tmp_path):
     result = run_cli("craft.train", "model.n_layers=3", f"out_dir={tmp_path / 'r'}")
     assert result.returncode == 2
-    assert result.stderr.strip() == "craft-train: error: unknown config key 'model.n_layers'; did you mean 'model.n_layer'?"
+    assert (
+        result.stderr.strip()
+        == "craft-train: error: unknown config key 'model.n_layers'; did you mean 'model.n_layer'?"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -95,17 +129,33 @@ def test_refused_run_leaves_nothing_and_the_rerun_works(tmp_path, case):
     """A first run refused for its input leaves no run behind, so the corrected command runs."""
     corpus, out = tmp_path / "corpus.txt", tmp_path / "runs" / "r"
     corpus.write_text("" if case == "empty_corpus" else "to be or not to be\n" * 20)  # 400 characters
-    args = [f"data.path={corpus}", f"out_dir={out}", "tokenizer.kind=char", "model.context_length=64", "train.threads=1"]
+    args = [
+        f"data.path={corpus}",
+        f"out_dir={out}",
+        "tokenizer.kind=char",
+        "model.context_length=64",
+        "train.threads=1",
+    ]
     if case == "existing_empty_dir":
         out.mkdir(parents=True)
     refused = run_cli("craft.train", *args, "model.context_length=512", *(["train.seed=-1"] if case == "seed" else []))
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    expected = {"empty_corpus": "is empty", "seed": "train.seed=-1 is out of range"}.get(case, "fewer than model.context_length + 2")
+    expected = {"empty_corpus": "is empty", "seed": "train.seed=-1 is out of range"}.get(
+        case, "fewer than model.context_length + 2"
+    )
     assert expected in refused.stderr
-    assert (sorted(out.iterdir()) == [] if case == "existing_empty_dir" else not (tmp_path / "runs").exists())
+    assert sorted(out.iterdir()) == [] if case == "existing_empty_dir" else not (tmp_path / "runs").exists()
     if case == "empty_corpus":
         corpus.write_text("to be or not to be\n" * 20)
-    small = ["model.dim=32", "model.n_layer=1", "model.n_head=2", "train.batch_size=2", "train.max_steps=2", "train.eval_iters=1", "train.sample_tokens=4"]
+    small = [
+        "model.dim=32",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "train.batch_size=2",
+        "train.max_steps=2",
+        "train.eval_iters=1",
+        "train.sample_tokens=4",
+    ]
     rerun = run_cli("craft.train", *args, "model.context_length=16", *small)
     assert rerun.returncode == 0 and "done: step 2" in rerun.stdout, rerun.stderr
 
@@ -125,7 +175,12 @@ def test_existing_run_is_not_overwritten_without_flag(char_run, tmp_path):
 
 def test_cli_trains_and_reports(tmp_path, small_corpus):
     out = tmp_path / "cli"
-    result = run_cli("craft.train", *tiny_overrides(out, small_corpus, **{"tokenizer.kind": "char", "train.max_steps": 20, "train.warmup_steps": 2}))
+    result = run_cli(
+        "craft.train",
+        *tiny_overrides(
+            out, small_corpus, **{"tokenizer.kind": "char", "train.max_steps": 20, "train.warmup_steps": 2}
+        ),
+    )
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "unigram entropy" in result.stdout
     assert "done: step 20 (max_steps)" in result.stdout

@@ -16,8 +16,17 @@ from craft.config import load_config
 from craft.data import sample_windows
 from craft.train import train
 
-FAST = {"tokenizer.kind": "char", "model.n_kv_head": 0, "train.warmup_steps": 5, "train.eval_iters": 2, "train.log_interval": 1,
-        "train.max_steps": 12, "train.eval_interval": 12, "train.checkpoint_interval": 12, "train.sample_tokens": 8}
+FAST = {
+    "tokenizer.kind": "char",
+    "model.n_kv_head": 0,
+    "train.warmup_steps": 5,
+    "train.eval_iters": 2,
+    "train.log_interval": 1,
+    "train.max_steps": 12,
+    "train.eval_interval": 12,
+    "train.checkpoint_interval": 12,
+    "train.sample_tokens": 8,
+}
 
 
 def run(out: Path, corpus: Path, **extra) -> list[float]:
@@ -57,7 +66,9 @@ def test_compile_failure_falls_back_to_eager(tmp_path, small_corpus, monkeypatch
     cfg = load_config("tiny", tiny_overrides(tmp_path / "c", small_corpus, **{**FAST, "train.compile": True}))
     train(cfg, log=lambda *a, **k: logged.append(" ".join(map(str, a))))
     warnings = [line for line in logged if "torch.compile" in line]
-    assert warnings == ["warning: torch.compile does not work here (RuntimeError: C++ compile error); training without it"]
+    assert warnings == [
+        "warning: torch.compile does not work here (RuntimeError: C++ compile error); training without it"
+    ]
     compiled = [r["loss"] for r in read_metrics(tmp_path / "c" / rd.METRICS) if r["event"] == "train"]
     assert compiled == run(tmp_path / "eager", small_corpus)
 

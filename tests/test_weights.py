@@ -94,7 +94,7 @@ def test_block_layout_details(name, bits):
     amax = np.abs(blocks.reshape(16, 3, 32)).max(-1)
     assert np.allclose(scale[amax > 0], amax[amax > 0] / (2 ** (bits - 1) - 1), rtol=1e-6)  # symmetric, per block
     q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(16, 3, 32)
-    expected = np.clip(np.rint(blocks.reshape(16, 3, 32) / scale[..., None]), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    expected = np.clip(np.rint(blocks.reshape(16, 3, 32) / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     assert np.array_equal(q.astype(int) - 2 ** (bits - 1), expected)
     assert np.all(q.reshape(16, 96)[:, 80:] == 2 ** (bits - 1))  # padding stores zero
 
@@ -118,9 +118,16 @@ def run_graph(nodes, initializers, inputs: dict[str, np.ndarray], output: str) -
         elem = TensorProto.INT64 if array.dtype == np.int64 else TensorProto.FLOAT
         return helper.make_tensor_value_info(name, elem, list(array.shape))
 
-    graph = helper.make_graph(nodes, "t", [info(k, v) for k, v in inputs.items()],
-                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "t",
+        [info(k, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = ir_version_for(DEFAULT_OPSET)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run([output], inputs)[0]
 
@@ -179,8 +186,13 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_pat
     NumpyBackend(str(path), spec, name)  # finds every weight it needs by the home's names
 
 
-@pytest.mark.parametrize("change, pattern", [("rename", "lacks weight 'layers.1.attention.wo.weight"),
-                                             ("reshape", "weight 'layers.1.attention.wo.weight.*is float32 \\(32, 16\\)")])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ("rename", "lacks weight 'layers.1.attention.wo.weight"),
+        ("reshape", "weight 'layers.1.attention.wo.weight.*is float32 \\(32, 16\\)"),
+    ],
+)
 def test_numpy_backend_refuses_weights_off_the_layout(change, pattern, tmp_path):
     run = random_run(ModelConfig(**TINY))
     proto = build_model_proto(run, W.NONE)[0]

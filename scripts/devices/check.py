@@ -216,19 +216,28 @@ def prepare(arches: list[str], host_python: str, timings: dict) -> dict:
     t0 = time.perf_counter()
     for arch in arches:
         log = open(logs / f"prepare-{arch}.log", "w")
-        procs[arch] = (subprocess.Popen([str(HERE / "prepare.sh"), arch], stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        procs[arch] = (
+            subprocess.Popen([str(HERE / "prepare.sh"), arch], stdout=log, stderr=subprocess.STDOUT, env=env),
+            log,
+        )
     rcs = {}
     for arch, (p, log) in procs.items():
         rcs[arch] = p.wait()
         log.close()
         text = (logs / f"prepare-{arch}.log").read_text(errors="replace")
         built = re.findall(r"stage (\w+): [\d.]+s \((built|downloaded[^)]*|unpacked|installed[^)]*)", text)
-        timings[f"prepare {arch}"] = (time.perf_counter() - t0, ", ".join(f"{s} {w.split()[0]}" for s, w in built) or "cached")
+        timings[f"prepare {arch}"] = (
+            time.perf_counter() - t0,
+            ", ".join(f"{s} {w.split()[0]}" for s, w in built) or "cached",
+        )
     return rcs
 
 
 def data_file() -> str | None:
-    for cand in (REPO.parent / "shared" / "data" / "tinyshakespeare.txt", Path("/work/shared/data/tinyshakespeare.txt")):
+    for cand in (
+        REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+        Path("/work/shared/data/tinyshakespeare.txt"),
+    ):
         if cand.is_file():
             return str(cand)
     return None
@@ -253,8 +262,13 @@ def models(host_python: str, timings: dict) -> dict:
         shutil.rmtree(out)
     for old in (CACHE / "models").glob("*/models.json"):  # keep the cache to one set
         shutil.rmtree(old.parent, ignore_errors=True)
-    proc = subprocess.run([host_python, str(HERE / "make_models.py"), str(out), data or ""], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        [host_python, str(HERE / "make_models.py"), str(out), data or ""],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if proc.returncode:
         raise CheckError(f"building the models on the host failed:\n{proc.stdout[-3000:]}")
     timings["models"] = (time.perf_counter() - t0, "built: craft-train + craft-export (tiny), random weights (small)")
@@ -274,8 +288,13 @@ def stage_runtime(work: Path) -> Path:
 
 def ort_pythonpath(version: str, host_python: str) -> str:
     """ORT site:numpy site for one aarch64 onnxruntime version (lib.sh, cached)."""
-    proc = subprocess.run(["bash", "-c", f'. "{HERE}/lib.sh" && devices_ort_pythonpath "$0" "$1"', str(CACHE / "arm64"), version],
-                          env={**os.environ, "HOST_PY": host_python}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        ["bash", "-c", f'. "{HERE}/lib.sh" && devices_ort_pythonpath "$0" "$1"', str(CACHE / "arm64"), version],
+        env={**os.environ, "HOST_PY": host_python},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if proc.returncode:
         raise CheckError(f"fetching onnxruntime {version} for aarch64 failed: {proc.stderr.strip()[-500:]}")
     return proc.stdout.strip().splitlines()[-1]
@@ -317,7 +336,9 @@ def execute(run: Run, cap: MemoryCap, stage: Path, work: Path, models_info: dict
         env["DEVICE_PYTHONPATH"] = ":".join(p for p in (str(stage), run.pythonpath) if p)
     t0 = time.perf_counter()
     try:
-        proc, info = cap.run(cmd, run.arch, cwd=stage, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+        proc, info = cap.run(
+            cmd, run.arch, cwd=stage, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600
+        )
     except subprocess.TimeoutExpired:
         run.result = {"ok": False, "error": "timed out after 600 s", "wall_s": time.perf_counter() - t0}
         return run
@@ -342,11 +363,17 @@ def execute(run: Run, cap: MemoryCap, stage: Path, work: Path, models_info: dict
 
 def all_ort_versions(host_python: str) -> list[str]:
     """The newest patch of every onnxruntime minor >= 1.15 that pip lists (1.15: the first cp311 wheels)."""
-    out = subprocess.run([host_python, "-m", "pip", "index", "versions", "onnxruntime"], stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True).stdout
+    out = subprocess.run(
+        [host_python, "-m", "pip", "index", "versions", "onnxruntime"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ).stdout
     m = re.search(r"Available versions: (.*)", out)
     if not m:
-        raise CheckError("`pip index versions onnxruntime` listed nothing; pass the versions: --ort-sweep 1.15.1 1.32.0 ...")
+        raise CheckError(
+            "`pip index versions onnxruntime` listed nothing; pass the versions: --ort-sweep 1.15.1 1.32.0 ..."
+        )
     newest: dict = {}
     for v in m.group(1).split(", "):
         parts = v.strip().split(".")
@@ -358,7 +385,9 @@ def all_ort_versions(host_python: str) -> list[str]:
 
 def plan(arches: list[str], ort_versions: list[str], sweep: bool = False) -> list[Run]:
     if sweep:
-        return [Run("x86_64", "host", "ort", "tiny")] + [Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions]
+        return [Run("x86_64", "host", "ort", "tiny")] + [
+            Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions
+        ]
     runs = [Run("x86_64", "host", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
     if "arm64" in arches:
         runs += [Run("arm64", "cortex-a53", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
@@ -385,9 +414,16 @@ def profile_budget() -> tuple[int, str]:
 
 def predicted(host_python: str, model: str) -> str:
     """craft-run --estimate's row for the Pi Zero 2 W, if this runtime has it."""
-    proc = subprocess.run([host_python, "-m", "craft.runtime.cli", model, "--estimate"], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()} if proc.returncode == 0 else {}
+    proc = subprocess.run(
+        [host_python, "-m", "craft.runtime.cli", model, "--estimate"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    rows = (
+        {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()} if proc.returncode == 0 else {}
+    )
     row = rows.get("pi-zero-2w", "")
     m = re.search(r"(\d+)MB", row)
     return f"{m.group(1)} MB" if m else "n/a"
@@ -400,7 +436,11 @@ def main() -> int:
     arches = ["arm64"] if sweep else os.environ.get("CRAFT_DEVICE_ARCHES", "arm64 armhf").split()
     host_python = os.environ.get("HOST_PYTHON") or sys.executable
     try:
-        ort_versions = (sys.argv[2:] or all_ort_versions(host_python)) if sweep else os.environ.get("CRAFT_DEVICE_ORT_VERSIONS", MIN_ORT).split()
+        ort_versions = (
+            (sys.argv[2:] or all_ort_versions(host_python))
+            if sweep
+            else os.environ.get("CRAFT_DEVICE_ORT_VERSIONS", MIN_ORT).split()
+        )
     except CheckError as e:
         say(f"FAIL: {e}")
         return EXIT_FAIL
@@ -408,7 +448,9 @@ def main() -> int:
     cap = MemoryCap(int(os.environ.get("CRAFT_DEVICE_CAP_MB") or budget_mb))
     jobs = int(os.environ.get("CRAFT_DEVICE_JOBS") or os.cpu_count() or 2)
     timings: dict = {}
-    say(f"Craft device check: {', '.join(ARCH_MACHINE[a] for a in arches)} under qemu-user vs x86_64 (host {platform.machine()}, {os.cpu_count()} CPUs)")
+    say(
+        f"Craft device check: {', '.join(ARCH_MACHINE[a] for a in arches)} under qemu-user vs x86_64 (host {platform.machine()}, {os.cpu_count()} CPUs)"
+    )
 
     # 1. prepare
     rcs = prepare(arches, host_python, timings)
@@ -417,14 +459,21 @@ def main() -> int:
         if rc == EXIT_SKIP:
             reason = next((line for line in log.splitlines() if "SKIP" in line), "prepare.sh skipped")
             say(f"SKIP: {re.sub(r'^.*SKIP: *', '', reason.strip())} (scripts/devices/prepare.sh {arch})")
-            say("The device check needs root, apt-get (for qemu-user-static and debootstrap) and network access to Debian and PyPI.")
+            say(
+                "The device check needs root, apt-get (for qemu-user-static and debootstrap) and network access to Debian and PyPI."
+            )
             return EXIT_SKIP
         if rc:
-            say(f"FAIL: scripts/devices/prepare.sh {arch} exited {rc}; last lines of {CACHE / 'logs' / f'prepare-{arch}.log'}:")
+            say(
+                f"FAIL: scripts/devices/prepare.sh {arch} exited {rc}; last lines of {CACHE / 'logs' / f'prepare-{arch}.log'}:"
+            )
             say("\n".join("  " + line for line in log.splitlines()[-15:]))
             return EXIT_FAIL
-    qemu = subprocess.run(["qemu-aarch64-static" if "arm64" in arches else "qemu-arm-static", "--version"],
-                          stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
+    qemu = subprocess.run(
+        ["qemu-aarch64-static" if "arm64" in arches else "qemu-arm-static", "--version"],
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout.splitlines()[0]
 
     # 2. models, 3. stage
     try:
@@ -459,24 +508,46 @@ def main() -> int:
     return report(done, info, cap, budget_mb, budget_src, qemu, est, timings, t_start, sweep)
 
 
-def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_src: str, qemu: str,
-           est: dict, timings: dict, t_start: float, sweep: bool = False) -> int:
+def report(
+    runs: list[Run],
+    info: dict,
+    cap: MemoryCap,
+    budget_mb: int,
+    budget_src: str,
+    qemu: str,
+    est: dict,
+    timings: dict,
+    t_start: float,
+    sweep: bool = False,
+) -> int:
     failures: list[str] = []
     ref = {(r.backend, r.model): r.result for r in runs if r.arch == "x86_64"}
     t = info["tiny"]
     say(f"qemu: {qemu}")
     for arch in ("x86_64", "arm64", "armhf"):
-        dev = next((r.result["device"] for r in sorted(runs, key=lambda r: r.model != "tiny")  # tiny: sentencepiece
-                    if r.arch == arch and not r.ort and "device" in r.result), None)
+        dev = next(
+            (
+                r.result["device"]
+                for r in sorted(runs, key=lambda r: r.model != "tiny")  # tiny: sentencepiece
+                if r.arch == arch and not r.ort and "device" in r.result
+            ),
+            None,
+        )
         if dev:
             pkgs = " ".join(f"{k}={v}" for k, v in dev["packages"].items() if v)
-            say(f"{'host' if arch == 'x86_64' else 'guest'} {dev['machine']} ({dev['pointer_bits']}-bit): python {dev['python']} {pkgs}")
-    say(f"models: tiny.int8.onnx {t['bytes'] / 1e6:.2f} MB (sentencepiece 512, trained {t.get('train_s', '?')}s), "
+            say(
+                f"{'host' if arch == 'x86_64' else 'guest'} {dev['machine']} ({dev['pointer_bits']}-bit): python {dev['python']} {pkgs}"
+            )
+    say(
+        f"models: tiny.int8.onnx {t['bytes'] / 1e6:.2f} MB (sentencepiece 512, trained {t.get('train_s', '?')}s), "
         f"small.int8.onnx {info['small']['bytes'] / 1e6:.1f} MB (15M class, random weights); "
-        f"opset {t['opsets'].get('ai.onnx')}, IR {t['ir_version']}, only ai.onnx ops: {all('::' not in op for op in t['ops'])}")
+        f"opset {t['opsets'].get('ai.onnx')}, IR {t['ir_version']}, only ai.onnx ops: {all('::' not in op for op in t['ops'])}"
+    )
     say(f"cap: {cap.describe()}  [{budget_src}]")
     say("")
-    say(f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':5s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} {'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}")
+    say(
+        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':5s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} {'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}"
+    )
     for r in sorted(runs, key=lambda r: (r.model, ["x86_64", "arm64", "armhf"].index(r.arch), r.cpu, r.backend, r.ort)):
         res = r.result
         dev = res.get("device", {})
@@ -484,7 +555,9 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
         ort = (dev.get("packages") or {}).get("onnxruntime") or "-"
         if not res.get("ok"):
             failures.append(f"{r.name}: {res.get('error', 'failed')}")
-            say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  FAILED: {res.get('error', '')[:200]}")
+            say(
+                f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  FAILED: {res.get('error', '')[:200]}"
+            )
             continue
         n = len(res["tokens"])
         want = TINY_TOKENS if r.model in GATED else SMALL_TOKENS
@@ -500,7 +573,10 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
             if same:
                 verdict = "identical"
             else:
-                k = next((i for i, (a, b) in enumerate(zip(base.get("tokens") or [], res["tokens"])) if a != b), min(n, len(base.get("tokens") or [])))
+                k = next(
+                    (i for i, (a, b) in enumerate(zip(base.get("tokens") or [], res["tokens"])) if a != b),
+                    min(n, len(base.get("tokens") or [])),
+                )
                 verdict = f"DIFFERS at token {k}"
                 if r.model in GATED:
                     failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
@@ -517,22 +593,35 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
         hwm = dev.get("vmhwm_mb")
         peak = res.get("peak_mb")
         tps = (res.get("stats") or {}).get("decode_tokens_per_s", 0)
-        say(f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {n:6d}  {verdict:22s} "
-            f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} {tps:6.1f} {res['wall_s']:5.1f}s")
+        say(
+            f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {n:6d}  {verdict:22s} "
+            f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} {tps:6.1f} {res['wall_s']:5.1f}s"
+        )
     small_native = ref.get(("numpy", "small"), {})
     hwm = (small_native.get("device") or {}).get("vmhwm_mb")
     if hwm and hwm > budget_mb:
-        failures.append(f"small int8 numpy peak RSS {hwm:.0f} MB on x86_64 exceeds the Pi Zero 2 W budget {budget_mb} MB")
+        failures.append(
+            f"small int8 numpy peak RSS {hwm:.0f} MB on x86_64 exceeds the Pi Zero 2 W budget {budget_mb} MB"
+        )
     say("")
-    say("VmHWM: the process's peak RSS; under qemu that is the emulator's own RSS (guest memory + translated code), "
+    say(
+        "VmHWM: the process's peak RSS; under qemu that is the emulator's own RSS (guest memory + translated code), "
         "an upper bound of the guest's.\ncg peak: the run's cgroup peak (RSS + page cache), counting only pages this run touched first "
-        "(shared libraries already cached by an earlier run are not charged again).")
+        "(shared libraries already cached by an earlier run are not charged again)."
+    )
     if not sweep:
-        say(f"predicted by craft-run --estimate for pi-zero-2w (numpy): tiny {est['tiny']}, small {est['small']}; "
-            f"measured x86_64 numpy: tiny {(ref.get(('numpy', 'tiny'), {}).get('device') or {}).get('vmhwm_mb', 0):.0f} MB, small {hwm or 0:.0f} MB")
+        say(
+            f"predicted by craft-run --estimate for pi-zero-2w (numpy): tiny {est['tiny']}, small {est['small']}; "
+            f"measured x86_64 numpy: tiny {(ref.get(('numpy', 'tiny'), {}).get('device') or {}).get('vmhwm_mb', 0):.0f} MB, small {hwm or 0:.0f} MB"
+        )
     total = time.perf_counter() - t_start
     say("time: " + " | ".join(f"{k} {fmt_s(v[0])} ({v[1]})" for k, v in timings.items()) + f" | total {fmt_s(total)}")
-    summary = {"failures": failures, "total_s": total, "cap": cap.describe(), "runs": [{"name": r.name, **{k: v for k, v in r.result.items() if k != 'text'}} for r in runs]}
+    summary = {
+        "failures": failures,
+        "total_s": total,
+        "cap": cap.describe(),
+        "runs": [{"name": r.name, **{k: v for k, v in r.result.items() if k != "text"}} for r in runs],
+    }
     try:
         (CACHE / "last-check.json").write_text(json.dumps(summary, indent=1))
     except OSError:
@@ -543,12 +632,16 @@ def report(runs: list[Run], info: dict, cap: MemoryCap, budget_mb: int, budget_s
             say(f"  - {f}")
         return EXIT_FAIL
     if sweep:
-        say(f"RESULT: PASS - every onnxruntime version tested ({', '.join(r.ort for r in runs if r.ort)}) runs the tiny int8 file "
-            f"on emulated aarch64 with greedy output identical to x86_64")
+        say(
+            f"RESULT: PASS - every onnxruntime version tested ({', '.join(r.ort for r in runs if r.ort)}) runs the tiny int8 file "
+            f"on emulated aarch64 with greedy output identical to x86_64"
+        )
         return EXIT_OK
-    say(f"RESULT: PASS - tiny int8 greedy output token-for-token identical to x86_64 on every machine and backend; "
+    say(
+        f"RESULT: PASS - tiny int8 greedy output token-for-token identical to x86_64 on every machine and backend; "
         f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "
-        f"never {FORBIDDEN_NOTE})")
+        f"never {FORBIDDEN_NOTE})"
+    )
     return EXIT_OK
 
 

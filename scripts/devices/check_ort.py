@@ -7,6 +7,7 @@ Prints one "RESULT key=value" line per check and a final "SUMMARY" line:
   and the highest default-domain opset whose model loads without an
   "under development" warning (max_opset) or at all (max_opset_loads).
 """
+
 from __future__ import annotations
 
 import glob
@@ -82,7 +83,9 @@ def _run(path: str) -> str:
             return f"error ({str(exc).splitlines()[0][-160:]})"
         if not optimize:
             worst = max(diffs.values())
-        parts.append(("noopt" if not optimize else "opt") + "[" + " ".join(f"{k}:{v:.1e}" for k, v in diffs.items()) + "]")
+        parts.append(
+            ("noopt" if not optimize else "opt") + "[" + " ".join(f"{k}:{v:.1e}" for k, v in diffs.items()) + "]"
+        )
     tag = "ok" if worst < 1e-4 else "mismatch"
     return f"{tag} ({' '.join(parts)})"
 

@@ -21,7 +21,18 @@ import platform
 import sys
 import time
 
-FORBIDDEN = ("torch", "onnx", "onnxscript", "google.protobuf", "yaml", "craft.export", "craft.model", "craft.train", "craft.data", "craft.config")
+FORBIDDEN = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "google.protobuf",
+    "yaml",
+    "craft.export",
+    "craft.model",
+    "craft.train",
+    "craft.data",
+    "craft.config",
+)
 
 
 def forbidden(name: str) -> bool:
@@ -91,7 +102,10 @@ def main() -> int:
     with open(report_path, "w") as f:
         json.dump(report, f)
     if report["forbidden_loaded"] or report["forbidden_attempts"]:
-        print(f"device check: forbidden imports {report['forbidden_loaded'] or report['forbidden_attempts']}", file=sys.stderr)
+        print(
+            f"device check: forbidden imports {report['forbidden_loaded'] or report['forbidden_attempts']}",
+            file=sys.stderr,
+        )
         return 3
     return code
 

@@ -24,9 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-TINY_OVERRIDES = ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=512", "model.dim=64", "model.n_layer=2",
-                  "model.n_head=4", "model.n_kv_head=2", "model.context_length=64", "train.max_steps=150",
-                  "train.warmup_steps=10", "train.batch_size=16", "train.threads=1"]
+TINY_OVERRIDES = [
+    "tokenizer.kind=sentencepiece",
+    "tokenizer.vocab_size=512",
+    "model.dim=64",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.context_length=64",
+    "train.max_steps=150",
+    "train.warmup_steps=10",
+    "train.batch_size=16",
+    "train.threads=1",
+]
 SMALL_VOCAB = 32000  # the 15M class
 
 
@@ -48,9 +58,14 @@ def build_tiny(out: Path, data: str | None, name: str = "tiny", extra: tuple[str
     path = out / f"{name}.int8.onnx"
     export_log = run([sys.executable, "-m", "craft.export.cli", str(run_dir), "--quantize", "int8", "-o", str(path)])
     done = [line for line in log.splitlines() if line.startswith("done:")]
-    return {"path": str(path), "train_s": round(t1 - t0, 1), "export_s": round(time.perf_counter() - t1, 1),
-            "data": data or "bundled corpus", "train": done[-1] if done else "",
-            "export": [line.strip() for line in export_log.splitlines() if line.strip().startswith(("quality", "size"))]}
+    return {
+        "path": str(path),
+        "train_s": round(t1 - t0, 1),
+        "export_s": round(time.perf_counter() - t1, 1),
+        "data": data or "bundled corpus",
+        "train": done[-1] if done else "",
+        "export": [line.strip() for line in export_log.splitlines() if line.strip().startswith(("quality", "size"))],
+    }
 
 
 def build_small(out: Path) -> dict:
@@ -73,9 +88,12 @@ def describe(path: str) -> dict:
     import onnx
 
     m = onnx.load(path, load_external_data=False)
-    return {"bytes": Path(path).stat().st_size, "ir_version": m.ir_version,
-            "opsets": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
-            "ops": sorted({(n.domain + "::" if n.domain else "") + n.op_type for n in m.graph.node})}
+    return {
+        "bytes": Path(path).stat().st_size,
+        "ir_version": m.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+        "ops": sorted({(n.domain + "::" if n.domain else "") + n.op_type for n in m.graph.node}),
+    }
 
 
 def main() -> None:
@@ -86,9 +104,12 @@ def main() -> None:
     import sentencepiece
     import torch
 
-    info = {"tiny": build_tiny(out, data), "recurrent": build_tiny(out, data, "recurrent", ("model.arch=recurrent",)),
-            "small": build_small(out),
-            "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__}}
+    info = {
+        "tiny": build_tiny(out, data),
+        "recurrent": build_tiny(out, data, "recurrent", ("model.arch=recurrent",)),
+        "small": build_small(out),
+        "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__},
+    }
     for name in ("tiny", "recurrent", "small"):
         info[name].update(describe(info[name]["path"]))
     (out / "models.json").write_text(json.dumps(info, indent=1))

@@ -15,6 +15,7 @@ Writes into OUT_DIR (default .cache/devices/models):
 
 The guest side (check_ort.py) needs only numpy + onnxruntime.
 """
+
 from __future__ import annotations
 
 import os
