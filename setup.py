@@ -34,7 +34,8 @@ setup(
     install_requires=[
         "numpy>=1.24",
         # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.
-        # 1.22: the first whose MatMulNBits runs 8 bits (int8 files); 1.21 runs int4 only, 1.20 neither (x86_64, tested).
+        # 1.22: the first whose MatMulNBits runs 8 bits (int8 files); 1.21 runs int4 only, 1.20 neither
+        # (x86_64, tested).
         'onnxruntime>=1.22; platform_machine != "armv7l" and platform_machine != "armv6l"',
         "sentencepiece>=0.1.97",  # Debian bookworm's python3-sentencepiece; tested under emulation
         "click>=8.0",
@@ -51,7 +52,8 @@ setup(
         "train": ["torch>=2.4", "onnx>=1.16", "pyyaml>=6.0", "tqdm>=4.60", "gguf>=0.10"],
         # matplotlib and tensorboard are optional for users; the tests exercise both. transformers
         # (+ accelerate for its GGUF loader) is the reference the import tests compare against.
-        # onnxruntime-genai (+ onnx-ir, which its model builder imports): the benchmarks' peer (benchmarks/genai_peer.py).
+        # onnxruntime-genai (+ onnx-ir, which its model builder imports): the benchmarks' peer
+        # (benchmarks/genai_peer.py).
         "dev": [
             "pytest>=7",
             "pytest-benchmark>=4",

@@ -1,9 +1,10 @@
 """The gates: CI fails when one is breached. Thresholds live in gates.py.
 
 Each gate measures both sides of its ratio itself, back to back round after round, and takes
-the median of the per-round ratios (conftest.compare), so machine noise hits both alike. They run through the `benchmark` fixture (one round, the measurement
-itself) so that `--benchmark-only` runs them too, and record their ratio in extra_info and in
-the figures printed at the end.
+the median of the per-round ratios (conftest.compare), so machine noise hits both alike. They
+run through the `benchmark` fixture (one round, the measurement itself) so that
+`--benchmark-only` runs them too, and record their ratio in extra_info and in the figures
+printed at the end.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def run_craft(path, *args):
     """craft-run in a fresh process that reports the modules it loaded; (wall seconds to first byte, stats, modules)."""
     code = (
         "import sys, json; from craft.runtime.cli import main\n"
-        "import atexit; atexit.register(lambda: sys.stderr.write('MODULES ' + json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx'))) + '\\n'))\n"
+        "import atexit; atexit.register(lambda: sys.stderr.write('MODULES ' + json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('torch', 'onnx'))) + '\\n'))\n"
         "sys.argv = ['craft-run'] + sys.argv[1:]; main()"
     )
     start = time.perf_counter()

@@ -139,7 +139,8 @@ def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: Metri
     text = t.sample_prompt + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
     with open(Path(run_dir) / rd.SAMPLES, "a", encoding="utf-8") as f:
         f.write(
-            f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n{text}\n\n"
+            f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n"
+            f"{text}\n\n"
         )
     metrics.write({"event": "sample", "step": step, "text": text})
     return text

@@ -176,7 +176,8 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
         raise RunDirError(f"{path} could not be loaded by torch ({type(e).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunDirError(
-            f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, expected {FORMAT}"
+            f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, "
+            f"expected {FORMAT}"
         )
     return payload, digest
 

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # "llama" (attention + KV-cache) or "recurrent" (gated recurrence, fixed-size state; craft/recurrent.py)
+    # "llama" (attention + KV-cache) or "recurrent" (gated recurrence, fixed-size state; craft/recurrent.py)
+    arch: str = "llama"
     vocab_size: int = 0  # 0: taken from the tokenizer once it is built (the usual case)
     dim: int = 128  # residual width; head_dim = dim / n_head unless head_size says otherwise
     n_layer: int = 4  # transformer blocks
@@ -353,7 +354,8 @@ def validate(cfg: Config) -> None:
         )
     if m.n_head % m.kv_heads:
         raise ConfigError(
-            f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; pick n_kv_head among {divisors(m.n_head)}"
+            f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; "
+            f"pick n_kv_head among {divisors(m.n_head)}"
         )
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
@@ -376,7 +378,8 @@ def validate(cfg: Config) -> None:
         )
     if t.warmup_steps > t.lr_decay_steps:
         raise ConfigError(
-            f"train.lr_decay_steps={t.lr_decay_steps} must be at least train.warmup_steps={t.warmup_steps}; raise it or set 0 (max_steps)"
+            f"train.lr_decay_steps={t.lr_decay_steps} must be at least train.warmup_steps={t.warmup_steps}; "
+            "raise it or set 0 (max_steps)"
         )
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
@@ -422,7 +425,8 @@ def read_run_config(run_dir: Path) -> Config:
         values = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"{path} is not valid YAML ({getattr(e, 'problem', e)}); it was written by craft-train: restore it or start a new run"
+            f"{path} is not valid YAML ({getattr(e, 'problem', e)}); "
+            "it was written by craft-train: restore it or start a new run"
         ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")

@@ -154,13 +154,14 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
         if "smaller than required_chars" in message:  # "... 400 vs 2259. Increase vocab_size ..."
             needed = message.split(" vs ")[-1].split(".")[0]
             raise DataError(
-                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus's {needed} distinct characters and "
-                f"byte pieces; raise tokenizer.vocab_size above {needed}, or use tokenizer.kind=char"
+                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this corpus's {needed} "
+                f"distinct characters and byte pieces; raise tokenizer.vocab_size above {needed}, "
+                "or use tokenizer.kind=char"
             ) from None
         if "too high" in message:  # "Vocabulary size too high (N). Please set it to a value <= M."
             raise DataError(
-                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus ({message.split('. ')[-1].rstrip('.')}); "
-                "lower tokenizer.vocab_size"
+                f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus "
+                f"({message.split('. ')[-1].rstrip('.')}); lower tokenizer.vocab_size"
             ) from None
         raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
     return SentencePieceTokenizer(model.getvalue())
@@ -222,7 +223,8 @@ def read_info(run_dir: Path) -> dict | None:
             raise ValueError(f"a JSON {type(info).__name__}, not an object")
     except ValueError as e:
         raise RunDirError(
-            f"{path} is damaged ({str(e)[:120]}); delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)"
+            f"{path} is damaged ({str(e)[:120]}); "
+            f"delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)"
         ) from None
     return info
 
@@ -342,8 +344,9 @@ def val_tokens(run_dir: Path) -> np.ndarray | None:
     n = info.get("n_tokens")
     if n is not None and tokens_path.stat().st_size != n * np.dtype(info["dtype"]).itemsize:
         raise RunDirError(
-            f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: it was truncated or replaced; "
-            f"rebuild it with craft-train --resume {run_dir}, or delete it (the export then skips the perplexity check)"
+            f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: "
+            f"it was truncated or replaced; rebuild it with craft-train --resume {run_dir}, "
+            "or delete it (the export then skips the perplexity check)"
         )
     return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])[1]
 
@@ -369,4 +372,7 @@ def count_chars(corpus: Corpus) -> int:
 
 def describe(data: TokenData) -> str:
     n = data.info["n_tokens"]
-    return f"{n:,} tokens ({len(data.train):,} train / {len(data.val):,} val, {data.info['n_documents']} documents, {data.info['dtype']})"
+    return (
+        f"{n:,} tokens ({len(data.train):,} train / {len(data.val):,} val, "
+        f"{data.info['n_documents']} documents, {data.info['dtype']})"
+    )

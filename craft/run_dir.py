@@ -136,7 +136,8 @@ def check_out_dir(run_dir: Path) -> None:
         raise RunDirError(f"out_dir={run_dir} {what}, not a directory; choose another out_dir=...")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(
-            f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); choose another out_dir=..."
+            f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); "
+            "choose another out_dir=..."
         )
 
 

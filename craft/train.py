@@ -97,7 +97,8 @@ def prepare_run(
             lock.acquire()
     if not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another out_dir=..., or pass --overwrite"
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "choose another out_dir=..., or pass --overwrite"
         )
     corpus = Corpus(cfg.data.path)
     if dist.main and run_dir.is_dir():
@@ -119,7 +120,8 @@ def prepare_run(
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)
         if tokenizer is None:
             raise rd.RunDirError(
-                f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}) to resume with; start it again with --overwrite"
+                f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}) to resume with; "
+                "start it again with --overwrite"
             )
         check_tokenizer(run_dir, tokenizer)
         data = tokenize(cfg, corpus, tokenizer)
@@ -140,7 +142,8 @@ def prepare_run(
 def check_vocab_size(cfg: Config, tokenizer: Tokenizer) -> None:
     if 0 < cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0"
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
+            "set model.vocab_size=0"
         )
 
 
@@ -386,7 +389,8 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                     )
                     if dist.main:
                         bar.write(
-                            f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}",
+                            f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, "
+                            f"val ppl {math.exp(min(val, 50.0)):.2f}",
                             file=sys.stderr,
                         )
                     if val < state.best_val:
@@ -404,19 +408,22 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                     ckpt.save(state, cfg, dist)
                 if dist.main and t.sample_interval and state.step % t.sample_interval == 0 and not last:
                     log(
-                        f"sample at step {state.step}: {write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)!r}"
+                        f"sample at step {state.step}: "
+                        f"{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)!r}"
                     )
                 if signals.received is not None:
                     if state.step % t.checkpoint_interval != 0 and not last:
                         ckpt.save(state, cfg, dist)
                     result["stopped"] = f"signal {signal.Signals(signals.received).name}"
                     log(
-                        f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {state.step}; continue with --resume {run_dir}"
+                        f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {state.step}; "
+                        f"continue with --resume {run_dir}"
                     )
                     break
         if dist.main and not result["stopped"].startswith("signal"):
             log(
-                f"sample at step {state.step}:\n{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)}\n"
+                f"sample at step {state.step}:\n"
+                f"{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)}\n"
             )
     finally:
         metrics.close()
@@ -461,7 +468,8 @@ def log_start(cfg: Config, model: Transformer, data: TokenData, dist: Distribute
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     metavar="RUN_DIR",
-    help="Continue the run in RUN_DIR from its newest good checkpoint (overrides may extend it, e.g. train.max_steps=4000).",
+    help="Continue the run in RUN_DIR from its newest good checkpoint "
+    "(overrides may extend it, e.g. train.max_steps=4000).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in out_dir instead of refusing.")
 @click.option(
@@ -508,7 +516,8 @@ def main(overrides, config, resume, overwrite, plot_dir):
     val = result["val_loss"]
     click.echo(
         f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
-        f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
+        f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) "
+        f"vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "
         f"run directory: {cfg.out_dir}"
         if val is not None
         else f"stopped at step {result['step']} ({result['stopped']})"

@@ -22,7 +22,8 @@ def format_size(n: int) -> str:
 
 def print_report(report: dict, output: Path | None) -> None:
     click.echo(
-        f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); fp32 {format_size(report['fp32_file_bytes'])}; "
+        f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); "
+        f"fp32 {format_size(report['fp32_file_bytes'])}; "
         f"ratio {report['size_ratio']:.1%}; {report['parameters']:,} parameters; opset {report['opset']}"
     )
     if report["quantization"] != NONE:
@@ -44,7 +45,8 @@ def print_report(report: dict, output: Path | None) -> None:
     "--output",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output .onnx file.  [default: SOURCE/model.<quantize>.onnx; for a .gguf file: its name with .<quantize>.onnx]",
+    help="Output .onnx file.  "
+    "[default: SOURCE/model.<quantize>.onnx; for a .gguf file: its name with .<quantize>.onnx]",
 )
 @click.option(
     "--quantize",

@@ -88,12 +88,14 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         raise ExportError(str(e)) from None
     if tokenizer is None:
         raise ExportError(
-            f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); training did not get far enough - rerun craft-train"
+            f"{run_dir} has no tokenizer ({rd.SP_TOKENIZER} or {rd.CHAR_TOKENIZER}); "
+            "training did not get far enough - rerun craft-train"
         )
     path = run_dir / checkpoint
     if not path.is_file():
         raise ExportError(
-            f"{path} does not exist; training has not saved a checkpoint yet (wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})"
+            f"{path} does not exist; training has not saved a checkpoint yet "
+            f"(wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})"
         )
     try:
         state, digest = read_checkpoint(path)
@@ -101,7 +103,8 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ExportError(
-            f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: it is not this run's tokenizer; restore the run's own"
+            f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: "
+            "it is not this run's tokenizer; restore the run's own"
         )
     if saved_model_config(state) != cfg.model:
         raise ExportError(
@@ -288,7 +291,8 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise ExportError(
-            f"output {output} exists and is not a regular file (a device, FIFO or socket); give a new path or a .onnx file"
+            f"output {output} exists and is not a regular file (a device, FIFO or socket); "
+            "give a new path or a .onnx file"
         )
     if not parent.is_dir():
         raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")

@@ -232,7 +232,8 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
         itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
         if end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end:
             raise SourceError(
-                f"{path}: tensor {name} claims {end - begin} bytes for shape {list(shape)} of {dtype}; the file is corrupt"
+                f"{path}: tensor {name} claims {end - begin} bytes for shape {list(shape)} of {dtype}; "
+                "the file is corrupt"
             )
         if base + end > size:
             raise SourceError(

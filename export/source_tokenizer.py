@@ -269,7 +269,8 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
         )  # llama.cpp's default for sentencepiece vocabularies
     else:
         raise TokenizerSourceError(
-            f"{name}: tokenizer.ggml.model '{model}' is not supported; expected 'gpt2' (byte-level BPE) or 'llama' (sentencepiece BPE)"
+            f"{name}: tokenizer.ggml.model '{model}' is not supported; "
+            "expected 'gpt2' (byte-level BPE) or 'llama' (sentencepiece BPE)"
         )
     bos = bos if bos is not None else eos
     if add_bos:

@@ -197,7 +197,8 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         perplexity_tokens=q["tokens"],
     )
     log(
-        f"  quality {quantization} vs fp32 on {q['tokens']:,} val tokens: top-1 agreement {top1:.2%} (limit {bound.min_top1:.0%}), "
+        f"  quality {quantization} vs fp32 on {q['tokens']:,} val tokens: "
+        f"top-1 agreement {top1:.2%} (limit {bound.min_top1:.0%}), "
         f"perplexity {ppl32:.4f} -> {ppl_q:.4f}, ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); "
         f"max |logit diff| vs PyTorch {report['quantized_max_abs_diff']:.3f}"
     )

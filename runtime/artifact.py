@@ -137,7 +137,8 @@ class ModelSpec:
         values = json.loads(text)
         if not isinstance(values, dict):
             raise ArtifactError(
-                f"model config in the file is a JSON {type(values).__name__}, not an object; re-export it with craft-export"
+                f"model config in the file is a JSON {type(values).__name__}, not an object; "
+                "re-export it with craft-export"
             )
         missing = {f.name for f in fields(cls) if f.default is MISSING} - values.keys()
         if missing:

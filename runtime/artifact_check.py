@@ -171,14 +171,20 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
     for name, (shape, dtype) in expected.items():
         info = model.tensors.get(name)
         if info is None:
-            return f"it lacks weight '{name}' that a model of its config ({spec.n_layer} layers, {artifact.quantization}) has"
+            return (
+                f"it lacks weight '{name}' that a model of its config "
+                f"({spec.n_layer} layers, {artifact.quantization}) has"
+            )
         if info.shape != shape or info.dtype != dtype:
             found = f"{info.dtype or f'type {info.data_type}'} {info.shape}"
             return f"weight '{name}' is {found}, the model config needs {dtype} {shape}"
     families = tuple({name.split(".")[0] + "." for name in (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo)})
     for name in model.tensors:
         if name.startswith(families) and name not in expected:
-            return f"it has weight '{name}' that a model of its config ({spec.n_layer} layers, {artifact.quantization}) lacks"
+            return (
+                f"it has weight '{name}' that a model of its config "
+                f"({spec.n_layer} layers, {artifact.quantization}) lacks"
+            )
     inputs, outputs = expected_io(spec)
     return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem(
         "output", model.outputs, outputs, spec.n_layer
@@ -200,5 +206,8 @@ def io_problem(kind: str, found: list[ValueInfo], expected: dict[str, tuple], n_
         )
         if value.elem_type != elem_type or not fits:
             want = tuple("?" if e is None else e for e in shape)
-            return f"graph {kind} '{value.name}' is type {value.elem_type} {value.shape}, the model config needs type {elem_type} {want}"
+            return (
+                f"graph {kind} '{value.name}' is type {value.elem_type} {value.shape}, "
+                f"the model config needs type {elem_type} {want}"
+            )
     return None

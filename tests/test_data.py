@@ -127,7 +127,8 @@ def test_sentencepiece_vocab_too_small_for_the_characters_says_so(tmp_path):
     cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.vocab_size=400"])
     with pytest.raises(
         DataError,
-        match=r"tokenizer.vocab_size=400 is too small for this corpus's \d+ distinct characters.*raise tokenizer.vocab_size",
+        match=r"tokenizer.vocab_size=400 is too small for this corpus's \d+ distinct characters"
+        r".*raise tokenizer.vocab_size",
     ) as info:
         train_tokenizer(cfg, Corpus(str(corpus)))
     assert "too large" not in str(info.value)

@@ -20,12 +20,13 @@ gguf = pytest.importorskip(
 )
 transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
 
-from import_models import (
+# below the importorskips, as before: these helpers serve only runs that have gguf and transformers
+from import_models import (  # noqa: E402
     CHAT_TEMPLATE,
     craft_logits,
     max_diff,
     ort_logits,
-    random_hf_model,  # noqa: E402
+    random_hf_model,
     reference_logits,
     write_gguf,
 )

@@ -16,14 +16,15 @@ from craft.export.sources import HF, SourceError, detect_kind, load_source
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
 
+# below the importorskip, as before: these helpers serve only runs that have transformers
 from conftest import run_cli  # noqa: E402
-from import_models import (
+from import_models import (  # noqa: E402
     CHAT_TEMPLATE,
     VOCAB,
     craft_logits,
     max_diff,
     numpy_logits,
-    ort_logits,  # noqa: E402
+    ort_logits,
     random_hf_model,
     reference_logits,
     save_tokenizer,

@@ -381,7 +381,9 @@ def test_runtime_never_imports_torch_or_onnx(char_int8, sp_int8):
         from craft.runtime.sampling import SamplingError, SamplingParams
         for path in ({str(char_int8)!r}, {str(sp_int8)!r}):
             for backend in ("ort", "numpy"):
-                text = Generator(path, backend=backend).generate("ROMEO", SamplingParams(max_new_tokens=5, temperature=0)).text
+                text = Generator(path, backend=backend).generate(
+                    "ROMEO", SamplingParams(max_new_tokens=5, temperature=0)
+                ).text
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx"))
         print("LOADED", loaded)
     """)

@@ -25,7 +25,8 @@ tokenizers = pytest.importorskip(
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 MIXED = (
     "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHello, World! It's 2024; we'LL see. "
-    "I'M sure they'RE fine\n\n\ndef fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n  # base\n    return fib(n-1)+fib(n - 2)\n"
+    "I'M sure they'RE fine\n\n\ndef fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n  # base\n"
+    "    return fib(n-1)+fib(n - 2)\n"
     "x   =    [1,2,3]\r\n\r\n   \t \n  trailing spaces   \n"
     "日本語のテキスト、中文文本。한국어 ｆｕｌｌｗｉｄｔｈ\u3000ideographic space "
     "emoji 🙂👍🏽 family 👨\u200d👩\u200d👧 flag 🇫🇷 "
@@ -399,7 +400,8 @@ def test_python_path_refuses_what_it_does_not_implement(smollm2):
 
 
 def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
-    """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is the only other need."""
+    """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is
+    the only other need."""
     import subprocess
     import sys
 

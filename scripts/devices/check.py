@@ -151,9 +151,15 @@ class MemoryCap:
         if self.kind == "cgroup2":
             return f"cgroup v2 memory.max = {mb} per run (RSS + page cache, swap off), peak from memory.peak"
         if self.kind == "cgroup1":
-            return f"cgroup v1 memory.limit_in_bytes = {mb} per run (RSS + page cache, swap off), peak from memory.max_usage_in_bytes"
+            return (
+                f"cgroup v1 memory.limit_in_bytes = {mb} per run (RSS + page cache, swap off), "
+                "peak from memory.max_usage_in_bytes"
+            )
         if self.kind == "rlimit":
-            return f"RLIMIT_AS (ulimit -v) = {mb} per run: address space, not RAM; no cgroup ({self.why.strip('; ') or 'none writable'})"
+            return (
+                f"RLIMIT_AS (ulimit -v) = {mb} per run: address space, not RAM; "
+                f"no cgroup ({self.why.strip('; ') or 'none writable'})"
+            )
         return f"none (no writable cgroup, no sh): peak RSS measured only, not enforced ({self.why.strip('; ')})"
 
     def run(self, cmd: list[str], arch: str, **kw) -> tuple[subprocess.CompletedProcess, dict]:
@@ -449,7 +455,8 @@ def main() -> int:
     jobs = int(os.environ.get("CRAFT_DEVICE_JOBS") or os.cpu_count() or 2)
     timings: dict = {}
     say(
-        f"Craft device check: {', '.join(ARCH_MACHINE[a] for a in arches)} under qemu-user vs x86_64 (host {platform.machine()}, {os.cpu_count()} CPUs)"
+        f"Craft device check: {', '.join(ARCH_MACHINE[a] for a in arches)} under qemu-user vs x86_64 "
+        f"(host {platform.machine()}, {os.cpu_count()} CPUs)"
     )
 
     # 1. prepare
@@ -460,12 +467,14 @@ def main() -> int:
             reason = next((line for line in log.splitlines() if "SKIP" in line), "prepare.sh skipped")
             say(f"SKIP: {re.sub(r'^.*SKIP: *', '', reason.strip())} (scripts/devices/prepare.sh {arch})")
             say(
-                "The device check needs root, apt-get (for qemu-user-static and debootstrap) and network access to Debian and PyPI."
+                "The device check needs root, apt-get (for qemu-user-static and debootstrap) "
+                "and network access to Debian and PyPI."
             )
             return EXIT_SKIP
         if rc:
             say(
-                f"FAIL: scripts/devices/prepare.sh {arch} exited {rc}; last lines of {CACHE / 'logs' / f'prepare-{arch}.log'}:"
+                f"FAIL: scripts/devices/prepare.sh {arch} exited {rc}; "
+                f"last lines of {CACHE / 'logs' / f'prepare-{arch}.log'}:"
             )
             say("\n".join("  " + line for line in log.splitlines()[-15:]))
             return EXIT_FAIL
@@ -536,17 +545,20 @@ def report(
         if dev:
             pkgs = " ".join(f"{k}={v}" for k, v in dev["packages"].items() if v)
             say(
-                f"{'host' if arch == 'x86_64' else 'guest'} {dev['machine']} ({dev['pointer_bits']}-bit): python {dev['python']} {pkgs}"
+                f"{'host' if arch == 'x86_64' else 'guest'} {dev['machine']} ({dev['pointer_bits']}-bit): "
+                f"python {dev['python']} {pkgs}"
             )
     say(
         f"models: tiny.int8.onnx {t['bytes'] / 1e6:.2f} MB (sentencepiece 512, trained {t.get('train_s', '?')}s), "
         f"small.int8.onnx {info['small']['bytes'] / 1e6:.1f} MB (15M class, random weights); "
-        f"opset {t['opsets'].get('ai.onnx')}, IR {t['ir_version']}, only ai.onnx ops: {all('::' not in op for op in t['ops'])}"
+        f"opset {t['opsets'].get('ai.onnx')}, IR {t['ir_version']}, "
+        f"only ai.onnx ops: {all('::' not in op for op in t['ops'])}"
     )
     say(f"cap: {cap.describe()}  [{budget_src}]")
     say("")
     say(
-        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':5s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} {'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}"
+        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':5s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} "
+        f"{'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}"
     )
     for r in sorted(runs, key=lambda r: (r.model, ["x86_64", "arm64", "armhf"].index(r.arch), r.cpu, r.backend, r.ort)):
         res = r.result
@@ -556,7 +568,8 @@ def report(
         if not res.get("ok"):
             failures.append(f"{r.name}: {res.get('error', 'failed')}")
             say(
-                f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  FAILED: {res.get('error', '')[:200]}"
+                f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  "
+                f"FAILED: {res.get('error', '')[:200]}"
             )
             continue
         n = len(res["tokens"])
@@ -595,7 +608,8 @@ def report(
         tps = (res.get("stats") or {}).get("decode_tokens_per_s", 0)
         say(
             f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {n:6d}  {verdict:22s} "
-            f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} {tps:6.1f} {res['wall_s']:5.1f}s"
+            f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} "
+            f"{tps:6.1f} {res['wall_s']:5.1f}s"
         )
     small_native = ref.get(("numpy", "small"), {})
     hwm = (small_native.get("device") or {}).get("vmhwm_mb")
@@ -606,13 +620,16 @@ def report(
     say("")
     say(
         "VmHWM: the process's peak RSS; under qemu that is the emulator's own RSS (guest memory + translated code), "
-        "an upper bound of the guest's.\ncg peak: the run's cgroup peak (RSS + page cache), counting only pages this run touched first "
+        "an upper bound of the guest's.\n"
+        "cg peak: the run's cgroup peak (RSS + page cache), counting only pages this run touched first "
         "(shared libraries already cached by an earlier run are not charged again)."
     )
     if not sweep:
         say(
             f"predicted by craft-run --estimate for pi-zero-2w (numpy): tiny {est['tiny']}, small {est['small']}; "
-            f"measured x86_64 numpy: tiny {(ref.get(('numpy', 'tiny'), {}).get('device') or {}).get('vmhwm_mb', 0):.0f} MB, small {hwm or 0:.0f} MB"
+            "measured x86_64 numpy: "
+            f"tiny {(ref.get(('numpy', 'tiny'), {}).get('device') or {}).get('vmhwm_mb', 0):.0f} MB, "
+            f"small {hwm or 0:.0f} MB"
         )
     total = time.perf_counter() - t_start
     say("time: " + " | ".join(f"{k} {fmt_s(v[0])} ({v[1]})" for k, v in timings.items()) + f" | total {fmt_s(total)}")
@@ -633,13 +650,15 @@ def report(
         return EXIT_FAIL
     if sweep:
         say(
-            f"RESULT: PASS - every onnxruntime version tested ({', '.join(r.ort for r in runs if r.ort)}) runs the tiny int8 file "
+            f"RESULT: PASS - every onnxruntime version tested ({', '.join(r.ort for r in runs if r.ort)}) "
+            "runs the tiny int8 file "
             f"on emulated aarch64 with greedy output identical to x86_64"
         )
         return EXIT_OK
     say(
         f"RESULT: PASS - tiny int8 greedy output token-for-token identical to x86_64 on every machine and backend; "
-        f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "
+        f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, "
+        f"only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "
         f"never {FORBIDDEN_NOTE})"
     )
     return EXIT_OK
