@@ -90,11 +90,19 @@ class NumpyBackend:
         self.cache_v: list[np.ndarray] = []
         self.cache_length = 0
 
-    def reset(self, batch: int) -> None:
-        shape = (batch, self.spec.n_kv_head, self.spec.context_length, self.spec.head_dim)
+    def reset(self, batch: int, context_length: int | None = None) -> None:
+        """Empty the cache for a new batch of this many sequences, with room for context_length
+        positions (default: the model's context)."""
+        shape = (batch, self.spec.n_kv_head, context_length or self.spec.context_length, self.spec.head_dim)
         self.cache_k = [np.zeros(shape, np.float32) for _ in range(self.spec.n_layer)]
         self.cache_v = [np.zeros(shape, np.float32) for _ in range(self.spec.n_layer)]
         self.cache_length = 0
+
+    def rewind(self, length: int) -> None:
+        """Forget the cached positions from `length` on: the next forward continues after them.
+        The buffers stay; positions past the cache length are never read, only overwritten."""
+        assert 0 <= length <= self.cache_length
+        self.cache_length = length
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T); extends the cache by T."""
@@ -103,8 +111,8 @@ class NumpyBackend:
         P, S = self.cache_length, self.cache_length + T
         H, KV, hd = s.n_head, s.n_kv_head, s.head_dim
         G = H // KV
-        if S > s.context_length:
-            raise ValueError(f"sequence of {S} tokens exceeds the model's context of {s.context_length}")
+        if S > self.cache_k[0].shape[2]:
+            raise ValueError(f"sequence of {S} tokens exceeds the cache of {self.cache_k[0].shape[2]} positions")
 
         causal = np.arange(S)[None, :] <= np.arange(P, S)[:, None]  # (T, S)
         allowed = causal[None, None, None] & attention_mask[:, None, None, None, :].astype(bool)  # (B, 1, 1, T, S)

@@ -44,7 +44,8 @@ class NumpyRecurrentBackend:
         self.state: list[np.ndarray] = []
         self.cache_length = 0  # tokens consumed (the generator's clock; the state does not grow with it)
 
-    def reset(self, batch: int) -> None:
+    def reset(self, batch: int, context_length: int | None = None) -> None:
+        """A zero state per layer for this many sequences; it does not grow, whatever context_length."""
         self.state = [np.zeros((batch, self.spec.dim), np.float32) for _ in range(self.spec.n_layer)]
         self.cache_length = 0
 

@@ -90,14 +90,17 @@ class OrtBackend:
         self.cache: list = []
         self.cache_length = 0
 
-    def reset(self, batch: int) -> None:
-        """Empty the cache for a new batch of this many sequences."""
+    def reset(self, batch: int, context_length: int | None = None) -> None:
+        """Empty the cache for a new batch of this many sequences. An `inplace` file's buffers hold
+        context_length positions (default: the model's context); a `standard` file's cache grows
+        with each step (the graph's Concat) up to where the caller stops."""
         s = self.spec
         if not self.inplace:  # an empty cache, or a recurrent file's zero state: every past input has this shape
             self._buffers = [np.zeros(next(iter(A.empty_past(s, batch).values())), np.float32)]  # kept alive: the OrtValue wraps it
             self.cache = [self._ortvalue(self._buffers[0])] * len(self._inputs)
         else:  # bound here once as both past and present: every step writes into these buffers
-            self._buffers = [np.zeros((batch, s.n_kv_head, s.context_length, s.head_dim), np.float32) for _ in range(2 * s.n_layer)]
+            shape = (batch, s.n_kv_head, context_length or s.context_length, s.head_dim)
+            self._buffers = [np.zeros(shape, np.float32) for _ in range(2 * s.n_layer)]
             self.cache = [self._ortvalue(buffer) for buffer in self._buffers]
             self.binding.clear_binding_inputs()
             self.binding.clear_binding_outputs()
@@ -106,6 +109,16 @@ class OrtBackend:
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(present, value)
         self.cache_length = 0
+
+    def rewind(self, length: int) -> None:
+        """Forget the cached positions from `length` on: the next forward continues after them. An
+        `inplace` file's buffers keep them (the attention mask hides them, later steps overwrite
+        them); a `standard` file's cache tensors are cut, the kept part copied once."""
+        assert 0 <= length <= self.cache_length and self.spec.arch != A.RECURRENT, "a state cannot be rewound"
+        if not self.inplace:
+            self._buffers = [np.ascontiguousarray(value.numpy()[:, :, :length]) for value in self.cache]  # alive: OrtValues wrap them
+            self.cache = [self._ortvalue(array) for array in self._buffers]
+        self.cache_length = length
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T) after the

@@ -164,7 +164,7 @@ class ScriptedBackend:
         self.spec, self.scripts = spec, [list(script) for script in scripts]
         self.calls = []
 
-    def reset(self, batch):
+    def reset(self, batch, context_length=None):
         self.cache_length, self.step = 0, 0
 
     def forward(self, ids, mask, positions, last_only=False):
