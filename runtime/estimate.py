@@ -3,10 +3,12 @@
 A rough, documented model - good to a factor of ~1.5, meant to tell "fits / does not fit" and
 "tens vs hundreds of tokens/s" before a file is copied to a board:
 
-  memory   peak RSS = runtime base + k * file size + KV-cache at full context (a recurrent file: its
-           fixed state, the same at any context), with base and k
+  memory   peak RSS = runtime base + k * file size + KV-cache at the context (--max-context, else the
+           model's; a recurrent file: its fixed state, the same at any context), with base and k
            measured for each backend on x86_64 (RSS_MODEL below); must fit in memory_mb minus
-           os_reserved_mb of the device profile.
+           os_reserved_mb of the device profile. The same arithmetic, run against this machine's
+           available memory, is craft-run's default --max-context (fitting_context): a model
+           declaring 8192 positions gets the context that fits.
   speed    decode on Pi-class boards is memory-bound: each token streams every weight from RAM
            (15 MB for the 15M-class int8 model; their caches are 0.5-2 MB). Time per token =
            bytes read / (EFFICIENCY * bandwidth) + the backend's fixed per-token work (graph
@@ -18,6 +20,7 @@ Device profiles are flat `key: value` files in configs/devices/ (no YAML library
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,8 +33,15 @@ DEVICES_DIR = Path(__file__).resolve().parent.parent / "configs" / "devices"
 
 # (base MB, MB of RSS per MB of file) for (backend, quantized) - measured with craft-run --stats on x86_64, Python 3.11:
 # 15M-class int8 (15.7 MB) 104 / 119 MB, fp32 (61 MB) 180 / 157 MB, small int8 (7.5 MB) 84 / 76 MB.
-RSS_MODEL = {("ort", True): (66.0, 2.45), ("ort", False): (66.0, 1.9), ("numpy", True): (37.0, 5.2), ("numpy", False): (37.0, 2.0)}
-EFFICIENCY = 0.5  # share of one-core copy bandwidth a GEMV-bound decode step achieves (typical for llama.cpp-class code)
+RSS_MODEL = {
+    ("ort", True): (66.0, 2.45),
+    ("ort", False): (66.0, 1.9),
+    ("numpy", True): (37.0, 5.2),
+    ("numpy", False): (37.0, 2.0),
+}
+EFFICIENCY = (
+    0.5  # share of one-core copy bandwidth a GEMV-bound decode step achieves (typical for llama.cpp-class code)
+)
 FIXED_MS = {"ort": 0.45, "numpy": 0.8}  # per-token work besides streaming weights, on this machine's core (15M-class)
 
 
@@ -68,8 +78,18 @@ def parse_profile(path: Path) -> DeviceProfile:
     if unknown:
         raise DeviceError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {', '.join(kinds)}")
     try:
-        converted = {k: (v.lower() == "true" if kinds[k] == "bool" else float(v) if kinds[k] == "float" else
-                         int(v) if kinds[k] == "int" else v) for k, v in values.items()}
+        converted = {
+            k: (
+                v.lower() == "true"
+                if kinds[k] == "bool"
+                else float(v)
+                if kinds[k] == "float"
+                else int(v)
+                if kinds[k] == "int"
+                else v
+            )
+            for k, v in values.items()
+        }
         return DeviceProfile(**converted)
     except (TypeError, ValueError) as e:
         raise DeviceError(f"{path}: {e}") from None
@@ -90,46 +110,106 @@ class Estimate:
     available_mb: float
     bytes_per_token: float
     tokens_per_s: float
-    cache_bytes: int = 0  # per sequence: the KV-cache at full context, or a recurrent file's state
+    cache_bytes: int = 0  # per sequence: the KV-cache at `context`, or a recurrent file's state
     recurrent: bool = False
+    context: int = 0  # the context counted: --max-context, else the model's
+    max_context: int = 0  # the longest context whose peak RSS fits in available_mb (0: not even a short one)
 
     @property
     def fits(self) -> bool:
         return self.rss_mb <= self.available_mb
 
 
-def estimate(artifact: Artifact, file_bytes: int, device: DeviceProfile, backend: str | None = None) -> Estimate:
-    """Predicted peak memory and decode speed of this file on `device` at full context, batch 1."""
-    backend = backend or ("ort" if device.ort_wheel else "numpy")
+def cache_bytes(artifact: Artifact, context: int) -> int:
+    """What one sequence carries between steps: key + value float32 tensors of every layer at
+    `context` positions, or a recurrent file's state (n_layer x dim float32, whatever the context)."""
     spec = artifact.spec
+    if spec.arch == RECURRENT:
+        return spec.n_layer * spec.dim * 4
+    return 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * context * 4
+
+
+def peak_rss_mb(artifact: Artifact, file_bytes: int, backend: str, context: int) -> float:
+    """Predicted peak resident memory of craft-run with a cache of `context` positions (RSS_MODEL)."""
     if artifact.quantization not in SCHEMES:
-        raise ArtifactError(f"the file's quantization '{artifact.quantization}' is unknown to this runtime "
-                            f"(it knows {', '.join(SCHEMES)}); upgrade craft or re-export the file")
-    bits = SCHEMES[artifact.quantization].weight_bits
-    file_mb = file_bytes / 2**20
-    recurrent = spec.arch == RECURRENT
-    weight_bytes = file_bytes * (32 // bits if backend == "numpy" else 1)  # numpy expands stored weights to float32
+        raise ArtifactError(
+            f"the file's quantization '{artifact.quantization}' is unknown to this runtime "
+            f"(it knows {', '.join(SCHEMES)}); upgrade craft or re-export the file"
+        )
+    base, per_mb = RSS_MODEL[(backend, SCHEMES[artifact.quantization].weight_bits < 32)]
+    copies = 2 if backend == "ort" else 1  # ort holds past + present
+    return base + per_mb * file_bytes / 2**20 + copies * cache_bytes(artifact, context) / 2**20
+
+
+def fitting_context(artifact: Artifact, file_bytes: int, backend: str, available_mb: float) -> int:
+    """The longest context, at most the model's, whose peak_rss_mb fits in available_mb; 0 when
+    not even one position does (the weights alone are too big). A recurrent file: all or nothing."""
+    model = artifact.spec.context_length
+    without_cache = peak_rss_mb(artifact, file_bytes, backend, 0)
+    per_position = peak_rss_mb(artifact, file_bytes, backend, 1) - without_cache  # linear in context; 0 if recurrent
+    if per_position == 0:
+        return model if without_cache <= available_mb else 0
+    return max(0, min(model, int((available_mb - without_cache) / per_position)))
+
+
+def available_memory_mb() -> float | None:
+    """Memory this process could still get: Linux's MemAvailable (less under a cgroup v2 memory
+    limit), else free physical pages; None where the system does not say (macOS)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) / 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:  # inside a container the cgroup's limit may be far below the machine's free memory
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, (int(limit) - int((cgroup / "memory.current").read_text())) / 2**20)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def estimate(
+    artifact: Artifact, file_bytes: int, device: DeviceProfile, backend: str | None = None, context: int | None = None
+) -> Estimate:
+    """Predicted peak memory and decode speed of this file on `device`, batch 1, with a cache of
+    `context` positions (default: the model's context)."""
+    backend = backend or ("ort" if device.ort_wheel else "numpy")
+    context = context or artifact.spec.context_length
+    rss = peak_rss_mb(artifact, file_bytes, backend, context)
+    available = device.memory_mb - device.os_reserved_mb
+    cache = cache_bytes(artifact, context)
+    recurrent = artifact.spec.arch == RECURRENT
+    expansion = 32 // SCHEMES[artifact.quantization].weight_bits if backend == "numpy" else 1  # numpy: float32
+    weight_bytes = file_bytes * expansion
     if recurrent:  # the state is read and written once per token, whatever the context
-        cache_bytes = spec.n_layer * spec.dim * 4
-        per_token = weight_bytes + 2 * cache_bytes
+        per_token = weight_bytes + 2 * cache
     else:
-        cache_bytes = 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * spec.context_length * 4
-        per_token = weight_bytes + cache_bytes / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
-    base, per_mb = RSS_MODEL[(backend, bits < 32)]
-    rss = base + per_mb * file_mb + (2 if backend == "ort" else 1) * cache_bytes / 2**20  # ort holds past + present
+        per_token = weight_bytes + cache / 2 * (3 if backend == "ort" else 1)  # avg context; ort's Concat copies it
     seconds = per_token / (EFFICIENCY * device.bandwidth_gbs * 1e9) + FIXED_MS[backend] * device.core_slowdown / 1e3
-    return Estimate(device, backend, rss, device.memory_mb - device.os_reserved_mb, per_token, 1.0 / seconds, cache_bytes, recurrent)
+    fitting = fitting_context(artifact, file_bytes, backend, available)
+    return Estimate(device, backend, rss, available, per_token, 1.0 / seconds, cache, recurrent, context, fitting)
 
 
 def cache_column(e: Estimate) -> str:
-    """What a sequence carries between steps: 'KV 1.5MB' (the cache at full context) or 'state 6.9kB'."""
+    """What a sequence carries between steps: 'KV 1.5MB' (the cache at the context) or 'state 6.9kB'."""
     size = f"{e.cache_bytes / 2**20:.1f}MB" if e.cache_bytes >= 2**20 else f"{e.cache_bytes / 1024:.1f}kB"
     return f"state {size}" if e.recurrent else f"KV {size}"
 
 
 def format_estimates(estimates: list[Estimate]) -> str:
-    lines = [f"{'device':12s} {'backend':8s} {'peak RSS':>10s} {'available':>10s} {'fits':>5s} {'MB/token':>9s} {'tokens/s':>9s} {'cache/state':>14s}"]
+    lines = [
+        f"{'device':12s} {'backend':8s} {'context':>8s} {'cache/state':>14s} {'peak RSS':>10s} {'available':>10s} "
+        f"{'fits':>5s} {'max context':>12s} {'MB/token':>9s} {'tokens/s':>9s}"
+    ]
     for e in estimates:
-        lines.append(f"{e.device.name:12s} {e.backend:8s} {e.rss_mb:8.0f}MB {e.available_mb:8.0f}MB {'yes' if e.fits else 'NO':>5s} "
-                     f"{e.bytes_per_token / 2**20:9.1f} {e.tokens_per_s:9.0f} {cache_column(e):>14s}")
+        lines.append(
+            f"{e.device.name:12s} {e.backend:8s} {e.context:8d} {cache_column(e):>14s} {e.rss_mb:8.0f}MB "
+            f"{e.available_mb:8.0f}MB {'yes' if e.fits else 'NO':>5s} {e.max_context:12d} "
+            f"{e.bytes_per_token / 2**20:9.1f} {e.tokens_per_s:9.0f}"
+        )
     return "\n".join(lines)
