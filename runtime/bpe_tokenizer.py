@@ -191,7 +191,7 @@ class HFTokenizer:
         model, added = spec.get("model") or {}, spec.get("added_tokens") or []
         pieces = {i: t for t, i in (model.get("vocab") or {}).items()} | {t["id"]: t["content"] for t in added}
         self.vocab_size = max(pieces, default=-1) + 1
-        self._token_ids = {t: i for i, t in pieces.items()}
+        self._pieces, self._token_ids = pieces, {t: i for i, t in pieces.items()}
         special = {t["id"] for t in added if t.get("special", False)}
         self._bytes, self._strip_space = decoded_pieces(spec.get("decoder"), pieces, special, self.vocab_size)
         self.backend = "python"
@@ -222,6 +222,10 @@ class HFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._token_ids.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The token as the vocabulary writes it ("<|im_end|>"): how chat templates spell special tokens."""
+        return self._pieces.get(token_id)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Hugging Face's decode(skip_special_tokens=True), including its removal of the space that a

@@ -9,11 +9,15 @@
     greedy = SamplingParams(temperature=0)
     gen.generate("def f(x):", greedy).text                  # all at once
     gen.generate_batch(["a", "bcd"], greedy)                 # left-padded batch, one Completion each
+    for piece in gen.chat([{"role": "user", "content": "Hi"}], greedy):  # the model's chat template
+        print(piece, end="")
 
-The loop: encode (BOS + prompt), prefill the whole prompt once, then one token per step
-against the cache; sample (sampling.py); decode incrementally (UTF-8 safe); stop at EOS, a
-stop string, max_new_tokens or the model's context length - one rule (Continuation) for a
-single prompt and for every row of a batch. craft-run is a thin layer over this.
+The loop: encode (BOS where the tokenizer wants one + prompt), prefill the whole prompt once,
+then one token per step against the cache; sample (sampling.py); decode incrementally (UTF-8
+safe); stop at an end-of-turn id (Artifact.stop_ids: EOS where the file names none), a stop
+string, max_new_tokens or the context length - one rule (Continuation) for a single prompt and
+for every row of a batch. chat() renders the conversation (chat.py) and prefills only what the
+cache does not already hold. craft-run is a thin layer over this.
 """
 
 from __future__ import annotations
@@ -27,13 +31,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from craft.runtime import chat as C
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
 from craft.runtime.artifact_check import check_file
+from craft.runtime.estimate import available_memory_mb, fitting_context
 from craft.runtime.sampling import SamplingParams, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
 MAX_THREADS = 1024  # more than any CPU this runs on has; ONNX Runtime would try to start them all
+MIN_DEFAULT_CONTEXT = (
+    256  # the memory cap never goes below this: a model that needs less cache to fit does not fit anyway
+)
 EOS, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_LENGTH = "eos", "stop_string", "max_new_tokens", "context_length"
 
 
@@ -45,6 +54,7 @@ class GenerationError(ValueError):
 class Stats:
     backend: str
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the cache from the previous chat turn: not prefilled again
     generated_tokens: int = 0
     load_s: float = 0.0  # reading the file and creating the backend
     time_to_first_token_s: float = 0.0  # from the call to the first sampled token (encode + prefill + sample)
@@ -90,19 +100,19 @@ class Continuation:
 
     feed(token) returns the text that is final (possibly ""): decoded incrementally (UTF-8
     safe), holding back the last characters while they may begin a stop string. The row is
-    done at EOS (not kept) or when its text produces a stop string: the text is cut before it,
+    done at an end-of-turn id / EOS (not kept) or when its text produces a stop string: the text is cut before it,
     token_ids keep the token that completed it. finish() returns the rest of the text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, eos_id: int, stop: Sequence[str]):
-        self.text_stream, self.eos_id, self.stop = TextStream(tokenizer), eos_id, stop
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], stop: Sequence[str]):
+        self.text_stream, self.stop_ids, self.stop = TextStream(tokenizer), frozenset(stop_ids), stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars kept back: they may begin a stop string
         self.pending = ""
         self.token_ids: list[int] = []
         self.stop_reason = ""  # set when done: eos | stop_string (or by finish)
 
     def feed(self, token: int) -> str:
-        if token == self.eos_id:
+        if token in self.stop_ids:
             self.stop_reason = EOS
             return ""
         self.token_ids.append(token)
@@ -114,7 +124,10 @@ class Continuation:
             return ""
         if len(self.pending) <= self.hold:
             return ""
-        final, self.pending = self.pending[: len(self.pending) - self.hold], self.pending[len(self.pending) - self.hold:]
+        final, self.pending = (
+            self.pending[: len(self.pending) - self.hold],
+            self.pending[len(self.pending) - self.hold :],
+        )
         return final
 
     def finish(self, max_new_tokens: int) -> str:
@@ -127,7 +140,11 @@ class Continuation:
 
 
 class Generator:
-    def __init__(self, path: str | Path, backend: str = "ort", threads: int = 0):
+    """A loaded model. max_context caps the KV-cache at that many positions (at most the model's
+    context); None: the model's context, cut to what fits this machine's available memory by
+    estimate.py's arithmetic (self.memory_capped says it was cut)."""
+
+    def __init__(self, path: str | Path, backend: str = "ort", threads: int = 0, max_context: int | None = None):
         t0 = time.perf_counter()
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
@@ -141,8 +158,11 @@ class Generator:
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"{path}: the tokenizer in its metadata does not load ({e}); re-export it") from None
         if self.tokenizer.vocab_size > self.spec.vocab_size:
-            raise ArtifactError(f"{path}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model only {self.spec.vocab_size}; "
-                                f"re-export it from a consistent run directory")
+            raise ArtifactError(
+                f"{path}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{self.spec.vocab_size}; re-export it from a consistent run directory"
+            )
+        self.context_length, self.memory_capped = self._context(backend, max_context)  # before the weights take memory
         if backend == "ort":
             from craft.runtime.ort_backend import OrtBackend
 
@@ -155,29 +175,59 @@ class Generator:
             from craft.runtime.numpy_backend import NumpyBackend
 
             self.backend = NumpyBackend(str(self.path), self.spec, self.artifact.quantization)
+        self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
+    def _context(self, backend: str, max_context: int | None) -> tuple[int, bool]:
+        """The KV-cache length to use, and whether available memory cut it below the model's."""
+        model = self.spec.context_length
+        if max_context is not None:
+            if not 1 <= max_context <= model:
+                raise ValueError(f"--max-context must be in 1..{model} (the model's context), got {max_context}")
+            return max_context, False
+        available = available_memory_mb()
+        if available is None:
+            return model, False
+        fits = max(
+            fitting_context(self.artifact, self.path.stat().st_size, backend, available),
+            min(model, MIN_DEFAULT_CONTEXT),
+        )
+        return min(model, fits), fits < model
+
     # prompt -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
-        """BOS + the prompt's tokens, checked against the context length (or cut with truncate)."""
+        """(BOS +) the prompt's tokens, checked against the context length (or cut with truncate)."""
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
-            raise GenerationError(f"the prompt is not valid UTF-8 text (character {e.start} is a lone surrogate); pass UTF-8 text") from None
-        ids = [self.artifact.bos_id] + self.tokenizer.encode(prompt)
-        ctx = self.spec.context_length
+            raise GenerationError(
+                f"the prompt is not valid UTF-8 text (character {e.start} is a lone surrogate); pass UTF-8 text"
+            ) from None
+        bos = [self.artifact.bos_id] if self.tokenizer.add_bos else []
+        ids = bos + self.tokenizer.encode(prompt)
+        ctx = self.context_length
         if len(ids) <= ctx:
             return ids
         if not truncate:
-            raise GenerationError(f"the prompt is {len(ids)} tokens but the model's context is {ctx}; "
-                                  f"shorten it or pass --truncate (keeps its end)")
+            raise GenerationError(
+                f"the prompt is {len(ids)} tokens but {self._context_text()}; "
+                f"shorten it or pass --truncate (keeps its end)"
+            )
         keep = ctx - min(max(max_new_tokens, 1), ctx // 2)  # leave room to generate
-        return [self.artifact.bos_id] + ids[len(ids) - keep + 1:]
+        return bos + ids[len(ids) - keep + len(bos) :]
+
+    def _context_text(self) -> str:
+        if self.context_length == self.spec.context_length:
+            return f"the model's context is {self.context_length}"
+        return f"the context is {self.context_length} (--max-context; the model's is {self.spec.context_length})"
 
     # generation -------------------------------------------------------------------------------
-    def _token_steps(self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float) -> Iterator[list[int]]:
-        """Yield, per step, the next token of every row (left-padded batch, one RNG per row seeded alike)."""
+    def _token_steps(
+        self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0
+    ) -> Iterator[list[int]]:
+        """Yield, per step, the next token of every row (left-padded batch, one RNG per row seeded alike).
+        cached: a single row's first tokens that are already in the cache (self.cached_ids): not prefilled again."""
         max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return
@@ -188,13 +238,22 @@ class Generator:
         positions = position_ids(mask)  # left padding: the first real token is position 0
         rngs = [np.random.default_rng(params.seed) for _ in range(B)]
         history = [np.array(ids, dtype=np.int64) for ids in batch]
-        self.backend.reset(B)
+        if cached:
+            assert B == 1 and 0 < cached < width and self.cached_ids[:cached] == batch[0][:cached]
+            if cached < self.backend.cache_length:
+                self.backend.rewind(cached)
+        else:
+            self.backend.reset(B, self.context_length)
+        self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
         t = time.perf_counter()
-        logits = self.backend.forward(input_ids, mask, positions, last_only=True)[:, -1]  # (B, vocab)
+        logits = self.backend.forward(input_ids[:, cached:], mask, positions[:, cached:], last_only=True)[
+            :, -1
+        ]  # (B, vocab)
+        self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
         # of full_mask), the new tokens and their positions are written in place.
-        full_mask = np.ones((B, self.spec.context_length), np.int64)
+        full_mask = np.ones((B, self.context_length), np.int64)
         full_mask[:, :width] = mask
         step_ids = np.empty((B, 1), np.int64)
         step_pos = positions[:, -1:] + 1  # (B, 1)
@@ -205,24 +264,33 @@ class Generator:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             yield tokens
             length = self.backend.cache_length + 1
-            if step == max_new_tokens - 1 or length > self.spec.context_length:
+            if step == max_new_tokens - 1 or length > self.context_length:
                 return
             if penalize:
                 history = [np.append(h, tok) for h, tok in zip(history, tokens)]
             step_ids[:, 0] = tokens
             logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
+            if B == 1:
+                self.cached_ids.append(tokens[0])
             step_pos += 1
 
-    def stream(self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False) -> Iterator[str]:
+    def stream(
+        self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
+    ) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are produced; stats in self.last_stats,
         its token ids in self.last_token_ids. truncate: keep the end of a prompt longer than the context."""
         t0 = time.perf_counter()
         ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
-        stats = self.last_stats = Stats(self.backend.name, prompt_tokens=len(ids), load_s=self.load_s)
-        row = Continuation(self.tokenizer, self.artifact.eos_id, sampling.stop)
+        yield from self._stream_ids(ids, sampling, t0)
+
+    def _stream_ids(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0) -> Iterator[str]:
+        stats = self.last_stats = Stats(
+            self.backend.name, prompt_tokens=len(ids), reused_tokens=cached, load_s=self.load_s
+        )
+        row = Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop)
         self.last_token_ids = row.token_ids
         t_first = None
-        for (token,) in self._token_steps([ids], sampling, stats, t0):
+        for (token,) in self._token_steps([ids], sampling, stats, t0, cached):
             t_first = t_first or time.perf_counter()
             piece = row.feed(token)
             if piece:
@@ -237,20 +305,23 @@ class Generator:
             stats.decode_tokens_per_s = (stats.generated_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
         stats.peak_rss_mb = peak_rss_mb()
 
-    def generate(self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False) -> Completion:
+    def generate(
+        self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
+    ) -> Completion:
         """The whole completion at once (same arguments as stream)."""
         text = "".join(self.stream(prompt, sampling, truncate=truncate))
         return Completion(text, list(self.last_token_ids), self.last_stats)
 
-    def generate_batch(self, prompts: Sequence[str], sampling: SamplingParams = SamplingParams(), *,
-                       truncate: bool = False) -> list[Completion]:
+    def generate_batch(
+        self, prompts: Sequence[str], sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
+    ) -> list[Completion]:
         """Several prompts in one left-padded batch; row i equals generate(prompts[i], same arguments)."""
         t0 = time.perf_counter()
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
         stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)
-        rows = [Continuation(self.tokenizer, self.artifact.eos_id, sampling.stop) for _ in batch]
+        rows = [Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop) for _ in batch]
         texts = [""] * len(batch)
         for step_tokens in self._token_steps(batch, sampling, stats, t0):
             for r, token in enumerate(step_tokens):
@@ -261,8 +332,38 @@ class Generator:
         out = []
         for r, row in enumerate(rows):
             text = texts[r] + row.finish(sampling.max_new_tokens)
-            row_stats = Stats(**{**stats.to_dict(), "prompt_tokens": len(batch[r]), "generated_tokens": len(row.token_ids),
-                                 "stop_reason": row.stop_reason, "peak_rss_mb": peak_rss_mb()})
+            row_stats = Stats(
+                **{
+                    **stats.to_dict(),
+                    "prompt_tokens": len(batch[r]),
+                    "generated_tokens": len(row.token_ids),
+                    "stop_reason": row.stop_reason,
+                    "peak_rss_mb": peak_rss_mb(),
+                }
+            )
             out.append(Completion(text, row.token_ids, row_stats))
         self.last_stats = out[-1].stats
         return out
+
+    # chat -------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict], sampling: SamplingParams = SamplingParams(), **variables) -> Iterator[str]:
+        """Yield the assistant's reply to `messages` (dicts with "role" and "content") piece by piece,
+        as stream() does; the prompt is the model's chat template (chat.py). The tokens already in
+        the cache from the previous call - the conversation so far - are not prefilled again: a turn
+        costs only its new tokens. `variables` go to the template (tools, documents, ...)."""
+        t0 = time.perf_counter()
+        ids = C.chat_ids(self.artifact, self.tokenizer, messages, **variables)
+        if len(ids) >= self.context_length:
+            raise C.ContextFull(
+                f"the conversation is {len(ids)} tokens but {self._context_text()}; start a new conversation"
+            )
+        rewinds = self.spec.arch != RECURRENT  # a recurrent state cannot forget its last tokens
+        cached = C.reusable_prefix(self.cached_ids, ids, self.backend.cache_length, rewinds)
+        yield from self._stream_ids(ids, sampling, t0, cached)
+
+    def generate_chat(
+        self, messages: Sequence[dict], sampling: SamplingParams = SamplingParams(), **variables
+    ) -> Completion:
+        """The whole reply at once (same arguments as chat)."""
+        text = "".join(self.chat(messages, sampling, **variables))
+        return Completion(text, list(self.last_token_ids), self.last_stats)

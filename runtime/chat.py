@@ -1,0 +1,121 @@
+"""Chat: a conversation rendered through the model's own chat template, the KV-cache kept between turns.
+
+    gen = Generator("smollm2.int8.onnx")
+    chat = Conversation(gen, system="You are terse.")
+    greedy = SamplingParams(temperature=0)
+    for piece in chat.reply("What is the capital of France?", greedy):
+        print(piece, end="")
+    answer = "".join(chat.reply("And of Italy?", greedy))   # prefills only this turn's new tokens
+
+Each turn re-renders the whole conversation with the template the file carries (chat_template.py,
+sandboxed) and tokenizes it as Hugging Face's apply_chat_template does: the template writes BOS
+itself where the model wants one, so no BOS is prepended. Generator.chat then compares these ids
+with the ids whose keys and values are already in the cache (the previous prompt plus the reply as
+generated) and prefills only the rest. Where the two diverge - a template that renders earlier turns
+differently once a later one exists, a reply whose text tokenizes differently than it was generated,
+an edited history - the cache is rolled back to the common prefix (every backend can: the numpy
+backend's and an in-place file's caches are preallocated buffers whose length is an index; a
+standard file's cache tensors in ONNX Runtime are cut by one copy; a recurrent file's state cannot
+forget tokens, so it is rebuilt from the start) and the suffix is prefilled from there. The reply's
+tokens equal a fresh prefill of the whole conversation's (tested for float32 and int8, whose
+activations are quantized per row: a prefilled chunk sees the numbers a whole prefill does).
+
+A file without a chat template (every craft-train model) cannot chat: ChatError, one line saying
+to drop --chat. Standard library only (+ jinja2 through chat_template.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from craft.runtime.artifact import Artifact
+from craft.runtime.chat_template import render_chat
+from craft.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # generator.py imports this file
+    from craft.runtime.generator import Generator
+    from craft.runtime.sampling import SamplingParams
+
+
+class ChatError(ValueError):
+    """A model that cannot chat (no chat template); one line with the fix."""
+
+
+class ContextFull(ValueError):
+    """The conversation no longer fits in the context; start a new one (or raise --max-context)."""
+
+
+def chat_prompt(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict], **variables) -> str:
+    """`messages` rendered by the model's template, ending with the assistant's turn opener. ChatError
+    without a template; ChatTemplateError (a ValueError) when the template refuses the messages."""
+    return render_chat(
+        template_of(artifact),
+        list(messages),
+        bos_token=special_text(tokenizer, artifact.bos_id),
+        eos_token=special_text(tokenizer, artifact.eos_id),
+        **variables,
+    )
+
+
+def chat_ids(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict], **variables) -> list[int]:
+    """chat_prompt's token ids; special tokens written in it (<|im_start|>) become their ids."""
+    return tokenizer.encode(chat_prompt(artifact, tokenizer, messages, **variables))
+
+
+def template_of(artifact: Artifact) -> str:
+    if artifact.chat_template is None:
+        raise ChatError(
+            "this model has no chat template (craft-train models and some imported ones have none); "
+            "drop --chat to continue plain text"
+        )
+    return artifact.chat_template
+
+
+def special_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A special token as templates write it ("<|im_end|>"); "" where the tokenizer has no text for it."""
+    id_to_token = getattr(tokenizer, "id_to_token", None)
+    return (id_to_token(token_id) if id_to_token else None) or ""
+
+
+def reusable_prefix(cached_ids: Sequence[int], ids: Sequence[int], cache_length: int, rewinds: bool = True) -> int:
+    """How many leading tokens of `ids` the cache already holds: the common prefix of the cached
+    ids and the new ones, less one if that is all of `ids` (the last token must run again to give
+    logits). 0 when the cache does not hold cached_ids (an interrupted step, a batch since), or when
+    it would have to be rolled back and cannot (rewinds False: a recurrent file's state)."""
+    if len(cached_ids) != cache_length:
+        return 0
+    n, limit = 0, min(len(cached_ids), len(ids) - 1)
+    while n < limit and cached_ids[n] == ids[n]:
+        n += 1
+    return n if rewinds or n == len(cached_ids) else 0
+
+
+class Conversation:
+    """The messages of one chat (craft-run --chat): a system prompt, then user and assistant turns."""
+
+    def __init__(self, generator: Generator, system: str | None = None):
+        template_of(generator.artifact)  # ChatError now rather than at the first message
+        self.generator, self.system = generator, system
+        self.messages: list[dict] = []
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every turn; the system prompt stays (and stays cached)."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+
+    def reply(self, text: str, sampling: SamplingParams) -> Iterator[str]:
+        """The assistant's answer to `text`, streamed; both become part of the conversation. An answer
+        stopped early (Ctrl-C, the caller stops reading) is kept as far as it got."""
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            for piece in self.generator.chat(self.messages, sampling):
+                pieces.append(piece)
+                yield piece
+        except ValueError:  # refused before generating (the context is full, the template objects): no turn happened
+            self.messages.pop()
+            raise
+        except BaseException:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
