@@ -2,7 +2,9 @@
 
 Each sampling flag fills the SamplingParams field of its name and shows that field's default
 (sampling.py is the one place they live); the CLI builds the object once and hands it to
-Generator.stream / generate. A new sampling flag is one `Field` option below plus its field.
+Generator.stream / generate / chat. A new sampling flag is one `Field` option below plus its field.
+--chat with a PROMPT answers it through the model's chat template; without one it is an
+interactive session (converse below) over chat.Conversation.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import json
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from craft import __version__
 from craft.runtime.command import OneLineErrors
+
+if TYPE_CHECKING:  # the runtime is imported inside main(), after --threads has set BLAS's thread count
+    from craft.runtime.generator import Generator, Stats
+    from craft.runtime.sampling import SamplingParams
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -66,8 +72,10 @@ def read_prompt(prompt: str | None) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        fail(f"the prompt is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-             f"convert it first, e.g. iconv -f LATIN1 -t UTF-8")
+        fail(
+            f"the prompt is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            f"convert it first, e.g. iconv -f LATIN1 -t UTF-8"
+        )
 
 
 def write(text: str) -> None:
@@ -87,49 +95,139 @@ def write(text: str) -> None:
         fail(f"cannot write the output to stdout: {e.strerror or e}", EXIT_OUTPUT)
 
 
-@click.command(name="craft-run", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(
+    name="craft-run", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False)
 @click.option("-n", "--max-new-tokens", cls=Field, type=int, help="Most tokens to generate (0: none).")
-@click.option("-t", "--temperature", cls=Field, type=float, help="Sampling temperature; 0 is greedy (always the most likely token).")
+@click.option(
+    "-t",
+    "--temperature",
+    cls=Field,
+    type=float,
+    help="Sampling temperature; 0 is greedy (always the most likely token).",
+)
 @click.option("--top-k", cls=Field, type=int, help="Sample among the k most likely tokens; 0 disables.")
-@click.option("--top-p", cls=Field, type=float, help="Sample among the fewest tokens holding probability p; 1 disables.")
-@click.option("--min-p", cls=Field, type=float, help="Drop tokens less likely than min-p x the most likely one's probability (llama.cpp's min-p); 0 disables.")
-@click.option("--repetition-penalty", cls=Field, type=float, help="> 1 makes tokens already in the text less likely; 1 disables.")
-@click.option("--seed", cls=Field, type=int, help="Random seed: the same seed, model and flags give the same text.  [default: random]")
-@click.option("--stop", cls=Field, multiple=True, metavar="STR", help="Stop when the text produces STR (not printed); repeatable; \\n and \\t mean newline and tab.")
-@click.option("--backend", type=click.Choice(["ort", "numpy"]), default="ort", help="ONNX Runtime, or pure numpy for devices without an onnxruntime wheel.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, is_eager=True, callback=set_blas_threads, help="CPU threads; 0: the backend's default (one per core).")
-@click.option("--truncate", is_flag=True, help="Cut a prompt longer than the context to its end instead of refusing it.")
-@click.option("--stats", is_flag=True, help="Print prompt/generated tokens, time to first token, prefill ms, decode tokens/s, stop reason and peak memory to stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of streaming text.")
-@click.option("--estimate", is_flag=True, help="Do not generate: predict peak memory and decode tokens/s of MODEL on the device profiles in configs/devices/ (Raspberry Pi 4, 5, Zero 2 W).")
+@click.option(
+    "--top-p", cls=Field, type=float, help="Sample among the fewest tokens holding probability p; 1 disables."
+)
+@click.option(
+    "--min-p",
+    cls=Field,
+    type=float,
+    help="Drop tokens less likely than min-p x the most likely one's probability (llama.cpp's min-p); 0 disables.",
+)
+@click.option(
+    "--repetition-penalty", cls=Field, type=float, help="> 1 makes tokens already in the text less likely; 1 disables."
+)
+@click.option(
+    "--seed",
+    cls=Field,
+    type=int,
+    help="Random seed: the same seed, model and flags give the same text.  [default: random]",
+)
+@click.option(
+    "--stop",
+    cls=Field,
+    multiple=True,
+    metavar="STR",
+    help="Stop when the text produces STR (not printed); repeatable; \\n and \\t mean newline and tab.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["ort", "numpy"]),
+    default="ort",
+    help="ONNX Runtime, or pure numpy for devices without an onnxruntime wheel.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    is_eager=True,
+    callback=set_blas_threads,
+    help="CPU threads; 0: the backend's default (one per core).",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Cap the KV-cache at N positions.  [default: the model's context, cut to what fits in free memory]",
+)
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Answer PROMPT with the model's chat template; without PROMPT, an interactive chat "
+    "(Ctrl-D ends, Ctrl-C stops an answer).",
+)
+@click.option("--system", metavar="TEXT", help="The chat's system prompt (with --chat).")
+@click.option(
+    "--truncate", is_flag=True, help="Cut a prompt longer than the context to its end instead of refusing it."
+)
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="Print prompt/generated tokens, time to first token, prefill ms, decode tokens/s, stop reason and peak "
+    "memory to stderr.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, stats) instead of streaming text."
+)
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="Do not generate: predict peak memory (KV-cache at --max-context, else the model's context) and decode "
+    "tokens/s of MODEL on the device profiles in configs/devices/ (Raspberry Pi 4, 5, Zero 2 W).",
+)
 @click.version_option(__version__, prog_name="craft-run")
-def main(model: str, prompt: str | None, backend: str, threads: int, truncate: bool, stats: bool, as_json: bool, estimate: bool, **sampling) -> None:
+def main(
+    model: str,
+    prompt: str | None,
+    backend: str,
+    threads: int,
+    max_context: int | None,
+    chat: bool,
+    system: str | None,
+    truncate: bool,
+    stats: bool,
+    as_json: bool,
+    estimate: bool,
+    **sampling,
+) -> None:
     """Generate text from MODEL (a .onnx file from craft-export), continuing PROMPT.
 
-    With no PROMPT the prompt is read from stdin (UTF-8). Text streams to stdout as it is
-    generated. Everything the model needs (config, tokenizer) is inside the file. Exit codes:
-    0 done, 1 stdout failed (a full disk), 2 bad input, 130 interrupted.
+    With no PROMPT the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
+    interactive chat. Text streams to stdout as it is generated. Everything the model needs
+    (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
+    (a full disk), 2 bad input, 130 interrupted.
 
     \b
     Examples:
       craft-run model.int8.onnx "def fibonacci(n):" -n 100
       craft-run model.int8.onnx "The" --temperature 0 --stats
       echo "Once upon a time" | craft-run model.int8.onnx --seed 1 --stop "\\n\\n"
+      craft-run smollm2.int8.onnx --chat
+      craft-run smollm2.int8.onnx "What is the capital of France?" --chat --system "Be brief."
     """
     from craft.runtime.artifact import ArtifactError
-    from craft.runtime.generator import GenerationError, Generator, load_artifact
+    from craft.runtime.generator import CONTEXT_LENGTH, GenerationError, Generator, load_artifact
     from craft.runtime.sampling import SamplingError, SamplingParams
 
     if estimate:
-        from craft.runtime.estimate import DeviceError, estimate as predict, format_estimates, load_profiles
+        from craft.runtime.estimate import DeviceError, format_estimates, load_profiles
+        from craft.runtime.estimate import estimate as predict
 
         try:
             artifact = load_artifact(model)
             size = os.path.getsize(model)
             chosen = backend if click.get_current_context().get_parameter_source("backend").name != "DEFAULT" else None
-            report = format_estimates([predict(artifact, size, device, chosen) for device in load_profiles()])
+            if max_context is not None and max_context > artifact.spec.context_length:
+                model_context = artifact.spec.context_length
+                fail(f"--max-context must be in 1..{model_context} (the model's context), got {max_context}")
+            report = format_estimates(
+                [predict(artifact, size, device, chosen, max_context) for device in load_profiles()]
+            )
         except (ArtifactError, DeviceError) as e:
             fail(str(e))
         write(report + "\n")
@@ -138,16 +236,42 @@ def main(model: str, prompt: str | None, backend: str, threads: int, truncate: b
         params = SamplingParams(**{**sampling, "stop": tuple(unescape(s) for s in sampling["stop"])})
     except SamplingError as e:
         fail(str(e))
-    prompt = read_prompt(prompt)
+    if system is not None and not chat:
+        fail("--system is the chat's system prompt; add --chat")
+    if chat and (truncate or (as_json and prompt is None)):
+        fail("--chat takes neither --truncate nor, without a PROMPT (interactive), --json; drop them")
+    prompt = None if chat and prompt is None else read_prompt(prompt)
+    messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": prompt}]
     try:
-        generator = Generator(model, backend=backend, threads=threads)
+        generator = Generator(model, backend=backend, threads=threads, max_context=max_context)
+        if generator.memory_capped:
+            click.echo(
+                f"craft-run: using a context of {generator.context_length} tokens, not the model's "
+                f"{generator.spec.context_length}: a longer KV-cache would not fit in free memory "
+                f"(--max-context N sets it)",
+                err=True,
+            )
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="replace")
+        if chat and prompt is None:
+            return converse(generator, params, system, stats)
         if as_json:
-            completion = generator.generate(prompt, params, truncate=truncate)
-            write(json.dumps({"text": completion.text, "token_ids": completion.token_ids, "stats": completion.stats.to_dict()}, ensure_ascii=False) + "\n")
+            completion = (
+                generator.generate_chat(messages, params)
+                if chat
+                else generator.generate(prompt, params, truncate=truncate)
+            )
+            write(
+                json.dumps(
+                    {"text": completion.text, "token_ids": completion.token_ids, "stats": completion.stats.to_dict()},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         else:
-            if hasattr(sys.stdout, "reconfigure"):
-                sys.stdout.reconfigure(errors="replace")
-            for piece in generator.stream(prompt, params, truncate=truncate):
+            for piece in (
+                generator.chat(messages, params) if chat else generator.stream(prompt, params, truncate=truncate)
+            ):
                 write(piece)
             write("\n")
     except (ArtifactError, GenerationError, ValueError) as e:
@@ -155,11 +279,102 @@ def main(model: str, prompt: str | None, backend: str, threads: int, truncate: b
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    if chat and generator.last_stats.stop_reason == CONTEXT_LENGTH:
+        click.echo(context_full(generator), err=True)
     if stats:
-        s = generator.last_stats
-        click.echo(f"[{s.backend}] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} ({s.stop_reason}) | "
-                   f"load {s.load_s * 1e3:.0f} ms, time to first token {s.time_to_first_token_s * 1e3:.0f} ms, prefill {s.prefill_ms:.1f} ms, "
-                   f"decode {s.decode_tokens_per_s:.1f} tokens/s | peak RSS {s.peak_rss_mb:.0f} MB", err=True)
+        print_stats(generator.last_stats)
+
+
+def print_stats(s: Stats) -> None:
+    click.echo(
+        f"[{s.backend}] prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached), generated {s.generated_tokens} "
+        f"({s.stop_reason}) | load {s.load_s * 1e3:.0f} ms, "
+        f"time to first token {s.time_to_first_token_s * 1e3:.0f} ms, prefill {s.prefill_ms:.1f} ms, "
+        f"decode {s.decode_tokens_per_s:.1f} tokens/s | peak RSS {s.peak_rss_mb:.0f} MB",
+        err=True,
+    )
+
+
+def context_full(generator: Generator) -> str:
+    more = (
+        f"; --max-context up to {generator.spec.context_length} allows more"
+        if generator.context_length < generator.spec.context_length
+        else ""
+    )
+    return f"craft-run: the context is full ({generator.context_length} tokens){more}"
+
+
+def read_message(tty: bool) -> str:
+    """One line typed at the chat prompt (readline editing where it loaded); EOFError at Ctrl-D.
+    The prompt goes to the terminal: stdout when it is one (readline redraws it there), else stderr."""
+    if tty and sys.stdout.isatty():
+        return input("> ")
+    if tty:
+        click.echo("> ", err=True, nl=False)
+    return input()
+
+
+def converse(generator: Generator, params: SamplingParams, system: str | None, stats: bool) -> None:
+    """craft-run MODEL --chat: one message per line, each answer streamed; the conversation (and its
+    KV-cache) carries over between turns. Ctrl-D ends; Ctrl-C stops an answer, at the prompt exits 130.
+    When the context fills, the next message starts a new conversation (the system prompt stays)."""
+    from craft.runtime.chat import ContextFull, Conversation
+    from craft.runtime.generator import CONTEXT_LENGTH
+
+    try:
+        import readline  # noqa: F401  line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    conversation = Conversation(generator, system)
+    tty = sys.stdin.isatty()
+    if tty:
+        click.echo(
+            f"chatting with {generator.path.name} ({generator.context_length}-token context): Ctrl-D ends, "
+            f"Ctrl-C stops an answer",
+            err=True,
+        )
+    while True:
+        try:
+            text = read_message(tty)
+        except EOFError:
+            click.echo("", err=True, nl=tty)
+            return
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except UnicodeDecodeError as e:
+            click.echo(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped", err=True)
+            continue
+        if not text.strip():
+            continue
+        answer = conversation.reply(text, params)
+        try:
+            try:
+                first = next(answer, "")
+            except ContextFull:  # this message does not fit after the conversation so far: start over with it
+                if len(conversation.messages) == (system is not None):
+                    raise
+                click.echo("craft-run: the context is full; this message starts a new conversation", err=True)
+                conversation.restart()
+                answer = conversation.reply(text, params)
+                first = next(answer, "")
+            write(first)
+            for piece in answer:
+                write(piece)
+            write("\n")
+        except KeyboardInterrupt:
+            answer.close()  # the answer so far stays in the conversation
+            write("\n")
+            click.echo("[stopped]", err=True)
+            continue
+        except ValueError as e:  # the template refused the conversation, a message longer than the context
+            click.echo(f"craft-run: error: {e}", err=True)
+            continue
+        if generator.last_stats.stop_reason == CONTEXT_LENGTH:
+            click.echo(context_full(generator) + "; the next message starts a new conversation", err=True)
+            conversation.restart()
+        if stats:
+            print_stats(generator.last_stats)
 
 
 if __name__ == "__main__":
