@@ -58,7 +58,7 @@ setup(
             "pytest>=7",
             "pytest-benchmark>=4",
             "hypothesis>=6",
-            "ruff>=0.6",
+            "ruff==0.17.6",
             "matplotlib>=3.5",
             "tensorboard>=2.10",
             "transformers>=4.56",

@@ -36,11 +36,17 @@ class StoredWeights:
 
     def __init__(self, path: str, spec: ModelSpec, quantization: str):
         if quantization not in W.SCHEMES:
-            raise ArtifactError(f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort")
+            raise ArtifactError(
+                f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort"
+            )
         self.path, self.spec, self.scheme = path, spec, W.SCHEMES[quantization]
         try:  # only the weights the spec names are decoded; the graph's nodes are not even parsed
-            self.initializers = read_model(path, with_weights=expected_weights(spec, quantization), with_nodes=False,
-                                           max_entries=entry_budget(spec)).initializers
+            self.initializers = read_model(
+                path,
+                with_weights=expected_weights(spec, quantization),
+                with_nodes=False,
+                max_entries=entry_budget(spec),
+            ).initializers
         except OnnxFormatError as e:
             raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
         self.floats, self.stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
@@ -49,10 +55,14 @@ class StoredWeights:
         w = self.initializers
         for name, (shape, dtype) in zip(names, layout):
             if name not in w:
-                raise ArtifactError(f"{self.path} lacks weight '{name}' that the Craft format defines; re-export it with craft-export")
+                raise ArtifactError(
+                    f"{self.path} lacks weight '{name}' that the Craft format defines; re-export it with craft-export"
+                )
             if w[name].shape != shape or w[name].dtype != dtype:
-                raise ArtifactError(f"{self.path}: weight '{name}' is {w[name].dtype} {w[name].shape}, the model config needs "
-                                    f"{dtype} {shape}; re-export it with craft-export")
+                raise ArtifactError(
+                    f"{self.path}: weight '{name}' is {w[name].dtype} {w[name].shape}, the model config needs "
+                    f"{dtype} {shape}; re-export it with craft-export"
+                )
         return tuple(w[name] for name in names)
 
     def float32(self, name: str) -> np.ndarray:
@@ -65,7 +75,9 @@ class StoredWeights:
     def embedding_and_head(self) -> tuple:
         """(rows: ids (B, T) -> (B, T, dim), head: x (B, T, dim) -> logits), the head tied or not."""
         shape = self.stored_shapes[W.EMBEDDING]
-        rows, tied_head = self.scheme.embedding(self.tensors(self.scheme.stored_names(W.EMBEDDING), self.scheme.embedding_layout(shape)), shape)
+        rows, tied_head = self.scheme.embedding(
+            self.tensors(self.scheme.stored_names(W.EMBEDDING), self.scheme.embedding_layout(shape)), shape
+        )
         return rows, tied_head if self.spec.tie_embeddings else self.linear(W.HEAD)
 
 
@@ -78,13 +90,23 @@ class NumpyBackend:
         self.layers = []
         for i in range(spec.n_layer):
             n = W.layer(i)
-            self.layers.append({"attention_norm": w.float32(n.attention_norm), "wqkv": w.linear(n.wqkv),
-                                "wqkv_bias": w.float32(n.wqkv_bias) if spec.qkv_bias else np.float32(0), "wo": w.linear(n.wo),
-                                "ffn_norm": w.float32(n.ffn_norm), "w13": w.linear(n.w13), "w2": w.linear(n.w2)})
+            self.layers.append(
+                {
+                    "attention_norm": w.float32(n.attention_norm),
+                    "wqkv": w.linear(n.wqkv),
+                    "wqkv_bias": w.float32(n.wqkv_bias) if spec.qkv_bias else np.float32(0),
+                    "wo": w.linear(n.wo),
+                    "ffn_norm": w.float32(n.ffn_norm),
+                    "w13": w.linear(n.w13),
+                    "w2": w.linear(n.w2),
+                }
+            )
         self.norm = w.float32(W.NORM)
         self.rope_cos = w.float32(W.ROPE_COS)
         half = spec.head_dim // 2
-        self.rope_sin_signed = w.float32(W.ROPE_SIN) * np.concatenate([-np.ones(half), np.ones(half)]).astype(np.float32)
+        self.rope_sin_signed = w.float32(W.ROPE_SIN) * np.concatenate([-np.ones(half), np.ones(half)]).astype(
+            np.float32
+        )
         self.embedding_rows, self.head = w.embedding_and_head()
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
@@ -104,7 +126,9 @@ class NumpyBackend:
         assert 0 <= length <= self.cache_length
         self.cache_length = length
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T); extends the cache by T."""
         s = self.spec
         B, T = input_ids.shape
@@ -124,8 +148,8 @@ class NumpyBackend:
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attention_norm"], s.norm_eps)
             qkv = (layer["wqkv"](h) + layer["wqkv_bias"]).reshape(B, T, H + 2 * KV, hd)  # (B, T, H + 2KV, hd)
-            qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]
-            qk = qk * cos + np.concatenate([qk[..., hd // 2:], qk[..., : hd // 2]], axis=-1) * sin
+            qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :]
+            qk = qk * cos + np.concatenate([qk[..., hd // 2 :], qk[..., : hd // 2]], axis=-1) * sin
             q = qk[:, :, :H].transpose(0, 2, 1, 3).reshape(B, KV, G * T, hd)  # (B, KV, G * T, hd); q is pre-scaled
             self.cache_k[i][:, :, P:S] = qk[:, :, H:].transpose(0, 2, 1, 3)  # (B, KV, T, hd) into the cache
             self.cache_v[i][:, :, P:S] = v.transpose(0, 2, 1, 3)
@@ -143,4 +167,3 @@ class NumpyBackend:
             x = x + layer["w2"](gate / (1 + np.exp(-gate)) * up)
         self.cache_length = S
         return self.head(rms_norm(x, self.norm, s.norm_eps), last_only)
-

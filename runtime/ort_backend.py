@@ -57,14 +57,23 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
             if "GroupQueryAttention" in str(e):
-                raise ArtifactError(f"{path} uses in-place attention (GroupQueryAttention), which this onnxruntime {ort.__version__} "
-                                    f"cannot run; install onnxruntime>={A.ORT_INPLACE_MIN}, use --backend numpy, or re-export with "
-                                    f"--attention standard") from None
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({one_line(e)}); re-export it with craft-export") from None
+                raise ArtifactError(
+                    f"{path} uses in-place attention (GroupQueryAttention), which this onnxruntime {ort.__version__} "
+                    f"cannot run; install onnxruntime>={A.ORT_INPLACE_MIN}, use --backend numpy, or re-export with "
+                    f"--attention standard"
+                ) from None
+            raise ArtifactError(
+                f"{path}: ONNX Runtime cannot load it ({one_line(e)}); re-export it with craft-export"
+            ) from None
         self.inplace = self.session.get_modelmeta().custom_metadata_map.get(A.META_ATTENTION) == A.ATTENTION_INPLACE
-        if self.inplace and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):  # older GQA miscomputes a chat turn's prefill
-            raise ArtifactError(f"{path} uses in-place attention, which needs onnxruntime>={A.ORT_INPLACE_MIN} (this is {ort.__version__}); "
-                                f"upgrade onnxruntime, use --backend numpy, or re-export with --attention standard")
+        if self.inplace and version_tuple(ort.__version__) < version_tuple(
+            A.ORT_INPLACE_MIN
+        ):  # older GQA miscomputes a chat turn's prefill
+            raise ArtifactError(
+                f"{path} uses in-place attention, which needs onnxruntime>={A.ORT_INPLACE_MIN} "
+                f"(this is {ort.__version__}); upgrade onnxruntime, use --backend numpy, "
+                "or re-export with --attention standard"
+            )
         self._outputs = [A.LOGITS] + A.present_outputs(spec)  # a recurrent file's state in place of the cache
         self._inputs = list(A.empty_past(spec, 1))
         # Drive IOBinding through onnxruntime's pybind objects (session._sess, binding._iobinding)
@@ -96,7 +105,9 @@ class OrtBackend:
         with each step (the graph's Concat) up to where the caller stops."""
         s = self.spec
         if not self.inplace:  # an empty cache, or a recurrent file's zero state: every past input has this shape
-            self._buffers = [np.zeros(next(iter(A.empty_past(s, batch).values())), np.float32)]  # kept alive: the OrtValue wraps it
+            self._buffers = [
+                np.zeros(next(iter(A.empty_past(s, batch).values())), np.float32)
+            ]  # kept alive: the OrtValue wraps it
             self.cache = [self._ortvalue(self._buffers[0])] * len(self._inputs)
         else:  # bound here once as both past and present: every step writes into these buffers
             shape = (batch, s.n_kv_head, context_length or s.context_length, s.head_dim)
@@ -116,18 +127,24 @@ class OrtBackend:
         them); a `standard` file's cache tensors are cut, the kept part copied once."""
         assert 0 <= length <= self.cache_length and self.spec.arch != A.RECURRENT, "a state cannot be rewound"
         if not self.inplace:
-            self._buffers = [np.ascontiguousarray(value.numpy()[:, :, :length]) for value in self.cache]  # alive: OrtValues wrap them
+            self._buffers = [
+                np.ascontiguousarray(value.numpy()[:, :, :length]) for value in self.cache
+            ]  # alive: OrtValues wrap them
             self.cache = [self._ortvalue(array) for array in self._buffers]
         self.cache_length = length
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
+    ) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T) after the
         cached positions; extends the cache by T. attention_mask is (B, cache_length + T) and
         position_ids (B, T), both int64.
         """
         if self.inplace:
             return self._forward_inplace(input_ids, attention_mask, position_ids, last_only)
-        feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]  # alive until run
+        feeds = [
+            np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)
+        ]  # alive until run
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
@@ -142,7 +159,9 @@ class OrtBackend:
             outputs = b.get_outputs()
             logits = outputs[0].numpy()
         except self._errors as e:
-            raise ArtifactError(f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export") from None
+            raise ArtifactError(
+                f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export"
+            ) from None
         self._check_logits(logits, input_ids.shape, len(outputs))
         self.cache = [outputs[i] for i in range(1, len(self._outputs))]
         self.cache_length += input_ids.shape[1]
@@ -154,12 +173,16 @@ class OrtBackend:
         T = input_ids.shape[1]
         lengths = attention_mask.sum(axis=1)  # (B,) valid tokens per row, cache included
         padded = self.cache_length == 0 and T > 1 and bool((lengths < T).any())
-        assert padded or self.cache_length == 0 or attention_mask[:, self.cache_length:].all(), "new tokens must all be real"
+        assert padded or self.cache_length == 0 or attention_mask[:, self.cache_length :].all(), (
+            "new tokens must all be real"
+        )
         if padded:  # row r's tokens are its last lengths[r] columns: move them to the front
             shift = (np.arange(T)[None, :] + (T - lengths)[:, None]) % T  # (B, T)
             input_ids = np.take_along_axis(input_ids, shift, axis=1)
             attention_mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
-        feeds = [np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)]  # alive until run
+        feeds = [
+            np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask, position_ids)
+        ]  # alive until run
         for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
             self._bind_array(name, array)
         self._bind_output(A.LOGITS)
@@ -168,18 +191,28 @@ class OrtBackend:
             outputs = self.binding.get_outputs()
             logits = outputs[0].numpy()  # (B, T, vocab)
         except self._errors as e:
-            raise ArtifactError(f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export") from None
+            raise ArtifactError(
+                f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export"
+            ) from None
         self._check_logits(logits, input_ids.shape, len(outputs))
         self.cache_length += T
         if padded:  # back to the caller's left-padded layout
-            logits = np.take_along_axis(logits, ((np.arange(T)[None, :] - (T - lengths)[:, None]) % T)[:, :, None], axis=1)
+            logits = np.take_along_axis(
+                logits, ((np.arange(T)[None, :] - (T - lengths)[:, None]) % T)[:, :, None], axis=1
+            )
         return logits[:, -1:] if last_only else logits
 
     def _check_logits(self, logits: np.ndarray, ids_shape: tuple[int, int], n_outputs: int) -> None:
         B, T = ids_shape
-        if logits.shape != (B, T, self.spec.vocab_size) or logits.dtype != np.float32 or n_outputs != len(self._outputs):
-            raise ArtifactError(f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
-                                f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export")
+        if (
+            logits.shape != (B, T, self.spec.vocab_size)
+            or logits.dtype != np.float32
+            or n_outputs != len(self._outputs)
+        ):
+            raise ArtifactError(
+                f"{self.path}: its graph returned logits {logits.dtype} {logits.shape}, the model config needs "
+                f"float32 {(B, T, self.spec.vocab_size)}; re-export it with craft-export"
+            )
 
 
 def ort_errors() -> tuple[type[BaseException], ...]:
