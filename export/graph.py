@@ -139,23 +139,15 @@ def build_decoder(
 
     scheme.head(g, weights, h, A.LOGITS, spec)
 
-    def tensor(name, elem, shape):
-        return helper.make_tensor_value_info(name, elem, shape)
-
-    inputs = [
-        tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-        tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-        tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
-    ]
-    outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
+    inputs, outputs = contract_io(spec)
     past_axis, present_axis = (
         ("cache_seq", "cache_seq") if attention == A.ATTENTION_INPLACE else ("past_seq", "total_seq")
     )
     for i in range(L):
         for name in A.past_names(i):
-            inputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, past_axis, hd]))
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", KV, past_axis, hd]))
         for name in A.present_names(i):
-            outputs.append(tensor(name, TensorProto.FLOAT, ["batch", KV, present_axis, hd]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", KV, present_axis, hd]))
 
     graph = helper.make_graph(g.nodes, "craft_decoder", inputs, outputs, g.initializers)
     opsets = [helper.make_opsetid("", opset)]
@@ -164,6 +156,18 @@ def build_decoder(
     model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
     model.ir_version = min(model.ir_version, ir_version_for(opset))
     return model
+
+
+def contract_io(spec: ModelSpec) -> tuple[list, list]:
+    """The graph inputs and outputs every Craft decoder shares (artifact.py's names): input_ids,
+    attention_mask, position_ids -> logits. Each architecture appends its cache or state."""
+    inputs = [
+        helper.make_tensor_value_info(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
+        helper.make_tensor_value_info(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
+    ]
+    outputs = [helper.make_tensor_value_info(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
+    return inputs, outputs
 
 
 def standard_attention(g: GraphBuilder, spec: ModelSpec, S: str, rope_cos: str, rope_sin: str):

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, ir_version_for
+from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, contract_io, ir_version_for
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.artifact import ModelSpec
@@ -96,13 +96,8 @@ def build_recurrent_decoder(
     def tensor(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape)
 
-    inputs = [
-        tensor(A.INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-        tensor(A.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_seq"]),
-        tensor(A.POSITION_IDS, TensorProto.INT64, ["batch", "seq"]),
-    ]  # unused: one loop drives both kinds
+    inputs, outputs = contract_io(spec)  # position_ids unused here: one loop drives both kinds
     inputs += [tensor(A.past_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]
-    outputs = [tensor(A.LOGITS, TensorProto.FLOAT, ["batch", "seq", spec.vocab_size])]
     outputs += [tensor(A.present_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]
 
     graph = helper.make_graph(g.nodes, "craft_recurrent_decoder", inputs, outputs, g.initializers)
