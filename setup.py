@@ -34,9 +34,10 @@ setup(
     install_requires=[
         "numpy>=1.24",
         # No onnxruntime wheel exists for 32-bit ARM: there the numpy backend runs alone.
-        # 1.22: the first whose MatMulNBits runs 8 bits (int8 files); 1.21 runs int4 only, 1.20 neither
+        # 1.23: the first whose MatMulNBits runs 8 bits (int8 files) on aarch64 too (1.22.1 does on x86_64 only,
+        # refusing 8 bits on emulated Cortex-A53); 1.21 runs int4 only, 1.20 neither
         # (x86_64, tested).
-        'onnxruntime>=1.22; platform_machine != "armv7l" and platform_machine != "armv6l"',
+        'onnxruntime>=1.23; platform_machine != "armv7l" and platform_machine != "armv6l"',
         "sentencepiece>=0.1.97",  # Debian bookworm's python3-sentencepiece; tested under emulation
         "click>=8.0",
         # Chat templates of imported models render in its sandbox; 3.1.6 fixed the last known sandbox escape.

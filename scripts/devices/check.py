@@ -61,7 +61,7 @@ REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("CRAFT_DEVICES_CACHE") or REPO / ".cache" / "devices")
 EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 
-MIN_ORT = "1.22.1"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits (int8 files)
+MIN_ORT = "1.23.2"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits on aarch64
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
 GATED = ("tiny", "recurrent")  # models whose greedy output must match x86_64 token for token
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
