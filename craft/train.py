@@ -321,7 +321,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
     dist = Distributed()
     lock = rd.RunLock(Path(cfg.out_dir))
     try:
-        return _train(cfg, dist, lock, resume, overwrite, log if dist.main else (lambda *a, **k: None))
+        metrics = _train(cfg, dist, lock, resume, overwrite, log if dist.main else (lambda *a, **k: None))
+        dist.barrier()  # every rank done before any tears gloo down: a rank still on the wire would abort
+        return metrics
     finally:
         lock.release()
         dist.close()
