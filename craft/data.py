@@ -337,6 +337,12 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
 def val_tokens(run_dir: Path) -> np.ndarray | None:
     """The val split of a run directory's token file (what craft-export measures perplexity on);
     None when the run has no token file."""
+    split = run_splits(run_dir)
+    return None if split is None else split[1]
+
+
+def run_splits(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, val) splits of a run directory's token file, memory-mapped; None when it has none."""
     tokens_path = Path(run_dir) / TOKENS
     info = read_info(Path(run_dir))
     if info is None or not tokens_path.is_file():
@@ -348,7 +354,7 @@ def val_tokens(run_dir: Path) -> np.ndarray | None:
             f"it was truncated or replaced; rebuild it with craft-train --resume {run_dir}, "
             "or delete it (the export then skips the perplexity check)"
         )
-    return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])[1]
+    return split_tokens(np.memmap(tokens_path, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"])
 
 
 def sample_windows(tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator) -> np.ndarray:

@@ -27,7 +27,8 @@ from craft import __version__
 from craft import run_dir as rd
 from craft.checkpoint import read as read_checkpoint
 from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
-from craft.data import check_tokenizer, load_tokenizer, val_tokens
+from craft.data import check_tokenizer, load_tokenizer, run_splits
+from craft.export.calibration import Prepared, calibration_text, prepare
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
@@ -68,6 +69,7 @@ class LoadedRun:
     architecture: str = "craft"  # an imported model's own name for it (LlamaForCausalLM, llama, ...)
     chat_template: str | None = None  # the source's, if it has one
     end_of_turn_ids: tuple[int, ...] = ()  # every id that ends a reply (imported models)
+    calibration_tokens: np.ndarray | None = field(default=None, repr=False)  # GPTQ's inputs (calibration.py)
 
 
 def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
@@ -83,7 +85,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)  # the run's kind: never a stray file of the other
         if tokenizer is not None:
             check_tokenizer(run_dir, tokenizer)
-        val = val_tokens(run_dir)
+        splits = run_splits(run_dir)
     except (ConfigError, rd.RunDirError) as e:
         raise ExportError(str(e)) from None
     if tokenizer is None:
@@ -117,7 +119,8 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     except RuntimeError as e:
         raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val)
+    train, val = splits if splits is not None else (None, None)
+    return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val, calibration_tokens=train)
 
 
 def load_imported(path: Path, kind: str) -> LoadedRun:
@@ -138,6 +141,7 @@ def load_imported(path: Path, kind: str) -> LoadedRun:
             f"{source.config.vocab_size}; they belong to different models"
         )
     val = np.asarray(tokenizer.encode(PERPLEXITY_TEXT.read_text(encoding="utf-8")), dtype=np.int64)
+    calibration = np.asarray(tokenizer.encode(calibration_text()), dtype=np.int64)
     return LoadedRun(
         path,
         source.config,
@@ -150,6 +154,7 @@ def load_imported(path: Path, kind: str) -> LoadedRun:
         source.architecture,
         tokens.chat_template,
         tokens.end_of_turn_ids,
+        calibration,
     )
 
 
@@ -233,8 +238,13 @@ def build_model_proto(
     import onnx
 
     spec = model_spec(run.config)
-    ops = OPS[quantize]()
     weights = artifact_weights(run.model) if weights is None else weights
+    prepared = Prepared(weights, spec)
+    if quantize != W.NONE:  # rotated and GPTQ-rounded (calibration.py); the float32 file is the reference
+        prepared = prepare(weights, spec, W.SCHEMES[quantize], run.calibration_tokens)
+    weights, spec = prepared.weights, prepared.spec
+    ops = OPS[quantize](prepared.scales)
+    ops.calibration = prepared.report
     if spec.arch == A.RECURRENT:  # no KV-cache: `attention` has nothing to say (export() refuses a non-standard one)
         proto = build_recurrent_decoder(spec, weights, ops, opset)
     else:

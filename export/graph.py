@@ -137,6 +137,8 @@ def build_decoder(
             x, scheme.linear(g, act, n.w2, weights[n.w2]), W.layer(i + 1).attention_norm if i + 1 < L else W.NORM
         )
 
+    if spec.head_rotation:  # a rotated residual stream (rotation.py): back to the tied table's basis
+        h = g.op("MatMul", h, g.weight(W.HEAD_ROTATION, weights[W.HEAD_ROTATION]))
     scheme.head(g, weights, h, A.LOGITS, spec)
 
     inputs, outputs = contract_io(spec)

@@ -5,8 +5,8 @@ The numbers and names are not decided here: craft.runtime.weights defines every 
 stored tensors, its quantizer (which reports its own worst-case error, printed in the export
 report) and the numpy arithmetic that must equal these nodes. This file is the graph side only.
 
-int8 and int4 (blocks of 32): com.microsoft MatMulNBits with accuracy_level 4, which quantizes
-each activation row per block of 32 to int8 on the fly and runs VNNI (x86) / SDOT (ARM)
+int8 and int4 (blocks of 16 / 32): com.microsoft MatMulNBits with accuracy_level 4, which quantizes
+each activation row per block to int8 on the fly and runs VNNI (x86) / SDOT (ARM)
 integer dot products against the weight blocks. Finer activation scales than the per-tensor
 DynamicQuantizeLinear it replaces (one outlier set the step of the whole tensor), at the same
 decode speed: README "Quantization" has the measurements. The embedding is stored as the
@@ -31,15 +31,16 @@ class SchemeOps:
 
     scheme: W.Scheme
 
-    def __init__(self):
+    def __init__(self, scales: dict[str, np.ndarray] | None = None):
         self.errors: dict[str, float] = {}
+        self.scales = scales or {}  # name -> the grid a weight was already rounded to (craft.export.gptq)
 
     def store(self, g, name: str, w: np.ndarray) -> tuple[str, ...]:
-        stored, self.errors[name] = self.scheme.quantize(w)
+        stored, self.errors[name] = self.scheme.quantize(w, self.scales.get(name))
         return tuple(g.weight(n, a) for n, a in zip(self.scheme.stored_names(name), stored))
 
     def store_embedding(self, g, e: np.ndarray) -> tuple[str, ...]:
-        stored, self.errors[W.EMBEDDING] = self.scheme.quantize_embedding(e)
+        stored, self.errors[W.EMBEDDING] = self.scheme.quantize_embedding(e, self.scales.get(W.EMBEDDING))
         return tuple(g.weight(n, a) for n, a in zip(self.scheme.stored_names(W.EMBEDDING), stored))
 
 
@@ -65,7 +66,7 @@ class Float32Ops(SchemeOps):
 
 
 class BlockOps(SchemeOps):
-    """int8 / int4 blocks of 32 (q, scale) multiplied by com.microsoft MatMulNBits, accuracy_level 4."""
+    """int8 / int4 blocks (q, scale) multiplied by com.microsoft MatMulNBits, accuracy_level 4."""
 
     def _matmul(self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1) -> str:
         K, N = shape
@@ -79,7 +80,7 @@ class BlockOps(SchemeOps):
             K=K,
             N=N,
             bits=self.scheme.weight_bits,
-            block_size=W.BLOCK,
+            block_size=self.scheme.block,
             accuracy_level=ACCURACY_LEVEL,
         )
 
@@ -98,11 +99,11 @@ class BlockOps(SchemeOps):
             pairs = g.op(
                 "Concat", g.op("Unsqueeze", low, g.const([-1])), g.op("Unsqueeze", high, g.const([-1])), axis=-1
             )
-            rows = g.op("Reshape", pairs, g.const([0, 0, 0, W.BLOCK]))  # (B, T, blocks, 32)
+            rows = g.op("Reshape", pairs, g.const([0, 0, 0, self.scheme.block]))  # (B, T, blocks, block)
         values = g.op("Sub", g.op("Cast", rows, to=TensorProto.FLOAT), g.const(float(self.scheme.offset), np.float32))
         row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, blocks, 1)
         full = g.op("Reshape", g.op("Mul", values, row_scale), g.const([0, 0, -1]))  # (B, T, blocks * 32)
-        if e.shape[1] % W.BLOCK:
+        if e.shape[1] % self.scheme.block:
             full = g.op("Slice", full, g.const([0]), g.const([e.shape[1]]), g.const([2]))
         return full
 

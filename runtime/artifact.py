@@ -127,6 +127,7 @@ class ModelSpec:
     # Fields added later have defaults, so files written before them still read:
     qkv_bias: bool = False  # the file has layers.{i}.attention.wqkv.bias (imported Qwen2 models)
     arch: str = LLAMA  # LLAMA or RECURRENT (craft/recurrent.py: state I/O in place of the KV-cache)
+    head_rotation: bool = False  # the file has head_rotation: a rotated residual stream (export/rotation.py)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)

@@ -73,6 +73,8 @@ def spec_problem(spec: ModelSpec) -> str | None:
         return f"model config has rope_theta={spec.rope_theta}, expected a positive number"
     if not (math.isfinite(spec.norm_eps) and 0 <= spec.norm_eps < 1):
         return f"model config has norm_eps={spec.norm_eps}, expected 0 <= norm_eps < 1"
+    if spec.head_rotation and (spec.arch != A.LLAMA or not spec.tie_embeddings):
+        return "model config has head_rotation=true, which only a transformer with a tied head has"
     return None
 
 
@@ -178,9 +180,9 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
         if info.shape != shape or info.dtype != dtype:
             found = f"{info.dtype or f'type {info.data_type}'} {info.shape}"
             return f"weight '{name}' is {found}, the model config needs {dtype} {shape}"
-    families = tuple({name.split(".")[0] + "." for name in (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo)})
+    roots = {name.split(".")[0] for name in (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo, W.HEAD_ROTATION)}
     for name in model.tensors:
-        if name.startswith(families) and name not in expected:
+        if name.split(".")[0] in roots and name not in expected:
             return (
                 f"it has weight '{name}' that a model of its config "
                 f"({spec.n_layer} layers, {artifact.quantization}) lacks"

@@ -34,12 +34,16 @@ class StoredWeights:
     """The weights of a Craft file by their craft.runtime.weights names, each checked against the
     shape and dtype the format defines for this model, as the file's scheme multiplies them."""
 
-    def __init__(self, path: str, spec: ModelSpec, quantization: str):
+    def __init__(self, path: str, spec: ModelSpec, quantization: str, initializers: dict | None = None):
         if quantization not in W.SCHEMES:
             raise ArtifactError(
                 f"{path}: the numpy backend does not know quantization '{quantization}'; use --backend ort"
             )
         self.path, self.spec, self.scheme = path, spec, W.SCHEMES[quantization]
+        self.floats, self.stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
+        if initializers is not None:  # the exporter's weights, in memory: checked below like a file's
+            self.initializers = initializers
+            return
         try:  # only the weights the spec names are decoded; the graph's nodes are not even parsed
             self.initializers = read_model(
                 path,
@@ -49,7 +53,6 @@ class StoredWeights:
             ).initializers
         except OnnxFormatError as e:
             raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
-        self.floats, self.stored_shapes = W.float_weights(spec), W.scheme_weights(spec)
 
     def tensors(self, names: tuple[str, ...], layout) -> tuple[np.ndarray, ...]:
         w = self.initializers
@@ -84,9 +87,11 @@ class StoredWeights:
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, path: str, spec: ModelSpec, quantization: str):
+    def __init__(self, path: str, spec: ModelSpec, quantization: str, initializers: dict | None = None):
+        """The file at `path`, or - given `initializers`, name -> array as the file would store
+        them - those arrays (`path` then only names them in errors)."""
         self.spec = spec
-        w = StoredWeights(path, spec, quantization)
+        w = StoredWeights(path, spec, quantization, initializers)
         self.layers = []
         for i in range(spec.n_layer):
             n = W.layer(i)
@@ -108,6 +113,7 @@ class NumpyBackend:
             np.float32
         )
         self.embedding_rows, self.head = w.embedding_and_head()
+        self.head_rotation = w.float32(W.HEAD_ROTATION) if spec.head_rotation else None
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
         self.cache_length = 0
@@ -166,4 +172,7 @@ class NumpyBackend:
             gate, up = np.split(layer["w13"](h), 2, axis=-1)
             x = x + layer["w2"](gate / (1 + np.exp(-gate)) * up)
         self.cache_length = S
-        return self.head(rms_norm(x, self.norm, s.norm_eps), last_only)
+        h = rms_norm(x[:, -1:] if last_only else x, self.norm, s.norm_eps)
+        if self.head_rotation is not None:
+            h = W.matmul(h, self.head_rotation)
+        return self.head(h)

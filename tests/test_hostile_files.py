@@ -206,7 +206,10 @@ SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 la
     ),  # beyond the RoPE table
     ({"context_length": 32}, "rope.cos"),
     ({"context_length": 1 << 40}, "context_length=1099511627776, expected"),
-    ({"tie_embeddings": False}, "lacks weight 'output.weight"),
+    ({"tie_embeddings": False}, "head_rotation=true, which only a transformer with a tied head has"),
+    ({"tie_embeddings": False, "head_rotation": False}, "lacks weight 'output.weight"),
+    ({"head_rotation": False}, "has weight 'head_rotation' that a model of its config"),
+    ({"head_rotation": 1}, "head_rotation=1, expected bool"),
     ({"dim": float("inf")}, "dim=Infinity, expected int"),
     ({"rope_theta": -1.0}, "rope_theta=-1.0"),
     ({"norm_eps": float("nan")}, "norm_eps=nan"),

@@ -15,6 +15,7 @@ from craft.export.graph import DEFAULT_OPSET, GraphBuilder, ir_version_for
 from craft.export.quantize import OPS
 from craft.runtime import weights as W
 from craft.runtime.artifact import ArtifactError
+from craft.runtime.generator import load_artifact
 from craft.runtime.numpy_backend import NumpyBackend
 
 SCHEMES = list(W.SCHEMES)
@@ -85,18 +86,20 @@ def test_numpy_linear_is_x_at_w_and_last_only_slices(name):
 def test_block_layout_details(name, bits):
     """MatMulNBits' layout: (N, blocks, bytes) holding q + 2^(bits-1), even k in the low nibble."""
     scheme = W.SCHEMES[name]
-    w = random_weight((80, 16))  # 80: the last block of 32 is half padding
+    B = scheme.block
+    K = 2 * B + B // 2  # the last block is half padding
+    w = random_weight((K, 16))
     (packed, scale), _ = scheme.quantize(w)
-    assert packed.shape == (16, 3, 32 * bits // 8) and scale.shape == (16, 3)
+    assert packed.shape == (16, 3, B * bits // 8) and scale.shape == (16, 3)
     assert scale[1].tolist() == [1.0] * 3  # an all-zero column's blocks get scale 1
-    blocks = np.zeros((16, 96), np.float32)
-    blocks[:, :80] = w.T
-    amax = np.abs(blocks.reshape(16, 3, 32)).max(-1)
+    blocks = np.zeros((16, 3 * B), np.float32)
+    blocks[:, :K] = w.T
+    amax = np.abs(blocks.reshape(16, 3, B)).max(-1)
     assert np.allclose(scale[amax > 0], amax[amax > 0] / (2 ** (bits - 1) - 1), rtol=1e-6)  # symmetric, per block
-    q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(16, 3, 32)
-    expected = np.clip(np.rint(blocks.reshape(16, 3, 32) / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(16, 3, B)
+    expected = np.clip(np.rint(blocks.reshape(16, 3, B) / scale[..., None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     assert np.array_equal(q.astype(int) - 2 ** (bits - 1), expected)
-    assert np.all(q.reshape(16, 96)[:, 80:] == 2 ** (bits - 1))  # padding stores zero
+    assert np.all(q.reshape(16, 3 * B)[:, K:] == 2 ** (bits - 1))  # padding stores zero
 
 
 def test_activation_blocks_follow_mlas():
@@ -104,7 +107,7 @@ def test_activation_blocks_follow_mlas():
     x = np.zeros((2, 40), np.float32)
     x[0, :4] = [127.0, 2.5, 3.5, -0.5]  # amax 127: step 1, so the halves show the rounding
     x[1, 33], x[1, 34] = -4.0, 1.0  # the second block of row 1 alone sets its own scale
-    got = W.quantize_activation_blocks(x)
+    got = W.quantize_activation_blocks(x, 32)
     assert got[0, :4].tolist() == [127.0, 2.0, 4.0, -0.0]
     step = np.float32(4) / np.float32(127)
     assert got[1, 33] == np.float32(-127) * step and got[1, 34] == np.float32(32) * step
@@ -173,6 +176,11 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_pat
     assert {k: v.shape for k, v in weights.items()} == {**floats, **by_scheme}
 
     proto = build_model_proto(run, name, weights=weights)[0]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    spec = load_artifact(path).spec  # quantized: a rotated residual stream, and a tied head's rotation
+    assert spec.head_rotation == (name != W.NONE and tie)
+    floats = W.float_weights(spec)
     scheme = W.SCHEMES[name]
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if not t.name.startswith("const_")}
     expected = dict(floats)
@@ -180,9 +188,6 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_pat
         layout = scheme.embedding_layout(shape) if weight == W.EMBEDDING else scheme.layout(shape)
         expected.update({n: s for n, (s, _) in zip(scheme.stored_names(weight), layout)})
     assert {k: v.shape for k, v in stored.items()} == expected
-
-    path = tmp_path / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
     NumpyBackend(str(path), spec, name)  # finds every weight it needs by the home's names
 
 
