@@ -59,7 +59,7 @@ def calibration_windows(tokens: np.ndarray | None, context_length: int) -> list[
 
 
 def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, windows: list[np.ndarray]) -> tuple:
-    """(weights, scales, GPTQ error ratios) with every linear weight and the head GPTQ-rounded
+    """(weights, scales, GPTQ error ratios, max |W_q - W| each) with every linear weight and the head GPTQ-rounded
     in the order the network multiplies them. The windows run once, as one batch, through the
     float network, and each weight is replaced by its rounded self (multiplying as the scheme
     does, int8 activation blocks included) as soon as its inputs are known: every weight is
@@ -67,12 +67,13 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     from craft.runtime.numpy_backend import NumpyBackend
 
     backend = NumpyBackend("<calibration>", spec, W.NONE, initializers=weights)
-    out, scales, ratios = dict(weights), {}, {}
+    out, scales, ratios, changes = dict(weights), {}, {}, {}
 
     def rounded_on_first_use(name: str, linear: W.FloatLinear):
         def call(x: np.ndarray, last_only: bool = False) -> np.ndarray:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (B * T, in)
             w_q, scales[name], ratios[name] = gptq(linear.w, rows.T @ rows, scheme.weight_bits, scheme.block)
+            changes[name] = float(np.abs(w_q - linear.w).max())
             out[name] = np.ascontiguousarray(w_q.T if name == W.EMBEDDING else w_q)  # the tied head is E^T
             return W.BlockLinear(w_q, scheme.block)(x, last_only)
 
@@ -86,7 +87,7 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     ids = np.stack(windows)  # (windows, width): calibration_windows gives them one width
     backend.reset(len(windows), ids.shape[1])
     backend.forward(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
-    return out, scales, ratios
+    return out, scales, ratios, changes
 
 
 def prepare(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, tokens: np.ndarray | None) -> Prepared:
@@ -99,7 +100,7 @@ def prepare(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, tokens: np.
     windows = calibration_windows(tokens, spec.context_length)
     if not windows:
         return Prepared(weights, spec, report={"rotated": True, "calibration_tokens": 0})
-    weights, scales, ratios = round_in_order(weights, spec, scheme, windows)
+    weights, scales, ratios, changes = round_in_order(weights, spec, scheme, windows)
     return Prepared(
         weights,
         spec,
@@ -107,7 +108,8 @@ def prepare(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, tokens: np.
         {
             "rotated": True,
             "calibration_tokens": int(sum(len(w) for w in windows)),
-            "gptq_error_ratio": float(np.mean(list(ratios.values()))),
+            "gptq_error_ratio": float(np.mean(list(ratios.values()))),  # output error vs rounding's, mean
+            "max_weight_change": max(changes.values()),  # the largest |W_q - W|: the weights' quantization error
             "calibration_s": time.perf_counter() - t0,
         },
     )

@@ -369,7 +369,14 @@ def export(
             build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(),
             data,
         )
+    if ops.calibration.get("calibration_tokens"):
+        c = ops.calibration
+        log(
+            f"  calibration: residual stream rotated; GPTQ on {c['calibration_tokens']:,} tokens, output error "
+            f"{c['gptq_error_ratio']:.2f}x rounding's ({c['calibration_s']:.1f}s)"
+        )
     report = verify(run, fp32_bytes, quantized_bytes, quantize, log=log)
+    report.update(ops.calibration)
     report.update(
         {
             "quantization": quantize,
@@ -379,7 +386,7 @@ def export(
             "file_bytes": len(data),
             "fp32_file_bytes": len(fp32_bytes),
             "size_ratio": len(data) / len(fp32_bytes),
-            "max_weight_quant_error": max(ops.errors.values()) if ops.errors else 0.0,
+            "max_weight_quant_error": max([*ops.errors.values(), ops.calibration.get("max_weight_change", 0.0)]),
             "export_s": time.perf_counter() - t0,
             "checkpoint_sha256": run.checkpoint_sha256,
         }

@@ -34,6 +34,7 @@ class SchemeOps:
     def __init__(self, scales: dict[str, np.ndarray] | None = None):
         self.errors: dict[str, float] = {}
         self.scales = scales or {}  # name -> the grid a weight was already rounded to (craft.export.gptq)
+        self.calibration: dict = {}  # what craft.export.calibration did before (its report)
 
     def store(self, g, name: str, w: np.ndarray) -> tuple[str, ...]:
         stored, self.errors[name] = self.scheme.quantize(w, self.scales.get(name))

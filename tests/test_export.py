@@ -137,13 +137,14 @@ def test_quality_limit_failure_exits_3_with_the_figures(sp_run, tmp_path, monkey
     assert e.value.report["top1_agreement"] < 1.0 and not (tmp_path / "m.onnx").exists()
 
 
-def test_int8_file_is_at_most_30_percent_for_small_preset():
+def test_int8_file_is_at_most_31_percent_for_small_preset():
+    """benchmarks/gates.py INT8_FILE_RATIO: int8 weights, a scale per block of 32, the head rotation."""
     cfg = load_config("small").model
     cfg.vocab_size = 4096
     torch.manual_seed(0)
     run = LoadedRun(Path("small"), cfg, Transformer(cfg).eval(), CharTokenizer("abc"), "0" * 64, 0)
     sizes = {q: len(build_model_proto(run, q)[0].SerializeToString()) for q in ("none", "int8")}
-    assert sizes["int8"] <= 0.30 * sizes["none"], sizes
+    assert sizes["int8"] <= 0.31 * sizes["none"], sizes
 
 
 @pytest.mark.parametrize("opset", [14, 21])
