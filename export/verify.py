@@ -109,13 +109,19 @@ def fp32_limit(max_abs_logit: float) -> float:
     return FP32_TOLERANCE * max(1.0, max_abs_logit / LOGIT_SCALE)
 
 
+NLL_CHUNK = 256  # positions converted to float64 at a time: a 49k vocabulary x 3k positions would be GBs
+
+
 def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(next-token NLL (b, t) float64, argmax (b, t)) of logits (b, t, vocab) for targets (b, t)."""
-    logits = logits.astype(np.float64)
-    top = logits.max(-1)
-    log_z = np.log(np.exp(logits - top[..., None]).sum(-1)) + top
-    picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - picked, logits.argmax(-1)
+    nll, top = np.zeros(targets.shape), np.zeros(targets.shape, np.int64)
+    for start in range(0, targets.shape[1], NLL_CHUNK):
+        part = logits[:, start : start + NLL_CHUNK].astype(np.float64)  # (b, chunk, vocab)
+        peak = part.max(-1)
+        log_z = np.log(np.exp(part - peak[..., None]).sum(-1)) + peak
+        picked = np.take_along_axis(part, targets[:, start : start + NLL_CHUNK, None], axis=-1)[..., 0]
+        nll[:, start : start + NLL_CHUNK], top[:, start : start + NLL_CHUNK] = log_z - picked, part.argmax(-1)
+    return nll, top
 
 
 def quality(

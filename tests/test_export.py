@@ -137,6 +137,19 @@ def test_quality_limit_failure_exits_3_with_the_figures(sp_run, tmp_path, monkey
     assert e.value.report["top1_agreement"] < 1.0 and not (tmp_path / "m.onnx").exists()
 
 
+def test_nll_and_argmax_in_chunks_equal_the_whole(monkeypatch):
+    """Scored NLL_CHUNK positions at a time (a 49k vocabulary would otherwise cost GBs of float64):
+    the same figures as all at once, across chunk boundaries."""
+    monkeypatch.setattr(V, "NLL_CHUNK", 7)
+    rng = np.random.default_rng(0)
+    logits, targets = rng.standard_normal((2, 30, 11)).astype(np.float32) * 5, rng.integers(0, 11, (2, 30))
+    nll, top = V.nll_and_argmax(logits, targets)
+    x = logits.astype(np.float64)
+    log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(nll, log_z - np.take_along_axis(x, targets[..., None], -1)[..., 0], rtol=1e-12)
+    np.testing.assert_array_equal(top, x.argmax(-1))
+
+
 def test_int8_file_is_at_most_31_percent_for_small_preset():
     """benchmarks/gates.py INT8_FILE_RATIO: int8 weights, a scale per block of 32, the head rotation."""
     cfg = load_config("small").model
