@@ -1,12 +1,13 @@
 """Prepare a transformer's float weights for a block-quantized scheme, before its graph is built:
 rotate the residual stream (rotation.py), then round each linear weight and the head with GPTQ
-(gptq.py) against the inputs it sees on a few hundred calibration tokens.
+(gptq.py) against the inputs it sees on ~1,000 calibration tokens.
 
 Both are measured choices (README "Quantization"): the rotation spreads a pretrained model's
 outlier activation channels so MatMulNBits' int8 activation blocks lose less; GPTQ cancels
-weight rounding errors against each other. Neither costs decode time: the graph is the same but
-for one (dim x dim) MatMul before a tied head. Deterministic: a fixed rotation seed, windows at
-fixed places in the calibration text.
+weight rounding errors against each other. The graph is the same but for one float32
+(dim x dim) MatMul before a tied head (no measured decode time; 4 dim^2 bytes). Deterministic
+for a given calibration text: a fixed rotation seed, windows at fixed places (an imported
+model's text is this Python's pydoc_data, which may differ between Python releases).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ WINDOW = 256  # tokens per calibration window (or the context, if shorter)
 def calibration_text() -> str:
     """English text to calibrate an imported model on (its own training data is not at hand):
     Python's documentation, which every CPython carries (pydoc_data), a few topics of it; not
-    the text the export measures perplexity on (export/perplexity_text.txt)."""
-    from pydoc_data.topics import topics
+    the text the export measures perplexity on (export/perplexity_text.txt). "" where a stripped
+    Python lacks it: the weights are then rounded without calibration."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return ""
 
     return "\n\n".join(topics[name] for name in CALIBRATION_TOPICS if name in topics)
 
@@ -63,14 +68,15 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     in the order the network multiplies them. The windows run once, as one batch, through the
     float network, and each weight is replaced by its rounded self (multiplying as the scheme
     does, int8 activation blocks included) as soon as its inputs are known: every weight is
-    rounded against the inputs the quantized network will give it (sequential GPTQ)."""
+    rounded against the inputs the quantized layers before it give it (sequential GPTQ; the
+    embedding rows stay float here, and a tied table is rounded for the head's use)."""
     from craft.runtime.numpy_backend import NumpyBackend
 
     backend = NumpyBackend("<calibration>", spec, W.NONE, initializers=weights)
     out, scales, ratios, changes = dict(weights), {}, {}, {}
     head = W.EMBEDDING if spec.tie_embeddings else W.HEAD
 
-    def rounded_on_first_use(name: str, linear: W.FloatLinear):
+    def rounding(name: str, linear: W.FloatLinear):
         def call(x: np.ndarray, last_only: bool = False) -> np.ndarray:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (B * T, in)
             w_q, scales[name], ratios[name] = gptq(linear.w, rows.T @ rows, scheme.weight_bits, scheme.block)
@@ -85,8 +91,8 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     for i, layer in enumerate(backend.layers):
         n = W.layer(i)
         for key, name in (("wqkv", n.wqkv), ("wo", n.wo), ("w13", n.w13), ("w2", n.w2)):
-            layer[key] = rounded_on_first_use(name, layer[key])
-    backend.head = rounded_on_first_use(head, backend.head)
+            layer[key] = rounding(name, layer[key])
+    backend.head = rounding(head, backend.head)
     ids = np.stack(windows)  # (windows, width): calibration_windows gives them one width
     backend.reset(len(windows), ids.shape[1])
     backend.forward(ids, np.ones_like(ids), np.broadcast_to(np.arange(ids.shape[1]), ids.shape))

@@ -4,7 +4,7 @@ Rounding every weight to its nearest grid point (round-to-nearest, RTN) minimise
 of W itself. What matters is the error of X @ W for the inputs X the layer sees, and the errors
 of different rows of W cancel or add up depending on how their inputs correlate. GPTQ rounds
 one input row k at a time and spreads that row's rounding error over the rows not yet rounded,
-weighted by H = X^T X from a few hundred calibration tokens, so that X @ W_q stays close to
+weighted by H = X^T X from ~1,000 calibration tokens, so that X @ W_q stays close to
 X @ W. The grid is the scheme's own (symmetric blocks along in_features, one scale per block
 and output column): the result is stored and multiplied exactly like a rounded one.
 """

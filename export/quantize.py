@@ -5,7 +5,7 @@ The numbers and names are not decided here: craft.runtime.weights defines every 
 stored tensors, its quantizer (which reports its own worst-case error, printed in the export
 report) and the numpy arithmetic that must equal these nodes. This file is the graph side only.
 
-int8 and int4 (blocks of 16 / 32): com.microsoft MatMulNBits with accuracy_level 4, which quantizes
+int8 and int4 (blocks of 32): com.microsoft MatMulNBits with accuracy_level 4, which quantizes
 each activation row per block to int8 on the fly and runs VNNI (x86) / SDOT (ARM)
 integer dot products against the weight blocks. Finer activation scales than the per-tensor
 DynamicQuantizeLinear it replaces (one outlier set the step of the whole tensor), at the same
@@ -103,7 +103,7 @@ class BlockOps(SchemeOps):
             rows = g.op("Reshape", pairs, g.const([0, 0, 0, self.scheme.block]))  # (B, T, blocks, block)
         values = g.op("Sub", g.op("Cast", rows, to=TensorProto.FLOAT), g.const(float(self.scheme.offset), np.float32))
         row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, blocks, 1)
-        full = g.op("Reshape", g.op("Mul", values, row_scale), g.const([0, 0, -1]))  # (B, T, blocks * 32)
+        full = g.op("Reshape", g.op("Mul", values, row_scale), g.const([0, 0, -1]))  # (B, T, blocks * block)
         if e.shape[1] % self.scheme.block:
             full = g.op("Slice", full, g.const([0]), g.const([e.shape[1]]), g.const([2]))
         return full

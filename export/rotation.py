@@ -59,30 +59,35 @@ def rotate(weights: dict[str, np.ndarray], spec: ModelSpec, seed: int = SEED) ->
     q = orthogonal(spec.dim, rng)  # (dim, dim)
     r = orthogonal(spec.head_dim, rng)  # (hd, hd)
     H, KV, hd = spec.n_head, spec.n_kv_head, spec.head_dim
-    f64 = {k: v.astype(np.float64) for k, v in weights.items()}
     out = dict(weights)
-    out[W.EMBEDDING] = f64[W.EMBEDDING] @ q  # (vocab, dim)
+
+    def f64(name: str) -> np.ndarray:  # one tensor at a time in float64: no second copy of the model
+        return weights[name].astype(np.float64)
+
+    def f32(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    out[W.EMBEDDING] = f32(f64(W.EMBEDDING) @ q)  # (vocab, dim)
     for i in range(spec.n_layer):
         n = W.layer(i)
-        wqkv = q.T @ (f64[n.attention_norm][:, None] * f64[n.wqkv])  # (dim, (H + 2KV) * hd)
+        wqkv = q.T @ (f64(n.attention_norm)[:, None] * f64(n.wqkv))  # (dim, (H + 2KV) * hd)
         v = wqkv[:, (H + KV) * hd :].reshape(spec.dim, KV, hd)
         wqkv[:, (H + KV) * hd :] = (v @ r).reshape(spec.dim, KV * hd)
-        out[n.wqkv] = wqkv
+        out[n.wqkv] = f32(wqkv)
         if spec.qkv_bias:
-            bias = f64[n.wqkv_bias].copy()
+            bias = f64(n.wqkv_bias)
             bias[(H + KV) * hd :] = (bias[(H + KV) * hd :].reshape(KV, hd) @ r).reshape(-1)
-            out[n.wqkv_bias] = bias
-        wo = f64[n.wo].reshape(H, hd, spec.dim)  # rows of each query head
-        out[n.wo] = (r.T @ wo).reshape(H * hd, spec.dim) @ q
-        out[n.w13] = q.T @ (f64[n.ffn_norm][:, None] * f64[n.w13])
-        out[n.w2] = f64[n.w2] @ q
-        out[n.attention_norm] = np.ones(spec.dim)
-        out[n.ffn_norm] = np.ones(spec.dim)
-    g = f64[W.NORM]
-    out[W.NORM] = np.ones(spec.dim)
+            out[n.wqkv_bias] = f32(bias)
+        wo = f64(n.wo).reshape(H, hd, spec.dim)  # rows of each query head
+        out[n.wo] = f32((r.T @ wo).reshape(H * hd, spec.dim) @ q)
+        out[n.w13] = f32(q.T @ (f64(n.ffn_norm)[:, None] * f64(n.w13)))
+        out[n.w2] = f32(f64(n.w2) @ q)
+        out[n.attention_norm] = out[n.ffn_norm] = np.ones(spec.dim, np.float32)
+    g = f64(W.NORM)
+    out[W.NORM] = np.ones(spec.dim, np.float32)
     if spec.tie_embeddings:
-        out[W.HEAD_ROTATION] = q.T @ (g[:, None] * q)
+        out[W.HEAD_ROTATION] = f32(q.T @ (g[:, None] * q))
     else:
-        out[W.HEAD] = q.T @ (g[:, None] * f64[W.HEAD])
-    rotated = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+        out[W.HEAD] = f32(q.T @ (g[:, None] * f64(W.HEAD)))
+    rotated = out
     return rotated, dataclasses.replace(spec, head_rotation=spec.tie_embeddings)

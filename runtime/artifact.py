@@ -22,7 +22,9 @@ import base64
 import json
 from dataclasses import MISSING, dataclass, fields
 
-FORMAT_VERSION = 1
+# 2: the model config may say head_rotation, a weight an older (version 1) runtime would not
+# apply - it refuses the file instead of computing wrong logits. Files without it stay version 1.
+FORMAT_VERSION = 2
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
 
 INPUT_IDS = "input_ids"
@@ -200,7 +202,7 @@ class Artifact:
         if self.attention != ATTENTION_STANDARD:  # a standard file's metadata stays what older runtimes read
             optional[META_ATTENTION] = self.attention
         return optional | {
-            META_FORMAT: str(FORMAT_VERSION),
+            META_FORMAT: str(FORMAT_VERSION if self.spec.head_rotation else 1),
             META_VERSION: self.craft_version,
             META_CONFIG: self.spec.to_json(),
             META_TOKENIZER_KIND: self.tokenizer_kind,
@@ -220,13 +222,15 @@ class Artifact:
                 f"{source} is not a Craft model (no '{META_FORMAT}' in its metadata); export one with craft-export"
             )
         version = metadata[META_FORMAT]
-        if version != str(FORMAT_VERSION):
+        if version not in [str(v) for v in range(1, FORMAT_VERSION + 1)]:
             raise ArtifactError(
-                f"{source} has Craft format version {version}, this runtime reads version {FORMAT_VERSION}; "
+                f"{source} has Craft format version {version}, this runtime reads versions 1 to {FORMAT_VERSION}; "
                 f"re-export it with craft-export {metadata.get(META_VERSION, '')}".rstrip()
             )
         try:
             spec = ModelSpec.from_json(metadata[META_CONFIG])
+            if spec.head_rotation and version == "1":
+                raise ValueError("its model config says head_rotation, which format version 1 does not have")
             attention = metadata.get(META_ATTENTION, ATTENTION_STANDARD)
             if attention not in ATTENTIONS:
                 raise ValueError(f"{META_ATTENTION} is '{attention[:40]}', this runtime knows {', '.join(ATTENTIONS)}")

@@ -267,7 +267,7 @@ class FloatLinear:
 
 
 class BlockQuant(Scheme):
-    """Symmetric blocks of `block` (16 or 32) along in_features, in com.microsoft MatMulNBits'
+    """Symmetric blocks of `block` (32 for both schemes) along in_features, in com.microsoft MatMulNBits'
     layout: for W (in=K, out=N), NAME.q uint8 (N, ceil(K / block), block * bits / 8) holds
     q + 2^(bits-1) (the operator's default zero point; 4 bits: two per byte, even k in the low
     nibble) and NAME.scale float32 (N, ceil(K / block)) one scale per block. The embedding is

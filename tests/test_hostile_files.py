@@ -233,6 +233,7 @@ def test_model_config_lies_are_refused(tmp_path, files, changes, pattern):
         (A.META_PAD, str(1 << 62), "pad_id=4611686018427387904, outside"),
         (A.META_QUANT, "none", "lacks weight 'tok_embeddings.weight'"),
         (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
+        (A.META_FORMAT, "1", "head_rotation, which format version 1 does not have"),  # an old runtime would skip it
         (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
         (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
     ],
