@@ -79,7 +79,7 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     def rounding(name: str, linear: W.FloatLinear):
         def call(x: np.ndarray, last_only: bool = False) -> np.ndarray:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (B * T, in)
-            w_q, scales[name], ratios[name] = gptq(linear.w, rows.T @ rows, scheme.weight_bits, scheme.block)
+            w_q, scales[name], ratios[name] = gptq(linear.w, rows.T @ rows, scheme)
             changes[name] = float(np.abs(w_q - linear.w).max())
             out[name] = np.ascontiguousarray(w_q.T if name == W.EMBEDDING else w_q)  # the tied head is E^T
             if name == head:  # nothing reads the logits: skip them (windows x tokens x vocab floats)

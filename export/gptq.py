@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from craft.runtime.weights import BlockQuant
+
 DAMP = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable (the paper's 1%)
 LAZY = 128  # rows whose error updates are batched into one matrix product (the paper's lazy batch)
 
 
-def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """(W_q (K, N) float32 on the grid, scale (N, ceil(K / block)) float32, error ratio) for
-    W (K, N) and H = X^T X (K, K) of its calibration inputs.
+def gptq(w: np.ndarray, hessian: np.ndarray, scheme: BlockQuant) -> tuple[np.ndarray, np.ndarray, float]:
+    """(W_q (K, N) float32 on the scheme's grid, scale (N, ceil(K / block)) float32, error ratio)
+    for W (K, N) and H = X^T X (K, K) of its calibration inputs.
 
-    Grid: q * scale, q in [-2^(bits-1), 2^(bits-1) - 1], scale = amax / (2^(bits-1) - 1) of the
-    block's (error-updated) weights when the block is reached. Error ratio: tr(E^T H E) of
-    this rounding over that of round-to-nearest, E = W - W_q (below 1 is better)."""
+    Grid: q * scale, q in [-qmax - 1, qmax], scale = amax / qmax of the block's (error-updated)
+    weights when the block is reached. Error ratio: tr(E^T H E) of this rounding over that of
+    the scheme's own round-to-nearest, E = W - W_q (below 1 is better)."""
     K, N = w.shape
-    qmax = 2 ** (bits - 1) - 1
+    qmax, block = scheme.qmax, scheme.block
     blocks = -(-K // block)
     Kp = blocks * block
     assert LAZY % block == 0
@@ -57,20 +59,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int) -> tuple[np.
     scale32 = scale.T.astype(np.float32)  # (N, blocks), the scheme's layout
     q = np.clip(np.rint(quantized / np.repeat(scale, block, axis=0)), -qmax - 1, qmax)
     w_q = (q.reshape(blocks, block, N) * scale32.T[:, None, :]).reshape(Kp, N)[:K].astype(np.float32)
-    return w_q, scale32, output_error(w, w_q, hessian) / max(output_error(w, rtn(w, bits, block), hessian), 1e-30)
-
-
-def rtn(w: np.ndarray, bits: int, block: int) -> np.ndarray:
-    """W (K, N) rounded to the nearest point of the same grid (scale from each block's own amax)."""
-    K, N = w.shape
-    qmax = 2 ** (bits - 1) - 1
-    Kp = -(-K // block) * block
-    wb = np.zeros((Kp, N))
-    wb[:K] = w
-    wb = wb.reshape(Kp // block, block, N)
-    amax = np.abs(wb).max(axis=1, keepdims=True)
-    s = np.where(amax > 0, amax / qmax, 1.0)
-    return (np.clip(np.rint(wb / s), -qmax - 1, qmax) * s).reshape(Kp, N)[:K]
+    rounded = scheme.dequantize(scheme.quantize(w)[0], w.shape)
+    return w_q, scale32, output_error(w, w_q, hessian) / max(output_error(w, rounded, hessian), 1e-30)
 
 
 def output_error(w: np.ndarray, w_q: np.ndarray, hessian: np.ndarray) -> float:

@@ -9,7 +9,7 @@ import pytest
 from craft.config import ModelConfig
 from craft.export.calibration import calibration_windows, prepare
 from craft.export.exporter import artifact_weights, model_spec, random_run
-from craft.export.gptq import gptq, output_error, rtn
+from craft.export.gptq import gptq, output_error
 from craft.export.rotation import orthogonal, rotate
 from craft.runtime import weights as W
 from craft.runtime.numpy_backend import NumpyBackend
@@ -69,13 +69,14 @@ def test_gptq_beats_rounding_on_correlated_inputs_and_stays_on_the_grid(bits, bl
     x = rng.standard_normal((400, 40)) @ mix  # correlated inputs: where GPTQ has something to win
     w = rng.standard_normal((40, 24)).astype(np.float32)  # K = 40: the last block is partly padding
     h = x.T @ x
-    w_q, scale, ratio = gptq(w, h, bits, block)
-    assert ratio < 0.8 and ratio == pytest.approx(output_error(w, w_q, h) / output_error(w, rtn(w, bits, block), h))
     scheme = W.BlockQuant(bits, block, "t", "t")
+    w_q, scale, ratio = gptq(w, h, scheme)
+    rounded = scheme.dequantize(scheme.quantize(w)[0], w.shape)
+    assert ratio < 0.8 and ratio == pytest.approx(output_error(w, w_q, h) / output_error(w, rounded, h))
     stored, error = scheme.quantize(w_q, scale)
     np.testing.assert_array_equal(scheme.dequantize(stored, w.shape), w_q)  # stored exactly as it was rounded
     assert error == 0.0
-    again = gptq(w, h, bits, block)
+    again = gptq(w, h, scheme)
     np.testing.assert_array_equal(again[0], w_q)  # deterministic
 
 
