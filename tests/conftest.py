@@ -89,6 +89,25 @@ def tiny_overrides(out_dir: Path, corpus: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# tiny_overrides extras for tests that train many short runs: a char tokenizer (nothing to train), plain
+# multi-head attention, a short warmup, the loss at every step
+FAST_TRAIN = {
+    "tokenizer.kind": "char",
+    "model.n_kv_head": 0,
+    "train.warmup_steps": 5,
+    "train.eval_iters": 2,
+    "train.log_interval": 1,
+}
+
+
+def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """craft.train under torchrun: 2 processes on this machine (gloo), one OpenMP thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "craft.train"]
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
 def train_run(out_dir: Path, corpus: Path, **extra) -> Path:
     from craft.config import load_config
     from craft.train import train

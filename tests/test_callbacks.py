@@ -13,7 +13,7 @@ import torch
 
 import craft.model
 import craft.train
-from conftest import run_cli, tiny_overrides
+from conftest import FAST_TRAIN, run_cli, tiny_overrides
 from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, read_metrics
@@ -22,13 +22,7 @@ from craft.data import load_tokenizer
 from craft.model import Transformer, generate
 from craft.train import TrainError, train
 
-FAST = {
-    "tokenizer.kind": "char",
-    "model.n_kv_head": 0,
-    "train.warmup_steps": 5,
-    "train.eval_iters": 2,
-    "train.log_interval": 1,
-}
+FAST = FAST_TRAIN
 
 
 def config(out: Path, corpus: Path, **extra):

@@ -18,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, tiny_overrides, train_run
+from conftest import FAST_TRAIN, REPO, run_cli, tiny_overrides, train_run
 from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 from craft.data import DATA_INFO, TOKENS
 
-FAST = {
-    "tokenizer.kind": "char",
-    "model.n_kv_head": 0,
-    "train.warmup_steps": 2,
-    "train.eval_iters": 2,
-    "train.log_interval": 1,
-}
+FAST = {**FAST_TRAIN, "train.warmup_steps": 2}
 
 
 def overrides(out: Path, corpus: Path, **extra) -> list[str]:

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import export_run, train_run
+from conftest import export_run, torchrun, train_run
 from craft.config import ConfigError, ModelConfig, load_config
 from craft.export.exporter import load_run
 from craft.model import generate as torch_generate
@@ -122,9 +122,6 @@ def test_training_resumes_bitwise(tmp_path, small_corpus):
 
 def test_ddp_trains_it_and_samples_are_written(tmp_path, small_corpus):
     """torchrun, 2 processes (gloo): the recurrent model goes through DDP like the transformer."""
-    import os
-    import subprocess
-    import sys
 
     from conftest import tiny_overrides
     from craft import checkpoint as ckpt
@@ -146,23 +143,7 @@ def test_ddp_trains_it_and_samples_are_written(tmp_path, small_corpus):
             "train.threads": 0,
         },
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "craft.train",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = torchrun(*args, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distributed: 2 processes (gloo)" in result.stdout and "recurrent" in result.stdout
     train = [r for r in read_metrics(run / "metrics.jsonl") if r["event"] == "train"]

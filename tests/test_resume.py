@@ -15,18 +15,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, tiny_overrides
+from conftest import FAST_TRAIN, run_cli, tiny_overrides
 from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 
-FAST = {
-    "tokenizer.kind": "char",
-    "model.n_kv_head": 0,
-    "train.warmup_steps": 5,
-    "train.eval_iters": 2,
-    "train.log_interval": 1,
-}
+FAST = FAST_TRAIN
 
 
 def overrides(out: Path, corpus: Path, **extra) -> list[str]:

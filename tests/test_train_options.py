@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import FAST_TRAIN, tiny_overrides
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 from craft.config import load_config
@@ -17,11 +17,7 @@ from craft.data import sample_windows
 from craft.train import train
 
 FAST = {
-    "tokenizer.kind": "char",
-    "model.n_kv_head": 0,
-    "train.warmup_steps": 5,
-    "train.eval_iters": 2,
-    "train.log_interval": 1,
+    **FAST_TRAIN,
     "train.max_steps": 12,
     "train.eval_interval": 12,
     "train.checkpoint_interval": 12,
