@@ -63,6 +63,17 @@ class GraphBuilder:
             self.uses_ms_domain = True
         return outs[0] if len(outs) == 1 else outs
 
+    def model(self, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+        """The Craft ModelProto of the nodes and initializers so far: this opset (and com.microsoft
+        when a node uses it), the IR version that opset allows."""
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        opsets = [helper.make_opsetid("", self.opset)]
+        if self.uses_ms_domain:
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
+        model.ir_version = min(model.ir_version, ir_version_for(self.opset))
+        return model
+
     # small composites ------------------------------------------------------------------------
     def reduce_mean_last(self, x: str) -> str:
         if self.opset >= 18:
@@ -151,13 +162,7 @@ def build_decoder(
         for name in A.present_names(i):
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", KV, present_axis, hd]))
 
-    graph = helper.make_graph(g.nodes, "craft_decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", opset)]
-    if g.uses_ms_domain:
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
-    model.ir_version = min(model.ir_version, ir_version_for(opset))
-    return model
+    return g.model("craft_decoder", inputs, outputs)
 
 
 def contract_io(spec: ModelSpec) -> tuple[list, list]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, contract_io, ir_version_for
+from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, contract_io
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.artifact import ModelSpec
@@ -100,10 +100,4 @@ def build_recurrent_decoder(
     inputs += [tensor(A.past_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]
     outputs += [tensor(A.present_state_name(i), TensorProto.FLOAT, ["batch", D]) for i in range(L)]
 
-    graph = helper.make_graph(g.nodes, "craft_recurrent_decoder", inputs, outputs, g.initializers)
-    opsets = [helper.make_opsetid("", opset)]
-    if g.uses_ms_domain:
-        opsets.append(helper.make_opsetid("com.microsoft", 1))
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="craft", domain=A.DOMAIN)
-    model.ir_version = min(model.ir_version, ir_version_for(opset))
-    return model
+    return g.model("craft_recurrent_decoder", inputs, outputs)
