@@ -10,14 +10,13 @@ each activation row per block to int8 on the fly and runs VNNI (x86) / SDOT (ARM
 integer dot products against the weight blocks. Finer activation scales than the per-tensor
 DynamicQuantizeLinear it replaces (one outlier set the step of the whole tensor), at the same
 decode speed: README "Quantization" has the measurements. The embedding is stored as the
-head's weight (vocab, blocks, bytes); the lookup gathers its rows with standard ops, so one
-tensor serves both.
+head's weight (vocab, blocks, bytes); the lookup reads its rows with com.microsoft
+GatherBlockQuantized, so one tensor serves both.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
 
 from craft.runtime import weights as W
 
@@ -89,21 +88,26 @@ class BlockOps(SchemeOps):
         return self._matmul(g, x, *self.store(g, name, w), shape=w.shape)
 
     def embedding(self, g, weights: dict, ids: str) -> str:
-        """Rows of the head's own blocks with standard ops: Gather the bytes, unpack, subtract the
-        zero point, times the block's scale. One stored tensor serves the lookup and the head."""
+        """Rows of the head's own blocks: com.microsoft GatherBlockQuantized reads the stored bytes
+        (default zero point = the scheme's offset) and scales in one node, so one stored tensor
+        serves the lookup and the head (the seven standard ops it replaces took 2% of a 15M step)."""
         e = weights[W.EMBEDDING]  # (vocab, dim)
         q, scale = self.store_embedding(g, e)  # (vocab, blocks, bytes), (vocab, blocks)
-        rows = g.op("Gather", q, ids, axis=0)  # (B, T, blocks, bytes) uint8
-        if self.scheme.weight_bits == 4:  # even k in the low nibble, odd k in the high one
-            sixteen = g.const(16, np.uint8)
-            low, high = g.op("Mod", rows, sixteen), g.op("Div", rows, sixteen)
-            pairs = g.op(
-                "Concat", g.op("Unsqueeze", low, g.const([-1])), g.op("Unsqueeze", high, g.const([-1])), axis=-1
-            )
-            rows = g.op("Reshape", pairs, g.const([0, 0, 0, self.scheme.block]))  # (B, T, blocks, block)
-        values = g.op("Sub", g.op("Cast", rows, to=TensorProto.FLOAT), g.const(float(self.scheme.offset), np.float32))
-        row_scale = g.op("Unsqueeze", g.op("Gather", scale, ids, axis=0), g.const([-1]))  # (B, T, blocks, 1)
-        full = g.op("Reshape", g.op("Mul", values, row_scale), g.const([0, 0, -1]))  # (B, T, blocks * block)
+        # (vocab, blocks, 1): the operator wants scales of the data's rank; ONNX Runtime folds this
+        # Unsqueeze at load (a copy of the scales only, 1/8 of the int8 table)
+        block_scale = g.op("Unsqueeze", scale, g.const([-1]))
+        rows = g.op(
+            "GatherBlockQuantized",
+            q,
+            ids,
+            block_scale,
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=self.scheme.block,
+            bits=self.scheme.weight_bits,
+        )  # (B, T, blocks, block)
+        full = g.op("Reshape", rows, g.const([0, 0, -1]))  # (B, T, blocks * block)
         if e.shape[1] % self.scheme.block:
             full = g.op("Slice", full, g.const([0]), g.const([e.shape[1]]), g.const([2]))
         return full
