@@ -1,13 +1,15 @@
 """Prepare a transformer's float weights for a block-quantized scheme, before its graph is built:
-rotate the residual stream (rotation.py), then round each linear weight and the head with GPTQ
-(gptq.py) against the inputs it sees on ~1,000 calibration tokens.
+rotate the residual stream of an imported model (rotation.py), then round each linear weight and
+the head with GPTQ (gptq.py) against the inputs it sees on ~1,000 calibration tokens.
 
-Both are measured choices (README "Quantization"): the rotation spreads a pretrained model's
-outlier activation channels so MatMulNBits' int8 activation blocks lose less; GPTQ cancels
-weight rounding errors against each other. The graph is the same but for one float32
-(dim x dim) MatMul before a tied head (no measured decode time; 4 dim^2 bytes). Deterministic
-for a given calibration text: a fixed rotation seed, windows at fixed places (an imported
-model's text is this Python's pydoc_data, which may differ between Python releases).
+Both are measured choices (README "Quantization"). The rotation spreads a pretrained model's
+outlier activation channels so MatMulNBits' int8 activation blocks lose less (SmolLM2-135M int8:
+perplexity ratio 1.0121 -> 1.0016, top-1 96.0% -> 96.5%); craft-trained models have no such
+channels (tiny and small presets: the same or 0.1-0.5 points better without it), and a tied head
+pays one float32 (dim x dim) MatMul per token for it (2% of a 15M-class decode step), so only
+imports are rotated. GPTQ cancels weight rounding errors against each other. Deterministic for
+a given calibration text: a fixed rotation seed, windows at fixed places (an imported model's
+text is this Python's pydoc_data, which may differ between Python releases).
 """
 
 from __future__ import annotations
@@ -99,23 +101,26 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     return out, scales, ratios, changes
 
 
-def prepare(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, tokens: np.ndarray | None) -> Prepared:
-    """Rotated weights (a transformer's) and, with calibration tokens, GPTQ-rounded linear
-    weights and head with their scales; a recurrent model's weights as they are."""
+def prepare(
+    weights: dict[str, np.ndarray], spec: ModelSpec, scheme, tokens: np.ndarray | None, rotate: bool
+) -> Prepared:
+    """A transformer's weights rotated (when `rotate`) and, with calibration tokens, its linear
+    weights and head GPTQ-rounded with their scales; a recurrent model's weights as they are."""
     if spec.arch != LLAMA:
         return Prepared(weights, spec)
     t0 = time.perf_counter()
-    weights, spec = rotation.rotate(weights, spec)
+    if rotate:
+        weights, spec = rotation.rotate(weights, spec)
     windows = calibration_windows(tokens, spec.context_length)
     if not windows:
-        return Prepared(weights, spec, report={"rotated": True, "calibration_tokens": 0})
+        return Prepared(weights, spec, report={"rotated": rotate, "calibration_tokens": 0})
     weights, scales, ratios, changes = round_in_order(weights, spec, scheme, windows)
     return Prepared(
         weights,
         spec,
         scales,
         {
-            "rotated": True,
+            "rotated": rotate,
             "calibration_tokens": int(sum(len(w) for w in windows)),
             "gptq_error_ratio": float(np.mean(list(ratios.values()))),  # output error vs rounding's, mean
             "max_weight_change": max(changes.values()),  # the largest |W_q - W|: the weights' quantization error

@@ -240,8 +240,8 @@ def build_model_proto(
     spec = model_spec(run.config)
     weights = artifact_weights(run.model) if weights is None else weights
     prepared = Prepared(weights, spec)
-    if quantize != W.NONE:  # rotated and GPTQ-rounded (calibration.py); the float32 file is the reference
-        prepared = prepare(weights, spec, W.SCHEMES[quantize], run.calibration_tokens)
+    if quantize != W.NONE:  # GPTQ-rounded, an import rotated first (calibration.py); float32 is the reference
+        prepared = prepare(weights, spec, W.SCHEMES[quantize], run.calibration_tokens, rotate=run.source_kind != RUN)
     weights, spec = prepared.weights, prepared.spec
     ops = OPS[quantize](prepared.scales)
     ops.calibration = prepared.report
@@ -372,7 +372,8 @@ def export(
     if ops.calibration.get("calibration_tokens"):
         c = ops.calibration
         log(
-            f"  calibration: residual stream rotated; GPTQ on {c['calibration_tokens']:,} tokens, output error "
+            f"  calibration: {'residual stream rotated; ' if c['rotated'] else ''}GPTQ on {c['calibration_tokens']:,} "
+            f"tokens, output error "
             f"{c['gptq_error_ratio']:.2f}x rounding's ({c['calibration_s']:.1f}s)"
         )
     report = verify(run, fp32_bytes, quantized_bytes, quantize, log=log)

@@ -90,14 +90,20 @@ def test_calibration_windows_are_fixed_and_bounded():
     assert [len(w) for w in calibration_windows(np.arange(50), 128)] == [50]
 
 
-def test_prepare_rounds_every_linear_weight_and_the_head_with_gptq():
+@pytest.mark.parametrize("rotate", [True, False])
+def test_prepare_rounds_every_linear_weight_and_the_head_with_gptq(rotate):
     run = random_run(ModelConfig(**SHAPES["tied"]), seed=1)
     spec = model_spec(run.config)
     tokens = np.random.default_rng(0).integers(0, spec.vocab_size, 200)
     scheme = W.SCHEMES[W.INT8]
-    prepared = prepare(artifact_weights(run.model), spec, scheme, tokens)
+    weights = artifact_weights(run.model)
+    prepared = prepare(weights, spec, scheme, tokens, rotate=rotate)
+    assert prepared.spec.head_rotation == rotate and prepared.report["rotated"] == rotate
     assert set(prepared.scales) == set(W.scheme_weights(prepared.spec))  # the tied table included
     assert prepared.report["calibration_tokens"] == 192 and prepared.report["gptq_error_ratio"] < 1
+    wo = weights[W.layer(0).wo]
+    change = np.abs(prepared.weights[W.layer(0).wo] - wo).max()
+    assert (change > np.abs(wo).max() / 100) == rotate  # rotated: a new basis; else moved by rounding only
     for name, scale in prepared.scales.items():
         w = prepared.weights[name]
         stored, error = (scheme.quantize_embedding if name == W.EMBEDDING else scheme.quantize)(w, scale)

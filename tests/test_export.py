@@ -150,14 +150,14 @@ def test_nll_and_argmax_in_chunks_equal_the_whole(monkeypatch):
     np.testing.assert_array_equal(top, x.argmax(-1))
 
 
-def test_int8_file_is_at_most_31_percent_for_small_preset():
-    """benchmarks/gates.py INT8_FILE_RATIO: int8 weights, a scale per block of 32, the head rotation."""
+def test_int8_file_is_at_most_30_percent_for_small_preset():
+    """DESIGN.md and benchmarks/gates.py INT8_FILE_RATIO: int8 weights and a scale per block of 32."""
     cfg = load_config("small").model
     cfg.vocab_size = 4096
     torch.manual_seed(0)
     run = LoadedRun(Path("small"), cfg, Transformer(cfg).eval(), CharTokenizer("abc"), "0" * 64, 0)
     sizes = {q: len(build_model_proto(run, q)[0].SerializeToString()) for q in ("none", "int8")}
-    assert sizes["int8"] <= 0.31 * sizes["none"], sizes
+    assert sizes["int8"] <= 0.30 * sizes["none"], sizes
 
 
 @pytest.mark.parametrize("opset", [14, 21])

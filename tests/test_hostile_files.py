@@ -34,7 +34,10 @@ BASELINE_MB = 100  # a child that imports the runtime and loads a tiny model: nu
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny GQA model with random weights (vocab 300, dim 64, 2 layers, 4 heads / 2 kv heads,
-    context 64) exported tied as int8 and untied as float32: both schemes, both head layouts."""
+    context 64) exported tied as int8 and untied as float32: both schemes, both head layouts. It
+    poses as an import, so that the int8 file has what only imports have (a head rotation)."""
+    import dataclasses
+
     from craft.config import ModelConfig
     from craft.export.exporter import build_model_proto, random_run
 
@@ -45,7 +48,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
             vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie
         )
         out[name] = folder / f"tiny.{name}.onnx"
-        out[name].write_bytes(build_model_proto(random_run(cfg), quantize)[0].SerializeToString())
+        run = dataclasses.replace(random_run(cfg), source_kind="hf")
+        out[name].write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
     return out
 
 

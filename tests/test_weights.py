@@ -4,6 +4,8 @@ name and lay out weights exactly as the home says."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -165,10 +167,11 @@ def test_numpy_arithmetic_equals_the_graph_ops(name):
 TINY = {"vocab_size": 40, "dim": 32, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "context_length": 16}
 
 
+@pytest.mark.parametrize("source", ["run", "hf"])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("name", SCHEMES)
-def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_path):
-    run = random_run(ModelConfig(**TINY, tie_embeddings=tie))
+def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source, tmp_path):
+    run = dataclasses.replace(random_run(ModelConfig(**TINY, tie_embeddings=tie)), source_kind=source)
     spec = model_spec(run.config)
     floats, by_scheme = W.float_weights(spec), W.scheme_weights(spec)
     assert not floats.keys() & by_scheme.keys()
@@ -178,8 +181,8 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, tmp_pat
     proto = build_model_proto(run, name, weights=weights)[0]
     path = tmp_path / "m.onnx"
     path.write_bytes(proto.SerializeToString())
-    spec = load_artifact(path).spec  # quantized: a rotated residual stream, and a tied head's rotation
-    assert spec.head_rotation == (name != W.NONE and tie)
+    spec = load_artifact(path).spec  # a quantized import: a rotated residual stream, and a tied head's rotation
+    assert spec.head_rotation == (name != W.NONE and tie and source != "run")
     floats = W.float_weights(spec)
     scheme = W.SCHEMES[name]
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if not t.name.startswith("const_")}
