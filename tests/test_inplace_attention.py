@@ -91,6 +91,24 @@ def test_inplace_chunked_prefill_equals_standard(pair):
     assert np.abs(logits["standard"] - logits["inplace"]).max() < 1e-4
 
 
+def test_decode_steps_through_bound_buffers_equal_the_general_path(pair):
+    """A batch's one-token steps go through buffers bound once (ort_backend._decode_step); each
+    step's logits equal those of a prefill of the same tokens and stay what they were when the
+    next step overwrites the buffer."""
+    backend = pair["inplace"].backend
+    ids = np.array([[3, 9, 14, 2, 7, 30], [5, 5, 40, 1, 8, 11]])
+    backend.reset(2)
+    whole = backend.forward(ids, np.ones_like(ids), np.broadcast_to(np.arange(6), ids.shape))
+    backend.reset(2)
+    backend.forward(ids[:, :2], np.ones((2, 2), np.int64), np.broadcast_to(np.arange(2), (2, 2)))
+    steps = [
+        backend.forward(ids[:, t : t + 1], np.ones((2, t + 1), np.int64), np.full((2, 1), t), last_only=True)
+        for t in range(2, 6)
+    ]
+    assert backend._step_bound  # the fast path ran
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole[:, 2:], atol=1e-4)
+
+
 def test_unknown_attention_in_metadata_is_one_line_error(pair):
     meta = pair["inplace"].artifact.to_metadata()
     assert meta[A.META_ATTENTION] == A.ATTENTION_INPLACE
