@@ -38,9 +38,10 @@ def test_checker_and_contract_io(request, which):
     assert outputs == [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
     dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
     assert dims == ["batch", spec.n_kv_head, "past_seq", spec.head_dim]  # sequence axes dynamic
-    # float32 is standard ONNX only; the quantized schemes add com.microsoft MatMulNBits and nothing else
+    # float32 is standard ONNX only; the quantized schemes add com.microsoft MatMulNBits and
+    # GatherBlockQuantized (README "The file needs") and nothing else
     contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
-    assert contrib == (set() if "fp32" in which else {"MatMulNBits"})
+    assert contrib == (set() if "fp32" in which else {"MatMulNBits", "GatherBlockQuantized"})
     assert {o.domain for o in model.opset_import} == ({""} if "fp32" in which else {"", "com.microsoft"})
 
 
