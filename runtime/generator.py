@@ -40,6 +40,7 @@ from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
 MAX_THREADS = 1024  # more than any CPU this runs on has; ONNX Runtime would try to start them all
+PREFILL_CHUNK = 64  # prompt tokens per forward of a single prompt: bounds a prefill's memory (_prefill)
 MIN_DEFAULT_CONTEXT = (
     256  # the memory cap never goes below this: a model that needs less cache to fit does not fit anyway
 )
@@ -246,9 +247,7 @@ class Generator:
             self.backend.reset(B, self.context_length)
         self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
         t = time.perf_counter()
-        logits = self.backend.forward(input_ids[:, cached:], mask, positions[:, cached:], last_only=True)[
-            :, -1
-        ]  # (B, vocab)
+        logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
         self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
@@ -273,6 +272,23 @@ class Generator:
             if B == 1:
                 self.cached_ids.append(tokens[0])
             step_pos += 1
+
+    def _prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int) -> np.ndarray:
+        """Feed input_ids (B, width) after their first `start` cached columns; the last position's
+        logits (B, vocab). One row goes in chunks of PREFILL_CHUNK tokens: whatever a forward holds
+        per fed token (ONNX Runtime's logits: vocab floats each; attention scores) then stays bounded
+        for any prompt - unchunked, a 4,000-token prompt to a 49k-vocabulary model held 800 MB of
+        logits. A left-padded batch goes in whole (an in-place file packs its rows in one call)."""
+        width = input_ids.shape[1]
+        chunk = PREFILL_CHUNK if input_ids.shape[0] == 1 else width
+        for begin in range(start, width, chunk):
+            end = min(begin + chunk, width)
+            logits = self.backend.forward(
+                input_ids[:, begin:end], mask[:, :end], positions[:, begin:end], last_only=True
+            )
+            if input_ids.shape[0] == 1:
+                self.cached_ids = input_ids[0, :end].tolist()  # what the cache holds, should the next chunk fail
+        return logits[:, -1]
 
     def stream(
         self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False

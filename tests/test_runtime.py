@@ -71,7 +71,9 @@ def test_numpy_logits_close_to_ort(generators, name):
     npb.backend.reset(1)
     a = ort.backend.forward(ids, mask, pos)
     b = npb.backend.forward(ids, mask, pos)
-    assert np.abs(a - b).max() < 1e-3
+    # ~1e-7 apart (float32 summation order), except after an int8 activation that sat on a rounding
+    # midpoint was rounded apart by the two: one step of one activation, ~1e-3 of the logits' scale
+    assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
@@ -406,3 +408,26 @@ def test_runtime_never_imports_torch_or_onnx(char_int8, sp_int8):
         timeout=120,
     )
     assert cli.returncode == 0, cli.stderr
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+@pytest.mark.parametrize("name", ["char_fp32", "char_int8"])
+def test_long_prompt_is_prefilled_in_chunks_with_the_same_tokens(request, name, backend, monkeypatch):
+    """A prompt longer than PREFILL_CHUNK goes in chunks (bounded memory), and the continuation is
+    the one a single whole-prompt forward gives."""
+    import craft.runtime.generator as G
+
+    gen = Generator(request.getfixturevalue(name), backend=backend, threads=1)
+    prompt = "KING HENRY:\nO God of battles! steel my soldiers' hearts"
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    ids = gen.encode_prompt(prompt, 8)
+    sizes, forward = [], gen.backend.forward
+    monkeypatch.setattr(gen.backend, "forward", lambda x, *a, **k: sizes.append(x.shape[1]) or forward(x, *a, **k))
+    monkeypatch.setattr(G, "PREFILL_CHUNK", 16)  # the char model's context is 64
+    chunked = gen.generate(prompt, greedy).token_ids
+    whole, rest = divmod(len(ids), 16)
+    assert whole >= 2 and sizes == [16] * whole + [rest] * (rest > 0) + [1] * 7  # then one token per step
+    assert gen.cached_ids[: len(ids)] == ids
+    monkeypatch.setattr(G, "PREFILL_CHUNK", 10_000)
+    sizes.clear()
+    assert gen.generate(prompt, greedy).token_ids == chunked and sizes[0] == len(ids)
