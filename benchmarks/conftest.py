@@ -154,10 +154,10 @@ def peer_models(tmp_path_factory) -> dict:
     return random_weight_models(tmp_path_factory.mktemp("peer"), "peer", ("none", "int8", "int4"), **PEER_SHAPE)
 
 
-@pytest.fixture(scope="session")
-def genai_models(tmp_path_factory) -> dict:
-    """{"int8": folder, "int4": folder}: ONNX Runtime GenAI models of the peer shape, built by its
-    own model builder from a random Hugging Face Llama (genai_peer.py)."""
+def build_genai_models(folder: Path, shape: dict, precisions=("int8", "int4")) -> dict:
+    """{precision: folder}: ONNX Runtime GenAI models of `shape` (plain multi-head attention, as the
+    published stories models have), built by its own model builder from a random Hugging Face
+    Llama (genai_peer.py); the test is skipped when GenAI or transformers is missing."""
     pytest.importorskip(
         "onnxruntime_genai", reason="onnxruntime-genai not installed (pip install -e '.[dev]'): no peer to compare with"
     )
@@ -166,9 +166,14 @@ def genai_models(tmp_path_factory) -> dict:
     )
     from genai_peer import build_genai_model
 
-    folder = tmp_path_factory.mktemp("genai")
-    shape = {**PEER_SHAPE, "n_kv_head": PEER_SHAPE["n_head"]}  # stories15M: plain multi-head attention
-    return {precision: build_genai_model(folder, precision, **shape) for precision in ("int8", "int4")}
+    shape = {**shape, "n_kv_head": shape["n_head"]}
+    return {precision: build_genai_model(folder, precision, **shape) for precision in precisions}
+
+
+@pytest.fixture(scope="session")
+def genai_models(tmp_path_factory) -> dict:
+    """{"int8": folder, "int4": folder}: GenAI models of the peer shape (stories15M)."""
+    return build_genai_models(tmp_path_factory.mktemp("genai"), PEER_SHAPE)
 
 
 @pytest.fixture(scope="session")
@@ -202,19 +207,26 @@ def long_context_models(tmp_path_factory) -> dict:
     }
 
 
+BASE_SHAPE = {
+    "vocab_size": 32000,
+    "dim": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "ffn_dim": 2048,
+    "context_length": 1024,
+}  # stories110M, the base preset's class
+
+
 @pytest.fixture(scope="session")
 def base_models(tmp_path_factory) -> dict:
     """A 110M-class shape (stories110M: dim 768, 12 layers, 12 heads, vocab 32000)."""
-    return random_weight_models(
-        tmp_path_factory.mktemp("base"),
-        "base110m",
-        vocab_size=32000,
-        dim=768,
-        n_layer=12,
-        n_head=12,
-        ffn_dim=2048,
-        context_length=1024,
-    )
+    return random_weight_models(tmp_path_factory.mktemp("base"), "base110m", **BASE_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def genai_base_models(tmp_path_factory) -> dict:
+    """{"int8": folder}: a GenAI model of the 110M-class shape."""
+    return build_genai_models(tmp_path_factory.mktemp("genai_base"), BASE_SHAPE, ("int8",))
 
 
 _GENERATORS: dict = {}

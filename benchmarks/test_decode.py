@@ -187,6 +187,34 @@ def test_110m_shape_decode(benchmark, base_models, quantize):
     record(benchmark, DECODE_STEPS)
 
 
+@pytest.mark.slow
+def test_110m_shape_vs_genai(benchmark, figures, base_models, genai_base_models):
+    """The 110M-class shape, int8, 1 thread: Craft's in-place file against GenAI's own build, the
+    peer protocol (16-token prompt, 128 greedy tokens), interleaved. A figure, not a gate."""
+    from genai_peer import GenAIDecoder
+
+    benchmark.group = "110M-class shape, 16 + 128 tokens: Craft vs ORT GenAI int8"
+    peer = GenAIDecoder(genai_base_models["int8"], threads=1)
+    craft = generator(base_models["int8 inplace"], threads=1)
+    prompt = context_ids(craft, PEER_PROMPT)[0]
+    r = benchmark.pedantic(
+        compare,
+        args=(
+            ("genai_s_per_token", lambda: peer.seconds_per_token(prompt, PEER_NEW_TOKENS)),
+            ("craft_s_per_token", lambda: seconds_per_token_generating(craft)),
+        ),
+        kwargs={"rounds": 5},
+        rounds=1,
+        iterations=1,
+    )
+    benchmark.extra_info.update(
+        {k[: -len("_s_per_token")] + "_tokens_per_s": 1 / v for k, v in r.items() if k != "ratio"}
+    )
+    figures["110M-class: Craft int8 vs GenAI int8 decode speed, 1 thread"] = r["ratio"]
+    figures["110M-class: Craft int8 tokens/s, 1 thread"] = 1 / r["craft_s_per_token"]
+    figures["110M-class: GenAI int8 tokens/s, 1 thread"] = 1 / r["genai_s_per_token"]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_genai_peer_decode(benchmark, figures, peer_models, genai_models, precision, threads):
