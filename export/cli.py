@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from craft import __version__
-from craft.runtime.artifact import ATTENTION_STANDARD, ATTENTIONS, ORT_INPLACE_MIN
+from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
 from craft.runtime.command import OneLineErrors
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
@@ -68,9 +68,11 @@ def print_report(report: dict, output: Path | None) -> None:
 @click.option(
     "--attention",
     type=click.Choice(list(ATTENTIONS)),
-    default=ATTENTION_STANDARD,
+    default=None,
     help=f"KV-cache attention: standard (standard ONNX ops, any ONNX runtime) or inplace (ONNX Runtime's "
-    f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN}).",
+    f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN})."
+    "  [default: inplace for int8 / int4 transformers, whose files need ONNX Runtime anyway; standard for none "
+    "and recurrent models]",
 )
 @click.version_option(__version__, prog_name="craft-export")
 def main(
@@ -80,7 +82,7 @@ def main(
     opset: int | None,
     checkpoint: str,
     kind: str | None,
-    attention: str,
+    attention: str | None,
 ) -> None:
     """Compile SOURCE into one self-contained .onnx file. SOURCE is a run directory (written by
     craft-train), a Hugging Face model directory (config.json, safetensors, tokenizer.json; Llama,

@@ -317,6 +317,14 @@ def check_output_path(output: Path) -> None:
     rd.sweep_temp_files(parent, output.name)
 
 
+def default_attention(arch: str, quantize: str) -> str:
+    """`inplace` for a quantized transformer: its file needs ONNX Runtime's contrib ops anyway
+    (MatMulNBits), and GroupQueryAttention over a cache written in place decodes 10-15% faster
+    (README "In-place attention"). `standard` for float32 (standard ONNX ops only: any ONNX
+    runtime) and for a recurrent model (no KV-cache)."""
+    return A.ATTENTION_INPLACE if arch == A.LLAMA and quantize != W.NONE else A.ATTENTION_STANDARD
+
+
 def export(
     source: Path,
     output: Path,
@@ -325,11 +333,11 @@ def export(
     checkpoint: str = rd.CHECKPOINT,
     log=print,
     kind: str | None = None,
-    attention: str = A.ATTENTION_STANDARD,
+    attention: str | None = None,
 ) -> dict:
     """Write a verified .onnx for the source - a run directory, a Hugging Face directory or a GGUF
     file (`kind` RUN / HF / GGUF; detected when None) - and return the report; `attention` is how
-    the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS).
+    the graph keeps its KV-cache (craft.runtime.artifact.ATTENTIONS; None: default_attention).
     ExportError / VerificationError on failure."""
     import onnx
 
@@ -337,7 +345,7 @@ def export(
 
     if quantize not in W.SCHEMES:
         raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(W.SCHEMES)}")
-    if attention not in A.ATTENTIONS:
+    if attention is not None and attention not in A.ATTENTIONS:
         raise ExportError(f"unknown --attention '{attention}'; expected one of: {', '.join(A.ATTENTIONS)}")
     output = Path(output)
     check_output_path(output)
@@ -351,6 +359,7 @@ def export(
             f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint"
         )
     run = load_run(source, checkpoint) if kind == RUN else load_imported(source, kind)
+    attention = attention or default_attention(run.config.arch, quantize)
     if run.config.arch == A.RECURRENT and attention != A.ATTENTION_STANDARD:
         raise ExportError(
             f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "

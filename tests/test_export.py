@@ -36,12 +36,17 @@ def test_checker_and_contract_io(request, which):
     assert inputs[:3] == [A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS]
     assert inputs[3:] == [n for i in range(spec.n_layer) for n in A.past_names(i)]
     assert outputs == [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
+    # craft-export's default attention: standard for float32, in-place for the quantized schemes
+    quantized = "fp32" not in which
+    assert Artifact.from_metadata(read_metadata(path)).attention == ("inplace" if quantized else "standard")
     dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
-    assert dims == ["batch", spec.n_kv_head, "past_seq", spec.head_dim]  # sequence axes dynamic
+    cache_axis = "cache_seq" if quantized else "past_seq"  # a preallocated buffer / a growing cache
+    assert dims == ["batch", spec.n_kv_head, cache_axis, spec.head_dim]  # sequence axes dynamic
     # float32 is standard ONNX only; the quantized schemes add com.microsoft MatMulNBits and
-    # GatherBlockQuantized (README "The file needs") and nothing else
+    # GatherBlockQuantized (README "The file needs"), in-place attention its fused nodes, and nothing else
     contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
-    assert contrib == (set() if "fp32" in which else {"MatMulNBits", "GatherBlockQuantized"})
+    fused = {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+    assert contrib == (fused if quantized else set())
     assert {o.domain for o in model.opset_import} == ({""} if "fp32" in which else {"", "com.microsoft"})
 
 
