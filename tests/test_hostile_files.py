@@ -34,8 +34,9 @@ BASELINE_MB = 100  # a child that imports the runtime and loads a tiny model: nu
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny GQA model with random weights (vocab 300, dim 64, 2 layers, 4 heads / 2 kv heads,
-    context 64) exported tied as int8 and untied as float32: both schemes, both head layouts. It
-    poses as an import, so that the int8 file has what only imports have (a head rotation)."""
+    context 64) exported tied as int8 (standard and in-place attention: craft-export's default for
+    it) and untied as float32: both schemes, both head layouts, both caches. It poses as an import,
+    so that the int8 files have what only imports have (a head rotation)."""
     import dataclasses
 
     from craft.config import ModelConfig
@@ -43,13 +44,17 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("hostile")
     out = {}
-    for name, quantize, tie in (("int8", "int8", True), ("fp32", "none", False)):
+    for name, quantize, tie, attention in (
+        ("int8", "int8", True, "standard"),
+        ("int8_inplace", "int8", True, "inplace"),
+        ("fp32", "none", False, "standard"),
+    ):
         cfg = ModelConfig(
             vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie
         )
         out[name] = folder / f"tiny.{name}.onnx"
         run = dataclasses.replace(random_run(cfg), source_kind="hf")
-        out[name].write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
+        out[name].write_bytes(build_model_proto(run, quantize, attention=attention)[0].SerializeToString())
     return out
 
 
@@ -138,17 +143,17 @@ def damage(tmp_path: Path, source: Path, kind: str, cases: int, seed: int, backe
     return summary
 
 
-@pytest.mark.parametrize("name", ["int8", "fp32"])
+@pytest.mark.parametrize("name", ["int8", "int8_inplace", "fp32"])
 def test_byte_flips_run_or_get_one_line(tmp_path, files, name):
     """200 copies of the file with 1-4 bytes flipped, each through craft-run on both backends
     and --estimate: every outcome is a run (exit 0) or one line and exit 2."""
-    summary = damage(tmp_path, files[name], "flip", cases=200 if name == "int8" else 60, seed=1)
+    summary = damage(tmp_path, files[name], "flip", cases=60 if name == "fp32" else 200, seed=1)
     assert summary["ran"] > 0 and summary["refused"] > 0, summary  # both outcomes were exercised
     assert not any("Traceback" in m or "\n" in m for m in summary["messages"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["int8", "fp32"])
+@pytest.mark.parametrize("name", ["int8", "int8_inplace", "fp32"])
 def test_many_byte_flips_run_or_get_one_line(tmp_path, files, name):
     summary = damage(tmp_path, files[name], "flip", cases=1000, seed=3)
     assert summary["ran"] > 0 and summary["refused"] > 0, summary
@@ -282,6 +287,36 @@ def test_graph_io_that_is_not_the_contracts_is_refused(tmp_path, files):
         "graph output 'present.0.key' is type 1 \\('batch', 3,",
     )
     refused(rewrite(files["int8"], tmp_path / "c.onnx", graph=int32_ids), "graph input 'input_ids' is type 6")
+
+
+@pytest.mark.parametrize(
+    "op, attribute, value",
+    [
+        ("GroupQueryAttention", "kv_num_heads", 0),  # ONNX Runtime would divide by it
+        ("GroupQueryAttention", "num_heads", 3),
+        ("GroupQueryAttention", "num_heads", 1 << 30),
+        ("GatherBlockQuantized", "block_size", 0),
+        ("GatherBlockQuantized", "bits", 4),
+        ("MatMulNBits", "K", 0),
+        ("MatMulNBits", "N", 1),
+        ("SkipSimplifiedLayerNormalization", "epsilon", -1.0),
+    ],
+)
+def test_fused_node_attribute_lies_are_one_line(tmp_path, files, op, attribute, value):
+    """The in-place file's com.microsoft nodes with one attribute changed: ONNX Runtime refuses
+    the file, and the line says the file is damaged, not that onnxruntime is too old."""
+
+    def lie(graph):
+        node = next(n for n in graph.node if n.op_type == op)
+        a = next(a for a in node.attribute if a.name == attribute)
+        a.i, a.f = (value, a.f) if isinstance(value, int) else (a.i, value)
+
+    path = rewrite(files["int8_inplace"], tmp_path / "lie.onnx", graph=lie)
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load it") as error:
+        Generator(path, backend="ort")
+    assert "\n" not in str(error.value)
+    result = run_cli("craft.runtime.cli", str(path), "hi", "-n", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot load it" in result.stderr
 
 
 def test_damaged_graph_that_only_onnx_runtime_sees_is_one_line(tmp_path, files):
