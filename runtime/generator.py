@@ -12,8 +12,8 @@
     for piece in gen.chat([{"role": "user", "content": "Hi"}], greedy):  # the model's chat template
         print(piece, end="")
 
-The loop: encode (BOS where the tokenizer wants one + prompt), prefill the whole prompt once,
-then one token per step against the cache; sample (sampling.py); decode incrementally (UTF-8
+The loop: encode (BOS where the tokenizer wants one + prompt), prefill the prompt (in chunks of
+PREFILL_CHUNK tokens), then one token per step against the cache; sample (sampling.py); decode incrementally (UTF-8
 safe); stop at an end-of-turn id (Artifact.stop_ids: EOS where the file names none), a stop
 string, max_new_tokens or the context length - one rule (Continuation) for a single prompt and
 for every row of a batch. chat() renders the conversation (chat.py) and prefills only what the
@@ -207,6 +207,8 @@ class Generator:
             ) from None
         bos = [self.artifact.bos_id] if self.tokenizer.add_bos else []
         ids = bos + self.tokenizer.encode(prompt)
+        if not ids:  # a tokenizer without BOS (most imports) and an empty prompt: nothing to continue
+            raise GenerationError("the prompt is empty and this model adds no BOS token; give it some text")
         ctx = self.context_length
         if len(ids) <= ctx:
             return ids
@@ -233,6 +235,8 @@ class Generator:
         if max_new_tokens == 0:
             return
         B, width = len(batch), max(len(ids) for ids in batch)
+        if width == 0:  # e.g. a chat template that renders nothing: there is no position to continue from
+            raise GenerationError("the prompt encodes to no tokens: there is nothing to continue")
         pad = self.artifact.pad_id
         input_ids = np.array([[pad] * (width - len(ids)) + ids for ids in batch], dtype=np.int64)  # (B, width)
         mask = np.array([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=np.int64)

@@ -16,7 +16,7 @@ from craft.export.exporter import load_run
 from craft.model import generate as torch_generate
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError
-from craft.runtime.generator import GenerationError, Generator
+from craft.runtime.generator import GenerationError, Generator, Stats
 from craft.runtime.sampling import SamplingError, SamplingParams
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "", "Hark 🙂 日本"]
@@ -72,8 +72,8 @@ def test_numpy_logits_close_to_ort(generators, name):
     a = ort.backend.forward(ids, mask, pos)
     b = npb.backend.forward(ids, mask, pos)
     # ~1e-7 apart (float32 summation order), except after an int8 activation that sat on a rounding
-    # midpoint was rounded apart by the two: one step of one activation, ~1e-3 of the logits' scale
-    assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
+    # midpoint was rounded apart by the two: one step of one activation, ~2e-3 of the logits' scale
+    assert np.abs(a - b).max() < 5e-3 * np.abs(a).max()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
@@ -301,6 +301,19 @@ def test_edge_cases_empty_prompt_zero_tokens_long_prompt(generators):
     assert len(out.token_ids) == 5
 
 
+def test_empty_prompt_without_bos_is_a_one_line_error(char_gen, monkeypatch):
+    """Most imported tokenizers add no BOS: an empty prompt is then no tokens at all."""
+    monkeypatch.setattr(char_gen.tokenizer, "add_bos", False)
+    for call in (
+        lambda: char_gen.generate("", SamplingParams(max_new_tokens=3)),
+        lambda: char_gen.generate_batch(["", ""], SamplingParams(max_new_tokens=3)),
+    ):
+        with pytest.raises(GenerationError, match="the prompt is empty and this model adds no BOS token"):
+            call()
+    with pytest.raises(GenerationError, match="encodes to no tokens"):  # past encode_prompt (a chat template)
+        list(char_gen._token_steps([[]], SamplingParams(max_new_tokens=3), Stats("ort"), 0.0))
+
+
 # --- bad files -------------------------------------------------------------------------------------
 
 
@@ -431,3 +444,29 @@ def test_long_prompt_is_prefilled_in_chunks_with_the_same_tokens(request, name, 
     monkeypatch.setattr(G, "PREFILL_CHUNK", 10_000)
     sizes.clear()
     assert gen.generate(prompt, greedy).token_ids == chunked and sizes[0] == len(ids)
+
+
+def test_a_prefill_stopped_between_chunks_leaves_the_cache_accounted_for(char_fp32, monkeypatch):
+    """cached_ids follows the backend's cache chunk by chunk: after a failure in the second chunk
+    it names the first chunk's tokens, and the next generation still gives the right tokens."""
+    import craft.runtime.generator as G
+
+    gen = Generator(char_fp32, threads=1)
+    prompt = "KING HENRY:\nO God of battles! steel my soldiers' hearts"
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    expected = gen.generate(prompt, greedy).token_ids
+    monkeypatch.setattr(G, "PREFILL_CHUNK", 16)
+    forward, calls = gen.backend.forward, []
+
+    def failing(ids, *args, **kwargs):
+        calls.append(ids.shape[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a prefill
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(gen.backend, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(prompt, greedy)
+    assert gen.cached_ids == gen.encode_prompt(prompt, 8)[:16] and gen.backend.cache_length == 16
+    monkeypatch.setattr(gen.backend, "forward", forward)
+    assert gen.generate(prompt, greedy).token_ids == expected
