@@ -107,6 +107,15 @@ def test_decode_steps_through_bound_buffers_equal_the_general_path(pair):
     ]
     assert backend._step_bound  # the fast path ran
     np.testing.assert_allclose(np.concatenate(steps, axis=1), whole[:, 2:], atol=1e-4)
+    # then a batch of another size, and a multi-token step after decode steps (a chat turn's prefill)
+    row = ids[:1]
+    backend.reset(1)
+    backend.forward(row[:, :2], np.ones((1, 2), np.int64), np.arange(2)[None])
+    step = backend.forward(row[:, 2:3], np.ones((1, 3), np.int64), np.array([[2]]), last_only=True)
+    assert backend._step_bound
+    rest = backend.forward(row[:, 3:], np.ones((1, 6), np.int64), np.arange(3, 6)[None])
+    assert not backend._step_bound
+    np.testing.assert_allclose(np.concatenate([step, rest], axis=1)[0], whole[0, 2:], atol=1e-4)
 
 
 def test_unknown_attention_in_metadata_is_one_line_error(pair):
@@ -138,6 +147,25 @@ def test_craft_export_attention_flag_verifies_inplace_against_pytorch(char_run, 
         gen.generate("ROMEO:", GREEDY).token_ids
         == Generator(tmp_path / "m.onnx", backend="numpy").generate("ROMEO:", GREEDY).token_ids
     )
+
+
+def test_an_unknown_attention_op_is_blamed_on_the_runtime_only_when_it_is_too_old(pair, tmp_path, monkeypatch):
+    """ONNX Runtime's "not a registered op" about GroupQueryAttention: an old onnxruntime (the
+    line says which to install), or on a current one a damaged file (the line says re-export)."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(str(pair["inplace"].path))
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.op_type = "GroupQueryAttentionZ"
+    path = tmp_path / "unknown_op.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load it .*re-export it"):
+        Generator(path, threads=1)
+    monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")
+    with pytest.raises(ArtifactError, match=f"cannot run; install onnxruntime>={A.ORT_INPLACE_MIN}"):
+        Generator(path, threads=1)
 
 
 def test_inplace_file_refused_by_an_onnxruntime_too_old_for_it(pair, monkeypatch):
