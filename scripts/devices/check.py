@@ -431,7 +431,7 @@ def predicted(host_python: str, model: str) -> str:
         {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.strip()} if proc.returncode == 0 else {}
     )
     row = rows.get("pi-zero-2w", "")
-    m = re.search(r"(\d+)MB\s+\d+MB\s+(?:yes|no)\b", row)  # peak RSS: before `available` and `fits`
+    m = re.search(r"(\d+)MB\s+\d+MB\s+(?:yes|NO)\b", row)  # peak RSS: before `available` and `fits`
     return f"{m.group(1)} MB" if m else "n/a"
 
 
