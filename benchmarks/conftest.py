@@ -91,11 +91,12 @@ def small_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_exports(small_run) -> dict:
     """{"none": report, "int8": report}: the trained small preset exported and verified by
-    craft-export (the report holds the perplexities), files beside it in the run directory."""
+    craft-export (the report holds the perplexities), files beside it in the run directory; both
+    with standard attention, so that int8 vs fp32 compares the weights alone."""
     from craft.export.exporter import export
 
     return {
-        q: export(small_run, small_run / f"small.{q}.onnx", quantize=q, log=lambda *a, **k: None)
+        q: export(small_run, small_run / f"small.{q}.onnx", quantize=q, log=lambda *a, **k: None, attention="standard")
         for q in ("none", "int8")
     }
 
