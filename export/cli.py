@@ -69,8 +69,9 @@ def print_report(report: dict, output: Path | None) -> None:
     "--attention",
     type=click.Choice(list(ATTENTIONS)),
     default=None,
-    help=f"KV-cache attention: standard (standard ONNX ops, any ONNX runtime) or inplace (ONNX Runtime's "
-    f"GroupQueryAttention writing a preallocated cache in place: faster decode, needs onnxruntime>={ORT_INPLACE_MIN})."
+    help="KV-cache attention: standard (standard ONNX ops; a float32 file then runs on any ONNX runtime) or "
+    f"inplace (ONNX Runtime's GroupQueryAttention writing a preallocated cache in place: faster decode, needs "
+    f"onnxruntime>={ORT_INPLACE_MIN})."
     "  [default: inplace for int8 / int4 transformers, whose files need ONNX Runtime anyway; standard for none "
     "and recurrent models]",
 )
