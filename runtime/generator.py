@@ -13,10 +13,10 @@
         print(piece, end="")
 
 The loop: encode (BOS where the tokenizer wants one + prompt), prefill the prompt (in chunks of
-PREFILL_CHUNK tokens), then one token per step against the cache; sample (sampling.py); decode incrementally (UTF-8
-safe); stop at an end-of-turn id (Artifact.stop_ids: EOS where the file names none), a stop
-string, max_new_tokens or the context length - one rule (Continuation) for a single prompt and
-for every row of a batch. chat() renders the conversation (chat.py) and prefills only what the
+PREFILL_CHUNK tokens), then one token per step against the cache; sample (sampling.py); decode
+incrementally (UTF-8 safe); stop at an end-of-turn id (Artifact.stop_ids: EOS where the file
+names none), a stop string, max_new_tokens or the context length - one rule (Continuation) for a
+single prompt and for every row of a batch. chat() renders the conversation (chat.py) and prefills only what the
 cache does not already hold. craft-run is a thin layer over this.
 """
 
@@ -281,7 +281,7 @@ class Generator:
         """Feed input_ids (B, width) after their first `start` cached columns; the last position's
         logits (B, vocab). One row goes in chunks of PREFILL_CHUNK tokens: whatever a forward holds
         per fed token (ONNX Runtime's logits: vocab floats each; attention scores) then stays bounded
-        for any prompt - unchunked, a 4,000-token prompt to a 49k-vocabulary model held 800 MB of
+        for any prompt - unchunked, a 4,000-token prompt to a 49k-vocabulary model held 790 MB of
         logits. A left-padded batch goes in whole (an in-place file packs its rows in one call)."""
         width = input_ids.shape[1]
         chunk = PREFILL_CHUNK if input_ids.shape[0] == 1 else width

@@ -337,7 +337,7 @@ class BlockQuant(Scheme):
         packed, scale = stored  # (vocab, blocks, bytes), (vocab, blocks)
         dim = shape[1]
 
-        def rows(ids: np.ndarray) -> np.ndarray:  # (B, T) -> (B, T, dim), as the graph's Gather + Mul
+        def rows(ids: np.ndarray) -> np.ndarray:  # (B, T) -> (B, T, dim), as the graph's GatherBlockQuantized
             return (self.unpack(packed[ids]) * scale[ids][..., None]).reshape(*ids.shape, -1)[..., :dim]
 
         return rows, BlockLinear(self.dequantize(stored, shape[::-1]), self.block)
