@@ -25,6 +25,12 @@ from craft.runtime.generator import Generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DECODE_STEPS = 16  # tokens timed per round of a decode benchmark, centred on the named context
+# Untimed decode steps between a prefill and the timed ones. The first steps after a prefill run
+# slow whatever the context (15M int8, in-place: 1.6 ms falling to 0.87 ms over ~10 steps after a
+# 225-token prefill, 0.8 -> 0.7 ms after a 1-token one; a pause or a chunked prefill does not
+# change it): timed from the prefill on, that transient made "token time at 240 vs 16" read
+# 1.45-1.6 where the steps themselves differ by 1.25-1.35.
+WARMUP_STEPS = 7
 THREADS = 1  # one ORT / BLAS thread: the Pi-class setting, and the least noisy on a shared machine
 
 
@@ -256,14 +262,16 @@ def prefill(gen: Generator, length: int) -> int:
     return int(logits[0, -1].argmax())
 
 
-def decode_steps(gen: Generator, token: int, steps: int = DECODE_STEPS) -> None:
-    """`steps` cached greedy decode steps: what the runtime does per generated token, minus text."""
+def decode_steps(gen: Generator, token: int, steps: int = DECODE_STEPS) -> int:
+    """`steps` cached greedy decode steps: what the runtime does per generated token, minus text;
+    returns the next token."""
     backend = gen.backend
     for _ in range(steps):
         n = backend.cache_length
         mask = np.ones((1, n + 1), np.int64)
         logits = backend.forward(np.array([[token]]), mask, np.array([[n]]), last_only=True)
         token = int(logits[0, -1].argmax())
+    return token
 
 
 def uncached_step(gen: Generator, length: int) -> None:
@@ -274,8 +282,9 @@ def uncached_step(gen: Generator, length: int) -> None:
 
 
 def prefill_around(gen: Generator, context: int) -> int:
-    """Prefill so that the DECODE_STEPS timed steps that follow average `context` tokens of cache."""
-    return prefill(gen, context - DECODE_STEPS // 2)
+    """Prefill, then WARMUP_STEPS untimed steps, so that the DECODE_STEPS timed steps that follow
+    average `context` tokens of cache; returns the next token."""
+    return decode_steps(gen, prefill(gen, max(1, context - DECODE_STEPS // 2 - WARMUP_STEPS)), WARMUP_STEPS)
 
 
 def seconds_per_token_cached(gen: Generator, context: int) -> float:
