@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, contract_io
+from craft.export.graph import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, GraphBuilder, contract_io, logits_positions
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.artifact import ModelSpec
@@ -91,7 +91,7 @@ def build_recurrent_decoder(
         x = g.op("Add", x, scheme.linear(g, act, n.w2, weights[n.w2]))
 
     x = g.rms_norm(x, g.weight(W.NORM, weights[W.NORM]), spec.norm_eps)
-    scheme.head(g, weights, x, A.LOGITS, spec)
+    scheme.head(g, weights, logits_positions(g, x), A.LOGITS, spec)  # (B, K, vocab)
 
     def tensor(name, elem, shape):
         return helper.make_tensor_value_info(name, elem, shape)

@@ -4,9 +4,12 @@ craft.export writes files that satisfy this; craft.runtime (both backends) reads
 meet at this file and nowhere else.
 
 Graph inputs    input_ids int64 (B, T); attention_mask int64 (B, P + T); position_ids int64 (B, T);
-                past_key_values.{i}.key / .value float32 (B, n_kv_heads, P, head_dim)
-Graph outputs   logits float32 (B, T, vocab); present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
-                (Hugging Face / Optimum names, so third-party runtimes can drive the file too.)
+                past_key_values.{i}.key / .value float32 (B, n_kv_heads, P, head_dim);
+                logits_to_keep int64 (1,), optional (format version 3 on; default [0])
+Graph outputs   logits float32 (B, K, vocab): the last K = logits_to_keep positions, all T for 0;
+                present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
+                (Hugging Face / Optimum names, so third-party runtimes can drive the file too; one
+                that does not feed logits_to_keep gets every position's logits.)
 Recurrent files (ModelSpec.arch "recurrent"): past_state.{i} float32 (B, dim) in, present_state.{i}
                 (B, dim) out, in place of the key/value pairs: a fixed size whatever P is. The last T
                 columns of attention_mask gate the state (a pad leaves it untouched); position_ids
@@ -23,14 +26,18 @@ import json
 from dataclasses import MISSING, dataclass, fields
 
 # 2: the model config may say head_rotation, a weight an older (version 1) runtime would not
-# apply - it refuses the file instead of computing wrong logits. Files without it stay version 1.
-FORMAT_VERSION = 2
+# apply - it refuses the file instead of computing wrong logits.
+# 3: the graph has the logits_to_keep input (a prefill computes the head for its last position
+# alone); every file craft-export writes is version 3, and this runtime still reads 1 and 2.
+FORMAT_VERSION = 3
+KEEP_LOGITS_VERSION = 3  # the first version whose graph has LOGITS_TO_KEEP
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+LOGITS_TO_KEEP = "logits_to_keep"  # Hugging Face's name for the same argument
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -185,6 +192,7 @@ class Artifact:
     end_of_turn_ids: tuple[int, ...] = ()  # empty: only eos_id ends a reply
     source_kind: str = "run"  # what was exported: a craft-train run, a Hugging Face directory ("hf") or a GGUF file
     attention: str = ATTENTION_STANDARD  # how the graph keeps its KV-cache: one of ATTENTIONS
+    format_version: int = FORMAT_VERSION  # what the file's graph is written to (FORMAT_VERSION's history)
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -202,7 +210,7 @@ class Artifact:
         if self.attention != ATTENTION_STANDARD:  # a standard file's metadata stays what older runtimes read
             optional[META_ATTENTION] = self.attention
         return optional | {
-            META_FORMAT: str(FORMAT_VERSION if self.spec.head_rotation else 1),
+            META_FORMAT: str(self.format_version),
             META_VERSION: self.craft_version,
             META_CONFIG: self.spec.to_json(),
             META_TOKENIZER_KIND: self.tokenizer_kind,
@@ -248,6 +256,7 @@ class Artifact:
                 end_of_turn_ids=parse_token_ids(metadata.get(META_EOT_IDS, "[]"), META_EOT_IDS, spec.vocab_size),
                 source_kind=metadata.get(META_SOURCE_KIND, "run"),
                 attention=attention,
+                format_version=int(version),
             )
         except KeyError as e:
             raise ArtifactError(f"{source} lacks metadata key {e}; re-export it with craft-export") from None

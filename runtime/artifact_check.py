@@ -88,13 +88,16 @@ def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tupl
     return out
 
 
-def expected_io(spec: ModelSpec) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Graph inputs and outputs: name -> (element type, shape); None marks a dynamic dim."""
+def expected_io(spec: ModelSpec, version: int = A.FORMAT_VERSION) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Graph inputs and outputs of a file of this format version: name -> (element type, shape);
+    None marks a dynamic dim."""
     inputs = {
         A.INPUT_IDS: (INT64, (None, None)),
         A.ATTENTION_MASK: (INT64, (None, None)),
         A.POSITION_IDS: (INT64, (None, None)),
     }
+    if version >= A.KEEP_LOGITS_VERSION:
+        inputs[A.LOGITS_TO_KEEP] = (INT64, (1,))
     outputs = {A.LOGITS: (FLOAT32, (None, None, spec.vocab_size))}
     if spec.arch == A.RECURRENT:  # a state (B, dim) per layer in place of the key/value pairs
         inputs.update({A.past_state_name(i): (FLOAT32, (None, spec.dim)) for i in range(spec.n_layer)})
@@ -187,7 +190,7 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
                 f"it has weight '{name}' that a model of its config "
                 f"({spec.n_layer} layers, {artifact.quantization}) lacks"
             )
-    inputs, outputs = expected_io(spec)
+    inputs, outputs = expected_io(spec, artifact.format_version)
     return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem(
         "output", model.outputs, outputs, spec.n_layer
     )

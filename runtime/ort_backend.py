@@ -97,6 +97,13 @@ class OrtBackend:
             self._bind_output = lambda name: binding.bind_output(name, "cpu")
             self._run = lambda: self.session.run_with_iobinding(binding)
             self._ortvalue = ort.OrtValue.ortvalue_from_numpy
+        # logits_to_keep (format version 3 on): [1] runs the head on a step's last position alone,
+        # [0] on all of them; None for an older file, whose logits always cover every position. An
+        # input with a default is an "overridable initializer", which binds as an OrtValue only.
+        fed = self.session.get_inputs() + self.session.get_overridable_initializers()
+        has_keep = A.LOGITS_TO_KEEP in {value.name for value in fed}
+        self._keep_arrays = (np.zeros(1, np.int64), np.ones(1, np.int64))  # alive: the OrtValues wrap them
+        self._keep = [self._ortvalue(a) for a in self._keep_arrays] if has_keep else None
         self.cache: list = []
         self.cache_length = 0
 
@@ -144,7 +151,8 @@ class OrtBackend:
     ) -> np.ndarray:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T) after the
         cached positions; extends the cache by T. attention_mask is (B, cache_length + T) and
-        position_ids (B, T), both int64.
+        position_ids (B, T), both int64. With last_only the graph computes the last position's
+        logits alone where the file can (logits_to_keep).
         """
         if self.inplace:
             return self._forward_inplace(input_ids, attention_mask, position_ids, last_only)
@@ -156,12 +164,13 @@ class OrtBackend:
         b.clear_binding_outputs()
         for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
             self._bind_array(name, array)
+        kept = self._bind_keep(last_only)  # left-padded rows: the last column is each row's last token
         for name, value in zip(self._inputs, self.cache):
             b.bind_ortvalue_input(name, value)
         for name in self._outputs:
             self._bind_output(name)
         outputs, logits = self._run_checked()
-        self._check_logits(logits, input_ids.shape, len(outputs))
+        self._check_logits(logits, (input_ids.shape[0], kept or input_ids.shape[1]), len(outputs))
         self.cache = [outputs[i] for i in range(1, len(self._outputs))]
         self.cache_length += input_ids.shape[1]
         return logits[:, -1:] if last_only else logits
@@ -187,9 +196,10 @@ class OrtBackend:
         ]  # alive until run
         for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
             self._bind_array(name, array)
+        kept = self._bind_keep(last_only and not padded)  # packed rows end at different columns
         self._bind_output(A.LOGITS)
-        outputs, logits = self._run_checked()  # logits (B, T, vocab)
-        self._check_logits(logits, input_ids.shape, len(outputs))
+        outputs, logits = self._run_checked()  # logits (B, T, vocab), or (B, 1, vocab) if kept
+        self._check_logits(logits, (input_ids.shape[0], kept or T), len(outputs))
         self.cache_length += T
         if padded:  # back to the caller's left-padded layout
             logits = np.take_along_axis(
@@ -206,6 +216,7 @@ class OrtBackend:
         if not self._step_bound:
             self._bind_array(A.INPUT_IDS, self._step_ids)
             self._bind_array(A.POSITION_IDS, self._step_positions)
+            self._bind_keep(True)  # one position either way
             self._logits_value = self._ortvalue(self._step_logits)  # alive while bound
             self.binding.bind_ortvalue_output(A.LOGITS, self._logits_value)
             self._step_bound = True
@@ -214,6 +225,14 @@ class OrtBackend:
         self._run_checked(fetch=False)  # into the bound buffers
         self.cache_length += 1
         return self._step_logits.copy()  # the buffer is the next step's
+
+    def _bind_keep(self, last: bool) -> int:
+        """Bind logits_to_keep where the file has it: [1] for `last` (the logits then cover one
+        position per row: returns 1), else [0] (every position: returns 0)."""
+        if self._keep is None:
+            return 0
+        self.binding.bind_ortvalue_input(A.LOGITS_TO_KEEP, self._keep[last])
+        return int(last)
 
     def _run_checked(self, fetch: bool = True) -> tuple[list, np.ndarray] | None:
         """Run the bound step; with fetch, (its outputs, the logits as numpy). Whatever ONNX Runtime
@@ -229,8 +248,8 @@ class OrtBackend:
                 f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export"
             ) from None
 
-    def _check_logits(self, logits: np.ndarray, ids_shape: tuple[int, int], n_outputs: int) -> None:
-        B, T = ids_shape
+    def _check_logits(self, logits: np.ndarray, rows_positions: tuple[int, int], n_outputs: int) -> None:
+        B, T = rows_positions  # the batch, and the positions the logits cover
         if (
             logits.shape != (B, T, self.spec.vocab_size)
             or logits.dtype != np.float32

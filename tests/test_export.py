@@ -33,13 +33,17 @@ def test_checker_and_contract_io(request, which):
     spec = Artifact.from_metadata(read_metadata(path)).spec
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    assert inputs[:3] == [A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS]
-    assert inputs[3:] == [n for i in range(spec.n_layer) for n in A.past_names(i)]
+    assert inputs[:4] == [A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS, A.LOGITS_TO_KEEP]
+    assert inputs[4:] == [n for i in range(spec.n_layer) for n in A.past_names(i)]
+    # logits_to_keep has a default (an initializer of its name), so a runtime that does not feed it
+    # gets every position's logits
+    default = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[A.LOGITS_TO_KEEP]
+    assert default.dtype == np.int64 and default.tolist() == [0]
     assert outputs == [A.LOGITS] + [n for i in range(spec.n_layer) for n in A.present_names(i)]
     # craft-export's default attention: standard for float32, in-place for the quantized schemes
     quantized = "fp32" not in which
     assert Artifact.from_metadata(read_metadata(path)).attention == ("inplace" if quantized else "standard")
-    dims = [d.dim_param or d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[4].type.tensor_type.shape.dim]
     cache_axis = "cache_seq" if quantized else "past_seq"  # a preallocated buffer / a growing cache
     assert dims == ["batch", spec.n_kv_head, cache_axis, spec.head_dim]  # sequence axes dynamic
     # float32 is standard ONNX only; the quantized schemes add com.microsoft MatMulNBits and

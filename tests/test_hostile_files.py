@@ -270,7 +270,10 @@ def test_foreign_graph_with_craft_metadata_is_refused(tmp_path, files):
 
 def test_graph_io_that_is_not_the_contracts_is_refused(tmp_path, files):
     def rename_past(graph):
-        graph.input[3].name = "past.0.key"
+        graph.input[4].name = "past.0.key"
+
+    def float_keep(graph):  # logits_to_keep, the fourth input
+        graph.input[3].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
 
     def static_kv_heads(graph):
         graph.output[1].type.tensor_type.shape.dim[1].dim_value = 3
@@ -287,6 +290,7 @@ def test_graph_io_that_is_not_the_contracts_is_refused(tmp_path, files):
         "graph output 'present.0.key' is type 1 \\('batch', 3,",
     )
     refused(rewrite(files["int8"], tmp_path / "c.onnx", graph=int32_ids), "graph input 'input_ids' is type 6")
+    refused(rewrite(files["int8"], tmp_path / "d.onnx", graph=float_keep), "graph input 'logits_to_keep' is type 1")
 
 
 @pytest.mark.parametrize(
