@@ -61,9 +61,11 @@ def ort_forward(
     past: list[np.ndarray] | None,
     mask: np.ndarray | None = None,
     past_length: int = 0,
+    keep: int | None = None,
 ):
     """One forward with the artifact I/O after `past_length` tokens; returns (logits, present list
-    [k0, v0, k1, v1, ...], or a recurrent file's [state0, state1, ...])."""
+    [k0, v0, k1, v1, ...], or a recurrent file's [state0, state1, ...]). `keep` feeds
+    logits_to_keep (the logits of the last `keep` positions); None leaves its default (all)."""
     B, T = ids.shape
     names = A.empty_past(spec, B)
     if past is None:
@@ -78,6 +80,8 @@ def ort_forward(
         A.POSITION_IDS: positions.astype(np.int64),
     }
     feeds.update(zip(names, past))
+    if keep is not None:
+        feeds[A.LOGITS_TO_KEEP] = np.array([keep], np.int64)
     logits, *present = session.run(None, feeds)
     return logits, present
 
@@ -90,6 +94,8 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
         pt_logits, pt_past = model(ids, past=model.empty_cache())
         ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
         prefill = float(np.abs(pt_logits.numpy() - ort_logits).max())
+        last, _ = ort_forward(session, spec, ids.numpy(), None, keep=1)  # craft-run's prefill: the last position
+        prefill = max(prefill, float(np.abs(pt_logits[:, -1:].numpy() - last).max()) if last.shape[1] == 1 else np.inf)
         scale = float(pt_logits.abs().max())
         decode, length = 0.0, len(prompt)
         for _ in range(steps):

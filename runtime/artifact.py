@@ -5,11 +5,14 @@ meet at this file and nowhere else.
 
 Graph inputs    input_ids int64 (B, T); attention_mask int64 (B, P + T); position_ids int64 (B, T);
                 past_key_values.{i}.key / .value float32 (B, n_kv_heads, P, head_dim);
-                logits_to_keep int64 (1,), optional (format version 3 on; default [0])
-Graph outputs   logits float32 (B, K, vocab): the last K = logits_to_keep positions, all T for 0;
-                present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
+                logits_to_keep int64 (1,) from format version 3 on: a count, as transformers'
+                integer logits_to_keep (not its tensor of indices); its default (an initializer
+                of that name) is [0]
+Graph outputs   logits float32 (B, K, vocab): the last K = logits_to_keep positions, all T for
+                0 or K > T; present.{i}.key / .value (B, n_kv_heads, P + T, head_dim)
                 (Hugging Face / Optimum names, so third-party runtimes can drive the file too; one
-                that does not feed logits_to_keep gets every position's logits.)
+                that does not feed logits_to_keep gets every position's logits. ONNX Runtime
+                warns at load that the initializer is overridable: that is what it is for.)
 Recurrent files (ModelSpec.arch "recurrent"): past_state.{i} float32 (B, dim) in, present_state.{i}
                 (B, dim) out, in place of the key/value pairs: a fixed size whatever P is. The last T
                 columns of attention_mask gate the state (a pad leaves it untouched); position_ids
@@ -30,7 +33,7 @@ from dataclasses import MISSING, dataclass, fields
 # 3: the graph has the logits_to_keep input (a prefill computes the head for its last position
 # alone); every file craft-export writes is version 3, and this runtime still reads 1 and 2.
 FORMAT_VERSION = 3
-KEEP_LOGITS_VERSION = 3  # the first version whose graph has LOGITS_TO_KEEP
+LOGITS_TO_KEEP_VERSION = 3  # the first version whose graph has LOGITS_TO_KEEP
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
 
 INPUT_IDS = "input_ids"
@@ -207,7 +210,7 @@ class Artifact:
             optional[META_EOT_IDS] = json.dumps(list(self.end_of_turn_ids))
         if self.source_kind != "run":
             optional[META_SOURCE_KIND] = self.source_kind
-        if self.attention != ATTENTION_STANDARD:  # a standard file's metadata stays what older runtimes read
+        if self.attention != ATTENTION_STANDARD:  # absent means standard, as in files older than the key
             optional[META_ATTENTION] = self.attention
         return optional | {
             META_FORMAT: str(self.format_version),

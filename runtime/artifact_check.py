@@ -10,9 +10,11 @@ against the bytes present) and without decoding a single weight:
             special ids inside the vocabulary; a quantization scheme this runtime knows
   weights   every weight the spec implies is present with exactly the shape and dtype its
             scheme's layout gives (craft.runtime.weights); none of a layer the spec lacks
-  graph     inputs and outputs are the contract's names for n_layer and the architecture
-            (KV-cache pairs, or a recurrent file's states: craft.runtime.artifact),
-            with their element types, ranks and the fixed dims the spec implies
+  graph     inputs and outputs are the contract's names for n_layer, the architecture
+            (KV-cache pairs, or a recurrent file's states: craft.runtime.artifact) and the
+            format version (logits_to_keep from 3 on, with its int64 (1,) default), with their
+            element types, ranks and the fixed dims the spec implies; no other input has a
+            default (ONNX Runtime would refuse to bind it)
   size      at most entry_budget(spec) nodes (initializers, inputs, outputs alike) and
             STRUCTURE_BYTES_PER_LAYER * (n_layer + 1) bytes of graph structure: what ONNX
             Runtime turns into objects, so that a file of millions of tiny entries cannot make
@@ -88,7 +90,7 @@ def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tupl
     return out
 
 
-def expected_io(spec: ModelSpec, version: int = A.FORMAT_VERSION) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def expected_io(spec: ModelSpec, version: int) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """Graph inputs and outputs of a file of this format version: name -> (element type, shape);
     None marks a dynamic dim."""
     inputs = {
@@ -96,7 +98,7 @@ def expected_io(spec: ModelSpec, version: int = A.FORMAT_VERSION) -> tuple[dict[
         A.ATTENTION_MASK: (INT64, (None, None)),
         A.POSITION_IDS: (INT64, (None, None)),
     }
-    if version >= A.KEEP_LOGITS_VERSION:
+    if version >= A.LOGITS_TO_KEEP_VERSION:
         inputs[A.LOGITS_TO_KEEP] = (INT64, (1,))
     outputs = {A.LOGITS: (FLOAT32, (None, None, spec.vocab_size))}
     if spec.arch == A.RECURRENT:  # a state (B, dim) per layer in place of the key/value pairs
@@ -191,9 +193,29 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
                 f"({spec.n_layer} layers, {artifact.quantization}) lacks"
             )
     inputs, outputs = expected_io(spec, artifact.format_version)
-    return io_problem("input", model.inputs, inputs, spec.n_layer) or io_problem(
-        "output", model.outputs, outputs, spec.n_layer
+    return (
+        io_problem("input", model.inputs, inputs, spec.n_layer)
+        or io_problem("output", model.outputs, outputs, spec.n_layer)
+        or defaults_problem(model, inputs)
     )
+
+
+def defaults_problem(model: OnnxModel, inputs: dict[str, tuple]) -> str | None:
+    """Whether the graph's input defaults (initializers named like an input) are what the format
+    has: logits_to_keep's int64 (1,) from version 3 on, and no other."""
+    for name in inputs.keys() & model.tensors.keys():
+        info = model.tensors[name]
+        if name != A.LOGITS_TO_KEEP:
+            return f"its graph input '{name}' has a default value, which the Craft format does not define"
+        if info.shape != (1,) or info.dtype != np.dtype(np.int64):
+            found = f"{info.dtype or f'type {info.data_type}'} {info.shape}"
+            return f"the default of graph input '{name}' is {found}, the format needs int64 (1,)"
+    if A.LOGITS_TO_KEEP in inputs and A.LOGITS_TO_KEEP not in model.tensors:
+        return (
+            f"its graph input '{A.LOGITS_TO_KEEP}' has no default value ([0]: every position), "
+            f"which format version {A.LOGITS_TO_KEEP_VERSION} requires"
+        )
+    return None
 
 
 def io_problem(kind: str, found: list[ValueInfo], expected: dict[str, tuple], n_layer: int) -> str | None:

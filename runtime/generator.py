@@ -280,10 +280,11 @@ class Generator:
     def _prefill(self, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, start: int) -> np.ndarray:
         """Feed input_ids (B, width) after their first `start` cached columns; the last position's
         logits (B, vocab). One row goes in chunks of PREFILL_CHUNK tokens: whatever a forward holds
-        per fed token (activations, attention scores; in a file older than format version 3, which
-        computes every position's logits, vocab floats each) then stays bounded for any prompt -
-        unchunked, a 4,000-token prompt to a 49k-vocabulary version 2 file held 790 MB of logits. A
-        left-padded batch goes in whole (an in-place file packs its rows in one call)."""
+        per fed token (activations, attention scores; vocab floats of logits each where the graph
+        computes every position's: a file older than format version 3) then stays bounded for any
+        prompt - unchunked, a 4,000-token prompt to a 49k-vocabulary version 2 file held 790 MB of
+        logits. A left-padded batch goes in whole (an in-place file packs its rows in one call, and
+        computes every position's logits then)."""
         width = input_ids.shape[1]
         chunk = PREFILL_CHUNK if input_ids.shape[0] == 1 else width
         for begin in range(start, width, chunk):

@@ -101,9 +101,10 @@ class OrtBackend:
         # [0] on all of them; None for an older file, whose logits always cover every position. An
         # input with a default is an "overridable initializer", which binds as an OrtValue only.
         fed = self.session.get_inputs() + self.session.get_overridable_initializers()
-        has_keep = A.LOGITS_TO_KEEP in {value.name for value in fed}
-        self._keep_arrays = (np.zeros(1, np.int64), np.ones(1, np.int64))  # alive: the OrtValues wrap them
-        self._keep = [self._ortvalue(a) for a in self._keep_arrays] if has_keep else None
+        self._keep = None
+        if A.LOGITS_TO_KEEP in {value.name for value in fed}:
+            self._keep_arrays = {last: np.array([int(last)], np.int64) for last in (False, True)}  # alive: wrapped
+            self._keep = {last: self._ortvalue(array) for last, array in self._keep_arrays.items()}
         self.cache: list = []
         self.cache_length = 0
 
@@ -152,7 +153,8 @@ class OrtBackend:
         """Logits (B, T, vocab) - or (B, 1, vocab) with last_only - for input_ids (B, T) after the
         cached positions; extends the cache by T. attention_mask is (B, cache_length + T) and
         position_ids (B, T), both int64. With last_only the graph computes the last position's
-        logits alone where the file can (logits_to_keep).
+        logits alone (logits_to_keep) - unless the file is older than format version 3, or is an
+        `inplace` file given a left-padded batch, whose rows it packs to end in different columns.
         """
         if self.inplace:
             return self._forward_inplace(input_ids, attention_mask, position_ids, last_only)
@@ -164,13 +166,13 @@ class OrtBackend:
         b.clear_binding_outputs()
         for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
             self._bind_array(name, array)
-        kept = self._bind_keep(last_only)  # left-padded rows: the last column is each row's last token
+        kept = self._bind_keep(last_only, input_ids.shape[1])  # left-padded: the last column is each row's last
         for name, value in zip(self._inputs, self.cache):
             b.bind_ortvalue_input(name, value)
         for name in self._outputs:
             self._bind_output(name)
         outputs, logits = self._run_checked()
-        self._check_logits(logits, (input_ids.shape[0], kept or input_ids.shape[1]), len(outputs))
+        self._check_logits(logits, (input_ids.shape[0], kept), len(outputs))
         self.cache = [outputs[i] for i in range(1, len(self._outputs))]
         self.cache_length += input_ids.shape[1]
         return logits[:, -1:] if last_only else logits
@@ -196,10 +198,10 @@ class OrtBackend:
         ]  # alive until run
         for name, array in zip((A.INPUT_IDS, A.ATTENTION_MASK, A.POSITION_IDS), feeds):
             self._bind_array(name, array)
-        kept = self._bind_keep(last_only and not padded)  # packed rows end at different columns
+        kept = self._bind_keep(last_only and not padded, T)  # packed rows end at different columns
         self._bind_output(A.LOGITS)
-        outputs, logits = self._run_checked()  # logits (B, T, vocab), or (B, 1, vocab) if kept
-        self._check_logits(logits, (input_ids.shape[0], kept or T), len(outputs))
+        outputs, logits = self._run_checked()  # logits (B, kept, vocab)
+        self._check_logits(logits, (input_ids.shape[0], kept), len(outputs))
         self.cache_length += T
         if padded:  # back to the caller's left-padded layout
             logits = np.take_along_axis(
@@ -216,7 +218,7 @@ class OrtBackend:
         if not self._step_bound:
             self._bind_array(A.INPUT_IDS, self._step_ids)
             self._bind_array(A.POSITION_IDS, self._step_positions)
-            self._bind_keep(True)  # one position either way
+            self._bind_keep(True, 1)
             self._logits_value = self._ortvalue(self._step_logits)  # alive while bound
             self.binding.bind_ortvalue_output(A.LOGITS, self._logits_value)
             self._step_bound = True
@@ -226,13 +228,13 @@ class OrtBackend:
         self.cache_length += 1
         return self._step_logits.copy()  # the buffer is the next step's
 
-    def _bind_keep(self, last: bool) -> int:
-        """Bind logits_to_keep where the file has it: [1] for `last` (the logits then cover one
-        position per row: returns 1), else [0] (every position: returns 0)."""
+    def _bind_keep(self, last: bool, T: int) -> int:
+        """Bind logits_to_keep where the file has it: [1] for `last`, else [0]; the positions the
+        logits of a T-token step then cover per row."""
         if self._keep is None:
-            return 0
+            return T
         self.binding.bind_ortvalue_input(A.LOGITS_TO_KEEP, self._keep[last])
-        return int(last)
+        return 1 if last else T
 
     def _run_checked(self, fetch: bool = True) -> tuple[list, np.ndarray] | None:
         """Run the bound step; with fetch, (its outputs, the logits as numpy). Whatever ONNX Runtime

@@ -5,6 +5,8 @@ no such input, still run; a file whose version and inputs disagree is refused in
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -117,6 +119,63 @@ def test_a_version_2_file_without_the_input_still_runs(files, kind, tmp_path):
             == Generator(files[kind], backend=backend, threads=1).generate("ĀāĂ", greedy).token_ids
         )
     assert Generator(old, threads=1).backend._keep is None
+
+
+def rewritten(path, out, edit) -> str:
+    """The file with its ModelProto edited in place; the new path."""
+    model = onnx.load(str(path))
+    edit(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def test_a_version_1_file_runs_too(files, tmp_path):
+    old = tmp_path / "old.onnx"
+    as_version_2(files["standard"], old)
+    rewritten(old, tmp_path / "v1.onnx", lambda model: set_version(model, "1"))
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    assert (
+        Generator(tmp_path / "v1.onnx", threads=1).generate("Ā", greedy).token_ids
+        == Generator(files["standard"], threads=1).generate("Ā", greedy).token_ids
+    )
+
+
+def default_of(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (  # a float default: ONNX Runtime would refuse the file, or bind a float where int64 goes
+            lambda m: default_of(m, A.LOGITS_TO_KEEP).CopyFrom(
+                onnx.numpy_helper.from_array(np.array([0.0], np.float32), A.LOGITS_TO_KEEP)
+            ),
+            "the default of graph input 'logits_to_keep' is float32 (1,), the format needs int64 (1,)",
+        ),
+        (
+            lambda m: default_of(m, A.LOGITS_TO_KEEP).CopyFrom(
+                onnx.numpy_helper.from_array(np.array([0, 0], np.int64), A.LOGITS_TO_KEEP)
+            ),
+            "is int64 (2,), the format needs int64 (1,)",
+        ),
+        (  # declared, but no default: a runtime that does not feed it could not run the file
+            lambda m: m.graph.initializer.remove(default_of(m, A.LOGITS_TO_KEEP)),
+            "'logits_to_keep' has no default value",
+        ),
+        (  # ONNX Runtime refuses to bind an input that has a default: craft-run would fail at its first step
+            lambda m: m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, 1), np.int64), A.INPUT_IDS)),
+            "graph input 'input_ids' has a default value",
+        ),
+    ],
+    ids=["float-default", "two-values", "no-default", "default-on-input_ids"],
+)
+def test_input_defaults_other_than_the_formats_are_refused(files, tmp_path, edit, words):
+    path = rewritten(files["inplace"], tmp_path / "bad.onnx", edit)
+    for backend in ("ort", "numpy"):
+        with pytest.raises(ArtifactError, match=re.escape(words)) as error:
+            Generator(path, backend=backend)
+        assert len(str(error.value).splitlines()) == 1
 
 
 def test_version_and_inputs_must_agree(files, tmp_path):
