@@ -6,7 +6,9 @@ interleaved measurements is not) or figures that do not drift (bytes, perplexity
 
 # A KV-cache exists to make decode O(context) instead of O(context^2): at context 240 the
 # cached step must beat recomputing the whole prefix by a wide margin. 3x is far below the
-# ~10x seen here, so only a broken cache (or one copied wholesale each step) trips it.
+# ~29x seen here (the recompute runs the LM head for its last position alone, logits_to_keep;
+# 67x when it ran it for all 240), so only a broken cache (or one copied wholesale each step)
+# trips it.
 CACHED_VS_UNCACHED_AT_240 = 3.0
 
 # The per-token cost may grow with context (attention reads the cache), but decode must stay
