@@ -21,6 +21,7 @@ import numpy as np
 from craft.runtime import weights as W
 from craft.runtime.artifact import ArtifactError, ModelSpec
 from craft.runtime.artifact_check import entry_budget, expected_weights
+from craft.runtime.kv_cache import cache_buffer
 from craft.runtime.onnx_file import OnnxFormatError, read_model
 
 MASKED = np.float32(np.finfo(np.float32).min)
@@ -122,8 +123,8 @@ class NumpyBackend:
         """Empty the cache for a new batch of this many sequences, with room for context_length
         positions (default: the model's context)."""
         shape = (batch, self.spec.n_kv_head, context_length or self.spec.context_length, self.spec.head_dim)
-        self.cache_k = [np.zeros(shape, np.float32) for _ in range(self.spec.n_layer)]
-        self.cache_v = [np.zeros(shape, np.float32) for _ in range(self.spec.n_layer)]
+        self.cache_k = [cache_buffer(shape) for _ in range(self.spec.n_layer)]
+        self.cache_v = [cache_buffer(shape) for _ in range(self.spec.n_layer)]
         self.cache_length = 0
 
     def rewind(self, length: int) -> None:

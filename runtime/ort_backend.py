@@ -27,6 +27,7 @@ import numpy as np
 
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
+from craft.runtime.kv_cache import cache_buffer
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -120,7 +121,7 @@ class OrtBackend:
             self.cache = [self._ortvalue(self._buffers[0])] * len(self._inputs)
         else:  # bound here once as both past and present: every step writes into these buffers
             shape = (batch, s.n_kv_head, context_length or s.context_length, s.head_dim)
-            self._buffers = [np.zeros(shape, np.float32) for _ in range(2 * s.n_layer)]
+            self._buffers = [cache_buffer(shape) for _ in range(2 * s.n_layer)]
             self.cache = [self._ortvalue(buffer) for buffer in self._buffers]
             self.binding.clear_binding_inputs()
             self.binding.clear_binding_outputs()

@@ -1,0 +1,34 @@
+"""The KV-cache buffers (runtime/kv_cache.py) commit memory as tokens arrive, not when allocated
+and not 2 MB per head at the first token (numpy's transparent-huge-page hint on large arrays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from craft.runtime.kv_cache import cache_buffer
+
+STATUS = Path("/proc/self/status")
+
+
+def resident_mb() -> float:
+    return int(STATUS.read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not STATUS.exists(), reason="needs Linux's /proc/self/status")
+def test_a_first_prompt_commits_only_its_own_positions():
+    shape = (1, 3, 8192, 64)  # one of SmolLM2-135M's 60 key / value buffers at 8192 positions: 6 MB
+    buffers = [cache_buffer(shape) for _ in range(16)]  # 96 MB reserved
+    before = resident_mb()
+    for buffer in buffers:
+        buffer[:, :, :37] = 1.0  # a 37-token prompt: 28 KB per buffer
+    grown = resident_mb() - before
+    assert grown < 8, f"{grown:.0f} MB committed for 1.7 MB of cache"  # np.zeros here: 96 MB (2 MB per head)
+    assert all(b.dtype == np.float32 and b.shape == shape and b.flags.writeable for b in buffers)
+    assert not buffers[0][:, :, 37:].any() and buffers[0][:, :, :37].all()  # zero-filled, and written
+
+
+def test_empty_shapes():
+    assert cache_buffer((1, 2, 0, 8)).shape == (1, 2, 0, 8)
