@@ -22,5 +22,12 @@ def cache_buffer(shape: tuple[int, ...]) -> np.ndarray:
     """float32 zeros of `shape` whose memory is committed page by page as it is written (an
     anonymous mapping, which the kernel zero-fills); the array keeps the mapping alive."""
     count = int(np.prod(shape))
-    mapping = mmap.mmap(-1, max(count * 4, 1))  # a zero-length mapping is an error
+    try:
+        mapping = mmap.mmap(-1, max(count * 4, 1))  # a zero-length mapping is an error
+    except OSError as e:  # craft-run's one line for an OSError, with what to do about it
+        raise OSError(
+            e.errno,
+            f"cannot allocate the KV-cache ({count * 4 / 2**20:,.0f} MB for one layer's keys or values; "
+            "a smaller --max-context needs less)",
+        ) from None
     return np.frombuffer(mapping, np.float32, count=count).reshape(shape)

@@ -32,3 +32,8 @@ def test_a_first_prompt_commits_only_its_own_positions():
 
 def test_empty_shapes():
     assert cache_buffer((1, 2, 0, 8)).shape == (1, 2, 0, 8)
+
+
+def test_a_cache_larger_than_memory_is_an_oserror_that_says_so():
+    with pytest.raises(OSError, match="cannot allocate the KV-cache .* --max-context"):
+        cache_buffer((1, 8, 1 << 40, 64))  # 2 PB: more than a 64-bit address space holds
