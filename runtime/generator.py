@@ -248,6 +248,7 @@ class Generator:
             if cached < self.backend.cache_length:
                 self.backend.rewind(cached)
         else:
+            self.cached_ids = []  # first: a reset that fails (no memory for the cache) leaves nothing to reuse
             self.backend.reset(B, self.context_length)
         self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
         t = time.perf_counter()

@@ -123,9 +123,9 @@ class NumpyBackend:
         """Empty the cache for a new batch of this many sequences, with room for context_length
         positions (default: the model's context)."""
         shape = (batch, self.spec.n_kv_head, context_length or self.spec.context_length, self.spec.head_dim)
+        self.cache_k, self.cache_v, self.cache_length = [], [], 0  # first: the new cache may not fit
         self.cache_k = [cache_buffer(shape) for _ in range(self.spec.n_layer)]
         self.cache_v = [cache_buffer(shape) for _ in range(self.spec.n_layer)]
-        self.cache_length = 0
 
     def rewind(self, length: int) -> None:
         """Forget the cached positions from `length` on: the next forward continues after them.

@@ -101,9 +101,14 @@ class OrtBackend:
         # logits_to_keep (format version 3 on): [1] runs the head on a step's last position alone,
         # [0] on all of them; None for an older file, whose logits always cover every position. An
         # input with a default is an "overridable initializer", which binds as an OrtValue only.
-        fed = self.session.get_inputs() + self.session.get_overridable_initializers()
+        defaults = {value.name for value in self.session.get_overridable_initializers()}
+        if defaults - {A.LOGITS_TO_KEEP}:  # the checker refuses these; a sparse initializer slips past it
+            raise ArtifactError(
+                f"{path}: its graph input '{sorted(defaults - {A.LOGITS_TO_KEEP})[0][:60]}' has a default value, "
+                "which the Craft format does not define; re-export it with craft-export"
+            )
         self._keep = None
-        if A.LOGITS_TO_KEEP in {value.name for value in fed}:
+        if A.LOGITS_TO_KEEP in {value.name for value in self.session.get_inputs()} | defaults:
             self._keep_arrays = {last: np.array([int(last)], np.int64) for last in (False, True)}  # alive: wrapped
             self._keep = {last: self._ortvalue(array) for last, array in self._keep_arrays.items()}
         self.cache: list = []
@@ -114,6 +119,10 @@ class OrtBackend:
         context_length positions (default: the model's context); a `standard` file's cache grows
         with each step (the graph's Concat) up to where the caller stops."""
         s = self.spec
+        # Forget the old cache first: should the new one not fit in memory, nothing still points into it.
+        self.cache_length, self.cache, self._step_bound = 0, [], False
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
         if not self.inplace:  # an empty cache, or a recurrent file's zero state: every past input has this shape
             self._buffers = [
                 np.zeros(next(iter(A.empty_past(s, batch).values())), np.float32)
@@ -121,10 +130,9 @@ class OrtBackend:
             self.cache = [self._ortvalue(self._buffers[0])] * len(self._inputs)
         else:  # bound here once as both past and present: every step writes into these buffers
             shape = (batch, s.n_kv_head, context_length or s.context_length, s.head_dim)
+            self._buffers = []  # the old buffers unmapped before the new ones are mapped
             self._buffers = [cache_buffer(shape) for _ in range(2 * s.n_layer)]
             self.cache = [self._ortvalue(buffer) for buffer in self._buffers]
-            self.binding.clear_binding_inputs()
-            self.binding.clear_binding_outputs()
             self._bind_output(A.LOGITS)  # first, so that it stays output 0 when each step re-binds it
             for past, present, value in zip(self._inputs, self._outputs[1:], self.cache):
                 self.binding.bind_ortvalue_input(past, value)
@@ -133,8 +141,6 @@ class OrtBackend:
             # binding fresh arrays and letting ONNX Runtime allocate the logits cost 5-7% of a 15M step.
             self._step_ids, self._step_positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
             self._step_logits = np.zeros((batch, 1, s.vocab_size), np.float32)
-            self._step_bound = False
-        self.cache_length = 0
 
     def rewind(self, length: int) -> None:
         """Forget the cached positions from `length` on: the next forward continues after them. An

@@ -385,8 +385,11 @@ def exit_code(pid: int, timeout: float = 60) -> int:
 def in_terminal(argv: list[str]) -> None:
     """In the child of pty.fork(): exec argv with Ctrl-C's default. A shell's background job (`cmd &`)
     ignores SIGINT, a child inherits that, and Python then never raises KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.execv(sys.executable, argv)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(sys.executable, argv)
+    finally:  # exec failed: never let the forked copy of pytest go on
+        os._exit(127)
 
 
 def test_cli_interactive_in_a_terminal(models):
@@ -401,7 +404,12 @@ def test_cli_interactive_in_a_terminal(models):
     assert b"Ctrl-D ends" in seen
     os.write(fd, b"Tell me a story\r")
     read_until(fd, b"story\r\n", seen)  # the terminal's echo; the answer then streams for 16000 tokens
-    time.sleep(0.5)
+    streaming = len(seen) + 64  # once some of the answer is out, Ctrl-C lands in converse()'s try
+    deadline = time.monotonic() + 60
+    while len(seen) < streaming:
+        assert time.monotonic() < deadline, f"no answer streaming: {bytes(seen)!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            seen += os.read(fd, 4096)
     os.write(fd, b"\x03")
     read_until(fd, b"[stopped]", seen)
     del seen[: seen.index(b"[stopped]")]

@@ -178,6 +178,23 @@ def test_input_defaults_other_than_the_formats_are_refused(files, tmp_path, edit
         assert len(str(error.value).splitlines()) == 1
 
 
+def test_a_sparse_default_on_an_input_is_refused_too(files, tmp_path):
+    """A sparse initializer named like an input is an input default to ONNX Runtime as well (the
+    checker reads dense initializers only): the ort backend refuses it at load, in one line,
+    instead of failing to bind the input at the first step."""
+    values = onnx.numpy_helper.from_array(np.array([5], np.int64), "values")
+    indices = onnx.numpy_helper.from_array(np.array([0], np.int64), "indices")
+
+    def sparse_input_ids(model):
+        model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, [1, 1]))
+        model.graph.sparse_initializer[0].values.name = A.INPUT_IDS
+
+    path = rewritten(files["inplace"], tmp_path / "sparse.onnx", sparse_input_ids)
+    with pytest.raises(ArtifactError, match="graph input 'input_ids' has a default value") as error:
+        Generator(path)
+    assert len(str(error.value).splitlines()) == 1
+
+
 def test_version_and_inputs_must_agree(files, tmp_path):
     old = tmp_path / "old.onnx"
     as_version_2(files["inplace"], old)
