@@ -38,5 +38,8 @@ def cache_buffer(shape: tuple[int, ...]) -> np.ndarray:
             "a smaller --max-context needs less)",
         ) from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: ordinary pages even where huge ones are the default
-        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            mapping.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # advice only: a kernel (or an emulator) that does not take it changes nothing else
+            pass
     return np.frombuffer(mapping, np.float32, count=count).reshape(shape)
