@@ -202,7 +202,10 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
 
 def defaults_problem(model: OnnxModel, inputs: dict[str, tuple]) -> str | None:
     """Whether the graph's input defaults (initializers named like an input) are what the format
-    has: logits_to_keep's int64 (1,) from version 3 on, and no other."""
+    has: logits_to_keep's int64 (1,) from version 3 on, and no other. Craft writes no sparse
+    initializers; ONNX Runtime would take one named like an input as its default too."""
+    if model.sparse_initializer_count:
+        return "its graph has sparse initializers, which the Craft format does not use"
     for name in inputs.keys() & model.tensors.keys():
         info = model.tensors[name]
         if name != A.LOGITS_TO_KEEP:

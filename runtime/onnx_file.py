@@ -100,7 +100,8 @@ class OnnxModel:
     lists graph inputs as stored, so models older than IR version 4 may also
     list their initializers there.  `tensors` has every initializer's header,
     `initializers` the decoded ones that were asked for; `node_count` counts the
-    nodes even when they were not parsed.  `structure_bytes` is the part of the
+    nodes even when they were not parsed, `sparse_initializer_count` the sparse
+    initializers, which are not parsed at all.  `structure_bytes` is the part of the
     file that is neither initializer raw_data nor metadata: what a runtime turns
     into objects (nodes, names, types, typed values), whatever their number."""
 
@@ -115,6 +116,7 @@ class OnnxModel:
     producer_version: str = ""
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     node_count: int = 0
+    sparse_initializer_count: int = 0
     structure_bytes: int = 0
 
 
@@ -558,6 +560,8 @@ def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, option
     limit = options.max_entries
     counts = [0, 0, 0]  # initializers, inputs, outputs (nodes: model.node_count)
     for number, wire, a, b in _fields(buf, start, end):
+        if wire == _LEN and number == 15:  # a SparseTensorProto
+            model.sparse_initializer_count += 1
         if wire != _LEN or number not in (1, 5, 11, 12):
             continue
         index = (1, 5, 11, 12).index(number)

@@ -101,14 +101,9 @@ class OrtBackend:
         # logits_to_keep (format version 3 on): [1] runs the head on a step's last position alone,
         # [0] on all of them; None for an older file, whose logits always cover every position. An
         # input with a default is an "overridable initializer", which binds as an OrtValue only.
-        defaults = {value.name for value in self.session.get_overridable_initializers()}
-        if defaults - {A.LOGITS_TO_KEEP}:  # the checker refuses these; a sparse initializer slips past it
-            raise ArtifactError(
-                f"{path}: its graph input '{sorted(defaults - {A.LOGITS_TO_KEEP})[0][:60]}' has a default value, "
-                "which the Craft format does not define; re-export it with craft-export"
-            )
+        fed = self.session.get_inputs() + self.session.get_overridable_initializers()
         self._keep = None
-        if A.LOGITS_TO_KEEP in {value.name for value in self.session.get_inputs()} | defaults:
+        if A.LOGITS_TO_KEEP in {value.name for value in fed}:
             self._keep_arrays = {last: np.array([int(last)], np.int64) for last in (False, True)}  # alive: wrapped
             self._keep = {last: self._ortvalue(array) for last, array in self._keep_arrays.items()}
         self.cache: list = []
