@@ -14,7 +14,7 @@ import pytest
 
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError
-from craft.runtime.generator import Generator
+from craft.runtime.generator import Generator, load_artifact
 from craft.runtime.sampling import SamplingParams
 
 KINDS = ["standard", "inplace", "recurrent"]
@@ -37,29 +37,17 @@ def files(tmp_path_factory) -> dict:
     return out
 
 
-def session_feeds(path, ids: np.ndarray) -> tuple[ort.InferenceSession, dict]:
-    """A plain session of the file and the feeds of a prefill of `ids` (B, T) from an empty cache."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {
-        A.INPUT_IDS: ids,
-        A.ATTENTION_MASK: np.ones_like(ids),
-        A.POSITION_IDS: np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy(),
-    }
-    for value in session.get_inputs():
-        if value.name not in feeds and value.name != A.LOGITS_TO_KEEP:
-            shape = [ids.shape[0] if d == "batch" else d if isinstance(d, int) else 0 for d in value.shape]
-            feeds[value.name] = np.zeros(shape, np.float32)  # an empty cache / a zero state
-    return session, feeds
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_graph_computes_the_last_positions_asked_for(files, kind):
+    from craft.export.verify import ort_forward
+
     ids = np.array([[5, 17, 3, 250, 9, 41, 7], [1, 2, 3, 4, 5, 6, 8]])
-    session, feeds = session_feeds(files[kind], ids)
-    every = session.run([A.LOGITS], feeds)[0]  # not fed: the default keeps every position
+    session = ort.InferenceSession(str(files[kind]), providers=["CPUExecutionProvider"])
+    spec = load_artifact(files[kind]).spec
+    every = ort_forward(session, spec, ids, None)[0]  # not fed: the default keeps every position
     assert every.shape == (2, 7, 300)
     for keep, positions in ((0, 7), (1, 1), (3, 3), (50, 7)):
-        logits = session.run([A.LOGITS], feeds | {A.LOGITS_TO_KEEP: np.array([keep], np.int64)})[0]
+        logits = ort_forward(session, spec, ids, None, keep=keep)[0]
         assert logits.shape == (2, positions, 300), keep
         np.testing.assert_allclose(logits, every[:, 7 - positions :], atol=1e-5)
 
