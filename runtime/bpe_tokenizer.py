@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import json
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 from craft.runtime import bpe_pretokenizer as pre
 from craft.runtime.tokenizer import HF_JSON, META_SPACE
@@ -176,7 +176,7 @@ class HFTokenizer:
 
     def __init__(
         self,
-        tokenizer_json: str | bytes,
+        tokenizer_json: str | bytes | dict,
         *,
         bos_id: int,
         eos_id: int,
@@ -184,16 +184,21 @@ class HFTokenizer:
         add_bos: bool,
         use_library: bool = True,
     ):
-        """use_library=False forces the pure-Python pipeline even where `tokenizers` is installed (tests)."""
-        self.json = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
-        spec = json.loads(self.json)
+        """tokenizer_json: the text of a tokenizer.json or the object it holds. use_library=False forces
+        the pure-Python pipeline even where `tokenizers` is installed (tests)."""
+        if isinstance(tokenizer_json, dict):
+            spec, self.json = tokenizer_json, json.dumps(tokenizer_json, ensure_ascii=False)
+        else:
+            self.json = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+            spec = json.loads(self.json)
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = int(bos_id), int(eos_id), int(pad_id), bool(add_bos)
         model, added = spec.get("model") or {}, spec.get("added_tokens") or []
         pieces = {i: t for t, i in (model.get("vocab") or {}).items()} | {t["id"]: t["content"] for t in added}
         self.vocab_size = max(pieces, default=-1) + 1
         self._pieces, self._token_ids = pieces, {t: i for i, t in pieces.items()}
-        special = {t["id"] for t in added if t.get("special", False)}
-        self._bytes, self._strip_space = decoded_pieces(spec.get("decoder"), pieces, special, self.vocab_size)
+        self._special = {t["id"] for t in added if t.get("special", False)}
+        self._piece_bytes, self._strip_space = piece_decoder(spec.get("decoder"))
+        self._bytes: dict[int, bytes] = {}  # filled as tokens are streamed: a table of 49k pieces costs 0.1 s at start
         self.backend = "python"
         self._library = load_library(self.json) if use_library else None
         if self._library is not None:
@@ -218,7 +223,13 @@ class HFTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token_id stands for; b"" for special tokens and ids past the vocabulary."""
-        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+        piece = self._bytes.get(token_id)
+        if piece is None:
+            text = self._pieces.get(token_id)
+            piece = b"" if text is None or token_id in self._special else self._piece_bytes(text)
+            if text is not None:  # ids past the vocabulary are not kept: a hostile id cannot grow the dict
+                self._bytes[token_id] = piece
+        return piece
 
     def token_to_id(self, token: str) -> int | None:
         return self._token_ids.get(token)
@@ -256,7 +267,7 @@ class HFTokenizer:
                 "and a 'tokenizer' object"
             ) from None
         return cls(
-            json.dumps(envelope["tokenizer"], ensure_ascii=False),
+            envelope["tokenizer"],
             add_bos=bool(envelope.get("add_bos", False)),
             use_library=use_library,
             **ids,
@@ -272,10 +283,9 @@ def load_library(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def decoded_pieces(
-    decoder: dict | None, pieces: dict[int, str], special: set[int], size: int
-) -> tuple[list[bytes], bool]:
-    """Each id's exact bytes under `decoder`, and whether decode drops one leading space."""
+def piece_decoder(decoder: dict | None) -> tuple[Callable[[str], bytes], bool]:
+    """How `decoder` turns one vocabulary piece into its exact bytes, and whether decode drops one
+    leading space."""
     steps = (
         decoder.get("decoders", []) if decoder and decoder.get("type") == "Sequence" else [decoder] if decoder else []
     )
@@ -295,17 +305,21 @@ def decoded_pieces(
         and s.get("add_prefix_space", True)
         for s in steps
     )
-    table = [b""] * size
-    for i, piece in pieces.items():
-        if i in special:
-            continue
+
+    def piece_bytes(piece: str) -> bytes:
+        # Called mid-stream, so nothing here may raise: a lone surrogate in a hostile vocabulary
+        # becomes bytes that the stream decodes as U+FFFD.
         if byte_level:
             try:
-                table[i] = bytes(pre.CHAR_BYTE[c] for c in piece)
+                return bytes(pre.CHAR_BYTE[c] for c in piece)
             except KeyError:  # not written in GPT-2's alphabet (an added token): as the library, its UTF-8
-                table[i] = piece.encode("utf-8")
-        elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            table[i] = bytes([int(piece[3:5], 16)])
-        else:
-            table[i] = (piece.replace(META_SPACE, " ") if metaspace else piece).encode("utf-8")
-    return table, strip_space
+                return piece.encode("utf-8", "surrogatepass")
+        if byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">") and is_hex(piece[3:5]):
+            return bytes([int(piece[3:5], 16)])
+        return (piece.replace(META_SPACE, " ") if metaspace else piece).encode("utf-8", "surrogatepass")
+
+    return piece_bytes, strip_space
+
+
+def is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)

@@ -49,12 +49,12 @@ class CharTokenizer:
     CHAR_OFFSET = 258
 
     def __init__(self, chars: str):
-        if len(set(chars)) != len(chars):
+        self._ids = dict(zip(chars, range(self.CHAR_OFFSET, self.CHAR_OFFSET + len(chars))))
+        if len(self._ids) != len(chars):
             raise ValueError("char vocabulary has repeated characters")
+        chars.encode("utf-8")  # a lone surrogate: ValueError here, at load, not mid-stream
         self.chars = chars
         self.vocab_size = self.CHAR_OFFSET + len(chars)
-        self._ids = {c: i + self.CHAR_OFFSET for i, c in enumerate(chars)}
-        self._bytes = [b"", b""] + [bytes([b]) for b in range(256)] + [c.encode("utf-8") for c in chars]
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
@@ -77,7 +77,11 @@ class CharTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token_id stands for; b"" for specials and for ids past the vocabulary
         (a model's embedding may be padded beyond its tokenizer)."""
-        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+        if self.CHAR_OFFSET <= token_id < self.vocab_size:
+            return self.chars[token_id - self.CHAR_OFFSET].encode("utf-8")
+        if self.BYTE_OFFSET <= token_id < self.CHAR_OFFSET:
+            return bytes([token_id - self.BYTE_OFFSET])
+        return b""
 
     def decode(self, ids: Iterable[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")

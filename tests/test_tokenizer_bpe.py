@@ -255,6 +255,21 @@ def test_sentencepiece_style_token_bytes(sentencepiece_style):
     assert python.decode(python.encode(text)) == text  # decode drops it, as Hugging Face's does
 
 
+def test_hostile_pieces_stream_without_raising(sentencepiece_style):
+    """Piece bytes are worked out as tokens stream, so a vocabulary that load accepts must not raise
+    there: a byte-fallback piece that is not hex, a lone surrogate, an id past the vocabulary."""
+    spec = json.loads(sentencepiece_style)
+    vocab = spec["model"]["vocab"]
+    bad_hex, surrogate = len(vocab), len(vocab) + 1
+    vocab["<0xZZ>"], vocab["a\udc80"] = bad_hex, surrogate
+    tok = HFTokenizer(spec, bos_id=1, eos_id=2, pad_id=0, add_bos=False, use_library=False)
+    assert tok.token_bytes(bad_hex) == b"<0xZZ>"
+    stream = TextStream(tok)
+    assert stream.feed(surrogate) + stream.finish() == "a\ufffd\ufffd\ufffd"
+    assert tok.token_bytes(10**9) == b"" and tok.token_bytes(-1) == b""
+    assert len(tok._bytes) == 2  # only real pieces are remembered
+
+
 # ---- Hugging Face directory ----
 
 
