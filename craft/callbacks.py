@@ -40,7 +40,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in numbers(read_metrics(self.path), "step") if r["step"] <= resume_step]
             rd.atomic_write_bytes(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -75,14 +75,22 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (a kill mid-write) is skipped."""
+    """Records of a metrics.jsonl; a line that is not a JSON object is skipped (a torn last line
+    from a kill mid-write, or damage: bytes that are not UTF-8, a list, nesting past the stack)."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+def numbers(records: list[dict], *keys: str) -> list[dict]:
+    """The records whose `keys` all hold numbers (a damaged line can hold anything)."""
+    return [r for r in records if all(type(r.get(k)) in (int, float) for k in keys)]
 
 
 class EarlyStopping:
@@ -161,8 +169,8 @@ def plot_run(run_dir: Path) -> Path:
             "plotting needs matplotlib: pip install 'craft[plot]' (or pip install matplotlib)"
         ) from None
     records = read_metrics(path)
-    train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "eval"]
+    train = numbers([r for r in records if r.get("event") == "train"], "step", "loss", "lr")
+    evals = numbers([r for r in records if r.get("event") == "eval"], "step", "val_loss")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss", ms=3)

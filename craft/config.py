@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,7 +272,15 @@ def convert(value: Any, kind: type, key: str) -> Any:
         if isinstance(text, (int, float)) and not isinstance(text, bool):
             return str(text)
     example = {bool: "true", int: "4", float: "3e-4", str: "text"}[kind]
-    raise ConfigError(f"'{key}' expects {kind.__name__}, got {value!r}; write e.g. {key}={example}")
+    raise ConfigError(f"'{key}' expects {kind.__name__}, got {shown(value)}; write e.g. {key}={example}")
+
+
+def shown(value: Any) -> str:
+    """repr() cut short: a YAML alias bomb (a few hundred bytes that nest 10^9 strings) or a long
+    string must not become the error message."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 3, 3, 60, 60
+    return short.repr(value)
 
 
 # Inclusive bounds of every int and float field. Outside them a value is a typo (-1, 1e20) that
@@ -342,6 +351,8 @@ def validate(cfg: Config) -> None:
                     raise ConfigError(
                         f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]"
                     )
+    if not str(cfg.out_dir).strip():  # an empty path would be the current directory, filled with run files
+        raise ConfigError("out_dir is empty; name the run directory, e.g. out_dir=runs/mine")
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
     # Checks between fields, each built only when it fails (a divisor list can be long).
     if m.dim % m.n_head:

@@ -231,3 +231,27 @@ def test_metrics_schema_documented(char_run):
         assert set(record) == {"event", *fields}
         assert all(isinstance(record[k], t) or (t is float and isinstance(record[k], int)) for k, t in fields.items())
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_damaged_metrics_lines_are_skipped(tmp_path):
+    """Bytes that are not UTF-8, a JSON list, deep nesting, a step that is not a number: read_metrics
+    and --plot's filter keep only the good records (a traceback here once ended craft-train --plot)."""
+    from craft.callbacks import numbers
+
+    path = tmp_path / rd.METRICS
+    good = {"event": "train", "step": 1, "loss": 2.0, "lr": 1e-3}
+    path.write_bytes(
+        b"\n".join(
+            [
+                json.dumps(good).encode(),
+                b"\xff\xfe not utf-8",
+                b"[1, 2]",
+                b"[" * 100_000 + b"]" * 100_000,
+                json.dumps({"event": "train", "step": "x", "loss": [], "lr": None}).encode(),
+                b'{"event": "train", "ste',
+            ]
+        )
+    )
+    records = read_metrics(path)
+    assert len(records) == 2 and records[0] == good
+    assert numbers(records, "step", "loss", "lr") == [good]

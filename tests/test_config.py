@@ -90,12 +90,26 @@ def test_extends_cycle_is_an_error(tmp_path):
         (["tokenizer.kind=bytes"], r"tokenizer.kind must be 'sentencepiece' or 'char'"),
         (["model"], r"override 'model' is not key=value"),
         (["model=3"], r"'model' is a section"),
+        (["out_dir="], r"out_dir is empty; name the run directory"),  # would fill the current directory
+        (["out_dir= "], r"out_dir is empty"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config("tiny", overrides)
     assert "\n" not in str(info.value)
+
+
+def test_yaml_alias_bomb_is_one_short_line(tmp_path):
+    """A few hundred bytes of YAML aliases can nest 10^9 strings (here 5,000, 70 KB as repr); the
+    error must not print them all."""
+    lines = ["train:", "  lr:", '    - &a ["xxxxxxxxxx", "xxxxxxxxxx", "xxxxxxxxxx", "xxxxxxxxxx", "xxxxxxxxxx"]']
+    for name, prev in zip("bcd", "abc"):
+        lines.append(f"    - &{name} [{', '.join(['*' + prev] * 10)}]")
+    path = write(tmp_path / "bomb.yaml", "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"'train.lr' expects float, got \[\[") as info:
+        load_config(str(path))
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
