@@ -20,10 +20,12 @@ Standard library (+ optional `tokenizers`): the runtime imports this file.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
+import os
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from craft.runtime import bpe_pretokenizer as pre
 from craft.runtime.tokenizer import HF_JSON, META_SPACE
@@ -48,9 +50,14 @@ class BPEModel:
         unk = spec.get("unk_token")
         self.unk_id = self.vocab.get(unk) if unk is not None else None
         self.merges: dict[tuple[int, int], tuple[int, int]] = {}  # (left id, right id) -> (rank, merged id)
-        for rank, merge in enumerate(spec.get("merges", [])):
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            self.merges[(self.vocab[left], self.vocab[right])] = (rank, self.vocab[left + right])
+        for rank, merge in enumerate(spec.get("merges") or []):
+            try:
+                left, right = merge.split(" ") if isinstance(merge, str) else merge
+                self.merges[(self.vocab[left], self.vocab[right])] = (rank, self.vocab[left + right])
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(
+                    f"tokenizer.json's merge {rank} ({str(merge)[:40]!r}) is not two tokens of the vocabulary"
+                ) from None
         self._cache: dict[str, list[int]] = {}
 
     def tokenize(self, word: str) -> list[int]:
@@ -191,9 +198,10 @@ class HFTokenizer:
         else:
             self.json = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
             spec = json.loads(self.json)
+        check_shape(spec)
         self.bos_id, self.eos_id, self.pad_id, self.add_bos = int(bos_id), int(eos_id), int(pad_id), bool(add_bos)
-        model, added = spec.get("model") or {}, spec.get("added_tokens") or []
-        pieces = {i: t for t, i in (model.get("vocab") or {}).items()} | {t["id"]: t["content"] for t in added}
+        model, added = spec["model"], spec.get("added_tokens") or []
+        pieces = {i: t for t, i in model["vocab"].items()} | {t["id"]: t["content"] for t in added}
         self.vocab_size = max(pieces, default=-1) + 1
         self._pieces, self._token_ids = pieces, {t: i for i, t in pieces.items()}
         self._special = {t["id"] for t in added if t.get("special", False)}
@@ -210,8 +218,20 @@ class HFTokenizer:
             self._model = BPEModel(model)
 
     def encode(self, text: str) -> list[int]:
+        """ValueError for text that is not Unicode (a lone surrogate) or that the library gives up on
+        (a regex past its backtracking limit)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode (a lone surrogate at offset {e.start})") from None
         if self._library is not None:
-            return self._library.encode(text, add_special_tokens=False).ids
+            try:
+                with panics_unprinted():
+                    return self._library.encode(text, add_special_tokens=False).ids
+            except BaseException as e:  # a Rust panic is a BaseException
+                if not (isinstance(e, Exception) or is_panic(e)):
+                    raise
+                raise ValueError(f"the tokenizer failed on this text ({one_line(e)})") from None
         ids: list[int] = []
         for stretch, token_id, at_start in self._added.split(text):
             if token_id is not None:
@@ -259,9 +279,10 @@ class HFTokenizer:
     def from_bytes(cls, data: bytes, use_library: bool = True) -> "HFTokenizer":
         try:
             envelope = json.loads(data.decode("utf-8"))
-            assert envelope.get("kind") == HF_JSON and isinstance(envelope.get("tokenizer"), dict)
+            if envelope.get("kind") != HF_JSON or not isinstance(envelope.get("tokenizer"), dict):
+                raise ValueError
             ids = {k: int(envelope[k]) for k in ("bos_id", "eos_id", "pad_id")}
-        except (ValueError, AssertionError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError(
                 f"not a {HF_JSON} tokenizer: expected JSON with kind='{HF_JSON}', the special ids "
                 "and a 'tokenizer' object"
@@ -275,12 +296,72 @@ class HFTokenizer:
 
 
 def load_library(tokenizer_json: str):
-    """The `tokenizers` library's Tokenizer for this JSON, or None where the library is not installed."""
+    """The `tokenizers` library's Tokenizer for this JSON, or None where the library is not installed;
+    ValueError if the library refuses the JSON."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    return Tokenizer.from_str(tokenizer_json)
+    try:
+        with panics_unprinted():
+            return Tokenizer.from_str(tokenizer_json)
+    except BaseException as e:  # it raises a bare Exception, or panics (a BaseException) on some inputs
+        if not (isinstance(e, Exception) or is_panic(e)):
+            raise
+        raise ValueError(f"the tokenizers library refuses it ({one_line(e)})") from None
+
+
+@contextlib.contextmanager
+def panics_unprinted() -> Iterator[None]:
+    """stderr (fd 2) pointed at /dev/null for one library call: a Rust panic prints its message (with
+    RUST_BACKTRACE set, a stack too) before Python sees it as an exception, which the caller turns
+    into its one line. The library prints nothing otherwise."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        saved = None
+    if saved is None:
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def is_panic(e: BaseException) -> bool:
+    """A Rust panic inside the `tokenizers` library (pyo3_runtime.PanicException, not importable)."""
+    return type(e).__name__ == "PanicException"
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    return " ".join(str(e).split())[:limit]
+
+
+def check_shape(spec) -> None:
+    """ValueError unless `spec` has a tokenizer.json's shape where this file reads it: the model's
+    vocabulary (token -> id) and the added tokens (content, id). Ids must be ints >= 0."""
+
+    def is_id(value) -> bool:
+        return type(value) is int and value >= 0
+
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
+        raise ValueError("tokenizer.json needs a 'model' object with a 'vocab' object")
+    if not all(is_id(i) for i in model["vocab"].values()):
+        raise ValueError("tokenizer.json's model.vocab must map each token to an id >= 0")
+    added = spec.get("added_tokens") or []
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and is_id(t.get("id")) for t in added
+    ):
+        raise ValueError("tokenizer.json's added_tokens must be objects with a 'content' string and an 'id' >= 0")
+    for key in ("normalizer", "pre_tokenizer", "decoder"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise ValueError(f"tokenizer.json's '{key}' must be an object or null")
 
 
 def piece_decoder(decoder: dict | None) -> tuple[Callable[[str], bytes], bool]:
@@ -289,16 +370,19 @@ def piece_decoder(decoder: dict | None) -> tuple[Callable[[str], bytes], bool]:
     steps = (
         decoder.get("decoders", []) if decoder and decoder.get("type") == "Sequence" else [decoder] if decoder else []
     )
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise ValueError("tokenizer.json's decoder steps must be objects")
     kinds = [s.get("type") for s in steps]
     byte_level = "ByteLevel" in kinds
     metaspace = any(
         s.get("type") == "Metaspace"
-        or (s.get("type") == "Replace" and s.get("content") == " " and s.get("pattern", {}).get("String") == META_SPACE)
+        or (s.get("type") == "Replace" and s.get("content") == " " and s.get("pattern") == {"String": META_SPACE})
         for s in steps
     )
     byte_fallback = "ByteFallback" in kinds
     strip_space = any(
-        s.get("type") == "Strip" and s.get("content") == " " and s.get("start", 0) > 0 for s in steps
+        s.get("type") == "Strip" and s.get("content") == " " and type(s.get("start")) is int and s["start"] > 0
+        for s in steps
     ) or any(
         s.get("type") == "Metaspace"
         and s.get("prepend_scheme", "always") != "never"

@@ -92,7 +92,7 @@ class CharTokenizer:
     @classmethod
     def from_bytes(cls, data: bytes) -> "CharTokenizer":
         spec = json.loads(data.decode("utf-8"))
-        if spec.get("kind") != CHAR or not isinstance(spec.get("chars"), str):
+        if not isinstance(spec, dict) or spec.get("kind") != CHAR or not isinstance(spec.get("chars"), str):
             raise ValueError("not a char tokenizer: expected JSON with kind='char' and a 'chars' string")
         return cls(spec["chars"])
 
@@ -148,16 +148,20 @@ class SentencePieceTokenizer:
 
 
 def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
-    """Rebuild a tokenizer from what `to_bytes` wrote; ValueError for an unknown kind."""
-    if kind == CHAR:
-        return CharTokenizer.from_bytes(data)
-    if kind == SENTENCEPIECE:
-        return SentencePieceTokenizer(data)
-    if kind == HF_JSON:
+    """Rebuild a tokenizer from what `to_bytes` wrote; ValueError for an unknown kind or data that
+    does not make one (it comes from a file: any shape of JSON can arrive)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind '{kind}'; expected one of {', '.join(repr(k) for k in KINDS)}")
+    try:
+        if kind == CHAR:
+            return CharTokenizer.from_bytes(data)
+        if kind == SENTENCEPIECE:
+            return SentencePieceTokenizer(data)
         from craft.runtime.bpe_tokenizer import HFTokenizer
 
         return HFTokenizer.from_bytes(data)
-    raise ValueError(f"unknown tokenizer kind '{kind}'; expected one of {', '.join(repr(k) for k in KINDS)}")
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:  # a shape no check foresaw
+        raise ValueError(f"malformed {kind} tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class TextStream:

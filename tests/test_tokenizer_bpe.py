@@ -270,6 +270,59 @@ def test_hostile_pieces_stream_without_raising(sentencepiece_style):
     assert len(tok._bytes) == 2  # only real pieces are remembered
 
 
+def mutate(spec: dict, path: str, value) -> dict:
+    *parents, last = path.split(".")
+    node = spec
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    return spec
+
+
+@pytest.mark.parametrize("use_library", [True, False], ids=["library", "python"])
+@pytest.mark.parametrize(
+    "path, value, words",
+    [
+        ("model", "BPE", "needs a 'model' object"),
+        ("model.vocab", None, "needs a 'model' object"),
+        ("model.vocab.a", 1.5, "map each token to an id >= 0"),
+        ("model.vocab.a", -3, "map each token to an id >= 0"),
+        ("added_tokens.0", {"id": 0}, "'content' string"),
+        ("added_tokens.0.id", "0", "'content' string"),
+        ("decoder", [], "'decoder' must be an object"),
+        ("decoder.decoders", [1], "decoder steps must be objects"),
+        ("model.merges", [["no such", "token"]], "merge 0"),
+    ],
+)
+def test_malformed_tokenizer_is_one_value_error(sentencepiece_style, use_library, path, value, words):
+    """A tokenizer.json from a file can hold any JSON: each wrong shape is a ValueError naming what
+    is wrong (craft-run: one line), never a KeyError / TypeError / AttributeError from deep inside."""
+    spec = mutate(json.loads(sentencepiece_style), path, value)
+    envelope = json.dumps({"kind": HF_JSON, "bos_id": 1, "eos_id": 2, "pad_id": 0, "tokenizer": spec}).encode()
+    with pytest.raises(ValueError) as error:
+        HFTokenizer.from_bytes(envelope, use_library=use_library)
+    if not use_library or "library refuses" not in str(error.value):  # the library may refuse first
+        assert words in str(error.value)
+
+
+def test_library_panic_on_a_text_is_a_value_error(sentencepiece_style, capfd):
+    """A hostile pre-tokenizer regex makes the library panic (a Rust panic: a BaseException) on some
+    texts; encode turns it into a ValueError, and the panic's message never reaches stderr."""
+    spec = json.loads(sentencepiece_style)
+    spec["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"Regex": "(a+)+$"},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    tok = HFTokenizer(spec, bos_id=1, eos_id=2, pad_id=0, add_bos=False)
+    with pytest.raises(ValueError, match="the tokenizer failed on this text"):
+        tok.encode("a" * 40 + "b")
+    assert capfd.readouterr().err == ""
+    library = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    assert tok.encode("ab") == library.encode("ab", add_special_tokens=False).ids  # other texts still encode
+
+
 # ---- Hugging Face directory ----
 
 
