@@ -133,6 +133,7 @@ class NumpyBackend:
         assert 0 <= length <= self.cache_length
         self.cache_length = length
 
+    @np.errstate(all="ignore")  # NaN / inf from a damaged file: sampling names it in one line, not numpy
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
     ) -> np.ndarray:

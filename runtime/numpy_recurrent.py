@@ -49,6 +49,7 @@ class NumpyRecurrentBackend:
         self.state = [np.zeros((batch, self.spec.dim), np.float32) for _ in range(self.spec.n_layer)]
         self.cache_length = 0
 
+    @np.errstate(all="ignore")  # NaN / inf from a damaged file: sampling names it in one line, not numpy
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, last_only: bool = False
     ) -> np.ndarray:

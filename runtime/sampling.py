@@ -14,9 +14,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class SamplingError(ValueError):
     """Invalid sampling settings; the message names the flag and the valid range."""
+
+
+class LogitsError(ValueError):
+    """The model gave logits that are NaN or infinite: damaged weights, or values that overflow."""
+
+    def __init__(self):
+        super().__init__(
+            "the model's logits are not finite numbers (NaN or infinity): its weights are damaged or overflow "
+            "float32; re-export it from its source"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +85,8 @@ def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: 
         return logits
     out = logits.copy()
     seen = np.unique(previous)
-    values = out[seen]
-    out[seen] = np.where(values > 0, values / penalty, values * penalty)
+    values = out[seen].astype(np.float64)  # an extreme penalty (1e-300) saturates below instead of overflowing
+    out[seen] = np.clip(np.where(values > 0, values / penalty, values * penalty), -FLOAT32_MAX, FLOAT32_MAX)
     return out
 
 
@@ -159,10 +171,16 @@ def sample_next(
     if previous is not None:
         logits = apply_repetition_penalty(logits, previous, params.repetition_penalty)
     if params.greedy:
-        return int(np.argmax(logits))
+        token = int(np.argmax(logits))  # the first NaN, if any, or an infinity: checked in O(1)
+        if not math.isfinite(logits[token]):
+            raise LogitsError()
+        return token
+    if not math.isfinite(logits.max()):  # NaN wins max(); sorting would lose it and the candidates with it
+        raise LogitsError()
     if not 0 < params.top_k < logits.shape[-1]:
         ids, values = candidates(logits, params.top_k, params.top_p, params.min_p)
-        weights = np.exp((values - values[0]) / params.temperature)
+        with np.errstate(over="ignore", under="ignore"):  # a tiny temperature: exp(-huge) is 0, as meant
+            weights = np.exp((values - values[0]) / params.temperature)
         cdf = np.cumsum(weights)
         return int(ids[min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(ids) - 1)])
     ids, values = _sorted_top(logits, params.top_k)

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from craft.runtime.sampling import SamplingError, SamplingParams, candidates, sample_next
+from craft.runtime.sampling import (
+    LogitsError,
+    SamplingError,
+    SamplingParams,
+    apply_repetition_penalty,
+    candidates,
+    sample_next,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -165,3 +172,27 @@ def test_sampling_arguments_are_validated(kwargs, pattern):
     with pytest.raises(SamplingError, match=pattern) as e:
         SamplingParams(**kwargs)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(top_k=0, top_p=0.9, min_p=0.1)],
+    ids=["greedy", "top-k", "numpy path"],
+)
+def test_logits_that_are_not_finite_are_one_error(params, bad):
+    """A damaged file's NaN / inf logits: LogitsError (a ValueError craft-run prints in one line), not
+    an IndexError from an empty candidate list; all -inf counts too (nothing can be chosen)."""
+    logits = np.linspace(-1, 1, 100).astype(np.float32)
+    logits[np.arange(100) if bad == -np.inf else 37] = bad
+    with pytest.raises(LogitsError, match="not finite"):
+        sample_next(logits, params, np.random.default_rng(0))
+
+
+@pytest.mark.filterwarnings("error")  # numpy's overflow warnings became errors: none may be raised
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_extreme_repetition_penalty_saturates_quietly(penalty):
+    logits = np.array([3.0, -2.0, 1.0, 0.5], np.float32)
+    out = apply_repetition_penalty(logits, np.array([0, 1]), penalty)
+    assert np.isfinite(out).all() and out[2] == 1.0
+    assert sample_next(out, SamplingParams(top_k=0, top_p=0.5, temperature=1e-300), np.random.default_rng(0)) in (0, 2)
