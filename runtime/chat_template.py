@@ -14,12 +14,15 @@ Standard library + jinja2: the runtime imports this file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import threading
 import time
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 MAX_CHARS = 1_000_000  # rendered text; a whole context of any model we run is far below this
 MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one render
@@ -58,13 +61,15 @@ def render_chat(
     out: list[str] = []
     size = 0
     try:
-        for chunk in compiled.generate(messages=chat, add_generation_prompt=add_generation_prompt, **context):
-            size += len(chunk)
-            if size > max_chars:
-                raise ChatTemplateError(
-                    f"chat template output passed {max_chars} characters; the template or the conversation is too long"
-                )
-            out.append(chunk)
+        with time_limit(MAX_SECONDS):
+            for chunk in compiled.generate(messages=chat, add_generation_prompt=add_generation_prompt, **context):
+                size += len(chunk)
+                if size > max_chars:
+                    raise ChatTemplateError(
+                        f"chat template output passed {max_chars} characters; the template or the conversation "
+                        "is too long"
+                    )
+                out.append(chunk)
     except ChatTemplateError:
         raise
     except jinja2.exceptions.SecurityError as e:
@@ -74,6 +79,32 @@ def render_chat(
     except (Exception, RecursionError) as e:
         raise ChatTemplateError(f"chat template failed to render ({type(e).__name__}: {one_line(e)})") from None
     return "".join(out)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """ChatTemplateError once `seconds` pass, from a SIGALRM timer: the step budget is counted in
+    calls, but a loop over a long string calls nothing. Only on the main thread of a Unix process
+    whose interval timer is free (signals reach no other thread; a program's own timer is kept)."""
+    usable = (
+        hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise ChatTemplateError(f"chat template ran past its budget of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def one_line(e: BaseException) -> str:
@@ -103,7 +134,9 @@ def check_size(value: Any) -> Any:
 
 
 def check_arguments(name: str, subject: Any, args: tuple) -> None:
-    """Refuse the few string operations whose result can be far larger than their inputs."""
+    """Refuse the few operations whose result can be far larger than their inputs."""
+    for a in (subject, *args):
+        check_size(a)
     if name in AMPLIFYING:
         raise ChatTemplateError(f"chat template called {name}(), which chat templates do not need")
     if (
@@ -116,7 +149,11 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
         grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
         if len(subject) + grown > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
-    if name in ("format", "indent", "center", "wordwrap", "truncate") or name == "%":
+    if name == "join" and args and isinstance(args[0], str):  # the separator repeats once per item
+        items = len(subject) if hasattr(subject, "__len__") else None  # an iterator: only a short separator
+        if len(args[0]) > MAX_WIDTH if items is None else len(args[0]) * max(items - 1, 0) > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name in ("format", "indent", "center", "wordwrap", "truncate", "batch", "slice") or name == "%":
         for a in (subject, *args):
             if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (
                 isinstance(a, str) and WIDE_FORMAT.search(a)
@@ -221,7 +258,8 @@ def make_environment():
     def bounded_filter(name, function):
         def bounded(*args, **kwargs):
             env.tick()
-            check_arguments(name, None, args + tuple(kwargs.values()))
+            values = args[1:] if getattr(function, "jinja_pass_arg", None) else args  # after a context argument
+            check_arguments(name, values[0] if values else None, values[1:] + tuple(kwargs.values()))
             return check_size(function(*args, **kwargs))
 
         for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
@@ -233,6 +271,8 @@ def make_environment():
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        if isinstance(indent, (int, str)) and (abs(indent) if isinstance(indent, int) else len(indent)) > MAX_WIDTH:
+            raise ChatTemplateError(f"chat template asked tojson for an indent above {MAX_WIDTH}")
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def check_name(name):
@@ -255,11 +295,18 @@ def make_environment():
 
     env.filters["tojson"] = tojson
     env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})
+
+    def strftime_now(fmt):
+        if not isinstance(fmt, str) or len(fmt) > MAX_WIDTH or re.search(r"%[-_0^#]*\d", fmt):
+            raise ChatTemplateError("chat template gave strftime_now a format with widths or over 1000 characters")
+        return datetime.now().strftime(fmt)
+
+    env.globals.pop("lipsum", None)  # jinja2's lorem ipsum: one call builds any size; no chat template uses it
     env.globals.update(
         range=bounded_range,
         raise_exception=raise_exception,
         namespace=Namespace,
-        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        strftime_now=strftime_now,
         dict=lambda *a, **k: dict(*a, **k),
     )
     return env

@@ -4,9 +4,11 @@ line, fast; the template and end-of-turn ids travel in the artifact metadata."""
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import pytest
 
+from craft.runtime import chat_template
 from craft.runtime.artifact import (
     META_CHAT_TEMPLATE,
     META_EOT_IDS,
@@ -67,6 +69,16 @@ HOSTILE = {
     "syntax": "{% for m in %}",
     "raise": "{{ raise_exception('Conversation roles must alternate') }}",
     "underscore namespace": "{% set ns = namespace() %}{% set ns._x = 1 %}",
+    # values built inside one call, before its result could be measured
+    "macro doubling": (
+        "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{% set x = f('ab', 26) %}"
+    ),
+    "replace filter": "{% set x = ('x' * 1000000) | replace('x', 'y' * 50) %}",
+    "tojson indent": "{% set x = messages | tojson(indent=100000000) %}",
+    "join separator": "{% set x = range(100) | join('x' * 1000000) %}",
+    "strftime width": "{% set x = strftime_now('%999Y' * 100000) %}",
+    "batch fill": "{% set x = range(5) | batch(100000000, 'x') | list %}",
+    "lipsum": "{% set x = lipsum(n=10000000) %}",
 }
 
 
@@ -105,11 +117,27 @@ def test_smollm2_template_from_its_gguf(smollm2_gguf):
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_templates_fail_with_one_line(name):
     started = time.monotonic()
-    with pytest.raises(ChatTemplateError) as error:
-        render_chat(HOSTILE[name], CONVERSATIONS[1])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChatTemplateError) as error:
+            render_chat(HOSTILE[name], CONVERSATIONS[1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert time.monotonic() - started < 10  # stopped by a budget, not by exhausting the machine
+    assert peak < 32 * 2**20  # refused before the value is built (a 1M-character bound is a few MB)
     message = str(error.value)
     assert "\n" not in message and message.startswith("chat template ")
+
+
+def test_a_loop_that_calls_nothing_is_stopped_by_the_clock(monkeypatch):
+    """No call, no step counted: a loop over a long string is stopped by the timer alone."""
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.5)
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="ran past its budget of 0.5 s"):
+        render_chat("{% set s = 'a' * 1000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", [])
+    assert time.monotonic() - started < 5
+    assert render_chat(CHATML, CONVERSATIONS[0])  # the timer is gone: the next render is not cut short
 
 
 def test_messages_and_output_are_bounded():
