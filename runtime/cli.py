@@ -63,17 +63,27 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def read_prompt(prompt: str | None) -> str:
     """PROMPT, or stdin when it is omitted, as text. Bytes that are not UTF-8 are refused rather
     than replaced: a prompt silently changed would give a surprising continuation."""
-    if prompt is None:
-        if sys.stdin.isatty():
-            click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)
-        data = sys.stdin.buffer.read()
-    else:
-        data = os.fsencode(prompt)  # argv's undecodable bytes come back as they were (surrogateescape)
+    if prompt is not None:
+        return utf8_argument(prompt, "the prompt")
+    if sys.stdin is None:
+        fail("no PROMPT was given and stdin is closed; give PROMPT or pipe it in")
+    if sys.stdin.isatty():
+        click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)
+    return utf8(sys.stdin.buffer.read(), "the prompt")
+
+
+def utf8_argument(text: str, what: str) -> str:
+    """A command-line argument as the text it was typed as: argv's undecodable bytes come back as
+    they were (Python keeps them as surrogates, which no tokenizer can encode) and are refused."""
+    return utf8(os.fsencode(text), what)
+
+
+def utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         fail(
-            f"the prompt is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
             f"convert it first, e.g. iconv -f LATIN1 -t UTF-8"
         )
 
@@ -82,6 +92,8 @@ def write(text: str) -> None:
     """Text to stdout, now. A reader that went away (`| head -1`) ends craft-run quietly; a full
     disk ends it with one line. Either way stdout is pointed at /dev/null so that Python's own
     flush at exit does not print a second error."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        fail("stdout is closed; redirect it instead, e.g. > out.txt or > /dev/null", EXIT_OUTPUT)
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -232,12 +244,18 @@ def main(
             fail(str(e))
         write(report + "\n")
         return
+    stop = tuple(unescape(utf8_argument(s, "--stop")) for s in sampling["stop"])
     try:
-        params = SamplingParams(**{**sampling, "stop": tuple(unescape(s) for s in sampling["stop"])})
+        params = SamplingParams(**{**sampling, "stop": stop})
     except SamplingError as e:
         fail(str(e))
     if system is not None and not chat:
         fail("--system is the chat's system prompt; add --chat")
+    system = None if system is None else utf8_argument(system, "--system")
+    if sys.stdout is None:
+        fail("stdout is closed; redirect it instead, e.g. > out.txt or > /dev/null", EXIT_OUTPUT)
+    if chat and prompt is None and sys.stdin is None:
+        fail("--chat without PROMPT reads messages from stdin, which is closed; give PROMPT or a terminal")
     if chat and (truncate or (as_json and prompt is None)):
         fail("--chat takes neither --truncate nor, without a PROMPT (interactive), --json; drop them")
     prompt = None if chat and prompt is None else read_prompt(prompt)
@@ -344,6 +362,11 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             sys.exit(EXIT_INTERRUPTED)
         except UnicodeDecodeError as e:
             click.echo(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped", err=True)
+            continue
+        try:  # a C / POSIX locale reads stdin with surrogateescape: bad bytes arrive as surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            click.echo("craft-run: error: the message is not UTF-8 text; it was skipped", err=True)
             continue
         if not text.strip():
             continue

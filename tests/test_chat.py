@@ -321,6 +321,28 @@ def test_cli_chat_over_a_pipe_keeps_the_conversation(models):
     assert "(0 cached)" in first and "(0 cached)" not in second  # turn 2 reused the cache
 
 
+def test_cli_chat_text_that_is_not_utf8(models):
+    """--system is refused like PROMPT; a piped message with bad bytes is skipped and the chat goes on
+    (a C.UTF-8 locale reads stdin with surrogateescape: the bytes arrive as surrogates)."""
+    system = subprocess.run(
+        [*CRAFT_RUN, str(models["fp32"]), "hi", "--chat", "--system", b"\xff\xfe"], capture_output=True, timeout=120
+    )
+    assert system.returncode == 2 and system.stderr.decode().startswith("craft-run: error: --system is not UTF-8")
+    piped = subprocess.run(
+        [*CRAFT_RUN, str(models["fp32"]), "--chat", *GREEDY_FLAGS],
+        input=b"\xff\xfe\nHello there\n",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr.decode() == "craft-run: error: the message is not UTF-8 text; it was skipped\n"
+    assert (
+        piped.stdout.decode()
+        == "".join(Conversation(Generator(models["fp32"], threads=1)).reply("Hello there", GREEDY)) + "\n"
+    )
+
+
 def test_cli_context_full_starts_a_new_conversation(models):
     gen = Generator(models["fp32"], threads=1, max_context=60)
     fresh_second = "".join(Conversation(gen).reply("Tell me", GREEDY))

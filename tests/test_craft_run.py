@@ -115,3 +115,27 @@ def test_threads_reach_blas_before_numpy_loads(tmp_path):
     )
     assert result.returncode == 2 and "does not exist" in result.stderr
     assert result.stdout.splitlines()[0] == "BLAS threads at numpy import: 3", result.stdout
+
+
+@pytest.mark.parametrize(
+    "redirect, flags, words",
+    [
+        (">&-", ["hi"], "stdout is closed"),
+        (">&-", ["hi", "--json"], "stdout is closed"),
+        (">&-", ["--estimate"], "stdout is closed"),
+        ("<&-", [], "stdin is closed"),
+    ],
+)
+def test_closed_stdout_or_stdin_is_one_line(char_int8, redirect, flags, words):
+    """Started with a standard stream closed, Python has None for it: one line, not an AttributeError."""
+    result = subprocess.run(
+        ["bash", "-c", f'exec "$@" {redirect}', "_", *CRAFT_RUN, str(char_int8), *flags, "-n", "3"],
+        capture_output=True,
+        timeout=120,
+    )
+    one_line_error(result, 1 if redirect == ">&-" else 2, words)
+
+
+def test_flags_that_are_not_utf8_are_refused(char_int8):
+    result = subprocess.run([*CRAFT_RUN, str(char_int8), "hi", "--stop", b"\xff", "-n", "3"], capture_output=True)
+    one_line_error(result, 2, "--stop is not UTF-8")
