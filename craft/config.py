@@ -137,9 +137,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(
-                f"config file {path} does not exist; pass a YAML path or a preset: {', '.join(list_presets())}"
-            )
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; pass a YAML path or a preset: {', '.join(list_presets())}")
         return path
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():

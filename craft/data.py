@@ -59,6 +59,10 @@ class Corpus:
             if not files:
                 raise DataError(f"corpus directory {path} has no .txt files; add some or point data.path at a file")
             return files
+        if not path.is_file():  # a pipe would block, a device never ends: only files and directories
+            raise DataError(
+                f"corpus {path} is not a regular file or a directory; set data.path to a .txt file or a directory"
+            )
         return [path]
 
     def documents(self) -> Iterator[Iterator[str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -123,6 +125,14 @@ def test_unknown_preset_suggests(tmp_path):
         load_config("tinny")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_config_that_is_not_a_regular_file(tmp_path):
+    """A pipe (or a device) as --config would block or never end: refused by what it is."""
+    os.mkfifo(tmp_path / "c.yaml")
+    for path in (tmp_path / "c.yaml", "/dev/zero"):
+        with pytest.raises(ConfigError, match="is not a regular file; pass a YAML path or a preset"):
+            load_config(str(path))
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

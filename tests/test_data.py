@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,8 @@ def test_bundled_corpus_is_python_docs():
         (lambda p: p / "missing.txt", "does not exist; set data.path"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "has no .txt files"),
         (lambda p: (p / "bad.txt").write_bytes(b"ok\xff\xfe bad") and p / "bad.txt", "is not UTF-8 text"),
+        (lambda p: os.mkfifo(p / "pipe.txt") or p / "pipe.txt", "is not a regular file or a directory"),  # blocked
+        (lambda p: Path("/dev/zero"), "is not a regular file or a directory"),  # never ended
     ],
 )
 def test_bad_corpus_one_line_error(tmp_path, setup, pattern):
