@@ -13,13 +13,26 @@ the weights are back in the Hugging Face layout that craft.model uses.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from craft.config import ModelConfig
-from craft.export.sources import GGUF, Source, SourceError, check_shapes, file_sha256, rename
+from craft.export.sources import (
+    GGUF,
+    MAX_CONTEXT_LENGTH,
+    Source,
+    SourceError,
+    check_config,
+    check_shapes,
+    config_number,
+    file_sha256,
+    regular_file,
+    rename,
+)
+from craft.runtime.artifact_check import RANGES
 
 ARCHITECTURES = ("llama",)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -46,6 +59,8 @@ def load_gguf(path: Path) -> Source:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    if not regular_file(path, "a GGUF file (--from gguf)"):  # before the reader opens it: a FIFO blocks it
+        raise SourceError(f"{path} does not exist; give the path of a .gguf file")
     try:
         reader = GGUFReader(path)
     except (
@@ -63,7 +78,7 @@ def load_gguf(path: Path) -> Source:
     shapes = {
         c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in craft_names.items()
     }  # GGUF lists dims fastest first
-    check_shapes(cfg, shapes, str(path), TENSOR_NAMES)
+    check_shapes(cfg, shapes, str(path), TENSOR_NAMES, f"{architecture}.block_count")
     for name in craft_names.values():
         kind = tensors[name].tensor_type.name
         if kind not in SUPPORTED_TYPES:
@@ -92,13 +107,17 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
             f"(or the Hugging Face directory of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
         )
 
-    def get(key: str, default=None):
+    def get(key: str, kind: type[int] | type[float], lo: float, hi: float = math.inf, default=None, **bounds):
         value = fields.get(f"{architecture}.{key}", default)
-        if value is None or isinstance(value, (str, list)):
+        if value is None:
             raise SourceError(
                 f"{where} lacks a number for '{architecture}.{key}', which a {architecture} GGUF must have"
             )
-        return value
+        return config_number(value, f"{architecture}.{key}", where, kind, lo, hi, **bounds)
+
+    def size(key: str, field: str, default=None) -> int:
+        """An integer field within the range craft-run accepts for the ModelSpec field it becomes."""
+        return get(key, int, *RANGES[field], default=default)
 
     scaling = fields.get(f"{architecture}.rope.scaling.type", "none")
     if scaling != "none":
@@ -112,10 +131,10 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
         )
     if "token_embd.weight" not in tensors:
         raise SourceError(f"{where} lacks tensor token_embd.weight; the file is incomplete")
-    dim, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", dim // max(n_head, 1)))
-    rotary = int(get("rope.dimension_count", head_dim))
-    if rotary != head_dim or int(get("attention.value_length", head_dim)) != head_dim:
+    dim, n_head = size("embedding_length", "dim"), size("attention.head_count", "n_head")
+    head_dim = size("attention.key_length", "head_dim", default=dim // n_head)
+    rotary = size("rope.dimension_count", "head_dim", default=head_dim)
+    if rotary != head_dim or size("attention.value_length", "head_dim", default=head_dim) != head_dim:
         raise SourceError(
             f"{where}: partial rotary ({rotary} of {head_dim}) or different key/value widths are not supported"
         )
@@ -123,25 +142,18 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
     cfg = ModelConfig(
         vocab_size=vocab,
         dim=dim,
-        n_layer=int(get("block_count")),
+        n_layer=size("block_count", "n_layer"),
         n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        ffn_dim=int(get("feed_forward_length")),
-        context_length=int(get("context_length")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        n_kv_head=size("attention.head_count_kv", "n_kv_head", default=n_head),
+        ffn_dim=size("feed_forward_length", "hidden_dim"),
+        context_length=get("context_length", int, 1, MAX_CONTEXT_LENGTH),
+        rope_theta=get("rope.freq_base", float, 0, default=10000.0, above=True),
+        norm_eps=get("attention.layer_norm_rms_epsilon", float, 0, 1, default=1e-5, below=True),
         tie_embeddings="output.weight" not in tensors,
         dropout=0.0,
         head_size=head_dim if head_dim * n_head != dim else 0,
     )
-    for key in ("dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "context_length"):
-        if getattr(cfg, key) <= 0:
-            raise SourceError(f"{where}: {key} must be positive, got {getattr(cfg, key)}")
-    if cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
-        raise SourceError(
-            f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
-            f"heads must be a multiple of key-value heads and the width even"
-        )
+    check_config(cfg, where)
     return architecture, cfg
 
 

@@ -19,7 +19,20 @@ import numpy as np
 import torch
 
 from craft.config import ModelConfig
-from craft.export.sources import HF, Source, SourceError, check_shapes, file_sha256, rename
+from craft.export.sources import (
+    HF,
+    MAX_CONTEXT_LENGTH,
+    Source,
+    SourceError,
+    check_config,
+    check_shapes,
+    config_number,
+    file_sha256,
+    read_json,
+    regular_file,
+    rename,
+)
+from craft.runtime.artifact_check import RANGES
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -49,11 +62,13 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers saved
 
 def load_hf(directory: Path) -> Source:
     """The model in a Hugging Face directory as a Source; SourceError (one line) if unusable."""
+    if not directory.is_dir():
+        raise SourceError(
+            f"{directory} is not a directory; a Hugging Face model is a directory with config.json, "
+            "weights and tokenizer.json"
+        )
     config_path = directory / "config.json"
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"cannot read {config_path} ({e}); it must be the model's JSON config") from None
+    hf = read_json(config_path, "the model's JSON config")
     if not isinstance(hf, dict):
         raise SourceError(f"{config_path} is not a JSON object; it must be the model's config")
     architecture, cfg = model_config(hf, config_path)
@@ -61,7 +76,8 @@ def load_hf(directory: Path) -> Source:
     craft_names = {rename(name, TENSOR_NAMES): name for name in tensors if not name.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_embeddings:
         craft_names.pop("output.weight", None)  # some tied checkpoints store the head too: it is the embedding
-    check_shapes(cfg, {c: tensors[h].shape for c, h in craft_names.items()}, str(directory), TENSOR_NAMES)
+    shapes = {c: tensors[h].shape for c, h in craft_names.items()}
+    check_shapes(cfg, shapes, str(directory), TENSOR_NAMES, "num_hidden_layers in config.json")
     state = {c: tensors[h].read() for c, h in craft_names.items()}
     return Source(HF, directory, architecture, cfg, state, file_sha256([config_path, *files]))
 
@@ -78,82 +94,105 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
         )
 
     def get(key: str, kind: type, default=None):
-        value = hf.get(key, default)
+        """A text or flag field (numbers go through number)."""
+        value = hf.get(key)
+        value = default if value is None else value  # null is "not given", as transformers reads it
         if value is None:
             raise SourceError(f"{where} lacks '{key}', which a {architecture} config must have")
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise SourceError(f"{where}: '{key}' must be {kind.__name__}, got {value!r}")
+        if not isinstance(value, kind):
+            raise SourceError(f"{where}: '{key}' must be {kind.__name__}, got {json.dumps(value)[:60]}")
         return value
+
+    def number(key: str, kind: type[int] | type[float], lo: float, hi: float = math.inf, default=None, **bounds):
+        value = hf.get(key)
+        value = default if value is None else value
+        if value is None:
+            raise SourceError(f"{where} lacks '{key}', which a {architecture} config must have")
+        return config_number(value, key, where, kind, lo, hi, **bounds)
+
+    def size(key: str, field: str, default=None) -> int:
+        """An integer field within the range craft-run accepts for the ModelSpec field it becomes."""
+        return number(key, int, *RANGES[field], default=default)
 
     def refuse_unless(ok: bool, what: str) -> None:
         if not ok:
             raise SourceError(f"{where}: {what} is not supported by Craft's {architecture} import")
 
-    dim, n_head = get("hidden_size", int), get("num_attention_heads", int)
+    dim, n_head = size("hidden_size", "dim"), size("num_attention_heads", "n_head")
     refuse_unless(get("hidden_act", str, "silu") == "silu", f"hidden_act '{hf.get('hidden_act')}' (only silu)")
     refuse_unless(not hf.get("mlp_bias", False), "mlp_bias")
     refuse_unless(
         not hf.get("attention_bias", False) or architecture == "Qwen2ForCausalLM", "attention_bias (an o_proj bias)"
     )
     refuse_unless(not hf.get("use_sliding_window", False), "use_sliding_window")
-    context = get("max_position_embeddings", int)
+    context = number("max_position_embeddings", int, 1, MAX_CONTEXT_LENGTH)
     if architecture == "MistralForCausalLM" and hf.get("sliding_window") is not None:
-        context = min(context, get("sliding_window", int))  # within the window, attention is exactly full causal
+        # within the window, attention is exactly full causal
+        context = min(context, number("sliding_window", int, 1))
     rope = rope_settings(hf, where)
-    head_dim = get("head_dim", int, dim // n_head)
+    head_dim = size("head_dim", "head_dim", default=dim // n_head)
     cfg = ModelConfig(
-        vocab_size=get("vocab_size", int),
+        vocab_size=size("vocab_size", "vocab_size"),
         dim=dim,
-        n_layer=get("num_hidden_layers", int),
+        n_layer=size("num_hidden_layers", "n_layer"),
         n_head=n_head,
-        n_kv_head=get("num_key_value_heads", int, n_head),
-        ffn_dim=get("intermediate_size", int),
+        n_kv_head=size("num_key_value_heads", "n_kv_head", default=n_head),
+        ffn_dim=size("intermediate_size", "hidden_dim"),
         context_length=context,
         rope_theta=rope.pop("rope_theta"),
-        norm_eps=get("rms_norm_eps", float, 1e-6),
+        norm_eps=number("rms_norm_eps", float, 0, 1, default=1e-6, below=True),
         tie_embeddings=get("tie_word_embeddings", bool, False),
         dropout=0.0,
         head_size=head_dim if head_dim * n_head != dim else 0,
         qkv_bias=architecture == "Qwen2ForCausalLM",
         **rope,
     )
-    for key in ("vocab_size", "dim", "n_layer", "n_head", "ffn_dim", "context_length"):
-        if getattr(cfg, key) <= 0:
-            raise SourceError(f"{where}: {key} must be positive, got {getattr(cfg, key)}")
-    if cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
-        raise SourceError(
-            f"{where}: {cfg.n_head} heads, {cfg.n_kv_head} key-value heads of width {cfg.head_dim}: "
-            f"heads must be a multiple of key-value heads and the width even"
-        )
+    check_config(cfg, where)
     return architecture, cfg
 
 
 def rope_settings(hf: dict, where: Path) -> dict:
     """rope_theta and the Llama-3 scaling fields of ModelConfig, from rope_theta / rope_scaling
     (transformers 4) or rope_parameters (transformers 5)."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(name) or {}
     if not isinstance(params, dict):
-        raise SourceError(f"{where}: rope_scaling must be a JSON object or null, got {params!r}")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        raise SourceError(f"{where}: {name} must be a JSON object or null, got {json.dumps(params)[:60]}")
+    if params.get("rope_theta") is not None:
+        theta, theta_key = params["rope_theta"], f"{name}.rope_theta"
+    else:
+        theta, theta_key = hf.get("rope_theta") if hf.get("rope_theta") is not None else 10000.0, "rope_theta"
+    out = {"rope_theta": config_number(theta, theta_key, where, float, 0, above=True)}
     kind = params.get("rope_type", params.get("type", "default"))
-    out = {"rope_theta": float(theta)}
     if kind == "default":
         return out
     if kind != "llama3":
-        raise SourceError(f"{where}: rope_scaling type '{kind}' is not supported; Craft imports no scaling or 'llama3'")
+        raise SourceError(
+            f"{where}: {name} type {json.dumps(kind)[:60]} is not supported; Craft imports no scaling or 'llama3'"
+        )
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [k for k in keys if not isinstance(params.get(k), (int, float))]
+    missing = [k for k in keys if params.get(k) is None]
     if missing:
-        raise SourceError(f"{where}: llama3 rope_scaling lacks {', '.join(missing)}")
-    if not params["high_freq_factor"] > params["low_freq_factor"] or params["factor"] <= 0:
-        raise SourceError(f"{where}: llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor")
+        raise SourceError(f"{where}: llama3 {name} lacks {', '.join(missing)}")
+    factor, low, high = (
+        config_number(params[k], f"{name}.{k}", where, float, 0, above=True)
+        for k in ("factor", "low_freq_factor", "high_freq_factor")
+    )  # low divides (craft.model.rope_frequencies): above 0
+    original = config_number(
+        params["original_max_position_embeddings"],
+        f"{name}.original_max_position_embeddings",
+        where,
+        int,
+        1,
+        MAX_CONTEXT_LENGTH,
+    )
+    if not high > low:
+        raise SourceError(f"{where}: llama3 {name} needs high_freq_factor > low_freq_factor, got {high} and {low}")
     out.update(
-        rope_scaling_factor=float(params["factor"]),
-        rope_low_freq_factor=float(params["low_freq_factor"]),
-        rope_high_freq_factor=float(params["high_freq_factor"]),
-        rope_original_context=int(params["original_max_position_embeddings"]),
+        rope_scaling_factor=factor,
+        rope_low_freq_factor=low,
+        rope_high_freq_factor=high,
+        rope_original_context=original,
     )
     return out
 
@@ -175,9 +214,9 @@ def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
         (SAFETENSORS, SAFETENSORS_INDEX, safetensors_tensors),
         (TORCH_BIN, TORCH_BIN_INDEX, torch_bin_tensors),
     ):
-        if (directory / index).is_file():
+        if regular_file(directory / index):
             files = shard_files(directory / index)
-        elif (directory / single).is_file():
+        elif regular_file(directory / single):
             files = [directory / single]
         else:
             continue
@@ -192,19 +231,21 @@ def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
 
 
 def shard_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise SourceError(f"cannot read the shard index {index} ({e}); it must be save_pretrained's JSON") from None
+    what = "save_pretrained's shard index, a JSON object with a 'weight_map' of tensor name -> shard file"
+    weight_map = read_json(index, what)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{index} is not {what}; save the model with save_pretrained again")
+    names = sorted(set(weight_map.values()))
     for name in names:
-        if not isinstance(name, str) or Path(name).name != name or not (index.parent / name).is_file():
-            raise SourceError(f"{index} names shard {name!r}, which is not a file in {index.parent}")
+        if Path(name).name != name or not regular_file(index.parent / name):
+            raise SourceError(f"{index} names shard {name[:100]!r}, which is not a file in {index.parent}")
     return [index.parent / name for name in names]
 
 
 def safetensors_tensors(path: Path) -> dict[str, Tensor]:
     """Name -> Tensor of a .safetensors file, every offset checked against the file's size."""
+    regular_file(path)  # a FIFO would block the read forever
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -215,34 +256,73 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
             )
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the stack
             raise SourceError(
                 f"{path} has an unreadable safetensors header; the file is corrupt or truncated"
             ) from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise SourceError(
+            f"{path}: its safetensors header is a JSON {type(header).__name__}, expected an object of "
+            "tensor entries; the file is corrupt"
+        )
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise SourceError(f"{path}: its __metadata__ is not an object of strings; the file is corrupt")
     base = 8 + header_len
-    tensors = {}
+    tensors, spans = {}, []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{path}: tensor {name} has a malformed header entry; the file is corrupt") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise SourceError(f"{path}: tensor {name} has dtype {dtype}; Craft imports {', '.join(SAFETENSORS_DTYPES)}")
-        itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-        if end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end:
-            raise SourceError(
-                f"{path}: tensor {name} claims {end - begin} bytes for shape {list(shape)} of {dtype}; "
-                "the file is corrupt"
-            )
-        if base + end > size:
-            raise SourceError(
-                f"{path} is truncated: tensor {name} ends at byte {base + end}, the file has {size}; download it again"
-            )
+        dtype, shape, begin, end = header_entry(path, name, info, base, size)
         tensors[name] = Tensor(
             shape, lambda dtype=dtype, shape=shape, offset=base + begin: _read_safetensor(path, dtype, shape, offset)
         )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, previous_end, previous), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < previous_end:  # two tensors sharing bytes: a writer never does that
+            raise SourceError(
+                f"{path}: tensors {previous[:100]} and {name[:100]} overlap (bytes {begin} to {previous_end}); "
+                "the file is corrupt"
+            )
     return tensors
+
+
+def header_entry(path: Path, name: str, info: object, base: int, size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one safetensors header entry, checked against the format and the
+    file's `size` (its data starts at byte `base`); SourceError naming the tensor otherwise."""
+
+    def count(value: object) -> bool:  # a JSON integer >= 0 (not a float like 64.5, not a bool)
+        return type(value) is int and value >= 0
+
+    if not (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(count(d) for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(count(o) for o in info["data_offsets"])
+    ):
+        raise SourceError(
+            f"{path}: tensor {name[:100]} has a malformed header entry (expected a dtype string, a shape of "
+            "integers >= 0 and two integer data_offsets); the file is corrupt"
+        )
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise SourceError(
+            f"{path}: tensor {name[:100]} has dtype {dtype[:20]}; Craft imports {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    itemsize = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if end - begin != math.prod(shape) * itemsize:
+        raise SourceError(
+            f"{path}: tensor {name[:100]} claims {end - begin} bytes for shape {str(list(shape))[:80]} of {dtype}; "
+            "the file is corrupt"
+        )
+    if base + end > size:
+        raise SourceError(
+            f"{path} is truncated: tensor {name[:100]} ends at byte {base + end}, the file has {size}; "
+            "download it again"
+        )
+    return dtype, shape, begin, end
 
 
 def _read_safetensor(path: Path, dtype: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
@@ -255,6 +335,7 @@ def _read_safetensor(path: Path, dtype: str, shape: tuple[int, ...], offset: int
 
 def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
     """Name -> Tensor of a pytorch_model.bin, loaded with weights_only=True (no code runs) and mmap."""
+    regular_file(path)  # a FIFO would block torch.load forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...: all mean "unusable file"

@@ -5,12 +5,15 @@ exports are swept, and the tokenizer verified is the one that goes into the file
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -145,3 +148,220 @@ def test_stray_tokenizer_of_another_kind_is_ignored_and_stale_temps_swept(run_co
     generator = Generator(output, backend="numpy")
     assert generator.artifact.tokenizer_kind == "char"
     assert generator.artifact.tokenizer_data == (run_copy / rd.CHAR_TOKENIZER).read_bytes()
+
+
+# --- hostile imported sources: each refused in one line (exit 2), nothing written ---------------------
+#
+# A small Llama as a Hugging Face directory (config.json, model.safetensors written here, tokenizer.json
+# from import_models.save_tokenizer) and as a GGUF file; each test copies one and damages the copy.
+
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 300,  # import_models.VOCAB: the tokenizer's size
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def small_weights(table: dict[str, str]) -> dict[str, np.ndarray]:
+    """Random weights of HF_CONFIG's model under a source's names (`table`: source -> Craft, with {i})."""
+    from craft.config import ModelConfig
+    from craft.export.sources import expected_shapes, rename
+
+    cfg = ModelConfig(vocab_size=300, dim=16, n_layer=2, n_head=2, n_kv_head=1, ffn_dim=32, context_length=32)
+    cfg.tie_embeddings = False
+    back = {craft: name for name, craft in table.items()}
+    rng = np.random.default_rng(0)
+    return {
+        rename(name, back): (rng.standard_normal(shape) * 0.2 + ("norm" in name)).astype(np.float32)
+        for name, shape in expected_shapes(cfg).items()
+    }
+
+
+def write_safetensors(path: Path, tensors: dict, edit_header=None) -> None:
+    """A .safetensors file of float32 `tensors`; edit_header(header) may return another header (any JSON)."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        data = array.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    if edit_header is not None:
+        header = edit_header(header)
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory) -> Path:
+    """A Hugging Face directory that exports (test_pristine_sources_export); tests damage copies."""
+    pytest.importorskip("tokenizers", reason="save_tokenizer trains with the tokenizers library")
+    from craft.export.source_hf import TENSOR_NAMES
+    from import_models import save_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf")
+    (directory / "config.json").write_text(json.dumps(HF_CONFIG))
+    write_safetensors(directory / "model.safetensors", small_weights(TENSOR_NAMES))
+    save_tokenizer(directory)
+    return directory
+
+
+def gguf_value_type(value):
+    import gguf
+
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return T.BOOL
+    if isinstance(value, int):
+        return T.UINT64 if value >= 1 << 32 else T.UINT32
+    return {float: T.FLOAT32, str: T.STRING, list: T.ARRAY}[type(value)]
+
+
+def write_small_gguf(path: Path, directory: Path, **edits) -> Path:
+    """HF_CONFIG's model as a llama GGUF with the tokenizer of `directory`; `edits` replace metadata
+    (key with "." as "__": llama__block_count=...) and None drops a key."""
+    import gguf
+
+    from craft.export.source_gguf import TENSOR_NAMES
+
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in spec["added_tokens"]}
+    meta = {
+        "llama.context_length": 32,
+        "llama.embedding_length": 16,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 32,
+        "llama.attention.head_count": 2,
+        "llama.attention.head_count_kv": 1,
+        "llama.rope.freq_base": 10000.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in specials else 1 for t in tokens],
+        "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]],
+        "tokenizer.ggml.bos_token_id": vocab["<s>"],
+        "tokenizer.ggml.eos_token_id": vocab["</s>"],
+    }
+    for key, value in edits.items():
+        meta[key.replace("__", ".")] = value
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in meta.items():
+        if value is None:
+            continue
+        sub = gguf_value_type(value[0]) if isinstance(value, list) else None
+        writer.add_key_value(key, value, gguf_value_type(value), sub_type=sub)
+    for name, array in small_weights(TENSOR_NAMES).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def hf_copy(hf_source: Path, tmp_path: Path, **config_edits) -> Path:
+    """A copy of hf_source with config.json's keys replaced (None deletes one)."""
+    directory = tmp_path / "model"
+    shutil.copytree(hf_source, directory)
+    config = {**HF_CONFIG, **config_edits}
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return directory
+
+
+def refused(source: Path, *needles: str, kind: str | None = None) -> str:
+    """export() refuses `source` with one line (ExportError: exit 2 in craft-export) holding every
+    needle, and writes nothing."""
+    from craft.export.exporter import export
+
+    output = source.parent / "out.onnx"
+    with pytest.raises(ExportError) as e:
+        export(source, output, quantize="none", log=lambda *a: None, kind=kind)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 600, message
+    for needle in needles:
+        assert needle in message, message
+    assert not output.exists()
+    return message
+
+
+def test_pristine_sources_export(hf_source, tmp_path):
+    """The fixtures themselves export: each refusal below is the damage's doing."""
+    from craft.export.exporter import export
+
+    export(hf_source, tmp_path / "hf.onnx", quantize="none", log=lambda *a: None)
+    gguf_path = write_small_gguf(tmp_path / "m.gguf", hf_source)
+    export(gguf_path, tmp_path / "gguf.onnx", quantize="none", log=lambda *a: None)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "edits, needle",
+    [
+        (dict(num_hidden_layers=10**6), "'num_hidden_layers' is 1000000"),  # was minutes and GBs
+        (dict(num_hidden_layers=3), "claims 3 layers (num_hidden_layers"),  # in range; the weights hold 2
+        (dict(max_position_embeddings=10**7), "'max_position_embeddings' is 10000000"),  # GBs of RoPE table
+        (dict(max_position_embeddings=2**20, head_dim=256, hidden_size=512), "RoPE tables"),
+        (dict(num_attention_heads=0), "'num_attention_heads' is 0"),  # ZeroDivisionError
+        (dict(head_dim=0), "'head_dim' is 0"),  # was silently dim / heads
+        (dict(rope_theta=10**400), "'rope_theta' is 1000"),  # OverflowError
+        (dict(rope_theta=[1]), "'rope_theta' is [1]"),  # TypeError
+        (dict(rope_theta="abc"), "'rope_theta' is \"abc\""),  # a bare "could not convert" line
+        (dict(rope_theta=float("nan")), "'rope_theta' is NaN"),  # exit 3 (verification) before
+        (dict(rope_theta=-5.0), "'rope_theta' is -5.0"),
+        (dict(rms_norm_eps=float("nan")), "'rms_norm_eps' is NaN"),
+        (dict(rms_norm_eps=-1.0), "'rms_norm_eps' is -1.0"),
+        (dict(vocab_size=True), "'vocab_size' is true"),  # a bool is not a number
+        (dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 16, "low_freq_factor": 0}), "low_freq"),
+        (dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 16, "factor": True}), "factor' is true"),
+        (dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 16, "high_freq_factor": 1e999}), "Inf"),
+    ],
+)
+def test_hf_config_numbers_are_checked(hf_source, tmp_path, edits, needle):
+    refused(hf_copy(hf_source, tmp_path, **edits), "config.json", needle)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda h: list(h.values()), "header is a JSON list"),  # TypeError
+        (lambda h: "text", "header is a JSON str"),  # AttributeError
+        (lambda h: b"[" * 100_000 + b"]" * 100_000, "unreadable safetensors header"),  # RecursionError
+        (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "dtype": ["F32"]}}, "malformed"),
+        (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": ["0", "64"]}}, "malformed"),
+        (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "shape": [16.0]}}, "malformed"),
+        (lambda h: {**h, "__metadata__": [1, 2]}, "__metadata__"),
+        (lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "data_offsets": [0, 64]}}, "overlap"),
+    ],
+)
+def test_safetensors_header_of_the_wrong_shape(hf_source, tmp_path, edit, needle):
+    from craft.export.source_hf import TENSOR_NAMES
+
+    directory = hf_copy(hf_source, tmp_path)
+    write_safetensors(directory / "model.safetensors", small_weights(TENSOR_NAMES), edit)
+    refused(directory, "model.safetensors", needle)
+
+
+@pytest.mark.parametrize(
+    "edits, needle",
+    [
+        (dict(llama__block_count=10**6), "'llama.block_count' is 1000000"),
+        (dict(llama__block_count=3), "claims 3 layers (llama.block_count)"),
+        (dict(llama__context_length=2**31), "'llama.context_length' is 2147483648"),
+        (dict(llama__rope__freq_base=float("nan")), "'llama.rope.freq_base' is NaN"),
+        (dict(llama__attention__head_count=0), "'llama.attention.head_count' is 0"),  # said "partial rotary"
+    ],
+)
+def test_gguf_metadata_is_checked(hf_source, tmp_path, edits, needle):
+    refused(write_small_gguf(tmp_path / "m.gguf", hf_source, **edits), "m.gguf", needle)
