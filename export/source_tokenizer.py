@@ -21,13 +21,40 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from craft.export.sources import SourceError, config_number, regular_file
 from craft.runtime.bpe_pretokenizer import BYTE_CHAR
-from craft.runtime.bpe_tokenizer import HFTokenizer
+from craft.runtime.bpe_tokenizer import HFTokenizer, check_shape
+from craft.runtime.chat_template import ChatTemplateError, compile_template
 from craft.runtime.tokenizer import META_SPACE
 
 
 class TokenizerSourceError(ValueError):
     """A source whose tokenizer cannot be read; one line naming the file and the fix."""
+
+
+def token_id_field(value: object, key: str, where: object, vocab_size: int) -> int:
+    """A special token id as read from the source (`key` of `where`): an integer inside the
+    tokenizer's vocabulary, so that verification and craft-run can embed it."""
+    try:
+        return config_number(value, key, where, int, 0, vocab_size - 1)
+    except SourceError as e:
+        raise TokenizerSourceError(f"{e} - a token id of the {vocab_size}-token vocabulary") from None
+
+
+def checked_template(template: object, where: str) -> str | None:
+    """The chat template if it is text that parses (craft.runtime.chat_template compiles it only: nothing
+    renders); TokenizerSourceError otherwise, so that no file carries a template craft-run refuses."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise TokenizerSourceError(
+            f"{where}: the chat template is a {type(template).__name__}, expected Jinja text; fix or remove it"
+        )
+    try:
+        compile_template(template)
+    except ChatTemplateError as e:
+        raise TokenizerSourceError(f"{where}: {e}; fix the template or remove it") from None
+    return template
 
 
 @dataclass(frozen=True)
@@ -39,16 +66,24 @@ class TokenizerSource:
     add_bos: bool  # a plain prompt starts with bos_id (the source's add_bos_token / post-processor)
     end_of_turn_ids: tuple[int, ...]  # every id that ends a reply: EOS, end-of-turn, end-of-message
     chat_template: str | None  # Jinja source of the chat template, None when the source has none
+    origin: str = "the source"  # the file the tokenizer came from, for messages
 
     def tokenizer(self, use_library: bool = True) -> HFTokenizer:
-        return HFTokenizer(
-            self.tokenizer_json,
-            bos_id=self.bos_id,
-            eos_id=self.eos_id,
-            pad_id=self.pad_id,
-            add_bos=self.add_bos,
-            use_library=use_library,
-        )
+        """The tokenizer; TokenizerSourceError naming the origin if it cannot be built (the `tokenizers`
+        library refusing its merges, say)."""
+        try:
+            return HFTokenizer(
+                self.tokenizer_json,
+                bos_id=self.bos_id,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                add_bos=self.add_bos,
+                use_library=use_library,
+            )
+        except ValueError as e:
+            raise TokenizerSourceError(
+                f"{self.origin}: its tokenizer is unusable: {e}; restore the tokenizer from the model's source"
+            ) from None
 
 
 # ---- Hugging Face directory ----
@@ -59,32 +94,51 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     chat_template.jinja beside it) and generation_config.json (eos_token_id, maybe a list)."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
-    if not path.is_file():
+    if not regular(path):
         raise TokenizerSourceError(
             f"{directory} has no tokenizer.json; Craft imports fast (tokenizer.json) tokenizers - "
             "save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
         )
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise TokenizerSourceError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     spec = load_json(path, raw)
-    config = load_json(directory / "tokenizer_config.json")
-    generation = load_json(directory / "generation_config.json")
-    ids = {t: i for t, i in (spec.get("model") or {}).get("vocab", {}).items()} | {
-        t["content"]: t["id"] for t in spec.get("added_tokens", [])
-    }
+    try:
+        check_shape(spec)  # the runtime's own check of what is read below: vocab, added tokens
+    except ValueError as e:
+        raise TokenizerSourceError(f"{path}: {e}; restore it from the model's source") from None
+    config_path, generation_path = directory / "tokenizer_config.json", directory / "generation_config.json"
+    config, generation = load_json(config_path), load_json(generation_path)
+    ids = spec["model"]["vocab"] | {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+    vocab_size = max(ids.values(), default=-1) + 1
 
     def token_id(name: str) -> int | None:
         token = config.get(name)
         token = token.get("content") if isinstance(token, dict) else token
         if token is None:
             return None
+        if not isinstance(token, str):
+            raise TokenizerSourceError(
+                f"{config_path}: {name} is {json.dumps(token)[:60]}, expected a token's text or an object "
+                "with its 'content'; fix it"
+            )
         if token not in ids:
             raise TokenizerSourceError(
-                f"{directory}/tokenizer_config.json: {name} {token!r} is not in tokenizer.json's vocabulary"
+                f"{directory}/tokenizer_config.json: {name} {token[:60]!r} is not in tokenizer.json's vocabulary"
             )
         return ids[token]
 
+    def generation_id(key: str) -> int | None:
+        value = generation.get(key)
+        return None if value is None else token_id_field(value, key, generation_path, vocab_size)
+
     generation_eos = generation.get("eos_token_id")
-    generation_eos = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    generation_eos = [
+        token_id_field(i, "eos_token_id", generation_path, vocab_size)
+        for i in (generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        if i is not None
+    ]
     eos = token_id("eos_token")
     eos = eos if eos is not None else (generation_eos[0] if generation_eos else None)
     if eos is None:
@@ -93,22 +147,46 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
             "generation_config.json); add one so generation can stop"
         )
     template_bos = post_processor_bos(spec.get("post_processor"))
-    bos = first_id(token_id("bos_token"), generation.get("bos_token_id"), template_bos, eos)
+    if template_bos is not None:
+        template_bos = token_id_field(template_bos, "post_processor's special token id", path, vocab_size)
+    bos = first_id(token_id("bos_token"), generation_id("bos_token_id"), template_bos, eos)
     add_bos = config.get("add_bos_token")
-    add_bos = bool(add_bos) if add_bos is not None else template_bos is not None
-    pad = first_id(token_id("pad_token"), generation.get("pad_token_id"), eos)
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise TokenizerSourceError(
+            f"{config_path}: add_bos_token is {json.dumps(add_bos)[:60]}, expected true or false; fix it"
+        )
+    add_bos = add_bos if add_bos is not None else template_bos is not None
+    pad = first_id(token_id("pad_token"), generation_id("pad_token_id"), eos)
     return TokenizerSource(
-        raw, bos, eos, pad, add_bos, tuple(sorted({eos, *generation_eos})), hf_chat_template(directory, config)
+        raw,
+        bos,
+        eos,
+        pad,
+        add_bos,
+        tuple(sorted({eos, *generation_eos})),
+        hf_chat_template(directory, config),
+        str(path),
     )
 
 
+def regular(path: Path) -> bool:
+    """sources.regular_file with this module's error: False where absent, an error for a FIFO or device."""
+    try:
+        return regular_file(path)
+    except SourceError as e:
+        raise TokenizerSourceError(str(e)) from None
+
+
 def load_json(path: Path, raw: bytes | None = None) -> dict:
-    if raw is None and not path.is_file():
+    if raw is None and not regular(path):
         return {}
     try:
         value = json.loads(raw if raw is not None else path.read_bytes())
-    except (ValueError, OSError) as e:
-        raise TokenizerSourceError(f"{path} is not readable JSON ({e}); restore it from the model's source") from None
+    except (ValueError, OSError, RecursionError) as e:  # RecursionError: JSON nested past the stack
+        message = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+        raise TokenizerSourceError(
+            f"{path} is not readable JSON ({message}); restore it from the model's source"
+        ) from None
     if not isinstance(value, dict):
         raise TokenizerSourceError(
             f"{path} should hold a JSON object, got {type(value).__name__}; restore it from the model's source"
@@ -120,33 +198,50 @@ def first_id(*candidates: int | None) -> int:
     return next(int(c) for c in candidates if c is not None)
 
 
-def post_processor_bos(spec: dict | None) -> int | None:
-    """The id a TemplateProcessing post-processor puts in front of a single sequence, if any."""
-    if not spec:
+def post_processor_bos(spec: object, depth: int = 0) -> object:
+    """The id a TemplateProcessing post-processor puts in front of a single sequence, if any (unchecked:
+    the caller range-checks it). A post-processor of another shape puts none."""
+    if not isinstance(spec, dict) or depth > 8:  # Sequences nest a level or two in real files
         return None
     if spec.get("type") == "Sequence":
-        return next((b for s in spec.get("processors", []) if (b := post_processor_bos(s)) is not None), None)
-    if spec.get("type") != "TemplateProcessing" or not spec.get("single"):
+        processors = spec.get("processors")
+        processors = processors if isinstance(processors, list) else []
+        return next((b for s in processors if (b := post_processor_bos(s, depth + 1)) is not None), None)
+    single = spec.get("single")
+    if spec.get("type") != "TemplateProcessing" or not isinstance(single, list) or not single:
         return None
-    first = spec["single"][0]
-    if "SpecialToken" not in first:
+    first = single[0].get("SpecialToken") if isinstance(single[0], dict) else None
+    specials = spec.get("special_tokens")
+    if not isinstance(first, dict) or not isinstance(specials, dict):
         return None
-    ids = spec.get("special_tokens", {}).get(first["SpecialToken"]["id"], {}).get("ids") or [None]
-    return ids[0]
+    special = specials.get(first.get("id")) if isinstance(first.get("id"), str) else None
+    ids = special.get("ids") if isinstance(special, dict) else None
+    return ids[0] if isinstance(ids, list) and ids else None
 
 
 def hf_chat_template(directory: Path, config: dict) -> str | None:
     """tokenizer_config.json's chat_template (a string, or named templates: the "default" one), else
     chat_template.jinja / chat_template.json, which newer transformers save instead."""
+    where = directory / "tokenizer_config.json"
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is None and (directory / "chat_template.jinja").is_file():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+            raise TokenizerSourceError(
+                f"{where}: chat_template is a list, but not of named templates ({{'name': ..., 'template': ...}}); "
+                "fix or remove it"
+            )
+        template = {t["name"]: t.get("template") for t in template}.get("default")
+    jinja = directory / "chat_template.jinja"
+    if template is None and regular(jinja):
+        where = jinja
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerSourceError(f"cannot read {jinja} ({e}); it must be the chat template, UTF-8") from None
     if template is None:
-        template = load_json(directory / "chat_template.json").get("chat_template")
-    return template if isinstance(template, str) else None
+        where = directory / "chat_template.json"
+        template = load_json(where).get("chat_template")
+    return checked_template(template, str(where))
 
 
 # ---- GGUF file ----
@@ -232,6 +327,16 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
         f = reader.fields.get(key)
         return f.contents() if f is not None else default
 
+    def token_id(key: str) -> int | None:
+        value = field(f"tokenizer.ggml.{key}")
+        return None if value is None else token_id_field(value, f"tokenizer.ggml.{key}", name, len(tokens))
+
+    def flag(key: str, default: bool) -> bool:
+        value = field(f"tokenizer.ggml.{key}", default)
+        if not isinstance(value, bool):
+            raise TokenizerSourceError(f"{name}: tokenizer.ggml.{key} is {value!r:.60}, expected a bool")
+        return value
+
     model = field("tokenizer.ggml.model")
     tokens = field("tokenizer.ggml.tokens")
     if model is None or not tokens:
@@ -240,33 +345,37 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
             "llama.cpp that writes them"
         )
     types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
-    eos = field("tokenizer.ggml.eos_token_id")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TokenizerSourceError(f"{name}: tokenizer.ggml.tokens is not a list of strings; convert the model again")
+    if not isinstance(types, list) or len(types) != len(tokens) or not all(type(k) is int for k in types):
+        raise TokenizerSourceError(
+            f"{name}: tokenizer.ggml.token_type is not {len(tokens)} integers, one per token; convert the model again"
+        )
+    eos = token_id("eos_token_id")
     if eos is None:
         raise TokenizerSourceError(
             f"{name} has no tokenizer.ggml.eos_token_id; generation could never stop - set it with gguf-new-metadata"
         )
-    bos = field("tokenizer.ggml.bos_token_id")
+    bos = token_id("bos_token_id")
     if model == "gpt2":
         pre = field("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE:
+        if not isinstance(pre, str) or pre not in GGUF_PRE:
             raise TokenizerSourceError(
-                f"{name}: tokenizer.ggml.pre '{pre}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}"
+                f"{name}: tokenizer.ggml.pre '{pre!s:.60}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}"
             )
         spec = byte_level_json(tokens, types, field("tokenizer.ggml.merges") or [], GGUF_PRE[pre])
-        add_bos = bool(field("tokenizer.ggml.add_bos_token", False))
+        add_bos = flag("add_bos_token", False)
     elif model == "llama":
-        unk = field("tokenizer.ggml.unknown_token_id")
+        unk = token_id("unknown_token_id")
         spec = sentencepiece_json(
             tokens,
             types,
             field("tokenizer.ggml.scores"),
             field("tokenizer.ggml.merges"),
             tokens[unk] if unk is not None else None,
-            bool(field("tokenizer.ggml.add_space_prefix", True)),
+            flag("add_space_prefix", True),
         )
-        add_bos = bool(
-            field("tokenizer.ggml.add_bos_token", True)
-        )  # llama.cpp's default for sentencepiece vocabularies
+        add_bos = flag("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
     else:
         raise TokenizerSourceError(
             f"{name}: tokenizer.ggml.model '{model}' is not supported; "
@@ -280,19 +389,18 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}},
         }
-    turn_ends = {eos} | {
-        i for key in ("eot_token_id", "eom_token_id") if (i := field(f"tokenizer.ggml.{key}")) is not None
-    }
+    turn_ends = {eos} | {i for key in ("eot_token_id", "eom_token_id") if (i := token_id(key)) is not None}
     turn_ends |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN_TEXTS}
-    pad = field("tokenizer.ggml.padding_token_id")
+    pad = token_id("padding_token_id")
     return TokenizerSource(
         json.dumps(spec, ensure_ascii=False).encode("utf-8"),
-        int(bos),
-        int(eos),
-        int(pad if pad is not None else eos),
+        bos,
+        eos,
+        pad if pad is not None else eos,
         add_bos,
-        tuple(sorted(int(i) for i in turn_ends)),
-        field("tokenizer.chat_template"),
+        tuple(sorted(turn_ends)),
+        checked_template(field("tokenizer.chat_template"), f"{name}: tokenizer.chat_template"),
+        name,
     )
 
 

@@ -361,7 +361,44 @@ def test_safetensors_header_of_the_wrong_shape(hf_source, tmp_path, edit, needle
         (dict(llama__context_length=2**31), "'llama.context_length' is 2147483648"),
         (dict(llama__rope__freq_base=float("nan")), "'llama.rope.freq_base' is NaN"),
         (dict(llama__attention__head_count=0), "'llama.attention.head_count' is 0"),  # said "partial rotary"
+        (dict(tokenizer__ggml__bos_token_id=10**9), "tokenizer.ggml.bos_token_id' is 1000000000"),
+        (dict(tokenizer__ggml__eos_token_id=4 * 10**9), "tokenizer.ggml.eos_token_id' is 4000000000"),
+        (dict(tokenizer__ggml__merges=["t zzz"]), "its tokenizer is unusable"),
+        (dict(tokenizer__chat_template="{% for %}"), "tokenizer.chat_template"),
     ],
 )
 def test_gguf_metadata_is_checked(hf_source, tmp_path, edits, needle):
     refused(write_small_gguf(tmp_path / "m.gguf", hf_source, **edits), "m.gguf", needle)
+
+
+def edit_json(path: Path, **changes) -> None:
+    value = json.loads(path.read_text()) if path.exists() else {}
+    value.update(changes)
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize(
+    "file, changes, needle",
+    [
+        ("tokenizer.json", dict(model="BPE"), "'model' object"),  # AttributeError
+        ("tokenizer.json", dict(added_tokens=[{"id": 1}]), "added_tokens"),  # KeyError
+        ("tokenizer.json", dict(merges_bad=True), "its tokenizer is unusable"),  # the library refuses a merge
+        ("tokenizer_config.json", dict(eos_token=["</s>"]), 'eos_token is ["</s>"]'),  # unhashable
+        ("tokenizer_config.json", dict(add_bos_token="false"), "add_bos_token"),  # was bool("false")
+        ("tokenizer_config.json", dict(chat_template="{% for %}"), "chat template does not parse"),
+        ("generation_config.json", dict(eos_token_id="x"), "'eos_token_id' is \"x\""),  # TypeError
+        ("generation_config.json", dict(eos_token_id=[1, 10**9]), "'eos_token_id' is 1000000000"),  # exported
+        ("generation_config.json", dict(bos_token_id=10**9), "'bos_token_id' is 1000000000"),  # IndexError
+    ],
+)
+def test_tokenizer_files_are_checked(hf_source, tmp_path, file, changes, needle):
+    directory = hf_copy(hf_source, tmp_path)
+    changes = dict(changes)  # the parameter is shared between runs
+    if changes.pop("merges_bad", False):
+        spec = json.loads((directory / file).read_text())
+        spec["model"]["merges"] = ["zzzq zzzq"]  # a token not in the vocabulary
+        (directory / file).write_text(json.dumps(spec))
+    if file == "generation_config.json" and "bos_token_id" in changes:
+        edit_json(directory / "tokenizer_config.json", bos_token=None)  # so that the generation config's counts
+    edit_json(directory / file, **changes)
+    refused(directory, file, needle)
