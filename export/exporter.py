@@ -27,12 +27,12 @@ from craft import __version__
 from craft import run_dir as rd
 from craft.checkpoint import read as read_checkpoint
 from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
-from craft.data import check_tokenizer, load_tokenizer, run_splits
+from craft.data import DATA_INFO, TOKENS, check_tokenizer, load_tokenizer, run_splits
 from craft.export.calibration import Prepared, calibration_text, prepare
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
-from craft.export.sources import HF, RUN, SourceError, detect_kind, load_source
+from craft.export.sources import HF, RUN, SourceError, describe_mode, detect_kind, file_mode, load_source
 from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
@@ -75,11 +75,10 @@ class LoadedRun:
 def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     """Model, tokenizer and val tokens of a craft-train run directory; ExportError if unusable."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(
-            f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir} "
-            f"(or give a Hugging Face model directory or a .gguf file)"
-        )
+    try:
+        check_run_files(run_dir, checkpoint)
+    except SourceError as e:
+        raise ExportError(str(e)) from None
     try:
         cfg = read_run_config(run_dir)
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)  # the run's kind: never a stray file of the other
@@ -121,6 +120,27 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     model.eval()
     train, val = splits if splits is not None else (None, None)
     return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val, calibration_tokens=train)
+
+
+def check_run_files(run_dir: Path, checkpoint: str) -> None:
+    """ExportError unless `run_dir` is a directory whose files are regular files where present (a
+    missing or misplaced one is for the readers to explain): a FIFO or device in place of one would
+    block the read forever or never end. SourceError where one cannot be stat'ed."""
+    mode = file_mode(run_dir)
+    if mode is None:
+        raise ExportError(
+            f"run directory {run_dir} does not exist; train one with: craft-train out_dir={run_dir} "
+            f"(or give a Hugging Face model directory or a .gguf file)"
+        )
+    if not stat.S_ISDIR(mode):
+        raise ExportError(
+            f"{run_dir} is {describe_mode(mode)}, not a run directory; give a run directory written by "
+            "craft-train, a Hugging Face model directory or a .gguf file"
+        )
+    for name in (rd.CONFIG, rd.SP_TOKENIZER, rd.CHAR_TOKENIZER, TOKENS, DATA_INFO, checkpoint):
+        mode = file_mode(run_dir / name)
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ExportError(f"{run_dir / name} is {describe_mode(mode)}, not a regular file; restore the run's own")
 
 
 def load_imported(path: Path, kind: str) -> LoadedRun:
@@ -288,9 +308,32 @@ def random_run(cfg: ModelConfig, seed: int = 0) -> LoadedRun:
     )
 
 
-def check_output_path(output: Path) -> None:
+def source_file_at(output: Path, source: Path) -> Path | None:
+    """The file of the source that `output` is (symlinks and hard links included): the source file
+    itself, or any file of the source directory but an earlier export (a .onnx, which re-exporting
+    replaces by design); None where `output` is none of them."""
+    try:
+        candidates = [p for p in source.iterdir() if p.suffix != ".onnx"] if source.is_dir() else [source]
+    except OSError:  # an unreadable source: the loader says so
+        return None
+    for candidate in candidates:
+        try:
+            if os.path.samefile(output, candidate):
+                return candidate
+        except OSError:  # output does not exist yet, or candidate vanished: not the same file
+            continue
+    return None
+
+
+def check_output_path(output: Path, source: Path | None = None) -> None:
     """Refuse an output that is not a new path or a regular file (a rename would replace a device
-    or FIFO with a file), or that cannot be written; sweep temp files of killed exports to it."""
+    or FIFO with a file), that is a file of the `source` (the write would destroy the model being
+    exported), or that cannot be written; sweep temp files of killed exports to it."""
+    if source is not None and (same := source_file_at(output, Path(source))) is not None:
+        raise ExportError(
+            f"output {output} is {same}, a file of the source being exported: writing it would destroy "
+            "the source; choose another -o"
+        )
     parent = output.resolve().parent
     if output.is_dir():
         raise ExportError(f"output {output} is a directory; give a file name, e.g. -o {output / 'model.onnx'}")
@@ -349,7 +392,7 @@ def export(
     if attention is not None and attention not in A.ATTENTIONS:
         raise ExportError(f"unknown --attention '{attention}'; expected one of: {', '.join(A.ATTENTIONS)}")
     output = Path(output)
-    check_output_path(output)
+    check_output_path(output, source)
     t0 = time.perf_counter()
     try:
         kind = kind or detect_kind(source)
@@ -411,7 +454,7 @@ def export(
             A.META_EXPORT_REPORT: json.dumps({k: v for k, v in report.items() if k != "failures"}),
         },
     )
-    check_output_path(output)  # again: minutes passed, something may have appeared there
+    check_output_path(output, source)  # again: minutes passed, something may have appeared there
     try:
         rd.atomic_write_bytes(output, proto.SerializeToString())
     except OSError as e:

@@ -402,3 +402,54 @@ def test_tokenizer_files_are_checked(hf_source, tmp_path, file, changes, needle)
         edit_json(directory / "tokenizer_config.json", bos_token=None)  # so that the generation config's counts
     edit_json(directory / file, **changes)
     refused(directory, file, needle)
+
+
+def test_fifo_in_place_of_a_source_file_is_refused_not_read(hf_source, tmp_path):
+    """Each of these hung forever (reading a FIFO blocks until a writer comes); run as a command with a
+    timeout, so that a regression fails instead of hanging the suite."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        directory = hf_copy(hf_source, tmp_path / name)
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+        output = tmp_path / "out.onnx"
+        result = run_cli("craft.export.cli", str(directory), "--from", "hf", "-o", str(output), timeout=60)
+        assert_one_line(result, 2, name, "FIFO")
+        assert not output.exists()
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for args in (["--from", "gguf"], []):  # without --from, detection says what it found
+        result = run_cli("craft.export.cli", str(fifo), *args, "-o", str(tmp_path / "out.onnx"), timeout=60)
+        assert_one_line(result, 2, "model.gguf is a FIFO")
+
+
+def test_fifo_in_a_run_directory_is_refused_not_read(run_copy):
+    (run_copy / rd.CONFIG).unlink()
+    os.mkfifo(run_copy / rd.CONFIG)
+    result = run_cli("craft.export.cli", str(run_copy), "-o", str(run_copy / "out.onnx"), timeout=60)
+    assert_one_line(result, 2, rd.CONFIG, "FIFO")
+
+
+def test_output_that_is_the_source_is_refused(hf_source, tmp_path):
+    """-o naming the .gguf being exported replaced it (exit 0, the model gone); so would a file of a
+    source directory, or a hard link to either."""
+    gguf_path = write_small_gguf(tmp_path / "m.gguf", hf_source)
+    before = gguf_path.read_bytes()
+    result = run_cli("craft.export.cli", str(gguf_path), "--quantize", "none", "-o", str(gguf_path), timeout=120)
+    assert_one_line(result, 2, "a file of the source")
+    assert gguf_path.read_bytes() == before
+    os.link(gguf_path, tmp_path / "link.onnx")
+    refused_output(gguf_path, tmp_path / "link.onnx")
+    directory = hf_copy(hf_source, tmp_path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        refused_output(directory, directory / name)
+    os.symlink(directory / "model.safetensors", tmp_path / "weights.onnx")
+    refused_output(directory, tmp_path / "weights.onnx")
+
+
+def refused_output(source: Path, output: Path) -> None:
+    from craft.export.exporter import export
+
+    before = output.read_bytes()
+    with pytest.raises(ExportError, match="a file of the source being exported"):
+        export(source, output, quantize="none", log=lambda *a: None)
+    assert output.read_bytes() == before
