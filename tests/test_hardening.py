@@ -132,9 +132,11 @@ def test_config_that_cannot_be_read_is_one_line(tmp_path, case):
         config.chmod(0)
     else:
         config.mkdir()
-    expected = {"binary": "not a UTF-8 text file", "unreadable": "cannot read config", "directory": "does not exist"}[
-        case
-    ]
+    expected = {
+        "binary": "not a UTF-8 text file",
+        "unreadable": "cannot read config",
+        "directory": "is not a regular file",
+    }[case]
     assert_one_line(run_cli("craft.train", "--config", str(config)), "craft-train", 2, expected)
 
 
