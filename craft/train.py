@@ -95,7 +95,8 @@ def prepare_run(
         rd.check_out_dir(run_dir)
         if lock is not None and run_dir.is_dir():
             lock.acquire()
-    if not resume and rd.tokenizer_path(run_dir) and not overwrite:
+    # Rank 0 alone: by the time another rank looks, rank 0 may have written this run's own tokenizer.
+    if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
             "choose another out_dir=..., or pass --overwrite"

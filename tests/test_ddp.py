@@ -75,3 +75,17 @@ def test_two_process_run_resumes_on_one_with_a_warning(ddp_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "written by 2 processes, this run has 1" in result.stdout and "done: step 45" in result.stdout
     assert len(ckpt.read(run / rd.CHECKPOINT)[0]["rng"]["data"]) == 1
+
+
+def test_a_late_rank_does_not_take_rank_0s_tokenizer_for_an_old_run(tmp_path, small_corpus, monkeypatch):
+    """Ranks start at different times: rank 1 may first look at out_dir after rank 0 has written the
+    new run's tokenizer there. Only rank 0 decides whether out_dir already held a run (rank 1 once
+    refused it as one, exit 2, and took the whole torchrun down)."""
+    from craft.distributed import Distributed
+    from craft.train import prepare_run
+
+    cfg = load_config("tiny", tiny_overrides(tmp_path / "run", small_corpus, **{"tokenizer.kind": "char"}))
+    rank0_tokenizer, _ = prepare_run(cfg, resume=False, overwrite=False, dist=Distributed(), log=lambda *a: None)
+    monkeypatch.setenv("RANK", "1")  # WORLD_SIZE stays 1: no process group, barrier() returns at once
+    tokenizer, data = prepare_run(cfg, resume=False, overwrite=False, dist=Distributed(), log=lambda *a: None)
+    assert tokenizer.vocab_size == rank0_tokenizer.vocab_size and len(data.train) > 0
