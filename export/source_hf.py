@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -337,12 +339,32 @@ def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
     """Name -> Tensor of a pytorch_model.bin, loaded with weights_only=True (no code runs) and mmap."""
     regular_file(path)  # a FIFO would block torch.load forever
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, pickle refused by weights_only, ...: all mean "unusable file"
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never point there
         raise SourceError(
-            f"cannot load {path} with torch.load(weights_only=True) ({str(e).splitlines()[0]}); "
+            f"{path} holds Python objects besides tensors and plain data; Craft loads it with "
+            "torch.load(weights_only=True), as data only, and refused it - save the model as safetensors instead"
+        ) from None
+    except Exception as e:  # truncated zip, ...: all mean "unusable file"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SourceError(
+            f"cannot load {path} with torch.load(weights_only=True) ({type(e).__name__}: {first}); "
             f"save the model as safetensors instead"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SourceError(f"{path} is not a state_dict of tensors")
+    for name, t in state.items():
+        if t.layout != torch.strided or not t.is_floating_point():
+            got = (
+                f"of dtype {str(t.dtype).removeprefix('torch.')}"
+                if t.layout == torch.strided
+                else f"a {str(t.layout).removeprefix('torch.')} tensor"
+            )
+            raise SourceError(
+                f"{path}: tensor {str(name)[:100]} is {got}, "
+                "expected a dense floating-point tensor (float32, float16, bfloat16, float64); "
+                "save the model's weights as such (or as safetensors)"
+            )
     return {name: Tensor(tuple(t.shape), lambda t=t: t.float().clone()) for name, t in state.items()}

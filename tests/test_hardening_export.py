@@ -453,3 +453,44 @@ def refused_output(source: Path, output: Path) -> None:
     with pytest.raises(ExportError, match="a file of the source being exported"):
         export(source, output, quantize="none", log=lambda *a: None)
     assert output.read_bytes() == before
+
+
+def hf_bin_copy(hf_source: Path, tmp_path: Path, state) -> Path:
+    """A copy of hf_source whose weights are a pytorch_model.bin of `state` (anything torch.save takes)."""
+    import torch
+
+    directory = hf_copy(hf_source, tmp_path)
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["sparse", "complex", "int"])
+def test_pytorch_bin_tensor_that_is_not_dense_float_is_refused(hf_source, tmp_path, kind):
+    """A sparse tensor was a TypeError traceback; complex and integer tensors were exported (complex with
+    torch's warning printed)."""
+    import torch
+
+    from craft.export.source_hf import TENSOR_NAMES
+
+    state = {name: torch.from_numpy(array) for name, array in small_weights(TENSOR_NAMES).items()}
+    weight = state["lm_head.weight"]
+    state["lm_head.weight"] = {
+        "sparse": weight.to_sparse(),
+        "complex": weight.to(torch.complex64),
+        "int": weight.to(torch.int64),
+    }[kind]
+    directory = hf_bin_copy(hf_source, tmp_path, state)
+    refused(directory, "pytorch_model.bin", "lm_head.weight", "expected a dense floating-point tensor")
+
+
+def test_pytorch_bin_with_code_is_refused_without_torch_advice(hf_source, tmp_path):
+    """torch's refusal advises weights_only=False (running the file's code): that advice is not passed on."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    directory = hf_bin_copy(hf_source, tmp_path, {"model.norm.weight": Evil()})
+    message = refused(directory, "pytorch_model.bin", "holds Python objects", "safetensors")
+    assert "weights_only` set to `False" not in message and "Re-running" not in message, message
