@@ -71,6 +71,7 @@ def load_gguf(path: Path) -> Source:
         OSError,
     ) as e:  # the reader's way of saying "short or bad bytes"
         raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None
+    check_offsets(reader, path)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
     tensors = {t.name: t for t in reader.tensors}
     architecture, cfg = model_config(fields, tensors, path)
@@ -96,6 +97,27 @@ def load_gguf(path: Path) -> Source:
             w = unpermute_rope_rows(w, cfg.kv_heads)
         state[craft] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # copies only a read-only mapping
     return Source(GGUF, path, architecture, cfg, state, file_sha256([path]), reader)
+
+
+def check_offsets(reader, path: Path) -> None:
+    """SourceError unless every tensor's data starts at a multiple of the file's alignment and no two
+    tensors share bytes (a writer never does either; the reader checks neither)."""
+    spans = []
+    for t in reader.tensors:
+        offset = int(t.data_offset) - int(reader.data_offset)
+        if offset % reader.alignment:
+            raise SourceError(
+                f"{path}: tensor {t.name[:100]} starts at data offset {offset}, expected a multiple of the "
+                f"file's alignment {reader.alignment}; the file is corrupt - download or convert it again"
+            )
+        spans.append((offset, offset + int(t.n_bytes), t.name))
+    spans.sort()
+    for (_, previous_end, previous), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < previous_end:  # two tensors sharing bytes
+            raise SourceError(
+                f"{path}: tensors {previous[:100]} and {name[:100]} overlap (data bytes {begin} to {previous_end}); "
+                "the file is corrupt - download or convert it again"
+            )
 
 
 def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelConfig]:

@@ -494,3 +494,18 @@ def test_pytorch_bin_with_code_is_refused_without_torch_advice(hf_source, tmp_pa
     directory = hf_bin_copy(hf_source, tmp_path, {"model.norm.weight": Evil()})
     message = refused(directory, "pytorch_model.bin", "holds Python objects", "safetensors")
     assert "weights_only` set to `False" not in message and "Re-running" not in message, message
+
+
+@pytest.mark.parametrize("offset, needle", [(1, "expected a multiple of the file's alignment 32"), (0, "overlap")])
+def test_gguf_tensor_offsets_misaligned_or_overlapping_are_refused(hf_source, tmp_path, offset, needle):
+    """Both were exported: the reader checks neither."""
+    from gguf import GGUFReader
+
+    path = write_small_gguf(tmp_path / "m.gguf", hf_source)
+    field = next(t for t in GGUFReader(path).tensors if t.name == "output_norm.weight").field
+    at = field.offset + sum(part.nbytes for part in field.parts) - 8  # the tensor's data offset: the field's last u64
+    data = bytearray(path.read_bytes())
+    assert struct.unpack_from("<Q", data, at)[0] > 0
+    struct.pack_into("<Q", data, at, offset)
+    path.write_bytes(bytes(data))
+    refused(path, "m.gguf", "output_norm.weight", needle)
