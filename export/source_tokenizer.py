@@ -24,7 +24,7 @@ from pathlib import Path
 from craft.export.sources import SourceError, config_number, regular_file
 from craft.runtime.bpe_pretokenizer import BYTE_CHAR
 from craft.runtime.bpe_tokenizer import HFTokenizer, check_shape
-from craft.runtime.chat_template import ChatTemplateError, compile_template
+from craft.runtime.chat_template import MAX_CHARS, ChatTemplateError, compile_template
 from craft.runtime.tokenizer import META_SPACE
 
 
@@ -49,6 +49,11 @@ def checked_template(template: object, where: str) -> str | None:
     if not isinstance(template, str):
         raise TokenizerSourceError(
             f"{where}: the chat template is a {type(template).__name__}, expected Jinja text; fix or remove it"
+        )
+    if len(template) > MAX_CHARS:  # craft-run caps what a template renders at MAX_CHARS: it could never render it
+        raise TokenizerSourceError(
+            f"{where}: the chat template is {len(template):,} characters, expected at most {MAX_CHARS:,} "
+            "(what craft-run renders at most); fix the template or remove it"
         )
     try:
         compile_template(template)

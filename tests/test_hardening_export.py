@@ -509,3 +509,12 @@ def test_gguf_tensor_offsets_misaligned_or_overlapping_are_refused(hf_source, tm
     struct.pack_into("<Q", data, at, offset)
     path.write_bytes(bytes(data))
     refused(path, "m.gguf", "output_norm.weight", needle)
+
+
+def test_chat_template_longer_than_craft_run_renders_is_refused(hf_source, tmp_path):
+    """A 50 MB template was exported, though craft-run caps what a template renders at MAX_CHARS."""
+    from craft.runtime.chat_template import MAX_CHARS
+
+    directory = hf_copy(hf_source, tmp_path)
+    edit_json(directory / "tokenizer_config.json", chat_template="x" * (MAX_CHARS + 1))
+    refused(directory, "tokenizer_config.json", f"{MAX_CHARS + 1:,} characters", f"at most {MAX_CHARS:,}")
