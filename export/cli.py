@@ -13,7 +13,7 @@ from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
 from craft.runtime.command import OneLineErrors
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
-EXIT_USAGE, EXIT_VERIFY = 2, 3
+EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
 
 
 def format_size(n: int) -> str:
@@ -97,7 +97,7 @@ def main(
     (nothing written), 3 verification failed (nothing written; the figures are printed),
     143 terminated (nothing written).
     """
-    from craft.export.exporter import ExportError, VerificationError, export
+    from craft.export.exporter import ExportError, OutputWriteError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET
 
     if output is None:
@@ -117,9 +117,9 @@ def main(
             kind=kind,
             attention=attention,
         )
-    except ExportError as e:
+    except ExportError as e:  # an OutputWriteError too: the output could not be written (exit 1)
         click.echo(f"craft-export: error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
     except VerificationError as e:
         print_report(e.report, None)
         click.echo(f"craft-export: verification failed, nothing written: {e}", err=True)

@@ -43,6 +43,11 @@ class ExportError(ValueError):
     """Bad input to the exporter (run directory, output path, options); one line with the fix."""
 
 
+class OutputWriteError(ExportError):
+    """The output could not be written (disk full, permission, read-only): an OS failure, not bad input
+    (craft-export exits 1, not 2); still one line, and nothing is written."""
+
+
 class VerificationError(RuntimeError):
     """The exported file does not compute what the checkpoint does; carries the report."""
 
@@ -342,7 +347,7 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
     except FileNotFoundError:
         mode = None
     except OSError as e:
-        raise ExportError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
+        raise OutputWriteError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise ExportError(
             f"output {output} exists and is not a regular file (a device, FIFO or socket); "
@@ -355,9 +360,9 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ExportError(f"cannot write {output} ({e.strerror}); choose another -o") from None
+        raise OutputWriteError(f"cannot write {output} ({e.strerror}); choose another -o") from None
     if output.exists() and not os.access(output, os.W_OK):
-        raise ExportError(f"cannot write {output} (permission denied); choose another -o")
+        raise OutputWriteError(f"cannot write {output} (permission denied); choose another -o")
     rd.sweep_temp_files(parent, output.name)
 
 
@@ -458,7 +463,7 @@ def export(
     try:
         rd.atomic_write_bytes(output, proto.SerializeToString())
     except OSError as e:
-        raise ExportError(
+        raise OutputWriteError(
             f"cannot write {output} ({e.strerror}); nothing was written - free space or choose another -o"
         ) from None
     report["file_bytes"] = output.stat().st_size

@@ -518,3 +518,34 @@ def test_chat_template_longer_than_craft_run_renders_is_refused(hf_source, tmp_p
     directory = hf_copy(hf_source, tmp_path)
     edit_json(directory / "tokenizer_config.json", chat_template="x" * (MAX_CHARS + 1))
     refused(directory, "tokenizer_config.json", f"{MAX_CHARS + 1:,} characters", f"at most {MAX_CHARS:,}")
+
+
+@pytest.mark.parametrize("where", ["probe", "write"])
+def test_output_that_cannot_be_written_exits_1(hf_source, tmp_path, monkeypatch, where):
+    """A full disk, a read-only mount or a denied permission is an OS failure (exit 1, as the help says),
+    not bad input (it was exit 2); still one line, and nothing written."""
+    import errno
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from craft.export import exporter
+    from craft.export.cli import main
+
+    def fail(*args, **kwargs):
+        if where == "write" or kwargs.get("suffix") == ".probe":
+            code = errno.ENOSPC if where == "write" else errno.EROFS
+            raise OSError(code, os.strerror(code))
+        return mkstemp(*args, **kwargs)
+
+    mkstemp = tempfile.mkstemp
+    if where == "write":
+        monkeypatch.setattr(exporter.rd, "atomic_write_bytes", fail)
+    else:
+        monkeypatch.setattr(exporter.tempfile, "mkstemp", fail)
+    output = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, [str(hf_source), "-o", str(output), "--quantize", "none"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, (result.exit_code, result.stderr, result.exception)
+    assert lines[0].startswith("craft-export: error: cannot write") and str(output) in lines[0], lines[0]
+    assert not output.exists()
