@@ -111,7 +111,10 @@ class EarlyStopping:
         return {"best": self.best, "bad_evals": self.bad_evals}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad_evals = state["best"], state["bad_evals"]
+        best, bad_evals = state["best"], state["bad_evals"]
+        if type(best) not in (int, float) or type(bad_evals) is not int:  # compared at every eval: check now
+            raise ValueError(f"early-stopping state holds {best!r:.40} / {bad_evals!r:.40}, not a loss and a count")
+        self.best, self.bad_evals = best, bad_evals
 
 
 def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: MetricsLog) -> str:

@@ -110,24 +110,28 @@ def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tupl
     run goes on from fresh data seeds, with a warning.
     """
     saved, digest, path = read_latest(Path(cfg.out_dir), warn=log)
-    state.model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
-    state.step, state.best_val, state.elapsed_before = (
-        saved["step"],
-        saved["best_val_loss"],
-        saved.get("elapsed_s", 0.0),
-    )
-    state.stopper.load_state_dict(saved["early_stopping"])
     rngs = saved["rng"]
     if isinstance(rngs["torch"], torch.Tensor):  # written by craft 0.1.0's first trainer: one torch state
         rngs = {**rngs, "torch": [rngs["torch"]] * len(rngs["data"])}
-    if len(rngs["data"]) == dist.world:
-        state.data_rng.bit_generator.state = rngs["data"][dist.rank]
-        torch.set_rng_state(rngs["torch"][dist.rank])
-        if dist.device.type == "cuda" and rngs.get("cuda"):
-            torch.cuda.set_rng_state(rngs["cuda"][dist.rank])
-    else:
+    try:  # read() checked the types; what is inside them is checked by the objects that take them
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.stopper.load_state_dict(saved["early_stopping"])
+        if len(rngs["data"]) == dist.world:
+            state.data_rng.bit_generator.state = rngs["data"][dist.rank]
+            torch.set_rng_state(rngs["torch"][dist.rank])
+            if dist.device.type == "cuda" and rngs.get("cuda"):
+                torch.cuda.set_rng_state(rngs["cuda"][dist.rank])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise RunDirError(
+            f"{path} is damaged: it does not fit this run ({type(e).__name__}: {first}); use another checkpoint "
+            "or start again with --overwrite"
+        ) from None
+    state.step, state.best_val = saved["step"], saved["best_val_loss"]
+    state.elapsed_before = saved.get("elapsed_s", 0.0)
+    if len(rngs["data"]) != dist.world:
         log(
             f"warning: {path.name} was written by {len(rngs['data'])} processes, this run has {dist.world}; "
             "data order continues from fresh seeds (not an exact continuation)"
@@ -179,7 +183,41 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
             f"{path} has checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}, "
             f"expected {FORMAT}"
         )
+    problem = payload_problem(payload)
+    if problem:  # the hash is no signature: anyone can write a well-formed file with other contents
+        raise RunDirError(f"{path} is damaged: {problem}; use another checkpoint or start again with --overwrite")
     return payload, digest
+
+
+def payload_problem(payload: dict[str, Any]) -> str | None:
+    """What in a checkpoint's contents is not what save() writes (types only; the model's shapes are
+    checked against its config where it is loaded), or None."""
+
+    def is_number(value) -> bool:
+        return type(value) in (int, float)
+
+    model = payload.get("model")
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided for k, v in model.items()
+    ):
+        return "'model' is not a mapping of names to dense tensors"
+    if type(payload.get("step")) is not int or payload["step"] < 0:
+        return f"'step' is {str(payload.get('step'))[:40]!r}, not a count >= 0"
+    if not is_number(payload.get("best_val_loss")) or not is_number(payload.get("elapsed_s", 0.0)):
+        return "'best_val_loss' or 'elapsed_s' is not a number"
+    for key in ("optimizer", "scheduler", "early_stopping"):
+        if not isinstance(payload.get(key), dict):
+            return f"'{key}' is not a mapping"
+    rng = payload.get("rng")
+    if (
+        not isinstance(rng, dict)
+        or not isinstance(rng.get("data"), list)
+        or not all(isinstance(r, dict) for r in rng["data"])
+        or not (isinstance(rng.get("torch"), torch.Tensor) or isinstance(rng.get("torch"), list))
+        or (isinstance(rng["torch"], list) and len(rng["torch"]) != len(rng["data"]))
+    ):
+        return "'rng' is not the random-number states save() writes"
+    return None
 
 
 def step_of(path: Path) -> int:

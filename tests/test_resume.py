@@ -268,3 +268,32 @@ def test_unit_truncate_samples(tmp_path):
     assert "line 20" in kept and "step 30" not in kept and kept == text[: text.index("--- step 30")]
     rd.truncate_samples(tmp_path, 0)
     assert not (tmp_path / rd.SAMPLES).exists()
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda p: p.pop("rng"), "'rng' is not the random-number states"),
+        (lambda p: p.update(step="x"), "'step' is 'x', not a count"),
+        (lambda p: p.update(best_val_loss="low"), "'best_val_loss' or 'elapsed_s' is not a number"),
+        (lambda p: p.update(model=3), "'model' is not a mapping of names to dense tensors"),
+        (lambda p: p.update(optimizer=[1]), "'optimizer' is not a mapping"),
+        (lambda p: p["early_stopping"].update(best="x"), "not a loss and a count"),
+        (lambda p: p["rng"]["data"][0].update(bit_generator="MT19937"), "state must be for a PCG64 RNG"),
+        (lambda p: p["model"].update({"tok_embeddings.weight": torch.zeros(3)}), "size mismatch"),
+    ],
+)
+def test_well_formed_checkpoint_with_wrong_contents_is_one_line(three_checkpoints, tmp_path, damage, words):
+    """The SHA-256 in the header is no signature: a file with a valid hash can hold anything. Its
+    contents are checked (types at read, the rest where they are loaded): one line, exit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(three_checkpoints, run)
+    for path in ckpt.periodic(run) + [run / rd.CHECKPOINT]:
+        payload, _ = ckpt.read(path)
+        damage(payload)
+        ckpt.write(payload, path)
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("craft-train: error:") and words in result.stderr, result.stderr
