@@ -29,6 +29,7 @@ from craft.export.sources import (
     check_shapes,
     config_number,
     file_sha256,
+    gguf_field,
     regular_file,
     rename,
 )
@@ -72,7 +73,11 @@ def load_gguf(path: Path) -> Source:
     ) as e:  # the reader's way of saying "short or bad bytes"
         raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None
     check_offsets(reader, path)
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    fields = {
+        name: gguf_field(field, name, path)
+        for name, field in reader.fields.items()
+        if not name.startswith("tokenizer.")
+    }
     tensors = {t.name: t for t in reader.tensors}
     architecture, cfg = model_config(fields, tensors, path)
     craft_names = {rename(name, TENSOR_NAMES): name for name in tensors}

@@ -240,7 +240,7 @@ def shard_files(index: Path) -> list[Path]:
         raise SourceError(f"{index} is not {what}; save the model with save_pretrained again")
     names = sorted(set(weight_map.values()))
     for name in names:
-        if Path(name).name != name or not regular_file(index.parent / name):
+        if "\0" in name or Path(name).name != name or not regular_file(index.parent / name):
             raise SourceError(f"{index} names shard {name[:100]!r}, which is not a file in {index.parent}")
     return [index.parent / name for name in names]
 

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from craft.export.sources import SourceError, config_number, regular_file
+from craft.export.sources import SourceError, config_number, gguf_field, regular_file
 from craft.runtime.bpe_pretokenizer import BYTE_CHAR
 from craft.runtime.bpe_tokenizer import HFTokenizer, check_shape
 from craft.runtime.chat_template import MAX_CHARS, ChatTemplateError, compile_template
@@ -330,7 +330,7 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
 
     def field(key: str, default=None):
         f = reader.fields.get(key)
-        return f.contents() if f is not None else default
+        return gguf_field(f, key, name) if f is not None else default
 
     def token_id(key: str) -> int | None:
         value = field(f"tokenizer.ggml.{key}")

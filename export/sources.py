@@ -72,8 +72,22 @@ def file_mode(path: Path) -> int | None:
         return os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except ValueError:  # a null byte in the name: no file can have it
+        raise SourceError(f"{str(path)[:200]!r} contains a null byte; no file is named so - correct the name") from None
     except OSError as e:
         raise SourceError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
+
+
+def gguf_field(field: object, key: str, path: object) -> object:
+    """The value of GGUF metadata field `key` of the file at `path` (a gguf ReaderField); SourceError
+    naming the file and the key where its text is not UTF-8 (the reader decodes only when asked)."""
+    try:
+        return field.contents()
+    except UnicodeDecodeError as e:
+        raise SourceError(
+            f"{path}: metadata field {key[:100]} holds text that is not UTF-8 ({e.reason} at byte {e.start}); "
+            "the file is corrupt - download or convert it again"
+        ) from None
 
 
 def describe_mode(mode: int) -> str:

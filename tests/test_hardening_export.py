@@ -549,3 +549,33 @@ def test_output_that_cannot_be_written_exits_1(hf_source, tmp_path, monkeypatch,
     assert result.exit_code == 1 and len(lines) == 1, (result.exit_code, result.stderr, result.exception)
     assert lines[0].startswith("craft-export: error: cannot write") and str(output) in lines[0], lines[0]
     assert not output.exists()
+
+
+@pytest.mark.parametrize("text, needle", [(b"llama", "general.architecture"), (b"default", "tokenizer.ggml.pre")])
+def test_gguf_text_that_is_not_utf8_names_the_file_and_field(hf_source, tmp_path, text, needle):
+    """It was "'utf-8' codec can't decode byte 0xff ..." alone."""
+    path = write_small_gguf(tmp_path / "m.gguf", hf_source)
+    data = path.read_bytes()
+    value = struct.pack("<Q", len(text)) + text  # the string value, length first
+    assert data.count(value) == 1
+    path.write_bytes(data.replace(value, value[:8] + b"\xff" + text[1:]))
+    refused(path, "m.gguf", needle, "not UTF-8")
+
+
+def test_shard_name_with_a_null_byte_names_the_index(hf_source, tmp_path):
+    """It was "embedded null byte" alone."""
+    directory = hf_copy(hf_source, tmp_path)
+    (directory / "model.safetensors").rename(directory / "s1.safetensors")
+    from craft.export.source_hf import TENSOR_NAMES
+
+    weight_map = {name: "s1.safetensors" for name in small_weights(TENSOR_NAMES)}
+    weight_map["model.norm.weight"] = "s1.safetensors\0x"
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(directory, "model.safetensors.index.json", "s1.safetensors")
+
+
+def test_path_with_a_null_byte_is_a_source_error():
+    from craft.export.sources import SourceError, regular_file
+
+    with pytest.raises(SourceError, match="null byte"):
+        regular_file(Path("model\0.safetensors"))
