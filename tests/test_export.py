@@ -229,7 +229,7 @@ def test_bad_input_one_line_nonzero_and_no_file(char_run, tmp_path, case, patter
     elif case == "output_dir_missing":
         out = tmp_path / "no" / "such" / "dir" / "m.onnx"
     result = run_cli("craft.export.cli", str(run), "-o", str(out), *args)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == (1 if case == "unwritable" else 2), result.stderr  # 1: the OS refused the output
     assert pattern in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and onnx_files(tmp_path / "out") == []

@@ -244,11 +244,20 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum)
 
 
 def test_unit_checkpoint_hash_and_header(tmp_path):
-    state = {"format": ckpt.FORMAT, "step": 3, "w": torch.arange(10.0)}
+    state = {
+        "format": ckpt.FORMAT,
+        "model": {"w": torch.arange(10.0)},
+        "optimizer": {},
+        "scheduler": {},
+        "early_stopping": {},
+        "step": 3,
+        "best_val_loss": 1.5,
+        "rng": {"data": [{}], "torch": [torch.zeros(2, dtype=torch.uint8)]},
+    }
     path = tmp_path / "c.pt"
     digest = ckpt.write(state, path)
     loaded, again = ckpt.read(path)
-    assert again == digest and torch.equal(loaded["w"], state["w"])
+    assert again == digest and torch.equal(loaded["model"]["w"], state["model"]["w"])
     blob = path.read_bytes()
     path.write_bytes(blob + b"x")  # appended garbage is a mismatch too
     with pytest.raises(rd.RunDirError, match="SHA-256"):
