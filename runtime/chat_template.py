@@ -133,6 +133,24 @@ def check_size(value: Any) -> Any:
     return value
 
 
+def check_text_size(value: Any) -> Any:
+    """check_size for what is about to become text (printed, joined, JSON): a list of 3,000 references
+    to one 1M-character string is short itself but 3 GB as text. Walks until the bound is passed."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, (list, tuple, dict)):
+            total += len(item)
+            pending.extend(item.items() if isinstance(item, dict) else item)
+        else:
+            total += 8
+        if total > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS} as text")
+    return value
+
+
 def check_arguments(name: str, subject: Any, args: tuple) -> None:
     """Refuse the few operations whose result can be far larger than their inputs."""
     for a in (subject, *args):
@@ -149,6 +167,8 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
         grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
         if len(subject) + grown > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name in ("join", "tojson", "string", "pprint"):
+        check_text_size(subject)
     if name == "join" and args and isinstance(args[0], str):  # the separator repeats once per item
         items = len(subject) if hasattr(subject, "__len__") else None  # an iterator: only a short separator
         if len(args[0]) > MAX_WIDTH if items is None else len(args[0]) * max(items - 1, 0) > MAX_CHARS:
@@ -247,7 +267,9 @@ def make_environment():
                 raise ChatTemplateError("chat template raised a number to a power above 64")
             return check_size(super().call_binop(context, operator, left, right))
 
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env = Environment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], finalize=check_text_size
+    )
 
     def bounded_range(*args):
         steps = range(*args)

@@ -40,6 +40,7 @@ from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
 MAX_THREADS = 1024  # more than any CPU this runs on has; ONNX Runtime would try to start them all
+MAX_CHARS_PER_TOKEN = 64  # more than any real tokenizer's piece averages: a longer prompt cannot fit the context
 PREFILL_CHUNK = 64  # prompt tokens per forward of a single prompt: bounds a prefill's memory (_prefill)
 MIN_DEFAULT_CONTEXT = (
     256  # the memory cap never goes below this: a model that needs less cache to fit does not fit anyway
@@ -205,6 +206,15 @@ class Generator:
             raise GenerationError(
                 f"the prompt is not valid UTF-8 text (character {e.start} is a lone surrogate); pass UTF-8 text"
             ) from None
+        limit = self.context_length * MAX_CHARS_PER_TOKEN
+        if len(prompt) > limit:  # cannot fit: refuse (or cut) before tokenizing megabytes into gigabytes
+            if not truncate:
+                raise GenerationError(
+                    f"the prompt is {len(prompt):,} characters, more than a context of {self.context_length} tokens "
+                    f"can hold (at {MAX_CHARS_PER_TOKEN} characters a token); shorten it or pass --truncate "
+                    "(keeps its end)"
+                )
+            prompt = prompt[-limit:]
         bos = [self.artifact.bos_id] if self.tokenizer.add_bos else []
         ids = bos + self.tokenizer.encode(prompt)
         if not ids:  # a tokenizer without BOS (most imports) and an empty prompt: nothing to continue

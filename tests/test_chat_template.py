@@ -79,6 +79,10 @@ HOSTILE = {
     "strftime width": "{% set x = strftime_now('%999Y' * 100000) %}",
     "batch fill": "{% set x = range(5) | batch(100000000, 'x') | list %}",
     "lipsum": "{% set x = lipsum(n=10000000) %}",
+    # short values that are huge as text: 3,000 references to one 999,999-character string
+    "joined references": "{% set x = (['x' * 999999] * 3000) | join %}",
+    "references as JSON": "{% set x = (['x' * 999999] * 3000) | tojson %}",
+    "printed references": "{{ ['x' * 999999] * 3000 }}",
 }
 
 

@@ -139,3 +139,15 @@ def test_closed_stdout_or_stdin_is_one_line(char_int8, redirect, flags, words):
 def test_flags_that_are_not_utf8_are_refused(char_int8):
     result = subprocess.run([*CRAFT_RUN, str(char_int8), "hi", "--stop", b"\xff", "-n", "3"], capture_output=True)
     one_line_error(result, 2, "--stop is not UTF-8")
+
+
+def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(char_int8):
+    """A 24 MB prompt once took 1.3 GB (96 MB: 3.3 GB and a MemoryError) to be tokenized and then
+    refused; more characters than the context can hold at 64 a token are refused (or cut) first."""
+    prompt = b"the cat sat on the mat. " * 1_000_000
+    result = subprocess.run([*CRAFT_RUN, str(char_int8), "-n", "2"], input=prompt, capture_output=True, timeout=120)
+    one_line_error(result, 2, "24,000,000 characters, more than a context of", "--truncate")
+    cut = subprocess.run(
+        [*CRAFT_RUN, str(char_int8), "-n", "2", "--truncate", "-t", "0"], input=prompt, capture_output=True, timeout=120
+    )
+    assert cut.returncode == 0 and cut.stdout, cut.stderr
