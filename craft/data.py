@@ -225,6 +225,10 @@ def read_info(run_dir: Path) -> dict | None:
         info = json.loads(path.read_bytes())
         if not isinstance(info, dict):
             raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except RecursionError:
+        raise RunDirError(
+            f"{path} is damaged (nested too deeply); delete it and {TOKENS} (craft-train --resume rebuilds them)"
+        ) from None
     except ValueError as e:
         raise RunDirError(
             f"{path} is damaged ({str(e)[:120]}); "
@@ -310,8 +314,11 @@ def tokens_intact(path: Path, info: dict) -> bool:
     size = path.stat().st_size
     if "n_tokens" in info and size != info["n_tokens"] * np.dtype(info.get("dtype", "uint16")).itemsize:
         return False
-    if "tokens_sha256" not in info:
-        return True
+    if "tokens_sha256" not in info:  # no hash recorded: every id must at least be one of the tokenizer's
+        vocab = info.get("vocab_size")
+        if type(vocab) is not int or size == 0:
+            return True
+        return int(np.memmap(path, dtype=np.dtype(info.get("dtype", "uint16")), mode="r").max()) < vocab
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(HASH_BLOCK):
@@ -351,10 +358,9 @@ def run_splits(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     info = read_info(Path(run_dir))
     if info is None or not tokens_path.is_file():
         return None
-    n = info.get("n_tokens")
-    if n is not None and tokens_path.stat().st_size != n * np.dtype(info["dtype"]).itemsize:
+    if not tokens_intact(tokens_path, info):
         raise RunDirError(
-            f"{tokens_path} has {tokens_path.stat().st_size} bytes, {DATA_INFO} says {n} tokens: "
+            f"{tokens_path} does not match {DATA_INFO} (its length, its SHA-256 or an id past the vocabulary): "
             f"it was truncated or replaced; rebuild it with craft-train --resume {run_dir}, "
             "or delete it (the export then skips the perplexity check)"
         )

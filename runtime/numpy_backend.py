@@ -88,6 +88,7 @@ class StoredWeights:
 class NumpyBackend:
     name = "numpy"
 
+    @np.errstate(all="ignore")  # dequantizing a damaged file's inf / NaN: reported once, by sampling
     def __init__(self, path: str, spec: ModelSpec, quantization: str, initializers: dict | None = None):
         """The file at `path`, or - given `initializers`, name -> array as the file would store
         them - those arrays (`path` then only names them in errors)."""

@@ -22,6 +22,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 class NumpyRecurrentBackend:
     name = "numpy"
 
+    @np.errstate(all="ignore")  # dequantizing a damaged file's inf / NaN: reported once, by sampling
     def __init__(self, path: str, spec: ModelSpec, quantization: str):
         self.spec = spec
         w = StoredWeights(path, spec, quantization)

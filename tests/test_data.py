@@ -150,3 +150,25 @@ def test_val_split_is_the_one_training_uses(tmp_path):
     data = prepare_tokens(cfg, Corpus(str(corpus)), train_tokenizer(cfg, Corpus(str(corpus))), tmp_path)
     val = val_tokens(tmp_path)
     assert np.array_equal(val, data.val) and len(val) + len(data.train) == data.info["n_tokens"]
+
+
+def test_token_file_without_a_hash_must_hold_vocabulary_ids(tmp_path):
+    """An older data.json records no SHA-256: the file's ids must at least be the tokenizer's, or
+    training and export index past the embedding (a broadcast error / IndexError traceback)."""
+    from craft.data import TOKENS, tokens_intact
+
+    path = tmp_path / TOKENS
+    np.array([1, 2, 3, 1023], np.uint16).tofile(path)
+    info = {"n_tokens": 4, "dtype": "uint16", "vocab_size": 1024}
+    assert tokens_intact(path, info)
+    np.array([1, 2, 3, 65535], np.uint16).tofile(path)
+    assert not tokens_intact(path, info)
+
+
+def test_data_json_nested_past_the_stack_is_one_line(tmp_path):
+    from craft.data import DATA_INFO, read_info
+    from craft.run_dir import RunDirError
+
+    (tmp_path / DATA_INFO).write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(RunDirError, match="nested too deeply"):
+        read_info(tmp_path)
