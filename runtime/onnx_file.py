@@ -576,6 +576,8 @@ def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, option
                 model.nodes.append(_parse_node(buf, a, b))
         elif number == 5:
             tensor = _tensor_header(buf, a, b)
+            if tensor.name in model.tensors:  # ONNX Runtime would use the first, the checks the last
+                raise _Malformed(f"initializer '{tensor.name[:80]}' appears twice in the graph")
             model.structure_bytes -= tensor.raw_bytes
             model.tensors[tensor.name] = TensorInfo(tensor.name, tensor.data_type, tuple(tensor.dims), tensor.dtype)
             if options.decode(tensor.name):

@@ -367,6 +367,16 @@ def test_unsupported_tensor_type_is_refused(tmp_path) -> None:
     assert light.initializers == {} and light.tensors["names"] == onnx_file.TensorInfo("names", 8, (2,), None)
 
 
+def test_duplicate_initializer_names_are_refused(tmp_path) -> None:
+    """ONNX Runtime uses the first of two initializers with one name; the checks and the numpy backend
+    would read the last: the backends would run different weights."""
+    first, second = (helper.make_tensor("w", TensorProto.FLOAT, [2], v) for v in ([1.0, 2.0], [3.0, 4.0]))
+    onnx.save(helper.make_model(helper.make_graph([], "g", [], [], [first, second])), tmp_path / "d.onnx")
+    for with_weights in (True, False):
+        with pytest.raises(OnnxFormatError, match="initializer 'w' appears twice"):
+            onnx_file.read_model(tmp_path / "d.onnx", with_weights=with_weights)
+
+
 def test_external_data_is_refused(tmp_path) -> None:
     model = build_model(False)
     path = tmp_path / "external.onnx"
