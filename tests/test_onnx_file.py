@@ -531,7 +531,8 @@ def test_max_entries_caps_what_the_reader_builds(tmp_path) -> None:
     assert peak_allocated(read) < 1_000_000
     assert onnx_file.read_model(path, with_nodes=False).node_count == 2_000_000
     for number, kind in [(5, "initializers"), (11, "inputs"), (12, "outputs")]:
-        path.write_bytes(model_with_graph(length_delimited(number, b"") * 11))
+        named = (length_delimited(number, length_delimited(8, f"t{i}".encode())) for i in range(11))  # 8: name
+        path.write_bytes(model_with_graph(b"".join(named) if number == 5 else length_delimited(number, b"") * 11))
         with pytest.raises(OnnxFormatError, match=f"more than 10 {kind}"):
             onnx_file.read_model(path, with_weights=False, max_entries=10)
         onnx_file.read_model(path, with_weights=False, max_entries=11)
