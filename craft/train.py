@@ -59,7 +59,7 @@ from craft.data import (
 )
 from craft.distributed import Distributed
 from craft.model import Transformer, build_model
-from craft.runtime.command import OneLineErrors
+from craft.runtime.command import OneLineErrors, echo_error
 from craft.runtime.tokenizer import Tokenizer
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -509,10 +509,10 @@ def main(overrides, config, resume, overwrite, plot_dir):
             cfg = load_config(config, list(overrides))
         result = train(cfg, resume=resume is not None, overwrite=overwrite, log=click.echo)
     except (ConfigError, DataError, rd.RunDirError) as e:
-        click.echo(f"craft-train: error: {e}", err=True)
+        echo_error("craft-train", e)
         sys.exit(EXIT_USAGE)
     except TrainError as e:
-        click.echo(f"craft-train: error: {e}", err=True)
+        echo_error("craft-train", e)
         sys.exit(EXIT_DIVERGED)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
         sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)

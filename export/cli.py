@@ -10,7 +10,7 @@ import click
 
 from craft import __version__
 from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
-from craft.runtime.command import OneLineErrors
+from craft.runtime.command import OneLineErrors, echo_error
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
@@ -118,7 +118,7 @@ def main(
             attention=attention,
         )
     except ExportError as e:  # an OutputWriteError too: the output could not be written (exit 1)
-        click.echo(f"craft-export: error: {e}", err=True)
+        echo_error("craft-export", e)
         sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
     except VerificationError as e:
         print_report(e.report, None)

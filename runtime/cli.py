@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from craft import __version__
-from craft.runtime.command import OneLineErrors
+from craft.runtime.command import OneLineErrors, echo_error
 
 if TYPE_CHECKING:  # the runtime is imported inside main(), after --threads has set BLAS's thread count
     from craft.runtime.generator import Generator, Stats
@@ -56,7 +56,7 @@ def unescape(text: str) -> str:
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    click.echo(f"craft-run: error: {message}", err=True)
+    echo_error("craft-run", message)
     sys.exit(code)
 
 
@@ -391,7 +391,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             click.echo("[stopped]", err=True)
             continue
         except ValueError as e:  # the template refused the conversation, a message longer than the context
-            click.echo(f"craft-run: error: {e}", err=True)
+            echo_error("craft-run", e)
             continue
         if generator.last_stats.stop_reason == CONTEXT_LENGTH:
             click.echo(context_full(generator) + "; the next message starts a new conversation", err=True)

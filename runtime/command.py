@@ -36,6 +36,13 @@ class Terminated(BaseException):
     """SIGTERM arrived (a BaseException, like KeyboardInterrupt: `except Exception` lets it through)."""
 
 
+def echo_error(prog: str, message: object) -> None:
+    """`PROG: error: MESSAGE` on stderr, one line: a newline inside the message (a path may hold one)
+    is written as \\n."""
+    text = str(message).replace("\r", "\\r").replace("\n", "\\n")
+    click.echo(f"{prog}: error: {text}", err=True)
+
+
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: what failed, on which file, and what to do about it."""
     where = f"{e.filename}: " if e.filename is not None else ""
@@ -74,7 +81,7 @@ class OneLineErrors(click.Command):
             result = super().main(args=args, prog_name=prog_name, **kwargs)
         except click.UsageError as e:
             message = e.format_message().replace("\n", " ")
-            click.echo(f"{prog}: error: {message} (see {prog} --help)", err=True)
+            echo_error(prog, f"{message} (see {prog} --help)")
             sys.exit(e.exit_code)
         except click.exceptions.Exit as e:  # --help, --version
             sys.exit(e.exit_code)
@@ -86,7 +93,7 @@ class OneLineErrors(click.Command):
             sys.exit(EXIT_TERMINATED)
         except OSError as e:
             stdout = e.filename is None and _stdout_failed(e)
-            click.echo(f"{prog}: error: {'stdout: ' if stdout else ''}{os_error_message(e)}", err=True)
+            echo_error(prog, f"{'stdout: ' if stdout else ''}{os_error_message(e)}")
             sys.exit(EXIT_OS_ERROR)
         finally:
             if previous is signal.SIG_DFL:

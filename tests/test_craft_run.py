@@ -151,3 +151,9 @@ def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(char_int8)
         [*CRAFT_RUN, str(char_int8), "-n", "2", "--truncate", "-t", "0"], input=prompt, capture_output=True, timeout=120
     )
     assert cut.returncode == 0 and cut.stdout, cut.stderr
+
+
+def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path):
+    model = tmp_path / "a\nb" / "m.onnx"
+    result = subprocess.run([*CRAFT_RUN, str(model), "hi"], capture_output=True, timeout=120)
+    one_line_error(result, 2, "a\\nb/m.onnx does not exist")
