@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from craft.export.sources import SourceError, config_number, gguf_field, regular_file
+from craft.export.sources import SourceError, config_number, gguf_field, parse_json, regular_file
 from craft.runtime.bpe_pretokenizer import BYTE_CHAR
 from craft.runtime.bpe_tokenizer import HFTokenizer, check_shape
 from craft.runtime.chat_template import MAX_CHARS, ChatTemplateError, compile_template
@@ -183,15 +183,15 @@ def regular(path: Path) -> bool:
 
 
 def load_json(path: Path, raw: bytes | None = None) -> dict:
+    """The JSON object in `path` (or its bytes `raw`, already read); {} where the file is absent."""
     if raw is None and not regular(path):
         return {}
     try:
-        value = json.loads(raw if raw is not None else path.read_bytes())
-    except (ValueError, OSError, RecursionError) as e:  # RecursionError: JSON nested past the stack
-        message = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
-        raise TokenizerSourceError(
-            f"{path} is not readable JSON ({message}); restore it from the model's source"
-        ) from None
+        value = parse_json(raw if raw is not None else path.read_bytes(), path, "restore it from the model's source")
+    except OSError as e:
+        raise TokenizerSourceError(f"cannot read {path} ({e.strerror}); restore it from the model's source") from None
+    except SourceError as e:
+        raise TokenizerSourceError(str(e)) from None
     if not isinstance(value, dict):
         raise TokenizerSourceError(
             f"{path} should hold a JSON object, got {type(value).__name__}; restore it from the model's source"

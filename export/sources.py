@@ -122,12 +122,20 @@ def read_json(path: Path, what: str) -> object:
     if not regular_file(path):
         raise SourceError(f"{path} does not exist; it must be {what}")
     try:
-        return json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except OSError as e:
         raise SourceError(f"cannot read {path} ({e.strerror}); it must be {what}") from None
+    return parse_json(raw, path, f"it must be {what}")
+
+
+def parse_json(raw: bytes, path: Path, fix: str) -> object:
+    """The JSON value in `raw` (the bytes of `path`); SourceError ending in `fix` if they are not
+    JSON, JSON nested past the stack included."""
+    try:
+        return json.loads(raw)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; RecursionError: [[[[...
         message = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
-        raise SourceError(f"{path} is not readable JSON ({message}); it must be {what}") from None
+        raise SourceError(f"{path} is not readable JSON ({message}); {fix}") from None
 
 
 def config_number(
