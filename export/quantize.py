@@ -41,7 +41,7 @@ class SchemeOps:
 
     def store_embedding(self, g, e: np.ndarray) -> tuple[str, ...]:
         stored, self.errors[W.EMBEDDING] = self.scheme.quantize_embedding(e, self.scales.get(W.EMBEDDING))
-        return tuple(g.weight(n, a) for n, a in zip(self.scheme.stored_names(W.EMBEDDING), stored))
+        return tuple(g.weight(n, a) for n, a in zip(self.scheme.embedding_names(), stored))
 
 
 class Float32Ops(SchemeOps):
@@ -60,7 +60,7 @@ class Float32Ops(SchemeOps):
         # x @ E^T with E (vocab, dim) as stored: Gemm with transB reads E in place, where a
         # Transpose would be constant-folded into a second copy of the table at load.
         flat = g.op("Reshape", x, g.const([-1, spec.dim]))  # (B * T, dim)
-        logits = g.op("Gemm", flat, *self.scheme.stored_names(W.EMBEDDING), transB=1)  # (B * T, vocab)
+        logits = g.op("Gemm", flat, *self.scheme.embedding_names(), transB=1)  # (B * T, vocab)
         batch_seq = g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2]))
         g.op("Reshape", logits, g.op("Concat", batch_seq, g.const([spec.vocab_size]), axis=0), outputs=[out])
 
@@ -68,7 +68,11 @@ class Float32Ops(SchemeOps):
 class BlockOps(SchemeOps):
     """int8 / int4 blocks (q, scale) multiplied by com.microsoft MatMulNBits, accuracy_level 4."""
 
-    def _matmul(self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1) -> str:
+    embedding_bits: int  # the stored embedding's (and a tied head's) bits
+
+    def _matmul(
+        self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1, bits: int = 0
+    ) -> str:
         K, N = shape
         return g.op(
             "MatMulNBits",
@@ -79,13 +83,10 @@ class BlockOps(SchemeOps):
             outputs=out,
             K=K,
             N=N,
-            bits=self.scheme.weight_bits,
+            bits=bits or self.scheme.weight_bits,
             block_size=self.scheme.block,
             accuracy_level=ACCURACY_LEVEL,
         )
-
-    def linear(self, g, x: str, name: str, w: np.ndarray) -> str:
-        return self._matmul(g, x, *self.store(g, name, w), shape=w.shape)
 
     def embedding(self, g, weights: dict, ids: str) -> str:
         """Rows of the head's own blocks: com.microsoft GatherBlockQuantized reads the stored bytes
@@ -105,7 +106,7 @@ class BlockOps(SchemeOps):
             gather_axis=0,
             quantize_axis=2,
             block_size=self.scheme.block,
-            bits=self.scheme.weight_bits,
+            bits=self.embedding_bits,
         )  # (B, T, blocks, block)
         full = g.op("Reshape", rows, g.const([0, 0, -1]))  # (B, T, blocks * block)
         if e.shape[1] % self.scheme.block:
@@ -114,19 +115,48 @@ class BlockOps(SchemeOps):
 
     def head(self, g, weights: dict, x: str, out: str, spec) -> None:
         if spec.tie_embeddings:
-            self._matmul(g, x, *self.scheme.stored_names(W.EMBEDDING), shape=(spec.dim, spec.vocab_size), out=[out])
+            names = self.scheme.embedding_names()
+            self._matmul(g, x, *names, shape=(spec.dim, spec.vocab_size), out=[out], bits=self.embedding_bits)
         else:
-            self._matmul(g, x, *self.store(g, W.HEAD, weights[W.HEAD]), shape=weights[W.HEAD].shape, out=[out])
+            self.linear(g, x, W.HEAD, weights[W.HEAD], out=[out])
+
+    def linear(self, g, x: str, name: str, w: np.ndarray, out: list[str] | int = 1) -> str:
+        return self._matmul(g, x, *self.store(g, name, w), shape=w.shape, out=out)
 
 
 class Int8Ops(BlockOps):
     scheme = W.SCHEMES[W.INT8]
+    embedding_bits = 8
 
 
 class Int4Ops(BlockOps):
     scheme = W.SCHEMES[W.INT4]
+    embedding_bits = 4
+
+
+class Q41Ops(BlockOps):
+    """4-bit MatMulNBits on the centered blocks, plus each block's offset times the sum of the
+    input over that block: x @ W = MatMulNBits(x) + ReduceSum(x per block) @ offset. The sums are
+    of x itself, not of MatMulNBits' int8 copy of it. Four nodes more per linear layer (five
+    where in_features is not a multiple of 32)."""
+
+    scheme = W.SCHEMES[W.Q4_1]
+    embedding_bits = 8
+
+    def linear(self, g, x: str, name: str, w: np.ndarray, out: list[str] | int = 1) -> str:
+        q, scale, offset = self.store(g, name, w)
+        K, block = w.shape[0], self.scheme.block
+        blocks = -(-K // block)
+        if K % block:  # zero-pad the last block, as the stored weights are
+            x_padded = g.op("Pad", x, g.const([0, 0, 0, 0, 0, blocks * block - K]))
+        else:
+            x_padded = x
+        per_block = g.op("Reshape", x_padded, g.const([0, 0, blocks, block]))  # (B, T, blocks, block)
+        sums = g.op("ReduceSum", per_block, g.const([-1]), keepdims=0)  # (B, T, blocks)
+        centered = self._matmul(g, x, q, scale, shape=w.shape)  # (B, T, N)
+        return g.op("Add", centered, g.op("MatMul", sums, offset), outputs=out)
 
 
 OPS: dict[str, type[SchemeOps]] = {
-    ops.scheme.name: ops for ops in (Float32Ops, Int8Ops, Int4Ops)
+    ops.scheme.name: ops for ops in (Float32Ops, Int8Ops, Int4Ops, Q41Ops)
 }  # one per weights.SCHEMES entry

@@ -39,6 +39,7 @@ QUALITY_LIMITS = {  # every quantized scheme's limits, in one place
     "int8": QualityLimit(0.90, 1.002, "int8: a 0.2% perplexity budget; top-1 catches a broken scheme"),
     # int4 trades quality for size: 5% is its budget; top-1 is reported, not gated (87% on the tiny preset).
     "int4": QualityLimit(0.0, 1.05, "int4: a 5% perplexity budget"),
+    "q4_1": QualityLimit(0.0, 1.05, "q4_1: 4 bits, int4's 5% perplexity budget"),
 }
 DECODE_STEPS = 8
 PROMPT_TOKENS = 16
@@ -218,6 +219,6 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         report["failures"].append(
             f"{quantization} agrees with float32 on {top1:.2%} of next tokens (limit {bound.min_top1:.0%}) with "
             f"perplexity ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); export with --quantize "
-            f"{'int8' if quantization == 'int4' else 'none'} instead"
+            f"{'none' if quantization == 'int8' else 'int8'} instead"
         )
     return report

@@ -85,8 +85,10 @@ def expected_weights(spec: ModelSpec, quantization: str) -> dict[str, tuple[tupl
     scheme = W.SCHEMES[quantization]
     out = {name: (shape, np.dtype(np.float32)) for name, shape in W.float_weights(spec).items()}
     for name, shape in W.scheme_weights(spec).items():
-        layout = scheme.embedding_layout(shape) if name == W.EMBEDDING else scheme.layout(shape)
-        out.update(zip(scheme.stored_names(name), layout))
+        if name == W.EMBEDDING:
+            out.update(zip(scheme.embedding_names(), scheme.embedding_layout(shape), strict=True))
+        else:
+            out.update(zip(scheme.stored_names(name), scheme.layout(shape), strict=True))
     return out
 
 

@@ -80,7 +80,7 @@ class StoredWeights:
         """(rows: ids (B, T) -> (B, T, dim), head: x (B, T, dim) -> logits), the head tied or not."""
         shape = self.stored_shapes[W.EMBEDDING]
         rows, tied_head = self.scheme.embedding(
-            self.tensors(self.scheme.stored_names(W.EMBEDDING), self.scheme.embedding_layout(shape)), shape
+            self.tensors(self.scheme.embedding_names(), self.scheme.embedding_layout(shape)), shape
         )
         return rows, tied_head if self.spec.tie_embeddings else self.linear(W.HEAD)
 

@@ -178,6 +178,7 @@ class Scheme:
     suffixes: tuple[str, ...]  # a weight NAME is stored as NAME + suffix, in this order
     # True: E is stored as the linear weight E^T (dim, vocab), one tensor for both the lookup and a tied head
     embedding_transposed: bool
+    calibrated = True  # the exporter may rotate an import's weights and GPTQ-round them (craft.export.calibration)
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         return tuple(name + suffix for suffix in self.suffixes)
@@ -208,6 +209,9 @@ class Scheme:
     # the embedding table, in terms of the above --------------------------------------------------
     def _embedding_view(self, shape: Shape) -> Shape:
         return shape[::-1] if self.embedding_transposed else shape
+
+    def embedding_names(self) -> tuple[str, ...]:
+        return self.stored_names(EMBEDDING)
 
     def embedding_layout(self, shape: Shape) -> tuple[tuple[Shape, np.dtype], ...]:
         return self.layout(self._embedding_view(shape))
@@ -376,6 +380,99 @@ class BlockLinear:
         return matmul(quantize_activation_blocks(x.reshape(B * T, K), self.block).reshape(B, T, K), self.w)
 
 
+class BlockQuantMinimum(BlockQuant):
+    """GGUF Q4_1's layout: each block of 32 along in_features holds w = scale * u + minimum, u in
+    [0, 15], so a Q4_1 GGUF's weights are stored exactly (to float32 rounding), not rounded again
+    as symmetric blocks. For W (in=K, out=N): NAME.q and NAME.scale as 4-bit BlockQuant (the stored
+    u with the operator's default zero point 8, so q * scale = scale * (u - 8)) and NAME.offset
+    float32 (blocks, N), the block's minimum + 8 * scale. The graph adds the offsets as
+    blocksum(x) @ offset next to MatMulNBits (craft.export.quantize): MatMulNBits' own float zero
+    points hold the same numbers but run 40x slower (README "Quantization"). The embedding (also
+    a tied head) is stored as int8 blocks: a Q4_1 GGUF keeps its token embedding at Q8_0, and 4
+    bits there cost SmolLM2-135M a 10% perplexity rise on their own. Rounded to nearest, never
+    calibrated: rotation or GPTQ would move a GGUF's weights off the grid they came on."""
+
+    suffixes = (".q", ".scale", ".offset")
+    calibrated = False
+    levels = 15  # u in [0, levels]
+
+    def __init__(self, name: str, description: str):
+        super().__init__(4, 32, name, description)
+        self.embedding_scheme = BlockQuant(8, self.block, "int8", "")
+
+    def layout(self, shape):
+        K, N = shape
+        return (*super().layout(shape), ((-(-K // self.block), N), np.dtype(np.float32)))
+
+    def quantize(self, w, scale=None):
+        """u = rint((w - minimum) / scale) in [0, 15], scale = (max - min) / 15 per block (a constant
+        block: scale 1, its value in the offset). A block of a Q4_1 GGUF comes back as it was."""
+        assert scale is None, "q4_1 is rounded to nearest: it takes no calibrated scales"
+        w = np.asarray(w, dtype=np.float32)
+        K, N = w.shape
+        blocks = -(-K // self.block)
+        wb = np.zeros((N, blocks * self.block), np.float32)
+        wb[:, :K] = w.T
+        wb = wb.reshape(N, blocks, self.block)  # (N, blocks, block); padding is 0, inside the block's range
+        low, high = wb.min(axis=-1), wb.max(axis=-1)  # (N, blocks)
+        step = (high.astype(np.float64) - low) / self.levels
+        scale = np.where(step > 0, step, 1.0).astype(np.float32)
+        u = np.clip(np.rint((wb - low[..., None]) / scale[..., None]), 0, self.levels).astype(np.uint8)
+        offset = np.ascontiguousarray((low + np.float32(self.offset) * scale).T)  # (blocks, N)
+        stored = (self.pack(u), scale, offset)
+        error = float(np.abs(self.dequantize(stored, w.shape) - w).max()) if w.size else 0.0
+        return stored, error
+
+    def dequantize(self, stored, shape):
+        packed, scale, offset = stored
+        K, N = shape
+        w = self.unpack(packed) * scale[..., None] + offset.T[..., None]  # (N, blocks, block)
+        return np.ascontiguousarray(w.reshape(N, -1)[:, :K].T)
+
+    def linear(self, stored, shape):
+        packed, scale, offset = stored
+        centered = super().dequantize((packed, scale), shape)  # scale * (u - 8): what MatMulNBits multiplies
+        return OffsetBlockLinear(centered, offset, self.block)
+
+    # the embedding: int8 blocks
+    def embedding_names(self):
+        return self.embedding_scheme.embedding_names()
+
+    def embedding_layout(self, shape):
+        return self.embedding_scheme.embedding_layout(shape)
+
+    def quantize_embedding(self, e, scale=None):
+        return self.embedding_scheme.quantize_embedding(e, scale)
+
+    def dequantize_embedding(self, stored, shape):
+        return self.embedding_scheme.dequantize_embedding(stored, shape)
+
+    def embedding(self, stored, shape):
+        return self.embedding_scheme.embedding(stored, shape)
+
+
+def block_sums(x: np.ndarray, block: int) -> np.ndarray:
+    """x (..., K) -> (..., ceil(K / block)): the sum of each block along K (the last one zero-padded)."""
+    K = x.shape[-1]
+    blocks = -(-K // block)
+    padded = np.zeros((*x.shape[:-1], blocks * block), np.float32)
+    padded[..., :K] = x
+    return padded.reshape(*x.shape[:-1], blocks, block).sum(axis=-1, dtype=np.float32)
+
+
+class OffsetBlockLinear(BlockLinear):
+    """BlockLinear plus the blocks' offsets: x @ W = quantized(x) @ centered + block_sums(x) @ offset,
+    the sums of x unquantized, as the graph's ReduceSum and MatMul compute them."""
+
+    def __init__(self, centered: np.ndarray, offset: np.ndarray, block: int):
+        super().__init__(centered, block)
+        self.offset = np.asarray(offset, dtype=np.float32)  # (blocks, N)
+
+    def __call__(self, x: np.ndarray, last_only: bool = False) -> np.ndarray:
+        x = x[:, -1:] if last_only else x
+        return super().__call__(x) + matmul(block_sums(x, self.block), self.offset)
+
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -384,6 +481,11 @@ SCHEMES: dict[str, Scheme] = {
         # but cost 20% of decode speed and 10% more bytes (README "Quantization"): 32, as GGUF's Q8_0 / Q4_0
         BlockQuant(8, 32, "int8", "blocks of 32, about 4x smaller and faster on CPUs"),
         BlockQuant(4, 32, "int4", "blocks of 32, about 7x smaller"),
+        BlockQuantMinimum(
+            "q4_1",
+            "GGUF Q4_1's blocks of 32 with a scale and a minimum (a Q4_1 GGUF is stored exactly), int8 embedding; "
+            "about 5x smaller",
+        ),
     )
 }
-NONE, INT8, INT4 = "none", "int8", "int4"
+NONE, INT8, INT4, Q4_1 = "none", "int8", "int4", "q4_1"

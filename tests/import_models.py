@@ -145,7 +145,8 @@ def numpy_logits(path: Path, fed: list[int], prompt_length: int) -> list[np.ndar
 def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     """A llama GGUF of a transformers Llama model, as llama.cpp's converter writes it: metadata
     keys, GGUF tensor names, q/k rows permuted for llama.cpp's RoPE; 2-D weights in `qtype`
-    (F32, F16 or Q8_0 via gguf.quants), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.*."""
+    (F32, F16, Q8_0 or Q4_1 via gguf.quants; with Q4_1 the embedding and output stay Q8_0, as in
+    llama.cpp's Q4_1 files), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.*."""
     import gguf
 
     from craft.export.source_gguf import permute_rope_rows
@@ -168,7 +169,11 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     )
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(
+        {"F32": gguf.LlamaFileType.ALL_F32, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}.get(
+            qtype, gguf.LlamaFileType.MOSTLY_Q8_0
+        )
+    )
     spec = json.loads(save_tokenizer(path.parent).read_text())
     vocab = spec["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -208,7 +213,9 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
         if w.ndim == 1 or qtype == "F32":
             writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
         else:
-            kind = gguf.GGMLQuantizationType[qtype]
+            kind = gguf.GGMLQuantizationType[
+                "Q8_0" if qtype == "Q4_1" and name in ("token_embd.weight", "output.weight") else qtype
+            ]
             writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)  # bytes; the shape follows
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

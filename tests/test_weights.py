@@ -157,7 +157,7 @@ def test_numpy_arithmetic_equals_the_graph_ops(name):
 
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
     linear = scheme.linear(tuple(stored[n] for n in scheme.stored_names("w")), w.shape)
-    rows, head = scheme.embedding(tuple(stored[n] for n in scheme.stored_names(W.EMBEDDING)), e.shape)
+    rows, head = scheme.embedding(tuple(stored[n] for n in scheme.embedding_names()), e.shape)
     # MatMulNBits sums the exact integer block products in its own float32 order: ~1e-7 relative, not bit for bit
     for mine, theirs in ((linear(x), got[linear_out]), (head(h), got["logits"])):
         assert np.abs(mine - theirs).max() <= 2e-6 * np.abs(theirs).max()
@@ -182,7 +182,7 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source,
     path = tmp_path / "m.onnx"
     path.write_bytes(proto.SerializeToString())
     spec = load_artifact(path).spec  # a quantized import: a rotated residual stream, and a tied head's rotation
-    assert spec.head_rotation == (name != W.NONE and tie and source != "run")
+    assert spec.head_rotation == (name != W.NONE and W.SCHEMES[name].calibrated and tie and source != "run")
     floats = W.float_weights(spec)
     scheme = W.SCHEMES[name]
     defaults = {v.name for v in proto.graph.input}  # an input's default (logits_to_keep) is not a weight
@@ -193,8 +193,11 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source,
     }
     expected = dict(floats)
     for weight, shape in by_scheme.items():
-        layout = scheme.embedding_layout(shape) if weight == W.EMBEDDING else scheme.layout(shape)
-        expected.update({n: s for n, (s, _) in zip(scheme.stored_names(weight), layout)})
+        if weight == W.EMBEDDING:
+            names, layout = scheme.embedding_names(), scheme.embedding_layout(shape)
+        else:
+            names, layout = scheme.stored_names(weight), scheme.layout(shape)
+        expected.update({n: s for n, (s, _) in zip(names, layout, strict=True)})
     assert {k: v.shape for k, v in stored.items()} == expected
     NumpyBackend(str(path), spec, name)  # finds every weight it needs by the home's names
 

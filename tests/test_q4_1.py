@@ -1,0 +1,100 @@
+"""The q4_1 scheme (craft.runtime.weights.BlockQuantMinimum): GGUF Q4_1's blocks stored as they
+are - a block with a scale and a minimum comes back to float32 rounding, where symmetric int4
+rounds it again - and a Q4_1 GGUF compiles to a file whose weights are the GGUF's own."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from craft.runtime import weights as W
+
+gguf = pytest.importorskip(
+    "gguf", reason="gguf not installed (a dev dependency here; craft-export needs it for .gguf sources)"
+)
+transformers = pytest.importorskip("transformers", reason="transformers not installed (a dev-only dependency)")
+
+from import_models import max_diff, numpy_logits, ort_logits, random_hf_model, write_gguf  # noqa: E402
+
+PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
+Q4_1 = W.SCHEMES[W.Q4_1]
+
+
+def gguf_rounded(w: np.ndarray, kind: str) -> np.ndarray:
+    """W (in, out) as a GGUF of this tensor type holds it: blocks of 32 along `in`."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    return gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(w.T), qtype), qtype).T.copy()
+
+
+def test_a_q4_1_block_comes_back_as_it_was():
+    rng = np.random.default_rng(0)
+    w = gguf_rounded(rng.standard_normal((96, 40)).astype(np.float32) + 0.3, "Q4_1")
+    stored, error = Q4_1.quantize(w)
+    assert np.array_equal(Q4_1.dequantize(stored, w.shape), W.SCHEMES[W.Q4_1].dequantize(stored, w.shape))
+    assert error <= 1e-6 * np.abs(w).max()  # float32 rounding of scale * u + minimum, nothing more
+    assert W.SCHEMES[W.INT4].quantize(w)[1] > 0.05 * np.abs(w).max()  # symmetric blocks round it again
+
+
+def test_offsets_are_the_blocks_minimum_plus_eight_steps():
+    """(N, blocks, 16) nibbles of u in [0, 15], scale (max - min) / 15, offset (blocks, N)."""
+    w = np.zeros((64, 3), np.float32)
+    w[:32, 0] = np.linspace(-1.0, 2.0, 32)  # a block spanning [-1, 2]
+    w[32:, 0] = 5.0  # a constant block: its value in the offset
+    (packed, scale, offset), error = Q4_1.quantize(w)
+    assert packed.shape == (3, 2, 16) and scale.shape == (3, 2) and offset.shape == (2, 3)
+    assert scale[0, 0] == np.float32(3.0 / 15) and offset[0, 0] == np.float32(-1.0 + 8 * np.float32(3.0 / 15))
+    assert offset[1, 0] == np.float32(5.0 + 8) and scale[0, 1] == 1.0
+    assert error <= 3.0 / 30 + 1e-6  # half a step
+    u = np.stack([packed & 15, packed >> 4], -1).reshape(3, 2, 32)
+    assert u[0, 0, 0] == 0 and u[0, 0, -1] == 15
+
+
+def test_the_embedding_is_stored_as_int8_blocks():
+    e = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    stored, _ = Q4_1.quantize_embedding(e)
+    int8 = W.SCHEMES[W.INT8]
+    assert Q4_1.embedding_names() == int8.embedding_names()
+    assert [a.shape for a in stored] == [s for s, _ in int8.embedding_layout(e.shape)]
+    assert np.array_equal(Q4_1.dequantize_embedding(stored, e.shape), int8.dequantize_embedding(stored, e.shape))
+
+
+@pytest.fixture(scope="module")
+def q4_1_files(tmp_path_factory):
+    """A tied Llama written as a Q4_1 GGUF (embedding Q8_0, as SmolLM2's), exported as float32,
+    q4_1 and int4."""
+    from craft.export.exporter import export
+
+    directory = tmp_path_factory.mktemp("q4_1")
+    path = write_gguf(random_hf_model("llama", tie_word_embeddings=True), directory / "m.Q4_1.gguf", "Q4_1")
+    reports = {
+        scheme: export(path, directory / f"m.{scheme}.onnx", quantize=scheme, log=lambda *a, **k: None)
+        for scheme in ("none", "q4_1", "int4")
+    }
+    return path, directory, reports
+
+
+def test_a_q4_1_gguf_is_stored_exactly(q4_1_files):
+    from craft.export.sources import load_source
+
+    path, directory, reports = q4_1_files
+    state = load_source(path).state_dict  # the GGUF's blocks dequantized by the gguf package
+    initializers = {t.name: t for t in onnx.load(directory / "m.q4_1.onnx").graph.initializer}
+    name = W.layer(1).w2
+    stored = tuple(onnx.numpy_helper.to_array(initializers[name + s]) for s in Q4_1.suffixes)
+    want = state["layers.1.feed_forward.w2.weight"].numpy().T  # (in, out)
+    assert np.abs(Q4_1.dequantize(stored, want.shape) - want).max() <= 1e-6 * np.abs(want).max()
+    assert reports["q4_1"]["max_weight_quant_error"] <= 1e-6 * 2  # every weight, the Q8_0 embedding too
+    assert reports["int4"]["max_weight_quant_error"] > 1e-2  # int4 rounds the same blocks again
+    assert "rotated" not in reports["q4_1"]  # no rotation, no GPTQ: they would move weights off the grid
+
+
+def test_q4_1_is_closer_to_float32_than_int4_and_numpy_agrees(q4_1_files):
+    path, directory, reports = q4_1_files
+    fed = PROMPT + [7, 30, 2]
+    ref = ort_logits(directory / "m.none.onnx", fed, len(PROMPT))
+    q41, int4 = (ort_logits(directory / f"m.{s}.onnx", fed, len(PROMPT)) for s in ("q4_1", "int4"))
+    assert max_diff(ref, q41) < max_diff(ref, int4) / 3  # only the activations' int8 rounding is left
+    assert reports["q4_1"]["perplexity_ratio"] < reports["int4"]["perplexity_ratio"]
+    mine = numpy_logits(directory / "m.q4_1.onnx", fed, len(PROMPT))
+    assert max_diff(q41, mine) <= 1e-4 * max(float(np.abs(r).max()) for r in q41)
