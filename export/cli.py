@@ -72,7 +72,7 @@ def print_report(report: dict, output: Path | None) -> None:
     help="KV-cache attention: standard (standard ONNX ops; a float32 file then runs on any ONNX runtime) or "
     f"inplace (ONNX Runtime's GroupQueryAttention writing a preallocated cache in place: faster decode, needs "
     f"onnxruntime>={ORT_INPLACE_MIN})."
-    "  [default: inplace for int8 / int4 transformers, whose files need ONNX Runtime anyway; standard for none "
+    "  [default: inplace for quantized transformers, whose files need ONNX Runtime anyway; standard for none "
     "and recurrent models]",
 )
 @click.version_option(__version__, prog_name="craft-export")
@@ -91,9 +91,9 @@ def main(
 
     The file carries the model config, tokenizer, special ids and chat template in its metadata
     and has KV-cache inputs/outputs; craft-run needs nothing else. Before writing, the export is
-    verified: PyTorch vs ONNX Runtime logits on a prefill and 8 cached decode steps, and for
-    int8 the perplexity against float32 (the run's val split; for an imported model a bundled
-    English text). Exit codes: 0 written, 1 a file could not be read or written, 2 bad input
+    verified: PyTorch vs ONNX Runtime logits on a prefill and 8 cached decode steps, and for a
+    quantized file its top-1 agreement and perplexity against float32 (the run's val split; for
+    an imported model a bundled English text). Exit codes: 0 written, 1 a file could not be read or written, 2 bad input
     (nothing written), 3 verification failed (nothing written; the figures are printed),
     143 terminated (nothing written).
     """

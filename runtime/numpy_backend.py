@@ -7,7 +7,7 @@ is the network itself. It keeps its own KV-cache in preallocated (B, n_kv_heads,
 head_dim) buffers, written in place: no per-step copy of the cache at all.
 
 Each linear layer, the embedding and the LM head multiply as the file's scheme says
-(craft.runtime.weights): for int8 / int4 the blocks are expanded to float32 at load and every
+(craft.runtime.weights): for int8 / int4 / q4_1 the blocks are expanded to float32 at load and every
 linear layer quantizes its input per row and block of 32 exactly as ONNX Runtime's MatMulNBits
 (accuracy_level 4) does, so greedy output matches the ort backend token for token rather than
 drifting from it. Only float32 summation order differs (~1e-7 relative); where that moves an
