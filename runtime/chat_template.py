@@ -28,6 +28,7 @@ MAX_CHARS = 1_000_000  # rendered text; a whole context of any model we run is f
 MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one render
 MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
 MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
+MAX_INT_BITS = 4096  # integers a template multiplies; real templates count messages
 AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only pad: refused
 WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
 
@@ -265,6 +266,12 @@ def make_environment():
                     raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
             if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
                 raise ChatTemplateError("chat template raised a number to a power above 64")
+            if operator in ("*", "**") and isinstance(left, int) and isinstance(right, int):
+                # a product's bits add, a power's multiply: bounded before Python spends minutes in one
+                # multiplication that the time limit cannot interrupt (a loop squaring a number)
+                bits = left.bit_length() + right.bit_length() if operator == "*" else left.bit_length() * abs(right)
+                if bits > MAX_INT_BITS:
+                    raise ChatTemplateError(f"chat template built a number of more than {MAX_INT_BITS} bits")
             return check_size(super().call_binop(context, operator, left, right))
 
     env = Environment(

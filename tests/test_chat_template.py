@@ -84,6 +84,13 @@ HOSTILE = {
     "references as JSON": "{% set x = (['x' * 999999] * 3000) | tojson %}",
     "printed references": "{{ ['x' * 999999] * 3000 }}",
 }
+# One multiplication of two huge integers runs in C, where the timer cannot stop it: refused by size.
+NUMBER_BOMBS = {
+    "squaring loop": (
+        "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x > 5 }}"
+    ),
+    "power loop": "{% set ns = namespace(x=3) %}{% for i in range(8) %}{% set ns.x = ns.x ** 64 %}{% endfor %}",
+}
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
@@ -132,6 +139,14 @@ def test_hostile_templates_fail_with_one_line(name):
     assert peak < 32 * 2**20  # refused before the value is built (a 1M-character bound is a few MB)
     message = str(error.value)
     assert "\n" not in message and message.startswith("chat template ")
+
+
+@pytest.mark.parametrize("name", NUMBER_BOMBS)
+def test_huge_integers_are_refused_before_they_are_built(name):
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="a number of more than 4096 bits"):
+        render_chat(NUMBER_BOMBS[name], CONVERSATIONS[1])
+    assert time.monotonic() - started < 1
 
 
 def test_a_loop_that_calls_nothing_is_stopped_by_the_clock(monkeypatch):
