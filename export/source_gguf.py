@@ -26,6 +26,7 @@ from craft.export.sources import (
     Source,
     SourceError,
     check_config,
+    check_finite,
     check_shapes,
     config_number,
     file_sha256,
@@ -101,6 +102,7 @@ def load_gguf(path: Path) -> Source:
         elif name.endswith("attn_k.weight"):
             w = unpermute_rope_rows(w, cfg.kv_heads)
         state[craft] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # copies only a read-only mapping
+    check_finite(state, str(path), TENSOR_NAMES)
     return Source(GGUF, path, architecture, cfg, state, file_sha256([path]), reader)
 
 

@@ -27,6 +27,7 @@ from craft.export.sources import (
     Source,
     SourceError,
     check_config,
+    check_finite,
     check_shapes,
     config_number,
     file_sha256,
@@ -81,6 +82,7 @@ def load_hf(directory: Path) -> Source:
     shapes = {c: tensors[h].shape for c, h in craft_names.items()}
     check_shapes(cfg, shapes, str(directory), TENSOR_NAMES, "num_hidden_layers in config.json")
     state = {c: tensors[h].read() for c, h in craft_names.items()}
+    check_finite(state, str(directory), TENSOR_NAMES)
     return Source(HF, directory, architecture, cfg, state, file_sha256([config_path, *files]))
 
 

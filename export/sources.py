@@ -286,6 +286,17 @@ def check_shapes(
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str, source_names: dict[str, str]) -> None:
+    """SourceError naming the first tensor of `state` (Craft names) that holds NaN or an infinity: a
+    damaged checkpoint is bad input, not a model that fails verification after minutes of export."""
+    back = {craft: name for name, craft in source_names.items()}
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise SourceError(
+                f"{source}: tensor {rename(name, back)} holds NaN or infinite values; the checkpoint is damaged"
+            )
+
+
 def rename(name: str, table: dict[str, str]) -> str:
     """`name` through `table`, whose keys and values have {i} where a layer index stands
     ("blk.{i}.attn_q.weight" -> "layers.{i}.attention.wq.weight"); unchanged when none matches."""

@@ -224,9 +224,10 @@ def gguf_value_type(value):
     return {float: T.FLOAT32, str: T.STRING, list: T.ARRAY}[type(value)]
 
 
-def write_small_gguf(path: Path, directory: Path, **edits) -> Path:
+def write_small_gguf(path: Path, directory: Path, tensors: dict | None = None, **edits) -> Path:
     """HF_CONFIG's model as a llama GGUF with the tokenizer of `directory`; `edits` replace metadata
-    (key with "." as "__": llama__block_count=...) and None drops a key."""
+    (key with "." as "__": llama__block_count=...) and None drops a key; `tensors` (by GGUF name)
+    replace weights."""
     import gguf
 
     from craft.export.source_gguf import TENSOR_NAMES
@@ -260,7 +261,7 @@ def write_small_gguf(path: Path, directory: Path, **edits) -> Path:
             continue
         sub = gguf_value_type(value[0]) if isinstance(value, list) else None
         writer.add_key_value(key, value, gguf_value_type(value), sub_type=sub)
-    for name, array in small_weights(TENSOR_NAMES).items():
+    for name, array in {**small_weights(TENSOR_NAMES), **(tensors or {})}.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -369,6 +370,24 @@ def test_safetensors_header_of_the_wrong_shape(hf_source, tmp_path, edit, needle
 )
 def test_gguf_metadata_is_checked(hf_source, tmp_path, edits, needle):
     refused(write_small_gguf(tmp_path / "m.gguf", hf_source, **edits), "m.gguf", needle)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_bad_input(hf_source, tmp_path, value):
+    """A damaged checkpoint is refused as input (exit 2), naming the tensor as the source does; it
+    used to export for minutes and fail verification (exit 3)."""
+    from craft.export.source_gguf import TENSOR_NAMES as GGUF_NAMES
+    from craft.export.source_hf import TENSOR_NAMES as HF_NAMES
+
+    directory = hf_copy(hf_source, tmp_path)
+    weights = small_weights(HF_NAMES)
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    write_safetensors(directory / "model.safetensors", weights)
+    refused(directory, "model.layers.1.mlp.down_proj.weight holds NaN or infinite values")
+    damaged = small_weights(GGUF_NAMES)["blk.1.ffn_down.weight"]
+    damaged[0, 0] = value
+    path = write_small_gguf(tmp_path / "m.gguf", hf_source, tensors={"blk.1.ffn_down.weight": damaged})
+    refused(path, "blk.1.ffn_down.weight holds NaN or infinite values")
 
 
 def edit_json(path: Path, **changes) -> None:
