@@ -71,7 +71,15 @@ class BlockOps(SchemeOps):
     embedding_bits: int  # the stored embedding's (and a tied head's) bits
 
     def _matmul(
-        self, g, x: str, q: str, scale: str, shape: tuple[int, int], out: list[str] | int = 1, bits: int = 0
+        self,
+        g,
+        x: str,
+        q: str,
+        scale: str,
+        *zero_point: str,
+        shape: tuple[int, int],
+        out: list[str] | int = 1,
+        bits: int = 0,
     ) -> str:
         K, N = shape
         return g.op(
@@ -79,6 +87,7 @@ class BlockOps(SchemeOps):
             x,
             q,
             scale,
+            *zero_point,  # none: the default, 2^(bits - 1)
             domain="com.microsoft",
             outputs=out,
             K=K,
@@ -135,16 +144,16 @@ class Int4Ops(BlockOps):
 
 
 class Q41Ops(BlockOps):
-    """4-bit MatMulNBits on the centered blocks, plus each block's offset times the sum of the
-    input over that block: x @ W = MatMulNBits(x) + ReduceSum(x per block) @ offset. The sums are
-    of x itself, not of MatMulNBits' int8 copy of it. Four nodes more per linear layer (five
+    """4-bit MatMulNBits with the blocks' zero points, plus each block's offset times the sum of
+    the input over that block: x @ W = MatMulNBits(x) + ReduceSum(x per block) @ offset. The sums
+    are of x itself, not of MatMulNBits' int8 copy of it. Four nodes more per linear layer (five
     where in_features is not a multiple of 32)."""
 
     scheme = W.SCHEMES[W.Q4_1]
     embedding_bits = 8
 
     def linear(self, g, x: str, name: str, w: np.ndarray, out: list[str] | int = 1) -> str:
-        q, scale, offset = self.store(g, name, w)
+        q, scale, zero_point, offset = self.store(g, name, w)
         K, block = w.shape[0], self.scheme.block
         blocks = -(-K // block)
         if K % block:  # zero-pad the last block, as the stored weights are
@@ -153,7 +162,7 @@ class Q41Ops(BlockOps):
             x_padded = x
         per_block = g.op("Reshape", x_padded, g.const([0, 0, blocks, block]))  # (B, T, blocks, block)
         sums = g.op("ReduceSum", per_block, g.const([-1]), keepdims=0)  # (B, T, blocks)
-        centered = self._matmul(g, x, q, scale, shape=w.shape)  # (B, T, N)
+        centered = self._matmul(g, x, q, scale, zero_point, shape=w.shape)  # (B, T, N)
         return g.op("Add", centered, g.op("MatMul", sums, offset), outputs=out)
 
 

@@ -384,15 +384,19 @@ class BlockQuantMinimum(BlockQuant):
     """GGUF Q4_1's layout: each block of 32 along in_features holds w = scale * u + minimum, u in
     [0, 15], so a Q4_1 GGUF's weights are stored exactly (to float32 rounding), not rounded again
     as symmetric blocks. For W (in=K, out=N): NAME.q and NAME.scale as 4-bit BlockQuant (the stored
-    u with the operator's default zero point 8, so q * scale = scale * (u - 8)) and NAME.offset
-    float32 (blocks, N), the block's minimum + 8 * scale. The graph adds the offsets as
-    blocksum(x) @ offset next to MatMulNBits (craft.export.quantize): MatMulNBits' own float zero
-    points hold the same numbers but run 40x slower (README "Quantization"). The embedding (also
-    a tied head) is stored as int8 blocks: a Q4_1 GGUF keeps its token embedding at Q8_0, and 4
-    bits there cost SmolLM2-135M a 10% perplexity rise on their own. Rounded to nearest, never
-    calibrated: rotation or GPTQ would move a GGUF's weights off the grid they came on."""
+    u), NAME.zero_point uint8 (N, ceil(blocks / 2)) - each block's zero point z, two blocks per
+    byte, the first in the low nibble, as MatMulNBits takes them - and NAME.offset float32
+    (blocks, N), the rest of the minimum: w = scale * (u - z) + (minimum + z * scale). z is the u
+    nearest to w = 0, so the part MatMulNBits multiplies (with int8 activations) is w itself up to
+    half a step, and the offset, which the graph adds as blocksum(x) @ offset (craft.export.quantize)
+    with x unquantized, is at most half a step: a block that does not straddle 0 puts the rest in it.
+    MatMulNBits' own float zero points would hold minimum / scale whole but run 40x slower (README
+    "Quantization"). The embedding (also a tied head) is stored as int8 blocks: a Q4_1 GGUF keeps
+    its token embedding at Q8_0, and 4 bits there cost SmolLM2-135M a 10% perplexity rise on their
+    own. Rounded to nearest, never calibrated: rotation or GPTQ would move a GGUF's weights off the
+    grid they came on."""
 
-    suffixes = (".q", ".scale", ".offset")
+    suffixes = (".q", ".scale", ".zero_point", ".offset")
     calibrated = False
     levels = 15  # u in [0, levels]
 
@@ -402,11 +406,14 @@ class BlockQuantMinimum(BlockQuant):
 
     def layout(self, shape):
         K, N = shape
-        return (*super().layout(shape), ((-(-K // self.block), N), np.dtype(np.float32)))
+        blocks = -(-K // self.block)
+        q, scale = super().layout(shape)
+        return q, scale, ((N, -(-blocks // 2)), np.dtype(np.uint8)), ((blocks, N), np.dtype(np.float32))
 
     def quantize(self, w, scale=None):
         """u = rint((w - minimum) / scale) in [0, 15], scale = (max - min) / 15 per block (a constant
-        block: scale 1, its value in the offset). A block of a Q4_1 GGUF comes back as it was."""
+        block: scale 1), z = rint(-minimum / scale) clipped to [0, 15]. A block of a Q4_1 GGUF comes
+        back as it was."""
         assert scale is None, "q4_1 is rounded to nearest: it takes no calibrated scales"
         w = np.asarray(w, dtype=np.float32)
         K, N = w.shape
@@ -418,21 +425,29 @@ class BlockQuantMinimum(BlockQuant):
         step = (high.astype(np.float64) - low) / self.levels
         scale = np.where(step > 0, step, 1.0).astype(np.float32)
         u = np.clip(np.rint((wb - low[..., None]) / scale[..., None]), 0, self.levels).astype(np.uint8)
-        offset = np.ascontiguousarray((low + np.float32(self.offset) * scale).T)  # (blocks, N)
-        stored = (self.pack(u), scale, offset)
+        zero = np.clip(np.rint(-low / scale), 0, self.levels).astype(np.uint8)  # (N, blocks)
+        offset = np.ascontiguousarray((low + zero * scale).T)  # (blocks, N) float32
+        paired = np.zeros((N, -(-blocks // 2) * 2), np.uint8)
+        paired[:, :blocks] = zero
+        stored = (self.pack(u), scale, (paired[:, 0::2] | (paired[:, 1::2] << 4)).astype(np.uint8), offset)
         error = float(np.abs(self.dequantize(stored, w.shape) - w).max()) if w.size else 0.0
         return stored, error
 
-    def dequantize(self, stored, shape):
-        packed, scale, offset = stored
+    def centered(self, stored, shape) -> np.ndarray:
+        """scale * (u - z) as W (in, out) float32: what MatMulNBits multiplies."""
+        packed, scale, zero_point, _ = stored
         K, N = shape
-        w = self.unpack(packed) * scale[..., None] + offset.T[..., None]  # (N, blocks, block)
+        zero = np.stack([zero_point & 0x0F, zero_point >> 4], axis=-1).reshape(N, -1)[:, : scale.shape[1]]
+        u = self.unpack(packed) + np.float32(self.offset)  # (N, blocks, block), exact small integers
+        w = (u - zero[..., None].astype(np.float32)) * scale[..., None]
         return np.ascontiguousarray(w.reshape(N, -1)[:, :K].T)
 
+    def dequantize(self, stored, shape):
+        K, _ = shape
+        return self.centered(stored, shape) + np.repeat(stored[3], self.block, axis=0)[:K]
+
     def linear(self, stored, shape):
-        packed, scale, offset = stored
-        centered = super().dequantize((packed, scale), shape)  # scale * (u - 8): what MatMulNBits multiplies
-        return OffsetBlockLinear(centered, offset, self.block)
+        return OffsetBlockLinear(self.centered(stored, shape), stored[3], self.block)
 
     # the embedding: int8 blocks
     def embedding_names(self):
