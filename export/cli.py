@@ -93,9 +93,10 @@ def main(
     and has KV-cache inputs/outputs; craft-run needs nothing else. Before writing, the export is
     verified: PyTorch vs ONNX Runtime logits on a prefill and 8 cached decode steps, and for a
     quantized file its top-1 agreement and perplexity against float32 (the run's val split; for
-    an imported model a bundled English text). Exit codes: 0 written, 1 a file could not be read or written, 2 bad input
-    (nothing written), 3 verification failed (nothing written; the figures are printed),
-    143 terminated (nothing written).
+    an imported model a bundled English text). Exit codes: 0 written, 1 the output could not be
+    written (permission, a read-only or full disk), 2 bad input - a source missing, unreadable or
+    damaged, a bad option or output path (nothing written), 3 verification failed (nothing
+    written; the figures are printed), 143 terminated (nothing written).
     """
     from craft.export.exporter import ExportError, OutputWriteError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET
