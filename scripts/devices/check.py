@@ -16,13 +16,14 @@ usage: scripts/devices/check.sh          (or `make devices`; this file is its bo
              runtime alone, as a device installs it; no torch, onnx or training code anywhere
              on the guest's path (guest_run.py also blocks those imports and reports them).
 4. runs      craft-run -t 0 --json (greedy) through guest_run.py, each under a memory cap:
-               x86_64  host python      ort, numpy   tiny, recurrent, small   the reference
-               aarch64 qemu cortex-a53  ort, numpy   tiny, recurrent, small   (Pi Zero 2 W / Pi 3 64-bit)
+               x86_64  host python      ort, numpy   tiny, recurrent, tiny_q4_1, small   the reference
+               aarch64 qemu cortex-a53  ort, numpy   tiny, recurrent, tiny_q4_1, small   (Pi Zero 2 W / Pi 3)
                        qemu cortex-a72  ort          tiny           (Pi 4)
                        qemu cortex-a76  ort          tiny           (Pi 5: int8 dot-product kernels)
                        cortex-a53, every ORT in CRAFT_DEVICE_ORT_VERSIONS   tiny
-               armv7l  qemu cortex-a7   numpy        tiny, recurrent, small   (32-bit Pi OS: no ORT wheel)
-5. gates     tiny and recurrent: token ids and text identical to the x86_64 run of the same backend, on every
+               armv7l  qemu cortex-a7   numpy        tiny, recurrent, tiny_q4_1, small   (32-bit Pi OS: no ORT)
+5. gates     tiny, recurrent and tiny_q4_1 (the tiny run as q4_1): token ids and text identical to
+             the x86_64 run of the same backend, on every
              machine; every run exits 0 with only the runtime's packages loaded; small: every run
              generates all its tokens under the cap, and its x86_64 numpy peak RSS fits the Pi
              Zero 2 W budget (configs/devices/pi-zero-2w.yaml: memory_mb - os_reserved_mb).
@@ -63,7 +64,7 @@ EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 
 MIN_ORT = "1.23.2"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits on aarch64
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
-GATED = ("tiny", "recurrent")  # models whose greedy output must match x86_64 token for token
+GATED = ("tiny", "recurrent", "tiny_q4_1")  # models whose greedy output must match x86_64 token for token
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
 ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
@@ -316,7 +317,7 @@ class Run:
     arch: str  # x86_64 | arm64 | armhf
     cpu: str
     backend: str
-    model: str  # tiny | recurrent | small
+    model: str  # tiny | recurrent | tiny_q4_1 | small
     ort: str = ""  # onnxruntime version, "" = the prepared one
     pythonpath: str = ""
     result: dict = field(default_factory=dict)
@@ -394,13 +395,14 @@ def plan(arches: list[str], ort_versions: list[str], sweep: bool = False) -> lis
         return [Run("x86_64", "host", "ort", "tiny")] + [
             Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions
         ]
-    runs = [Run("x86_64", "host", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
+    models = ("tiny", "recurrent", "tiny_q4_1", "small")
+    runs = [Run("x86_64", "host", b, m) for m in models for b in ("ort", "numpy")]
     if "arm64" in arches:
-        runs += [Run("arm64", "cortex-a53", b, m) for m in ("tiny", "recurrent", "small") for b in ("ort", "numpy")]
+        runs += [Run("arm64", "cortex-a53", b, m) for m in models for b in ("ort", "numpy")]
         runs += [Run("arm64", cpu, "ort", "tiny") for cpu in ("cortex-a72", "cortex-a76")]
         runs += [Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions]
     if "armhf" in arches:
-        runs += [Run("armhf", "cortex-a7", "numpy", m) for m in ("tiny", "recurrent", "small")]
+        runs += [Run("armhf", "cortex-a7", "numpy", m) for m in models]
     # slowest first, so that the pool finishes together
     return sorted(runs, key=lambda r: (r.model != "small", r.arch == "x86_64"))
 
@@ -656,7 +658,8 @@ def report(
         )
         return EXIT_OK
     say(
-        f"RESULT: PASS - tiny int8 greedy output token-for-token identical to x86_64 on every machine and backend; "
+        f"RESULT: PASS - tiny (int8, q4_1) and recurrent greedy output token-for-token identical to x86_64 on "
+        f"every machine and backend; "
         f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, "
         f"only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "
         f"never {FORBIDDEN_NOTE})"

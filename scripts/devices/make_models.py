@@ -8,6 +8,8 @@ usage: make_models.py OUT_DIR [DATA_FILE]
                    exported with craft-export --quantize int8: the real pipeline, and a
                    sentencepiece model inside the file, so the device's sentencepiece loads it.
                    DATA_FILE defaults to the bundled corpus.
+  tiny_q4_1.onnx   the tiny run exported with --quantize q4_1 (4-bit MatMulNBits with zero points,
+                   float block offsets): gated like tiny.
   recurrent.int8.onnx  the same with model.arch=recurrent (craft/recurrent.py: state I/O, an
                    ONNX Scan): gated like tiny, token for token against x86_64.
   small.int8.onnx  the small preset (configs/small.yaml) at its 15M-class size (vocab 32000)
@@ -68,6 +70,14 @@ def build_tiny(out: Path, data: str | None, name: str = "tiny", extra: tuple[str
     }
 
 
+def export_again(out: Path, name: str, quantize: str) -> dict:
+    """The run build_tiny trained for `name`, exported as `quantize` too."""
+    t0 = time.perf_counter()
+    path = out / f"{name}_{quantize}.onnx"
+    run([sys.executable, "-m", "craft.export.cli", str(out / f"{name}-run"), "--quantize", quantize, "-o", str(path)])
+    return {"path": str(path), "export_s": round(time.perf_counter() - t0, 1)}
+
+
 def build_small(out: Path) -> dict:
     """The small preset (configs/small.yaml) at its 15M-class size, vocab 32000, random weights."""
     from craft.config import load_config
@@ -107,10 +117,11 @@ def main() -> None:
     info = {
         "tiny": build_tiny(out, data),
         "recurrent": build_tiny(out, data, "recurrent", ("model.arch=recurrent",)),
+        "tiny_q4_1": export_again(out, "tiny", "q4_1"),
         "small": build_small(out),
         "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__},
     }
-    for name in ("tiny", "recurrent", "small"):
+    for name in ("tiny", "recurrent", "tiny_q4_1", "small"):
         info[name].update(describe(info[name]["path"]))
     (out / "models.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
