@@ -265,7 +265,7 @@ def build_model_proto(
     spec = model_spec(run.config)
     weights = artifact_weights(run.model) if weights is None else weights
     prepared = Prepared(weights, spec)
-    if W.SCHEMES[quantize].calibrated and quantize != W.NONE:  # GPTQ-rounded, an import rotated first
+    if W.SCHEMES[quantize].calibrated:  # GPTQ-rounded, an import rotated first (calibration.py)
         prepared = prepare(weights, spec, W.SCHEMES[quantize], run.calibration_tokens, rotate=run.source_kind != RUN)
     weights, spec = prepared.weights, prepared.spec
     ops = OPS[quantize](prepared.scales)

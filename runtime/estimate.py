@@ -20,12 +20,13 @@ Device profiles are flat `key: value` files in configs/devices/ (no YAML library
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError
-from craft.runtime.weights import SCHEMES
+from craft.runtime.weights import SCHEMES, float_weights, scheme_weights
 
 # configs/ sits beside runtime/: at the repository root in a checkout, inside the craft package in
 # an installed wheel (setup.py ships it as package data).
@@ -129,6 +130,12 @@ def cache_bytes(artifact: Artifact, context: int) -> int:
     return 2 * spec.n_layer * spec.n_kv_head * spec.head_dim * context * 4
 
 
+def weight_values(artifact: Artifact) -> int:
+    """How many numbers the model's weights hold (each stored float32 by the numpy backend)."""
+    shapes = [*scheme_weights(artifact.spec).values(), *float_weights(artifact.spec).values()]
+    return sum(math.prod(shape) for shape in shapes)
+
+
 def peak_rss_mb(artifact: Artifact, file_bytes: int, backend: str, context: int) -> float:
     """Predicted peak resident memory of craft-run with a cache of `context` positions (RSS_MODEL)."""
     if artifact.quantization not in SCHEMES:
@@ -184,8 +191,8 @@ def estimate(
     available = device.memory_mb - device.os_reserved_mb
     cache = cache_bytes(artifact, context)
     recurrent = artifact.spec.arch == RECURRENT
-    expansion = 32 // SCHEMES[artifact.quantization].weight_bits if backend == "numpy" else 1  # numpy: float32
-    weight_bytes = file_bytes * expansion
+    # ort streams the stored weights; numpy expands every one to float32 at load (whatever the scheme's mix)
+    weight_bytes = 4 * weight_values(artifact) if backend == "numpy" else file_bytes
     if recurrent:  # the state is read and written once per token, whatever the context
         per_token = weight_bytes + 2 * cache
     else:

@@ -73,14 +73,14 @@ class StoredWeights:
         return self.tensors((name,), [(self.floats[name], np.dtype(np.float32))])[0]
 
     def linear(self, name: str) -> W.Linear:
-        shape = self.stored_shapes[name]
-        return self.scheme.linear(self.tensors(self.scheme.stored_names(name), self.scheme.layout(shape)), shape)
+        shape, scheme = self.stored_shapes[name], self.scheme.scheme_for(name)
+        return scheme.linear(self.tensors(scheme.stored_names(name), scheme.layout(shape)), shape)
 
     def embedding_and_head(self) -> tuple:
         """(rows: ids (B, T) -> (B, T, dim), head: x (B, T, dim) -> logits), the head tied or not."""
-        shape = self.stored_shapes[W.EMBEDDING]
-        rows, tied_head = self.scheme.embedding(
-            self.tensors(self.scheme.embedding_names(), self.scheme.embedding_layout(shape)), shape
+        shape, scheme = self.stored_shapes[W.EMBEDDING], self.scheme.scheme_for(W.EMBEDDING)
+        rows, tied_head = scheme.embedding(
+            self.tensors(scheme.stored_names(W.EMBEDDING), scheme.embedding_layout(shape)), shape
         )
         return rows, tied_head if self.spec.tie_embeddings else self.linear(W.HEAD)
 

@@ -28,8 +28,9 @@ tables; its blocks hold instead:
     layers.{i}.recurrence.wo.weight         (dim, dim)
 
 Norms, rope tables, biases and decays are float32 in every file. The embedding and the linear weights are
-stored as the file's scheme (metadata `craft.quantization`, a key of SCHEMES) says: a float
-weight NAME becomes the tensors NAME + suffix for each of the scheme's suffixes.
+stored as the file's scheme (metadata `craft.quantization`, a key of SCHEMES) says - its
+scheme_for(NAME), which for q4_1's embedding and head is int8: a float weight NAME becomes the
+tensors NAME + suffix for each suffix of that scheme.
 
 Adding a scheme: a Scheme subclass and its SCHEMES entry here, and its graph ops in
 craft.export.quantize. The command-line choices, the estimate and the numpy backend follow.
@@ -180,6 +181,11 @@ class Scheme:
     embedding_transposed: bool
     calibrated = True  # the exporter may rotate an import's weights and GPTQ-round them (craft.export.calibration)
 
+    def scheme_for(self, name: str) -> Scheme:
+        """The scheme that stores weight `name` in a file of this one: itself, unless a scheme keeps
+        some weights (q4_1: the embedding and the head) in another."""
+        return self
+
     def stored_names(self, name: str) -> tuple[str, ...]:
         return tuple(name + suffix for suffix in self.suffixes)
 
@@ -210,9 +216,6 @@ class Scheme:
     def _embedding_view(self, shape: Shape) -> Shape:
         return shape[::-1] if self.embedding_transposed else shape
 
-    def embedding_names(self) -> tuple[str, ...]:
-        return self.stored_names(EMBEDDING)
-
     def embedding_layout(self, shape: Shape) -> tuple[tuple[Shape, np.dtype], ...]:
         return self.layout(self._embedding_view(shape))
 
@@ -241,6 +244,7 @@ class Float32(Scheme):
     weight_bits = 32
     suffixes = ("",)
     embedding_transposed = False
+    calibrated = False  # the float32 file is the reference the others are measured against
 
     def layout(self, shape):
         return ((shape, np.dtype(np.float32)),)
@@ -267,7 +271,20 @@ class FloatLinear:
         return matmul(x[:, -1:] if last_only else x, self.w)
 
 
-# block-quantized: int8 and int4 -------------------------------------------------------------------
+# block-quantized: int8, int4 and q4_1 -------------------------------------------------------------
+
+
+def blocks_of(x: np.ndarray, block: int, fill: str = "zero") -> np.ndarray:
+    """x (..., K) as (..., ceil(K / block), block) float32, the last block padded: with zeros, or
+    with fill="repeat" with the last block's first value (so that its min and max are of real
+    values only)."""
+    K = x.shape[-1]
+    blocks = -(-K // block)
+    out = np.zeros((*x.shape[:-1], blocks * block), np.float32)
+    out[..., :K] = x
+    if fill == "repeat" and K % block:
+        out[..., K:] = out[..., K - K % block : K - K % block + 1]
+    return out.reshape(*x.shape[:-1], blocks, block)
 
 
 class BlockQuant(Scheme):
@@ -286,7 +303,7 @@ class BlockQuant(Scheme):
     def __init__(self, bits: int, block: int, name: str, description: str):
         self.weight_bits, self.block, self.name, self.description = bits, block, name, description
         self.qmax = 2 ** (bits - 1) - 1  # symmetric: q in [-qmax - 1, qmax], scale = amax / qmax
-        self.offset = 2 ** (bits - 1)  # stored value = q + offset (MatMulNBits' default zero point)
+        self.zero = 2 ** (bits - 1)  # stored value = q + zero (MatMulNBits' default zero point)
 
     def layout(self, shape):
         K, N = shape
@@ -301,15 +318,13 @@ class BlockQuant(Scheme):
         block gets scale 1) unless given, (N, blocks)."""
         w = np.asarray(w, dtype=np.float32)
         K, N = w.shape
-        blocks = -(-K // self.block)
-        wb = np.zeros((N, blocks * self.block), np.float32)
-        wb[:, :K] = w.T
-        wb = wb.reshape(N, blocks, self.block)  # (N, blocks, block)
+        wb = blocks_of(w.T, self.block)  # (N, blocks, block)
+        blocks = wb.shape[1]
         if scale is None:
             amax = np.abs(wb).max(axis=-1)
             scale = np.where(amax > 0, amax / np.float32(self.qmax), 1.0).astype(np.float32)  # (N, blocks)
         assert scale.shape == (N, blocks) and scale.dtype == np.float32, (scale.shape, scale.dtype)
-        q = np.clip(np.rint(wb / scale[..., None]), -self.qmax - 1, self.qmax).astype(np.int16) + self.offset
+        q = np.clip(np.rint(wb / scale[..., None]), -self.qmax - 1, self.qmax).astype(np.int16) + self.zero
         stored = (self.pack(q.astype(np.uint8)), scale)
         error = float(np.abs(self.dequantize(stored, w.shape) - w).max()) if w.size else 0.0
         return stored, error
@@ -326,7 +341,7 @@ class BlockQuant(Scheme):
             u = packed
         else:
             u = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], self.block)
-        return u.astype(np.float32) - np.float32(self.offset)
+        return u.astype(np.float32) - np.float32(self.zero)
 
     def dequantize(self, stored, shape):
         packed, scale = stored
@@ -355,10 +370,7 @@ def quantize_activation_blocks(x: np.ndarray, block: int) -> np.ndarray:
     Its integer dot products with the weight's q are exact in ONNX Runtime and here; only the
     float32 summation order differs, so results agree to ~1e-6 relative, not bit for bit."""
     M, K = x.shape
-    blocks = -(-K // block)
-    xb = np.zeros((M, blocks * block), np.float32)
-    xb[:, :K] = x
-    xb = xb.reshape(M, blocks, block)  # (M, blocks, block)
+    xb = blocks_of(x, block)  # (M, blocks, block)
     amax = np.abs(xb).max(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
         inverse = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
@@ -391,18 +403,21 @@ class BlockQuantMinimum(BlockQuant):
     half a step, and the offset, which the graph adds as blocksum(x) @ offset (craft.export.quantize)
     with x unquantized, is at most half a step: a block that does not straddle 0 puts the rest in it.
     MatMulNBits' own float zero points would hold minimum / scale whole but run 40x slower (README
-    "Quantization"). The embedding (also a tied head) is stored as int8 blocks: a Q4_1 GGUF keeps
-    its token embedding at Q8_0, and 4 bits there cost SmolLM2-135M a 10% perplexity rise on their
-    own. Rounded to nearest, never calibrated: rotation or GPTQ would move a GGUF's weights off the
-    grid they came on."""
+    "Quantization"). The embedding and an untied head are int8 blocks (scheme_for): a Q4_1 GGUF
+    keeps them at Q8_0 or finer, and 4 bits there cost SmolLM2-135M a 10% perplexity rise on their
+    own. Rounded to nearest, never calibrated: rotation or GPTQ would move a GGUF's weights off
+    the grid they came on."""
 
     suffixes = (".q", ".scale", ".zero_point", ".offset")
     calibrated = False
-    levels = 15  # u in [0, levels]
 
-    def __init__(self, name: str, description: str):
+    def __init__(self, name: str, description: str, embedding: BlockQuant):
         super().__init__(4, 32, name, description)
-        self.embedding_scheme = BlockQuant(8, self.block, "int8", "")
+        self.levels = 2**self.weight_bits - 1  # u in [0, levels]
+        self.embedding = embedding  # the scheme of the embedding and an untied head
+
+    def scheme_for(self, name):
+        return self.embedding if name in (EMBEDDING, HEAD) else self
 
     def layout(self, shape):
         K, N = shape
@@ -412,15 +427,13 @@ class BlockQuantMinimum(BlockQuant):
 
     def quantize(self, w, scale=None):
         """u = rint((w - minimum) / scale) in [0, 15], scale = (max - min) / 15 per block (a constant
-        block: scale 1), z = rint(-minimum / scale) clipped to [0, 15]. A block of a Q4_1 GGUF comes
-        back as it was."""
+        block: scale 1; a last block of padding: of its real values only), z = rint(-minimum / scale)
+        clipped to [0, 15]. A block of a Q4_1 GGUF comes back as it was."""
         assert scale is None, "q4_1 is rounded to nearest: it takes no calibrated scales"
         w = np.asarray(w, dtype=np.float32)
         K, N = w.shape
-        blocks = -(-K // self.block)
-        wb = np.zeros((N, blocks * self.block), np.float32)
-        wb[:, :K] = w.T
-        wb = wb.reshape(N, blocks, self.block)  # (N, blocks, block); padding is 0, inside the block's range
+        wb = blocks_of(w.T, self.block, fill="repeat")  # (N, blocks, block)
+        blocks = wb.shape[1]
         low, high = wb.min(axis=-1), wb.max(axis=-1)  # (N, blocks)
         step = (high.astype(np.float64) - low) / self.levels
         scale = np.where(step > 0, step, 1.0).astype(np.float32)
@@ -438,7 +451,7 @@ class BlockQuantMinimum(BlockQuant):
         packed, scale, zero_point, _ = stored
         K, N = shape
         zero = np.stack([zero_point & 0x0F, zero_point >> 4], axis=-1).reshape(N, -1)[:, : scale.shape[1]]
-        u = self.unpack(packed) + np.float32(self.offset)  # (N, blocks, block), exact small integers
+        u = self.unpack(packed) + np.float32(self.zero)  # (N, blocks, block): the stored u, exact small integers
         w = (u - zero[..., None].astype(np.float32)) * scale[..., None]
         return np.ascontiguousarray(w.reshape(N, -1)[:, :K].T)
 
@@ -449,30 +462,10 @@ class BlockQuantMinimum(BlockQuant):
     def linear(self, stored, shape):
         return OffsetBlockLinear(self.centered(stored, shape), stored[3], self.block)
 
-    # the embedding: int8 blocks
-    def embedding_names(self):
-        return self.embedding_scheme.embedding_names()
-
-    def embedding_layout(self, shape):
-        return self.embedding_scheme.embedding_layout(shape)
-
-    def quantize_embedding(self, e, scale=None):
-        return self.embedding_scheme.quantize_embedding(e, scale)
-
-    def dequantize_embedding(self, stored, shape):
-        return self.embedding_scheme.dequantize_embedding(stored, shape)
-
-    def embedding(self, stored, shape):
-        return self.embedding_scheme.embedding(stored, shape)
-
 
 def block_sums(x: np.ndarray, block: int) -> np.ndarray:
     """x (..., K) -> (..., ceil(K / block)): the sum of each block along K (the last one zero-padded)."""
-    K = x.shape[-1]
-    blocks = -(-K // block)
-    padded = np.zeros((*x.shape[:-1], blocks * block), np.float32)
-    padded[..., :K] = x
-    return padded.reshape(*x.shape[:-1], blocks, block).sum(axis=-1, dtype=np.float32)
+    return blocks_of(x, block).sum(axis=-1, dtype=np.float32)
 
 
 class OffsetBlockLinear(BlockLinear):
@@ -488,18 +481,20 @@ class OffsetBlockLinear(BlockLinear):
         return super().__call__(x) + matmul(block_sums(x, self.block), self.offset)
 
 
+INT8_BLOCKS = BlockQuant(8, 32, "int8", "blocks of 32, about 4x smaller and faster on CPUs")
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
         Float32(),
         # blocks of 16 would halve int8's activation rounding (SmolLM2-135M perplexity rise 0.42% -> 0.07%)
         # but cost 20% of decode speed and 10% more bytes (README "Quantization"): 32, as GGUF's Q8_0 / Q4_0
-        BlockQuant(8, 32, "int8", "blocks of 32, about 4x smaller and faster on CPUs"),
+        INT8_BLOCKS,
         BlockQuant(4, 32, "int4", "blocks of 32, about 7x smaller"),
         BlockQuantMinimum(
             "q4_1",
-            "GGUF Q4_1's blocks of 32 with a scale and a minimum (a Q4_1 GGUF is stored exactly), int8 embedding; "
-            "about 5x smaller",
+            "GGUF Q4_1's blocks of 32 with a scale and a minimum (a Q4_1 GGUF's blocks are stored exactly), "
+            "int8 embedding and head; about 5x smaller",
+            embedding=INT8_BLOCKS,
         ),
     )
 }

@@ -35,8 +35,9 @@ BASELINE_MB = 100  # a child that imports the runtime and loads a tiny model: nu
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny GQA model with random weights (vocab 300, dim 64, 2 layers, 4 heads / 2 kv heads,
     context 64) exported tied as int8 (standard and in-place attention: craft-export's default for
-    it) and untied as float32: both schemes, both head layouts, both caches. It poses as an import,
-    so that the int8 files have what only imports have (a head rotation)."""
+    it), untied as float32 and untied as q4_1 (zero points, offsets, an int8 head): every layout,
+    both head layouts, both caches. It poses as an import, so that the int8 files have what only
+    imports have (a head rotation)."""
     import dataclasses
 
     from craft.config import ModelConfig
@@ -48,6 +49,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         ("int8", "int8", True, "standard"),
         ("int8_inplace", "int8", True, "inplace"),
         ("fp32", "none", False, "standard"),
+        ("q4_1", "q4_1", False, "inplace"),
     ):
         cfg = ModelConfig(
             vocab_size=300, dim=64, n_layer=2, n_head=4, n_kv_head=2, context_length=64, tie_embeddings=tie
@@ -143,7 +145,7 @@ def damage(tmp_path: Path, source: Path, kind: str, cases: int, seed: int, backe
     return summary
 
 
-@pytest.mark.parametrize("name", ["int8", "int8_inplace", "fp32"])
+@pytest.mark.parametrize("name", ["int8", "int8_inplace", "fp32", "q4_1"])
 def test_byte_flips_run_or_get_one_line(tmp_path, files, name):
     """200 copies of the file with 1-4 bytes flipped, each through craft-run on both backends
     and --estimate: every outcome is a run (exit 0) or one line and exit 2."""

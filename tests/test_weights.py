@@ -55,7 +55,7 @@ def test_round_trip_within_the_reported_error(name, shape):
 
 @pytest.mark.parametrize("name", SCHEMES)
 def test_embedding_round_trip_and_numpy_lookup(name):
-    scheme = W.SCHEMES[name]
+    scheme = W.SCHEMES[name].scheme_for(W.EMBEDDING)
     shape = (50, 32)  # (vocab, dim)
     e = random_weight(shape[::-1], seed=1).T.copy()
     stored, error = scheme.quantize_embedding(e)
@@ -157,7 +157,8 @@ def test_numpy_arithmetic_equals_the_graph_ops(name):
 
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
     linear = scheme.linear(tuple(stored[n] for n in scheme.stored_names("w")), w.shape)
-    rows, head = scheme.embedding(tuple(stored[n] for n in scheme.embedding_names()), e.shape)
+    embedding = scheme.scheme_for(W.EMBEDDING)
+    rows, head = embedding.embedding(tuple(stored[n] for n in embedding.stored_names(W.EMBEDDING)), e.shape)
     # MatMulNBits sums the exact integer block products in its own float32 order: ~1e-7 relative, not bit for bit
     for mine, theirs in ((linear(x), got[linear_out]), (head(h), got["logits"])):
         assert np.abs(mine - theirs).max() <= 2e-6 * np.abs(theirs).max()
@@ -193,11 +194,9 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source,
     }
     expected = dict(floats)
     for weight, shape in by_scheme.items():
-        if weight == W.EMBEDDING:
-            names, layout = scheme.embedding_names(), scheme.embedding_layout(shape)
-        else:
-            names, layout = scheme.stored_names(weight), scheme.layout(shape)
-        expected.update({n: s for n, (s, _) in zip(names, layout, strict=True)})
+        stored_as = scheme.scheme_for(weight)
+        layout = stored_as.embedding_layout(shape) if weight == W.EMBEDDING else stored_as.layout(shape)
+        expected.update({n: s for n, (s, _) in zip(stored_as.stored_names(weight), layout, strict=True)})
     assert {k: v.shape for k, v in stored.items()} == expected
     NumpyBackend(str(path), spec, name)  # finds every weight it needs by the home's names
 
