@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # the runtime is imported inside main(), after --threads has 
     from craft.runtime.sampling import SamplingParams
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# stdin read as a prompt or a chat message: more than any context holds (64 characters a token,
+# generator.MAX_CHARS_PER_TOKEN, at 262,144 positions), so that `< /dev/zero` is refused, not read
+MAX_STDIN_BYTES = 16 * 2**20
 
 
 class Field(click.Option):
@@ -69,7 +72,10 @@ def read_prompt(prompt: str | None) -> str:
         fail("no PROMPT was given and stdin is closed; give PROMPT or pipe it in")
     if sys.stdin.isatty():
         click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)
-    return utf8(sys.stdin.buffer.read(), "the prompt")
+    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    if len(data) > MAX_STDIN_BYTES:
+        fail(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB, more than any context; pipe in a shorter prompt")
+    return utf8(data, "the prompt")
 
 
 def utf8_argument(text: str, what: str) -> str:
@@ -329,7 +335,13 @@ def read_message(tty: bool) -> str:
         return input("> ")
     if tty:
         click.echo("> ", err=True, nl=False)
-    return input()
+        return input()
+    line = sys.stdin.readline(MAX_STDIN_BYTES + 1)  # piped: a line without end (< /dev/zero) is bounded
+    if not line:
+        raise EOFError
+    if len(line) > MAX_STDIN_BYTES:
+        fail(f"a chat message on stdin is longer than {MAX_STDIN_BYTES >> 20} MiB, more than any context")
+    return line.removesuffix("\n")
 
 
 def converse(generator: Generator, params: SamplingParams, system: str | None, stats: bool) -> None:

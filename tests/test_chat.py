@@ -321,6 +321,18 @@ def test_cli_chat_over_a_pipe_keeps_the_conversation(models):
     assert "(0 cached)" in first and "(0 cached)" not in second  # turn 2 reused the cache
 
 
+def test_cli_chat_line_without_end_is_refused(models):
+    """A piped message is read a bounded line at a time: `< /dev/zero` was one endless line."""
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run(
+            [*CRAFT_RUN, str(models["fp32"]), "--chat", *GREEDY_FLAGS], stdin=zero, capture_output=True, timeout=120
+        )
+    assert result.returncode == 2 and result.stdout == b"", result.stderr
+    assert result.stderr.decode() == (
+        "craft-run: error: a chat message on stdin is longer than 16 MiB, more than any context\n"
+    )
+
+
 def test_cli_chat_text_that_is_not_utf8(models):
     """--system is refused like PROMPT; a piped message with bad bytes is skipped and the chat goes on
     (a C.UTF-8 locale reads stdin with surrogateescape: the bytes arrive as surrogates)."""

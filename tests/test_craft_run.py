@@ -35,6 +35,13 @@ def test_prompt_that_is_not_utf8_is_refused(char_int8):
     one_line_error(stdin, 2, "not UTF-8", "0xff at offset 3")
 
 
+def test_endless_stdin_is_refused_before_it_is_read_whole(char_int8):
+    """`< /dev/zero` was read to the end: gigabytes, then a MemoryError traceback."""
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run([*CRAFT_RUN, str(char_int8), "-n", "3"], stdin=zero, capture_output=True, timeout=120)
+    one_line_error(result, 2, "stdin holds more than 16 MiB")
+
+
 @pytest.mark.parametrize("threads", ["4294967296", "1025"])
 def test_threads_beyond_any_cpu_are_refused(char_int8, threads):
     result = run_cli("craft.runtime.cli", str(char_int8), "hi", "-n", "3", "--threads", threads)
