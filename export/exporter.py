@@ -339,7 +339,7 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
             f"output {output} is {same}, a file of the source being exported: writing it would destroy "
             "the source; choose another -o"
         )
-    parent = output.resolve().parent
+    parent = Path(os.path.abspath(output)).parent  # not resolve(): a symlink loop raises RuntimeError there
     if output.is_dir():
         raise ExportError(f"output {output} is a directory; give a file name, e.g. -o {output / 'model.onnx'}")
     try:
@@ -397,12 +397,12 @@ def export(
     if attention is not None and attention not in A.ATTENTIONS:
         raise ExportError(f"unknown --attention '{attention}'; expected one of: {', '.join(A.ATTENTIONS)}")
     output = Path(output)
-    check_output_path(output, source)
     t0 = time.perf_counter()
-    try:
+    try:  # first: a source that is not there is named as such, not as an output under it
         kind = kind or detect_kind(source)
     except SourceError as e:
         raise ExportError(str(e)) from None
+    check_output_path(output, source)
     if kind != RUN and checkpoint != rd.CHECKPOINT:
         raise ExportError(
             f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint"

@@ -59,6 +59,18 @@ def test_output_that_is_not_a_regular_file_is_refused(tmp_path, target):
     assert not stat.S_ISREG(after.st_mode)
 
 
+def test_symlink_loops_are_one_line(char_run, tmp_path):
+    """As -o, or under it, a loop was a RuntimeError traceback (Path.resolve); as the source it was
+    named as an output under it."""
+    loop = tmp_path / "loop.onnx"
+    loop.symlink_to(loop.name)
+    for output in (loop, loop / "x.onnx"):
+        assert_one_line(run_cli("craft.export.cli", str(char_run), "-o", str(output)), 1, "symbolic links")
+    source = tmp_path / "model.gguf"
+    source.symlink_to(source.name)
+    assert_one_line(run_cli("craft.export.cli", str(source)), 2, f"cannot read {source}", "symbolic links")
+
+
 def test_output_device_through_the_command_is_one_line(char_run):
     if not Path("/dev/null").exists():
         pytest.skip("no /dev/null on this system")
