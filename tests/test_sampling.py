@@ -190,7 +190,7 @@ def test_logits_that_are_not_finite_are_one_error(params, bad):
 
 
 @pytest.mark.filterwarnings("error")  # numpy's overflow warnings became errors: none may be raised
-@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+@pytest.mark.parametrize("penalty", [1e-300, 1e300, 1e-320, 1e308])
 def test_extreme_repetition_penalty_saturates_quietly(penalty):
     logits = np.array([3.0, -2.0, 1.0, 0.5], np.float32)
     out = apply_repetition_penalty(logits, np.array([0, 1]), penalty)
