@@ -44,7 +44,7 @@ class MetricsLog:
             rd.atomic_write_bytes(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = rd.open_append(self.path)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is an optional extra
@@ -148,7 +148,7 @@ def write_sample(model, tokenizer, cfg, step: int, run_dir: Path, metrics: Metri
     )
     model.train(was_training)
     text = t.sample_prompt + tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
-    with open(Path(run_dir) / rd.SAMPLES, "a", encoding="utf-8") as f:
+    with rd.open_append(Path(run_dir) / rd.SAMPLES) as f:
         f.write(
             f"{rd.SAMPLE_HEADER.format(step=step)} (temperature {t.sample_temperature}, top-k {t.sample_top_k}) ---\n"
             f"{text}\n\n"
@@ -187,7 +187,8 @@ def plot_run(run_dir: Path) -> Path:
     ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title(f"{Path(run_dir).name}")
     fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out)
+    out = Path(run_dir) / rd.PLOT
+    with rd.atomic_file(out) as f:  # replaces a symlink there instead of writing through it
+        fig.savefig(f, format="png")
     plt.close(fig)
     return out

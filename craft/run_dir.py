@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,13 +81,23 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     fsync_dir(path.parent)
 
 
+def open_append(path: Path):
+    """`path` opened to append text (created if missing), never through a symlink: a run directory
+    may come from someone else, and a samples.txt linked to ~/.bashrc must not grow. OSError
+    (ELOOP) for a symlink, which the command reports in one line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def sweep_temp_files(directory: Path, name: str = "") -> None:
     """Remove temp files of atomic writes (of `name`, or any) whose process is gone: a writer
-    killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone."""
+    killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone.
+    Without `name`, only names atomic_file makes (.NAME.PID.random.tmp) are Craft's: a user's own
+    hidden .notes.tmp in the directory is not."""
     for path in Path(directory).glob(f".{name}*{TEMP_SUFFIX}"):
         parts = path.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
         pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-        if pid is None or not _alive(pid):
+        if (pid is None and name) or (pid is not None and not _alive(pid)):  # pid None: an older NAME.random.tmp
             path.unlink(missing_ok=True)
 
 
@@ -157,7 +168,17 @@ class RunLock:
         if self.fd is not None:
             return
         self.created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:  # not through a symlink: the pid written below would replace whatever it points to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RunDirError(
+                f"{self.path} is a symlink; craft-train writes its pid there - remove it and run again"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirError(f"{self.path} is not a regular file; remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

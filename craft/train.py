@@ -325,6 +325,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
         metrics = _train(cfg, dist, lock, resume, overwrite, log if dist.main else (lambda *a, **k: None))
         dist.barrier()  # every rank done before any tears gloo down: a rank still on the wire would abort
         return metrics
+    except BaseException:
+        if lock.created and not resume and rd.tokenizer_path(Path(cfg.out_dir)) is None:
+            lock.path.unlink(missing_ok=True)  # refused before the run began (an empty corpus): leave nothing
+        raise
     finally:
         lock.release()
         dist.close()

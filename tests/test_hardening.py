@@ -404,3 +404,48 @@ def test_tokenizing_a_large_corpus_takes_bounded_memory(tmp_path, shakespeare):
     assert n_tokens == len(corpus.read_text(encoding="utf-8")) + 2  # BOS + one id per (known) char + EOS
     assert peak - base < size / 2, f"peak RSS grew by {(peak - base) / 1e6:.0f} MB tokenizing {size / 1e6:.0f} MB"
     shutil.rmtree(tmp_path / "run")
+
+
+# --- a run directory from someone else: its symlinks are not followed ------------------------------
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_kept(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / rd.LOCK).symlink_to(target)
+    with pytest.raises(rd.RunDirError, match="is a symlink"):
+        rd.RunLock(tmp_path / "run").acquire()
+    assert target.read_text() == "precious\n"
+
+
+def test_appends_and_the_plot_do_not_write_through_symlinks(tmp_path):
+    target = tmp_path / "bashrc"
+    target.write_text("export PATH=/usr/bin\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rd.SAMPLES).symlink_to(target)
+    with pytest.raises(OSError) as e:
+        rd.open_append(run / rd.SAMPLES)
+    assert e.value.errno == errno.ELOOP
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (an optional extra)")
+    from craft.callbacks import plot_run
+
+    (run / rd.METRICS).write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
+    (run / rd.PLOT).symlink_to(target)
+    plot_run(run)
+    assert target.read_text() == "export PATH=/usr/bin\n"  # the link was replaced, its target untouched
+    assert not (run / rd.PLOT).is_symlink() and (run / rd.PLOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_refused_run_leaves_the_users_directory_as_it_was(tmp_path):
+    """Its hidden .notes.tmp is not Craft's temp file, and the lock a refused run took goes again."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in ((".notes.tmp", "important"), (".draft.1.tmp", "x"), ("README", "keep")):
+        (folder / name).write_text(text)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_cli("craft.train", *overrides(folder, empty))
+    assert_one_line(result, "craft-train", 2, "is empty")
+    assert sorted(p.name for p in folder.iterdir()) == [".draft.1.tmp", ".notes.tmp", "README"]
