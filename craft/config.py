@@ -152,6 +152,9 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
+MAX_EXTENDS = 16  # files an 'extends:' chain may pass through; the presets use one
+
+
 def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The YAML mapping in `path`, merged over the file named by its `extends:` key (if any)."""
     import yaml
@@ -159,8 +162,12 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {', '.join(str(p) for p in _seen)}")
+    if len(_seen) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: 'extends' chains more than {MAX_EXTENDS} files; flatten the configs")
     try:
         data = yaml.safe_load(read_text(path)) or {}
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a config; pass a flat mapping of keys") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -350,6 +357,10 @@ def validate(cfg: Config) -> None:
                     raise ConfigError(
                         f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]"
                     )
+    try:  # YAML's "\uD800" escape: no tokenizer can encode it, and the sample after training would fail
+        cfg.train.sample_prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("train.sample_prompt is not valid Unicode text (a lone surrogate); fix the string") from None
     if not str(cfg.out_dir).strip():  # an empty path would be the current directory, filled with run files
         raise ConfigError("out_dir is empty; name the run directory, e.g. out_dir=runs/mine")
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
@@ -433,6 +444,8 @@ def read_run_config(run_dir: Path) -> Config:
         raise RunDirError(f"{run_dir} has no {CONFIG}: not a craft-train run directory (or training never started)")
     try:
         values = yaml.safe_load(read_text(path)) or {}
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; it was written by craft-train: restore it") from None
     except yaml.YAMLError as e:
         raise ConfigError(
             f"{path} is not valid YAML ({getattr(e, 'problem', e)}); "

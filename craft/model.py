@@ -266,7 +266,7 @@ def generate(
         if temperature <= 0:
             token = int(logits.argmax())
         else:
-            logits = logits / temperature
+            logits = (logits - logits.max()) / temperature  # the best at 0: a tiny temperature gives -inf, not nan
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -54,6 +54,25 @@ def test_extends_cycle_is_an_error(tmp_path):
         load_config(str(tmp_path / "a.yaml"))
 
 
+def test_configs_nested_or_chained_past_reason_are_one_line(tmp_path):
+    """A 2 KB file nested 1,000 deep, and a chain of 20 'extends', were RecursionError tracebacks."""
+    write(tmp_path / "deep.yaml", "model: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(str(tmp_path / "deep.yaml"))
+    for i in range(20):
+        write(tmp_path / f"e{i}.yaml", f"extends: e{i + 1}.yaml\n")
+    write(tmp_path / "e20.yaml", "train:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError, match="chains more than 16 files"):
+        load_config(str(tmp_path / "e0.yaml"))
+
+
+def test_a_sample_prompt_that_is_not_unicode_is_refused_at_start(tmp_path):
+    """YAML's \\uD800 escape made the sample after the whole training fail in sentencepiece."""
+    write(tmp_path / "c.yaml", 'train:\n  sample_prompt: "\\uD800abc"\n')
+    with pytest.raises(ConfigError, match="sample_prompt is not valid Unicode"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
 @pytest.mark.parametrize(
     "overrides, pattern",
     [

@@ -71,6 +71,13 @@ def test_generate_greedy_is_deterministic_and_respects_context():
     assert len(generate(model, list(range(30)), 10)) == 3  # context 32: 30 + 3 tokens, the last never fed back
 
 
+def test_generate_at_a_tiny_temperature_is_greedy_not_nan():
+    """logits / 1e-40 overflowed to inf - inf = nan in the softmax (train.sample_temperature allows it)."""
+    model = make()
+    generator = torch.Generator().manual_seed(0)
+    assert generate(model, [1, 2, 3], 10, temperature=1e-40, generator=generator) == generate(model, [1, 2, 3], 10)
+
+
 @pytest.mark.parametrize("preset, low, high", [("tiny", 0.7e6, 1.5e6), ("small", 5e6, 9e6), ("base", 85e6, 105e6)])
 def test_preset_parameter_counts(preset, low, high):
     cfg = load_config(preset)
