@@ -495,7 +495,8 @@ def main(overrides, config, resume, overwrite, plot_dir):
     runs/tiny. KEY=VALUE overrides any config key, e.g. model.n_layer=6 train.max_steps=2000
     data.path=corpus.txt tokenizer.kind=char out_dir=runs/mine. Exit codes: 0 done,
     1 a file could not be read or written (a full disk: the last checkpoint is kept), 2 bad
-    input or the run is in use, 3 loss diverged, 130 interrupted (a checkpoint was saved).
+    input or the run is in use, 3 loss diverged, 130 interrupted (Ctrl-C; SIGTERM once training
+    has begun, which saves a checkpoint first), 143 SIGTERM before training began.
     """
     try:
         if plot_dir is not None:

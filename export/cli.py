@@ -96,7 +96,8 @@ def main(
     an imported model a bundled English text). Exit codes: 0 written, 1 the output could not be
     written (permission, a read-only or full disk), 2 bad input - a source missing, unreadable or
     damaged, a bad option or output path (nothing written), 3 verification failed (nothing
-    written; the figures are printed), 143 terminated (nothing written).
+    written; the figures are printed), 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), nothing
+    written.
     """
     from craft.export.exporter import ExportError, OutputWriteError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET

@@ -218,7 +218,7 @@ def main(
     With no PROMPT the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
     interactive chat. Text streams to stdout as it is generated. Everything the model needs
     (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
-    (a full disk), 2 bad input, 130 interrupted.
+    (a full disk), 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 
     \b
     Examples:
