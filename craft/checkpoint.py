@@ -262,7 +262,10 @@ def read_latest(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
         if path.is_file() and not any(os.path.samefile(path, seen) for seen in candidates):
             candidates.append(path)  # checkpoint.pt and its step file are one file: read it once
     if not candidates:
-        raise RunDirError(f"{run_dir} has no checkpoint ({CHECKPOINT}); train one with: craft-train out_dir={run_dir}")
+        raise RunDirError(  # --overwrite: a run that stopped before its first save "already holds a run"
+            f"{run_dir} has no checkpoint ({CHECKPOINT}): its training never saved one; start it again with: "
+            f"craft-train out_dir={run_dir} --overwrite"
+        )
     errors = []
     for path in candidates:
         try:

@@ -441,7 +441,10 @@ def read_run_config(run_dir: Path) -> Config:
 
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise RunDirError(f"{run_dir} has no {CONFIG}: not a craft-train run directory (or training never started)")
+        raise RunDirError(
+            f"{run_dir} has no {CONFIG}: not a craft-train run directory, or its training never started "
+            f"(start it with: craft-train out_dir={run_dir} --overwrite)"
+        )
     try:
         values = yaml.safe_load(read_text(path)) or {}
     except RecursionError:

@@ -278,9 +278,12 @@ class TrainStep:
         ).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+            saved = (Path(self.cfg.out_dir) / rd.CHECKPOINT).exists()
             raise TrainError(
-                f"{what} at step {state.step + 1}; stopped without saving, the last good checkpoint is kept. "
+                f"{what} at step {state.step + 1}; stopped without saving, "
+                f"{'the last good checkpoint is kept' if saved else 'none was saved before'}. "
                 f"Lower train.lr (now {t.lr}) or set train.grad_clip (now {t.grad_clip}), then start again"
+                + ("" if saved else f" with --overwrite (craft-train out_dir={self.cfg.out_dir} --overwrite ...)")
             )
         state.optimizer.step()
         state.scheduler.step()

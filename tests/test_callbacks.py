@@ -91,6 +91,18 @@ class NaNAfter(Transformer):
         return out
 
 
+def test_nan_loss_before_any_checkpoint_says_how_to_start_again(tmp_path, small_corpus, monkeypatch):
+    """Rerun and --resume each refused such a run, sending the user to the other: --overwrite it is."""
+    monkeypatch.setattr(craft.model, "Transformer", NaNAfter)
+    monkeypatch.setattr(NaNAfter, "calls", 0)
+    monkeypatch.setattr(NaNAfter, "at", 2)
+    cfg = config(tmp_path / "run", small_corpus, **{"train.max_steps": 40, "train.checkpoint_interval": 5})
+    with pytest.raises(TrainError, match=r"none was saved before.*start again with --overwrite"):
+        train(cfg, log=quiet)
+    with pytest.raises(rd.RunDirError, match="never saved one; start it again with: .* --overwrite"):
+        ckpt.read_latest(tmp_path / "run")
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, monkeypatch, accum):
     monkeypatch.setattr(craft.model, "Transformer", NaNAfter)  # what craft.model.build_model builds for train.py
