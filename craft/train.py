@@ -43,7 +43,7 @@ from craft import checkpoint as ckpt
 from craft import run_dir as rd
 from craft.callbacks import EarlyStopping, MetricsLog, write_sample
 from craft.checkpoint import TrainState
-from craft.config import Config, ConfigError, load_config, resumed_config, save_config
+from craft.config import BOUNDS, Config, ConfigError, load_config, resumed_config, save_config
 from craft.data import (
     Corpus,
     DataError,
@@ -59,7 +59,7 @@ from craft.data import (
 )
 from craft.distributed import Distributed
 from craft.model import Transformer, build_model
-from craft.runtime.command import OneLineErrors, echo_error
+from craft.runtime.command import EXIT_OS_ERROR, OneLineErrors, echo_error
 from craft.runtime.tokenizer import Tokenizer
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -141,6 +141,12 @@ def prepare_run(
 
 
 def check_vocab_size(cfg: Config, tokenizer: Tokenizer) -> None:
+    largest = BOUNDS["model.vocab_size"][1]
+    if tokenizer.vocab_size > largest:  # a char tokenizer over a corpus of every Unicode character
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size:,} tokens, more than a model takes ({largest:,}); "
+            "use tokenizer.kind=sentencepiece, or a corpus with fewer distinct characters"
+        )
     if 0 < cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
@@ -522,6 +528,15 @@ def main(overrides, config, resume, overwrite, plot_dir):
     except TrainError as e:
         echo_error("craft-train", e)
         sys.exit(EXIT_DIVERGED)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):  # torch's CPU allocator
+            raise
+        echo_error(
+            "craft-train",
+            "out of memory building or training the model; lower train.batch_size (or model.dim, model.n_layer, "
+            "model.context_length) and start again with --overwrite (or --resume if a checkpoint was saved)",
+        )
+        sys.exit(EXIT_OS_ERROR)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
         sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)
     val = result["val_loss"]

@@ -449,3 +449,28 @@ def test_a_refused_run_leaves_the_users_directory_as_it_was(tmp_path):
     result = run_cli("craft.train", *overrides(folder, empty))
     assert_one_line(result, "craft-train", 2, "is empty")
     assert sorted(p.name for p in folder.iterdir()) == [".draft.1.tmp", ".notes.tmp", "README"]
+
+
+def test_a_tokenizer_larger_than_any_model_is_refused():
+    """A char tokenizer over a corpus of every Unicode character: 1.1M tokens, a 143M-parameter embedding."""
+    from types import SimpleNamespace
+
+    from craft.config import ConfigError, load_config
+    from craft.train import check_vocab_size
+
+    with pytest.raises(ConfigError, match="the tokenizer has 1,112,291 tokens, more than a model takes"):
+        check_vocab_size(load_config("tiny"), SimpleNamespace(vocab_size=1_112_291))
+
+
+def test_out_of_memory_is_one_line(monkeypatch):
+    """torch's CPU allocator raises a RuntimeError with its C++ context: one line, exit 1."""
+    from click.testing import CliRunner
+
+    import craft.train
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(craft.train, "train", oom)
+    result = CliRunner().invoke(craft.train.main, ["train.max_steps=2"])
+    assert result.exit_code == 1 and "out of memory" in result.output and "Traceback" not in result.output
