@@ -225,7 +225,8 @@ def post_processor_bos(spec: object, depth: int = 0) -> object:
 
 
 def hf_chat_template(directory: Path, config: dict) -> str | None:
-    """tokenizer_config.json's chat_template (a string, or named templates: the "default" one), else
+    """tokenizer_config.json's chat_template (a string, or named templates: the "default" one, or
+    the only one), else
     chat_template.jinja / chat_template.json, which newer transformers save instead."""
     where = directory / "tokenizer_config.json"
     template = config.get("chat_template")
@@ -235,7 +236,13 @@ def hf_chat_template(directory: Path, config: dict) -> str | None:
                 f"{where}: chat_template is a list, but not of named templates ({{'name': ..., 'template': ...}}); "
                 "fix or remove it"
             )
-        template = {t["name"]: t.get("template") for t in template}.get("default")
+        named = {t["name"]: t.get("template") for t in template}
+        if "default" not in named and len(named) > 1:  # transformers refuses to pick one as well
+            raise TokenizerSourceError(
+                f"{where}: chat_template holds named templates ({', '.join(sorted(named))[:200]}) but none is "
+                "'default'; rename the one to chat with to 'default'"
+            )
+        template = named.get("default", next(iter(named.values()), None))
     jinja = directory / "chat_template.jinja"
     if template is None and regular(jinja):
         where = jinja

@@ -551,6 +551,21 @@ def test_chat_template_longer_than_craft_run_renders_is_refused(hf_source, tmp_p
     refused(directory, "tokenizer_config.json", f"{MAX_CHARS + 1:,} characters", f"at most {MAX_CHARS:,}")
 
 
+def test_named_chat_templates_without_a_default(hf_source, tmp_path):
+    """Several were dropped in silence (the file then had no template); one alone is the template."""
+    from craft.export.exporter import export
+    from craft.runtime.artifact import Artifact
+    from craft.runtime.onnx_file import read_metadata
+
+    directory = hf_copy(hf_source, tmp_path)
+    named = [{"name": "tool_use", "template": "{{ messages[0]['content'] }}"}, {"name": "rag", "template": "x"}]
+    edit_json(directory / "tokenizer_config.json", chat_template=named)
+    refused(directory, "named templates (rag, tool_use) but none is 'default'")
+    edit_json(directory / "tokenizer_config.json", chat_template=named[:1])
+    export(directory, tmp_path / "one.onnx", quantize="none", log=lambda *a: None)
+    assert Artifact.from_metadata(read_metadata(tmp_path / "one.onnx")).chat_template == named[0]["template"]
+
+
 @pytest.mark.parametrize("where", ["probe", "write"])
 def test_output_that_cannot_be_written_exits_1(hf_source, tmp_path, monkeypatch, where):
     """A full disk, a read-only mount or a denied permission is an OS failure (exit 1, as the help says),
