@@ -236,6 +236,16 @@ def main(
         from craft.runtime.estimate import DeviceError, format_estimates, load_profiles
         from craft.runtime.estimate import estimate as predict
 
+        ctx = click.get_current_context()
+        generating = [  # what only generation reads: given with --estimate, it would be ignored in silence
+            max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+            for param in ctx.command.params
+            if param.name not in ("model", "estimate", "backend", "max_context", "threads")
+            and ctx.get_parameter_source(param.name) not in (None, click.core.ParameterSource.DEFAULT)
+        ]
+        if generating:
+            fail(f"--estimate generates nothing, so {', '.join(generating)} would do nothing; drop them")
+
         try:
             artifact = load_artifact(model)
             size = os.path.getsize(model)

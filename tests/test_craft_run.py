@@ -35,6 +35,12 @@ def test_prompt_that_is_not_utf8_is_refused(char_int8):
     one_line_error(stdin, 2, "not UTF-8", "0xff at offset 3")
 
 
+def test_estimate_refuses_what_only_generation_reads(char_int8):
+    """PROMPT, --chat, --json or a sampling flag with --estimate were ignored in silence."""
+    result = run_cli("craft.runtime.cli", str(char_int8), "hi", "--estimate", "--json", "--temperature", "-5")
+    one_line_error(result, 2, "--estimate generates nothing, so PROMPT, --temperature, --json would do nothing")
+
+
 def test_endless_stdin_is_refused_before_it_is_read_whole(char_int8):
     """`< /dev/zero` was read to the end: gigabytes, then a MemoryError traceback."""
     with open("/dev/zero", "rb") as zero:
@@ -92,8 +98,8 @@ def test_model_paths_that_are_not_files(tmp_path):
     for path, message in cases.items():
         with pytest.raises(ArtifactError, match=message):
             load_artifact(path)  # the API, without opening a FIFO (which would block)
-        for flags in ([], ["--estimate"]):
-            result = run_cli("craft.runtime.cli", str(path), "hi", *flags, timeout=60)
+        for flags in (["hi"], ["--estimate"]):
+            result = run_cli("craft.runtime.cli", str(path), *flags, timeout=60)
             assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert message in result.stderr, result.stderr
 
@@ -135,8 +141,9 @@ def test_threads_reach_blas_before_numpy_loads(tmp_path):
 )
 def test_closed_stdout_or_stdin_is_one_line(char_int8, redirect, flags, words):
     """Started with a standard stream closed, Python has None for it: one line, not an AttributeError."""
+    estimate = "--estimate" in flags
     result = subprocess.run(
-        ["bash", "-c", f'exec "$@" {redirect}', "_", *CRAFT_RUN, str(char_int8), *flags, "-n", "3"],
+        ["bash", "-c", f'exec "$@" {redirect}', "_", *CRAFT_RUN, str(char_int8), *flags, *["-n", "3"] * (not estimate)],
         capture_output=True,
         timeout=120,
     )
