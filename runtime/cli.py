@@ -63,19 +63,30 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     sys.exit(code)
 
 
-def read_prompt(prompt: str | None) -> str:
+def read_prompt(prompt: str | None, truncate: bool = False) -> str:
     """PROMPT, or stdin when it is omitted, as text. Bytes that are not UTF-8 are refused rather
-    than replaced: a prompt silently changed would give a surprising continuation."""
+    than replaced: a prompt silently changed would give a surprising continuation. Stdin past
+    MAX_STDIN_BYTES is refused, or with `truncate` read to its end keeping only its last
+    MAX_STDIN_BYTES (from a character boundary): memory stays bounded either way."""
     if prompt is not None:
         return utf8_argument(prompt, "the prompt")
     if sys.stdin is None:
         fail("no PROMPT was given and stdin is closed; give PROMPT or pipe it in")
     if sys.stdin.isatty():
         click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)
-    data = sys.stdin.buffer.read(MAX_STDIN_BYTES + 1)
+    data = bytearray(sys.stdin.buffer.read(MAX_STDIN_BYTES + 1))
     if len(data) > MAX_STDIN_BYTES:
-        fail(f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB, more than any context; pipe in a shorter prompt")
-    return utf8(data, "the prompt")
+        if not truncate:
+            fail(
+                f"stdin holds more than {MAX_STDIN_BYTES >> 20} MiB, more than any context; pipe in a shorter "
+                "prompt, or pass --truncate to keep its end"
+            )
+        while chunk := sys.stdin.buffer.read(1 << 20):
+            data += chunk
+            del data[: -MAX_STDIN_BYTES - 4]  # 4: room to start at a whole UTF-8 character below
+        start = next(i for i in range(5) if i == len(data) or data[i] & 0xC0 != 0x80)  # skip continuation bytes
+        data = data[start:]
+    return utf8(bytes(data), "the prompt")
 
 
 def utf8_argument(text: str, what: str) -> str:
@@ -274,7 +285,7 @@ def main(
         fail("--chat without PROMPT reads messages from stdin, which is closed; give PROMPT or a terminal")
     if chat and (truncate or (as_json and prompt is None)):
         fail("--chat takes neither --truncate nor, without a PROMPT (interactive), --json; drop them")
-    prompt = None if chat and prompt is None else read_prompt(prompt)
+    prompt = None if chat and prompt is None else read_prompt(prompt, truncate)
     messages = [{"role": "system", "content": system}] * (system is not None) + [{"role": "user", "content": prompt}]
     try:
         generator = Generator(model, backend=backend, threads=threads, max_context=max_context)

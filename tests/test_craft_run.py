@@ -158,13 +158,22 @@ def test_flags_that_are_not_utf8_are_refused(char_int8):
 def test_prompt_too_long_for_any_context_is_refused_before_tokenizing(char_int8):
     """A 24 MB prompt once took 1.3 GB (96 MB: 3.3 GB and a MemoryError) to be tokenized and then
     refused; more characters than the context can hold at 64 a token are refused (or cut) first."""
-    prompt = b"the cat sat on the mat. " * 1_000_000
+    prompt = b"the cat sat on the mat. " * 500_000
     result = subprocess.run([*CRAFT_RUN, str(char_int8), "-n", "2"], input=prompt, capture_output=True, timeout=120)
-    one_line_error(result, 2, "24,000,000 characters, more than a context of", "--truncate")
-    cut = subprocess.run(
-        [*CRAFT_RUN, str(char_int8), "-n", "2", "--truncate", "-t", "0"], input=prompt, capture_output=True, timeout=120
+    one_line_error(result, 2, "12,000,000 characters, more than a context of", "--truncate")
+    past_stdin = "\u00e9".encode() * 12_000_000  # 24 MB of 2-byte characters: read to the end, the last 16 MiB kept
+    refused = subprocess.run(
+        [*CRAFT_RUN, str(char_int8), "-n", "2"], input=past_stdin, capture_output=True, timeout=120
     )
-    assert cut.returncode == 0 and cut.stdout, cut.stderr
+    one_line_error(refused, 2, "stdin holds more than 16 MiB", "--truncate")
+    for text in (prompt, past_stdin):
+        cut = subprocess.run(
+            [*CRAFT_RUN, str(char_int8), "-n", "2", "--truncate", "-t", "0"],
+            input=text,
+            capture_output=True,
+            timeout=120,
+        )
+        assert cut.returncode == 0 and cut.stdout, cut.stderr
 
 
 def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path):
