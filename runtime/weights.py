@@ -287,6 +287,17 @@ def blocks_of(x: np.ndarray, block: int, fill: str = "zero") -> np.ndarray:
     return out.reshape(*x.shape[:-1], blocks, block)
 
 
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """(..., 2n) values in [0, 16) -> (..., n) bytes, two per byte: even index in the low nibble, as
+    MatMulNBits stores 4-bit weights and zero points."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """pack_nibbles undone: (..., n) bytes -> (..., 2n) values."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
 class BlockQuant(Scheme):
     """Symmetric blocks of `block` (32 for both schemes) along in_features, in com.microsoft MatMulNBits'
     layout: for W (in=K, out=N), NAME.q uint8 (N, ceil(K / block), block * bits / 8) holds
@@ -331,16 +342,11 @@ class BlockQuant(Scheme):
 
     def pack(self, u: np.ndarray) -> np.ndarray:
         """(N, blocks, block) values in [0, 2^bits) -> the stored bytes."""
-        if self.weight_bits == 8:
-            return u
-        return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)  # even k low nibble, odd k high
+        return u if self.weight_bits == 8 else pack_nibbles(u)
 
     def unpack(self, packed: np.ndarray) -> np.ndarray:
         """Stored bytes (..., bytes) -> signed q (..., block) as float32 (exact small integers)."""
-        if self.weight_bits == 8:
-            u = packed
-        else:
-            u = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], self.block)
+        u = packed if self.weight_bits == 8 else unpack_nibbles(packed)
         return u.astype(np.float32) - np.float32(self.zero)
 
     def dequantize(self, stored, shape):
@@ -440,9 +446,9 @@ class BlockQuantMinimum(BlockQuant):
         u = np.clip(np.rint((wb - low[..., None]) / scale[..., None]), 0, self.levels).astype(np.uint8)
         zero = np.clip(np.rint(-low / scale), 0, self.levels).astype(np.uint8)  # (N, blocks)
         offset = np.ascontiguousarray((low + zero * scale).T)  # (blocks, N) float32
-        paired = np.zeros((N, -(-blocks // 2) * 2), np.uint8)
+        paired = np.zeros((N, -(-blocks // 2) * 2), np.uint8)  # an odd block count: the last byte half used
         paired[:, :blocks] = zero
-        stored = (self.pack(u), scale, (paired[:, 0::2] | (paired[:, 1::2] << 4)).astype(np.uint8), offset)
+        stored = (self.pack(u), scale, pack_nibbles(paired), offset)
         error = float(np.abs(self.dequantize(stored, w.shape) - w).max()) if w.size else 0.0
         return stored, error
 
@@ -450,7 +456,7 @@ class BlockQuantMinimum(BlockQuant):
         """scale * (u - z) as W (in, out) float32: what MatMulNBits multiplies."""
         packed, scale, zero_point, _ = stored
         K, N = shape
-        zero = np.stack([zero_point & 0x0F, zero_point >> 4], axis=-1).reshape(N, -1)[:, : scale.shape[1]]
+        zero = unpack_nibbles(zero_point)[:, : scale.shape[1]]  # (N, blocks)
         u = self.unpack(packed) + np.float32(self.zero)  # (N, blocks, block): the stored u, exact small integers
         w = (u - zero[..., None].astype(np.float32)) * scale[..., None]
         return np.ascontiguousarray(w.reshape(N, -1)[:, :K].T)
