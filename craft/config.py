@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import reprlib
 import typing
 from dataclasses import dataclass, field
@@ -135,9 +136,15 @@ class Config:
 def resolve_config_path(name_or_path: str) -> Path:
     """A preset name ("tiny") or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or os.path.lexists(path):  # lexists: a dangling or looping link is a path
         if not path.is_file():
-            what = "is not a regular file" if path.exists() else "does not exist"
+            what = (
+                "is not a regular file"
+                if path.exists()
+                else "is a symlink that leads nowhere (dangling, or a loop)"
+                if path.is_symlink()
+                else "does not exist"
+            )
             raise ConfigError(f"config file {path} {what}; pass a YAML path or a preset: {', '.join(list_presets())}")
         return path
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"

@@ -53,7 +53,8 @@ class Corpus:
     def files(self) -> list[Path]:
         path = Path(self.path)
         if not path.exists():
-            raise DataError(f"corpus {path} does not exist; set data.path to a .txt file or a directory of .txt files")
+            what = "is a symlink that leads nowhere (dangling, or a loop)" if path.is_symlink() else "does not exist"
+            raise DataError(f"corpus {path} {what}; set data.path to a .txt file or a directory of .txt files")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not files:

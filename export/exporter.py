@@ -396,6 +396,8 @@ def export(
         raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(W.SCHEMES)}")
     if attention is not None and attention not in A.ATTENTIONS:
         raise ExportError(f"unknown --attention '{attention}'; expected one of: {', '.join(A.ATTENTIONS)}")
+    if not checkpoint:  # Path(run_dir) / "" is the run directory itself
+        raise ExportError(f"--checkpoint is empty; name a checkpoint file of the run (default {rd.CHECKPOINT})")
     output = Path(output)
     t0 = time.perf_counter()
     try:  # first: a source that is not there is named as such, not as an output under it

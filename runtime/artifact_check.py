@@ -116,10 +116,14 @@ def expected_io(spec: ModelSpec, version: int) -> tuple[dict[str, tuple], dict[s
 def check_file(path: str | Path) -> Artifact:
     """The file's Craft metadata, checked against the file as described above; ArtifactError
     (one line) for anything else: not a file, not ONNX, not Craft, or any claim the file belies."""
+    if not str(path):  # Path("") would be ".", the current directory
+        raise ArtifactError("the model file's path is empty; pass the .onnx file from craft-export")
     path = Path(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if str(path) == "-":
+            raise ArtifactError("a model is read from a file, not from stdin ('-'); pass the .onnx file") from None
         raise ArtifactError(
             f"model file {path} does not exist; export one with craft-export RUN_DIR -o {path}"
         ) from None

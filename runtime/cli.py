@@ -229,7 +229,8 @@ def main(
     With no PROMPT the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
     interactive chat. Text streams to stdout as it is generated. Everything the model needs
     (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
-    (a full disk), 2 bad input, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    (a full disk), 2 bad input (piped --chat: a message was refused), 130 interrupted (Ctrl-C),
+    143 terminated (SIGTERM).
 
     \b
     Examples:
@@ -368,7 +369,9 @@ def read_message(tty: bool) -> str:
 def converse(generator: Generator, params: SamplingParams, system: str | None, stats: bool) -> None:
     """craft-run MODEL --chat: one message per line, each answer streamed; the conversation (and its
     KV-cache) carries over between turns. Ctrl-D ends; Ctrl-C stops an answer, at the prompt exits 130.
-    When the context fills, the next message starts a new conversation (the system prompt stays)."""
+    When the context fills, the next message starts a new conversation (the system prompt stays).
+    A refused message (not UTF-8, too long, refused by the template) is skipped with one line; piped
+    messages then end in exit 2, so that a script sees that not every message was answered."""
     from craft.runtime.chat import ContextFull, Conversation
     from craft.runtime.generator import CONTEXT_LENGTH
 
@@ -384,22 +387,28 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             f"Ctrl-C stops an answer",
             err=True,
         )
+    refused = 0
     while True:
         try:
             text = read_message(tty)
         except EOFError:
             click.echo("", err=True, nl=tty)
+            if refused and not tty:
+                were = "messages on stdin were" if refused > 1 else "message on stdin was"
+                fail(f"{refused} {were} refused (above)")
             return
         except KeyboardInterrupt:
             click.echo("", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except UnicodeDecodeError as e:
             click.echo(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped", err=True)
+            refused += 1
             continue
         try:  # a C / POSIX locale reads stdin with surrogateescape: bad bytes arrive as surrogates
             text.encode("utf-8")
         except UnicodeEncodeError:
             click.echo("craft-run: error: the message is not UTF-8 text; it was skipped", err=True)
+            refused += 1
             continue
         if not text.strip():
             continue
@@ -425,6 +434,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             continue
         except ValueError as e:  # the template refused the conversation, a message longer than the context
             echo_error("craft-run", e)
+            refused += 1
             continue
         if generator.last_stats.stop_reason == CONTEXT_LENGTH:
             click.echo(context_full(generator) + "; the next message starts a new conversation", err=True)

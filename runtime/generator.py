@@ -152,8 +152,8 @@ class Generator:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
         if not 0 <= threads <= MAX_THREADS:
             raise ValueError(f"--threads must be in 0..{MAX_THREADS} (0: the backend's default), got {threads}")
+        self.artifact = load_artifact(path)  # the path as given: Path("") would be "."
         self.path = Path(path)
-        self.artifact = load_artifact(self.path)
         self.spec = self.artifact.spec
         try:
             self.tokenizer = tokenizer_from_bytes(self.artifact.tokenizer_kind, self.artifact.tokenizer_data)
@@ -385,11 +385,17 @@ class Generator:
         the cache from the previous call - the conversation so far - are not prefilled again: a turn
         costs only its new tokens. `variables` go to the template (tools, documents, ...)."""
         t0 = time.perf_counter()
+        turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+        fix = "start a new conversation" if len(turns) > 1 else "shorten the message"
+        chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if chars > self.context_length * MAX_CHARS_PER_TOKEN:  # cannot fit: refuse before rendering megabytes
+            raise C.ContextFull(
+                f"the conversation is {chars:,} characters, more than a context of {self.context_length} tokens "
+                f"can hold (at {MAX_CHARS_PER_TOKEN} characters a token); {fix}"
+            )
         ids = C.chat_ids(self.artifact, self.tokenizer, messages, **variables)
         if len(ids) >= self.context_length:
-            raise C.ContextFull(
-                f"the conversation is {len(ids)} tokens but {self._context_text()}; start a new conversation"
-            )
+            raise C.ContextFull(f"the conversation is {len(ids)} tokens but {self._context_text()}; {fix}")
         rewinds = self.spec.arch != RECURRENT  # a recurrent state cannot forget its last tokens
         cached = C.reusable_prefix(self.cached_ids, ids, self.backend.cache_length, rewinds)
         yield from self._stream_ids(ids, sampling, t0, cached)

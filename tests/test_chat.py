@@ -347,8 +347,11 @@ def test_cli_chat_text_that_is_not_utf8(models):
         timeout=120,
         env={**os.environ, "LC_ALL": "C.UTF-8"},
     )
-    assert piped.returncode == 0, piped.stderr
-    assert piped.stderr.decode() == "craft-run: error: the message is not UTF-8 text; it was skipped\n"
+    assert piped.returncode == 2, piped.stderr  # the chat went on, and a script sees that a message was refused
+    assert piped.stderr.decode() == (
+        "craft-run: error: the message is not UTF-8 text; it was skipped\n"
+        "craft-run: error: 1 message on stdin was refused (above)\n"
+    )
     assert (
         piped.stdout.decode()
         == "".join(Conversation(Generator(models["fp32"], threads=1)).reply("Hello there", GREEDY)) + "\n"
@@ -373,6 +376,24 @@ def test_cli_context_full_starts_a_new_conversation(models):
     one_shot = run(models["fp32"], "Hello there", "--chat", "-n", "100", "--max-context", "45")
     assert one_shot.returncode == 0
     assert "the context is full (45 tokens); --max-context up to 512 allows more" in one_shot.stderr
+
+
+def test_cli_chat_message_longer_than_the_context(models):
+    """One message that cannot fit asks to shorten it (a new conversation would not help); one of
+    megabytes is refused before the template renders it; piped, the session then exits 2."""
+    long, huge = b"word " * 2000, b"word " * 300_000
+    one_shot = run(models["fp32"], long.decode(), "--chat", *GREEDY_FLAGS)
+    assert one_shot.returncode == 2 and one_shot.stdout == ""
+    assert one_shot.stderr.startswith("craft-run: error: the conversation is ") and one_shot.stderr.endswith(
+        "; shorten the message\n"
+    ), one_shot.stderr
+    piped = run(models["fp32"], "--chat", *GREEDY_FLAGS, input=huge + b"\nHello there\n")
+    assert piped.returncode == 2
+    first, last = piped.stderr.splitlines()
+    assert "1,500,000 characters, more than a context of" in first and first.endswith("shorten the message")
+    assert last == "craft-run: error: 1 message on stdin was refused (above)"
+    answer = "".join(Conversation(Generator(models["fp32"], threads=1)).reply("Hello there", GREEDY))
+    assert piped.stdout == answer + "\n"
 
 
 @pytest.mark.parametrize("args", [["hi", "--chat"], ["--chat"]], ids=["one-shot", "interactive"])

@@ -146,6 +146,15 @@ def test_unknown_preset_suggests(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
+def test_config_symlink_that_leads_nowhere_is_named_as_such(tmp_path):
+    """A looping or dangling link as --config was "no preset named 'loop'": it is a path that exists."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("missing.yaml")
+    for path in (tmp_path / "loop", tmp_path / "dangling"):
+        with pytest.raises(ConfigError, match="is a symlink that leads nowhere"):
+            load_config(str(path))
+
+
 def test_config_that_is_not_a_regular_file(tmp_path):
     """A pipe (or a device) as --config would block or never end: refused by what it is."""
     os.mkfifo(tmp_path / "c.yaml")

@@ -94,6 +94,8 @@ def test_model_paths_that_are_not_files(tmp_path):
         tmp_path / "pipe.onnx": "is not a regular file",
         "/dev/zero": "is not a regular file",
         tmp_path / "missing.onnx": "does not exist",
+        "": "path is empty",  # Path("") is ".", which was named as a directory
+        "-": "read from a file, not from stdin",
     }
     for path, message in cases.items():
         with pytest.raises(ArtifactError, match=message):

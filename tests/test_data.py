@@ -86,6 +86,7 @@ def test_bundled_corpus_is_python_docs():
     "setup, pattern",
     [
         (lambda p: p / "missing.txt", "does not exist; set data.path"),
+        (lambda p: (p / "loop.txt").symlink_to("loop.txt") or p / "loop.txt", "symlink that leads nowhere"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "has no .txt files"),
         (lambda p: (p / "bad.txt").write_bytes(b"ok\xff\xfe bad") and p / "bad.txt", "is not UTF-8 text"),
         (lambda p: os.mkfifo(p / "pipe.txt") or p / "pipe.txt", "is not a regular file or a directory"),  # blocked

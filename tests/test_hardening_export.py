@@ -71,6 +71,14 @@ def test_symlink_loops_are_one_line(char_run, tmp_path):
     assert_one_line(run_cli("craft.export.cli", str(source)), 2, f"cannot read {source}", "symbolic links")
 
 
+def test_empty_checkpoint_name_is_one_line(char_run, tmp_path):
+    """--checkpoint "" named the run directory itself: "RUN does not exist; training has not saved"."""
+    output = tmp_path / "m.onnx"
+    result = run_cli("craft.export.cli", str(char_run), "--checkpoint", "", "-o", str(output))
+    assert_one_line(result, 2, "--checkpoint is empty")
+    assert not output.exists()
+
+
 def test_output_device_through_the_command_is_one_line(char_run):
     if not Path("/dev/null").exists():
         pytest.skip("no /dev/null on this system")
