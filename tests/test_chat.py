@@ -373,7 +373,7 @@ def test_cli_context_full_starts_a_new_conversation(models):
     assert result.returncode == 0, result.stderr
     assert "the context is full; this message starts a new conversation" in result.stderr
     assert result.stdout.endswith("\n" + fresh_second + "\n")
-    one_shot = run(models["fp32"], "Hello there", "--chat", "-n", "100", "--max-context", "45")
+    one_shot = run(models["fp32"], "Hello there", "--chat", "-t", "0", "-n", "100", "--max-context", "45")
     assert one_shot.returncode == 0
     assert "the context is full (45 tokens); --max-context up to 512 allows more" in one_shot.stderr
 
