@@ -227,7 +227,7 @@ def step_of(path: Path) -> int:
 
 def periodic(run_dir: Path) -> list[Path]:
     """step-NNNNNN.pt files, newest (highest step) first."""
-    found = [p for p in Path(run_dir).glob("step-*.pt") if p.stem.split("-", 1)[1].isdigit()]
+    found = [p for p in Path(run_dir).glob("step-*.pt") if (n := p.stem.split("-", 1)[1]).isascii() and n.isdigit()]
     return sorted(found, key=step_of, reverse=True)
 
 

@@ -96,7 +96,7 @@ def sweep_temp_files(directory: Path, name: str = "") -> None:
     hidden .notes.tmp in the directory is not."""
     for path in Path(directory).glob(f".{name}*{TEMP_SUFFIX}"):
         parts = path.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
-        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else None
         if (pid is None and name) or (pid is not None and not _alive(pid)):  # pid None: an older NAME.random.tmp
             path.unlink(missing_ok=True)
 
@@ -257,7 +257,7 @@ def truncate_samples(run_dir: Path, step: int) -> None:
     while pos != -1:
         start = pos if text.startswith(prefix, pos) else pos + 1
         digits = text[start + len(prefix) :].split(" ", 1)[0]
-        if digits.isdigit() and int(digits) > step:
+        if digits.isascii() and digits.isdigit() and int(digits) > step:  # not '²': isdigit, not int
             cut = start
             break
         pos = text.find("\n" + prefix, start + 1)

@@ -258,7 +258,8 @@ def check_shapes(
     back = {craft: name for name, craft in source_names.items()}
     # The layer count first, from the names alone: expected_shapes builds a (meta) model of cfg.n_layer
     # blocks, which for a claim of a million layers takes minutes and GBs that the file never paid for.
-    layers = {int(part) for name in shapes if name.startswith("layers.") and (part := name.split(".")[1]).isdigit()}
+    parts = (name.split(".")[1] for name in shapes if name.startswith("layers."))
+    layers = {int(part) for part in parts if part.isascii() and part.isdigit()}
     if cfg.n_layer > len(layers):
         missing = next(i for i in range(cfg.n_layer) if i not in layers)  # at most len(layers) + 1 steps
         raise SourceError(
@@ -302,7 +303,7 @@ def rename(name: str, table: dict[str, str]) -> str:
     ("blk.{i}.attn_q.weight" -> "layers.{i}.attention.wq.weight"); unchanged when none matches."""
     parts = name.split(".")
     for k, part in enumerate(parts):
-        if part.isdigit():
+        if part.isascii() and part.isdigit():  # '²' is a digit to isdigit, not to int
             template = ".".join(parts[:k] + ["{i}"] + parts[k + 1 :])
             if template in table:
                 return table[template].format(i=part)

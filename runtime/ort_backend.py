@@ -34,7 +34,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
     """'1.20.1' -> (1, 20, 1); a suffix such as 'dev' ends the numbers."""
     numbers = []
     for part in version.split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        digits = "".join(c for c in part if c in "0123456789") if part[:1] in tuple("0123456789") else ""
         if not digits:
             break
         numbers.append(int(digits))

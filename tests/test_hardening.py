@@ -474,3 +474,18 @@ def test_out_of_memory_is_one_line(monkeypatch):
     monkeypatch.setattr(craft.train, "train", oom)
     result = CliRunner().invoke(craft.train.main, ["train.max_steps=2"])
     assert result.exit_code == 1 and "out of memory" in result.output and "Traceback" not in result.output
+
+
+def test_names_with_unicode_digits_are_not_craft_files(tmp_path):
+    """'²'.isdigit() is True but int('²') raises: a stray step-².pt, a sample header '--- step ²'
+    or a temp file .x.².tmp in a run directory was a ValueError traceback on resume or export."""
+    (tmp_path / "step-000010.pt").write_bytes(b"")
+    (tmp_path / "step-\u00b2\u00b3.pt").write_bytes(b"")
+    assert ckpt.periodic(tmp_path) == [tmp_path / "step-000010.pt"]
+    stray = tmp_path / ".x.onnx.\u00b2\u00b3.abc.tmp"
+    stray.write_bytes(b"")
+    rd.sweep_temp_files(tmp_path)
+    assert stray.exists()  # not a name atomic_file makes: the user's
+    (tmp_path / rd.SAMPLES).write_text("--- step 5 ---\nkept\n--- step \u00b2 ---\nalso kept\n--- step 20 ---\ncut\n")
+    rd.truncate_samples(tmp_path, 10)
+    assert (tmp_path / rd.SAMPLES).read_text() == "--- step 5 ---\nkept\n--- step \u00b2 ---\nalso kept\n"

@@ -374,6 +374,16 @@ def test_safetensors_header_of_the_wrong_shape(hf_source, tmp_path, edit, needle
     refused(directory, "model.safetensors", needle)
 
 
+def test_layer_index_that_is_a_unicode_digit_is_an_extra_tensor(hf_source, tmp_path):
+    """'²'.isdigit() is True but int('²') raises: the message was the bare ValueError."""
+    from craft.export.source_hf import TENSOR_NAMES
+
+    directory = hf_copy(hf_source, tmp_path)
+    extra = {"model.layers.\u00b2.input_layernorm.weight": np.ones(16, np.float32)}
+    write_safetensors(directory / "model.safetensors", {**small_weights(TENSOR_NAMES), **extra})
+    refused(directory, "model.layers.\u00b2.input_layernorm.weight that its config does not call for")
+
+
 @pytest.mark.parametrize(
     "edits, needle",
     [
