@@ -77,9 +77,13 @@ def category_class(name: str) -> str:
 
 @lru_cache(maxsize=32)
 def onig_to_python(pattern: str) -> re.Pattern:
-    """Compile an Oniguruma regex from a tokenizer.json with Python's `re`, with the same matches."""
+    """Compile an Oniguruma regex from a tokenizer.json with Python's `re`, with the same matches.
+    A repeated group that itself repeats or alternates - (x+x+)+, (a|ab)* - is refused: on a
+    hostile file's pattern `re` would backtrack for hours, where Oniguruma gives up at its retry
+    limit. No real tokenizer's split regex repeats such a group."""
     out: list[str] = []
     i, in_class = 0, False
+    groups: list[bool] = []  # per open group: it holds a quantifier or an alternation
     while i < len(pattern):
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
@@ -116,12 +120,31 @@ def onig_to_python(pattern: str) -> re.Pattern:
             in_class = False
             out.append(c)
         else:
+            if not in_class:
+                check_backtracking(pattern, i, groups)
             out.append(c)
         i += 1
     try:
         return re.compile("".join(out))
     except re.error as e:
         raise UnsupportedTokenizer(f"regex {pattern!r} does not translate to Python ({e})") from None
+
+
+def check_backtracking(pattern: str, i: int, groups: list[bool]) -> None:
+    """onig_to_python's guard, fed each character pattern[i] outside [...] and escapes: keeps
+    `groups` and refuses a group that repeats (*, +, {n,}) while holding a quantifier or a |."""
+    c, after = pattern[i], pattern[i + 1 : i + 2]
+    if c == "(":
+        groups.append(False)
+    elif c in "*+|" or (c == "{" and after.isascii() and after.isdigit()):
+        groups[:] = [True] * len(groups)  # every group around it now varies in length or in choice
+    elif c == ")" and groups and groups.pop():
+        repeats = after in ("*", "+") or (after == "{" and not re.match(r"\{(\d+)(,\1)?\}", pattern[i + 1 :]))
+        if repeats:
+            raise UnsupportedTokenizer(
+                f"regex {pattern!r} repeats a group that itself repeats or alternates, which Python's re can take "
+                "hours to match; install the tokenizers library to use this tokenizer"
+            )
 
 
 # ---- splitting a piece (the library's NormalizedString::split) ----

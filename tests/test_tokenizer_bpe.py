@@ -467,6 +467,17 @@ def test_python_path_refuses_what_it_does_not_implement(smollm2):
         HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
 
 
+@pytest.mark.parametrize("regex", ["(x+x+)+y", "(a|ab)*c", "(?:a\\s*){2,}"])
+def test_python_path_refuses_a_regex_that_backtracks_for_hours(smollm2, regex):
+    """A hostile tokenizer.json: Oniguruma gives up on (x+x+)+y at its retry limit (one line), but
+    Python's re ran a 40-character prompt for hours on a board without the library."""
+    spec = json.loads(smollm2[0].tokenizer_json)
+    split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, spec["pre_tokenizer"]]}
+    with pytest.raises(UnsupportedTokenizer, match="repeats a group that itself repeats or alternates"):
+        HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
+
+
 def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
     """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is
     the only other need."""
