@@ -225,8 +225,15 @@ def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
         else:
             continue
         tensors: dict[str, Tensor] = {}
+        found_in: dict[str, Path] = {}
         for file in files:
-            tensors.update(reader(file))
+            for name, tensor in reader(file).items():
+                if name in found_in:  # which copy is the model? transformers and Craft could differ
+                    raise SourceError(
+                        f"{directory}: tensor {name[:100]!r} is in two weight files, {found_in[name].name} and "
+                        f"{file.name}; save the model with save_pretrained again"
+                    )
+                found_in[name], tensors[name] = file, tensor
         return files, tensors
     raise SourceError(
         f"{directory} has no {SAFETENSORS} (or shards with {SAFETENSORS_INDEX}) and no {TORCH_BIN}; "

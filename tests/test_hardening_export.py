@@ -638,6 +638,22 @@ def test_shard_name_with_a_null_byte_names_the_index(hf_source, tmp_path):
     refused(directory, "model.safetensors.index.json", "s1.safetensors")
 
 
+def test_tensor_in_two_shards_is_refused(hf_source, tmp_path):
+    """A stale second copy of model.norm.weight in another shard was read last and kept in silence."""
+    from craft.export.source_hf import TENSOR_NAMES
+
+    directory = hf_copy(hf_source, tmp_path)
+    (directory / "model.safetensors").unlink()
+    weights = small_weights(TENSOR_NAMES)
+    first = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    second = {"lm_head.weight": weights["lm_head.weight"], "model.norm.weight": np.zeros(16, np.float32)}
+    write_safetensors(directory / "s1.safetensors", first)
+    write_safetensors(directory / "s2.safetensors", second)
+    weight_map = {**dict.fromkeys(first, "s1.safetensors"), "lm_head.weight": "s2.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(directory, "'model.norm.weight' is in two weight files, s1.safetensors and s2.safetensors")
+
+
 def test_path_with_a_null_byte_is_a_source_error():
     from craft.export.sources import SourceError, regular_file
 
