@@ -36,6 +36,7 @@ from craft.export.sources import HF, RUN, SourceError, describe_mode, detect_kin
 from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
+from craft.runtime.generator import MAX_CHARS_PER_TOKEN
 from craft.runtime.tokenizer import Tokenizer
 
 
@@ -165,7 +166,13 @@ def load_imported(path: Path, kind: str) -> LoadedRun:
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model's embedding only "
             f"{source.config.vocab_size}; they belong to different models"
         )
-    val = np.asarray(tokenizer.encode(PERPLEXITY_TEXT.read_text(encoding="utf-8")), dtype=np.int64)
+    text = PERPLEXITY_TEXT.read_text(encoding="utf-8")
+    val = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    if len(val) < len(text) // MAX_CHARS_PER_TOKEN:  # e.g. a normalizer that deletes every character
+        raise ExportError(
+            f"{path}: its tokenizer ({'tokenizer.json' if kind == HF else 'tokenizer.ggml.*'}) turns {len(text):,} "
+            f"characters of English into {len(val)} tokens (real ones give one per 2-6 characters); it is damaged"
+        )
     calibration = np.asarray(tokenizer.encode(calibration_text()), dtype=np.int64)
     return LoadedRun(
         path,

@@ -342,9 +342,13 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return " ".join(str(e).split())[:limit]
 
 
+MAX_INSERTED_TEXT = 16  # characters a Replace / Prepend normalizer may write ("▁" for " " in real ones)
+
+
 def check_shape(spec) -> None:
     """ValueError unless `spec` has a tokenizer.json's shape where this file reads it: the model's
-    vocabulary (token -> id) and the added tokens (content, id). Ids must be ints >= 0."""
+    vocabulary (token -> id) and the added tokens (content, id). Ids must be ints >= 0, and no
+    normalizer may write more than MAX_INSERTED_TEXT characters in one place."""
 
     def is_id(value) -> bool:
         return type(value) is int and value >= 0
@@ -362,6 +366,18 @@ def check_shape(spec) -> None:
     for key in ("normalizer", "pre_tokenizer", "decoder"):
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ValueError(f"tokenizer.json's '{key}' must be an object or null")
+    steps = [spec.get("normalizer")]
+    while steps:  # a normalizer that writes long text for each character would multiply a prompt's size
+        step = steps.pop()
+        if isinstance(step, dict):
+            nested = step.get("normalizers")  # a Sequence's steps
+            steps.extend(nested if isinstance(nested, list) else [])
+            inserted = step.get("content") if step.get("type") == "Replace" else step.get("prepend")
+            if isinstance(inserted, str) and len(inserted) > MAX_INSERTED_TEXT:
+                raise ValueError(
+                    f"tokenizer.json's {step.get('type')} normalizer inserts {len(inserted):,} characters, more than "
+                    f"the {MAX_INSERTED_TEXT} any real tokenizer needs; the file is damaged"
+                )
 
 
 def piece_decoder(decoder: dict | None) -> tuple[Callable[[str], bytes], bool]:

@@ -218,7 +218,8 @@ class Generator:
         bos = [self.artifact.bos_id] if self.tokenizer.add_bos else []
         ids = bos + self.tokenizer.encode(prompt)
         if not ids:  # a tokenizer without BOS (most imports) and an empty prompt: nothing to continue
-            raise GenerationError("the prompt is empty and this model adds no BOS token; give it some text")
+            what = "is empty" if not prompt else "encodes to no tokens"
+            raise GenerationError(f"the prompt {what} and this model adds no BOS token; give it some text")
         ctx = self.context_length
         if len(ids) <= ctx:
             return ids

@@ -432,6 +432,12 @@ def edit_json(path: Path, **changes) -> None:
         ("tokenizer.json", dict(model="BPE"), "'model' object"),  # AttributeError
         ("tokenizer.json", dict(added_tokens=[{"id": 1}]), "added_tokens"),  # KeyError
         ("tokenizer.json", dict(merges_bad=True), "its tokenizer is unusable"),  # the library refuses a merge
+        # every character deleted: the quality checks were skipped and calibration ran on nothing
+        (
+            "tokenizer.json",
+            dict(normalizer={"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": ""}),
+            "characters of English into 0 tokens",
+        ),
         ("tokenizer_config.json", dict(eos_token=["</s>"]), 'eos_token is ["</s>"]'),  # unhashable
         ("tokenizer_config.json", dict(add_bos_token="false"), "add_bos_token"),  # was bool("false")
         ("tokenizer_config.json", dict(chat_template="{% for %}"), "chat template does not parse"),

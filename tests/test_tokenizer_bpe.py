@@ -478,6 +478,15 @@ def test_python_path_refuses_a_regex_that_backtracks_for_hours(smollm2, regex):
         HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
 
 
+@pytest.mark.parametrize("use_library", [True, False])
+def test_a_normalizer_that_writes_long_text_is_refused(smollm2, use_library):
+    """Replace each character with 10,000: a 512K-character prompt would become gigabytes."""
+    spec = json.loads(smollm2[0].tokenizer_json)
+    spec["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": "x" * 10_000}
+    with pytest.raises(ValueError, match="Replace normalizer inserts 10,000 characters"):
+        HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=use_library)
+
+
 def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
     """An armv6l board (no `tokenizers` wheel): the same bytes load and give the same ids, jinja2 is
     the only other need."""
