@@ -14,6 +14,8 @@ the weights are back in the Hugging Face layout that craft.model uses.
 from __future__ import annotations
 
 import math
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,85 @@ TENSOR_NAMES = {
 }
 
 
+# GGUF value type -> bytes per value (strings and arrays are variable: STRING, ARRAY)
+GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+GGUF_MAX_DIMS = 4  # ggml's own limit
+
+
+def check_gguf_header(path: Path) -> None:
+    """SourceError unless every length and count in the header (metadata and tensor infos, GGUF v2/v3)
+    fits in the bytes that follow it. gguf.GGUFReader walks a claimed count past the end of the file
+    (numpy returns empty arrays there), so a 70-byte file claiming an array of 2^40 values grew its
+    lists until memory ran out; this walk stops at the first claim the file cannot hold."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 24:
+                raise GGUFHeaderError("shorter than a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] in (2, 3):  # else the reader says
+                    HeaderWalk(data).header()
+    except GGUFHeaderError as e:
+        raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror}") from None
+
+
+class GGUFHeaderError(ValueError):
+    """What check_gguf_header found wrong, for its one line."""
+
+
+class HeaderWalk:
+    """check_gguf_header's cursor over the mapped file: each read is checked against the bytes left."""
+
+    def __init__(self, data):
+        self.data, self.pos, self.end = data, 8, len(data)
+
+    def number(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        if self.pos + size > self.end:
+            raise GGUFHeaderError(f"a field at byte {self.pos} runs past the end of the file")
+        (value,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def skip(self, size: int, what: str) -> None:
+        if size > self.end - self.pos:
+            raise GGUFHeaderError(f"{what} at byte {self.pos} claims {size:,} bytes, more than the file holds")
+        self.pos += size
+
+    def value(self, kind: int, nested: bool = False) -> None:
+        if kind in GGUF_SCALAR_BYTES:
+            self.skip(GGUF_SCALAR_BYTES[kind], "a value")
+        elif kind == GGUF_STRING:
+            self.skip(self.number("<Q"), "a string")
+        elif kind == GGUF_ARRAY and not nested:
+            item, count = self.number("<I"), self.number("<Q")
+            if item in GGUF_SCALAR_BYTES:
+                self.skip(count * GGUF_SCALAR_BYTES[item], "an array")
+            elif count > (self.end - self.pos) // 8:  # a string or array item takes 8 bytes or more
+                raise GGUFHeaderError(f"an array at byte {self.pos} claims {count:,} items, more than the file holds")
+            else:
+                for _ in range(count):
+                    self.value(item, nested=True)
+        else:
+            raise GGUFHeaderError(f"value type {kind} at byte {self.pos}")
+
+    def header(self) -> None:
+        tensors, fields = self.number("<Q"), self.number("<Q")
+        for _ in range(fields):
+            self.skip(self.number("<Q"), "a key")
+            self.value(self.number("<I"))
+        for _ in range(tensors):
+            self.skip(self.number("<Q"), "a tensor name")
+            dims = self.number("<I")
+            if dims > GGUF_MAX_DIMS:
+                raise GGUFHeaderError(f"a tensor at byte {self.pos} claims {dims} dimensions (at most {GGUF_MAX_DIMS})")
+            self.skip(8 * dims + 4 + 8, "a tensor's shape, type and offset")
+
+
 def load_gguf(path: Path) -> Source:
     """The model in a GGUF file as a Source; SourceError (one line) if unusable."""
     from gguf import GGUFReader
@@ -63,6 +144,7 @@ def load_gguf(path: Path) -> Source:
 
     if not regular_file(path, "a GGUF file (--from gguf)"):  # before the reader opens it: a FIFO blocks it
         raise SourceError(f"{path} does not exist; give the path of a .gguf file")
+    check_gguf_header(path)
     try:
         reader = GGUFReader(path)
     except (

@@ -660,6 +660,33 @@ def test_tensor_in_two_shards_is_refused(hf_source, tmp_path):
     refused(directory, "'model.norm.weight' is in two weight files, s1.safetensors and s2.safetensors")
 
 
+def gguf_header(*fields: bytes, tensors: int = 0) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(fields)) + b"".join(fields)
+
+
+def gguf_text(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        gguf_header(gguf_text(b"a") + struct.pack("<IIQ", 9, 0, 2**40)),  # an array of 2^40 uint8
+        gguf_header(gguf_text(b"a") + struct.pack("<IIQ", 9, 8, 2**40)),  # of 2^40 strings
+        gguf_header(gguf_text(b"a") + struct.pack("<IQ", 8, 2**60)),  # a string of 2^60 bytes
+        gguf_header(tensors=2**60),  # 2^60 tensor infos
+        gguf_header(gguf_text(b"a") + struct.pack("<I", 99)),  # an unknown value type
+    ],
+    ids=["uint8-array", "string-array", "string", "tensor-count", "value-type"],
+)
+def test_gguf_header_claims_are_checked_before_the_reader_runs(tmp_path, data):
+    """gguf.GGUFReader walked a claimed count past the end of the file: a 70-byte file claiming
+    2^40 values grew its memory until it died."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(data)
+    refused(path, "m.gguf is truncated or not a valid GGUF file")
+
+
 def test_path_with_a_null_byte_is_a_source_error():
     from craft.export.sources import SourceError, regular_file
 
