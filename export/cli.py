@@ -72,8 +72,8 @@ def print_report(report: dict, output: Path | None) -> None:
     help="KV-cache attention: standard (standard ONNX ops; a float32 file then runs on any ONNX runtime) or "
     f"inplace (ONNX Runtime's GroupQueryAttention writing a preallocated cache in place: faster decode, needs "
     f"onnxruntime>={ORT_INPLACE_MIN})."
-    "  [default: inplace for quantized transformers, whose files need ONNX Runtime anyway; standard for none "
-    "and recurrent models]",
+    "  [default: inplace for quantized transformers, whose files need ONNX Runtime anyway, with heads a multiple "
+    "of 16 wide; standard for none, recurrent models and other head widths]",
 )
 @click.version_option(__version__, prog_name="craft-export")
 def main(

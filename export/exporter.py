@@ -373,12 +373,13 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
     rd.sweep_temp_files(parent, output.name)
 
 
-def default_attention(arch: str, quantize: str) -> str:
+def default_attention(config: ModelConfig, quantize: str) -> str:
     """`inplace` for a quantized transformer: its file needs ONNX Runtime's contrib ops anyway
     (MatMulNBits), and GroupQueryAttention over a cache written in place decodes 10-15% faster
     (README "In-place attention"). `standard` for float32 (standard ONNX ops only: any ONNX
-    runtime) and for a recurrent model (no KV-cache)."""
-    return A.ATTENTION_INPLACE if arch == A.LLAMA and quantize != W.NONE else A.ATTENTION_STANDARD
+    runtime), for a recurrent model (no KV-cache) and for heads GroupQueryAttention cannot take."""
+    inplace = config.arch == A.LLAMA and quantize != W.NONE and config.head_dim % A.INPLACE_HEAD_MULTIPLE == 0
+    return A.ATTENTION_INPLACE if inplace else A.ATTENTION_STANDARD
 
 
 def export(
@@ -417,11 +418,16 @@ def export(
             f"--checkpoint picks a checkpoint of a run directory; {source} is a {kind} source - drop --checkpoint"
         )
     run = load_run(source, checkpoint) if kind == RUN else load_imported(source, kind)
-    attention = attention or default_attention(run.config.arch, quantize)
+    attention = attention or default_attention(run.config, quantize)
     if run.config.arch == A.RECURRENT and attention != A.ATTENTION_STANDARD:
         raise ExportError(
             f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "
             f"(a fixed-size state, no cache) - drop --attention"
+        )
+    if attention == A.ATTENTION_INPLACE and run.config.head_dim % A.INPLACE_HEAD_MULTIPLE:
+        raise ExportError(
+            f"--attention inplace needs a head width that is a multiple of {A.INPLACE_HEAD_MULTIPLE} (ONNX Runtime's "
+            f"GroupQueryAttention); {source}'s is {run.config.head_dim} - use --attention standard"
         )
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")

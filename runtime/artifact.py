@@ -115,6 +115,7 @@ META_ATTENTION = "craft.attention"  # one of ATTENTIONS; absent means ATTENTION_
 ATTENTION_STANDARD, ATTENTION_INPLACE = "standard", "inplace"
 ATTENTIONS = (ATTENTION_STANDARD, ATTENTION_INPLACE)
 ORT_INPLACE_MIN = "1.20"
+INPLACE_HEAD_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention takes head widths that are multiples of this
 
 
 class ArtifactError(ValueError):

@@ -324,6 +324,21 @@ def test_pristine_sources_export(hf_source, tmp_path):
     export(gguf_path, tmp_path / "gguf.onnx", quantize="none", log=lambda *a: None)
 
 
+def test_heads_that_groupqueryattention_cannot_take_export_standard(hf_source, tmp_path):
+    """Heads 8 wide: the default int8 export (in-place attention) was ONNX Runtime's traceback "head_size
+    shall be a multiple of 16"; it now picks standard attention, and asking for inplace is one line."""
+    from craft.export.exporter import export
+    from craft.runtime.generator import Generator
+
+    output = tmp_path / "m.int8.onnx"
+    export(hf_source, output, quantize="int8", log=lambda *a: None)
+    generator = Generator(output)
+    assert generator.backend.inplace is False and generator.spec.head_dim == 8
+    with pytest.raises(ExportError, match="head width that is a multiple of 16.*is 8 - use --attention standard"):
+        export(hf_source, tmp_path / "x.onnx", quantize="int8", log=lambda *a: None, attention="inplace")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
