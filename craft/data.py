@@ -24,11 +24,17 @@ from typing import Iterator
 import numpy as np
 
 from craft.config import Config
-from craft.run_dir import CHAR_TOKENIZER, SP_TOKENIZER, RunDirError, atomic_file, atomic_write_bytes
+from craft.run_dir import (
+    CHAR_TOKENIZER,
+    DATA_INFO,
+    SP_TOKENIZER,
+    TOKENS,
+    RunDirError,
+    atomic_file,
+    atomic_write_bytes,
+)
 from craft.runtime.tokenizer import CHAR, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
-TOKENS = "tokens.bin"
-DATA_INFO = "data.json"
 CHUNK_CHARS = 1 << 20  # documents are read and encoded in chunks of about this many characters
 HASH_BLOCK = 1 << 24  # bytes of tokens.bin hashed / counted at a time
 

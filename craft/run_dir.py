@@ -38,6 +38,8 @@ PLOT = "loss.png"
 TENSORBOARD_GLOB = "events.out.tfevents.*"
 SAMPLE_HEADER = "--- step {step}"
 LOCK = "train.lock"
+TOKENS = "tokens.bin"  # the corpus's token ids (craft.data)
+DATA_INFO = "data.json"  # what TOKENS was made from: corpus, tokenizer, split (craft.data)
 TEMP_SUFFIX = ".tmp"
 
 
@@ -232,10 +234,28 @@ def new_run(run_dir: Path, lock: RunLock | None = None) -> Iterator[Path]:
         raise
 
 
+RUN_MARKERS = (CONFIG, DATA_INFO, TOKENS)  # files only craft-train writes
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether run_dir holds a craft-train run (one of RUN_MARKERS), not just files of the same names."""
+    return any((Path(run_dir) / name).is_file() for name in RUN_MARKERS)
+
+
+def not_a_run(run_dir: Path) -> RunDirError:
+    return RunDirError(
+        f"{run_dir} holds a {CHAR_TOKENIZER} or {SP_TOKENIZER} but is not a craft-train run directory (no "
+        f"{', '.join(RUN_MARKERS)}): --overwrite would delete files that are not Craft's; choose another out_dir=..."
+    )
+
+
 def clear_run(run_dir: Path) -> None:
     """What a new run in an old run directory replaces (the token file is kept: prepare_tokens
-    reuses it only when the corpus and tokenizer are unchanged)."""
+    reuses it only when the corpus and tokenizer are unchanged). RunDirError (not_a_run) unless
+    is_run: the *.pt or tokenizer.json of a directory craft-train did not make are someone else's."""
     run_dir = Path(run_dir)
+    if not is_run(run_dir):
+        raise not_a_run(run_dir)
     stale = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
     stale += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT)]
     for path in stale:

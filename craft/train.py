@@ -96,6 +96,8 @@ def prepare_run(
         if lock is not None and run_dir.is_dir():
             lock.acquire()
     # Rank 0 alone: by the time another rank looks, rank 0 may have written this run's own tokenizer.
+    if dist.main and not resume and rd.tokenizer_path(run_dir) and not rd.is_run(run_dir):
+        raise rd.not_a_run(run_dir)  # with or without --overwrite: its files are not a run's
     if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
@@ -335,7 +337,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
         dist.barrier()  # every rank done before any tears gloo down: a rank still on the wire would abort
         return metrics
     except BaseException:
-        if lock.created and not resume and rd.tokenizer_path(Path(cfg.out_dir)) is None:
+        if lock.created and not resume and not rd.is_run(Path(cfg.out_dir)):
             lock.path.unlink(missing_ok=True)  # refused before the run began (an empty corpus): leave nothing
         raise
     finally:

@@ -489,3 +489,20 @@ def test_names_with_unicode_digits_are_not_craft_files(tmp_path):
     (tmp_path / rd.SAMPLES).write_text("--- step 5 ---\nkept\n--- step \u00b2 ---\nalso kept\n--- step 20 ---\ncut\n")
     rd.truncate_samples(tmp_path, 10)
     assert (tmp_path / rd.SAMPLES).read_text() == "--- step 5 ---\nkept\n--- step \u00b2 ---\nalso kept\n"
+
+
+def test_overwrite_never_deletes_files_of_a_directory_craft_train_did_not_make(tmp_path, small_corpus):
+    """A folder with someone's experiment.pt and tokenizer.json: craft-export advised `craft-train
+    out_dir=DIR --overwrite`, and following it deleted both. Now nothing advises it, --overwrite is
+    refused there, and the refused run leaves no train.lock behind."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "experiment.pt").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text("{}")
+    export = run_cli("craft.export.cli", str(folder))
+    assert export.returncode == 2 and "--overwrite" not in export.stderr, export.stderr
+    for flags in (["--overwrite"], []):
+        result = run_cli("craft.train", *overrides(folder, small_corpus), *flags)
+        assert_one_line(result, "craft-train", 2, "is not a craft-train run directory")
+    assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt", "tokenizer.json"]
+    assert (folder / "experiment.pt").read_bytes() == b"weights"
