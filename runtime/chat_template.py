@@ -134,10 +134,11 @@ def check_size(value: Any) -> Any:
     return value
 
 
-def check_text_size(value: Any) -> Any:
+def check_text_size(value: Any, total: int = 0) -> int:
     """check_size for what is about to become text (printed, joined, JSON): a list of 3,000 references
-    to one 1M-character string is short itself but 3 GB as text. Walks until the bound is passed."""
-    total, pending = 0, [value]
+    to one 1M-character string is short itself but 3 GB as text. Walks until the bound is passed;
+    returns `total` plus the value's size as text (about: 8 for a number)."""
+    pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
@@ -149,13 +150,39 @@ def check_text_size(value: Any) -> Any:
             total += 8
         if total > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS} as text")
+    return total
+
+
+def printable(value: Any) -> Any:
+    """The environment's finalize: what a {{ ... }} prints, measured as text first."""
+    check_text_size(value)
     return value
 
 
+def bounded_list(items: Iterator) -> list:
+    """A lazy sequence (what |map, |select and friends return) as a list, refused as soon as its items
+    would pass MAX_CHARS as text: each item may be new text (|map("upper")), so nothing is built first."""
+    out, total = [], 0
+    for item in items:
+        total = check_text_size(item, total + 1)
+        out.append(item)
+    return out
+
+
+def bounded(value: Any) -> Any:
+    """`value`, a lazy sequence made a bounded_list: any call may turn it into text."""
+    lazy = hasattr(value, "__next__") or type(value).__name__ == "generator"
+    return bounded_list(value) if lazy else value
+
+
 def check_arguments(name: str, subject: Any, args: tuple) -> None:
-    """Refuse the few operations whose result can be far larger than their inputs."""
+    """Refuse the few operations whose result can be far larger than their inputs. Any call may turn a
+    container it is given into text (|trim, |upper, "{}".format, str.join), so containers are measured
+    as text."""
     for a in (subject, *args):
         check_size(a)
+        if isinstance(a, (list, tuple, dict)):
+            check_text_size(a)
     if name in AMPLIFYING:
         raise ChatTemplateError(f"chat template called {name}(), which chat templates do not need")
     if (
@@ -167,6 +194,13 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
     ):
         grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
         if len(subject) + grown > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name in ("format", "%") and isinstance(subject, str):  # each field may print a whole argument
+        fields = subject.count("{") if name == "format" else subject.count("%")
+        if fields * sum(check_text_size(a) for a in args) > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name == "join" and isinstance(subject, str) and args and hasattr(args[0], "__len__"):  # str.join(items)
+        if len(subject) * max(len(args[0]) - 1, 0) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     if name in ("join", "tojson", "string", "pprint"):
         check_text_size(subject)
@@ -201,6 +235,7 @@ def compile_template(template: str):
 
 def make_environment():
     import jinja2
+    import jinja2.compiler
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -219,10 +254,20 @@ def make_environment():
         def _render(self, caller):
             return caller()
 
+    class CodeGenerator(jinja2.compiler.CodeGenerator):
+        def visit_Concat(self, node, frame) -> None:  # `a ~ b`: measured before it is joined (checked_concat)
+            self.write("environment.checked_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class Environment(ImmutableSandboxedEnvironment):
         """The sandbox plus budgets: unsafe attribute access raises at once (jinja2 would render it as
         empty), and every call, range step, attribute and item lookup counts against the render's
         iteration and time budget, so a template that loops forever or builds huge values fails."""
+
+        code_generator_class = CodeGenerator
 
         def start_budget(self) -> None:
             self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS
@@ -243,8 +288,16 @@ def make_environment():
             self.tick()
             name = getattr(obj, "__name__", "")
             subject = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)  # jinja2 wraps str.format
+            args, kwargs = tuple(map(bounded, args)), {k: bounded(v) for k, v in kwargs.items()}
             check_arguments(name, subject, args + tuple(kwargs.values()))
             return check_size(super().call(context, obj, *args, **kwargs))
+
+        def checked_concat(self, parts: tuple) -> str:
+            """`a ~ b`: jinja2's str_join, each part measured as text first."""
+            total = 0
+            for part in parts:
+                total = check_text_size(part, total)
+            return "".join(map(str, parts))
 
         def getattr(self, obj, attribute):
             self.tick()
@@ -275,7 +328,7 @@ def make_environment():
             return check_size(super().call_binop(context, operator, left, right))
 
     env = Environment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], finalize=check_text_size
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], finalize=printable
     )
 
     def bounded_range(*args):
@@ -285,16 +338,17 @@ def make_environment():
         return steps
 
     def bounded_filter(name, function):
-        def bounded(*args, **kwargs):
+        def bounded_call(*args, **kwargs):
             env.tick()
+            args, kwargs = tuple(map(bounded, args)), {k: bounded(v) for k, v in kwargs.items()}
             values = args[1:] if getattr(function, "jinja_pass_arg", None) else args  # after a context argument
             check_arguments(name, values[0] if values else None, values[1:] + tuple(kwargs.values()))
             return check_size(function(*args, **kwargs))
 
         for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
             if hasattr(function, attr):
-                setattr(bounded, attr, getattr(function, attr))
-        return bounded
+                setattr(bounded_call, attr, getattr(function, attr))
+        return bounded_call
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)

@@ -83,6 +83,17 @@ HOSTILE = {
     "joined references": "{% set x = (['x' * 999999] * 3000) | join %}",
     "references as JSON": "{% set x = (['x' * 999999] * 3000) | tojson %}",
     "printed references": "{{ ['x' * 999999] * 3000 }}",
+    # ... and the same references turned into text by a method, an operator or a filter (fourth audit)
+    "str.join method": "{% set x = ''.join(['x' * 900000] * 1000) %}",
+    "str.join separator": "{% set x = ('x' * 900000).join(['', ''] * 500) %}",
+    "format argument": "{% set x = '{}'.format(['x' * 900000] * 1000) %}",
+    "format fields": "{% set x = ('{0}' * 1000).format('x' * 900000) %}",
+    "percent argument": "{% set x = '%s' % (['x' * 900000] * 1000,) %}",
+    "tilde": "{% set x = (['x' * 900000] * 1000) ~ '' %}",
+    "trim filter": "{% set x = (['x' * 900000] * 1000) | trim %}",
+    "wordcount filter": "{{ (['x' * 900000] * 1000) | wordcount }}",
+    "lazy map": "{% set x = (['x' * 900000] * 1000) | map('upper') | list %}",
+    "lazy map joined": "{% set x = ''.join((['x' * 900000] * 1000) | map('upper')) %}",
 }
 # One multiplication of two huge integers runs in C, where the timer cannot stop it: refused by size.
 NUMBER_BOMBS = {
