@@ -339,6 +339,20 @@ def test_heads_that_groupqueryattention_cannot_take_export_standard(hf_source, t
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.parametrize("context", [1, 2, 4])
+def test_a_context_shorter_than_the_verification_prompt_exports(hf_source, tmp_path, context):
+    """Verification prefilled 16 tokens whatever the context: an IndexError traceback for a model
+    of context 1, 2 or 4 (which craft-train's bounds and Hugging Face configs allow)."""
+    from craft.export.exporter import export
+
+    directory = hf_copy(hf_source, tmp_path)
+    edit_json(directory / "config.json", max_position_embeddings=context)
+    lines = []
+    export(directory, tmp_path / "m.onnx", quantize="int8", log=lines.append)
+    parity = next(line for line in lines if "parity" in line)
+    assert f"{max(0, context - max(1, context - 1))} cached decode steps" in parity, parity
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
