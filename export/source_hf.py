@@ -364,7 +364,11 @@ def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SourceError(f"{path} is not a state_dict of tensors")
+    if not all(isinstance(k, str) for k in state):
+        raise SourceError(f"{path} is not a state_dict: its keys must be tensor names (text)")
     for name, t in state.items():
+        if t.device.type != "cpu":  # a meta tensor has a shape and no data
+            raise SourceError(f"{path}: tensor {name[:100]} is on device '{t.device.type}', it holds no data to load")
         if t.layout != torch.strided or not t.is_floating_point():
             got = (
                 f"of dtype {str(t.dtype).removeprefix('torch.')}"

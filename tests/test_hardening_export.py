@@ -568,6 +568,24 @@ def test_pytorch_bin_tensor_that_is_not_dense_float_is_refused(hf_source, tmp_pa
     refused(directory, "pytorch_model.bin", "lm_head.weight", "expected a dense floating-point tensor")
 
 
+@pytest.mark.parametrize("kind", ["int key", "meta"])
+def test_pytorch_bin_keys_and_devices_are_checked(hf_source, tmp_path, kind):
+    """An int key was AttributeError ('int' object has no attribute 'endswith'); a meta tensor
+    RuntimeError (Tensor.item() cannot be called on meta tensors)."""
+    import torch
+
+    from craft.export.source_hf import TENSOR_NAMES
+
+    state = {name: torch.from_numpy(array) for name, array in small_weights(TENSOR_NAMES).items()}
+    if kind == "int key":
+        state[7] = state["model.norm.weight"]
+        needle = "its keys must be tensor names"
+    else:
+        state["model.norm.weight"] = torch.empty(state["model.norm.weight"].shape, device="meta")
+        needle = "model.norm.weight is on device 'meta'"
+    refused(hf_bin_copy(hf_source, tmp_path, state), "pytorch_model.bin", needle)
+
+
 def test_pytorch_bin_with_code_is_refused_without_torch_advice(hf_source, tmp_path):
     """torch's refusal advises weights_only=False (running the file's code): that advice is not passed on."""
 
