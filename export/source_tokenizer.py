@@ -18,6 +18,7 @@ where sentencepiece and llama.cpp put it (Llama 2's tokenizer.json normalizer, n
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,6 +364,17 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
         raise TokenizerSourceError(
             f"{name}: tokenizer.ggml.token_type is not {len(tokens)} integers, one per token; convert the model again"
         )
+    merges, scores = field("tokenizer.ggml.merges"), field("tokenizer.ggml.scores")
+    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+        raise TokenizerSourceError(f"{name}: tokenizer.ggml.merges is not a list of strings; convert the model again")
+    if scores is not None and (
+        not isinstance(scores, list)
+        or len(scores) != len(tokens)
+        or not all(type(x) in (int, float) and math.isfinite(x) for x in scores)
+    ):
+        raise TokenizerSourceError(
+            f"{name}: tokenizer.ggml.scores is not {len(tokens)} finite numbers, one per token; convert the model again"
+        )
     eos = token_id("eos_token_id")
     if eos is None:
         raise TokenizerSourceError(
@@ -375,18 +387,16 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
             raise TokenizerSourceError(
                 f"{name}: tokenizer.ggml.pre '{pre!s:.60}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}"
             )
-        spec = byte_level_json(tokens, types, field("tokenizer.ggml.merges") or [], GGUF_PRE[pre])
+        spec = byte_level_json(tokens, types, merges or [], GGUF_PRE[pre])
         add_bos = flag("add_bos_token", False)
     elif model == "llama":
         unk = token_id("unknown_token_id")
-        spec = sentencepiece_json(
-            tokens,
-            types,
-            field("tokenizer.ggml.scores"),
-            field("tokenizer.ggml.merges"),
-            tokens[unk] if unk is not None else None,
-            flag("add_space_prefix", True),
-        )
+        try:
+            spec = sentencepiece_json(
+                tokens, types, scores, merges, tokens[unk] if unk is not None else None, flag("add_space_prefix", True)
+            )
+        except TokenizerSourceError as e:  # its own lines do not know the file
+            raise TokenizerSourceError(f"{name}: {e}") from None
         add_bos = flag("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
     else:
         raise TokenizerSourceError(
@@ -477,6 +487,11 @@ def sentencepiece_json(
     if merges is None:
         if scores is None:
             raise TokenizerSourceError("a 'llama' GGUF vocabulary needs tokenizer.ggml.scores or tokenizer.ggml.merges")
+        if sum(len(t) ** 2 for t in tokens) > MAX_SPLIT_WORK:  # merges_from_scores tries every split of every token
+            raise TokenizerSourceError(
+                f"a 'llama' GGUF vocabulary with tokens of up to {max(map(len, tokens)):,} characters is not a "
+                "sentencepiece vocabulary (its tokens are a few to a few dozen characters); convert the model again"
+            )
         merges = [f"{a} {b}" for a, b in merges_from_scores(vocab, dict(zip(tokens, scores)))]
     decoders = [
         {"type": "Replace", "pattern": {"String": META_SPACE}, "content": " "},
@@ -514,6 +529,9 @@ def sentencepiece_json(
             "merges": [m.split(" ") if isinstance(m, str) else m for m in merges],
         },
     }
+
+
+MAX_SPLIT_WORK = 50_000_000  # sum of squared token lengths: a 32k vocabulary of real tokens is ~2M
 
 
 def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:

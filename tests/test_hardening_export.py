@@ -425,10 +425,22 @@ def test_layer_index_that_is_a_unicode_digit_is_an_extra_tensor(hf_source, tmp_p
         (dict(tokenizer__ggml__eos_token_id=4 * 10**9), "tokenizer.ggml.eos_token_id' is 4000000000"),
         (dict(tokenizer__ggml__merges=["t zzz"]), "its tokenizer is unusable"),
         (dict(tokenizer__chat_template="{% for %}"), "tokenizer.chat_template"),
+        # the wrong shapes: TypeError tracebacks, or (scores short) a tokenizer that splits differently
+        (dict(tokenizer__ggml__merges=7), "tokenizer.ggml.merges is not a list of strings"),
+        (dict(tokenizer__ggml__model="llama", tokenizer__ggml__scores=7), "tokenizer.ggml.scores is not 300 finite"),
+        (dict(tokenizer__ggml__model="llama", tokenizer__ggml__scores=[0.5]), "tokenizer.ggml.scores is not 300"),
     ],
 )
 def test_gguf_metadata_is_checked(hf_source, tmp_path, edits, needle):
     refused(write_small_gguf(tmp_path / "m.gguf", hf_source, **edits), "m.gguf", needle)
+
+
+def test_sentencepiece_vocabulary_of_huge_tokens_is_refused_before_splitting_them():
+    """merges_from_scores tries every split of every token: one 400,000-character token took minutes."""
+    from craft.export.source_tokenizer import TokenizerSourceError, sentencepiece_json
+
+    with pytest.raises(TokenizerSourceError, match="tokens of up to 8,000 characters"):
+        sentencepiece_json(["a", "x" * 8000], [1, 1], [0.0, 0.0], None, None, True)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
