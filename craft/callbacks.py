@@ -88,9 +88,17 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+MAX_METRIC = 1e15  # steps, losses and rates past this are damage: a plot axis cannot span them
+
+
 def numbers(records: list[dict], *keys: str) -> list[dict]:
-    """The records whose `keys` all hold numbers (a damaged line can hold anything)."""
-    return [r for r in records if all(type(r.get(k)) in (int, float) for k in keys)]
+    """The records whose `keys` all hold finite numbers within MAX_METRIC (a damaged line can hold
+    anything: a step of 10^400 or 1e308 broke the plot's axis arithmetic)."""
+
+    def plain(value) -> bool:
+        return type(value) in (int, float) and abs(value) <= MAX_METRIC  # NaN fails the comparison too
+
+    return [r for r in records if all(plain(r.get(k)) for k in keys)]
 
 
 class EarlyStopping:

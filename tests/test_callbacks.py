@@ -224,6 +224,20 @@ def test_plot_writes_a_png(char_run, tmp_path):
     assert (width, height) == (800, 450) and len(png) > 10_000  # lines drawn, not a blank canvas
 
 
+def test_plot_skips_records_whose_numbers_no_axis_can_hold(char_run, tmp_path):
+    """A damaged metrics.jsonl with a step of 10^400 (OverflowError) or steps of +-1e308 (numpy's
+    arange: cannot compute length) was a traceback."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    damaged = ['{"event":"train","step":1' + "0" * 400 + ',"loss":1.0,"lr":0.1}']
+    damaged += ['{"event":"train","step":1e308,"loss":1.0,"lr":0.1}', '{"event":"eval","step":-1e308,"val_loss":1}']
+    (run / rd.METRICS).write_text((char_run / rd.METRICS).read_text() + "\n".join(damaged) + "\n")
+    result = run_cli("craft.train", "--plot", str(run))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_without_metrics_is_one_line_error(tmp_path):
     result = run_cli("craft.train", "--plot", str(tmp_path))
     assert result.returncode == 2
