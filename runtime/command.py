@@ -13,6 +13,8 @@ import errno
 import os
 import signal
 import sys
+import threading
+from functools import partial
 
 import click
 
@@ -45,7 +47,8 @@ def echo_error(prog: str, message: object) -> None:
 
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: what failed, on which file, and what to do about it."""
-    where = f"{e.filename}: " if e.filename is not None else ""
+    name = os.fsdecode(e.filename) if isinstance(e.filename, bytes) else e.filename  # TensorBoard passes bytes
+    where = f"{name}: " if name is not None else ""
     reason = e.strerror or type(e).__name__
     fix = _FIXES.get(e.errno)
     return f"{where}{reason}" + (f"; {fix}" if fix else "")
@@ -70,6 +73,14 @@ def _stdout_failed(e: OSError) -> bool:
     return True
 
 
+def _quiet_os_errors(hook, args) -> None:
+    """threading.excepthook during a command: an OSError in a writer's thread (TensorBoard's event
+    file on a full disk) comes back to the main thread at its next write, which prints it in one
+    line; the thread's own traceback is not printed. Anything else goes to `hook`."""
+    if not issubclass(args.exc_type, OSError):
+        hook(args)
+
+
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
@@ -77,6 +88,8 @@ class OneLineErrors(click.Command):
         previous = signal.getsignal(signal.SIGTERM)
         if previous is signal.SIG_DFL:  # not when embedded in a program that handles SIGTERM itself
             signal.signal(signal.SIGTERM, _raise_terminated)
+        thread_hook = threading.excepthook
+        threading.excepthook = partial(_quiet_os_errors, thread_hook)
         try:
             result = super().main(args=args, prog_name=prog_name, **kwargs)
         except click.UsageError as e:
@@ -96,6 +109,7 @@ class OneLineErrors(click.Command):
             echo_error(prog, f"{'stdout: ' if stdout else ''}{os_error_message(e)}")
             sys.exit(EXIT_OS_ERROR)
         finally:
+            threading.excepthook = thread_hook
             if previous is signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)

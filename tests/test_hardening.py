@@ -177,6 +177,16 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one(tmp_path, small_corpus, mo
     assert temp_files(run) == []
 
 
+def test_out_of_inodes_for_tensorboard_is_one_line(tmp_path, small_corpus, tmpfs):
+    """TensorBoard's writer thread printed its own "Exception in thread" traceback besides the one
+    line, which named the path as b'...'."""
+    pytest.importorskip("tensorboard")
+    out = tmpfs("10m,nr_inodes=8") / "run"
+    result = run_cli("craft.train", *overrides(out, small_corpus))
+    line = assert_one_line(result, "craft-train", 1, "No space left on device")
+    assert "b'" not in line and "events.out.tfevents" in line
+
+
 def test_stdout_on_a_full_disk_is_one_line(tmp_path, small_corpus):
     """craft-train > /dev/full: its first log line fails with ENOSPC."""
     if not Path("/dev/full").exists():
