@@ -91,8 +91,9 @@ def gguf_field(field: object, key: str, path: object) -> object:
 
 
 def describe_mode(mode: int) -> str:
-    """What a non-regular file is, in words: 'a FIFO', 'a directory', ..."""
+    """What a file is, in words: 'a FIFO', 'a directory', 'a regular file', ..."""
     for test, what in (
+        (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISCHR, "a character device"),
@@ -101,7 +102,7 @@ def describe_mode(mode: int) -> str:
     ):
         if test(mode):
             return what
-    return "not a regular file"
+    return "not a regular file"  # a file type no stat test above names
 
 
 def regular_file(path: Path, expected: str = "a regular file; replace it with the file itself") -> bool:
@@ -275,8 +276,10 @@ def check_shapes(
                 f"the checkpoint is incomplete or its config describes another model"
             )
         if tuple(shapes[name]) != shape:
+            shown = str(list(shapes[name]))
+            shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shapes[name]):,} dims)"  # one short line
             raise SourceError(
-                f"{source}: tensor {rename(name, back)} has shape {list(shapes[name])}, its config "
+                f"{source}: tensor {rename(name, back)} has shape {shown}, its config "
                 f"implies {list(shape)}; the checkpoint and its config describe different models"
             )
     extra = sorted(set(shapes) - set(expected))

@@ -307,10 +307,11 @@ def main(
                 if chat
                 else generator.generate(prompt, params, truncate=truncate)
             )
+            encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "").replace("_", "")
             write(
                 json.dumps(
                     {"text": completion.text, "token_ids": completion.token_ids, "stats": completion.stats.to_dict()},
-                    ensure_ascii=False,
+                    ensure_ascii=not encoding.startswith("utf"),  # \u escapes where stdout cannot hold every character
                 )
                 + "\n"
             )

@@ -182,3 +182,23 @@ def test_a_newline_in_a_path_keeps_the_error_on_one_line(tmp_path):
     model = tmp_path / "a\nb" / "m.onnx"
     result = subprocess.run([*CRAFT_RUN, str(model), "hi"], capture_output=True, timeout=120)
     one_line_error(result, 2, "a\\nb/m.onnx does not exist")
+
+
+def test_json_on_a_stdout_that_is_not_utf8_is_lossless(char_int8, monkeypatch):
+    """PYTHONIOENCODING=ascii: the JSON's text came out with '?' for U+FFFD and 'é', so it no longer
+    matched its token_ids; it is now \\u-escaped there."""
+    import io
+    import json
+
+    from craft.runtime import generator as G
+    from craft.runtime.cli import main
+
+    text = "caf\xe9 \ufffd"
+    monkeypatch.setattr(G.Generator, "generate", lambda *a, **k: G.Completion(text, [1, 2], G.Stats("ort")))
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii", errors="replace"))
+    with pytest.raises(SystemExit) as done:
+        main([str(char_int8), "hi", "--json"], prog_name="craft-run")
+    sys.stdout.flush()
+    assert done.value.code == 0
+    assert json.loads(out.getvalue().decode("ascii"))["text"] == text

@@ -403,6 +403,20 @@ def test_safetensors_header_of_the_wrong_shape(hf_source, tmp_path, edit, needle
     refused(directory, "model.safetensors", needle)
 
 
+def test_a_shape_of_100000_dims_is_named_in_a_short_line(hf_source, tmp_path):
+    """The whole shape went into the message: a 300 KB 'one line'."""
+    from craft.export.source_hf import TENSOR_NAMES
+
+    directory = hf_copy(hf_source, tmp_path)
+    norm = small_weights(TENSOR_NAMES)["model.norm.weight"]  # (16,): 100,000 more dims of 1 hold the same bytes
+    write_safetensors(
+        directory / "model.safetensors",
+        small_weights(TENSOR_NAMES),
+        lambda h: {**h, "model.norm.weight": {**h["model.norm.weight"], "shape": [1] * 100_000 + list(norm.shape)}},
+    )
+    refused(directory, "model.norm.weight has shape [1, 1,", "... (100,001 dims), its config implies [16]")
+
+
 def test_layer_index_that_is_a_unicode_digit_is_an_extra_tensor(hf_source, tmp_path):
     """'²'.isdigit() is True but int('²') raises: the message was the bare ValueError."""
     from craft.export.source_hf import TENSOR_NAMES
