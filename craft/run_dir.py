@@ -242,10 +242,12 @@ def is_run(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).is_file() for name in RUN_MARKERS)
 
 
-def not_a_run(run_dir: Path) -> RunDirError:
+def not_a_run(run_dir: Path, files: list[Path]) -> RunDirError:
+    """The refusal for a directory that holds `files` of the names craft-train writes, but no run."""
     return RunDirError(
-        f"{run_dir} holds a {CHAR_TOKENIZER} or {SP_TOKENIZER} but is not a craft-train run directory (no "
-        f"{', '.join(RUN_MARKERS)}): --overwrite would delete files that are not Craft's; choose another out_dir=..."
+        f"{run_dir} holds {files[0].name}{' and more' if len(files) > 1 else ''} but is not a craft-train run "
+        f"directory (no {', '.join(RUN_MARKERS)}): --overwrite would delete files that are not Craft's; "
+        "choose another out_dir=..."
     )
 
 
@@ -254,10 +256,11 @@ def clear_run(run_dir: Path) -> None:
     reuses it only when the corpus and tokenizer are unchanged). RunDirError (not_a_run) unless
     is_run: the *.pt or tokenizer.json of a directory craft-train did not make are someone else's."""
     run_dir = Path(run_dir)
-    if not is_run(run_dir):
-        raise not_a_run(run_dir)
     stale = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
     stale += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT)]
+    stale = [path for path in stale if os.path.lexists(path)]
+    if stale and not is_run(run_dir):  # nothing to delete (a new out_dir): nothing to refuse
+        raise not_a_run(run_dir, stale)
     for path in stale:
         path.unlink(missing_ok=True)
 

@@ -96,8 +96,8 @@ def prepare_run(
         if lock is not None and run_dir.is_dir():
             lock.acquire()
     # Rank 0 alone: by the time another rank looks, rank 0 may have written this run's own tokenizer.
-    if dist.main and not resume and rd.tokenizer_path(run_dir) and not rd.is_run(run_dir):
-        raise rd.not_a_run(run_dir)  # with or without --overwrite: its files are not a run's
+    if dist.main and not resume and (tokenizer := rd.tokenizer_path(run_dir)) and not rd.is_run(run_dir):
+        raise rd.not_a_run(run_dir, [tokenizer])  # with or without --overwrite: its files are not a run's
     if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "

@@ -516,3 +516,16 @@ def test_overwrite_never_deletes_files_of_a_directory_craft_train_did_not_make(t
         assert_one_line(result, "craft-train", 2, "is not a craft-train run directory")
     assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt", "tokenizer.json"]
     assert (folder / "experiment.pt").read_bytes() == b"weights"
+    (folder / "tokenizer.json").unlink()  # a *.pt alone: --overwrite would still delete it
+    result = run_cli("craft.train", *overrides(folder, small_corpus), "--overwrite")
+    assert_one_line(result, "craft-train", 2, "holds experiment.pt but is not a craft-train run directory")
+    assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt"]
+
+
+def test_overwrite_into_a_new_or_empty_out_dir_trains(tmp_path, small_corpus):
+    """The README's first command (craft-train --overwrite) on a fresh clone: nothing to replace."""
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        result = run_cli("craft.train", *overrides(out, small_corpus), "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert (out / rd.CONFIG).is_file() and (out / rd.CHECKPOINT).is_file()
