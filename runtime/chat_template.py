@@ -54,9 +54,10 @@ def render_chat(
 
     compiled = compile_template(template)
     env = compiled.environment  # the Environment of make_environment, with its budget
+    if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
+        got = type(messages).__name__ if not isinstance(messages, (list, tuple)) else "a list holding other values"
+        raise ChatTemplateError(f"chat messages must be a list of dicts with 'role' and 'content', got {got}")
     chat = [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
-    if not all(isinstance(m, dict) for m in chat):
-        raise ChatTemplateError("chat messages must be dicts with 'role' and 'content'")
     context = plain({"bos_token": bos_token, "eos_token": eos_token, **variables})
     env.start_budget()
     out: list[str] = []

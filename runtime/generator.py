@@ -96,6 +96,17 @@ def load_artifact(path: str | Path) -> Artifact:
     return check_file(path)
 
 
+def check_sampling(sampling) -> None:
+    if not isinstance(sampling, SamplingParams):
+        got = type(sampling).__name__
+        raise TypeError(f"sampling must be a SamplingParams, got {got} (SamplingParams(**it) makes one)")
+
+
+def is_count(value) -> bool:
+    """An int, not a bool (True is 1 to Python, and 64.0 is not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 class Continuation:
     """One prompt's continuation as its tokens arrive: the one stop rule of stream() and of every
     row of generate_batch().
@@ -150,8 +161,10 @@ class Generator:
         t0 = time.perf_counter()
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-        if not 0 <= threads <= MAX_THREADS:
-            raise ValueError(f"--threads must be in 0..{MAX_THREADS} (0: the backend's default), got {threads}")
+        if not is_count(threads) or not 0 <= threads <= MAX_THREADS:
+            raise ValueError(
+                f"--threads must be in 0..{MAX_THREADS} (an integer; 0: the backend's default), got {threads!r}"
+            )
         self.artifact = load_artifact(path)  # the path as given: Path("") would be "."
         self.path = Path(path)
         self.spec = self.artifact.spec
@@ -185,8 +198,10 @@ class Generator:
         """The KV-cache length to use, and whether available memory cut it below the model's."""
         model = self.spec.context_length
         if max_context is not None:
-            if not 1 <= max_context <= model:
-                raise ValueError(f"--max-context must be in 1..{model} (the model's context), got {max_context}")
+            if not is_count(max_context) or not 1 <= max_context <= model:
+                raise ValueError(
+                    f"--max-context must be in 1..{model} (an integer; the model's context), got {max_context!r}"
+                )
             return max_context, False
         available = available_memory_mb()
         if available is None:
@@ -200,6 +215,8 @@ class Generator:
     # prompt -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, max_new_tokens: int, truncate: bool = False) -> list[int]:
         """(BOS +) the prompt's tokens, checked against the context length (or cut with truncate)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is text (str), got {type(prompt).__name__}")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
@@ -245,6 +262,7 @@ class Generator:
         max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return
+        self._generation = generation = getattr(self, "_generation", 0) + 1  # the cache is this call's from here
         B, width = len(batch), max(len(ids) for ids in batch)
         if width == 0:  # e.g. a chat template that renders nothing: there is no position to continue from
             raise GenerationError("the prompt encodes to no tokens: there is nothing to continue")
@@ -278,6 +296,11 @@ class Generator:
             if step == 0:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             yield tokens
+            if self._generation != generation:  # another stream on this Generator reset the cache meanwhile
+                raise GenerationError(
+                    "another generation on this Generator started while this one was paused, and replaced its "
+                    "KV-cache; finish (or close) one stream before starting the next, or use one Generator each"
+                )
             length = self.backend.cache_length + 1
             if step == max_new_tokens - 1 or length > self.context_length:
                 return
@@ -314,6 +337,7 @@ class Generator:
         """Yield the completion's text piece by piece as tokens are produced; stats in self.last_stats,
         its token ids in self.last_token_ids. truncate: keep the end of a prompt longer than the context."""
         t0 = time.perf_counter()
+        check_sampling(sampling)
         ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
         yield from self._stream_ids(ids, sampling, t0)
 
@@ -351,6 +375,9 @@ class Generator:
     ) -> list[Completion]:
         """Several prompts in one left-padded batch; row i equals generate(prompts[i], same arguments)."""
         t0 = time.perf_counter()
+        check_sampling(sampling)
+        if isinstance(prompts, str):  # a str is a sequence too: of one-character prompts
+            raise TypeError("generate_batch takes a list of prompts, got one str; generate() takes one prompt")
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
@@ -386,6 +413,9 @@ class Generator:
         the cache from the previous call - the conversation so far - are not prefilled again: a turn
         costs only its new tokens. `variables` go to the template (tools, documents, ...)."""
         t0 = time.perf_counter()
+        check_sampling(sampling)
+        if not isinstance(messages, (list, tuple)):
+            raise TypeError(f"messages must be a list of dicts ('role', 'content'), got {type(messages).__name__}")
         turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
         fix = "start a new conversation" if len(turns) > 1 else "shorten the message"
         chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))

@@ -228,3 +228,10 @@ def test_malformed_end_of_turn_ids(bad):
     meta = artifact().to_metadata() | {META_EOT_IDS: bad}
     with pytest.raises(ArtifactError, match="malformed Craft metadata"):
         Artifact.from_metadata(meta)
+
+
+@pytest.mark.parametrize("messages", [["hi"], "hi", [None], [("role", "user")]], ids=["strs", "str", "none", "pairs"])
+def test_messages_that_are_not_dicts_are_one_line(messages):
+    """plain(m).items() ran before the dict check: AttributeError: 'str' object has no attribute 'items'."""
+    with pytest.raises(ChatTemplateError, match="chat messages must be a list of dicts with 'role' and 'content'"):
+        render_chat(CHATML, messages)

@@ -470,3 +470,41 @@ def test_a_prefill_stopped_between_chunks_leaves_the_cache_accounted_for(char_fp
     assert gen.cached_ids == gen.encode_prompt(prompt, 8)[:16] and gen.backend.cache_length == 16
     monkeypatch.setattr(gen.backend, "forward", forward)
     assert gen.generate(prompt, greedy).token_ids == expected
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_two_streams_on_one_generator_refuse_rather_than_mix(char_int8, backend):
+    """The second stream reset the KV-cache under the first, and both produced wrong text in silence."""
+    gen = Generator(char_int8, backend=backend, threads=1)
+    greedy = SamplingParams(temperature=0, max_new_tokens=20)
+    alone = gen.generate("ROMEO:", greedy).text
+    first, second = gen.stream("ROMEO:", greedy), gen.stream("JULIET:", greedy)
+    next(first)
+    next(second)
+    with pytest.raises(GenerationError, match="another generation on this Generator started"):
+        list(first)
+    assert gen.generate("ROMEO:", greedy).text == alone  # and the Generator is usable afterwards
+
+
+def test_api_misuse_is_one_clear_error(char_int8):
+    """Wrong types through the Python API: AttributeErrors from deep inside, a str taken as a batch
+    of one-character prompts, a float context that failed at the first generation."""
+    gen = Generator(char_int8, threads=1)
+    for prompt in (None, 123, b"abc", ["a"]):
+        with pytest.raises(TypeError, match="a prompt is text"):
+            gen.generate(prompt)
+    with pytest.raises(TypeError, match="sampling must be a SamplingParams, got dict"):
+        gen.generate("a", {"max_new_tokens": 3})
+    with pytest.raises(TypeError, match="generate_batch takes a list of prompts, got one str"):
+        gen.generate_batch("abc")
+    with pytest.raises(TypeError, match="messages must be a list"):
+        gen.generate_chat(None)
+    for value in (64.0, 1.5, True, "64"):
+        with pytest.raises(ValueError, match=r"--max-context must be in 1..\d+ .an integer"):
+            Generator(char_int8, max_context=value)
+        with pytest.raises(ValueError, match="--threads must be in 0..1024 .an integer"):
+            Generator(char_int8, threads=value)
+    with pytest.raises(SamplingError, match="--max-new-tokens must be >= 0 .* got '5'"):
+        SamplingParams(max_new_tokens="5")
+    with pytest.raises(SamplingError, match="--temperature must be a number, got '0.5'"):
+        SamplingParams(temperature="0.5")
