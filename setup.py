@@ -72,7 +72,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "craft-train=craft.train:main",
+            "craft-train=craft.entry:train",
             "craft-export=craft.export.cli:main",
             "craft-run=craft.runtime.cli:main",
         ]

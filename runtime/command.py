@@ -81,6 +81,17 @@ def _quiet_os_errors(hook, args) -> None:
         hook(args)
 
 
+def _signal_behind(error: BaseException) -> type | None:
+    """KeyboardInterrupt or Terminated where one caused `error` (its __cause__ / __context__ chain)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else Terminated
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
@@ -104,6 +115,12 @@ class OneLineErrors(click.Command):
         except Terminated:
             click.echo(f"{prog}: terminated", err=True)
             sys.exit(EXIT_TERMINATED)
+        except ImportError as e:  # onnxruntime's module init turns a signal during its import into ImportError
+            signalled = _signal_behind(e)
+            if signalled is None:
+                raise
+            click.echo("\ninterrupted" if signalled is KeyboardInterrupt else f"{prog}: terminated", err=True)
+            sys.exit(EXIT_INTERRUPTED if signalled is KeyboardInterrupt else EXIT_TERMINATED)
         except OSError as e:
             stdout = e.filename is None and _stdout_failed(e)
             echo_error(prog, f"{'stdout: ' if stdout else ''}{os_error_message(e)}")

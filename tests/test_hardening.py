@@ -529,3 +529,42 @@ def test_overwrite_into_a_new_or_empty_out_dir_trains(tmp_path, small_corpus):
         result = run_cli("craft.train", *overrides(out, small_corpus), "--overwrite")
         assert result.returncode == 0, result.stderr
         assert (out / rd.CONFIG).is_file() and (out / rd.CHECKPOINT).is_file()
+
+
+def test_a_signal_while_importing_is_interrupted_or_terminated_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while craft-train imported torch (its first second) printed a 40-line traceback;
+    SIGTERM or Ctrl-C while craft-run imported onnxruntime came back as ImportError('initialization
+    failed') from the signal, a traceback with exit 1."""
+    import builtins
+
+    import click
+
+    from craft import entry
+    from craft.runtime.command import OneLineErrors, Terminated
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "craft.train":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "craft.train", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as done:
+        entry.train()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert done.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+
+    for signalled, code, line in ((Terminated(15), 143, "prog: terminated"), (KeyboardInterrupt(), 130, "interrupted")):
+
+        @click.command(cls=OneLineErrors)
+        def command():
+            try:
+                raise signalled
+            except BaseException as cause:
+                raise ImportError("initialization failed") from cause
+
+        with pytest.raises(SystemExit) as done:
+            command.main([], prog_name="prog")
+        assert done.value.code == code and capsys.readouterr().err.strip() == line

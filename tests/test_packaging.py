@@ -57,7 +57,7 @@ def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     assert "torch" in metadata and 'extra == "train"' in metadata
     scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in (
-        "craft-train = craft.train:main",
+        "craft-train = craft.entry:train",
         "craft-export = craft.export.cli:main",
         "craft-run = craft.runtime.cli:main",
     ):
