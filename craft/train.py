@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import click
@@ -80,7 +80,13 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def prepare_run(
-    cfg: Config, resume: bool, overwrite: bool, dist: Distributed, log=print, lock: rd.RunLock | None = None
+    cfg: Config,
+    resume: bool,
+    overwrite: bool,
+    dist: Distributed,
+    log=print,
+    lock: rd.RunLock | None = None,
+    scope: ExitStack | None = None,
 ) -> tuple[Tokenizer, TokenData]:
     """Tokenizer and token file of the run (trained / built by rank 0, reused on resume), with
     `lock` taken as soon as the run directory exists.
@@ -116,7 +122,8 @@ def prepare_run(
         log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
         tokenizer = train_tokenizer(cfg, corpus)
         check_vocab_size(cfg, tokenizer)
-        with rd.new_run(run_dir, lock):
+        with ExitStack() as own:  # `scope`, where given, keeps the new run's clean-up armed after we return
+            (scope or own).enter_context(rd.new_run(run_dir, lock))
             save_tokenizer(tokenizer, run_dir)
             data = tokenize(cfg, corpus, tokenizer)
     elif dist.main:
@@ -347,21 +354,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
 
 def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overwrite: bool, log) -> dict:
     run_dir, t = Path(cfg.out_dir), cfg.train
-    tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log, lock)
-    state = new_state(cfg, dist)
-    if resume:
-        path, digest = ckpt.resume(state, cfg, dist, log)
-        if state.step >= t.max_steps:
-            raise rd.RunDirError(
-                f"{run_dir} already reached step {state.step} of train.max_steps={t.max_steps}; "
-                f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * state.step}"
-            )
-        log(f"resuming {run_dir} from {path.name} at step {state.step} (sha256 {digest[:12]})")
-    dist.barrier()  # every rank has read its checkpoint before rank 0 tidies the directory
-    if dist.main:
-        save_config(cfg, run_dir / rd.CONFIG)
-        rd.truncate_samples(run_dir, state.step)
-        ckpt.drop_after(run_dir, state.step)
+    # A new run interrupted before its config.yaml is written (building a large model takes a while)
+    # leaves nothing behind, so the same command runs again: new_run's clean-up stays armed till then.
+    with ExitStack() as new_run:
+        tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log, lock, scope=new_run)
+        state = new_state(cfg, dist)
+        if resume:
+            path, digest = ckpt.resume(state, cfg, dist, log)
+            if state.step >= t.max_steps:
+                raise rd.RunDirError(
+                    f"{run_dir} already reached step {state.step} of train.max_steps={t.max_steps}; "
+                    f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * state.step}"
+                )
+            log(f"resuming {run_dir} from {path.name} at step {state.step} (sha256 {digest[:12]})")
+        dist.barrier()  # every rank has read its checkpoint before rank 0 tidies the directory
+        if dist.main:
+            save_config(cfg, run_dir / rd.CONFIG)
+            rd.truncate_samples(run_dir, state.step)
+            ckpt.drop_after(run_dir, state.step)
     log_start(cfg, state.model, data, dist, log)
 
     train_step = TrainStep(state, cfg, dist, log)

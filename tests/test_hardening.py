@@ -568,3 +568,26 @@ def test_a_signal_while_importing_is_interrupted_or_terminated_not_a_traceback(m
         with pytest.raises(SystemExit) as done:
             command.main([], prog_name="prog")
         assert done.value.code == code and capsys.readouterr().err.strip() == line
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new out_dir", "existing empty out_dir"])
+def test_ctrl_c_after_tokenizing_before_the_config_leaves_nothing(tmp_path, small_corpus, monkeypatch, existing):
+    """Ctrl-C while a large model was being built (after the tokens, before config.yaml) left a
+    directory that the same command refused ("already holds a run") and --resume refused too."""
+    from craft import train as T
+    from craft.config import load_config
+
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+    cfg = load_config(None, overrides(out, small_corpus))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "new_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, log=lambda *a, **k: None)
+    assert (sorted(out.iterdir()) == []) if existing else not out.exists()
+    monkeypatch.undo()
+    assert T.train(load_config(None, overrides(out, small_corpus)), log=lambda *a, **k: None)  # the same command
