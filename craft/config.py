@@ -475,7 +475,10 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> Config:
     tokenizer.*. Values resolved when the run started (warmup, lr_decay_steps) stay as they were."""
     cfg = read_run_config(run_dir)
     before = (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"])
-    apply_dict(cfg, parse_overrides(overrides))
+    changes = parse_overrides(overrides)
+    if "out_dir" in changes:  # it was ignored: the run trained on in run_dir
+        raise ConfigError(f"--resume writes the run it resumes ({run_dir}); drop out_dir=")
+    apply_dict(cfg, changes)
     resolve(cfg)
     validate(cfg)
     if (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"]) != before:
