@@ -126,13 +126,19 @@ def train_tokenizer(cfg: Config, corpus: Corpus) -> Tokenizer:
     return _train_sentencepiece(cfg, corpus)
 
 
+SP_MAX_LINE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: longer lines are skipped, not cut
+SP_LINE_CHARS = SP_MAX_LINE_BYTES // 4  # characters that fit it whatever their UTF-8 length (4 bytes at most)
+
+
 def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
     import sentencepiece as spm
 
-    def lines() -> Iterator[str]:
+    def lines() -> Iterator[str]:  # a line longer than max_sentence_length is cut: sentencepiece would skip it
         for doc in corpus.documents():
             for chunk in doc:
-                yield from (line for line in chunk.split("\n") if line.strip())
+                for line in chunk.split("\n"):
+                    if line.strip():
+                        yield from (line[i : i + SP_LINE_CHARS] for i in range(0, len(line), SP_LINE_CHARS))
 
     model = io.BytesIO()
     try:
@@ -156,7 +162,7 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
             pad_id=-1,
             input_sentence_size=2_000_000,  # sample at most this many lines from a huge corpus
             shuffle_input_sentence=True,
-            max_sentence_length=1 << 16,
+            max_sentence_length=SP_MAX_LINE_BYTES,
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )

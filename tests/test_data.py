@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO
 from craft.config import load_config
 from craft.data import Corpus, DataError, prepare_tokens, sample_windows, token_dtype, train_tokenizer
 
@@ -113,6 +114,17 @@ def test_sentencepiece_vocab_too_large_is_a_config_error(tmp_path):
     cfg = load_config("tiny", ["tokenizer.vocab_size=5000"])
     with pytest.raises(DataError, match="tokenizer.vocab_size=5000 is too large"):
         train_tokenizer(cfg, Corpus(str(corpus)))
+
+
+def test_sentencepiece_trains_on_a_corpus_that_is_one_long_line(tmp_path):
+    """sentencepiece skips lines over max_sentence_length (64 KiB): a corpus of one 150 KB line (a
+    minified file, text without newlines) left it nothing, an INTERNAL assertion; lines are now cut."""
+    corpus = tmp_path / "one.txt"
+    english = (REPO / "export" / "perplexity_text.txt").read_text(encoding="utf-8").replace("\n", " ")
+    corpus.write_text(english * 12, encoding="utf-8")  # no newline
+    cfg = load_config("tiny", [f"data.path={corpus}", "tokenizer.vocab_size=512"])
+    tokenizer = train_tokenizer(cfg, Corpus(str(corpus)))
+    assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("The end é")) == "The end é"
 
 
 def test_sample_windows_shapes_targets_and_determinism():
