@@ -34,8 +34,9 @@ def cache_buffer(shape: tuple[int, ...]) -> np.ndarray:
     except (OSError, OverflowError, ValueError) as e:  # no memory, or larger than the address space
         raise OSError(
             getattr(e, "errno", None) or errno.ENOMEM,
-            f"cannot allocate the KV-cache ({count * 4 / 2**20:,.0f} MB for one layer's keys or values; "
-            "a smaller --max-context needs less)",
+            f"cannot allocate the KV-cache ({count * 4 / 2**20:,.0f} MB for one layer's keys or values of "
+            f"{shape[0]} sequence{'s' * (shape[0] != 1)}; a smaller --max-context"
+            f"{' or fewer prompts in a batch' if shape[0] > 1 else ''} needs less)",
         ) from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: ordinary pages even where huge ones are the default
         try:

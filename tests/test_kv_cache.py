@@ -42,8 +42,10 @@ def test_empty_shapes():
 
 @pytest.mark.parametrize("positions", [1 << 40, 1 << 62], ids=["2 PB", "past ssize_t"])
 def test_a_cache_larger_than_memory_is_an_oserror_that_says_so(positions):
-    with pytest.raises(OSError, match="cannot allocate the KV-cache .* --max-context"):
+    with pytest.raises(OSError, match="cannot allocate the KV-cache .* --max-context needs less"):
         cache_buffer((1, 8, positions, 64))
+    with pytest.raises(OSError, match="of 8000 sequences; a smaller --max-context or fewer prompts in a batch"):
+        cache_buffer((8000, 8, positions, 64))  # generate_batch: the batch is the cause as much as the context
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
