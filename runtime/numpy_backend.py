@@ -51,6 +51,7 @@ class StoredWeights:
                 with_weights=expected_weights(spec, quantization),
                 with_nodes=False,
                 max_entries=entry_budget(spec),
+                in_memory=True,  # weights kept for the process's life: a file rewritten in place would SIGBUS a mapping
             ).initializers
         except OnnxFormatError as e:
             raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None

@@ -21,7 +21,8 @@ aligned file offset is returned as a view of the mapping (no copy); other
 tensors are copied once.  Because such views read the file lazily, replace a
 model file atomically (write elsewhere, then os.replace) rather than rewriting it
 in place while its arrays are in use: truncating a mapped file makes later reads
-of it kill the process with SIGBUS.
+of it kill the process with SIGBUS.  Arrays that live as long as the process (the
+numpy backend's weights) are read with in_memory=True, which reads the file instead.
 
 The file is untrusted: every length, count and size it claims is checked against the
 bytes actually present before anything is allocated from it (a packed field may not claim
@@ -126,6 +127,7 @@ def read_model(
     with_weights: bool | Collection[str] = True,
     with_nodes: bool = True,
     max_entries: int | None = None,
+    in_memory: bool = False,
 ) -> OnnxModel:
     """Read the model at `path`.  `with_weights`: decode every initializer (True),
     none (False: only their headers, in `tensors`; tensor-valued node attributes,
@@ -133,9 +135,12 @@ def read_model(
     metadata, inputs, outputs and nodes of a large model then takes milliseconds.
     `with_nodes=False` only counts the nodes.  `max_entries` caps the nodes, the
     initializers, the inputs and the outputs (each); a file with more is refused.
+    `in_memory`: read the file into memory instead of mapping it, for arrays that outlive the
+    read - they then survive the file being rewritten in place (`cp new.onnx model.onnx`), which
+    kills a process reading a mapping of it with SIGBUS; the same memory once the pages are read.
     Raises OnnxFormatError as described there; OSError if the file cannot be opened."""
     wanted = (lambda name: with_weights) if isinstance(with_weights, bool) else frozenset(with_weights).__contains__
-    return _read(path, _Options(True, wanted, with_nodes, max_entries))
+    return _read(path, _Options(True, wanted, with_nodes, max_entries, in_memory))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -149,6 +154,7 @@ class _Options:
     decode: Callable[[str], bool]  # which initializers to decode
     nodes: bool
     max_entries: int | None
+    in_memory: bool = False  # read the file rather than map it (read_model)
 
 
 # --- protobuf wire format ----------------------------------------------------
@@ -635,12 +641,20 @@ def _parse_model(buf: memoryview, options: _Options) -> OnnxModel:
     return model
 
 
+def _mapped(file) -> mmap.mmap | None:
+    """A read-only mapping of the open file; None where it cannot be mapped (empty, a pipe, some
+    network file systems): the caller reads it instead."""
+    try:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+
+
 def _read(path: str | os.PathLike, options: _Options) -> OnnxModel:
     shown = os.fsdecode(path)
     with open(path, "rb") as file:
-        try:
-            data: mmap.mmap | bytes = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # empty, or not mappable (a pipe, some network file systems)
+        data = None if options.in_memory else _mapped(file)
+        if data is None:
             data = file.read()
     if len(data) == 0:
         raise OnnxFormatError(f"{shown}: empty file, not an ONNX model")

@@ -508,3 +508,26 @@ def test_api_misuse_is_one_clear_error(char_int8):
         SamplingParams(max_new_tokens="5")
     with pytest.raises(SamplingError, match="--temperature must be a number, got '0.5'"):
         SamplingParams(temperature="0.5")
+
+
+def test_numpy_backend_survives_its_file_rewritten_in_place(char_int8, tmp_path):
+    """`cp other.onnx model.onnx` while the numpy backend ran: its weights were views of a mapping of
+    the file, and the truncation killed the process with SIGBUS (exit 135, half an answer). In a
+    child process, so that the old behaviour fails this test instead of killing pytest."""
+    live = tmp_path / "live.onnx"
+    live.write_bytes(char_int8.read_bytes())
+    code = textwrap.dedent(
+        f"""
+        from craft.runtime.generator import Generator
+        from craft.runtime.sampling import SamplingParams
+        gen = Generator({str(live)!r}, backend="numpy", threads=1)
+        greedy = SamplingParams(temperature=0, max_new_tokens=30)
+        before = gen.generate("ROMEO:", greedy).text
+        with open({str(live)!r}, "r+b") as f:  # rewritten in place, as cp does: truncated, then other bytes
+            f.truncate(0)
+            f.write(bytes(100))
+        assert gen.generate("ROMEO:", greedy).text == before
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
