@@ -138,13 +138,12 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or os.path.lexists(path):  # lexists: a dangling or looping link is a path
         if not path.is_file():
-            what = (
-                "is not a regular file"
-                if path.exists()
-                else "is a symlink that leads nowhere (dangling, or a loop)"
-                if path.is_symlink()
-                else "does not exist"
-            )
+            if path.exists():
+                what = "is not a regular file"
+            elif path.is_symlink():
+                what = "is a symlink that leads nowhere (dangling, or a loop)"
+            else:
+                what = "does not exist"
             raise ConfigError(f"config file {path} {what}; pass a YAML path or a preset: {', '.join(list_presets())}")
         return path
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
@@ -476,8 +475,8 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> Config:
     cfg = read_run_config(run_dir)
     before = (cfg.to_dict()["model"], cfg.to_dict()["tokenizer"])
     changes = parse_overrides(overrides)
-    if "out_dir" in changes:  # it was ignored: the run trained on in run_dir
-        raise ConfigError(f"--resume writes the run it resumes ({run_dir}); drop out_dir=")
+    if "out_dir" in changes and os.path.realpath(str(changes["out_dir"])) != os.path.realpath(run_dir):
+        raise ConfigError(f"--resume writes the run it resumes ({run_dir}); drop out_dir=")  # it was ignored
     apply_dict(cfg, changes)
     resolve(cfg)
     validate(cfg)

@@ -237,9 +237,13 @@ def new_run(run_dir: Path, lock: RunLock | None = None) -> Iterator[Path]:
 RUN_MARKERS = (CONFIG, DATA_INFO, TOKENS)  # files only craft-train writes
 
 
-def is_run(run_dir: Path) -> bool:
-    """Whether run_dir holds a craft-train run (one of RUN_MARKERS), not just files of the same names."""
-    return any((Path(run_dir) / name).is_file() for name in RUN_MARKERS)
+def is_run(run_dir: Path, lock: RunLock | None = None) -> bool:
+    """Whether run_dir holds a craft-train run, not just files of the same names: one of
+    RUN_MARKERS, or a train.lock that was there before `lock` (this process's) took it - a run
+    killed while tokenizing leaves only its tokenizer and its lock."""
+    if any((Path(run_dir) / name).is_file() for name in RUN_MARKERS):
+        return True
+    return (Path(run_dir) / LOCK).is_file() and not (lock is not None and lock.created)
 
 
 def not_a_run(run_dir: Path, files: list[Path]) -> RunDirError:
@@ -251,7 +255,7 @@ def not_a_run(run_dir: Path, files: list[Path]) -> RunDirError:
     )
 
 
-def clear_run(run_dir: Path) -> None:
+def clear_run(run_dir: Path, lock: RunLock | None = None) -> None:
     """What a new run in an old run directory replaces (the token file is kept: prepare_tokens
     reuses it only when the corpus and tokenizer are unchanged). RunDirError (not_a_run) unless
     is_run: the *.pt or tokenizer.json of a directory craft-train did not make are someone else's."""
@@ -259,7 +263,7 @@ def clear_run(run_dir: Path) -> None:
     stale = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
     stale += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT)]
     stale = [path for path in stale if os.path.lexists(path)]
-    if stale and not is_run(run_dir):  # nothing to delete (a new out_dir): nothing to refuse
+    if stale and not is_run(run_dir, lock):  # nothing to delete (a new out_dir): nothing to refuse
         raise not_a_run(run_dir, stale)
     for path in stale:
         path.unlink(missing_ok=True)

@@ -102,9 +102,10 @@ def prepare_run(
         if lock is not None and run_dir.is_dir():
             lock.acquire()
     # Rank 0 alone: by the time another rank looks, rank 0 may have written this run's own tokenizer.
-    if dist.main and not resume and (tokenizer := rd.tokenizer_path(run_dir)) and not rd.is_run(run_dir):
-        raise rd.not_a_run(run_dir, [tokenizer])  # with or without --overwrite: its files are not a run's
-    if dist.main and not resume and rd.tokenizer_path(run_dir) and not overwrite:
+    existing = rd.tokenizer_path(run_dir) if dist.main and not resume else None
+    if existing and not rd.is_run(run_dir, lock):
+        raise rd.not_a_run(run_dir, [existing])  # with or without --overwrite: its files are not a run's
+    if existing and not overwrite:
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
             "choose another out_dir=..., or pass --overwrite"
@@ -118,7 +119,7 @@ def prepare_run(
                 f"corpus {corpus.name} is empty; point data.path at a file (or folder of .txt files) with text"
             )
         if overwrite:
-            rd.clear_run(run_dir)
+            rd.clear_run(run_dir, lock)
         log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
         tokenizer = train_tokenizer(cfg, corpus)
         check_vocab_size(cfg, tokenizer)
@@ -344,7 +345,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
         dist.barrier()  # every rank done before any tears gloo down: a rank still on the wire would abort
         return metrics
     except BaseException:
-        if lock.created and not resume and not rd.is_run(Path(cfg.out_dir)):
+        if lock.created and not resume and not rd.is_run(Path(cfg.out_dir), lock):
             lock.path.unlink(missing_ok=True)  # refused before the run began (an empty corpus): leave nothing
         raise
     finally:
@@ -356,8 +357,8 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
     run_dir, t = Path(cfg.out_dir), cfg.train
     # A new run interrupted before its config.yaml is written (building a large model takes a while)
     # leaves nothing behind, so the same command runs again: new_run's clean-up stays armed till then.
-    with ExitStack() as new_run:
-        tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log, lock, scope=new_run)
+    with ExitStack() as clean_up:
+        tokenizer, data = prepare_run(cfg, resume, overwrite, dist, log, lock, scope=clean_up)
         state = new_state(cfg, dist)
         if resume:
             path, digest = ckpt.resume(state, cfg, dist, log)

@@ -62,6 +62,8 @@ TENSOR_NAMES = {
 GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 GGUF_STRING, GGUF_ARRAY = 8, 9
 GGUF_MAX_DIMS = 4  # ggml's own limit
+GGUF_MAX_ENTRIES = 1 << 16  # metadata keys or tensors: real files have tens and a few thousand
+GGUF_MAX_ITEMS = 1 << 24  # strings in one array: vocabularies and merge lists stay far below
 
 
 def check_gguf_header(path: Path) -> None:
@@ -116,7 +118,7 @@ class HeaderWalk:
             item, count = self.number("<I"), self.number("<Q")
             if item in GGUF_SCALAR_BYTES:
                 self.skip(count * GGUF_SCALAR_BYTES[item], "an array")
-            elif count > (self.end - self.pos) // 8:  # a string or array item takes 8 bytes or more
+            elif count > min((self.end - self.pos) // 8, GGUF_MAX_ITEMS):  # a string takes 8 bytes or more
                 raise GGUFHeaderError(f"an array at byte {self.pos} claims {count:,} items, more than the file holds")
             else:
                 for _ in range(count):
@@ -126,6 +128,8 @@ class HeaderWalk:
 
     def header(self) -> None:
         tensors, fields = self.number("<Q"), self.number("<Q")
+        if max(tensors, fields) > GGUF_MAX_ENTRIES:  # each is walked in Python: bounded before the walk
+            raise GGUFHeaderError(f"it claims {fields:,} metadata keys and {tensors:,} tensors")
         for _ in range(fields):
             self.skip(self.number("<Q"), "a key")
             self.value(self.number("<I"))

@@ -136,7 +136,11 @@ def check_backtracking(pattern: str, i: int, groups: list[bool]) -> None:
     c, after = pattern[i], pattern[i + 1 : i + 2]
     if c == "(":
         groups.append(False)
-    elif c in "*+|" or (c == "{" and after.isascii() and after.isdigit()):
+    elif (
+        c in "*+|"
+        or (c == "{" and after.isascii() and after.isdigit())
+        or (c == "?" and i > 0 and pattern[i - 1] not in "(*+?}")  # x? (not (?: or a lazy +?)
+    ):
         groups[:] = [True] * len(groups)  # every group around it now varies in length or in choice
     elif c == ")" and groups and groups.pop():
         repeats = after in ("*", "+") or (after == "{" and not re.match(r"\{(\d+)(,\1)?\}", pattern[i + 1 :]))

@@ -20,9 +20,10 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 MAX_CHARS = 1_000_000  # rendered text; a whole context of any model we run is far below this
 MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one render
@@ -30,6 +31,10 @@ MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
 MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
 MAX_INT_BITS = 4096  # integers a template multiplies; real templates count messages
 AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only pad: refused
+# Filters and methods that never turn a container into text: not measured (messages|length in a loop
+# over the messages would walk the conversation once per message)
+NO_TEXT = {"length", "count", "first", "last", "list", "select", "reject", "selectattr", "rejectattr", "items"}
+NO_TEXT |= {"keys", "values", "get", "attr", "default", "d", "reverse", "sort", "unique", "min", "max", "sum"}
 WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
 
 
@@ -171,8 +176,9 @@ def bounded_list(items: Iterator) -> list:
 
 
 def bounded(value: Any) -> Any:
-    """`value`, a lazy sequence made a bounded_list: any call may turn it into text."""
-    lazy = hasattr(value, "__next__") or type(value).__name__ == "generator"
+    """`value`, a lazy sequence made a bounded_list: any call may turn it into text. (Not jinja2's
+    `loop`, an iterator too, which a call must not use up.)"""
+    lazy = isinstance(value, Iterator) and type(value).__name__ != "LoopContext"
     return bounded_list(value) if lazy else value
 
 
@@ -182,7 +188,7 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
     as text."""
     for a in (subject, *args):
         check_size(a)
-        if isinstance(a, (list, tuple, dict)):
+        if isinstance(a, (list, tuple, dict)) and name not in NO_TEXT:
             check_text_size(a)
     if name in AMPLIFYING:
         raise ChatTemplateError(f"chat template called {name}(), which chat templates do not need")

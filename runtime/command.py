@@ -74,10 +74,11 @@ def _stdout_failed(e: OSError) -> bool:
 
 
 def _quiet_os_errors(hook, args) -> None:
-    """threading.excepthook during a command: an OSError in a writer's thread (TensorBoard's event
+    """threading.excepthook during a command: an OSError in TensorBoard's writer thread (its event
     file on a full disk) comes back to the main thread at its next write, which prints it in one
     line; the thread's own traceback is not printed. Anything else goes to `hook`."""
-    if not issubclass(args.exc_type, OSError):
+    from_tensorboard = type(args.thread).__module__.startswith("tensorboard") if args.thread else False
+    if not (issubclass(args.exc_type, OSError) and from_tensorboard):
         hook(args)
 
 

@@ -52,6 +52,10 @@ class GenerationError(ValueError):
     """A request the model cannot serve (e.g. a prompt longer than its context); one line with the fix."""
 
 
+class CacheReplaced(RuntimeError):
+    """A paused generation whose KV-cache another call on the same Generator has since replaced."""
+
+
 @dataclass
 class Stats:
     backend: str
@@ -191,6 +195,7 @@ class Generator:
 
             self.backend = NumpyBackend(str(self.path), self.spec, self.artifact.quantization)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
+        self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -262,7 +267,7 @@ class Generator:
         max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return
-        self._generation = generation = getattr(self, "_generation", 0) + 1  # the cache is this call's from here
+        self._generation = generation = self._generation + 1  # the cache is this call's from here
         B, width = len(batch), max(len(ids) for ids in batch)
         if width == 0:  # e.g. a chat template that renders nothing: there is no position to continue from
             raise GenerationError("the prompt encodes to no tokens: there is nothing to continue")
@@ -297,7 +302,7 @@ class Generator:
                 stats.time_to_first_token_s = time.perf_counter() - t0
             yield tokens
             if self._generation != generation:  # another stream on this Generator reset the cache meanwhile
-                raise GenerationError(
+                raise CacheReplaced(
                     "another generation on this Generator started while this one was paused, and replaced its "
                     "KV-cache; finish (or close) one stream before starting the next, or use one Generator each"
                 )

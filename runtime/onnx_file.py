@@ -137,7 +137,8 @@ def read_model(
     initializers, the inputs and the outputs (each); a file with more is refused.
     `in_memory`: read the file into memory instead of mapping it, for arrays that outlive the
     read - they then survive the file being rewritten in place (`cp new.onnx model.onnx`), which
-    kills a process reading a mapping of it with SIGBUS; the same memory once the pages are read.
+    kills a process reading a mapping of it with SIGBUS. The same resident size once every page
+    is read, but anonymous memory, which the kernel cannot drop and re-read under pressure.
     Raises OnnxFormatError as described there; OSError if the file cannot be opened."""
     wanted = (lambda name: with_weights) if isinstance(with_weights, bool) else frozenset(with_weights).__contains__
     return _read(path, _Options(True, wanted, with_nodes, max_entries, in_memory))

@@ -23,6 +23,8 @@ against the spec before anyone indexes them.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from craft.runtime import artifact as A
@@ -34,7 +36,7 @@ def version_tuple(version: str) -> tuple[int, ...]:
     """'1.20.1' -> (1, 20, 1); a suffix such as 'dev' ends the numbers."""
     numbers = []
     for part in version.split("."):
-        digits = "".join(c for c in part if c in "0123456789") if part[:1] in tuple("0123456789") else ""
+        digits = re.match(r"[0-9]*", part).group()  # '²' is a digit to isdigit(), not to int()
         if not digits:
             break
         numbers.append(int(digits))

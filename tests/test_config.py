@@ -226,6 +226,7 @@ def test_resumed_config_keeps_the_schedule_the_run_started_with(tmp_path):
         resumed_config(tmp_path, ["model.n_layer=7"])
     with pytest.raises(ConfigError, match="--resume writes the run it resumes .*; drop out_dir="):
         resumed_config(tmp_path, [f"out_dir={tmp_path / 'other'}"])  # was ignored: trained on in tmp_path
+    assert resumed_config(tmp_path, [f"out_dir={tmp_path}/"]).out_dir == str(tmp_path)  # the same run: fine
 
 
 def test_run_config_errors_name_the_file(tmp_path):

@@ -591,3 +591,18 @@ def test_ctrl_c_after_tokenizing_before_the_config_leaves_nothing(tmp_path, smal
     assert (sorted(out.iterdir()) == []) if existing else not out.exists()
     monkeypatch.undo()
     assert T.train(load_config(None, overrides(out, small_corpus)), log=lambda *a, **k: None)  # the same command
+
+
+def test_a_run_killed_while_tokenizing_can_be_started_again(tmp_path, small_corpus):
+    """SIGKILL while tokenizing leaves the tokenizer and train.lock, no config.yaml / data.json /
+    tokens.bin: its own lock marks it as craft-train's, so --overwrite replaces it (it was refused
+    as 'not a craft-train run directory' while --resume's message advised --overwrite)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / rd.CHAR_TOKENIZER).write_text("{}")
+    (out / rd.LOCK).write_text("")
+    again = run_cli("craft.train", *overrides(out, small_corpus))
+    assert_one_line(again, "craft-train", 2, "already holds a run", "--overwrite")
+    result = run_cli("craft.train", *overrides(out, small_corpus), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (out / rd.CONFIG).is_file()

@@ -16,7 +16,7 @@ from craft.export.exporter import load_run
 from craft.model import generate as torch_generate
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError
-from craft.runtime.generator import GenerationError, Generator, Stats
+from craft.runtime.generator import CacheReplaced, GenerationError, Generator, Stats
 from craft.runtime.sampling import SamplingError, SamplingParams
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "", "Hark 🙂 日本"]
@@ -481,7 +481,7 @@ def test_two_streams_on_one_generator_refuse_rather_than_mix(char_int8, backend)
     first, second = gen.stream("ROMEO:", greedy), gen.stream("JULIET:", greedy)
     next(first)
     next(second)
-    with pytest.raises(GenerationError, match="another generation on this Generator started"):
+    with pytest.raises(CacheReplaced, match="another generation on this Generator started"):
         list(first)
     assert gen.generate("ROMEO:", greedy).text == alone  # and the Generator is usable afterwards
 

@@ -384,7 +384,8 @@ def all_ort_versions(host_python: str) -> list[str]:
     newest: dict = {}
     for v in m.group(1).split(", "):
         parts = v.strip().split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and (int(parts[0]), int(parts[1])) >= (1, 15):
+        numeric = len(parts) == 3 and all(p.isascii() and p.isdigit() for p in parts)
+        if numeric and (int(parts[0]), int(parts[1])) >= (1, 15):
             key = (int(parts[0]), int(parts[1]))
             newest[key] = max(newest.get(key, (0, 0, 0)), tuple(map(int, parts)))
     return [".".join(map(str, newest[k])) for k in sorted(newest)]
