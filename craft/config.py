@@ -443,11 +443,11 @@ def read_run_config(run_dir: Path) -> Config:
     """The resolved config.yaml of a craft-train run directory (what --resume and craft-export read)."""
     import yaml
 
-    from craft.run_dir import CONFIG, LOCK, RunDirError
+    from craft.run_dir import CONFIG, RunDirError, is_run
 
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        started = (Path(run_dir) / LOCK).is_file()  # craft-train was here: --overwrite replaces only its files
+        started = is_run(run_dir)  # craft-train was here: --overwrite replaces only its files
         raise RunDirError(
             f"{run_dir} has no {CONFIG}: not a craft-train run directory, or its training never started"
             + (f" (start it again with: craft-train out_dir={run_dir} --overwrite)" if started else "")

@@ -378,8 +378,13 @@ def default_attention(config: ModelConfig, quantize: str) -> str:
     (MatMulNBits), and GroupQueryAttention over a cache written in place decodes 10-15% faster
     (README "In-place attention"). `standard` for float32 (standard ONNX ops only: any ONNX
     runtime), for a recurrent model (no KV-cache) and for heads GroupQueryAttention cannot take."""
-    inplace = config.arch == A.LLAMA and quantize != W.NONE and config.head_dim % A.INPLACE_HEAD_MULTIPLE == 0
+    inplace = config.arch == A.LLAMA and quantize != W.NONE and heads_fit_inplace(config)
     return A.ATTENTION_INPLACE if inplace else A.ATTENTION_STANDARD
+
+
+def heads_fit_inplace(config: ModelConfig) -> bool:
+    """Whether ONNX Runtime's CPU GroupQueryAttention takes heads this wide."""
+    return config.head_dim % A.INPLACE_HEAD_MULTIPLE == 0
 
 
 def export(
@@ -424,7 +429,7 @@ def export(
             f"--attention {attention} is how a transformer keeps its KV-cache; {source} is a recurrent model "
             f"(a fixed-size state, no cache) - drop --attention"
         )
-    if attention == A.ATTENTION_INPLACE and run.config.head_dim % A.INPLACE_HEAD_MULTIPLE:
+    if attention == A.ATTENTION_INPLACE and not heads_fit_inplace(run.config):
         raise ExportError(
             f"--attention inplace needs a head width that is a multiple of {A.INPLACE_HEAD_MULTIPLE} (ONNX Runtime's "
             f"GroupQueryAttention); {source}'s is {run.config.head_dim} - use --attention standard"

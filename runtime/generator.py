@@ -35,7 +35,7 @@ from craft.runtime import chat as C
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
 from craft.runtime.artifact_check import check_file
 from craft.runtime.estimate import available_memory_mb, fitting_context
-from craft.runtime.sampling import SamplingParams, sample_next
+from craft.runtime.sampling import SamplingParams, is_int, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
@@ -106,11 +106,6 @@ def check_sampling(sampling) -> None:
         raise TypeError(f"sampling must be a SamplingParams, got {got} (SamplingParams(**it) makes one)")
 
 
-def is_count(value) -> bool:
-    """An int, not a bool (True is 1 to Python, and 64.0 is not a count)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 class Continuation:
     """One prompt's continuation as its tokens arrive: the one stop rule of stream() and of every
     row of generate_batch().
@@ -165,7 +160,7 @@ class Generator:
         t0 = time.perf_counter()
         if backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-        if not is_count(threads) or not 0 <= threads <= MAX_THREADS:
+        if not is_int(threads) or not 0 <= threads <= MAX_THREADS:
             raise ValueError(
                 f"--threads must be in 0..{MAX_THREADS} (an integer; 0: the backend's default), got {threads!r}"
             )
@@ -203,7 +198,7 @@ class Generator:
         """The KV-cache length to use, and whether available memory cut it below the model's."""
         model = self.spec.context_length
         if max_context is not None:
-            if not is_count(max_context) or not 1 <= max_context <= model:
+            if not is_int(max_context) or not 1 <= max_context <= model:
                 raise ValueError(
                     f"--max-context must be in 1..{model} (an integer; the model's context), got {max_context!r}"
                 )

@@ -52,13 +52,13 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise SamplingError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise SamplingError(
                 f"--max-new-tokens must be >= 0 (an integer; 0 generates none), got {self.max_new_tokens!r}"
             )
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise SamplingError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise SamplingError(f"--top-k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not (0 < self.top_p <= 1):
             raise SamplingError(f"--top-p must be in (0, 1] (1 disables it), got {self.top_p}")
@@ -66,7 +66,7 @@ class SamplingParams:
             raise SamplingError(f"--min-p must be in [0, 1] (0 disables it), got {self.min_p}")
         if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
             raise SamplingError(f"--repetition-penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise SamplingError(f"--seed must be an integer >= 0 (or omitted: random), got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) for s in stop):
@@ -78,7 +78,8 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer, not a bool (True is 1 to Python) and not a float (64.0 is no count)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
