@@ -10,6 +10,7 @@ interactive session (converse below) over chat.Conversation.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -112,8 +113,18 @@ def write(text: str) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`)
         fail("stdout is closed; redirect it instead, e.g. > out.txt or > /dev/null", EXIT_OUTPUT)
     try:
-        sys.stdout.write(text)
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # not a descriptor (embedded, tests)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        # os.write, not sys.stdout.write: on a short write (a full disk, ulimit -f) Python's buffered
+        # stdout drops the rest without an error, so --json ended as cut JSON with exit 0.
         sys.stdout.flush()
+        view = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+        while view:
+            view = view[os.write(fd, view) :]  # the write after a short one reports why (ENOSPC, EFBIG)
     except OSError as e:
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -67,6 +67,25 @@ def test_full_disk_is_one_line_exit_1(char_int8, flags):
     one_line_error(result, 1, "cannot write the output to stdout: No space left on device")
 
 
+def test_output_cut_by_a_file_size_limit_is_an_error(char_int8, tmp_path):
+    """A short write (a disk that fills mid-write, `ulimit -f`): Python's buffered stdout dropped
+    the rest of the --json line without an error, leaving cut JSON and exit 0."""
+    import resource
+
+    out = tmp_path / "out.json"
+    with open(out, "w") as file:
+        result = subprocess.run(
+            [*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "64", "--seed", "1", "--json"],
+            stdout=file,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (256, 256)),
+        )
+    assert out.stat().st_size == 256  # the JSON line is longer: it was cut
+    one_line_error(result, 1, "cannot write the output to stdout: File too large")
+
+
 @pytest.mark.parametrize("flags", [[], ["--json"]])
 def test_closed_pipe_ends_quietly(char_int8, flags):
     """`craft-run ... | head -1` after head has gone: the reader is closed before the first write."""
