@@ -186,7 +186,7 @@ def write(text: str) -> None:
     default=0,
     is_eager=True,
     callback=set_blas_threads,
-    help="CPU threads; 0: the backend's default (one per core).",
+    help="CPU threads; 0: the backend's default (one per core); capped at the CPUs this process may use.",
 )
 @click.option(
     "--max-context",

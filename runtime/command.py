@@ -3,8 +3,9 @@
 A usage error (unknown option, bad value) is one line on stderr - "PROG: error: ... (see
 PROG --help)" - and exit code 2, instead of click's multi-line usage block. An OSError that
 reaches the top (a full disk, a permission, a read-only mount) is one line naming the file and
-the fix, exit code 1. SIGTERM raises Terminated, so the code it interrupts unwinds (temp files
-are removed by the `finally` blocks that made them) before the process exits with 143.
+the fix, exit code 1; so is running out of memory. SIGTERM raises Terminated, so the code it
+interrupts unwinds (temp files are removed by the `finally` blocks that made them) before the
+process exits with 143.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class OneLineErrors(click.Command):
                 raise
             click.echo("\ninterrupted" if signalled is KeyboardInterrupt else f"{prog}: terminated", err=True)
             sys.exit(EXIT_INTERRUPTED if signalled is KeyboardInterrupt else EXIT_TERMINATED)
+        except MemoryError as e:  # numpy's names the array; a bare one (file.read) says nothing
+            detail = f" ({str(e)[:200]})" if str(e) else ""
+            echo_error(prog, f"out of memory{detail}; close other programs or choose a smaller model or context")
+            sys.exit(EXIT_OS_ERROR)
         except OSError as e:
             stdout = e.filename is None and _stdout_failed(e)
             echo_error(prog, f"{'stdout: ' if stdout else ''}{os_error_message(e)}")

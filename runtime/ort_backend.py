@@ -23,6 +23,7 @@ against the spec before anyone indexes them.
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -30,6 +31,14 @@ import numpy as np
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
 from craft.runtime.kv_cache import cache_buffer
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -53,13 +62,16 @@ class OrtBackend:
         self.spec, self.path = spec, path
         self._errors = ort_errors()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per physical core)
+        # 0: ONNX Runtime's default (one per physical core). More threads than this process may run on
+        # only slow it down, and one it cannot start (a memory or process limit) hangs its constructor.
+        opts.intra_op_num_threads = min(threads, usable_cpus())
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 4  # fatal only: a damaged file's problem is our one line, not ORT's log
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
+            out_of_memory(e, f"to load {path}")
             if "GroupQueryAttention" in str(e) and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):
                 raise ArtifactError(
                     f"{path} uses in-place attention (GroupQueryAttention), which this onnxruntime {ort.__version__} "
@@ -250,6 +262,7 @@ class OrtBackend:
             outputs = self.binding.get_outputs()
             return outputs, outputs[0].numpy()
         except self._errors as e:
+            out_of_memory(e, "for this step")
             raise ArtifactError(
                 f"{self.path}: ONNX Runtime cannot run it ({one_line(e)}); re-export it with craft-export"
             ) from None
@@ -270,7 +283,7 @@ class OrtBackend:
 def ort_errors() -> tuple[type[BaseException], ...]:
     """What ONNX Runtime raises for a model it cannot load or run: its own exception classes
     (Fail, InvalidGraph, InvalidArgument, RuntimeException, ...: plain Exceptions), C++ errors
-    pybind11 maps to RuntimeError, MemoryError for an allocation it could not make, and
+    pybind11 maps to RuntimeError, MemoryError for an allocation it could not make (out_of_memory), and
     UnicodeDecodeError when its message quotes a damaged name that is not UTF-8."""
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
@@ -279,6 +292,13 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     else:
         own = tuple(c for c in vars(C).values() if isinstance(c, type) and issubclass(c, Exception))
     return own + (RuntimeError, MemoryError, UnicodeDecodeError)
+
+
+def out_of_memory(error: BaseException, doing: str) -> None:
+    """Raise MemoryError where ONNX Runtime failed for want of memory (its std::bad_alloc, which
+    pybind11 turns into MemoryError or quotes in its own exception), not for a damaged file."""
+    if isinstance(error, MemoryError) or "bad_alloc" in str(error):
+        raise MemoryError(f"ONNX Runtime could not allocate the memory {doing}") from None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:

@@ -606,3 +606,42 @@ def test_a_run_killed_while_tokenizing_can_be_started_again(tmp_path, small_corp
     result = run_cli("craft.train", *overrides(out, small_corpus), "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (out / rd.CONFIG).is_file()
+
+
+def test_out_of_memory_is_one_line_exit_1(capsys, monkeypatch, char_int8):
+    """Running out of memory (numpy's MemoryError naming its array, a bare one from file.read) was a
+    traceback; ONNX Runtime's std::bad_alloc while loading was 'cannot load it ... re-export', exit 2."""
+    import click
+    import onnxruntime as ort
+
+    from craft.runtime.command import OneLineErrors
+    from craft.runtime.generator import Generator
+
+    fix = "; close other programs or choose a smaller model or context\n"
+    for error, detail in ((MemoryError("no 6 MiB"), " (no 6 MiB)"), (MemoryError(), "")):
+
+        @click.command(cls=OneLineErrors)
+        def command():
+            raise error
+
+        with pytest.raises(SystemExit) as done:
+            command.main([], prog_name="prog")
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and err == f"prog: error: out of memory{detail}{fix}"
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(ort, "InferenceSession", no_memory)
+    with pytest.raises(MemoryError, match="ONNX Runtime could not allocate the memory to load"):
+        Generator(char_int8)
+
+
+def test_threads_are_capped_at_the_usable_cpus(char_int8):
+    """ONNX Runtime that cannot start a thread (a memory or process limit) hangs in its constructor,
+    deaf to SIGTERM: --threads 1024 under `ulimit -v` hung craft-run for ten minutes."""
+    from craft.runtime.generator import Generator
+    from craft.runtime.ort_backend import usable_cpus
+
+    gen = Generator(char_int8, threads=1024)
+    assert gen.backend.session.get_session_options().intra_op_num_threads == usable_cpus()
