@@ -281,7 +281,9 @@ class HFTokenizer:
             envelope = json.loads(data.decode("utf-8"))
             if envelope.get("kind") != HF_JSON or not isinstance(envelope.get("tokenizer"), dict):
                 raise ValueError
-            ids = {k: int(envelope[k]) for k in ("bos_id", "eos_id", "pad_id")}
+            ids = {k: envelope[k] for k in ("bos_id", "eos_id", "pad_id")}
+            if not all(type(i) is int for i in ids.values()):  # int(1e400) raised OverflowError; int(2.7) is 2
+                raise ValueError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError(
                 f"not a {HF_JSON} tokenizer: expected JSON with kind='{HF_JSON}', the special ids "

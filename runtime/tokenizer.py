@@ -106,6 +106,8 @@ class SentencePieceTokenizer:
     def __init__(self, model_bytes: bytes):
         import sentencepiece as spm
 
+        if not model_bytes:  # sentencepiece takes empty bytes as a model, then fails at encode
+            raise ValueError("malformed sentencepiece tokenizer: it is empty")
         self.model_bytes = model_bytes
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.vocab_size = self.sp.get_piece_size()
@@ -160,7 +162,7 @@ def tokenizer_from_bytes(kind: str, data: bytes) -> Tokenizer:
         from craft.runtime.bpe_tokenizer import HFTokenizer
 
         return HFTokenizer.from_bytes(data)
-    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:  # a shape no check foresaw
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as e:  # unforeseen shapes
         raise ValueError(f"malformed {kind} tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
 
 

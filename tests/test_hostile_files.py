@@ -488,3 +488,27 @@ def test_cli_refuses_hostile_files_in_one_line(tmp_path, files):
         assert re.fullmatch(
             r"craft-run: error: .*has weight 'layers\.1\..*re-export it with craft-export\n", result.stderr
         )
+
+
+@pytest.mark.parametrize(
+    "kind, data, pattern",
+    [
+        ("sentencepiece", b"", "malformed sentencepiece tokenizer: it is empty"),  # was sentencepiece's RuntimeError
+        (
+            "tokenizer.json",
+            b'{"kind":"tokenizer.json","bos_id":1e400,"eos_id":2,"pad_id":2,"tokenizer":{"model":{}}}',
+            "not a tokenizer.json tokenizer",
+        ),  # int(1e400) raised OverflowError
+    ],
+)
+def test_tokenizer_lies_are_refused(tmp_path, files, kind, data, pattern):
+    import base64
+
+    path = rewrite(
+        files["int8"],
+        tmp_path / "lie.onnx",
+        **{A.META_TOKENIZER_KIND: kind, A.META_TOKENIZER: base64.b64encode(data).decode()},
+    )
+    for backend in BACKENDS:
+        with pytest.raises(ArtifactError, match=pattern):
+            Generator(path, backend=backend)
