@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # generator.py imports this file
     from craft.runtime.sampling import SamplingParams
 
 
+RENDER_ARGUMENTS = frozenset({"template", "messages", "add_generation_prompt", "bos_token", "eos_token", "max_chars"})
+
+
 class ChatError(ValueError):
     """A model that cannot chat (no chat template); one line with the fix."""
 
@@ -48,6 +51,9 @@ class ContextFull(ValueError):
 def chat_prompt(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict], **variables) -> str:
     """`messages` rendered by the model's template, ending with the assistant's turn opener. ChatError
     without a template; ChatTemplateError (a ValueError) when the template refuses the messages."""
+    taken = sorted(RENDER_ARGUMENTS & variables.keys())
+    if taken:  # render_chat's own keywords: a collision was a bare TypeError, or replaced its size budget
+        raise TypeError(f"template variable(s) {', '.join(taken)} are Craft's own; drop them")
     return render_chat(
         template_of(artifact),
         list(messages),
@@ -59,7 +65,12 @@ def chat_prompt(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dic
 
 def chat_ids(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict], **variables) -> list[int]:
     """chat_prompt's token ids; special tokens written in it (<|im_start|>) become their ids."""
-    return tokenizer.encode(chat_prompt(artifact, tokenizer, messages, **variables))
+    text = chat_prompt(artifact, tokenizer, messages, **variables)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
+        raise ChatError("a message is not valid UTF-8 text (it holds a lone surrogate); pass UTF-8 text") from None
+    return tokenizer.encode(text)
 
 
 def template_of(artifact: Artifact) -> str:

@@ -69,7 +69,7 @@ def read_prompt(prompt: str | None, truncate: bool = False) -> str:
     than replaced: a prompt silently changed would give a surprising continuation. Stdin past
     MAX_STDIN_BYTES is refused, or with `truncate` read to its end keeping only its last
     MAX_STDIN_BYTES (from a character boundary): memory stays bounded either way."""
-    if prompt is not None:
+    if prompt is not None and prompt != "-":  # "-": stdin, as for cat and most tools
         return utf8_argument(prompt, "the prompt")
     if sys.stdin is None:
         fail("no PROMPT was given and stdin is closed; give PROMPT or pipe it in")
@@ -237,7 +237,7 @@ def main(
 ) -> None:
     """Generate text from MODEL (a .onnx file from craft-export), continuing PROMPT.
 
-    With no PROMPT the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
+    With no PROMPT (or PROMPT -) the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
     interactive chat. Text streams to stdout as it is generated. Everything the model needs
     (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
     (a full disk), 2 bad input (piped --chat: a message was refused), 130 interrupted (Ctrl-C),
@@ -363,19 +363,21 @@ def context_full(generator: Generator) -> str:
 
 
 def read_message(tty: bool) -> str:
-    """One line typed at the chat prompt (readline editing where it loaded); EOFError at Ctrl-D.
+    """One line typed at the chat prompt (readline editing where it loaded), or piped; EOFError at the end.
     The prompt goes to the terminal: stdout when it is one (readline redraws it there), else stderr."""
     if tty and sys.stdout.isatty():
         return input("> ")
     if tty:
         click.echo("> ", err=True, nl=False)
         return input()
-    line = sys.stdin.readline(MAX_STDIN_BYTES + 1)  # piped: a line without end (< /dev/zero) is bounded
+    # Piped: bytes, read as UTF-8 whatever the locale (as a piped prompt is); a line without end
+    # (< /dev/zero) is bounded. UnicodeDecodeError for bytes that are not UTF-8.
+    line = sys.stdin.buffer.readline(MAX_STDIN_BYTES + 1)
     if not line:
         raise EOFError
     if len(line) > MAX_STDIN_BYTES:
         fail(f"a chat message on stdin is longer than {MAX_STDIN_BYTES >> 20} MiB, more than any context")
-    return line.removesuffix("\n")
+    return line.removesuffix(b"\n").decode("utf-8")
 
 
 def converse(generator: Generator, params: SamplingParams, system: str | None, stats: bool) -> None:
@@ -416,7 +418,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             click.echo(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped", err=True)
             refused += 1
             continue
-        try:  # a C / POSIX locale reads stdin with surrogateescape: bad bytes arrive as surrogates
+        try:  # a terminal in a C / POSIX locale reads with surrogateescape: bad bytes arrive as surrogates
             text.encode("utf-8")
         except UnicodeEncodeError:
             click.echo("craft-run: error: the message is not UTF-8 text; it was skipped", err=True)

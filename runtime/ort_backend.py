@@ -23,6 +23,8 @@ against the spec before anyone indexes them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 
@@ -69,7 +71,10 @@ class OrtBackend:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 4  # fatal only: a damaged file's problem is our one line, not ORT's log
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # A load that fails with ValueError / RuntimeError makes onnxruntime print an "EP Error"
+            # banner to stdout (into the generated text or --json) and load the file again: kept off stdout.
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
             out_of_memory(e, f"to load {path}")
             if "GroupQueryAttention" in str(e) and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):

@@ -334,8 +334,8 @@ def test_cli_chat_line_without_end_is_refused(models):
 
 
 def test_cli_chat_text_that_is_not_utf8(models):
-    """--system is refused like PROMPT; a piped message with bad bytes is skipped and the chat goes on
-    (a C.UTF-8 locale reads stdin with surrogateescape: the bytes arrive as surrogates)."""
+    """--system is refused like PROMPT; a piped message with bad bytes is skipped and the chat goes on.
+    Piped messages are read as UTF-8 whatever the locale (a C locale refused 'héllo')."""
     system = subprocess.run(
         [*CRAFT_RUN, str(models["fp32"]), "hi", "--chat", "--system", b"\xff\xfe"], capture_output=True, timeout=120
     )
@@ -349,13 +349,23 @@ def test_cli_chat_text_that_is_not_utf8(models):
     )
     assert piped.returncode == 2, piped.stderr  # the chat went on, and a script sees that a message was refused
     assert piped.stderr.decode() == (
-        "craft-run: error: the message is not UTF-8 text; it was skipped\n"
+        "craft-run: error: the message is not UTF-8 text (invalid start byte); it was skipped\n"
         "craft-run: error: 1 message on stdin was refused (above)\n"
     )
     assert (
         piped.stdout.decode()
         == "".join(Conversation(Generator(models["fp32"], threads=1)).reply("Hello there", GREEDY)) + "\n"
     )
+    c_locale = subprocess.run(
+        [*CRAFT_RUN, str(models["fp32"]), "--chat", *GREEDY_FLAGS],
+        input="héllo\n".encode(),
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""},
+    )
+    assert c_locale.returncode == 0 and c_locale.stderr == b"", c_locale.stderr
+    answer = "".join(Conversation(Generator(models["fp32"], threads=1)).reply("héllo", GREEDY)) + "\n"
+    assert c_locale.stdout == answer.encode("ascii", "replace")  # an ASCII stdout shows '?' for the rest
 
 
 def test_cli_context_full_starts_a_new_conversation(models):
@@ -514,3 +524,21 @@ def test_smollm2_answers_through_its_chat_template(smollm2_fp32):
     first_turn = gen.last_stats.prompt_tokens + gen.last_stats.generated_tokens
     assert "".join(chat.reply("And of Italy?", greedy)) == "The capital of Italy is Rome."
     assert gen.last_stats.reused_tokens == first_turn  # the second turn prefilled only its own tokens
+
+
+def test_api_chat_refuses_lone_surrogates_and_its_own_keywords(models):
+    """generate() refused a lone surrogate but chat() passed it to the tokenizer (a RuntimeError from
+    sentencepiece, invalid bytes from others); a template variable named like one of render_chat's
+    own keywords was a bare TypeError ('multiple values') or replaced its size budget (max_chars)."""
+    import inspect
+
+    from craft.runtime.chat import RENDER_ARGUMENTS, ChatError
+    from craft.runtime.chat_template import render_chat
+
+    assert RENDER_ARGUMENTS == {name for name in inspect.signature(render_chat).parameters if name != "variables"}
+    gen = Generator(models["fp32"], threads=1)
+    with pytest.raises(ChatError, match="not valid UTF-8 text"):
+        gen.generate_chat([{"role": "user", "content": "a\udcff"}], GREEDY)
+    for name in ("bos_token", "max_chars", "template"):
+        with pytest.raises(TypeError, match=f"template variable\\(s\\) {name} are Craft's own"):
+            gen.generate_chat([{"role": "user", "content": "hi"}], GREEDY, **{name: "x"})

@@ -4,6 +4,7 @@ closed pipe) and an exit code, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,15 @@ def test_prompt_that_is_not_utf8_is_refused(char_int8):
         [*CRAFT_RUN, str(char_int8), "-n", "3"], input=b"ok\n\xff\xfe", capture_output=True, timeout=120
     )
     one_line_error(stdin, 2, "not UTF-8", "0xff at offset 3")
+
+
+def test_prompt_dash_reads_stdin(char_int8):
+    """PROMPT '-' is stdin, as for cat and most tools (it was the one-character prompt "-")."""
+    flags = ["-n", "8", "--temperature", "0", "--json"]
+    dash = subprocess.run([*CRAFT_RUN, str(char_int8), "-", *flags], input=b"ROMEO:", capture_output=True, timeout=120)
+    typed = subprocess.run([*CRAFT_RUN, str(char_int8), "ROMEO:", *flags], capture_output=True, timeout=120)
+    assert dash.returncode == 0 and json.loads(dash.stdout)["stats"]["prompt_tokens"] > 2, dash.stderr
+    assert json.loads(dash.stdout)["token_ids"] == json.loads(typed.stdout)["token_ids"]
 
 
 def test_estimate_refuses_what_only_generation_reads(char_int8):

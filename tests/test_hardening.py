@@ -645,3 +645,21 @@ def test_threads_are_capped_at_the_usable_cpus(char_int8):
 
     gen = Generator(char_int8, threads=1024)
     assert gen.backend.session.get_session_options().intra_op_num_threads == usable_cpus()
+
+
+def test_a_file_onnx_runtime_refuses_prints_nothing_on_stdout(capfd, monkeypatch, char_int8):
+    """onnxruntime prints an 'EP Error' banner to stdout (into the text or --json) when loading fails
+    with ValueError / RuntimeError, then loads the file again."""
+    import onnxruntime as ort
+
+    from craft.runtime.artifact import ArtifactError
+    from craft.runtime.generator import Generator
+
+    def damaged(self, *args, **kwargs):  # what a damaged attribute name gives
+        self._fallback_providers = ["CPUExecutionProvider"]
+        raise UnicodeDecodeError("utf-8", b"\xc7", 0, 1, "invalid continuation byte")
+
+    monkeypatch.setattr(ort.InferenceSession, "_create_inference_session", damaged)
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load it"):
+        Generator(char_int8)
+    assert capfd.readouterr().out == ""
