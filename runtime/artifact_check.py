@@ -142,7 +142,7 @@ def check_file(path: str | Path) -> Artifact:
         problem = check_claims(artifact)
         if problem:
             raise ArtifactError(f"{path}: {problem}; {FIX}")
-        model = read_model(path, with_weights=False, with_nodes=False, max_entries=entry_budget(artifact.spec))
+        model = read_model(path, with_weights=False, max_entries=entry_budget(artifact.spec))
     except OnnxFormatError as e:
         raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
     except OSError as e:
@@ -197,6 +197,10 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
                 f"it has weight '{name}' that a model of its config "
                 f"({spec.n_layer} layers, {artifact.quantization}) lacks"
             )
+    fused = any(node.op_type == "GroupQueryAttention" for node in model.nodes)
+    if fused != (artifact.attention == A.ATTENTION_INPLACE):  # the backends feed the two kinds differently
+        found = "has" if fused else "has no"
+        return f"its graph {found} GroupQueryAttention, yet its metadata says {A.META_ATTENTION}={artifact.attention}"
     inputs, outputs = expected_io(spec, artifact.format_version)
     return (
         io_problem("input", model.inputs, inputs, spec.n_layer)

@@ -244,6 +244,7 @@ def test_model_config_lies_are_refused(tmp_path, files, changes, pattern):
         (A.META_PAD, str(1 << 62), "pad_id=4611686018427387904, outside"),
         (A.META_QUANT, "none", "lacks weight 'tok_embeddings.weight'"),
         (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
+        (A.META_ATTENTION, "inplace", "its graph has no GroupQueryAttention, yet its metadata says craft.attention"),
         (A.META_FORMAT, "1", "head_rotation, which format version 1 does not have"),  # an old runtime would skip it
         (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
         (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
@@ -512,3 +513,10 @@ def test_tokenizer_lies_are_refused(tmp_path, files, kind, data, pattern):
     for backend in BACKENDS:
         with pytest.raises(ArtifactError, match=pattern):
             Generator(path, backend=backend)
+
+
+def test_in_place_graph_labelled_standard_is_refused(tmp_path, files):
+    """The runtime feeds a left-padded batch to the two kinds of graph differently: an in-place file
+    labelled standard gave silently wrong rows in a batch."""
+    path = rewrite(files["int8_inplace"], tmp_path / "lie.onnx", **{A.META_ATTENTION: "standard"})
+    refused(path, "its graph has GroupQueryAttention, yet its metadata says craft.attention=standard")
