@@ -94,12 +94,15 @@ def open_append(path: Path):
 def sweep_temp_files(directory: Path, name: str = "") -> None:
     """Remove temp files of atomic writes (of `name`, or any) whose process is gone: a writer
     killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone.
-    Without `name`, only names atomic_file makes (.NAME.PID.random.tmp) are Craft's: a user's own
-    hidden .notes.tmp in the directory is not."""
-    for path in Path(directory).glob(f".{name}*{TEMP_SUFFIX}"):
+    Only names atomic_file makes (.NAME.PID.random.tmp, NAME exactly `name` when given) are
+    Craft's: a user's own .notes.tmp or .model.onnx.bak.tmp beside the output is not."""
+    for path in Path(directory).iterdir():
+        if not (path.name.startswith(f".{name}") and path.name.endswith(TEMP_SUFFIX)):
+            continue
         parts = path.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
-        pid = int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else None
-        if (pid is None and name) or (pid is not None and not _alive(pid)):  # pid None: an older NAME.random.tmp
+        if len(parts) != 3 or (name and parts[0] != name) or not (parts[1].isascii() and parts[1].isdigit()):
+            continue
+        if not _alive(int(parts[1])):
             path.unlink(missing_ok=True)
 
 

@@ -363,16 +363,21 @@ def test_unit_sweep_removes_only_temp_files_of_dead_writers(tmp_path):
     gone.wait()
     alive = subprocess.Popen(["sleep", "30"])
     try:
-        stale, live, legacy, other = (
+        stale, live, other = (
             tmp_path / f".model.onnx.{gone.pid}.abc.tmp",
             tmp_path / f".model.onnx.{alive.pid}.abc.tmp",
-            tmp_path / ".model.onnx.k3j_x.tmp",
             tmp_path / f".other.onnx.{gone.pid}.abc.tmp",
         )
-        for path in (stale, live, legacy, other):
+        users = [  # deleted by every export once (a name that merely began with .model.onnx)
+            tmp_path / ".model.onnx.bak.tmp",
+            tmp_path / ".model.onnx_draft.tmp",
+            tmp_path / f".model.onnx-notes.{gone.pid}.abc.tmp",
+            tmp_path / ".model.onnx.k3j_x.tmp",
+        ]
+        for path in (stale, live, other, *users):
             path.write_bytes(b"partial")
         rd.sweep_temp_files(tmp_path, "model.onnx")
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, *(p.name for p in users)])
     finally:
         alive.kill()
         alive.wait()
