@@ -262,14 +262,19 @@ def clear_run(run_dir: Path, lock: RunLock | None = None) -> None:
     """What a new run in an old run directory replaces (the token file is kept: prepare_tokens
     reuses it only when the corpus and tokenizer are unchanged). RunDirError (not_a_run) unless
     is_run: the *.pt or tokenizer.json of a directory craft-train did not make are someone else's."""
-    run_dir = Path(run_dir)
-    stale = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
-    stale += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT)]
-    stale = [path for path in stale if os.path.lexists(path)]
+    stale = [path for path in run_files(run_dir) if path.name not in RUN_MARKERS]
     if stale and not is_run(run_dir, lock):  # nothing to delete (a new out_dir): nothing to refuse
         raise not_a_run(run_dir, stale)
     for path in stale:
         path.unlink(missing_ok=True)
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """The files in run_dir that a run writes (or replaces, or deletes): a new run there needs --overwrite."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
+    found += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT, *RUN_MARKERS)]
+    return [path for path in found if os.path.lexists(path)]
 
 
 def truncate_samples(run_dir: Path, step: int) -> None:

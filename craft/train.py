@@ -102,9 +102,10 @@ def prepare_run(
         if lock is not None and run_dir.is_dir():
             lock.acquire()
     # Rank 0 alone: by the time another rank looks, rank 0 may have written this run's own tokenizer.
-    existing = rd.tokenizer_path(run_dir) if dist.main and not resume else None
+    # A new run replaces or deletes these: the user's own config.yaml or step-000777.pt went unasked.
+    existing = rd.run_files(run_dir) if dist.main and not resume and run_dir.is_dir() else []
     if existing and not rd.is_run(run_dir, lock):
-        raise rd.not_a_run(run_dir, [existing])  # with or without --overwrite: its files are not a run's
+        raise rd.not_a_run(run_dir, existing)  # with or without --overwrite: its files are not a run's
     if existing and not overwrite:
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
@@ -344,8 +345,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
         metrics = _train(cfg, dist, lock, resume, overwrite, log if dist.main else (lambda *a, **k: None))
         dist.barrier()  # every rank done before any tears gloo down: a rank still on the wire would abort
         return metrics
-    except BaseException:
-        if lock.created and not resume and not rd.is_run(Path(cfg.out_dir), lock):
+    except BaseException as e:
+        refused = isinstance(e, rd.RunDirError) or not rd.is_run(Path(cfg.out_dir), lock)
+        if lock.created and not resume and refused:
             lock.path.unlink(missing_ok=True)  # refused before the run began (an empty corpus): leave nothing
         raise
     finally:

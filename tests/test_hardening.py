@@ -527,6 +527,20 @@ def test_overwrite_never_deletes_files_of_a_directory_craft_train_did_not_make(t
     assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt"]
 
 
+def test_a_new_run_never_replaces_files_without_overwrite(tmp_path, small_corpus):
+    """A new run into a folder holding files a run writes (without a tokenizer) replaced config.yaml,
+    samples.txt and metrics.jsonl and deleted step-000777.pt, unasked."""
+    mine = {"samples.txt": "s", "metrics.jsonl": '{"mine": 1}', "step-000777.pt": "w"}
+    for extra, words in (({}, "holds "), ({"config.yaml": "my: project"}, "already holds a run")):
+        folder = tmp_path / f"mine{len(extra)}"
+        folder.mkdir()
+        for name, text in {**mine, **extra}.items():
+            (folder / name).write_text(text)
+        result = run_cli("craft.train", *overrides(folder, small_corpus))
+        assert_one_line(result, "craft-train", 2, words)
+        assert {p.name: p.read_text() for p in folder.iterdir()} == {**mine, **extra}
+
+
 def test_overwrite_into_a_new_or_empty_out_dir_trains(tmp_path, small_corpus):
     """The README's first command (craft-train --overwrite) on a fresh clone: nothing to replace."""
     (tmp_path / "empty").mkdir()
