@@ -239,6 +239,13 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
         raise SourceError(
             f"{where}: rope scaling '{scaling}' is not supported for GGUF; export the Hugging Face directory instead"
         )
+    for key in ("rope.scaling.factor", "rope.scale_linear"):  # llama.cpp scales linearly by it, type or not
+        factor = fields.get(f"{architecture}.{key}")
+        if factor is not None and factor not in (0, 1):
+            raise SourceError(
+                f"{where}: rope scaling ({architecture}.{key} = {factor!s:.20}) is not supported for GGUF; "
+                "export the Hugging Face directory instead"
+            )
     if "rope_freqs.weight" in tensors:
         raise SourceError(
             f"{where}: Llama-3 rope scaling (rope_freqs.weight) is not supported for GGUF; "

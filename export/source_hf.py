@@ -63,6 +63,9 @@ TENSOR_NAMES = {
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older transformers saved; recomputed from the config
 
 
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig.sliding_window when config.json has none
+
+
 def load_hf(directory: Path) -> Source:
     """The model in a Hugging Face directory as a Source; SourceError (one line) if unusable."""
     if not directory.is_dir():
@@ -130,9 +133,11 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
     )
     refuse_unless(not hf.get("use_sliding_window", False), "use_sliding_window")
     context = number("max_position_embeddings", int, 1, MAX_CONTEXT_LENGTH)
-    if architecture == "MistralForCausalLM" and hf.get("sliding_window") is not None:
-        # within the window, attention is exactly full causal
-        context = min(context, number("sliding_window", int, 1))
+    if architecture == "MistralForCausalLM":  # within the window, attention is exactly full causal
+        if "sliding_window" not in hf:  # transformers' MistralConfig then has its default window
+            context = min(context, MISTRAL_DEFAULT_WINDOW)
+        elif hf["sliding_window"] is not None:
+            context = min(context, number("sliding_window", int, 1))
     rope = rope_settings(hf, where)
     head_dim = size("head_dim", "head_dim", default=dim // n_head)
     cfg = ModelConfig(
@@ -157,11 +162,13 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
 
 def rope_settings(hf: dict, where: Path) -> dict:
     """rope_theta and the Llama-3 scaling fields of ModelConfig, from rope_theta / rope_scaling
-    (transformers 4) or rope_parameters (transformers 5)."""
+    (transformers 4) or rope_parameters (transformers 5; a rope_scaling beside it is merged into
+    it, as transformers 5 does - it was ignored)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise SourceError(f"{where}: {key} must be a JSON object or null, got {json.dumps(hf[key])[:60]}")
     name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = hf.get(name) or {}
-    if not isinstance(params, dict):
-        raise SourceError(f"{where}: {name} must be a JSON object or null, got {json.dumps(params)[:60]}")
+    params = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
     if params.get("rope_theta") is not None:
         theta, theta_key = params["rope_theta"], f"{name}.rope_theta"
     else:
@@ -218,10 +225,10 @@ def weight_headers(directory: Path) -> tuple[list[Path], dict[str, Tensor]]:
         (SAFETENSORS, SAFETENSORS_INDEX, safetensors_tensors),
         (TORCH_BIN, TORCH_BIN_INDEX, torch_bin_tensors),
     ):
-        if regular_file(directory / index):
-            files = shard_files(directory / index)
-        elif regular_file(directory / single):
+        if regular_file(directory / single):  # before the shards' index, as transformers looks
             files = [directory / single]
+        elif regular_file(directory / index):
+            files = shard_files(directory / index)
         else:
             continue
         tensors: dict[str, Tensor] = {}

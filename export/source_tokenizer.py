@@ -226,9 +226,15 @@ def post_processor_bos(spec: object, depth: int = 0) -> object:
 
 
 def hf_chat_template(directory: Path, config: dict) -> str | None:
-    """tokenizer_config.json's chat_template (a string, or named templates: the "default" one, or
-    the only one), else
-    chat_template.jinja / chat_template.json, which newer transformers save instead."""
+    """chat_template.jinja, which newer transformers save and which wins over tokenizer_config.json's
+    (as in transformers: Craft took the config's first); else tokenizer_config.json's chat_template (a
+    string, or named templates: the "default" one, or the only one); else chat_template.json."""
+    jinja = directory / "chat_template.jinja"
+    if regular(jinja):
+        try:
+            return checked_template(jinja.read_text(encoding="utf-8"), str(jinja))
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerSourceError(f"cannot read {jinja} ({e}); it must be the chat template, UTF-8") from None
     where = directory / "tokenizer_config.json"
     template = config.get("chat_template")
     if isinstance(template, list):
@@ -244,13 +250,6 @@ def hf_chat_template(directory: Path, config: dict) -> str | None:
                 "'default'; rename the one to chat with to 'default'"
             )
         template = named.get("default", next(iter(named.values()), None))
-    jinja = directory / "chat_template.jinja"
-    if template is None and regular(jinja):
-        where = jinja
-        try:
-            template = jinja.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise TokenizerSourceError(f"cannot read {jinja} ({e}); it must be the chat template, UTF-8") from None
     if template is None:
         where = directory / "chat_template.json"
         template = load_json(where).get("chat_template")
@@ -313,6 +312,8 @@ GGUF_PRE = {
     "deepseek-r1-qwen": QWEN2,
     "megrez": QWEN2,
 }
+# The pre-tokenizers for which llama.cpp starts a prompt with BOS when the file has no add_bos_token.
+GGUF_PRE_ADDING_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
 # Control tokens that llama.cpp treats as end of generation by their text (llama-vocab.cpp).
 END_OF_TURN_TEXTS = {
     "<|eot_id|>",
@@ -388,7 +389,7 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
                 f"{name}: tokenizer.ggml.pre '{pre!s:.60}' is not supported; supported: {', '.join(sorted(GGUF_PRE))}"
             )
         spec = byte_level_json(tokens, types, merges or [], GGUF_PRE[pre])
-        add_bos = flag("add_bos_token", False)
+        add_bos = flag("add_bos_token", pre in GGUF_PRE_ADDING_BOS)
     elif model == "llama":
         unk = token_id("unknown_token_id")
         try:

@@ -142,11 +142,12 @@ def numpy_logits(path: Path, fed: list[int], prompt_length: int) -> list[np.ndar
     return out
 
 
-def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
+def write_gguf(model, path: Path, qtype: str = "F32", pre: str = "default") -> Path:
     """A llama GGUF of a transformers Llama model, as llama.cpp's converter writes it: metadata
     keys, GGUF tensor names, q/k rows permuted for llama.cpp's RoPE; 2-D weights in `qtype`
     (F32, F16, Q8_0 or Q4_1 via gguf.quants; with Q4_1 the embedding and output stay Q8_0, as in
-    llama.cpp's Q4_1 files), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.*."""
+    llama.cpp's Q4_1 files), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.* (with `pre`
+    as tokenizer.ggml.pre)."""
     import gguf
 
     from craft.export.source_gguf import permute_rope_rows
@@ -179,7 +180,7 @@ def write_gguf(model, path: Path, qtype: str = "F32") -> Path:
     tokens = sorted(vocab, key=vocab.get)
     specials = {t["content"] for t in spec["added_tokens"]}
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])

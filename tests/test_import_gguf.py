@@ -158,8 +158,10 @@ def refusal(path: Path) -> str:
     return message
 
 
-def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None) -> Path:
+def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None, floats: dict | None = None) -> Path:
     writer = gguf.GGUFWriter(str(path), architecture)
+    for key, value in (floats or {}).items():
+        writer.add_float32(key, value)
     for key, value in dict(
         context_length=16, embedding_length=8, block_count=1, feed_forward_length=16, vocab_size=4
     ).items():
@@ -177,6 +179,25 @@ def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None) -> P
 def test_unsupported_gguf_architecture(tmp_path):
     message = refusal(minimal_gguf(tmp_path / "m.gguf", "gpt2"))
     assert "'gpt2'" in message and "llama" in message
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_rope_scaling_factor_without_a_type_is_refused(tmp_path, key):
+    """llama.cpp scales linearly by the factor when the type key is absent (and reads the old
+    scale_linear key): exported unscaled, the model computed something else, exit 0."""
+    message = refusal(minimal_gguf(tmp_path / "m.gguf", floats={key: 4.0}))
+    assert f"rope scaling ({key} = 4.0) is not supported" in message
+
+
+def test_llama3_pre_tokenizer_adds_bos_as_llama_cpp_does(tmp_path):
+    """llama.cpp starts a prompt with BOS for the llama3 / llama-bpe pre-tokenizers when the file has
+    no add_bos_token; Craft did not, so every prompt lost its BOS."""
+    from craft.export.source_tokenizer import read_gguf_tokenizer
+
+    model = random_hf_model("llama")
+    for pre, add_bos in (("llama-bpe", True), ("default", False)):
+        path = write_gguf(model, tmp_path / f"{pre}.gguf", pre=pre)
+        assert read_gguf_tokenizer(path).add_bos is add_bos
 
 
 def test_unsupported_tensor_type(llama, tmp_path):

@@ -168,6 +168,47 @@ def test_unsupported_rope_scaling_is_named(saved, tmp_path):
     assert "yarn" in refusal(directory)
 
 
+def test_rope_scaling_beside_rope_parameters_is_not_ignored(saved, tmp_path):
+    """transformers 5 merges a rope_scaling into rope_parameters; Craft read rope_parameters alone
+    and exported a linear-scaled model unscaled (logits 0.19 off), exit 0."""
+    directory = copy_model(
+        saved["llama-tied"][1],
+        tmp_path,
+        lambda c: c.update(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+        ),
+    )
+    assert 'type "linear" is not supported' in refusal(directory)
+
+
+def test_mistral_without_a_sliding_window_key_has_transformers_default_window(saved, tmp_path):
+    """MistralConfig's sliding_window defaults to 4096 when config.json has none: beyond it the
+    export's full attention differs from transformers. null means no window."""
+    for window, context in (("absent", 4096), (None, 8192), (1024, 1024)):
+
+        def edit(c, window=window):
+            c.update(max_position_embeddings=8192)
+            c.pop("sliding_window", None)
+            if window != "absent":
+                c["sliding_window"] = window
+
+        (tmp_path / str(window)).mkdir()
+        directory = copy_model(saved["mistral-head-dim"][1], tmp_path / str(window), edit)
+        assert load_source(directory).config.context_length == context
+
+
+def test_model_safetensors_wins_over_a_shard_index(saved, tmp_path):
+    """transformers loads model.safetensors when both it and an index are there; Craft took the shards."""
+    from craft.export.source_hf import weight_headers
+
+    hf_model, _ = saved["qwen2-biases"]
+    both = tmp_path / "both"
+    hf_model.save_pretrained(both, max_shard_size="40KB")
+    (both / "model.safetensors").write_bytes((saved["qwen2-biases"][1] / "model.safetensors").read_bytes())
+    assert weight_headers(both)[0] == [both / "model.safetensors"]
+
+
 def test_llama3_rope_scaling_with_a_missing_field_is_named(saved, tmp_path):
     def drop_factor(c):
         del c["rope_parameters"]["high_freq_factor"]

@@ -365,6 +365,9 @@ def test_read_hf_directory(tmp_path, sentencepiece_style):
         (2,),
         "J",
     )
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "C"}))
+    assert read_hf_tokenizer(tmp_path).chat_template == "J"  # the file wins, as in transformers (Craft took "C")
 
 
 def test_read_hf_directory_errors(tmp_path, sentencepiece_style):
