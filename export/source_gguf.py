@@ -78,7 +78,12 @@ def check_gguf_header(path: Path) -> None:
             if os.fstat(f.fileno()).st_size < 24:
                 raise GGUFHeaderError("shorter than a GGUF header")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                if data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] in (2, 3):  # else the reader says
+                if data[:4] == b"GGUF":  # else the reader says what it is not
+                    version = struct.unpack_from("<I", data, 4)[0]
+                    if struct.unpack_from(">I", data, 4)[0] in (2, 3):  # gguf reads it too, past this walk
+                        raise GGUFHeaderError("a big-endian GGUF, which Craft does not read")
+                    if version not in (2, 3):
+                        raise GGUFHeaderError(f"GGUF version {version}; Craft reads versions 2 and 3")
                     HeaderWalk(data).header()
     except GGUFHeaderError as e:
         raise SourceError(f"{path} is truncated or not a valid GGUF file ({e}); download or convert it again") from None

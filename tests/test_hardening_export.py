@@ -749,8 +749,10 @@ def gguf_text(text: bytes) -> bytes:
         gguf_header(gguf_text(b"a") + struct.pack("<IQ", 8, 2**60)),  # a string of 2^60 bytes
         gguf_header(tensors=2**60),  # 2^60 tensor infos
         gguf_header(gguf_text(b"a") + struct.pack("<I", 99)),  # an unknown value type
+        b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + struct.pack(">Q", 1) + b"a" + struct.pack(">IIQ", 9, 0, 2**40),
+        b"GGUF" + struct.pack("<IQQ", 7, 0, 0),  # a version the walk does not know
     ],
-    ids=["uint8-array", "string-array", "string", "tensor-count", "value-type"],
+    ids=["uint8-array", "string-array", "string", "tensor-count", "value-type", "big-endian", "version"],
 )
 def test_gguf_header_claims_are_checked_before_the_reader_runs(tmp_path, data):
     """gguf.GGUFReader walked a claimed count past the end of the file: a 70-byte file claiming
