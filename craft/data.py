@@ -94,7 +94,7 @@ class Corpus:
         else:
             for file in self.files():
                 st = file.stat()
-                h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(file.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # any name
         return h.hexdigest()
 
 
@@ -238,6 +238,9 @@ def read_info(run_dir: Path) -> dict | None:
         info = json.loads(path.read_bytes())
         if not isinstance(info, dict):
             raise ValueError(f"a JSON {type(info).__name__}, not an object")
+        problem = info_problem(info)
+        if problem:
+            raise ValueError(problem)
     except RecursionError:
         raise RunDirError(
             f"{path} is damaged (nested too deeply); delete it and {TOKENS} (craft-train --resume rebuilds them)"
@@ -268,6 +271,19 @@ class TokenData:
             counts += np.bincount(self.train[start : start + HASH_BLOCK], minlength=len(counts))
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
+
+
+def info_problem(info: dict) -> str | None:
+    """What is wrong with the fields of data.json that reading the token file relies on, or None."""
+    if info.get("dtype") not in ("uint16", "uint32"):  # token_dtype's
+        return f'dtype {json.dumps(info.get("dtype"))[:40]}, expected "uint16" or "uint32"'
+    fraction = info.get("val_fraction")
+    if type(fraction) not in (int, float) or not 0 <= fraction < 1:
+        return f"val_fraction {json.dumps(fraction)[:40]}, expected a number in [0, 1)"
+    for key in ("n_tokens", "vocab_size"):
+        if key in info and (type(info[key]) is not int or info[key] < 0):
+            return f"{key} {json.dumps(info[key])[:40]}, expected a count"
+    return None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -371,7 +387,7 @@ def run_splits(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     info = read_info(Path(run_dir))
     if info is None or not tokens_path.is_file():
         return None
-    if not tokens_intact(tokens_path, info):
+    if not tokens_intact(tokens_path, info) or tokens_path.stat().st_size == 0:
         raise RunDirError(
             f"{tokens_path} does not match {DATA_INFO} (its length, its SHA-256 or an id past the vocabulary): "
             f"it was truncated or replaced; rebuild it with craft-train --resume {run_dir}, "

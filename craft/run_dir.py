@@ -146,6 +146,11 @@ def remove_temp_files(run_dir: Path) -> None:
 def check_out_dir(run_dir: Path) -> None:
     """Refuse an out_dir that cannot become a run directory before any work is done for it."""
     run_dir = Path(run_dir)
+    try:
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogates): TensorBoard's writer fails on them
+        shown = os.fsencode(run_dir).decode("utf-8", "backslashreplace")
+        raise RunDirError(f"out_dir={shown} is not UTF-8 text; choose a UTF-8 out_dir=...") from None
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
         what = "is a file" if existing == run_dir else f"is inside {existing}, which is a file"

@@ -682,3 +682,15 @@ def test_a_file_onnx_runtime_refuses_prints_nothing_on_stdout(capfd, monkeypatch
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load it"):
         Generator(char_int8)
     assert capfd.readouterr().out == ""
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    """An out_dir that is not UTF-8 was TensorBoard's UnicodeEncodeError traceback (after the run's
+    first files were written); a corpus file named so was one in the corpus fingerprint."""
+    from craft.data import Corpus
+
+    with pytest.raises(rd.RunDirError, match=r"out_dir=.*o\\xff is not UTF-8 text"):
+        rd.check_out_dir(tmp_path / os.fsdecode(b"o\xff"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / os.fsdecode(b"caf\xe9.txt")).write_text("some text\n")
+    assert len(Corpus(str(tmp_path / "corpus")).fingerprint()) == 64

@@ -92,6 +92,10 @@ def test_output_device_through_the_command_is_one_line(char_run):
         "config_binary",
         "config_directory",
         "data_json_garbage",
+        "data_json_dtype",
+        "data_json_val_fraction",
+        "data_json_no_dtype",
+        "tokens_empty",
         "tokens_truncated",
         "tokenizer_garbage",
         "tokenizer_swapped",
@@ -107,6 +111,10 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
         "config_binary": "not a UTF-8 text file",
         "config_directory": "has no config.yaml",
         "data_json_garbage": "is damaged",
+        "data_json_dtype": 'is damaged (dtype "bogus", expected "uint16" or "uint32")',  # each of these 4: a traceback
+        "data_json_val_fraction": 'is damaged (val_fraction "x", expected a number in [0, 1))',
+        "data_json_no_dtype": "is damaged (dtype null",
+        "tokens_empty": "truncated or replaced",
         "tokens_truncated": "truncated or replaced",
         "tokenizer_garbage": "is not a valid tokenizer",
         "tokenizer_swapped": "is not the tokenizer this run was trained with",
@@ -121,6 +129,16 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
         (run_copy / rd.CONFIG).mkdir()
     elif damage == "data_json_garbage":
         (run_copy / DATA_INFO).write_bytes(b"\x00\x01")
+    elif damage.startswith("data_json_"):
+        info = json.loads((run_copy / DATA_INFO).read_text())
+        edit = {"data_json_dtype": {"dtype": "bogus"}, "data_json_val_fraction": {"val_fraction": "x"}}.get(damage, {})
+        info = {k: v for k, v in {**info, **edit}.items() if not (damage == "data_json_no_dtype" and k == "dtype")}
+        (run_copy / DATA_INFO).write_text(json.dumps(info))
+    elif damage == "tokens_empty":
+        info = json.loads((run_copy / DATA_INFO).read_text())  # no length or hash to check the file against
+        info = {k: v for k, v in info.items() if not k.startswith(("n_", "tok"))}
+        (run_copy / DATA_INFO).write_text(json.dumps(info))
+        (run_copy / TOKENS).write_bytes(b"")
     elif damage == "tokens_truncated":
         with open(run_copy / TOKENS, "r+b") as f:
             f.truncate(os.path.getsize(run_copy / TOKENS) - 3)
