@@ -41,6 +41,7 @@ LOCK = "train.lock"
 TOKENS = "tokens.bin"  # the corpus's token ids (craft.data)
 DATA_INFO = "data.json"  # what TOKENS was made from: corpus, tokenizer, split (craft.data)
 TEMP_SUFFIX = ".tmp"
+TEMP_NAME_BYTES = 200  # of a target's name in its temp file's name: room for .PID.random.tmp under 255
 
 
 class RunDirError(ValueError):
@@ -65,7 +66,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{temp_stem(path.name)}.{os.getpid()}.", suffix=TEMP_SUFFIX
+        )
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -76,11 +79,19 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and (
-            e.filename is None or e.filename == tmp or str(e.filename).startswith(str(path.parent / f".{path.name}."))
+            e.filename is None
+            or e.filename == tmp
+            or str(e.filename).startswith(str(path.parent / f".{temp_stem(path.name)}."))
         ):
             e.filename, e.filename2 = str(path), None
         raise
     fsync_dir(path.parent)
+
+
+def temp_stem(name: str) -> str:
+    """`name` as a temp file's name holds it (.STEM.PID.random.tmp): its first TEMP_NAME_BYTES bytes,
+    so that a legal 245-byte name does not make a temp name past the 255 bytes filesystems allow."""
+    return os.fsdecode(os.fsencode(name)[:TEMP_NAME_BYTES])
 
 
 def open_append(path: Path):
@@ -97,10 +108,10 @@ def sweep_temp_files(directory: Path, name: str = "") -> None:
     Only names atomic_file makes (.NAME.PID.random.tmp, NAME exactly `name` when given) are
     Craft's: a user's own .notes.tmp or .model.onnx.bak.tmp beside the output is not."""
     for path in Path(directory).iterdir():
-        if not (path.name.startswith(f".{name}") and path.name.endswith(TEMP_SUFFIX)):
+        if not (path.name.startswith(f".{temp_stem(name)}") and path.name.endswith(TEMP_SUFFIX)):
             continue
         parts = path.name[1 : -len(TEMP_SUFFIX)].rsplit(".", 2)  # NAME, PID, random
-        if len(parts) != 3 or (name and parts[0] != name) or not (parts[1].isascii() and parts[1].isdigit()):
+        if len(parts) != 3 or (name and parts[0] != temp_stem(name)) or not (parts[1].isascii() and parts[1].isdigit()):
             continue
         if not _alive(int(parts[1])):
             path.unlink(missing_ok=True)

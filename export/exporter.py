@@ -363,7 +363,7 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
     if not parent.is_dir():
         raise ExportError(f"output directory {parent} does not exist; create it or choose another -o")
     try:  # probe by writing: permission bits do not tell root, read-only mounts or /proc apart
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.", suffix=".probe")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{rd.temp_stem(output.name)}.", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

@@ -694,3 +694,22 @@ def test_names_that_are_not_utf8(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / os.fsdecode(b"caf\xe9.txt")).write_text("some text\n")
     assert len(Corpus(str(tmp_path / "corpus")).fingerprint()) == 64
+
+
+def test_a_long_legal_file_name_can_be_written(tmp_path):
+    """A 250-byte name is legal, but the temp file beside it (.NAME.PID.random.tmp) ran past the 255
+    bytes a name may have: 'File name too long; choose another -o'. Its sweep still finds it."""
+    from craft.export.exporter import check_output_path
+
+    for name in ("x" * 250, "\u00e9" * 125):  # 250 bytes either way
+        target = tmp_path / name
+        check_output_path(target)
+        rd.atomic_write_bytes(target, b"data")
+        assert target.read_bytes() == b"data" and [p.name for p in tmp_path.iterdir()] == [name]
+        target.unlink()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".{rd.temp_stem('x' * 250)}.{gone.pid}.abcdefgh.tmp"
+    stale.write_bytes(b"partial")
+    rd.sweep_temp_files(tmp_path, "x" * 250)
+    assert not stale.exists()
