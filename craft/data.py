@@ -361,9 +361,10 @@ def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
     )
     for name, part in (("train", train), ("val", val)):
         if len(part) <= context_length + 1:
+            other = "larger" if name == "val" else "smaller"  # a larger val split shrinks the train split
             raise DataError(
                 f"the {name} split has {len(part)} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
-                f"use a larger corpus, a smaller model.context_length, or a larger data.val_fraction"
+                f"use a larger corpus, a smaller model.context_length, or a {other} data.val_fraction"
             )
     return TokenData(train, val, info)
 

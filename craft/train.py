@@ -430,7 +430,7 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                     if state.stopper.update(val):
                         result["stopped"] = (
                             f"early stopping: val loss did not improve by more than {t.early_stop_min_delta} "
-                            f"in {t.early_stop_patience} evals (best {state.stopper.best:.4f})"
+                            f"in {t.early_stop_patience} evals (best {state.best_val:.4f})"
                         )
                         ckpt.save(state, cfg, dist)
                         log(result["stopped"])

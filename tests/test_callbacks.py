@@ -60,6 +60,7 @@ def test_early_stopping_stops_the_run(tmp_path, small_corpus):
     )
     result = train(cfg, log=quiet)
     assert result["stopped"].startswith("early stopping") and result["step"] == 30, result
+    assert result["stopped"].endswith(f"(best {result['best_val_loss']:.4f})")  # the run's best, not the stopper's
     run = tmp_path / "run"
     assert [r["step"] for r in read_metrics(run / rd.METRICS) if r["event"] == "eval"] == [10, 20, 30]
     state, _ = ckpt.read(run / rd.CHECKPOINT)
