@@ -143,14 +143,42 @@ def check_file(path: str | Path) -> Artifact:
         if problem:
             raise ArtifactError(f"{path}: {problem}; {FIX}")
         model = read_model(path, with_weights=False, max_entries=entry_budget(artifact.spec))
+        epsilons = norm_epsilons(path, model)
     except OnnxFormatError as e:
         raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
     except OSError as e:
         raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
     problem = check_model(artifact, model)
+    if problem is None:  # the numpy backend computes with the metadata's epsilon, ONNX Runtime with the graph's
+        wanted = np.float32(artifact.spec.norm_eps)
+        found = next((eps for eps in epsilons if np.float32(eps) != wanted), None)
+        if found is not None:
+            problem = f"its graph's RMS norms add epsilon {found:g}, its metadata says norm_eps={wanted:g}"
     if problem:
         raise ArtifactError(f"{path}: {problem}; {FIX}")
     return artifact
+
+
+FUSED_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+FUSED_NORM_EPSILON = 1e-5  # ONNX Runtime's default for their epsilon attribute
+
+
+def norm_epsilons(path: Path, model: OnnxModel) -> list[float]:
+    """The epsilon of every RMS norm in the graph: the fused nodes' attribute, or the constant the
+    pattern export/graph.py writes adds to mean(x^2) before its Sqrt (read from the file)."""
+    found = [node.attributes.get("epsilon", FUSED_NORM_EPSILON) for node in model.nodes if node.op_type in FUSED_NORMS]
+    made_by = {output: node for node in model.nodes for output in node.outputs}
+    constants = []
+    for node in model.nodes:
+        add = made_by.get(node.inputs[0]) if node.op_type == "Sqrt" and node.inputs else None
+        if add is not None and add.op_type == "Add" and len(add.inputs) == 2:
+            mean = made_by.get(add.inputs[0])
+            if mean is not None and mean.op_type == "ReduceMean":
+                constants.append(add.inputs[1])
+    if constants:
+        values = read_model(path, with_weights=constants, with_nodes=False).initializers
+        found += [float(values[name].reshape(-1)[0]) for name in constants if values.get(name, np.empty(0)).size == 1]
+    return [eps if isinstance(eps, float) else math.nan for eps in found]  # a damaged attribute is no epsilon
 
 
 def check_claims(artifact: Artifact) -> str | None:
