@@ -252,7 +252,7 @@ def main(
       craft-run smollm2.int8.onnx "What is the capital of France?" --chat --system "Be brief."
     """
     from craft.runtime.artifact import ArtifactError
-    from craft.runtime.generator import CONTEXT_LENGTH, GenerationError, Generator, load_artifact
+    from craft.runtime.generator import CONTEXT_LENGTH, GenerationError, Generator, load_artifact, load_tokenizer
     from craft.runtime.sampling import SamplingError, SamplingParams
 
     if estimate:
@@ -271,6 +271,7 @@ def main(
 
         try:
             artifact = load_artifact(model)
+            load_tokenizer(artifact, model)  # a file that cannot run does not fit anywhere
             size = os.path.getsize(model)
             chosen = backend if click.get_current_context().get_parameter_source("backend").name != "DEFAULT" else None
             if max_context is not None and max_context > artifact.spec.context_length:

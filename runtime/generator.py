@@ -100,6 +100,21 @@ def load_artifact(path: str | Path) -> Artifact:
     return check_file(path)
 
 
+def load_tokenizer(artifact: Artifact, path: str | Path) -> Tokenizer:
+    """The tokenizer in the file's metadata; ArtifactError (one line) where it does not load or
+    does not fit the model."""
+    try:
+        tokenizer = tokenizer_from_bytes(artifact.tokenizer_kind, artifact.tokenizer_data)
+    except (ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: the tokenizer in its metadata does not load ({e}); re-export it") from None
+    if tokenizer.vocab_size > artifact.spec.vocab_size:
+        raise ArtifactError(
+            f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{artifact.spec.vocab_size}; re-export it from a consistent run directory"
+        )
+    return tokenizer
+
+
 def check_sampling(sampling) -> None:
     if not isinstance(sampling, SamplingParams):
         got = type(sampling).__name__
@@ -167,15 +182,7 @@ class Generator:
         self.artifact = load_artifact(path)  # the path as given: Path("") would be "."
         self.path = Path(path)
         self.spec = self.artifact.spec
-        try:
-            self.tokenizer = tokenizer_from_bytes(self.artifact.tokenizer_kind, self.artifact.tokenizer_data)
-        except (ValueError, RuntimeError) as e:
-            raise ArtifactError(f"{path}: the tokenizer in its metadata does not load ({e}); re-export it") from None
-        if self.tokenizer.vocab_size > self.spec.vocab_size:
-            raise ArtifactError(
-                f"{path}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
-                f"{self.spec.vocab_size}; re-export it from a consistent run directory"
-            )
+        self.tokenizer = load_tokenizer(self.artifact, path)
         self.context_length, self.memory_capped = self._context(backend, max_context)  # before the weights take memory
         if backend == "ort":
             from craft.runtime.ort_backend import OrtBackend

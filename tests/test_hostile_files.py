@@ -515,6 +515,8 @@ def test_tokenizer_lies_are_refused(tmp_path, files, kind, data, pattern):
     for backend in BACKENDS:
         with pytest.raises(ArtifactError, match=pattern):
             Generator(path, backend=backend)
+    estimate = run_cli("craft.runtime.cli", str(path), "--estimate")  # said 'fits yes' for a file that cannot run
+    assert estimate.returncode == 2 and estimate.stderr.count("\n") == 1 and "does not load" in estimate.stderr
 
 
 def test_in_place_graph_labelled_standard_is_refused(tmp_path, files):
