@@ -546,11 +546,13 @@ def main(overrides, config, resume, overwrite, plot_dir):
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):  # torch's CPU allocator
             raise
-        echo_error(
-            "craft-train",
-            "out of memory building or training the model; lower train.batch_size (or model.dim, model.n_layer, "
-            "model.context_length) and start again with --overwrite (or --resume if a checkpoint was saved)",
+        fix = (  # --overwrite would delete the run being resumed
+            f"close other programs, or lower train.batch_size: --resume {resume} train.batch_size=N"
+            if resume is not None
+            else "lower train.batch_size (or model.dim, model.n_layer, model.context_length) and start again with "
+            "--overwrite (or --resume if a checkpoint was saved)"
         )
+        echo_error("craft-train", f"out of memory building or training the model; {fix}")
         sys.exit(EXIT_OS_ERROR)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
         sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)

@@ -489,6 +489,13 @@ def test_out_of_memory_is_one_line(monkeypatch):
     monkeypatch.setattr(craft.train, "train", oom)
     result = CliRunner().invoke(craft.train.main, ["train.max_steps=2"])
     assert result.exit_code == 1 and "out of memory" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(craft.train, "resumed_config", lambda run, overrides: None)
+    resumed = CliRunner().invoke(craft.train.main, ["--resume", "runs/x"])  # --overwrite would delete the run
+    assert (
+        resumed.exit_code == 1
+        and "--overwrite" not in resumed.output
+        and "--resume runs/x train.batch_size=N" in resumed.output
+    )
 
 
 def test_names_with_unicode_digits_are_not_craft_files(tmp_path):
