@@ -165,7 +165,7 @@ def write(text: str) -> None:
     "--seed",
     cls=Field,
     type=int,
-    help="Random seed: the same seed, model and flags give the same text.  [default: random]",
+    help="Random seed: the same seed, model, flags and backend give the same text.  [default: random]",
 )
 @click.option(
     "--stop",

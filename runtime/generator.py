@@ -158,9 +158,11 @@ class Continuation:
         return final
 
     def finish(self, max_new_tokens: int) -> str:
-        """The held-back text; a row not done by EOS or a stop string ran out of tokens or context."""
+        """The held-back text; a row not done by EOS or a stop string ran out of tokens or context.
+        Bytes of an unfinished character are U+FFFD, as the tokenizer's decode gives them (at EOS too)."""
         if not self.stop_reason:
             self.stop_reason = MAX_NEW_TOKENS if len(self.token_ids) >= max_new_tokens else CONTEXT_LENGTH
+        if self.stop_reason != STOP_STRING:  # a stop string cut the text before what follows it
             self.pending += self.text_stream.finish()
         rest, self.pending = self.pending, ""
         return rest
@@ -252,8 +254,11 @@ class Generator:
                 f"the prompt is {len(ids)} tokens but {self._context_text()}; "
                 f"shorten it or pass --truncate (keeps its end)"
             )
-        keep = ctx - min(max(max_new_tokens, 1), ctx // 2)  # leave room to generate
-        return bos + ids[len(ids) - keep + len(bos) :]
+        # Room for the new tokens that are fed back (the last one never is), at most half the context;
+        # at least one token of the prompt, after BOS where it fits (a context of 2 kept BOS alone).
+        keep = ctx - min(max(max_new_tokens - 1, 0), ctx // 2)
+        body = max(keep - len(bos), 1)
+        return (bos if body + len(bos) <= ctx else []) + ids[len(ids) - body :]
 
     def _context_text(self) -> str:
         if self.context_length == self.spec.context_length:
@@ -380,7 +385,9 @@ class Generator:
     def generate_batch(
         self, prompts: Sequence[str], sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
     ) -> list[Completion]:
-        """Several prompts in one left-padded batch; row i equals generate(prompts[i], same arguments)."""
+        """Several prompts in one left-padded batch; row i equals generate(prompts[i], same arguments),
+        except that the rows share one cache as wide as the longest prompt: every row stops (context_length)
+        when that one reaches the context. A quantized file's rows may round differently than alone."""
         t0 = time.perf_counter()
         check_sampling(sampling)
         if isinstance(prompts, str):  # a str is a sequence too: of one-character prompts

@@ -2,9 +2,10 @@
 the next token from logits: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
 Pure functions over numpy arrays; randomness comes only from the numpy Generator passed in,
-so the same seed gives the same tokens on every backend and machine. A new sampler is a field
-of SamplingParams (default: off), its check in __post_init__, its cut in candidates() and
-sample_next(), and one line in cli.py to expose it.
+so the same seed and logits give the same tokens on every backend and machine (a quantized
+file's logits differ a little between backends: ONNX Runtime and numpy round its activations
+differently). A new sampler is a field of SamplingParams (default: off), its check in
+__post_init__, its cut in candidates() and sample_next(), and one line in cli.py to expose it.
 """
 
 from __future__ import annotations

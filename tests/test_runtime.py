@@ -531,3 +531,29 @@ def test_numpy_backend_survives_its_file_rewritten_in_place(char_int8, tmp_path)
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+
+
+def test_eos_after_half_a_character_gives_the_text_decode_gives():
+    """EOS right after an unfinished UTF-8 character: the text dropped its bytes while
+    decode(token_ids) gives U+FFFD, so the Completion's text and ids disagreed."""
+    from craft.runtime.generator import Continuation
+    from craft.runtime.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("a")
+    row = Continuation(tok, stop_ids=(tok.eos_id,), stop=())
+    ids = tok.encode("a\u20ac")[:-1]  # 'a' and two of the euro sign's three byte-fallback tokens
+    text = "".join(row.feed(t) for t in (*ids, tok.eos_id)) + row.finish(100)
+    assert row.stop_reason == "eos" and text == tok.decode(row.token_ids)
+
+
+def test_truncate_keeps_the_prompt_end_at_any_context(char_gen):
+    """--truncate at a context of 2 kept BOS alone (none of the prompt); a prompt that fills the
+    context exactly was cut by one though the last new token is never fed back."""
+    prompt = "ROMEO: hello"
+    full = char_gen.encode_prompt(prompt, 1)
+    bos = full[:1]
+    for ctx, new, expected in ((2, 1, bos + full[-1:]), (2, 9, bos + full[-1:]), (4, 1, bos + full[-3:])):
+        char_gen.context_length = ctx
+        assert char_gen.encode_prompt(prompt, new, truncate=True) == expected
+    char_gen.context_length = 1
+    assert char_gen.encode_prompt(prompt, 1, truncate=True) == full[-1:]  # no room for BOS: the last token
