@@ -150,15 +150,16 @@ def test_craft_export_attention_flag_verifies_inplace_against_pytorch(char_run, 
 
 
 def test_an_unknown_attention_op_is_blamed_on_the_runtime_only_when_it_is_too_old(pair, tmp_path, monkeypatch):
-    """ONNX Runtime's "not a registered op" about GroupQueryAttention: an old onnxruntime (the
-    line says which to install), or on a current one a damaged file (the line says re-export)."""
+    """ONNX Runtime refusing a GroupQueryAttention node: an old onnxruntime (the line says which to
+    install), or on a current one a damaged file (the line says re-export). A renamed op is caught
+    before ONNX Runtime sees it (the graph then has no GroupQueryAttention): a damaged attribute."""
     import onnx
     import onnxruntime
 
     model = onnx.load(str(pair["inplace"].path))
     for node in model.graph.node:
         if node.op_type == "GroupQueryAttention":
-            node.op_type = "GroupQueryAttentionZ"
+            next(a for a in node.attribute if a.name == "kv_num_heads").i = 0
     path = tmp_path / "unknown_op.onnx"
     path.write_bytes(model.SerializeToString())
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load it .*re-export it"):
