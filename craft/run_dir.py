@@ -188,9 +188,12 @@ class RunLock:
 
         if self.fd is not None:
             return
-        self.created = not self.path.exists()
-        try:  # not through a symlink: the pid written below would replace whatever it points to
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC  # no symlink: the pid below would land in its target
+        try:
+            try:  # O_EXCL tells whether this process made the file (another may make it between a look and an open)
+                fd, created = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK), True
+            except FileExistsError:
+                fd, created = os.open(self.path, flags), False
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
@@ -219,7 +222,7 @@ class RunLock:
                 raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        self.fd, self.created = fd, created  # only a holder may ever remove the file it made
 
     def release(self) -> None:
         if self.fd is not None:

@@ -347,7 +347,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log=pri
         return metrics
     except BaseException as e:
         refused = isinstance(e, rd.RunDirError) or not rd.is_run(Path(cfg.out_dir), lock)
-        if lock.created and not resume and refused:
+        if lock.created and lock.fd is not None and not resume and refused:  # held and made by this process
             lock.path.unlink(missing_ok=True)  # refused before the run began (an empty corpus): leave nothing
         raise
     finally:

@@ -720,3 +720,29 @@ def test_a_long_legal_file_name_can_be_written(tmp_path):
     stale.write_bytes(b"partial")
     rd.sweep_temp_files(tmp_path, "x" * 250)
     assert not stale.exists()
+
+
+def test_a_craft_train_refused_the_lock_never_removes_it(tmp_path, small_corpus, monkeypatch):
+    """The second of two new runs, refused the lock, deleted the first one's train.lock when it had
+    looked before the first created it: a third run then wrote the same directory at once."""
+    from pathlib import Path
+
+    from craft import train as T
+    from craft.config import load_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = rd.RunLock(out)
+    holder.acquire()  # a running craft-train
+    try:
+        real_exists = Path.exists
+        monkeypatch.setattr(Path, "exists", lambda p: p.name != rd.LOCK and real_exists(p))  # looked too early
+        with pytest.raises(rd.RunDirError, match="in use by another craft-train"):
+            T.train(load_config(None, overrides(out, small_corpus)), log=lambda *a, **k: None)
+        monkeypatch.undo()
+        assert holder.path.is_file()
+        third = rd.RunLock(out)
+        with pytest.raises(rd.RunDirError, match="in use by another craft-train"):
+            third.acquire()
+    finally:
+        holder.release()
