@@ -5,6 +5,8 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True (
     format, craft_version, config    what wrote it (config: the resolved Config as a dict)
     model, optimizer, scheduler      their state_dicts
     step                             optimizer steps taken
+    step_done                        False when a signal abandoned that step's eval: a resume runs
+                                     its eval and sample before the next step (absent: true)
     best_val_loss, early_stopping    the lowest val loss so far (best.pt) and EarlyStopping's state
     elapsed_s                        training seconds so far (a resumed run adds to them)
     rng {data, torch, cuda}          one entry per process: the numpy generator that picks the data
@@ -52,6 +54,7 @@ class TrainState:
     data_rng: np.random.Generator  # which windows come next: this process's data position
     stopper: EarlyStopping
     step: int = 0
+    step_done: bool = True  # False: step trained, its eval (abandoned for a signal) and sample still to do
     best_val: float = math.inf
     elapsed_before: float = 0.0  # training seconds of the runs this one continues
     started: float = field(default_factory=time.perf_counter)  # when this process began training
@@ -87,6 +90,7 @@ def save(state: TrainState, cfg: Config, dist: Distributed, *, best: bool = Fals
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "step": state.step,
+        "step_done": state.step_done,
         "best_val_loss": state.best_val,
         "early_stopping": state.stopper.state_dict(),
         "elapsed_s": state.elapsed_s,
@@ -130,6 +134,7 @@ def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tupl
             "or start again with --overwrite"
         ) from None
     state.step, state.best_val = saved["step"], saved["best_val_loss"]
+    state.step_done = saved.get("step_done", True)  # absent in checkpoints older than the field
     state.elapsed_before = saved.get("elapsed_s", 0.0)
     if len(rngs["data"]) != dist.world:
         log(
@@ -203,6 +208,8 @@ def payload_problem(payload: dict[str, Any]) -> str | None:
         return "'model' is not a mapping of names to dense tensors"
     if type(payload.get("step")) is not int or payload["step"] < 0:
         return f"'step' is {str(payload.get('step'))[:40]!r}, not a count >= 0"
+    if type(payload.get("step_done", True)) is not bool:
+        return f"'step_done' is {str(payload.get('step_done'))[:40]!r}, not true or false"
     if not is_number(payload.get("best_val_loss")) or not is_number(payload.get("elapsed_s", 0.0)):
         return "'best_val_loss' or 'elapsed_s' is not a number"
     for key in ("optimizer", "scheduler", "early_stopping"):

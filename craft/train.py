@@ -15,7 +15,8 @@ The step: AdamW (fused), linear warmup + cosine decay to train.lr_decay_steps, g
 and accumulation, optional bf16 autocast and torch.compile (eager, with a warning, where compiling
 fails). With train.threads=1 on CPU, a run killed at any moment and resumed logs bit-identical
 losses to the uninterrupted run: eval and samples draw from their own fixed generators.
-SIGINT/SIGTERM save a checkpoint and exit 130 (a signal during an eval abandons the eval); a
+SIGINT/SIGTERM save a checkpoint and exit 130 (a signal during an eval abandons the eval, which
+the resumed run then does first); a
 NaN/inf loss or gradient norm stops without saving (exit 3), keeping the last good checkpoint.
 One craft-train at a time writes a run directory: it holds an flock on RUN_DIR/train.lock.
 
@@ -364,7 +365,7 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
         state = new_state(cfg, dist)
         if resume:
             path, digest = ckpt.resume(state, cfg, dist, log)
-            if state.step >= t.max_steps:
+            if state.step >= t.max_steps and state.step_done:
                 raise rd.RunDirError(
                     f"{run_dir} already reached step {state.step} of train.max_steps={t.max_steps}; "
                     f"to train further pass a larger one, e.g. --resume {run_dir} train.max_steps={2 * state.step}"
@@ -389,39 +390,43 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
     stop_eval = None if dist.enabled else (lambda: signals.received is not None)
     try:
         with Signals() as signals, progress_bar(t.max_steps, "training", unit="step", initial=state.step) as bar:
-            while state.step < t.max_steps:
-                started = time.perf_counter()
-                loss = train_step(data.train, signals)
-                state.step += 1
-                step_time, steps_timed = step_time + time.perf_counter() - started, steps_timed + 1
-                bar.update(1)
-                last = state.step == t.max_steps
-                if state.step % t.log_interval == 0 or last or state.step == 1:
-                    tokens_per_s = tokens_per_step * steps_timed / max(step_time, 1e-9)
-                    step_time, steps_timed = 0.0, 0
-                    metrics.write(
-                        {
-                            "event": "train",
-                            "step": state.step,
-                            "loss": loss,
-                            "lr": state.scheduler.get_last_lr()[0],
-                            "tokens_per_s": tokens_per_s,
-                            "elapsed_s": state.elapsed_s,
-                        }
-                    )
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                evaluated = None
+            loss = None  # a resumed step whose eval was abandoned has no train loss in this process
+            while state.step < t.max_steps or not state.step_done:
+                if state.step_done:  # else resumed with the step trained, its eval and sample still to do
+                    started = time.perf_counter()
+                    loss = train_step(data.train, signals)
+                    state.step, state.step_done = state.step + 1, False
+                    step_time, steps_timed = step_time + time.perf_counter() - started, steps_timed + 1
+                    bar.update(1)
+                    if state.step % t.log_interval == 0 or state.step in (1, t.max_steps):
+                        tokens_per_s = tokens_per_step * steps_timed / max(step_time, 1e-9)
+                        step_time, steps_timed = 0.0, 0
+                        metrics.write(
+                            {
+                                "event": "train",
+                                "step": state.step,
+                                "loss": loss,
+                                "lr": state.scheduler.get_last_lr()[0],
+                                "tokens_per_s": tokens_per_s,
+                                "elapsed_s": state.elapsed_s,
+                            }
+                        )
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                last = state.step >= t.max_steps
                 if state.step % t.eval_interval == 0 or last:
                     evaluated = evaluate(state.model, data.val, cfg, train_step.autocast, dist, stop_eval)
-                if evaluated is not None:
+                    if evaluated is None:  # abandoned for a signal: saved undone, a resume evaluates this step
+                        ckpt.save(state, cfg, dist)
+                        result["stopped"] = stopped_by_signal(signals, run_dir, state.step, log)
+                        break
                     val = evaluated
                     metrics.write(
                         {"event": "eval", "step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
                     )
                     if dist.main:
+                        trained = "" if loss is None else f"train loss {loss:.4f}, "
                         bar.write(
-                            f"step {state.step}: train loss {loss:.4f}, val loss {val:.4f}, "
-                            f"val ppl {math.exp(min(val, 50.0)):.2f}",
+                            f"step {state.step}: {trained}val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}",
                             file=sys.stderr,
                         )
                     if val < state.best_val:
@@ -432,30 +437,24 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                             f"early stopping: val loss did not improve by more than {t.early_stop_min_delta} "
                             f"in {t.early_stop_patience} evals (best {state.best_val:.4f})"
                         )
-                        ckpt.save(state, cfg, dist)
-                        log(result["stopped"])
-                        break
-                if state.step % t.checkpoint_interval == 0 or last:
+                final = last or result["stopped"] != "max_steps"
+                # The sample before the checkpoint: a kill between them then re-runs the step, sample included.
+                if dist.main and final:
+                    sample = write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)
+                    log(f"sample at step {state.step}:\n{sample}\n")
+                elif dist.main and t.sample_interval and state.step % t.sample_interval == 0:
+                    sample = write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)
+                    log(f"sample at step {state.step}: {sample!r}")
+                state.step_done = True
+                if state.step % t.checkpoint_interval == 0 or final or signals.received is not None:
                     ckpt.save(state, cfg, dist)
-                if dist.main and t.sample_interval and state.step % t.sample_interval == 0 and not last:
-                    log(
-                        f"sample at step {state.step}: "
-                        f"{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)!r}"
-                    )
-                if signals.received is not None:
-                    if state.step % t.checkpoint_interval != 0 and not last:
-                        ckpt.save(state, cfg, dist)
-                    result["stopped"] = f"signal {signal.Signals(signals.received).name}"
-                    log(
-                        f"{result['stopped']}: saved {run_dir / rd.CHECKPOINT} at step {state.step}; "
-                        f"continue with --resume {run_dir}"
-                    )
+                if final:
+                    if result["stopped"] != "max_steps":
+                        log(result["stopped"])
                     break
-        if dist.main and not result["stopped"].startswith("signal"):
-            log(
-                f"sample at step {state.step}:\n"
-                f"{write_sample(state.model, tokenizer, cfg, state.step, run_dir, metrics)}\n"
-            )
+                if signals.received is not None:
+                    result["stopped"] = stopped_by_signal(signals, run_dir, state.step, log)
+                    break
     finally:
         metrics.close()
     return {
@@ -466,6 +465,13 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
         "unigram_entropy": data.unigram_entropy(),
         "elapsed_s": time.perf_counter() - state.started,
     }
+
+
+def stopped_by_signal(signals: Signals, run_dir: Path, step: int, log) -> str:
+    """The run's stop reason for the signal received, after its checkpoint at `step` was saved."""
+    stopped = f"signal {signal.Signals(signals.received).name}"
+    log(f"{stopped}: saved {run_dir / rd.CHECKPOINT} at step {step}; continue with --resume {run_dir}")
+    return stopped
 
 
 def log_start(cfg: Config, model: Transformer, data: TokenData, dist: Distributed, log) -> None:

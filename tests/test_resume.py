@@ -306,3 +306,37 @@ def test_well_formed_checkpoint_with_wrong_contents_is_one_line(three_checkpoint
     result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("craft-train: error:") and words in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("interrupted_eval", [2, 3], ids=["mid-run", "last step"])
+def test_signal_during_an_eval_is_made_up_on_resume(tmp_path, small_corpus, monkeypatch, interrupted_eval):
+    """A signal abandons an eval; the resumed run did not redo it (no eval record, a different best.pt
+    or early stop), and at the last step it refused to resume at all ('already reached step N') - the
+    final eval and sample were lost for good. Now the checkpoint says the step is undone."""
+    from craft import train as T
+    from craft.config import load_config, resumed_config
+
+    extra = {"train.max_steps": 30, "train.eval_interval": 10, "train.checkpoint_interval": 10}
+    extra["train.sample_interval"] = 10
+    quiet = dict(log=lambda *a, **k: None)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    T.train(load_config(None, overrides(whole, small_corpus, **extra)), **quiet)
+
+    real, calls = T.evaluate, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupted_eval:
+            signal.raise_signal(signal.SIGINT)  # Signals() takes it; the eval sees it between batches
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate", signalled)
+    stopped = T.train(load_config(None, overrides(cut, small_corpus, **extra)), **quiet)
+    assert stopped["stopped"] == "signal SIGINT" and stopped["step"] == 10 * interrupted_eval
+    monkeypatch.undo()
+    T.train(resumed_config(cut, []), resume=True, **quiet)
+    assert losses(cut, "eval", "val_loss") == losses(whole, "eval", "val_loss") != []
+    assert (cut / rd.SAMPLES).read_text() == (whole / rd.SAMPLES).read_text()
+    for name in (rd.CHECKPOINT, rd.BEST):
+        a, b = ckpt.read(whole / name)[0], ckpt.read(cut / name)[0]
+        assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
