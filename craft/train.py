@@ -174,10 +174,36 @@ def tokenize(cfg: Config, corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
         progress.close()
 
 
-def progress_bar(total: int, desc: str, **kw):
+class OptionalOutput:
+    """stderr for the progress bar and eval lines, which no run is worth losing for: closed (2>&-),
+    full (2>/dev/full) or a reader gone, it falls silent and training goes on (it died in tqdm)."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, stream is None
+
+    def _try(self, call, fallback):
+        if not self.failed:
+            try:
+                return call()
+            except (OSError, ValueError):  # ValueError: a closed file
+                self.failed = True
+        return fallback
+
+    def write(self, text: str) -> int:
+        return self._try(lambda: self.stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._try(lambda: self.stream.flush(), None)
+
+    def isatty(self) -> bool:
+        return self._try(lambda: self.stream.isatty(), False)
+
+
+def progress_bar(total: int, desc: str, file: OptionalOutput | None = None, **kw):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None, file=sys.stderr, **kw)
+    file = file or OptionalOutput(sys.stderr)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, disable=None, file=file, **kw)
 
 
 def new_state(cfg: Config, dist: Distributed) -> TrainState:
@@ -389,7 +415,8 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
     # single process abandons one when signalled.
     stop_eval = None if dist.enabled else (lambda: signals.received is not None)
     try:
-        with Signals() as signals, progress_bar(t.max_steps, "training", unit="step", initial=state.step) as bar:
+        err = OptionalOutput(sys.stderr)
+        with Signals() as signals, progress_bar(t.max_steps, "training", err, unit="step", initial=state.step) as bar:
             loss = None  # a resumed step whose eval was abandoned has no train loss in this process
             while state.step < t.max_steps or not state.step_done:
                 if state.step_done:  # else resumed with the step trained, its eval and sample still to do
@@ -427,7 +454,7 @@ def _train(cfg: Config, dist: Distributed, lock: rd.RunLock, resume: bool, overw
                         trained = "" if loss is None else f"train loss {loss:.4f}, "
                         bar.write(
                             f"step {state.step}: {trained}val loss {val:.4f}, val ppl {math.exp(min(val, 50.0)):.2f}",
-                            file=sys.stderr,
+                            file=err,
                         )
                     if val < state.best_val:
                         state.best_val = val

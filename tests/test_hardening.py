@@ -203,6 +203,29 @@ def test_stdout_on_a_full_disk_is_one_line(tmp_path, small_corpus):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("stderr", ["closed", "full"])
+def test_stderr_that_fails_costs_no_run(tmp_path, small_corpus, stderr):
+    """The progress bar and eval lines go to stderr: closed (2>&-) or full, tqdm raised and the run
+    died with exit 1, no checkpoint and no message. They are optional: the run finishes."""
+    if stderr == "full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    target = open("/dev/full", "w") if stderr == "full" else None
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
+            stdout=subprocess.PIPE,
+            stderr=target,
+            text=True,
+            timeout=300,
+            **({} if target else {"preexec_fn": lambda: os.close(2)}),
+        )
+    finally:
+        if target:
+            target.close()
+    assert result.returncode == 0 and "done: step" in result.stdout, result.stdout
+    assert (tmp_path / "run" / rd.CHECKPOINT).is_file()
+
+
 # --- the run directory: one writer, the run's own data -------------------------------------------
 
 
