@@ -65,13 +65,17 @@ class MetricsLog:
                     self.tb.add_text("sample", value, record["step"])
 
     def close(self) -> None:
-        """Idempotent."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        """Idempotent. A close that fails (a full disk) is not raised: every record was flushed as
+        written, so a failure has been reported by the write that met it."""
+        file, tb, self.file, self.tb = self.file, self.tb, None, None
+        try:
+            if file is not None:
+                file.close()
+        except OSError:
+            pass
+        finally:
+            if tb is not None:
+                tb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

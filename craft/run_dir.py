@@ -97,9 +97,44 @@ def temp_stem(name: str) -> str:
 def open_append(path: Path):
     """`path` opened to append text (created if missing), never through a symlink: a run directory
     may come from someone else, and a samples.txt linked to ~/.bashrc must not grow. OSError
-    (ELOOP) for a symlink, which the command reports in one line."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
-    return os.fdopen(fd, "a", encoding="utf-8")
+    (ELOOP) for a symlink, which the command reports in one line; a write or flush that fails (a
+    full disk) raises an OSError that names `path` (the file object's own name none)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_UMASK)
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):  # O_NOFOLLOW's word for any symlink
+            raise RunDirError(f"{path} is a symlink; craft-train appends to it - replace it with a file") from None
+        raise
+    return _NamedErrors(os.fdopen(fd, "a", encoding="utf-8"), str(path))
+
+
+class _NamedErrors:
+    """A text file whose write / flush / close OSErrors carry its path."""
+
+    def __init__(self, file, path: str):
+        self.file, self.path = file, path
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self.file, method)(*args)
+        except OSError as e:
+            e.filename = e.filename or self.path
+            raise
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def sweep_temp_files(directory: Path, name: str = "") -> None:

@@ -463,9 +463,9 @@ def test_appends_and_the_plot_do_not_write_through_symlinks(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / rd.SAMPLES).symlink_to(target)
-    with pytest.raises(OSError) as e:
-        rd.open_append(run / rd.SAMPLES)
-    assert e.value.errno == errno.ELOOP
+    with pytest.raises(rd.RunDirError, match="samples.txt is a symlink; craft-train appends to it"):
+        rd.open_append(run / rd.SAMPLES)  # ELOOP once: 'Too many levels of symbolic links' for a plain link
+    assert target.read_text() == "export PATH=/usr/bin\n"
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (an optional extra)")
     from craft.callbacks import plot_run
 
@@ -769,3 +769,28 @@ def test_a_craft_train_refused_the_lock_never_removes_it(tmp_path, small_corpus,
             third.acquire()
     finally:
         holder.release()
+
+
+def test_a_full_disk_under_the_run_logs_names_the_file(tmp_path, monkeypatch):
+    """A write to metrics.jsonl or samples.txt that fails (a full disk) was 'No space left on device'
+    naming no file, and closing the log raised a second error that skipped TensorBoard's close."""
+    from craft.callbacks import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    real = log.file.file
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.write("")
+
+        close = flush
+
+    log.file.file = Full()
+    with pytest.raises(OSError) as e:
+        log.write({"event": "train", "step": 1, "loss": 1.0})
+    assert e.value.filename == str(tmp_path / rd.METRICS)
+    log.close()  # no second error
+    real.close()
