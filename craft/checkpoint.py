@@ -252,7 +252,8 @@ def write_periodic(payload: dict[str, Any], run_dir: Path, step: int, keep_last:
         os.link(numbered, link)
         os.replace(link, run_dir / CHECKPOINT)
         fsync_dir(run_dir)
-    except OSError:  # no hard links here (some network / FAT filesystems)
+    except OSError:  # no hard links here (some network / FAT filesystems), or checkpoint.pt is no file
+        link.unlink(missing_ok=True)
         write(payload, run_dir / CHECKPOINT)
     for old in periodic(run_dir)[keep_last:]:
         old.unlink(missing_ok=True)

@@ -201,10 +201,9 @@ def check_out_dir(run_dir: Path) -> None:
     if not existing.is_dir():
         what = "is a file" if existing == run_dir else f"is inside {existing}, which is a file"
         raise RunDirError(f"out_dir={run_dir} {what}, not a directory; choose another out_dir=...")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(
-            f"out_dir={run_dir} cannot be written ({existing}: permission denied or read-only); "
-            "choose another out_dir=..."
+    if not os.access(existing, os.W_OK | os.X_OK):  # an OS condition, not bad input: exit 1, as craft-export's
+        raise PermissionError(
+            errno.EACCES, "cannot be written (permission denied or a read-only filesystem)", str(existing)
         )
 
 

@@ -114,9 +114,14 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, small_corpus):
 
 
 def test_out_dir_that_cannot_be_written_is_refused(tmp_path, small_corpus, tmpfs):
+    """An OS condition: exit 1 as in craft-export (it was 2, bad input, with 'choose another
+    out_dir' even for --resume of a run on a read-only mount)."""
     read_only = tmpfs("1m", read_only=True)
     assert_one_line(
-        run_cli("craft.train", *overrides(read_only / "run", small_corpus)), "craft-train", 2, "cannot be written"
+        run_cli("craft.train", *overrides(read_only / "run", small_corpus)),
+        "craft-train",
+        1,
+        "cannot be written (permission denied or a read-only filesystem); check its permissions",
     )
 
 

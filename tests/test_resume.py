@@ -265,6 +265,10 @@ def test_unit_checkpoint_hash_and_header(tmp_path):
     path.write_bytes(b"PK\x03\x04" + blob[4:])  # a bare torch.save zip, not ours
     with pytest.raises(rd.RunDirError, match="bad header"):
         ckpt.read(path)
+    (tmp_path / rd.CHECKPOINT).mkdir()  # checkpoint.pt a directory: one error, and no hard link left behind
+    with pytest.raises(OSError):
+        ckpt.write_periodic(state, tmp_path, 3, keep_last=2)
+    assert not (tmp_path / f".{rd.CHECKPOINT}.link").exists()
 
 
 def test_unit_truncate_samples(tmp_path):
