@@ -446,6 +446,11 @@ def read_run_config(run_dir: Path) -> Config:
     from craft.run_dir import CONFIG, RunDirError, is_run
 
     path = Path(run_dir) / CONFIG
+    if os.path.lexists(path) and not path.is_file():  # damaged, not missing: --overwrite would delete the run
+        raise RunDirError(
+            f"{path} is not a regular file (a directory, or a broken or looping symlink); restore the run's "
+            "config.yaml (each checkpoint holds its config)"
+        )
     if not path.is_file():
         started = is_run(run_dir)  # craft-train was here: --overwrite replaces only its files
         raise RunDirError(

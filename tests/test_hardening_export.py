@@ -91,6 +91,7 @@ def test_output_device_through_the_command_is_one_line(char_run):
     [
         "config_binary",
         "config_directory",
+        "config_symlink_loop",
         "data_json_garbage",
         "data_json_dtype",
         "data_json_val_fraction",
@@ -109,7 +110,8 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
 
     expected = {
         "config_binary": "not a UTF-8 text file",
-        "config_directory": "has no config.yaml",
+        "config_directory": "config.yaml is not a regular file (a directory, or a broken or looping symlink)",
+        "config_symlink_loop": "config.yaml (Too many levels of symbolic links)",  # no '--overwrite' advice
         "data_json_garbage": "is damaged",
         "data_json_dtype": 'is damaged (dtype "bogus", expected "uint16" or "uint32")',  # each of these 4: a traceback
         "data_json_val_fraction": 'is damaged (val_fraction "x", expected a number in [0, 1))',
@@ -124,6 +126,9 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
     code = 1 if damage == "tokens_unreadable" else 2
     if damage == "config_binary":
         (run_copy / rd.CONFIG).write_bytes(b"\x00\xff\xfebinary\x89")
+    elif damage == "config_symlink_loop":
+        (run_copy / rd.CONFIG).unlink()
+        (run_copy / rd.CONFIG).symlink_to(rd.CONFIG)
     elif damage == "config_directory":
         (run_copy / rd.CONFIG).unlink()
         (run_copy / rd.CONFIG).mkdir()
