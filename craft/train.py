@@ -108,6 +108,11 @@ def prepare_run(
     if existing and not rd.is_run(run_dir, lock):
         raise rd.not_a_run(run_dir, existing)  # with or without --overwrite: its files are not a run's
     if existing and not overwrite:
+        if not (run_dir / rd.CONFIG).is_file():  # killed before training began: nothing to resume
+            raise rd.RunDirError(
+                f"{run_dir} holds a run that never began training (no {rd.CONFIG}); start it again with "
+                "--overwrite, or choose another out_dir=..."
+            )
         raise rd.RunDirError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
             "choose another out_dir=..., or pass --overwrite"

@@ -656,7 +656,8 @@ def test_a_run_killed_while_tokenizing_can_be_started_again(tmp_path, small_corp
     (out / rd.CHAR_TOKENIZER).write_text("{}")
     (out / rd.LOCK).write_text("")
     again = run_cli("craft.train", *overrides(out, small_corpus))
-    assert_one_line(again, "craft-train", 2, "already holds a run", "--overwrite")
+    line = assert_one_line(again, "craft-train", 2, "holds a run that never began training", "--overwrite")
+    assert "--resume" not in line  # which would refuse it: there is no config.yaml to resume
     result = run_cli("craft.train", *overrides(out, small_corpus), "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (out / rd.CONFIG).is_file()
