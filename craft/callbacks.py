@@ -34,7 +34,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
         """A new log, or with resume_step the run's log with records past that step dropped (a
         killed run may have logged steps that the resumed run logs again)."""
-        self.enabled = enabled
+        self.enabled, self.failed = enabled, False
         self.path = Path(run_dir) / rd.METRICS
         self.tb = self.file = None
         if not enabled:
@@ -55,8 +55,12 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+        except OSError:
+            self.failed = True  # reported here: close() then does not raise it again
+            raise
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("event", "step") and isinstance(value, float):
@@ -65,14 +69,15 @@ class MetricsLog:
                     self.tb.add_text("sample", value, record["step"])
 
     def close(self) -> None:
-        """Idempotent. A close that fails (a full disk) is not raised: every record was flushed as
-        written, so a failure has been reported by the write that met it."""
+        """Idempotent. A close that fails is raised (NFS reports write errors there) unless a write
+        already failed and was reported; TensorBoard's writer is closed either way."""
         file, tb, self.file, self.tb = self.file, self.tb, None, None
         try:
             if file is not None:
                 file.close()
         except OSError:
-            pass
+            if not self.failed:
+                raise
         finally:
             if tb is not None:
                 tb.close()

@@ -443,7 +443,7 @@ def read_run_config(run_dir: Path) -> Config:
     """The resolved config.yaml of a craft-train run directory (what --resume and craft-export read)."""
     import yaml
 
-    from craft.run_dir import CONFIG, RunDirError, is_run
+    from craft.run_dir import CONFIG, RunDirError, checkpoint_files, is_run
 
     path = Path(run_dir) / CONFIG
     if os.path.lexists(path) and not path.is_file():  # damaged, not missing: --overwrite would delete the run
@@ -451,6 +451,8 @@ def read_run_config(run_dir: Path) -> Config:
             f"{path} is not a regular file (a directory, or a broken or looping symlink); restore the run's "
             "config.yaml (each checkpoint holds its config)"
         )
+    if not path.is_file() and checkpoint_files(run_dir):  # trained: --overwrite would delete its checkpoints
+        raise RunDirError(f"{run_dir} has checkpoints but no {CONFIG}; restore it (each checkpoint holds its config)")
     if not path.is_file():
         started = is_run(run_dir)  # craft-train was here: --overwrite replaces only its files
         raise RunDirError(

@@ -341,13 +341,13 @@ def tokens_intact(path: Path, info: dict) -> bool:
     """Whether tokens.bin has data.json's length and (when recorded) SHA-256: a truncated or
     modified file would silently train on other data."""
     size = path.stat().st_size
-    if "n_tokens" in info and size != info["n_tokens"] * np.dtype(info.get("dtype", "uint16")).itemsize:
+    if "n_tokens" in info and size != info["n_tokens"] * np.dtype(info["dtype"]).itemsize:
         return False
     if "tokens_sha256" not in info:  # no hash recorded: every id must at least be one of the tokenizer's
         vocab = info.get("vocab_size")
         if type(vocab) is not int or size == 0:
             return True
-        return int(np.memmap(path, dtype=np.dtype(info.get("dtype", "uint16")), mode="r").max()) < vocab
+        return int(np.memmap(path, dtype=np.dtype(info["dtype"]), mode="r").max()) < vocab
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(HASH_BLOCK):

@@ -140,8 +140,8 @@ class _NamedErrors:
 def sweep_temp_files(directory: Path, name: str = "") -> None:
     """Remove temp files of atomic writes (of `name`, or any) whose process is gone: a writer
     killed by SIGKILL or a power cut could not clean up. A live writer's temp file is left alone.
-    Only names atomic_file makes (.NAME.PID.random.tmp, NAME exactly `name` when given) are
-    Craft's: a user's own .notes.tmp or .model.onnx.bak.tmp beside the output is not."""
+    Only names atomic_file makes (.STEM.PID.random.tmp, STEM exactly temp_stem(`name`) when given)
+    are Craft's: a user's own .notes.tmp or .model.onnx.bak.tmp beside the output is not."""
     for path in Path(directory).iterdir():
         if not (path.name.startswith(f".{temp_stem(name)}") and path.name.endswith(TEMP_SUFFIX)):
             continue
@@ -195,8 +195,13 @@ def check_out_dir(run_dir: Path) -> None:
     try:
         str(run_dir).encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogates): TensorBoard's writer fails on them
-        shown = os.fsencode(run_dir).decode("utf-8", "backslashreplace")
-        raise RunDirError(f"out_dir={shown} is not UTF-8 text; choose a UTF-8 out_dir=...") from None
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is not None:  # an optional extra: without it such a path works
+            shown = os.fsencode(run_dir).decode("utf-8", "backslashreplace")
+            raise RunDirError(
+                f"out_dir={shown} is not UTF-8 text, which TensorBoard's writer needs; choose a UTF-8 out_dir=..."
+            ) from None
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
         what = "is a file" if existing == run_dir else f"is inside {existing}, which is a file"
@@ -215,7 +220,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
-        self.created = False  # whether acquire() made the file (a refused new run removes it)
+        self.created = False  # whether acquire() made the file and holds it (a refused new run removes it)
 
     def acquire(self) -> None:
         import fcntl
@@ -322,10 +327,17 @@ def clear_run(run_dir: Path, lock: RunLock | None = None) -> None:
         path.unlink(missing_ok=True)
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The checkpoints a run writes: checkpoint.pt, best.pt, step-NNNNNN.pt (not a user's model.pt)."""
+    run_dir = Path(run_dir)
+    steps = [p for p in run_dir.glob("step-*.pt") if (n := p.stem[len("step-") :]).isascii() and n.isdigit()]
+    return [path for path in (run_dir / CHECKPOINT, run_dir / BEST, *steps) if os.path.lexists(path)]
+
+
 def run_files(run_dir: Path) -> list[Path]:
     """The files in run_dir that a run writes (or replaces, or deletes): a new run there needs --overwrite."""
     run_dir = Path(run_dir)
-    found = [*run_dir.glob("*.pt"), *run_dir.glob(TENSORBOARD_GLOB)]
+    found = [*checkpoint_files(run_dir), *run_dir.glob(TENSORBOARD_GLOB)]
     found += [run_dir / name for name in (CHAR_TOKENIZER, SP_TOKENIZER, METRICS, SAMPLES, PLOT, *RUN_MARKERS)]
     return [path for path in found if os.path.lexists(path)]
 

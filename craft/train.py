@@ -108,7 +108,7 @@ def prepare_run(
     if existing and not rd.is_run(run_dir, lock):
         raise rd.not_a_run(run_dir, existing)  # with or without --overwrite: its files are not a run's
     if existing and not overwrite:
-        if not (run_dir / rd.CONFIG).is_file():  # killed before training began: nothing to resume
+        if not os.path.lexists(run_dir / rd.CONFIG) and not rd.checkpoint_files(run_dir):  # nothing to resume
             raise rd.RunDirError(
                 f"{run_dir} holds a run that never began training (no {rd.CONFIG}); start it again with "
                 "--overwrite, or choose another out_dir=..."
@@ -202,6 +202,15 @@ class OptionalOutput:
 
     def isatty(self) -> bool:
         return self._try(lambda: self.stream.isatty(), False)
+
+    def fileno(self) -> int:  # tqdm sizes the bar to the terminal through it
+        if self.failed:
+            raise OSError("stderr failed")
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # tqdm draws Unicode blocks only where the stream's encoding has them
+        return getattr(self.stream, "encoding", None) or "ascii"
 
 
 def progress_bar(total: int, desc: str, file: OptionalOutput | None = None, **kw):

@@ -162,13 +162,13 @@ def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
 
 def rope_settings(hf: dict, where: Path) -> dict:
     """rope_theta and the Llama-3 scaling fields of ModelConfig, from rope_theta / rope_scaling
-    (transformers 4) or rope_parameters (transformers 5; a rope_scaling beside it is merged into
-    it, as transformers 5 does - it was ignored)."""
+    (transformers 4) or rope_parameters (transformers 5, where a rope_scaling beside it replaces
+    it, as transformers 5's convert_rope_params_to_dict does; Craft ignored it)."""
     for key in ("rope_parameters", "rope_scaling"):
         if not isinstance(hf.get(key) or {}, dict):
             raise SourceError(f"{where}: {key} must be a JSON object or null, got {json.dumps(hf[key])[:60]}")
-    name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    params = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    name = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(name) or {}
     if params.get("rope_theta") is not None:
         theta, theta_key = params["rope_theta"], f"{name}.rope_theta"
     else:

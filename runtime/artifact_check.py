@@ -143,7 +143,7 @@ def check_file(path: str | Path) -> Artifact:
         if problem:
             raise ArtifactError(f"{path}: {problem}; {FIX}")
         model = read_model(path, with_weights=False, max_entries=entry_budget(artifact.spec))
-        epsilons = norm_epsilons(path, model)
+        epsilons = norm_epsilons(path, model, entry_budget(artifact.spec))
     except OnnxFormatError as e:
         raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
     except OSError as e:
@@ -163,9 +163,10 @@ FUSED_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization
 FUSED_NORM_EPSILON = 1e-5  # ONNX Runtime's default for their epsilon attribute
 
 
-def norm_epsilons(path: Path, model: OnnxModel) -> list[float]:
-    """The epsilon of every RMS norm in the graph: the fused nodes' attribute, or the constant the
-    pattern export/graph.py writes adds to mean(x^2) before its Sqrt (read from the file)."""
+def norm_epsilons(path: Path, model: OnnxModel, max_entries: int) -> list[float]:
+    """The epsilon of every RMS norm written as craft-export writes them: the fused nodes' attribute,
+    or the initializer that Add(ReduceMean(x^2), eps) adds before its Sqrt (read from the file).
+    Another form (a swapped Add, a Constant node) is not recognised, so not checked."""
     found = [node.attributes.get("epsilon", FUSED_NORM_EPSILON) for node in model.nodes if node.op_type in FUSED_NORMS]
     made_by = {output: node for node in model.nodes for output in node.outputs}
     constants = []
@@ -176,7 +177,7 @@ def norm_epsilons(path: Path, model: OnnxModel) -> list[float]:
             if mean is not None and mean.op_type == "ReduceMean":
                 constants.append(add.inputs[1])
     if constants:
-        values = read_model(path, with_weights=constants, with_nodes=False).initializers
+        values = read_model(path, with_weights=constants, with_nodes=False, max_entries=max_entries).initializers
         found += [float(values[name].reshape(-1)[0]) for name in constants if values.get(name, np.empty(0)).size == 1]
     return [eps if isinstance(eps, float) else math.nan for eps in found]  # a damaged attribute is no epsilon
 

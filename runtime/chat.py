@@ -37,11 +37,13 @@ if TYPE_CHECKING:  # generator.py imports this file
     from craft.runtime.sampling import SamplingParams
 
 
-RENDER_ARGUMENTS = frozenset({"template", "messages", "add_generation_prompt", "bos_token", "eos_token", "max_chars"})
+# render_chat's own keywords that Craft sets (add_generation_prompt, a template variable, may be passed)
+RENDER_ARGUMENTS = frozenset({"template", "messages", "bos_token", "eos_token", "max_chars"})
 
 
 class ChatError(ValueError):
-    """A model that cannot chat (no chat template); one line with the fix."""
+    """A chat that cannot be rendered: the model has no chat template, or a message is not text; one
+    line with the fix."""
 
 
 class ContextFull(ValueError):

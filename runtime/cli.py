@@ -240,7 +240,7 @@ def main(
     With no PROMPT (or PROMPT -) the prompt is read from stdin (UTF-8); with --chat and no PROMPT, an
     interactive chat. Text streams to stdout as it is generated. Everything the model needs
     (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
-    (a full disk), 2 bad input (piped --chat: a message was refused), 130 interrupted (Ctrl-C),
+    (a full disk) or out of memory, 2 bad input (piped --chat: a message was refused), 130 interrupted (Ctrl-C),
     143 terminated (SIGTERM).
 
     \b

@@ -73,6 +73,8 @@ class OrtBackend:
         try:
             # A load that fails with ValueError / RuntimeError makes onnxruntime print an "EP Error"
             # banner to stdout (into the generated text or --json) and load the file again: kept off stdout.
+            # (sys.stdout is swapped process-wide while the session builds: another thread's prints
+            # in that time are lost too - there is no narrower switch for onnxruntime's own print.)
             with contextlib.redirect_stdout(io.StringIO()):
                 self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
@@ -302,7 +304,7 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 def out_of_memory(error: BaseException, doing: str) -> None:
     """Raise MemoryError where ONNX Runtime failed for want of memory (its std::bad_alloc, which
     pybind11 turns into MemoryError or quotes in its own exception), not for a damaged file."""
-    if isinstance(error, MemoryError) or "bad_alloc" in str(error):
+    if isinstance(error, MemoryError) or str(error).rstrip().endswith("bad_alloc"):  # not a name quoted mid-message
         raise MemoryError(f"ONNX Runtime could not allocate the memory {doing}") from None
 
 

@@ -556,10 +556,10 @@ def test_overwrite_never_deletes_files_of_a_directory_craft_train_did_not_make(t
         assert_one_line(result, "craft-train", 2, "is not a craft-train run directory")
     assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt", "tokenizer.json"]
     assert (folder / "experiment.pt").read_bytes() == b"weights"
-    (folder / "tokenizer.json").unlink()  # a *.pt alone: --overwrite would still delete it
+    (folder / "tokenizer.json").unlink()  # a .pt of no name a run writes: a run beside it leaves it alone
     result = run_cli("craft.train", *overrides(folder, small_corpus), "--overwrite")
-    assert_one_line(result, "craft-train", 2, "holds experiment.pt but is not a craft-train run directory")
-    assert sorted(p.name for p in folder.iterdir()) == ["experiment.pt"]
+    assert result.returncode == 0, result.stderr
+    assert (folder / "experiment.pt").read_bytes() == b"weights" and (folder / rd.CHECKPOINT).is_file()
 
 
 def test_a_new_run_never_replaces_files_without_overwrite(tmp_path, small_corpus):
@@ -723,10 +723,13 @@ def test_a_file_onnx_runtime_refuses_prints_nothing_on_stdout(capfd, monkeypatch
 def test_names_that_are_not_utf8(tmp_path):
     """An out_dir that is not UTF-8 was TensorBoard's UnicodeEncodeError traceback (after the run's
     first files were written); a corpus file named so was one in the corpus fingerprint."""
+    import importlib.util
+
     from craft.data import Corpus
 
-    with pytest.raises(rd.RunDirError, match=r"out_dir=.*o\\xff is not UTF-8 text"):
-        rd.check_out_dir(tmp_path / os.fsdecode(b"o\xff"))
+    if importlib.util.find_spec("tensorboard") is not None:  # the path works without it
+        with pytest.raises(rd.RunDirError, match=r"out_dir=.*o\\xff is not UTF-8 text"):
+            rd.check_out_dir(tmp_path / os.fsdecode(b"o\xff"))
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / os.fsdecode(b"caf\xe9.txt")).write_text("some text\n")
     assert len(Corpus(str(tmp_path / "corpus")).fingerprint()) == 64

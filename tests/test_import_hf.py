@@ -180,6 +180,17 @@ def test_rope_scaling_beside_rope_parameters_is_not_ignored(saved, tmp_path):
         ),
     )
     assert 'type "linear" is not supported' in refusal(directory)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    llama3["original_max_position_embeddings"] = 16
+    (tmp_path / "both").mkdir()
+    directory = copy_model(  # rope_scaling replaces rope_parameters, theta and all, as in transformers 5
+        saved["llama-tied"][1],
+        tmp_path / "both",
+        lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rope_scaling=llama3),
+    )
+    expected = transformers.AutoConfig.from_pretrained(directory).rope_parameters
+    cfg = load_source(directory).config
+    assert (cfg.rope_theta, cfg.rope_scaling_factor) == (expected["rope_theta"], expected["factor"])
 
 
 def test_mistral_without_a_sliding_window_key_has_transformers_default_window(saved, tmp_path):
