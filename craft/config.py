@@ -103,7 +103,7 @@ class TrainConfig:
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast); see README for measured speed
     compile: bool = False  # torch.compile the model; off because compile time dominates short runs
     seed: int = 1337  # seeds data sampling, init and dropout: same seed, same run (0 to 2**32 - 1)
-    threads: int = 0  # torch intra-op threads; 0 lets torch choose (all cores)
+    threads: int = 0  # torch intra-op threads, capped at the usable CPUs; 0 lets torch choose (all cores)
     log_interval: int = 10  # steps between progress-bar / metrics.jsonl updates
     eval_interval: int = 100  # steps between val-loss evaluations (and at the end)
     eval_iters: int = 20  # batches averaged per evaluation
@@ -171,7 +171,7 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if len(_seen) >= MAX_EXTENDS:
         raise ConfigError(f"{path}: 'extends' chains more than {MAX_EXTENDS} files; flatten the configs")
     try:
-        data = yaml.safe_load(read_text(path)) or {}
+        data = yaml.load(read_text(path), Loader=_unique_key_loader()) or {}
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply to be a config; pass a flat mapping of keys") from None
     except yaml.YAMLError as e:
@@ -186,6 +186,26 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     beside = path.parent / str(base)  # a file next to this one, else a preset name or path
     base_path = beside if beside.is_file() else resolve_config_path(str(base))
     return deep_merge(read_yaml(base_path, _seen + (path,)), data)
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader refusing a key given twice in one mapping (safe_load keeps the last: a second
+    'model:' section silently dropped the first)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def read_text(path: Path) -> str:
@@ -236,8 +256,8 @@ def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         dotted = f"{prefix}{key}"
         if key not in fields:
             known = [f"{prefix}{name}" for name in fields]
-            hint = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
-            fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys here: {', '.join(known)}"
+            hint = suggest(dotted)
+            fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(known)}"
             raise ConfigError(f"unknown config key '{dotted}'; {fix}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -250,14 +270,50 @@ def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, convert(value, hints[key], dotted))
 
 
+# Names other trainers use for Craft's keys (nanoGPT, Hugging Face configs).
+KEY_ALIASES = {
+    "learning_rate": "train.lr",
+    "block_size": "model.context_length",
+    "max_position_embeddings": "model.context_length",
+    "n_embd": "model.dim",
+    "hidden_size": "model.dim",
+    "num_hidden_layers": "model.n_layer",
+    "num_attention_heads": "model.n_head",
+    "intermediate_size": "model.ffn_dim",
+    "max_iters": "train.max_steps",
+}
+
+
+def suggest(dotted: str) -> str | None:
+    """The config key meant by an unknown `dotted` one: a known alias of its last part, else the
+    closest key in any section (a misplaced 'lr' is 'train.lr'), else None."""
+    keys = [f.name for f in dataclasses.fields(Config)]  # the sections too: 'modle' is 'model'
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory())]
+    leaf = dotted.rsplit(".", 1)[-1]
+    if leaf in KEY_ALIASES:
+        return KEY_ALIASES[leaf]
+    exact = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if exact:
+        return exact[0]
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.75) or difflib.get_close_matches(
+        leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75
+    )
+    return next((k for k in keys if close and (k == close[0] or k.endswith("." + close[0]))), None)
+
+
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def convert(value: Any, kind: type, key: str) -> Any:
     """`value` as type `kind` (bool, int, float or str), or a ConfigError naming `key`."""
     text = value.strip() if isinstance(value, str) else value
     if kind is bool:
         if isinstance(text, bool):
             return text
-        if isinstance(text, str) and text.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return text.lower() in ("true", "1", "yes")
+        if isinstance(text, str) and text.lower() in BOOLEAN_WORDS:  # the words YAML reads as booleans
+            return BOOLEAN_WORDS[text.lower()]
     elif kind is int:
         if isinstance(text, int) and not isinstance(text, bool):
             return text
@@ -369,16 +425,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.sample_prompt is not valid Unicode text (a lone surrogate); fix the string") from None
     if not str(cfg.out_dir).strip():  # an empty path would be the current directory, filled with run files
         raise ConfigError("out_dir is empty; name the run directory, e.g. out_dir=runs/mine")
+    if os.path.realpath(cfg.out_dir) in (os.path.realpath("."), os.path.abspath(os.sep)):  # '.' or '/': the same
+        raise ConfigError(
+            f"out_dir={cfg.out_dir} is the current or the root directory; name a run directory, e.g. out_dir=runs/mine"
+        )
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
     # Checks between fields, each built only when it fails (a divisor list can be long).
+    if m.head_size % 2:
+        raise ConfigError(f"model.head_size={m.head_size} must be even for RoPE (or 0: dim / n_head)")
+    even_heads = [k for k in divisors(m.dim) if m.head_size or (m.dim // k) % 2 == 0]  # RoPE pairs each head's dims
     if m.dim % m.n_head:
-        raise ConfigError(
-            f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; pick n_head among {divisors(m.dim)}"
-        )
+        pick = f"pick n_head among {even_heads}" if even_heads else "make model.dim even"
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; {pick}")
     if m.head_dim % 2:
-        raise ConfigError(
-            f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; change model.n_head or model.dim"
-        )
+        pick = f"pick n_head among {even_heads}" if even_heads else "make model.dim even"
+        raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; {pick}")
     if m.n_head % m.kv_heads:
         raise ConfigError(
             f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; "
@@ -423,6 +484,8 @@ def _number(x: float) -> str:
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML preset or file (default: the tiny preset) < key=value overrides; resolved, validated."""
     cfg = Config()
+    if config is not None and not config.strip():  # an empty $CFG in a script: not the default preset
+        raise ConfigError("--config is empty; name a preset (e.g. --config small) or a YAML file, or drop it")
     apply_dict(cfg, read_yaml(resolve_config_path(config or DEFAULT_PRESET)))
     apply_dict(cfg, parse_overrides(overrides or []))
     resolve(cfg)

@@ -113,6 +113,15 @@ def test_a_sample_prompt_that_is_not_unicode_is_refused_at_start(tmp_path):
         (["model=3"], r"'model' is a section"),
         (["out_dir="], r"out_dir is empty; name the run directory"),  # would fill the current directory
         (["out_dir= "], r"out_dir is empty"),
+        (["out_dir=."], r"out_dir=. is the current or the root directory"),  # filled it with run files
+        (["out_dir=/"], r"out_dir=/ is the current or the root directory"),
+        (["train.learning_rate=1"], r"did you mean 'train.lr'\?"),  # was 'train.min_lr': nanoGPT's names
+        (["model.block_size=64"], r"did you mean 'model.context_length'\?"),  # was 'model.vocab_size'
+        (["model.n_embd=64"], r"did you mean 'model.dim'\?"),
+        (["lr=1e-3"], r"did you mean 'train.lr'\?"),  # a key in the wrong section
+        (["train.compile=1"], r"'train.compile' expects bool, got '1'"),  # as YAML refuses compile: 1
+        (["model.head_size=3"], r"model.head_size=3 must be even for RoPE"),  # named dim and n_head
+        (["model.dim=32", "model.n_head=3"], r"pick n_head among \[1, 2, 4, 8, 16\]$"),  # 32: a head width of 1
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
@@ -259,3 +268,16 @@ def test_derived_model_sizes():
     assert m.hidden_dim == 768  # 8/3 * 288 = 768, already a multiple of 32
     assert ModelConfig(dim=128).hidden_dim == 352  # 341.3 rounded up to a multiple of 32
     assert ModelConfig(dim=128, ffn_dim=500).hidden_dim == 500
+
+
+def test_config_words_and_files_that_mean_nothing_are_refused(tmp_path):
+    """--config "" (an empty $CFG) trained the default preset; a key given twice in a YAML mapping
+    kept the last (a second 'model:' section dropped the first); 'on' / 'off' were booleans in YAML only."""
+    with pytest.raises(ConfigError, match="--config is empty"):
+        load_config("", [])
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  dim: 64\nmodel:\n  n_layer: 2\n")
+    with pytest.raises(ConfigError, match="line 3: not valid YAML \\(key 'model' appears twice in one mapping\\)"):
+        load_config(str(twice), [])
+    assert load_config(None, ["train.compile=on"]).train.compile is True
+    assert load_config(None, ["train.compile=Off"]).train.compile is False
