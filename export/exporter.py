@@ -100,6 +100,9 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         )
     path = run_dir / checkpoint
     if not path.is_file():
+        saved = sorted(p.name for p in rd.checkpoint_files(run_dir) if p.is_file())
+        if saved:  # a mistyped --checkpoint
+            raise ExportError(f"{run_dir} has no checkpoint '{checkpoint}'; it has {', '.join(saved[:8])}")
         raise ExportError(
             f"{path} does not exist; training has not saved a checkpoint yet "
             f"(wait for train.checkpoint_interval, or resume with craft-train --resume {run_dir})"
@@ -417,6 +420,8 @@ def export(
         kind = kind or detect_kind(source)
     except SourceError as e:
         raise ExportError(str(e)) from None
+    if kind == RUN:  # before the output, which by default lies under it: a missing run is named as such
+        check_run_files(Path(source), checkpoint)
     check_output_path(output, source)
     if kind != RUN and checkpoint != rd.CHECKPOINT:
         raise ExportError(

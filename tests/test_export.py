@@ -191,7 +191,7 @@ def onnx_files(folder: Path) -> list[str]:
     "case, pattern",
     [
         ("missing", "does not exist; train one with"),
-        ("no_config", "has no config.yaml"),
+        ("no_config", "has checkpoints but no config.yaml; restore it"),
         ("no_tokenizer", "has no tokenizer"),
         ("no_checkpoint", "checkpoint.pt does not exist"),
         ("truncated", "corrupted or truncated"),

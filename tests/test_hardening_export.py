@@ -790,3 +790,12 @@ def test_path_with_a_null_byte_is_a_source_error():
 
     with pytest.raises(SourceError, match="null byte"):
         regular_file(Path("model\0.safetensors"))
+
+
+def test_a_missing_run_or_checkpoint_is_named(char_run, tmp_path):
+    """Without -o the output defaults under the source: a missing run directory was reported as
+    'output directory ... does not exist'; a mistyped --checkpoint as 'training has not saved one yet'."""
+    missing = run_cli("craft.export.cli", str(tmp_path / "nope"))
+    assert_one_line(missing, 2, "run directory", "nope does not exist; train one with")
+    typo = run_cli("craft.export.cli", str(char_run), "--checkpoint", "best", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line(typo, 2, "has no checkpoint 'best'; it has best.pt, checkpoint.pt")
