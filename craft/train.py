@@ -572,6 +572,20 @@ def main(overrides, config, resume, overwrite, plot_dir):
     has begun, which saves a checkpoint first), 143 SIGTERM before training began.
     """
     try:
+        ignored = [
+            name
+            for name, given in (
+                ("--config", config is not None),
+                ("--resume", resume is not None),
+                ("--overwrite", overwrite),
+                ("KEY=VALUE", bool(overrides)),
+            )
+            if given
+        ]
+        if plot_dir is not None and ignored:
+            raise ConfigError(f"--plot only draws a run's plot, so {', '.join(ignored)} would do nothing; drop them")
+        if resume is not None and overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces one; drop one of them")
         if plot_dir is not None:
             from craft.callbacks import plot_run
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_TRAIN, tiny_overrides
+from conftest import FAST_TRAIN, run_cli, tiny_overrides
 from craft import run_dir as rd
 from craft.callbacks import read_metrics
 from craft.config import load_config
@@ -94,3 +94,19 @@ def test_shakespeare_recipe_is_nanogpts_cpu_shape():
     assert (m.n_layer, m.n_head, m.dim, m.context_length, m.dropout) == (4, 4, 128, 64, 0.0)
     assert (t.batch_size, t.grad_accum, t.max_steps, t.dtype) == (12, 1, 2000, "float32")
     assert cfg.tokenizer.kind == "char" and t.compile
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--plot", "runs/x", "--overwrite", "model.dim=8"],
+            "--plot only draws a run's plot, so --overwrite, KEY=VALUE",
+        ),
+        (["--resume", "runs/x", "--overwrite"], "--resume continues a run and --overwrite replaces one"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(args, words):
+    """--plot ignored every other flag and --resume ignored --overwrite, in silence."""
+    result = run_cli("craft.train", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
