@@ -509,6 +509,8 @@ def read_run_config(run_dir: Path) -> Config:
     from craft.run_dir import CONFIG, RunDirError, checkpoint_files, is_run
 
     path = Path(run_dir) / CONFIG
+    if not os.path.lexists(run_dir):
+        raise RunDirError(f"run directory {run_dir} does not exist; check the path (craft-train out_dir=... makes one)")
     if os.path.lexists(path) and not path.is_file():  # damaged, not missing: --overwrite would delete the run
         raise RunDirError(
             f"{path} is not a regular file (a directory, or a broken or looping symlink); restore the run's "

@@ -34,12 +34,20 @@ def print_report(report: dict, output: Path | None) -> None:
         click.echo(f"wrote {output} in {report['export_s']:.1f}s")
 
 
+def source_path(source: str) -> Path:
+    if not source.strip():  # Path("") is the current directory
+        raise click.BadParameter(
+            "SOURCE is empty; give a run directory, a Hugging Face model directory or a .gguf file"
+        )
+    return Path(source)
+
+
 @click.command(
     name="craft-export",
     cls=OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
 )
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(), callback=lambda ctx, param, value: source_path(value))
 @click.option(
     "-o",
     "--output",

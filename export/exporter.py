@@ -416,12 +416,12 @@ def export(
         raise ExportError(f"--checkpoint is empty; name a checkpoint file of the run (default {rd.CHECKPOINT})")
     output = Path(output)
     t0 = time.perf_counter()
-    try:  # first: a source that is not there is named as such, not as an output under it
+    try:  # first: a source that is not there is named as such, not as an output under it (the default)
         kind = kind or detect_kind(source)
+        if kind == RUN:
+            check_run_files(Path(source), checkpoint)
     except SourceError as e:
         raise ExportError(str(e)) from None
-    if kind == RUN:  # before the output, which by default lies under it: a missing run is named as such
-        check_run_files(Path(source), checkpoint)
     check_output_path(output, source)
     if kind != RUN and checkpoint != rd.CHECKPOINT:
         raise ExportError(

@@ -803,3 +803,9 @@ def test_a_full_disk_under_the_run_logs_names_the_file(tmp_path, monkeypatch):
     assert e.value.filename == str(tmp_path / rd.METRICS)
     log.close()  # no second error
     real.close()
+
+
+def test_resume_of_a_missing_run_says_it_does_not_exist(tmp_path):
+    """It said 'has no config.yaml: not a craft-train run directory' for a typo in the path."""
+    result = run_cli("craft.train", "--resume", str(tmp_path / "nope"))
+    assert_one_line(result, "craft-train", 2, "nope does not exist; check the path")

@@ -799,3 +799,9 @@ def test_a_missing_run_or_checkpoint_is_named(char_run, tmp_path):
     assert_one_line(missing, 2, "run directory", "nope does not exist; train one with")
     typo = run_cli("craft.export.cli", str(char_run), "--checkpoint", "best", "-o", str(tmp_path / "m.onnx"))
     assert_one_line(typo, 2, "has no checkpoint 'best'; it has best.pt, checkpoint.pt")
+
+
+def test_an_empty_source_is_refused(tmp_path):
+    """craft-export "" exported the current directory (click makes "" the path '.')."""
+    result = run_cli("craft.export.cli", "")
+    assert_one_line(result, 2, "SOURCE is empty")
