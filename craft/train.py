@@ -226,6 +226,7 @@ def new_state(cfg: Config, dist: Distributed) -> TrainState:
         from craft.runtime.ort_backend import usable_cpus
 
         torch.set_num_threads(min(cfg.train.threads, usable_cpus()))
+    check_fits_in_memory(cfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(dist.device)
     if dist.enabled:
@@ -240,6 +241,29 @@ def new_state(cfg: Config, dist: Distributed) -> TrainState:
         data_rng,
         EarlyStopping(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta),
     )
+
+
+TRAIN_BYTES_PER_PARAMETER = 16  # float32 weights, gradients and AdamW's two moments; activations come on top
+
+
+def check_fits_in_memory(cfg: Config) -> None:
+    """ConfigError when the model's weights, gradients and optimizer state alone exceed the memory
+    this process can get: the kernel would kill it without a word (exit 137) while building it.
+    The count comes from the model built on the meta device (no memory)."""
+    from craft.runtime.estimate import available_memory_mb
+
+    available = available_memory_mb()
+    if available is None:
+        return
+    with torch.device("meta"):
+        parameters = build_model(cfg.model).num_parameters()
+    needed = parameters * TRAIN_BYTES_PER_PARAMETER / 2**20
+    if needed > available:
+        raise ConfigError(
+            f"a model of {parameters:,} parameters needs about {needed / 1024:,.1f} GB to train (weights, "
+            f"gradients, AdamW state), more than the {available / 1024:,.1f} GB free; lower model.dim, "
+            "model.n_layer or model.ffn_dim"
+        )
 
 
 def build_optimizer(model: Transformer, cfg: Config) -> torch.optim.AdamW:

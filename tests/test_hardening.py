@@ -809,3 +809,16 @@ def test_resume_of_a_missing_run_says_it_does_not_exist(tmp_path):
     """It said 'has no config.yaml: not a craft-train run directory' for a typo in the path."""
     result = run_cli("craft.train", "--resume", str(tmp_path / "nope"))
     assert_one_line(result, "craft-train", 2, "nope does not exist; check the path")
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_is_built(tmp_path, small_corpus, monkeypatch):
+    """Building a 30G-parameter model (dims within bounds) was killed by the kernel at 24 GB: exit
+    137, no message. Its size is counted on the meta device first."""
+    from craft import train as T
+    from craft.config import ConfigError, load_config
+    from craft.runtime import estimate
+
+    monkeypatch.setattr(estimate, "available_memory_mb", lambda: 1.0)  # a model of ~1M parameters needs ~16 MB
+    with pytest.raises(ConfigError, match=r"parameters needs about .* GB to train .* more than the 0.0 GB free"):
+        T.train(load_config(None, overrides(tmp_path / "run", small_corpus)), log=lambda *a, **k: None)
+    assert not (tmp_path / "run").exists()
