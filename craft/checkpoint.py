@@ -38,7 +38,7 @@ from craft import __version__
 from craft.callbacks import EarlyStopping
 from craft.config import Config
 from craft.distributed import Distributed
-from craft.run_dir import BEST, CHECKPOINT, RunDirError, atomic_write_bytes, fsync_dir
+from craft.run_dir import BEST, CHECKPOINT, RunDirError, atomic_write_bytes, fsync_dir, step_files
 
 FORMAT = 1
 MAGIC = b"CRAFTCKPT1\n"
@@ -234,8 +234,7 @@ def step_of(path: Path) -> int:
 
 def periodic(run_dir: Path) -> list[Path]:
     """step-NNNNNN.pt files, newest (highest step) first."""
-    found = [p for p in Path(run_dir).glob("step-*.pt") if (n := p.stem.split("-", 1)[1]).isascii() and n.isdigit()]
-    return sorted(found, key=step_of, reverse=True)
+    return sorted(step_files(run_dir), key=step_of, reverse=True)
 
 
 def write_periodic(payload: dict[str, Any], run_dir: Path, step: int, keep_last: int) -> str:

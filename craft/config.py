@@ -433,13 +433,10 @@ def validate(cfg: Config) -> None:
     # Checks between fields, each built only when it fails (a divisor list can be long).
     if m.head_size % 2:
         raise ConfigError(f"model.head_size={m.head_size} must be even for RoPE (or 0: dim / n_head)")
-    even_heads = [k for k in divisors(m.dim) if m.head_size or (m.dim // k) % 2 == 0]  # RoPE pairs each head's dims
     if m.dim % m.n_head:
-        pick = f"pick n_head among {even_heads}" if even_heads else "make model.dim even"
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; {pick}")
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; {pick_n_head(m)}")
     if m.head_dim % 2:
-        pick = f"pick n_head among {even_heads}" if even_heads else "make model.dim even"
-        raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; {pick}")
+        raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; {pick_n_head(m)}")
     if m.n_head % m.kv_heads:
         raise ConfigError(
             f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; "
@@ -471,6 +468,12 @@ def validate(cfg: Config) -> None:
         )
     if t.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"train.dtype must be 'float32' or 'bfloat16', got '{t.dtype}'")
+
+
+def pick_n_head(m: ModelConfig) -> str:
+    """The fix for a head count that does not fit model.dim: the counts whose head width RoPE can pair."""
+    fitting = [k for k in divisors(m.dim) if m.head_size or (m.dim // k) % 2 == 0]
+    return f"pick n_head among {fitting}" if fitting else "make model.dim even"
 
 
 def divisors(n: int) -> list[int]:

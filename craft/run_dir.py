@@ -327,11 +327,15 @@ def clear_run(run_dir: Path, lock: RunLock | None = None) -> None:
         path.unlink(missing_ok=True)
 
 
+def step_files(run_dir: Path) -> list[Path]:
+    """The periodic checkpoints step-NNNNNN.pt, in no order (ASCII digits only: a step-².pt is not one)."""
+    return [p for p in Path(run_dir).glob("step-*.pt") if (n := p.stem[len("step-") :]).isascii() and n.isdigit()]
+
+
 def checkpoint_files(run_dir: Path) -> list[Path]:
     """The checkpoints a run writes: checkpoint.pt, best.pt, step-NNNNNN.pt (not a user's model.pt)."""
     run_dir = Path(run_dir)
-    steps = [p for p in run_dir.glob("step-*.pt") if (n := p.stem[len("step-") :]).isascii() and n.isdigit()]
-    return [path for path in (run_dir / CHECKPOINT, run_dir / BEST, *steps) if os.path.lexists(path)]
+    return [path for path in (run_dir / CHECKPOINT, run_dir / BEST, *step_files(run_dir)) if os.path.lexists(path)]
 
 
 def run_files(run_dir: Path) -> list[Path]:

@@ -108,7 +108,7 @@ def prepare_run(
     if existing and not rd.is_run(run_dir, lock):
         raise rd.not_a_run(run_dir, existing)  # with or without --overwrite: its files are not a run's
     if existing and not overwrite:
-        if not os.path.lexists(run_dir / rd.CONFIG) and not rd.checkpoint_files(run_dir):  # nothing to resume
+        if not any(p.name == rd.CONFIG or p.suffix == ".pt" for p in existing):  # no config or checkpoint to resume
             raise rd.RunDirError(
                 f"{run_dir} holds a run that never began training (no {rd.CONFIG}); start it again with "
                 "--overwrite, or choose another out_dir=..."
@@ -223,7 +223,7 @@ def progress_bar(total: int, desc: str, file: OptionalOutput | None = None, **kw
 def new_state(cfg: Config, dist: Distributed) -> TrainState:
     """Model (the same initial weights on every rank), AdamW, the schedule and the data RNG, seeded."""
     if cfg.train.threads:  # more threads than CPUs only slow it down (4096 on 2 cores: 170x slower)
-        from craft.runtime.ort_backend import usable_cpus
+        from craft.runtime.estimate import usable_cpus
 
         torch.set_num_threads(min(cfg.train.threads, usable_cpus()))
     check_fits_in_memory(cfg)

@@ -159,6 +159,14 @@ def fitting_context(artifact: Artifact, file_bytes: int, backend: str, available
     return max(0, min(model, int((available_mb - without_cache) / per_position)))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def available_memory_mb() -> float | None:
     """Memory this process could still get: Linux's MemAvailable (less under a cgroup v2 memory
     limit), else free physical pages; None where the system does not say (macOS)."""

@@ -25,22 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 
 import numpy as np
 
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
+from craft.runtime.estimate import usable_cpus
 from craft.runtime.kv_cache import cache_buffer
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

@@ -695,8 +695,8 @@ def test_out_of_memory_is_one_line_exit_1(capsys, monkeypatch, char_int8):
 def test_threads_are_capped_at_the_usable_cpus(char_int8):
     """ONNX Runtime that cannot start a thread (a memory or process limit) hangs in its constructor,
     deaf to SIGTERM: --threads 1024 under `ulimit -v` hung craft-run for ten minutes."""
+    from craft.runtime.estimate import usable_cpus
     from craft.runtime.generator import Generator
-    from craft.runtime.ort_backend import usable_cpus
 
     gen = Generator(char_int8, threads=1024)
     assert gen.backend.session.get_session_options().intra_op_num_threads == usable_cpus()
