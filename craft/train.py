@@ -180,8 +180,9 @@ def tokenize(cfg: Config, corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
 
 
 class OptionalOutput:
-    """stderr for the progress bar and eval lines, which no run is worth losing for: closed (2>&-),
-    full (2>/dev/full) or a reader gone, it falls silent and training goes on (it died in tqdm)."""
+    """stdout or stderr (log lines, the progress bar), which no run is worth losing for: closed
+    (2>&-), full (2>/dev/full) or a reader gone (`craft-train | head -1`), it falls silent and
+    training goes on (it died in tqdm, or in click.echo without a checkpoint)."""
 
     def __init__(self, stream):
         self.stream, self.failed = stream, stream is None
@@ -192,7 +193,28 @@ class OptionalOutput:
                 return call()
             except (OSError, ValueError):  # ValueError: a closed file
                 self.failed = True
+                self._to_devnull()
         return fallback
+
+    def _to_devnull(self) -> None:
+        """Point the stream's descriptor at /dev/null: what Python still holds buffered for it is
+        flushed at exit, and would fail there again ("Exception ignored ... BrokenPipeError")."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        except (OSError, ValueError):  # closed: nothing of it is left to flush
+            pass
+        finally:
+            os.close(devnull)
+
+    def echo(self, text: str) -> None:
+        """One line, flushed at once (the log of a run someone is watching); characters the
+        stream's encoding lacks (PYTHONIOENCODING=ascii) are escaped, not fatal."""
+        self.write((text + "\n").encode(self.encoding, "backslashreplace").decode(self.encoding))
+        self.flush()
 
     def write(self, text: str) -> int:
         return self._try(lambda: self.stream.write(text), len(text))
@@ -623,7 +645,8 @@ def main(overrides, config, resume, overwrite, plot_dir):
             cfg = resumed_config(resume, list(overrides))
         else:
             cfg = load_config(config, list(overrides))
-        result = train(cfg, resume=resume is not None, overwrite=overwrite, log=click.echo)
+        out = OptionalOutput(sys.stdout)
+        result = train(cfg, resume=resume is not None, overwrite=overwrite, log=out.echo)
     except (ConfigError, DataError, rd.RunDirError) as e:
         echo_error("craft-train", e)
         sys.exit(EXIT_USAGE)
@@ -644,7 +667,7 @@ def main(overrides, config, resume, overwrite, plot_dir):
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports for all
         sys.exit(EXIT_INTERRUPTED if result["stopped"].startswith("signal") else 0)
     val = result["val_loss"]
-    click.echo(
+    out.echo(
         f"done: step {result['step']} ({result['stopped']}) in {result['elapsed_s']:.1f}s | "
         f"val loss {val:.4f} (best {result['best_val_loss']:.4f}) "
         f"vs unigram entropy {result['unigram_entropy']:.4f} nats/token | "

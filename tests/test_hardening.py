@@ -192,43 +192,49 @@ def test_out_of_inodes_for_tensorboard_is_one_line(tmp_path, small_corpus, tmpfs
     assert "b'" not in line and "events.out.tfevents" in line
 
 
-def test_stdout_on_a_full_disk_is_one_line(tmp_path, small_corpus):
-    """craft-train > /dev/full: its first log line fails with ENOSPC."""
-    if not Path("/dev/full").exists():
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+@pytest.mark.parametrize("fault", ["closed", "full", "reader gone"])
+def test_output_that_fails_costs_no_run(tmp_path, small_corpus, stream, fault):
+    """The log lines go to stdout, the progress bar and eval lines to stderr. Closed (2>&-), full
+    (>/dev/full) or with the reader gone (craft-train | head -1), tqdm or click.echo raised and
+    the run died with exit 1 mid-training, no checkpoint (and for a pipe, no message). They are
+    optional: the run finishes."""
+    if fault == "full" and not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
-    with open("/dev/full", "w") as full:
-        result = subprocess.run(
-            [sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=300,
-        )
-    assert_one_line(result, "craft-train", 1, "stdout: No space left on device")
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("stderr", ["closed", "full"])
-def test_stderr_that_fails_costs_no_run(tmp_path, small_corpus, stderr):
-    """The progress bar and eval lines go to stderr: closed (2>&-) or full, tqdm raised and the run
-    died with exit 1, no checkpoint and no message. They are optional: the run finishes."""
-    if stderr == "full" and not Path("/dev/full").exists():
-        pytest.skip("no /dev/full on this system")
-    target = open("/dev/full", "w") if stderr == "full" else None
+    fd = 1 if stream == "stdout" else 2
+    target, reader = None, None
+    if fault == "full":
+        target = open("/dev/full", "w")
+    elif fault == "reader gone":
+        reader, target = os.pipe()
+        os.close(reader)  # every write to the pipe now fails with EPIPE
+    kw = {"preexec_fn": lambda: os.close(fd)} if fault == "closed" else {stream: target}
+    other = "stderr" if stream == "stdout" else "stdout"
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "craft.train", *overrides(tmp_path / "run", small_corpus)],
-            stdout=subprocess.PIPE,
-            stderr=target,
+            [
+                sys.executable,
+                "-m",
+                "craft.train",
+                *overrides(tmp_path / "run", small_corpus, **{"train.max_steps": 20}),
+            ],
+            **{other: subprocess.PIPE},
             text=True,
             timeout=300,
-            **({} if target else {"preexec_fn": lambda: os.close(2)}),
+            **kw,
         )
     finally:
-        if target:
+        if hasattr(target, "close"):
             target.close()
-    assert result.returncode == 0 and "done: step" in result.stdout, result.stdout
-    assert (tmp_path / "run" / rd.CHECKPOINT).is_file()
+        elif target is not None:
+            os.close(target)
+    shown = result.stderr if stream == "stdout" else result.stdout
+    assert result.returncode == 0, shown
+    assert ckpt.read(tmp_path / "run" / rd.CHECKPOINT)[0]["step"] == 20
+    if stream == "stderr":
+        assert "done: step" in result.stdout, result.stdout
+    else:
+        assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
 
 
 # --- the run directory: one writer, the run's own data -------------------------------------------
