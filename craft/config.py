@@ -244,7 +244,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier one for '{part}'")
-        node[leaf] = value
+        node[leaf] = value.strip()  # as YAML reads an unquoted value: 'tokenizer.kind= char' is 'char'
     return out
 
 
@@ -321,7 +321,11 @@ def convert(value: Any, kind: type, key: str) -> Any:
             return int(text)
         if isinstance(text, str):
             try:
-                number = float(text.replace("_", ""))
+                return int(text)  # exact: through float, 10**26 came back as 100000000000000004764729344
+            except ValueError:
+                pass
+            try:
+                number = float(text.replace("_", ""))  # 1e3, 2_000.0
                 if number.is_integer():
                     return int(number)
             except ValueError:
@@ -398,6 +402,10 @@ BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
+# Values outside BOUNDS that resolve() turns into a derived one, named in the out-of-range message.
+DERIVED = {"train.warmup_steps": "-1 (a tenth of max_steps, at most 50)", "train.lr_decay_steps": "0 (max_steps)"}
+
+
 def resolve(cfg: Config) -> None:
     """Fill the values that follow from others (-1 / 0: derived); a resolved value stays as it is."""
     t = cfg.train
@@ -416,8 +424,9 @@ def validate(cfg: Config) -> None:
                 key, value = f"{name}.{f.name}", getattr(section, f.name)
                 low, high = BOUNDS[key]
                 if not low <= value <= high:  # NaN fails too
+                    derived = f", or {DERIVED[key]}" if key in DERIVED else ""
                     raise ConfigError(
-                        f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]"
+                        f"{key}={value} is out of range; set a value in [{_number(low)}, {_number(high)}]{derived}"
                     )
     try:  # YAML's "\uD800" escape: no tokenizer can encode it, and the sample after training would fail
         cfg.train.sample_prompt.encode("utf-8")

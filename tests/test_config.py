@@ -122,6 +122,9 @@ def test_a_sample_prompt_that_is_not_unicode_is_refused_at_start(tmp_path):
         (["train.compile=1"], r"'train.compile' expects bool, got '1'"),  # as YAML refuses compile: 1
         (["model.head_size=3"], r"model.head_size=3 must be even for RoPE"),  # named dim and n_head
         (["model.dim=32", "model.n_head=3"], r"pick n_head among \[1, 2, 4, 8, 16\]$"),  # 32: a head width of 1
+        (["train.warmup_steps=-2"], r"set a value in \[0, 1000000000\], or -1 \(a tenth of max_steps"),
+        (["train.lr_decay_steps=-2"], r"set a value in \[1, 1000000000\], or 0 \(max_steps\)$"),
+        (["train.max_steps=99999999999999999999999999"], r"^train.max_steps=99999999999999999999999999 is out"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
@@ -281,3 +284,9 @@ def test_config_words_and_files_that_mean_nothing_are_refused(tmp_path):
         load_config(str(twice), [])
     assert load_config(None, ["train.compile=on"]).train.compile is True
     assert load_config(None, ["train.compile=Off"]).train.compile is False
+
+
+def test_override_values_are_read_as_yaml_reads_them():
+    """Spaces around an override's value are YAML's: 'tokenizer.kind= char' was refused as ' char'."""
+    cfg = load_config("tiny", ["tokenizer.kind= char ", "train.max_steps= 300", "train.max_steps=1_000"])
+    assert cfg.tokenizer.kind == "char" and cfg.train.max_steps == 1000
