@@ -28,6 +28,7 @@ expected and found, and the fix.
 from __future__ import annotations
 
 import math
+import os
 import stat
 from pathlib import Path
 
@@ -157,6 +158,26 @@ def check_file(path: str | Path) -> Artifact:
     if problem:
         raise ArtifactError(f"{path}: {problem}; {FIX}")
     return artifact
+
+
+def file_identity(path: str | Path) -> tuple | None:
+    """What changes when a file is replaced or rewritten (device, inode, size, mtime); None if it
+    cannot be stat'ed (check_file says why)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(path: str | Path, identity: tuple | None) -> None:
+    """ArtifactError if the file at `path` is no longer the one `identity` was taken of: a backend
+    that read it after check_file did would have loaded another file than the one checked (and its
+    failure would be blamed on the export)."""
+    if identity is not None and file_identity(path) != identity:
+        raise ArtifactError(
+            f"{path} changed while it was loading (rewritten or replaced); run again once it is written"
+        )
 
 
 FUSED_NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")

@@ -33,7 +33,7 @@ import numpy as np
 
 from craft.runtime import chat as C
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
-from craft.runtime.artifact_check import check_file
+from craft.runtime.artifact_check import check_file, check_unchanged, file_identity
 from craft.runtime.estimate import available_memory_mb, fitting_context
 from craft.runtime.sampling import SamplingParams, is_int, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
@@ -181,27 +181,35 @@ class Generator:
             raise ValueError(
                 f"--threads must be in 0..{MAX_THREADS} (an integer; 0: the backend's default), got {threads!r}"
             )
+        identity = file_identity(path)
         self.artifact = load_artifact(path)  # the path as given: Path("") would be "."
         self.path = Path(path)
         self.spec = self.artifact.spec
         self.tokenizer = load_tokenizer(self.artifact, path)
         self.context_length, self.memory_capped = self._context(backend, max_context)  # before the weights take memory
-        if backend == "ort":
-            from craft.runtime.ort_backend import OrtBackend
-
-            self.backend = OrtBackend(str(self.path), self.spec, threads)
-        elif self.spec.arch == RECURRENT:
-            from craft.runtime.numpy_recurrent import NumpyRecurrentBackend
-
-            self.backend = NumpyRecurrentBackend(str(self.path), self.spec, self.artifact.quantization)
-        else:
-            from craft.runtime.numpy_backend import NumpyBackend
-
-            self.backend = NumpyBackend(str(self.path), self.spec, self.artifact.quantization)
+        try:
+            self.backend = self._load_backend(backend, threads)
+        except ArtifactError:
+            check_unchanged(path, identity)  # the backend read another file than the one checked
+            raise
+        check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
+
+    def _load_backend(self, backend: str, threads: int):
+        if backend == "ort":
+            from craft.runtime.ort_backend import OrtBackend
+
+            return OrtBackend(str(self.path), self.spec, threads)
+        if self.spec.arch == RECURRENT:
+            from craft.runtime.numpy_recurrent import NumpyRecurrentBackend
+
+            return NumpyRecurrentBackend(str(self.path), self.spec, self.artifact.quantization)
+        from craft.runtime.numpy_backend import NumpyBackend
+
+        return NumpyBackend(str(self.path), self.spec, self.artifact.quantization)
 
     def _context(self, backend: str, max_context: int | None) -> tuple[int, bool]:
         """The KV-cache length to use, and whether available memory cut it below the model's."""

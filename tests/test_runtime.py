@@ -557,3 +557,28 @@ def test_truncate_keeps_the_prompt_end_at_any_context(char_gen):
         assert char_gen.encode_prompt(prompt, new, truncate=True) == expected
     char_gen.context_length = 1
     assert char_gen.encode_prompt(prompt, 1, truncate=True) == full[-1:]  # no room for BOS: the last token
+
+
+@pytest.mark.parametrize("replacement", ["another model", "garbage"])
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_a_file_replaced_while_loading_is_named_as_such(
+    char_int8, char_fp32, tmp_path, monkeypatch, backend, replacement
+):
+    """The file was checked, then replaced before the backend read it: the backend loaded another
+    file than the one checked (silently, for a valid one), or failed with 'ONNX Runtime cannot load
+    it; re-export it', blaming the export."""
+    import craft.runtime.generator as G
+
+    live = tmp_path / "live.onnx"
+    live.write_bytes(char_int8.read_bytes())
+    load = G.Generator._load_backend
+
+    def replaced_first(self, *args):
+        fresh = tmp_path / "fresh.onnx"
+        fresh.write_bytes(char_fp32.read_bytes() if replacement == "another model" else bytes(100))
+        fresh.replace(live)  # as an export's atomic rename does
+        return load(self, *args)
+
+    monkeypatch.setattr(G.Generator, "_load_backend", replaced_first)
+    with pytest.raises(ArtifactError, match=r"live.onnx changed while it was loading \(rewritten or replaced\)"):
+        Generator(live, backend=backend)
