@@ -32,7 +32,7 @@ from craft.export.calibration import Prepared, calibration_text, prepare
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
-from craft.export.sources import HF, RUN, SourceError, describe_mode, detect_kind, file_mode, load_source
+from craft.export.sources import HF, RUN, SourceError, check_finite, describe_mode, detect_kind, file_mode, load_source
 from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
@@ -116,6 +116,10 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
             f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: "
             "it is not this run's tokenizer; restore the run's own"
         )
+    try:  # a diverged or damaged checkpoint: HF and GGUF imports are refused for it, so is a run
+        check_finite(state["model"], str(path), {})
+    except SourceError as e:
+        raise ExportError(f"{e}; export another checkpoint with --checkpoint (e.g. best.pt or a step-*.pt)") from None
     if saved_model_config(state) != cfg.model:
         raise ExportError(
             f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
@@ -470,7 +474,9 @@ def export(
             "file_bytes": len(data),
             "fp32_file_bytes": len(fp32_bytes),
             "size_ratio": len(data) / len(fp32_bytes),
-            "max_weight_quant_error": max([*ops.errors.values(), ops.calibration.get("max_weight_change", 0.0)]),
+            "max_weight_quant_error": float(  # np.max: a NaN shows (Python's max drops it after a number)
+                np.max([*ops.errors.values(), ops.calibration.get("max_weight_change", 0.0)])
+            ),
             "export_s": time.perf_counter() - t0,
             "checkpoint_sha256": run.checkpoint_sha256,
         }

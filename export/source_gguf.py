@@ -187,7 +187,8 @@ def load_gguf(path: Path) -> Source:
     state = {}
     for craft, name in craft_names.items():
         t = tensors[name]
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[craft])
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf / NaN block scale: check_finite names the tensor
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[craft])
         if name.endswith("attn_q.weight"):
             w = unpermute_rope_rows(w, cfg.n_head)
         elif name.endswith("attn_k.weight"):

@@ -80,13 +80,24 @@ def load_hf(directory: Path) -> Source:
     architecture, cfg = model_config(hf, config_path)
     files, tensors = weight_headers(directory)
     craft_names = {rename(name, TENSOR_NAMES): name for name in tensors if not name.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_embeddings:
-        craft_names.pop("output.weight", None)  # some tied checkpoints store the head too: it is the embedding
+    stored_head = craft_names.pop("output.weight", None) if cfg.tie_embeddings else None
     shapes = {c: tensors[h].shape for c, h in craft_names.items()}
     check_shapes(cfg, shapes, str(directory), TENSOR_NAMES, "num_hidden_layers in config.json")
     state = {c: tensors[h].read() for c, h in craft_names.items()}
     check_finite(state, str(directory), TENSOR_NAMES)
+    if stored_head is not None:  # some tied checkpoints store the head too: fine where it is the embedding
+        check_tied_head(tensors[stored_head], state["tok_embeddings.weight"], stored_head, config_path)
     return Source(HF, directory, architecture, cfg, state, file_sha256([config_path, *files]))
+
+
+def check_tied_head(stored, embedding: torch.Tensor, name: str, config_path: Path) -> None:
+    """SourceError if a tied model's stored head is not its embedding: transformers 5 then unties
+    and uses the stored head, older releases the embedding, so no export would be the model."""
+    if tuple(stored.shape) != tuple(embedding.shape) or not torch.equal(stored.read(), embedding):
+        raise SourceError(
+            f"{config_path} says tie_word_embeddings=true, but the checkpoint's {name} differs from the embedding; "
+            "set tie_word_embeddings to false to use the stored head (transformers 5 does), or delete it"
+        )
 
 
 def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:

@@ -96,8 +96,11 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
         ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
         prefill = float(np.abs(pt_logits.numpy() - ort_logits).max())
         last, _ = ort_forward(session, spec, ids.numpy(), None, keep=1)  # craft-run's prefill: the last position
-        prefill = max(prefill, float(np.abs(pt_logits[:, -1:].numpy() - last).max()) if last.shape[1] == 1 else np.inf)
+        prefill = worst(
+            prefill, float(np.abs(pt_logits[:, -1:].numpy() - last).max()) if last.shape[1] == 1 else np.inf
+        )
         scale = float(pt_logits.abs().max())
+        spread = float((pt_logits.amax(-1) - pt_logits.amin(-1)).max())  # 0: every token equally likely everywhere
         decode, length, taken = 0.0, len(prompt), 0
         for _ in range(steps):
             token = int(pt_logits[0, -1].argmax())
@@ -106,14 +109,21 @@ def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECO
             pt_logits, pt_past = model(torch.tensor([[token]]), past=pt_past)
             ort_logits, ort_past = ort_forward(session, spec, np.array([[token]]), ort_past, past_length=length)
             length, taken = length + 1, taken + 1
-            decode = max(decode, float(np.abs(pt_logits.numpy() - ort_logits).max()))
-            scale = max(scale, float(pt_logits.abs().max()))
+            decode = worst(decode, float(np.abs(pt_logits.numpy() - ort_logits).max()))
+            scale = worst(scale, float(pt_logits.abs().max()))
+            spread = worst(spread, float((pt_logits.amax(-1) - pt_logits.amin(-1)).max()))
     return {
         "prefill_max_abs_diff": prefill,
         "decode_max_abs_diff": decode,
         "decode_steps": taken,  # fewer than `steps` where the context ends first
         "max_abs_logit": scale,
+        "logit_spread": spread,
     }
+
+
+def worst(*values: float) -> float:
+    """The largest of `values`, NaN if any is NaN (Python's max(0.0, nan) is 0.0: a NaN logit passed)."""
+    return float(np.max(values))
 
 
 def fp32_limit(max_abs_logit: float) -> float:
@@ -186,19 +196,24 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
     prompt = ([run.tokenizer.bos_id] + prompt_text_ids)[: max(1, spec.context_length - 1)]  # room to decode a step
     report: dict = {"failures": []}
     report.update(parity(run, fp32, spec, prompt))
-    worst = max(report["prefill_max_abs_diff"], report["decode_max_abs_diff"])
+    largest = worst(report["prefill_max_abs_diff"], report["decode_max_abs_diff"])
     report["fp32_limit"] = limit = fp32_limit(report["max_abs_logit"])
     log(
         f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
         f"{report['decode_steps']} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {limit:.1e})"
     )
-    if not worst < limit:
-        report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {worst:.2e} (limit {limit:.1e})")
+    if not largest < limit:
+        report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {largest:.2e} (limit {limit:.1e})")
+    if report["logit_spread"] == 0:  # faithful in every backend, and useless: it writes token 0 forever
+        report["failures"].append(
+            "the model gives every token the same logit at every position (a weight so large that an RMS norm "
+            "overflows to zero, or zero weights); check the source's weights"
+        )
     if quantized_bytes is None:
         return report
     quantized = ort_session(quantized_bytes)
     quantized_parity = parity(run, quantized, spec, prompt)
-    report["quantized_max_abs_diff"] = max(
+    report["quantized_max_abs_diff"] = worst(
         quantized_parity["prefill_max_abs_diff"], quantized_parity["decode_max_abs_diff"]
     )
     if run.val_tokens is None or len(run.val_tokens) < 2:
@@ -220,7 +235,12 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         f"perplexity {ppl32:.4f} -> {ppl_q:.4f}, ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); "
         f"max |logit diff| vs PyTorch {report['quantized_max_abs_diff']:.3f}"
     )
-    if top1 < bound.min_top1 or ratio > bound.max_ppl_ratio:
+    if not math.isfinite(ppl32):
+        report["failures"].append(
+            f"the float32 model's logits are not finite on the held-out text (perplexity {ppl32}); "
+            "check the source's weights"
+        )
+    elif not (top1 >= bound.min_top1 and ratio <= bound.max_ppl_ratio):  # a NaN figure fails too
         report["failures"].append(
             f"{quantization} agrees with float32 on {top1:.2%} of next tokens (limit {bound.min_top1:.0%}) with "
             f"perplexity ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); export with --quantize "

@@ -93,7 +93,8 @@ def apply_repetition_penalty(logits: np.ndarray, previous: np.ndarray, penalty: 
     seen = np.unique(previous)
     values = out[seen].astype(np.float64)  # an extreme penalty (1e-300) saturates below instead of overflowing
     with np.errstate(over="ignore"):  # past float64 too (1e-320, 1e308): inf, clipped to float32's range like the rest
-        out[seen] = np.clip(np.where(values > 0, values / penalty, values * penalty), -FLOAT32_MAX, FLOAT32_MAX)
+        scaled = np.clip(np.where(values > 0, values / penalty, values * penalty), -FLOAT32_MAX, FLOAT32_MAX)
+    out[seen] = np.where(np.isfinite(values), scaled, values)  # a NaN / inf logit stays one: sampling refuses it
     return out
 
 

@@ -378,8 +378,11 @@ def quantize_activation_blocks(x: np.ndarray, block: int) -> np.ndarray:
     M, K = x.shape
     xb = blocks_of(x, block)  # (M, blocks, block)
     amax = np.abs(xb).max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         inverse = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    # amax below ~3.7e-37: 127 / amax overflows; MLAS's q is then garbage times a scale that makes the
+    # product ~0 (ONNX Runtime returns 0), where inf * 0 here was NaN
+    inverse[~np.isfinite(inverse)] = 0
     scale = (amax / np.float32(127)).astype(np.float32)
     q = np.rint(xb * inverse)  # numpy rounds half to even, as _MM_ROUND_NEAREST
     return (q * scale).reshape(M, -1)[:, :K]

@@ -274,3 +274,41 @@ def test_load_run_rejects_checkpoint_of_other_shape(char_run, tmp_path):
 def test_model_config_spec_matches_pytorch_config(char_run):
     run = load_run(char_run)
     assert isinstance(run.config, ModelConfig) and run.step == 200 and run.val_tokens is not None
+
+
+def test_a_nan_figure_fails_verification(char_run, tmp_path, monkeypatch):
+    """NaN passed twice: Python's max(0.0, nan) is 0.0, so a decode step with NaN logits read
+    '8 cached decode steps 0.00e+00', and 'ratio > limit' is False for a NaN perplexity ratio;
+    both files were written, exit 0, and failed on every prompt in craft-run."""
+    forward = V.ort_forward
+
+    def nan_when_decoding(session, spec, ids, past, *args, **kw):
+        logits, present = forward(session, spec, ids, past, *args, **kw)
+        return (np.full_like(logits, np.nan) if past is not None else logits), present
+
+    monkeypatch.setattr(V, "ort_forward", nan_when_decoding)
+    with pytest.raises(VerificationError, match="differ from PyTorch by nan") as info:
+        export(char_run, tmp_path / "m.onnx", quantize="none", log=lambda *a: None)
+    assert np.isnan(info.value.report["decode_max_abs_diff"]) and not (tmp_path / "m.onnx").exists()
+
+    monkeypatch.setattr(V, "ort_forward", forward)
+    quality = V.quality
+    monkeypatch.setattr(V, "quality", lambda *a, **kw: {**quality(*a, **kw), "perplexity": [3.0, float("nan")]})
+    with pytest.raises(VerificationError, match="perplexity ratio nan"):
+        export(char_run, tmp_path / "m.onnx", quantize="int4", log=lambda *a: None)
+    monkeypatch.setattr(V, "quality", lambda *a, **kw: {**quality(*a, **kw), "perplexity": [float("nan")] * 2})
+    with pytest.raises(VerificationError, match="float32 model's logits are not finite on the held-out text"):
+        export(char_run, tmp_path / "m.onnx", quantize="int4", log=lambda *a: None)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(char_run, tmp_path):
+    """HF and GGUF sources were checked for NaN / infinities, a craft-train checkpoint was not: a NaN
+    embedding row gave quantized files that write garbage with exit 0."""
+    run = copy_run(char_run, tmp_path / "run")
+    state, _ = ckpt.read(run / rd.CHECKPOINT)
+    state["model"]["tok_embeddings.weight"][37] = float("nan")
+    (run / rd.CHECKPOINT).unlink()
+    ckpt.write(state, run / rd.CHECKPOINT)
+    with pytest.raises(ExportError, match="tensor tok_embeddings.weight holds NaN or infinite values"):
+        load_run(run)

@@ -349,3 +349,23 @@ def test_cli_exports_a_hugging_face_directory_that_craft_run_chats_with(saved, t
     result = run_cli("craft.runtime.cli", str(out), "The light", "-n", "5", "--temperature", "0", "--json")
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) == 5
+
+
+def test_a_tied_config_beside_a_different_stored_head_is_refused(saved, tmp_path):
+    """tie_word_embeddings=true with an lm_head that differs from the embedding: Craft tied and
+    dropped the head, transformers 5 unties and uses it (logits 6.3 apart), exit 0."""
+    directory = copy_model(saved["llama-gqa-untied"][1], tmp_path, lambda c: c.update(tie_word_embeddings=True))
+    assert "differs from the embedding; set tie_word_embeddings to false" in refusal(directory)
+
+
+def test_a_weight_that_zeroes_every_logit_fails_verification(tmp_path):
+    """up_proj[3, 5] = 1e30 (finite): the residual's square overflows in RMSNorm, every logit is 0
+    in PyTorch, ONNX Runtime and numpy alike, so parity passed and the file wrote token 0 forever."""
+    model = random_hf_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = 1e30
+    model.save_pretrained(tmp_path / "huge")
+    save_tokenizer(tmp_path / "huge")
+    result = run_cli("craft.export.cli", str(tmp_path / "huge"), "--quantize", "none", "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 3 and "gives every token the same logit at every position" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()

@@ -177,16 +177,22 @@ def test_sampling_arguments_are_validated(kwargs, pattern):
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=0), SamplingParams(top_k=5), SamplingParams(top_k=0, top_p=0.9, min_p=0.1)],
-    ids=["greedy", "top-k", "numpy path"],
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=5),
+        SamplingParams(top_k=0, top_p=0.9, min_p=0.1),
+        SamplingParams(temperature=0.7, repetition_penalty=1.3),
+    ],
+    ids=["greedy", "top-k", "numpy path", "penalty"],
 )
 def test_logits_that_are_not_finite_are_one_error(params, bad):
     """A damaged file's NaN / inf logits: LogitsError (a ValueError craft-run prints in one line), not
-    an IndexError from an empty candidate list; all -inf counts too (nothing can be chosen)."""
+    an IndexError from an empty candidate list; all -inf counts too (nothing can be chosen). The
+    repetition penalty clipped a seen token's -inf to a finite value, and token 0 was sampled."""
     logits = np.linspace(-1, 1, 100).astype(np.float32)
     logits[np.arange(100) if bad == -np.inf else 37] = bad
     with pytest.raises(LogitsError, match="not finite"):
-        sample_next(logits, params, np.random.default_rng(0))
+        sample_next(logits, params, np.random.default_rng(0), previous=np.arange(100))
 
 
 @pytest.mark.filterwarnings("error")  # numpy's overflow warnings became errors: none may be raised

@@ -116,6 +116,23 @@ def test_activation_blocks_follow_mlas():
     assert not got[1, :32].any() and not got[0, 4:].any()
 
 
+@pytest.mark.parametrize("amax", [3e-37, 1e-38, 1e-44])
+def test_activation_blocks_too_small_to_invert_are_zero_as_in_onnx_runtime(amax):
+    """Below ~3.7e-37, 127 / amax overflows: ONNX Runtime's MatMulNBits returns 0 for such a block,
+    the numpy backend returned NaN (inf * 0), and GPTQ's calibration turned that into zeroed layers."""
+    x = np.zeros((1, 32), np.float32)
+    x[0, :3] = [amax, -amax / 2, amax / 4]
+    got = W.quantize_activation_blocks(x, 32)
+    assert np.isfinite(got).all() and not got.any()
+    w = random_weight((32, 8))
+    graph_ops = OPS["int8"]()
+    g = GraphBuilder(DEFAULT_OPSET)
+    out = graph_ops.linear(g, "x", "w", w)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
+    linear = W.SCHEMES["int8"].linear(tuple(stored[n] for n in W.SCHEMES["int8"].stored_names("w")), w.shape)
+    np.testing.assert_array_equal(linear(x[None]), run_graph(g.nodes, g.initializers, {"x": x[None]}, out))
+
+
 def run_graph(nodes, initializers, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
     import onnxruntime as ort
 
