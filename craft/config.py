@@ -432,6 +432,14 @@ def validate(cfg: Config) -> None:
         cfg.train.sample_prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigError("train.sample_prompt is not valid Unicode text (a lone surrogate); fix the string") from None
+    if "\0" in str(cfg.out_dir):  # YAML's "\0" escape: no path can hold it
+        raise ConfigError(f"out_dir holds a NUL character ({str(cfg.out_dir)!r}); fix the path")
+    try:  # YAML's "\uD800" escape: a lone surrogate names no file
+        os.fsencode(str(cfg.out_dir))
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"out_dir {str(cfg.out_dir)!r} is not a valid file name (a lone surrogate); fix the path"
+        ) from None
     if not str(cfg.out_dir).strip():  # an empty path would be the current directory, filled with run files
         raise ConfigError("out_dir is empty; name the run directory, e.g. out_dir=runs/mine")
     if os.path.realpath(cfg.out_dir) in (os.path.realpath("."), os.path.abspath(os.sep)):  # '.' or '/': the same

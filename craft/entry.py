@@ -11,8 +11,16 @@ EXIT_INTERRUPTED = 130  # craft.runtime.command's, which this module must not im
 
 def train() -> None:
     try:
+        from craft.runtime.command import require_cwd
+
+        require_cwd("craft-train")
         from craft.train import main
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         sys.exit(EXIT_INTERRUPTED)
+    except ModuleNotFoundError as e:  # a device install (the runtime alone) has no torch
+        from craft.runtime.command import EXIT_OS_ERROR, echo_error, missing_package
+
+        echo_error("craft-train", missing_package(e))
+        sys.exit(EXIT_OS_ERROR)
     main()

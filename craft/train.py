@@ -15,7 +15,7 @@ The step: AdamW (fused), linear warmup + cosine decay to train.lr_decay_steps, g
 and accumulation, optional bf16 autocast and torch.compile (eager, with a warning, where compiling
 fails). With train.threads=1 on CPU, a run killed at any moment and resumed logs bit-identical
 losses to the uninterrupted run: eval and samples draw from their own fixed generators.
-SIGINT/SIGTERM save a checkpoint and exit 130 (a signal during an eval abandons the eval, which
+SIGINT/SIGTERM/SIGHUP save a checkpoint and exit 130 (a signal during an eval abandons the eval, which
 the resumed run then does first); a
 NaN/inf loss or gradient norm stops without saving (exit 3), keeping the last good checkpoint.
 One craft-train at a time writes a run directory: it holds an flock on RUN_DIR/train.lock.
@@ -60,7 +60,7 @@ from craft.data import (
 )
 from craft.distributed import Distributed
 from craft.model import Transformer, build_model
-from craft.runtime.command import EXIT_OS_ERROR, OneLineErrors, echo_error
+from craft.runtime.command import EXIT_OS_ERROR, TERMINATING_SIGNALS, OneLineErrors, OptionalOutput, echo_error
 from craft.runtime.tokenizer import Tokenizer
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -179,62 +179,6 @@ def tokenize(cfg: Config, corpus: Corpus, tokenizer: Tokenizer) -> TokenData:
         progress.close()
 
 
-class OptionalOutput:
-    """stdout or stderr (log lines, the progress bar), which no run is worth losing for: closed
-    (2>&-), full (2>/dev/full) or a reader gone (`craft-train | head -1`), it falls silent and
-    training goes on (it died in tqdm, or in click.echo without a checkpoint)."""
-
-    def __init__(self, stream):
-        self.stream, self.failed = stream, stream is None
-
-    def _try(self, call, fallback):
-        if not self.failed:
-            try:
-                return call()
-            except (OSError, ValueError):  # ValueError: a closed file
-                self.failed = True
-                self._to_devnull()
-        return fallback
-
-    def _to_devnull(self) -> None:
-        """Point the stream's descriptor at /dev/null: what Python still holds buffered for it is
-        flushed at exit, and would fail there again ("Exception ignored ... BrokenPipeError")."""
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            os.dup2(devnull, self.stream.fileno())
-        except (OSError, ValueError):  # closed: nothing of it is left to flush
-            pass
-        finally:
-            os.close(devnull)
-
-    def echo(self, text: str) -> None:
-        """One line, flushed at once (the log of a run someone is watching); characters the
-        stream's encoding lacks (PYTHONIOENCODING=ascii) are escaped, not fatal."""
-        self.write((text + "\n").encode(self.encoding, "backslashreplace").decode(self.encoding))
-        self.flush()
-
-    def write(self, text: str) -> int:
-        return self._try(lambda: self.stream.write(text), len(text))
-
-    def flush(self) -> None:
-        self._try(lambda: self.stream.flush(), None)
-
-    def isatty(self) -> bool:
-        return self._try(lambda: self.stream.isatty(), False)
-
-    def fileno(self) -> int:  # tqdm sizes the bar to the terminal through it
-        if self.failed:
-            raise OSError("stderr failed")
-        return self.stream.fileno()
-
-    @property
-    def encoding(self) -> str:  # tqdm draws Unicode blocks only where the stream's encoding has them
-        return getattr(self.stream, "encoding", None) or "ascii"
-
-
 def progress_bar(total: int, desc: str, file: OptionalOutput | None = None, **kw):
     from tqdm import tqdm
 
@@ -329,13 +273,14 @@ def evaluate(
 
 
 class Signals:
-    """SIGINT / SIGTERM only set `received` while active, so the loop can save before it stops."""
+    """SIGINT / SIGTERM / SIGHUP (the terminal closed) only set `received` while active, so the loop
+    can save before it stops."""
 
     def __init__(self):
         self.received: int | None = None
 
     def __enter__(self) -> "Signals":
-        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, *TERMINATING_SIGNALS)}
         return self
 
     def _on_signal(self, signum, _frame) -> None:
@@ -615,7 +560,7 @@ def main(overrides, config, resume, overwrite, plot_dir):
     data.path=corpus.txt tokenizer.kind=char out_dir=runs/mine. Exit codes: 0 done,
     1 a file could not be read or written (a full disk: the last checkpoint is kept), 2 bad
     input or the run is in use, 3 loss diverged, 130 interrupted (Ctrl-C; SIGTERM once training
-    has begun, which saves a checkpoint first), 143 SIGTERM before training began.
+    has begun, and SIGHUP, which save a checkpoint first), 143 SIGTERM (129 SIGHUP) before training began.
     """
     try:
         ignored = [

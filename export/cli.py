@@ -10,7 +10,7 @@ import click
 
 from craft import __version__
 from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
-from craft.runtime.command import OneLineErrors, echo_error
+from craft.runtime.command import OneLineErrors, OptionalOutput, echo_error, require_cwd
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
@@ -20,18 +20,16 @@ def format_size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def print_report(report: dict, output: Path | None) -> None:
-    click.echo(
+def print_report(report: dict, output: Path | None, echo) -> None:
+    echo(
         f"  size    {format_size(report['file_bytes'])} ({report['quantization']}); "
         f"fp32 {format_size(report['fp32_file_bytes'])}; "
         f"ratio {report['size_ratio']:.1%}; {report['parameters']:,} parameters; opset {report['opset']}"
     )
     if report["quantization"] != NONE:
-        click.echo(
-            f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}"
-        )
+        echo(f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}")
     if output is not None:
-        click.echo(f"wrote {output} in {report['export_s']:.1f}s")
+        echo(f"wrote {output} in {report['export_s']:.1f}s")
 
 
 def source_path(source: str) -> Path:
@@ -104,18 +102,22 @@ def main(
     an imported model a bundled English text). Exit codes: 0 written, 1 the output could not be
     written (permission, a read-only or full disk), 2 bad input - a source missing, unreadable or
     damaged, a bad option or output path (nothing written), 3 verification failed (nothing
-    written; the figures are printed), 130 interrupted (Ctrl-C) and 143 terminated (SIGTERM), nothing
+    written; the figures are printed), 130 interrupted (Ctrl-C) and 143 / 129 terminated (SIGTERM / SIGHUP), nothing
     written.
     """
+    require_cwd("craft-export")  # before torch's import
     from craft.export.exporter import ExportError, OutputWriteError, VerificationError, export
     from craft.export.graph import DEFAULT_OPSET
 
     if output is None:
-        output = (
-            Path(source).with_suffix(f".{quantize}.onnx")
-            if Path(source).is_file()
-            else Path(source) / f"model.{quantize}.onnx"
-        )
+        try:
+            is_file = source.is_file()
+        except OSError:  # a name too long: export() says what is wrong with the source
+            is_file = False
+        output = source.with_suffix(f".{quantize}.onnx") if is_file else source / f"model.{quantize}.onnx"
+    elif str(output) == "-":
+        raise click.BadParameter("craft-export writes a file, not stdout; give its path", param_hint="'-o'")
+    out = OptionalOutput(sys.stdout)  # the log: a reader gone (| head -1) must not cost the verified model
     try:
         report = export(
             source,
@@ -123,7 +125,7 @@ def main(
             quantize=quantize,
             opset=opset or DEFAULT_OPSET,
             checkpoint=checkpoint,
-            log=click.echo,
+            log=out.echo,
             kind=kind,
             attention=attention,
         )
@@ -131,10 +133,10 @@ def main(
         echo_error("craft-export", e)
         sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
     except VerificationError as e:
-        print_report(e.report, None)
+        print_report(e.report, None, out.echo)
         click.echo(f"craft-export: verification failed, nothing written: {e}", err=True)
         sys.exit(EXIT_VERIFY)
-    print_report(report, output)
+    print_report(report, output, out.echo)
 
 
 if __name__ == "__main__":

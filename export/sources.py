@@ -72,8 +72,9 @@ def file_mode(path: Path) -> int | None:
         return os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError:  # a null byte in the name: no file can have it
-        raise SourceError(f"{str(path)[:200]!r} contains a null byte; no file is named so - correct the name") from None
+    except ValueError as e:  # a null byte or a lone surrogate in the name: no file can have it
+        what = "is not valid text (a lone surrogate)" if isinstance(e, UnicodeError) else "contains a null byte"
+        raise SourceError(f"{str(path)[:200]!r} {what}; no file is named so - correct the name") from None
     except OSError as e:
         raise SourceError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from None
 

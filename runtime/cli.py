@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from typing import TYPE_CHECKING, NoReturn
 
 import click
@@ -106,6 +107,22 @@ def utf8(data: bytes, what: str) -> str:
         )
 
 
+def shown(piece: str, terminal: bool) -> str:
+    """Generated text as a terminal shows it: on a terminal, control characters other than newline
+    and tab (ESC, which starts escape sequences, BEL, carriage return) are written as \\x1b etc., so a
+    hostile tokenizer cannot retitle, clear or rewrite the screen; in a pipe or file, as generated."""
+    if not terminal:
+        return piece
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in piece)
+
+
+def stdout_is_tty() -> bool:
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except (OSError, ValueError):
+        return False
+
+
 def write(text: str) -> None:
     """Text to stdout, now. A reader that went away (`| head -1`) ends craft-run quietly; a full
     disk ends it with one line. Either way stdout is pointed at /dev/null so that Python's own
@@ -178,7 +195,8 @@ def write(text: str) -> None:
     "--backend",
     type=click.Choice(["ort", "numpy"]),
     default="ort",
-    help="ONNX Runtime, or pure numpy for devices without an onnxruntime wheel.",
+    help="ONNX Runtime, or pure numpy for devices without an onnxruntime wheel (the default where onnxruntime "
+    "is not installed).",
 )
 @click.option(
     "--threads",
@@ -241,7 +259,7 @@ def main(
     interactive chat. Text streams to stdout as it is generated. Everything the model needs
     (config, tokenizer, chat template) is inside the file. Exit codes: 0 done, 1 stdout failed
     (a full disk) or out of memory, 2 bad input (piped --chat: a message was refused), 130 interrupted (Ctrl-C),
-    143 terminated (SIGTERM).
+    143 terminated (SIGTERM), 129 hung up (SIGHUP).
 
     \b
     Examples:
@@ -255,6 +273,11 @@ def main(
     from craft.runtime.generator import CONTEXT_LENGTH, GenerationError, Generator, load_artifact, load_tokenizer
     from craft.runtime.sampling import SamplingError, SamplingParams
 
+    backend_given = click.get_current_context().get_parameter_source("backend").name != "DEFAULT"
+    if not backend_given and backend == "ort":
+        from craft.runtime.ort_backend import ort_installed
+
+        backend = "ort" if ort_installed() else "numpy"  # 32-bit ARM has no onnxruntime wheel: numpy is the runtime
     if estimate:
         from craft.runtime.estimate import DeviceError, format_estimates, load_profiles
         from craft.runtime.estimate import estimate as predict
@@ -273,7 +296,7 @@ def main(
             artifact = load_artifact(model)
             load_tokenizer(artifact, model)  # a file that cannot run does not fit anywhere
             size = os.path.getsize(model)
-            chosen = backend if click.get_current_context().get_parameter_source("backend").name != "DEFAULT" else None
+            chosen = backend if backend_given else None
             if max_context is not None and max_context > artifact.spec.context_length:
                 model_context = artifact.spec.context_length
                 fail(f"--max-context must be in 1..{model_context} (the model's context), got {max_context}")
@@ -309,8 +332,10 @@ def main(
                 f"(--max-context N sets it)",
                 err=True,
             )
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="replace")
+        terminal = stdout_is_tty()
+        if hasattr(sys.stdout, "reconfigure"):  # a pipe gets UTF-8, as the prompt is read, unless asked otherwise
+            utf8 = {} if terminal or "PYTHONIOENCODING" in os.environ else {"encoding": "utf-8"}
+            sys.stdout.reconfigure(errors="replace", **utf8)
         if chat and prompt is None:
             return converse(generator, params, system, stats)
         if as_json:
@@ -331,7 +356,7 @@ def main(
             for piece in (
                 generator.chat(messages, params) if chat else generator.stream(prompt, params, truncate=truncate)
             ):
-                write(piece)
+                write(shown(piece, terminal))
             write("\n")
     except (ArtifactError, GenerationError, ValueError) as e:
         fail(str(e))
@@ -395,7 +420,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
     except ImportError:
         pass
     conversation = Conversation(generator, system)
-    tty = sys.stdin.isatty()
+    tty, terminal = sys.stdin.isatty(), stdout_is_tty()
     if tty:
         click.echo(
             f"chatting with {generator.path.name} ({generator.context_length}-token context): Ctrl-D ends, "
@@ -438,9 +463,9 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
                 conversation.restart()
                 answer = conversation.reply(text, params)
                 first = next(answer, "")
-            write(first)
+            write(shown(first, terminal))
             for piece in answer:
-                write(piece)
+                write(shown(piece, terminal))
             write("\n")
         except KeyboardInterrupt:
             answer.close()  # the answer so far stays in the conversation

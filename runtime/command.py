@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import unicodedata
 from functools import partial
 
 import click
@@ -35,15 +36,117 @@ _FIXES = {
 }
 
 
+# The packages of an extra (setup.py) that a command imports only when it runs: a device installs
+# the runtime alone, where craft-train and craft-export find them missing.
+INSTALL_HINTS = {name: "pip install 'craft[train]'" for name in ("torch", "onnx", "yaml", "tqdm", "gguf")}
+
+
+def missing_package(e: ModuleNotFoundError) -> str:
+    """One line for a package that is not installed, with the command that installs it."""
+    name = (e.name or "").partition(".")[0] or "a package"
+    return f"the Python package '{name}' is not installed; {INSTALL_HINTS.get(name, f'pip install {name}')}"
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (a BaseException, like KeyboardInterrupt: `except Exception` lets it through)."""
 
 
+MAX_ERROR_CHARS = 1000  # an error line's length: a hostile file's 1 MB architecture name is cut in the middle
+
+
+def printable(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` safe to print as one line of a terminal: control and format characters (newlines, ESC
+    and the escape sequences it starts, BEL, bidi overrides such as U+202E) written as \\n,
+    \\x1b, \\u202e; cut in the middle past `limit` characters, keeping the start and the end (the fix)."""
+    if len(text) > limit:
+        tail = limit // 4
+        text = f"{text[: limit - tail]} [... {len(text) - limit:,} characters ...] {text[-tail:]}"
+    return "".join(_ESCAPES.get(c) or (_escape(c) if unicodedata.category(c) in _UNSAFE else c) for c in text)
+
+
+_UNSAFE = ("Cc", "Cf", "Zl", "Zp", "Cs")  # controls, format (bidi, zero-width), line / paragraph separators, surrogates
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+
+
 def echo_error(prog: str, message: object) -> None:
-    """`PROG: error: MESSAGE` on stderr, one line: a newline inside the message (a path may hold one)
-    is written as \\n."""
-    text = str(message).replace("\r", "\\r").replace("\n", "\\n")
-    click.echo(f"{prog}: error: {text}", err=True)
+    """`PROG: error: MESSAGE` on stderr, one printable line (see printable: a message quotes paths,
+    file metadata and template text, any of which may be hostile). A stderr that fails is let be:
+    the exit code still says what happened."""
+    try:
+        click.echo(f"{prog}: error: {printable(str(message))}", err=True)
+    except (OSError, ValueError):  # full (2>/dev/full) or closed
+        pass
+
+
+class OptionalOutput:
+    """stdout or stderr for a log (progress bars, lines saying how it goes) that no run is worth
+    losing for: closed (2>&-), full (>/dev/full) or with the reader gone (`craft-train | head -1`),
+    it falls silent and the work goes on (craft-train died in tqdm or click.echo without a
+    checkpoint; craft-export dropped a verified model). Not for a command's product: craft-run's text."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, stream is None
+
+    def _try(self, call, fallback):
+        if not self.failed:
+            try:
+                return call()
+            except (OSError, ValueError):  # ValueError: a closed file
+                self.failed = True
+                self._to_devnull()
+        return fallback
+
+    def _to_devnull(self) -> None:
+        """Point the stream's descriptor at /dev/null: what Python still holds buffered for it is
+        flushed at exit, and would fail there again ("Exception ignored ... BrokenPipeError")."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        except (OSError, ValueError):  # closed: nothing of it is left to flush
+            pass
+        finally:
+            os.close(devnull)
+
+    def echo(self, text: str) -> None:
+        """One line, flushed at once (the log of a run someone is watching); characters the
+        stream's encoding lacks (PYTHONIOENCODING=ascii) are escaped, not fatal."""
+        self.write((text + "\n").encode(self.encoding, "backslashreplace").decode(self.encoding))
+        self.flush()
+
+    def write(self, text: str) -> int:
+        return self._try(lambda: self.stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._try(lambda: self.stream.flush(), None)
+
+    def isatty(self) -> bool:
+        return self._try(lambda: self.stream.isatty(), False)
+
+    def fileno(self) -> int:  # tqdm sizes the bar to the terminal through it
+        if self.failed:
+            raise OSError("stderr failed")
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # tqdm draws Unicode blocks only where the stream's encoding has them
+        return getattr(self.stream, "encoding", None) or "ascii"
+
+
+def require_cwd(prog: str) -> None:
+    """Exit 1 with one line if the current directory was deleted: torch's import then dies in
+    oneMKL ("Cannot load libtorch_cpu.so", exit 2), whatever paths the command was given."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        echo_error(prog, "the current directory no longer exists (deleted while the shell was in it); cd elsewhere")
+        sys.exit(EXIT_OS_ERROR)
 
 
 def os_error_message(e: OSError) -> str:
@@ -55,23 +158,35 @@ def os_error_message(e: OSError) -> str:
     return f"{where}{reason}" + (f"; {fix}" if fix else "")
 
 
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _try_echo(text: str) -> None:
+    """A line on stderr, if stderr is still there (after SIGHUP the terminal is gone)."""
+    try:
+        click.echo(text, err=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _raise_terminated(signum, _frame) -> None:
     raise Terminated(signum)
 
 
-def _stdout_failed(e: OSError) -> bool:
-    """Whether `e` came from printing (click.echo: stdout on a full disk, a closed pipe); then
-    stdout is pointed at /dev/null, so that Python's flush at exit prints no second error."""
+def _stream_failed(e: OSError) -> str | None:
+    """ "stdout" or "stderr" where `e` came from printing (click.echo: a full disk, a closed pipe),
+    else None; the stream is pointed at /dev/null, so that Python's flush at exit prints no second error."""
     tb = e.__traceback__
     while tb is not None and not (tb.tb_frame.f_code.co_name == "echo" and "click" in tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     if tb is None:
-        return False
+        return None
+    stream = sys.stderr if tb.tb_frame.f_locals.get("err") else sys.stdout
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is not a file descriptor (embedded)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (embedded), or closed
         pass
-    return True
+    return "stderr" if stream is sys.stderr else "stdout"
 
 
 def _quiet_os_errors(hook, args) -> None:
@@ -98,9 +213,12 @@ class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
         prog = prog_name or self.name
-        previous = signal.getsignal(signal.SIGTERM)
-        if previous is signal.SIG_DFL:  # not when embedded in a program that handles SIGTERM itself
-            signal.signal(signal.SIGTERM, _raise_terminated)
+        # SIGHUP (the terminal closed, an ssh session dropped) ends a command as SIGTERM does, tidily;
+        # not when embedded in a program that handles them itself
+        previous = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS}
+        for s, handler in previous.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(s, _raise_terminated)
         thread_hook = threading.excepthook
         threading.excepthook = partial(_quiet_os_errors, thread_hook)
         try:
@@ -114,12 +232,16 @@ class OneLineErrors(click.Command):
         except click.Abort:
             click.echo("\ninterrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except Terminated:
-            click.echo(f"{prog}: terminated", err=True)
-            sys.exit(EXIT_TERMINATED)
+        except Terminated as e:
+            signum = e.args[0] if e.args else signal.SIGTERM
+            _try_echo(f"{prog}: {'hung up' if signum == getattr(signal, 'SIGHUP', None) else 'terminated'}")
+            sys.exit(128 + int(signum))
         except ImportError as e:  # onnxruntime's module init turns a signal during its import into ImportError
             signalled = _signal_behind(e)
             if signalled is None:
+                if isinstance(e, ModuleNotFoundError):
+                    echo_error(prog, missing_package(e))
+                    sys.exit(EXIT_OS_ERROR)
                 raise
             click.echo("\ninterrupted" if signalled is KeyboardInterrupt else f"{prog}: terminated", err=True)
             sys.exit(EXIT_INTERRUPTED if signalled is KeyboardInterrupt else EXIT_TERMINATED)
@@ -128,11 +250,12 @@ class OneLineErrors(click.Command):
             echo_error(prog, f"out of memory{detail}; close other programs or choose a smaller model or context")
             sys.exit(EXIT_OS_ERROR)
         except OSError as e:
-            stdout = e.filename is None and _stdout_failed(e)
-            echo_error(prog, f"{'stdout: ' if stdout else ''}{os_error_message(e)}")
+            stream = _stream_failed(e) if e.filename is None else None
+            echo_error(prog, f"{stream + ': ' if stream else ''}{os_error_message(e)}")
             sys.exit(EXIT_OS_ERROR)
         finally:
             threading.excepthook = thread_hook
-            if previous is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                if handler is signal.SIG_DFL:
+                    signal.signal(s, handler)
         sys.exit(result if isinstance(result, int) else 0)

@@ -46,11 +46,30 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+class OnnxRuntimeMissing(ImportError, ValueError):
+    """The ort backend asked for where onnxruntime is not installed (a ValueError: one line in craft-run)."""
+
+
+def ort_installed() -> bool:
+    """Whether onnxruntime can be imported, without importing it (which takes ~0.1 s)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):  # a None placeholder in sys.modules, a broken parent package
+        return False
+
+
 class OrtBackend:
     name = "ort"
     use_pybind = True  # False forces the public-API path (tests compare the two)
 
     def __init__(self, path: str, spec: ModelSpec, threads: int = 0):
+        if not ort_installed():
+            raise OnnxRuntimeMissing(
+                "onnxruntime is not installed; pip install onnxruntime, or use --backend numpy "
+                "(on 32-bit ARM, which has no onnxruntime wheel, numpy is the backend)"
+            )
         import onnxruntime as ort
 
         self.spec, self.path = spec, path

@@ -122,6 +122,8 @@ def test_a_sample_prompt_that_is_not_unicode_is_refused_at_start(tmp_path):
         (["train.compile=1"], r"'train.compile' expects bool, got '1'"),  # as YAML refuses compile: 1
         (["model.head_size=3"], r"model.head_size=3 must be even for RoPE"),  # named dim and n_head
         (["model.dim=32", "model.n_head=3"], r"pick n_head among \[1, 2, 4, 8, 16\]$"),  # 32: a head width of 1
+        (["out_dir=runs/a\0b"], r"out_dir holds a NUL character"),  # a traceback, and in an exported run's config too
+        (["out_dir=runs/\ud800"], r"is not a valid file name \(a lone surrogate\)"),
         (["train.warmup_steps=-2"], r"set a value in \[0, 1000000000\], or -1 \(a tenth of max_steps"),
         (["train.lr_decay_steps=-2"], r"set a value in \[1, 1000000000\], or 0 \(max_steps\)$"),
         (["train.max_steps=99999999999999999999999999"], r"^train.max_steps=99999999999999999999999999 is out"),

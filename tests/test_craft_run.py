@@ -225,9 +225,60 @@ def test_json_on_a_stdout_that_is_not_utf8_is_lossless(char_int8, monkeypatch):
     text = "caf\xe9 \ufffd"
     monkeypatch.setattr(G.Generator, "generate", lambda *a, **k: G.Completion(text, [1, 2], G.Stats("ort")))
     out = io.BytesIO()
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")  # asked for: a pipe is otherwise given UTF-8
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="ascii", errors="replace"))
     with pytest.raises(SystemExit) as done:
         main([str(char_int8), "hi", "--json"], prog_name="craft-run")
     sys.stdout.flush()
     assert done.value.code == 0
     assert json.loads(out.getvalue().decode("ascii"))["text"] == text
+
+
+def test_generated_control_characters_are_escaped_on_a_terminal_only():
+    """A token piece holding ESC]0;...BEL retitled the terminal and ESC[2J cleared it: a hostile
+    tokenizer drove the user's terminal. In a pipe or file the text stays as generated."""
+    from craft.runtime.cli import shown
+
+    piece = "a\x1b]0;PWNED\x07\x1b[2J\rb\n\tc \u202e \x9b"
+    assert shown(piece, terminal=False) == piece
+    assert shown(piece, terminal=True) == "a\\x1b]0;PWNED\\x07\\x1b[2J\\x0db\n\tc \u202e \\x9b"
+
+
+def shadowing(tmp_path, package: str) -> dict:
+    """An environment in which `package` cannot be imported, as on a platform without its wheel."""
+    (tmp_path / "sitecustomize.py").write_text(f"import sys; sys.modules[{package!r}] = None\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_without_onnxruntime_the_numpy_backend_runs_by_default(char_int8, tmp_path):
+    """32-bit ARM has no onnxruntime wheel (setup.py leaves it out there), yet --backend defaulted to
+    ort: craft-run with no flags died with a ModuleNotFoundError traceback."""
+    env = shadowing(tmp_path, "onnxruntime")
+    default = subprocess.run(
+        [*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "4", "--json"], capture_output=True, env=env, timeout=120
+    )
+    assert default.returncode == 0 and json.loads(default.stdout)["stats"]["backend"] == "numpy", default.stderr
+    asked = subprocess.run(
+        [*CRAFT_RUN, str(char_int8), "hi", "--backend", "ort"], capture_output=True, env=env, timeout=120
+    )
+    one_line_error(asked, 2, "onnxruntime is not installed", "--backend numpy")
+
+
+def test_a_failing_stderr_keeps_the_exit_code_of_the_error(char_int8, tmp_path):
+    """2>/dev/full: the error line could not be written, and that second failure was reported as
+    'stdout: No space left on device', exit 1 instead of the bad input's 2."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*CRAFT_RUN, str(tmp_path / "nope.onnx"), "hi"], stderr=full, timeout=120)
+    assert result.returncode == 2
+
+
+def test_a_pipe_gets_utf8_whatever_the_locale(char_int8):
+    """Prompts are read as UTF-8 whatever the locale, but the output was encoded in it: in a C locale
+    without UTF-8 mode, every character beyond ASCII in the generated text became '?' (exit 0)."""
+    flags = [str(char_int8), "ROMEO:", "-n", "60", "--temperature", "3", "--top-k", "0", "--top-p", "1", "--seed", "2"]
+    expected = json.loads(subprocess.run([*CRAFT_RUN, *flags, "--json"], capture_output=True, timeout=120).stdout)
+    assert any(ord(c) > 127 for c in expected["text"])  # the seed draws non-ASCII characters
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LANG", "LANGUAGE")}
+    env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    result = subprocess.run([*CRAFT_RUN, *flags], capture_output=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.decode("utf-8") == expected["text"] + "\n"

@@ -364,9 +364,11 @@ def test_sigterm_during_a_long_eval_exits_promptly_with_a_checkpoint(tmp_path, s
     assert not [r for r in read_metrics(run / rd.METRICS) if r["event"] == "eval"]  # the abandoned eval logged nothing
 
 
-def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")])
+def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path, signum, code, said):
     """What craft-export's final write (and every run-directory write) relies on: a command run by
-    OneLineErrors turns SIGTERM into an exception, and atomic_file removes its temp file on it."""
+    OneLineErrors turns SIGTERM into an exception, and atomic_file removes its temp file on it.
+    SIGHUP (a closed terminal, a dropped ssh session) killed it and left the temp file."""
     target = tmp_path / "model.onnx"
     script = textwrap.dedent(f"""
         import sys, time, click
@@ -386,9 +388,9 @@ def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path):
     )
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     assert len(temp_files(tmp_path)) == 1 and f".{os.path.basename(target)}.{proc.pid}." in temp_files(tmp_path)[0].name
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143 and err.strip() == "main: terminated", err
+    assert proc.returncode == code and err.strip() == f"main: {said}", err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -828,3 +830,43 @@ def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_is_built(tmp_pat
     with pytest.raises(ConfigError, match=r"parameters needs about .* GB to train .* more than the 0.0 GB free"):
         T.train(load_config(None, overrides(tmp_path / "run", small_corpus)), log=lambda *a, **k: None)
     assert not (tmp_path / "run").exists()
+
+
+def shadowing(tmp_path, *packages: str) -> dict:
+    """An environment in which `packages` cannot be imported, as on an install without them."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir(exist_ok=True)
+    (shadow / "sitecustomize.py").write_text("".join(f"import sys; sys.modules[{p!r}] = None\n" for p in packages))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize("argv", [["craft.entry", "--help"], ["craft.export.cli", "RUN"]], ids=["train", "export"])
+def test_a_device_install_without_torch_says_what_to_install(tmp_path, argv):
+    """The runtime alone (pip install craft) installs craft-train and craft-export too: they died with
+    a ModuleNotFoundError traceback, even for --help."""
+    module, *args = argv
+    code = "from craft.entry import train; train()" if module == "craft.entry" else f"import {module} as m; m.main()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *[str(tmp_path) if a == "RUN" else a for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=shadowing(tmp_path, "torch"),
+    )
+    assert_one_line(result, "craft-train" if module == "craft.entry" else "craft-export", 1, "'torch' is not installed")
+    assert "pip install 'craft[train]'" in result.stderr
+
+
+def test_a_deleted_current_directory_is_one_line(tmp_path, small_corpus):
+    """torch's import died in oneMKL ('Cannot load libtorch_cpu.so', exit 2) whatever the paths given."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", "from craft.entry import train; train()", *overrides(tmp_path / "run", small_corpus)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=gone,
+        preexec_fn=lambda: os.rmdir(gone),  # runs in the child after its chdir: the directory goes under it
+    )
+    assert_one_line(result, "craft-train", 1, "the current directory no longer exists")

@@ -805,3 +805,36 @@ def test_an_empty_source_is_refused(tmp_path):
     """craft-export "" exported the current directory (click makes "" the path '.')."""
     result = run_cli("craft.export.cli", "")
     assert_one_line(result, 2, "SOURCE is empty")
+
+
+@pytest.mark.parametrize("fault", ["reader gone", "full"])
+def test_a_log_nobody_can_read_costs_no_export(char_run, tmp_path, fault):
+    """craft-export | head -1 read the first line and left; the next log line's EPIPE ended the
+    export with exit 1, no message and no file, after it had been verified (>/dev/full alike)."""
+    import sys
+
+    output = tmp_path / "m.onnx"
+    if fault == "full":
+        target = os.open("/dev/full", os.O_WRONLY)
+    else:
+        reader, target = os.pipe()
+        os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "craft.export.cli", str(char_run), "-o", str(output)],
+            stdout=target,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(target)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert output.is_file()
+
+
+def test_output_dash_and_an_overlong_source_are_bad_input(char_run, tmp_path):
+    """-o - wrote a file named '-'; a SOURCE name past the system's limit was exit 1 (an OS error)
+    without -o and 2 with it."""
+    assert_one_line(run_cli("craft.export.cli", str(char_run), "-o", "-"), 2, "writes a file, not stdout")
+    assert_one_line(run_cli("craft.export.cli", str(tmp_path / ("a" * 300))), 2, "File name too long")

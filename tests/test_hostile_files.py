@@ -524,3 +524,19 @@ def test_in_place_graph_labelled_standard_is_refused(tmp_path, files):
     labelled standard gave silently wrong rows in a batch."""
     path = rewrite(files["int8_inplace"], tmp_path / "lie.onnx", **{A.META_ATTENTION: "standard"})
     refused(path, "its graph has GroupQueryAttention, yet its metadata says craft.attention=standard")
+
+
+@pytest.mark.parametrize(
+    "keys", [(A.META_FORMAT, A.META_VERSION), (A.META_QUANT,)], ids=["format version", "quantization"]
+)
+def test_hostile_metadata_text_reaches_the_terminal_escaped_and_short(tmp_path, files, keys):
+    """A metadata value quoted in an error went to stderr raw and whole: an OSC sequence retitled the
+    terminal, ESC[2K erased the line (a spoofed message), a U+202E reversed it, and 100 KB of it was
+    one 100 KB line."""
+    hostile = "9\x1b]0;TITLE\x07\x1b[2K\u202eevil\r" + "x" * 100_000
+    path = rewrite(files["int8"], tmp_path / "m.onnx", **dict.fromkeys(keys, hostile))
+    result = run_cli("craft.runtime.cli", str(path), "hi", "-n", "1")
+    line = result.stderr.strip()
+    assert result.returncode == 2 and line.startswith("craft-run: error:") and "\n" not in line, line[:300]
+    assert not any(c in line for c in "\x1b\x07\r\u202e") and "\\x1b]0;TITLE\\x07" in line
+    assert len(line) < 1200 and "characters ...]" in line

@@ -217,7 +217,9 @@ def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP (terminal closed)"]
+)
 def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum):
     run = tmp_path / "run"
     proc = start(
