@@ -31,6 +31,7 @@ from craft.runtime import bpe_pretokenizer as pre
 from craft.runtime.tokenizer import HF_JSON, META_SPACE
 
 CACHE_WORDS = 50_000  # BPE results kept per tokenizer; a word repeats often in running text
+CACHE_WORD_CHARS = 64  # longer words are not kept: 500,000-character ones grew a long-lived process by 16 MB each
 
 
 class BPEModel:
@@ -64,7 +65,7 @@ class BPEModel:
         ids = self._cache.get(word)
         if ids is None:
             ids = self._tokenize(word)
-            if len(self._cache) < CACHE_WORDS:
+            if len(self._cache) < CACHE_WORDS and len(word) <= CACHE_WORD_CHARS:
                 self._cache[word] = ids
         return ids
 
@@ -163,10 +164,14 @@ class AddedTokens:
                 after_word = stop < len(text) and re.match(r"\w", text[stop])
                 if before_word or after_word:
                     continue
+            # the whitespace beside the token, walked in place: text[:start].rstrip() copied the text
+            # before every match, quadratic in a prompt full of such tokens
             if token.get("lstrip", False):
-                start = max(done, len(text[:start].rstrip(pre.WHITE_SPACE_CHARS)))
+                while start > done and text[start - 1] in pre.WHITE_SPACE_CHARS:
+                    start -= 1
             if token.get("rstrip", False):
-                stop = len(text) - len(text[stop:].lstrip(pre.WHITE_SPACE_CHARS))
+                while stop < len(text) and text[stop] in pre.WHITE_SPACE_CHARS:
+                    stop += 1
             if done < start:
                 pieces.append((text[done:start], None, done))
             pieces.append(("", token["id"], start))
@@ -345,12 +350,15 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 
 
 MAX_INSERTED_TEXT = 16  # characters a Replace / Prepend normalizer may write ("▁" for " " in real ones)
+MAX_PIECE_CHARS = 8_000  # a token's characters (real vocabularies: a few hundred at most, runs of spaces or dashes)
+MAX_PATTERN_CHARS = 4_000  # a Split regex (GPT-4o's, the longest in use, is ~400); loading one here is not linear
 
 
 def check_shape(spec) -> None:
     """ValueError unless `spec` has a tokenizer.json's shape where this file reads it: the model's
-    vocabulary (token -> id) and the added tokens (content, id). Ids must be ints >= 0, and no
-    normalizer may write more than MAX_INSERTED_TEXT characters in one place."""
+    vocabulary (token -> id) and the added tokens (content, id). Ids must be ints >= 0, no token
+    longer than MAX_PIECE_CHARS, and the normalizer and pre-tokenizer steps bounded (text_growth):
+    a hostile file must not turn a short prompt into gigabytes, in the library or here."""
 
     def is_id(value) -> bool:
         return type(value) is int and value >= 0
@@ -365,21 +373,75 @@ def check_shape(spec) -> None:
         isinstance(t, dict) and isinstance(t.get("content"), str) and is_id(t.get("id")) for t in added
     ):
         raise ValueError("tokenizer.json's added_tokens must be objects with a 'content' string and an 'id' >= 0")
+    longest = max((len(t) for t in model["vocab"]), default=0)
+    longest = max([longest, *(len(t["content"]) for t in added)])
+    if longest > MAX_PIECE_CHARS:  # each would print that much per generated token
+        raise ValueError(
+            f"tokenizer.json has a token of {longest:,} characters, more than the {MAX_PIECE_CHARS:,} any real "
+            "vocabulary holds; the file is damaged"
+        )
     for key in ("normalizer", "pre_tokenizer", "decoder"):
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ValueError(f"tokenizer.json's '{key}' must be an object or null")
-    steps = [spec.get("normalizer")]
-    while steps:  # a normalizer that writes long text for each character would multiply a prompt's size
-        step = steps.pop()
-        if isinstance(step, dict):
-            nested = step.get("normalizers")  # a Sequence's steps
-            steps.extend(nested if isinstance(nested, list) else [])
-            inserted = step.get("content") if step.get("type") == "Replace" else step.get("prepend")
-            if isinstance(inserted, str) and len(inserted) > MAX_INSERTED_TEXT:
-                raise ValueError(
-                    f"tokenizer.json's {step.get('type')} normalizer inserts {len(inserted):,} characters, more than "
-                    f"the {MAX_INSERTED_TEXT} any real tokenizer needs; the file is damaged"
-                )
+    growth = text_growth(spec.get("normalizer"), "normalizers") * text_growth(
+        spec.get("pre_tokenizer"), "pretokenizers"
+    )
+    if growth > MAX_TEXT_GROWTH:
+        raise ValueError(
+            f"tokenizer.json's normalizer and pre-tokenizer steps can make a text {growth:,.0f} times longer, more "
+            f"than the {MAX_TEXT_GROWTH} any real tokenizer reaches (a prompt of 100 characters became gigabytes); "
+            "the file is damaged or hostile"
+        )
+
+
+MAX_TEXT_GROWTH = (
+    256  # NFKC (18x at most) then ByteLevel (4x) is 72x; 5 chained ByteLevels or Replace a -> a*16 twice pass it
+)
+MAX_TOKENIZER_STEPS = 32  # normalizer and pre-tokenizer steps; real ones have 1-5
+
+# How many times longer one step can make a text, at most: Unicode's longest NFKC / NFD expansion,
+# a character's UTF-8 bytes as ByteLevel characters, a lowercase that writes two ("İ")
+STEP_GROWTH = {"NFKC": 18, "NFKD": 18, "NFC": 3, "NFD": 4, "ByteLevel": 4, "Lowercase": 3}
+
+
+def text_growth(step, children: str) -> float:
+    """The factor by which `step` (a normalizer or pre-tokenizer tree, Sequences nested under
+    `children`) can lengthen a text, at most; ValueError past MAX_TOKENIZER_STEPS steps or for a
+    Replace / Prepend / Metaspace writing more than MAX_INSERTED_TEXT characters in one place."""
+    growth, stack, count = 1.0, [step], 0
+    while stack:
+        step = stack.pop()
+        if not isinstance(step, dict):
+            continue
+        count += 1
+        if count > MAX_TOKENIZER_STEPS:
+            raise ValueError(f"tokenizer.json has more than {MAX_TOKENIZER_STEPS} {children}; the file is damaged")
+        nested = step.get(children)  # a Sequence's steps
+        stack.extend(nested if isinstance(nested, list) else [])
+        kind = step.get("type")
+        inserted = {"Replace": "content", "Prepend": "prepend", "Metaspace": "replacement"}.get(kind)
+        text = step.get(inserted) if inserted else None
+        if isinstance(text, str) and len(text) > MAX_INSERTED_TEXT:
+            raise ValueError(
+                f"tokenizer.json's {kind} step inserts {len(text):,} characters, more than "
+                f"the {MAX_INSERTED_TEXT} any real tokenizer needs; the file is damaged"
+            )
+        pattern = step.get("pattern")
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        if isinstance(regex, str) and len(regex) > MAX_PATTERN_CHARS:
+            raise ValueError(
+                f"tokenizer.json's {kind} step has a pattern of {len(regex):,} characters, more than the "
+                f"{MAX_PATTERN_CHARS:,} any real tokenizer needs; the file is damaged"
+            )
+        if kind == "Replace" and isinstance(text, str):
+            literal = pattern.get("String") if isinstance(pattern, dict) else None
+            # a literal of n characters becomes the content; a regex may match the empty string between any two
+            growth *= max(1.0, len(text) / len(literal)) if isinstance(literal, str) and literal else 1 + len(text)
+        elif kind == "Metaspace" and isinstance(text, str):
+            growth *= max(1, len(text))
+        else:
+            growth *= STEP_GROWTH.get(kind, 1)
+    return growth
 
 
 def piece_decoder(decoder: dict | None) -> tuple[Callable[[str], bytes], bool]:

@@ -30,6 +30,7 @@ MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one rend
 MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
 MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
 MAX_INT_BITS = 4096  # integers a template multiplies; real templates count messages
+MAX_TEMPLATE_CHARS = 100_000  # a template's own text; real ones (tool calling included) are under 20,000
 AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only pad: refused
 # Filters and methods that never turn a container into text: not measured (messages|length in a loop
 # over the messages would walk the conversation once per message)
@@ -62,8 +63,11 @@ def render_chat(
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
         got = type(messages).__name__ if not isinstance(messages, (list, tuple)) else "a list holding other values"
         raise ChatTemplateError(f"chat messages must be a list of dicts with 'role' and 'content', got {got}")
-    chat = [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
-    context = plain({"bos_token": bos_token, "eos_token": eos_token, **variables})
+    try:
+        chat = [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
+        context = plain({"bos_token": bos_token, "eos_token": eos_token, **variables})
+    except RecursionError:
+        raise ChatTemplateError("chat messages are nested too deeply to be JSON values") from None
     env.start_budget()
     out: list[str] = []
     size = 0
@@ -159,6 +163,40 @@ def check_text_size(value: Any, total: int = 0) -> int:
     return total
 
 
+def indented_size(value: Any, width: int) -> int:
+    """The indentation json.dumps(value, indent=width) writes: width x depth for every item; stops
+    counting past MAX_CHARS."""
+    total, pending = 0, [(value, 1)]
+    while pending and total <= MAX_CHARS:
+        item, depth = pending.pop()
+        if isinstance(item, (list, tuple, dict)):
+            total += len(item) * (width * depth + 1)
+            values = item.values() if isinstance(item, dict) else item
+            pending.extend((v, depth + 1) for v in values if isinstance(v, (list, tuple, dict)))
+    return total
+
+
+class BoundedBuffer(list):
+    """The list a template block renders into ({% set x %}...{% endset %}, a macro, a call block),
+    refused as soon as its text passes MAX_CHARS: 2,000 prints of a 1M-character string were 2 GB."""
+
+    size = 0
+
+    def append(self, item: Any) -> None:
+        self._add(len(item) if isinstance(item, str) else 8)
+        super().append(item)
+
+    def extend(self, items) -> None:
+        items = list(items)
+        self._add(sum(len(i) if isinstance(i, str) else 8 for i in items))
+        super().extend(items)
+
+    def _add(self, n: int) -> None:
+        self.size += n
+        if self.size > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a block longer than {MAX_CHARS}")
+
+
 def printable(value: Any) -> Any:
     """The environment's finalize: what a {{ ... }} prints, measured as text first."""
     check_text_size(value)
@@ -202,8 +240,8 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
         grown = subject.count(args[0]) * max(len(args[1]) - len(args[0]), 0) if args[0] else len(subject) * len(args[1])
         if len(subject) + grown > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
-    if name in ("format", "%") and isinstance(subject, str):  # each field may print a whole argument
-        fields = subject.count("{") if name == "format" else subject.count("%")
+    if name in ("format", "format_map", "%") and isinstance(subject, str):  # each field may print a whole argument
+        fields = subject.count("%") if name == "%" else subject.count("{")
         if fields * sum(check_text_size(a) for a in args) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     if name == "join" and isinstance(subject, str) and args and hasattr(args[0], "__len__"):  # str.join(items)
@@ -215,7 +253,15 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
         items = len(subject) if hasattr(subject, "__len__") else None  # an iterator: only a short separator
         if len(args[0]) > MAX_WIDTH if items is None else len(args[0]) * max(items - 1, 0) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
-    if name in ("format", "indent", "center", "wordwrap", "truncate", "batch", "slice") or name == "%":
+    if name == "indent" and isinstance(subject, str) and args and isinstance(args[0], str):  # a text as the width
+        if len(args[0]) * (subject.count("\n") + 1) > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name == "wordwrap" and isinstance(subject, str):  # wrapstring (4th argument) repeats once per line
+        width = args[0] if args and isinstance(args[0], int) and not isinstance(args[0], bool) else 79
+        wrap = next((a for a in args[2:] if isinstance(a, str)), "\n")
+        if len(wrap) * (len(subject) // max(width, 1) + subject.count("\n") + 1) > MAX_CHARS:
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
+    if name in ("format", "format_map", "indent", "center", "wordwrap", "truncate", "batch", "slice") or name == "%":
         for a in (subject, *args):
             if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (
                 isinstance(a, str) and WIDE_FORMAT.search(a)
@@ -231,6 +277,10 @@ def compile_template(template: str):
 
     if not isinstance(template, str):
         raise ChatTemplateError(f"chat template must be text, got {type(template).__name__}")
+    if len(template) > MAX_TEMPLATE_CHARS:  # compiling takes ~600 bytes and ~8 us per character, unbounded in time
+        raise ChatTemplateError(
+            f"chat template is {len(template):,} characters, more than the {MAX_TEMPLATE_CHARS:,} any real one needs"
+        )
     env = make_environment()
     try:
         return env.from_string(template)
@@ -262,6 +312,10 @@ def make_environment():
             return caller()
 
     class CodeGenerator(jinja2.compiler.CodeGenerator):
+        def buffer(self, frame) -> None:  # what {% set x %}, macros and call blocks collect: bounded as it grows
+            frame.buffer = self.temporary_identifier()
+            self.writeline(f"{frame.buffer} = environment.bounded_buffer()")
+
         def visit_Concat(self, node, frame) -> None:  # `a ~ b`: measured before it is joined (checked_concat)
             self.write("environment.checked_concat((")
             for arg in node.nodes:
@@ -299,6 +353,8 @@ def make_environment():
             check_arguments(name, subject, args + tuple(kwargs.values()))
             return check_size(super().call(context, obj, *args, **kwargs))
 
+        bounded_buffer = BoundedBuffer
+
         def checked_concat(self, parts: tuple) -> str:
             """`a ~ b`: jinja2's str_join, its parts measured as text first."""
             check_text_size(parts)
@@ -312,10 +368,13 @@ def make_environment():
             self.tick()
             return super().getitem(obj, argument)
 
-        intercepted_binops = frozenset(["*", "**", "%"])
+        intercepted_binops = frozenset(["*", "**", "%", "+"])
 
         def call_binop(self, context, operator, left, right):
             self.tick()
+            if operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):  # a doubling chain
+                if len(left) + len(right) > MAX_CHARS:
+                    raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
             if operator == "%" and isinstance(left, str):
                 check_arguments("%", left, right if isinstance(right, tuple) else (right,))
             if operator == "*" and isinstance(left, int) != isinstance(right, int):  # str/list * n
@@ -359,8 +418,11 @@ def make_environment():
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        if isinstance(indent, (int, str)) and (abs(indent) if isinstance(indent, int) else len(indent)) > MAX_WIDTH:
+        width = (indent if isinstance(indent, int) else len(indent)) if isinstance(indent, (int, str)) else 0
+        if abs(width) > MAX_WIDTH:
             raise ChatTemplateError(f"chat template asked tojson for an indent above {MAX_WIDTH}")
+        if width > 0 and indented_size(x, width) > MAX_CHARS:  # each item gets a line indented by its depth
+            raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS} as JSON")
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def check_name(name):

@@ -143,8 +143,11 @@ class Continuation:
             self.stop_reason = EOS
             return ""
         self.token_ids.append(token)
+        before = len(self.pending)
         self.pending += self.text_stream.feed(token)
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        # a stop string new here ends in the new text: searched from there (the whole held text per
+        # token and stop string was quadratic with many or long stop strings)
+        hits = [i for i in (self.pending.find(s, max(0, before - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             self.stop_reason = STOP_STRING
             self.pending = self.pending[: min(hits)]

@@ -94,6 +94,17 @@ HOSTILE = {
     "wordcount filter": "{{ (['x' * 900000] * 1000) | wordcount }}",
     "lazy map": "{% set x = (['x' * 900000] * 1000) | map('upper') | list %}",
     "lazy map joined": "{% set x = ''.join((['x' * 900000] * 1000) | map('upper')) %}",
+    # the ninth audit: + was not measured, nor what a block collects, nor these filters' arguments
+    "plus doubling": "{% set s = 'x' * 1000000 %}{% set s = s + s %}{% set s = s + s %}{% set s = s + s %}",
+    "block set": "{% set s = 'x' * 1000000 %}{% set x %}{% for i in range(2000) %}{{ s }}{% endfor %}{% endset %}",
+    "macro output": (
+        "{% macro m(s) %}{% for i in range(2000) %}{{ s }}{% endfor %}{% endmacro %}{% set x = m('x' * 999999) %}"
+    ),
+    "format_map width": "{% set x = '{a:>2000000000}'.format_map({'a': 'x'}) %}",
+    "indent text": "{% set x = ('a' ~ '\\n' * 1000) | indent('y' * 999999) %}",
+    "wordwrap string": "{% set x = ('ab ' * 30000) | wordwrap(1000, wrapstring='z' * 999999) %}",
+    "nested tojson": "{% set l = ('x' * 499990) | list %}{% set x = [[[l]]] | tojson(indent=1000) %}",
+    "huge template": "{{ messages[0].content }}" * 5000,
 }
 # One multiplication of two huge integers runs in C, where the timer cannot stop it: refused by size.
 NUMBER_BOMBS = {
@@ -235,3 +246,12 @@ def test_messages_that_are_not_dicts_are_one_line(messages):
     """plain(m).items() ran before the dict check: AttributeError: 'str' object has no attribute 'items'."""
     with pytest.raises(ChatTemplateError, match="chat messages must be a list of dicts with 'role' and 'content'"):
         render_chat(CHATML, messages)
+
+
+def test_messages_nested_too_deeply_are_one_error():
+    """plain() copied the messages outside the error handling: a bare RecursionError."""
+    content: list = []
+    for _ in range(100_000):
+        content = [content]
+    with pytest.raises(ChatTemplateError, match="nested too deeply"):
+        render_chat(CHATML, [{"role": "user", "content": content}])

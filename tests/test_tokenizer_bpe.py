@@ -486,8 +486,65 @@ def test_a_normalizer_that_writes_long_text_is_refused(smollm2, use_library):
     """Replace each character with 10,000: a 512K-character prompt would become gigabytes."""
     spec = json.loads(smollm2[0].tokenizer_json)
     spec["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": "x" * 10_000}
-    with pytest.raises(ValueError, match="Replace normalizer inserts 10,000 characters"):
+    with pytest.raises(ValueError, match="Replace step inserts 10,000 characters"):
         HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=use_library)
+
+
+def chained(step: dict, times: int, key: str) -> dict:
+    return {"type": "Sequence", key: [dict(step) for _ in range(times)]}
+
+
+@pytest.mark.parametrize("use_library", [True, False])
+@pytest.mark.parametrize(
+    "field, value, pattern",
+    [  # each within the per-step bound, together 65,536x or 1,024x: a 100-character prompt took 4.4 GB
+        (
+            "normalizer",
+            chained({"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 16}, 4, "normalizers"),
+            "262,144 times longer",
+        ),
+        (
+            "pre_tokenizer",
+            chained(
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+                5,
+                "pretokenizers",
+            ),
+            "1,024 times longer",
+        ),
+        (
+            "pre_tokenizer",
+            {"type": "Metaspace", "replacement": "\u2581" * 100_000, "prepend_scheme": "always"},
+            "Metaspace step inserts 100,000",
+        ),
+        (
+            "pre_tokenizer",
+            {"type": "Split", "pattern": {"Regex": "(" * 5000 + "x?" * 5000}, "behavior": "Isolated", "invert": False},
+            "a pattern of 15,000 characters",
+        ),
+    ],
+    ids=["replace x4", "byte-level x5", "metaspace", "long regex"],
+)
+def test_steps_that_multiply_a_prompt_are_refused(smollm2, use_library, field, value, pattern):
+    spec = json.loads(smollm2[0].tokenizer_json)
+    spec[field] = value
+    with pytest.raises(ValueError, match=pattern):
+        HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=use_library)
+
+
+def test_a_token_longer_than_any_vocabulary_holds_is_refused(smollm2):
+    """Three 1 MB pieces in a 5 MB file: 200 generated tokens printed 44 MB."""
+    spec = json.loads(smollm2[0].tokenizer_json)
+    spec["model"]["vocab"]["y" * 10_000] = len(spec["model"]["vocab"])
+    with pytest.raises(ValueError, match="a token of 10,000 characters"):
+        HFTokenizer(json.dumps(spec), bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
+
+
+def test_the_python_path_keeps_no_long_word_in_its_cache(smollm2):
+    """Every distinct 500,000-character word stayed cached: a long-lived process grew 16 MB a prompt."""
+    tokenizer = HFTokenizer(smollm2[0].tokenizer_json, bos_id=0, eos_id=0, pad_id=0, add_bos=False, use_library=False)
+    tokenizer.encode("short " + "\u4e00" * 5000)
+    assert all(len(word) <= 64 for word in tokenizer._model._cache) and tokenizer._model._cache
 
 
 def test_without_the_library_the_artifact_tokenizer_runs_in_python(smollm2, tmp_path):
