@@ -258,7 +258,7 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     if name == "wordwrap" and isinstance(subject, str):  # wrapstring (4th argument) repeats once per line
         width = args[0] if args and isinstance(args[0], int) and not isinstance(args[0], bool) else 79
-        wrap = next((a for a in args[2:] if isinstance(a, str)), "\n")
+        wrap = next((a for a in args[1:] if isinstance(a, str)), "\n")  # positional or keyword
         if len(wrap) * (len(subject) // max(width, 1) + subject.count("\n") + 1) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     if name in ("format", "format_map", "indent", "center", "wordwrap", "truncate", "batch", "slice") or name == "%":
