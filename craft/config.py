@@ -244,7 +244,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier one for '{part}'")
-        node[leaf] = value.strip()  # as YAML reads an unquoted value: 'tokenizer.kind= char' is 'char'
+        node[leaf] = value  # as given: a text such as train.sample_prompt=' The' keeps its spaces
     return out
 
 
@@ -409,6 +409,8 @@ DERIVED = {"train.warmup_steps": "-1 (a tenth of max_steps, at most 50)", "train
 def resolve(cfg: Config) -> None:
     """Fill the values that follow from others (-1 / 0: derived); a resolved value stays as it is."""
     t = cfg.train
+    # words, read as YAML reads them: 'tokenizer.kind= char' is 'char' (texts such as sample_prompt keep spaces)
+    cfg.tokenizer.kind, cfg.model.arch = cfg.tokenizer.kind.strip(), cfg.model.arch.strip()
     if t.warmup_steps == -1:
         t.warmup_steps = max(0, min(50, t.max_steps // 10))
     if t.lr_decay_steps == 0:

@@ -280,7 +280,9 @@ class Signals:
         self.received: int | None = None
 
     def __enter__(self) -> "Signals":
-        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, *TERMINATING_SIGNALS)}
+        # nohup's ignored SIGHUP stays ignored: the run outlives the session, as the user asked
+        hangup = [s for s in TERMINATING_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN or s == signal.SIGTERM]
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, *hangup)}
         return self
 
     def _on_signal(self, signum, _frame) -> None:

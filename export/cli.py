@@ -10,7 +10,7 @@ import click
 
 from craft import __version__
 from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
-from craft.runtime.command import OneLineErrors, OptionalOutput, echo_error, require_cwd
+from craft.runtime.command import OneLineErrors, OptionalOutput, echo_error, echo_stderr, printable, require_cwd
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
@@ -134,7 +134,7 @@ def main(
         sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
     except VerificationError as e:
         print_report(e.report, None, out.echo)
-        click.echo(f"craft-export: verification failed, nothing written: {e}", err=True)
+        echo_stderr(f"craft-export: verification failed, nothing written: {printable(str(e))}")
         sys.exit(EXIT_VERIFY)
     print_report(report, output, out.echo)
 

@@ -394,9 +394,9 @@ def check_shape(spec) -> None:
         )
 
 
-MAX_TEXT_GROWTH = (
-    256  # NFKC (18x at most) then ByteLevel (4x) is 72x; 5 chained ByteLevels or Replace a -> a*16 twice pass it
-)
+# NFKC (18x at most), Lowercase (3x) and ByteLevel (4x) are 216x together; 6 chained ByteLevels or
+# Replace a -> a*16 three times pass it (the bound multiplies each step's worst case)
+MAX_TEXT_GROWTH = 1024
 MAX_TOKENIZER_STEPS = 32  # normalizer and pre-tokenizer steps; real ones have 1-5
 
 # How many times longer one step can make a text, at most: Unicode's longest NFKC / NFD expansion,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from craft import __version__
-from craft.runtime.command import OneLineErrors, echo_error
+from craft.runtime.command import OneLineErrors, echo_error, echo_stderr
 
 if TYPE_CHECKING:  # the runtime is imported inside main(), after --threads has set BLAS's thread count
     from craft.runtime.generator import Generator, Stats
@@ -75,7 +75,7 @@ def read_prompt(prompt: str | None, truncate: bool = False) -> str:
     if sys.stdin is None:
         fail("no PROMPT was given and stdin is closed; give PROMPT or pipe it in")
     if sys.stdin.isatty():
-        click.echo("reading the prompt from stdin (end with Ctrl-D)...", err=True)
+        echo_stderr("reading the prompt from stdin (end with Ctrl-D)...")
     data = bytearray(sys.stdin.buffer.read(MAX_STDIN_BYTES + 1))
     if len(data) > MAX_STDIN_BYTES:
         if not truncate:
@@ -108,12 +108,13 @@ def utf8(data: bytes, what: str) -> str:
 
 
 def shown(piece: str, terminal: bool) -> str:
-    """Generated text as a terminal shows it: on a terminal, control characters other than newline
-    and tab (ESC, which starts escape sequences, BEL, carriage return) are written as \\x1b etc., so a
-    hostile tokenizer cannot retitle, clear or rewrite the screen; in a pipe or file, as generated."""
+    """Generated text as a terminal shows it: on a terminal, control characters other than newline,
+    tab and carriage return (a CRLF line end; ESC, which starts escape sequences, BEL, C1's CSI) are
+    written as \\x1b etc., so a hostile tokenizer cannot retitle or clear the screen; in a pipe or
+    file, as generated."""
     if not terminal:
         return piece
-    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in piece)
+    return "".join(c if c in "\n\t\r" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in piece)
 
 
 def stdout_is_tty() -> bool:
@@ -326,16 +327,15 @@ def main(
     try:
         generator = Generator(model, backend=backend, threads=threads, max_context=max_context)
         if generator.memory_capped:
-            click.echo(
+            echo_stderr(
                 f"craft-run: using a context of {generator.context_length} tokens, not the model's "
                 f"{generator.spec.context_length}: a longer KV-cache would not fit in free memory "
                 f"(--max-context N sets it)",
-                err=True,
             )
         terminal = stdout_is_tty()
         if hasattr(sys.stdout, "reconfigure"):  # a pipe gets UTF-8, as the prompt is read, unless asked otherwise
-            utf8 = {} if terminal or "PYTHONIOENCODING" in os.environ else {"encoding": "utf-8"}
-            sys.stdout.reconfigure(errors="replace", **utf8)
+            pipe_encoding = {} if terminal or "PYTHONIOENCODING" in os.environ else {"encoding": "utf-8"}
+            sys.stdout.reconfigure(errors="replace", **pipe_encoding)
         if chat and prompt is None:
             return converse(generator, params, system, stats)
         if as_json:
@@ -348,7 +348,8 @@ def main(
             write(
                 json.dumps(
                     {"text": completion.text, "token_ids": completion.token_ids, "stats": completion.stats.to_dict()},
-                    ensure_ascii=not encoding.startswith("utf"),  # \u escapes where stdout cannot hold every character
+                    # \u escapes where stdout cannot hold every character, and on a terminal (C1 controls)
+                    ensure_ascii=terminal or not encoding.startswith("utf"),
                 )
                 + "\n"
             )
@@ -361,21 +362,20 @@ def main(
     except (ArtifactError, GenerationError, ValueError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        click.echo("\ninterrupted", err=True)
+        echo_stderr("\ninterrupted")
         sys.exit(EXIT_INTERRUPTED)
     if chat and generator.last_stats.stop_reason == CONTEXT_LENGTH:
-        click.echo(context_full(generator), err=True)
+        echo_stderr(context_full(generator))
     if stats:
         print_stats(generator.last_stats)
 
 
 def print_stats(s: Stats) -> None:
-    click.echo(
+    echo_stderr(
         f"[{s.backend}] prompt {s.prompt_tokens} tokens ({s.reused_tokens} cached), generated {s.generated_tokens} "
         f"({s.stop_reason}) | load {s.load_s * 1e3:.0f} ms, "
         f"time to first token {s.time_to_first_token_s * 1e3:.0f} ms, prefill {s.prefill_ms:.1f} ms, "
         f"decode {s.decode_tokens_per_s:.1f} tokens/s | peak RSS {s.peak_rss_mb:.0f} MB",
-        err=True,
     )
 
 
@@ -394,7 +394,7 @@ def read_message(tty: bool) -> str:
     if tty and sys.stdout.isatty():
         return input("> ")
     if tty:
-        click.echo("> ", err=True, nl=False)
+        echo_stderr("> ", nl=False)
         return input()
     # Piped: bytes, read as UTF-8 whatever the locale (as a piped prompt is); a line without end
     # (< /dev/zero) is bounded. UnicodeDecodeError for bytes that are not UTF-8.
@@ -422,32 +422,31 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
     conversation = Conversation(generator, system)
     tty, terminal = sys.stdin.isatty(), stdout_is_tty()
     if tty:
-        click.echo(
+        echo_stderr(
             f"chatting with {generator.path.name} ({generator.context_length}-token context): Ctrl-D ends, "
             f"Ctrl-C stops an answer",
-            err=True,
         )
     refused = 0
     while True:
         try:
             text = read_message(tty)
         except EOFError:
-            click.echo("", err=True, nl=tty)
+            echo_stderr("", nl=tty)
             if refused and not tty:
                 were = "messages on stdin were" if refused > 1 else "message on stdin was"
                 fail(f"{refused} {were} refused (above)")
             return
         except KeyboardInterrupt:
-            click.echo("", err=True)
+            echo_stderr("")
             sys.exit(EXIT_INTERRUPTED)
         except UnicodeDecodeError as e:
-            click.echo(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped", err=True)
+            echo_stderr(f"craft-run: error: the message is not UTF-8 text ({e.reason}); it was skipped")
             refused += 1
             continue
         try:  # a terminal in a C / POSIX locale reads with surrogateescape: bad bytes arrive as surrogates
             text.encode("utf-8")
         except UnicodeEncodeError:
-            click.echo("craft-run: error: the message is not UTF-8 text; it was skipped", err=True)
+            echo_stderr("craft-run: error: the message is not UTF-8 text; it was skipped")
             refused += 1
             continue
         if not text.strip():
@@ -459,7 +458,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             except ContextFull:  # this message does not fit after the conversation so far: start over with it
                 if len(conversation.messages) == (system is not None):
                     raise
-                click.echo("craft-run: the context is full; this message starts a new conversation", err=True)
+                echo_stderr("craft-run: the context is full; this message starts a new conversation")
                 conversation.restart()
                 answer = conversation.reply(text, params)
                 first = next(answer, "")
@@ -470,14 +469,14 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
         except KeyboardInterrupt:
             answer.close()  # the answer so far stays in the conversation
             write("\n")
-            click.echo("[stopped]", err=True)
+            echo_stderr("[stopped]")
             continue
         except ValueError as e:  # the template refused the conversation, a message longer than the context
             echo_error("craft-run", e)
             refused += 1
             continue
         if generator.last_stats.stop_reason == CONTEXT_LENGTH:
-            click.echo(context_full(generator) + "; the next message starts a new conversation", err=True)
+            echo_stderr(context_full(generator) + "; the next message starts a new conversation")
             conversation.restart()
         if stats:
             print_stats(generator.last_stats)

@@ -131,7 +131,7 @@ class OptionalOutput:
 
     def fileno(self) -> int:  # tqdm sizes the bar to the terminal through it
         if self.failed:
-            raise OSError("stderr failed")
+            raise OSError("this output failed")
         return self.stream.fileno()
 
     @property
@@ -161,10 +161,11 @@ def os_error_message(e: OSError) -> str:
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def _try_echo(text: str) -> None:
-    """A line on stderr, if stderr is still there (after SIGHUP the terminal is gone)."""
+def echo_stderr(text: str, nl: bool = True) -> None:
+    """A note on stderr, if stderr is still there (2>/dev/full; after SIGHUP the terminal is gone): a
+    note that cannot be shown changes no outcome and no exit code."""
     try:
-        click.echo(text, err=True)
+        click.echo(text, err=True, nl=nl)
     except (OSError, ValueError):
         pass
 
@@ -198,15 +199,25 @@ def _quiet_os_errors(hook, args) -> None:
         hook(args)
 
 
-def _signal_behind(error: BaseException) -> type | None:
-    """KeyboardInterrupt or Terminated where one caused `error` (its __cause__ / __context__ chain)."""
+def _signal_behind(error: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated that caused `error` (its __cause__ / __context__ chain)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, (KeyboardInterrupt, Terminated)):
-            return KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else Terminated
+            return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def _exit_signalled(prog: str, signalled: BaseException) -> None:
+    """Ctrl-C: 'interrupted', 130; SIGTERM / SIGHUP: one line, 128 + the signal's number."""
+    if isinstance(signalled, KeyboardInterrupt):
+        echo_stderr("\ninterrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    signum = int(signalled.args[0]) if signalled.args else signal.SIGTERM
+    echo_stderr(f"{prog}: {'hung up' if signum == getattr(signal, 'SIGHUP', None) else 'terminated'}")
+    sys.exit(128 + signum)
 
 
 class OneLineErrors(click.Command):
@@ -215,7 +226,8 @@ class OneLineErrors(click.Command):
         prog = prog_name or self.name
         # SIGHUP (the terminal closed, an ssh session dropped) ends a command as SIGTERM does, tidily;
         # not when embedded in a program that handles them itself
-        previous = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS}
+        main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+        previous = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS} if main_thread else {}
         for s, handler in previous.items():
             if handler is signal.SIG_DFL:
                 signal.signal(s, _raise_terminated)
@@ -230,12 +242,9 @@ class OneLineErrors(click.Command):
         except click.exceptions.Exit as e:  # --help, --version
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _exit_signalled(prog, KeyboardInterrupt())
         except Terminated as e:
-            signum = e.args[0] if e.args else signal.SIGTERM
-            _try_echo(f"{prog}: {'hung up' if signum == getattr(signal, 'SIGHUP', None) else 'terminated'}")
-            sys.exit(128 + int(signum))
+            _exit_signalled(prog, e)
         except ImportError as e:  # onnxruntime's module init turns a signal during its import into ImportError
             signalled = _signal_behind(e)
             if signalled is None:
@@ -243,8 +252,7 @@ class OneLineErrors(click.Command):
                     echo_error(prog, missing_package(e))
                     sys.exit(EXIT_OS_ERROR)
                 raise
-            click.echo("\ninterrupted" if signalled is KeyboardInterrupt else f"{prog}: terminated", err=True)
-            sys.exit(EXIT_INTERRUPTED if signalled is KeyboardInterrupt else EXIT_TERMINATED)
+            _exit_signalled(prog, signalled)
         except MemoryError as e:  # numpy's names the array; a bare one (file.read) says nothing
             detail = f" ({str(e)[:200]})" if str(e) else ""
             echo_error(prog, f"out of memory{detail}; close other programs or choose a smaller model or context")

@@ -289,6 +289,10 @@ def test_config_words_and_files_that_mean_nothing_are_refused(tmp_path):
 
 
 def test_override_values_are_read_as_yaml_reads_them():
-    """Spaces around an override's value are YAML's: 'tokenizer.kind= char' was refused as ' char'."""
-    cfg = load_config("tiny", ["tokenizer.kind= char ", "train.max_steps= 300", "train.max_steps=1_000"])
+    """A word's surrounding spaces are dropped as YAML drops them ('tokenizer.kind= char' was refused
+    as ' char'); a text's are kept."""
+    cfg = load_config(
+        "tiny", ["tokenizer.kind= char ", "train.max_steps= 300", "train.max_steps=1_000", "train.sample_prompt= The"]
+    )
     assert cfg.tokenizer.kind == "char" and cfg.train.max_steps == 1000
+    assert cfg.train.sample_prompt == " The"  # a text keeps its spaces: ' The' is another BPE token than 'The'

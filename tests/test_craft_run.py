@@ -241,7 +241,7 @@ def test_generated_control_characters_are_escaped_on_a_terminal_only():
 
     piece = "a\x1b]0;PWNED\x07\x1b[2J\rb\n\tc \u202e \x9b"
     assert shown(piece, terminal=False) == piece
-    assert shown(piece, terminal=True) == "a\\x1b]0;PWNED\\x07\\x1b[2J\\x0db\n\tc \u202e \\x9b"
+    assert shown(piece, terminal=True) == "a\\x1b]0;PWNED\\x07\\x1b[2J\rb\n\tc \u202e \\x9b"
 
 
 def shadowing(tmp_path, package: str) -> dict:

@@ -384,7 +384,12 @@ def test_sigterm_during_an_atomic_write_removes_its_temp(tmp_path, signum, code,
         main()
     """)
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # as a terminal's shell starts it (not nohup)
     )
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     assert len(temp_files(tmp_path)) == 1 and f".{os.path.basename(target)}.{proc.pid}." in temp_files(tmp_path)[0].name

@@ -27,10 +27,17 @@ def overrides(out: Path, corpus: Path, **extra) -> list[str]:
     return tiny_overrides(out, corpus, **{**FAST, **extra})
 
 
-def start(*args: str) -> subprocess.Popen:
+def start(*args: str, hangup=signal.SIG_DFL) -> subprocess.Popen:
+    """craft-train in a child; `hangup`: its SIGHUP disposition (SIG_IGN as under nohup), set whatever
+    this test run inherited."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "craft.train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "craft.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup),
     )
 
 
@@ -243,6 +250,19 @@ def test_signal_saves_a_checkpoint_and_exits_130(tmp_path, small_corpus, signum)
     )
     assert result.returncode == 0, result.stderr
     assert [s for s, _ in losses(run)] == list(range(1, state["step"] + 4))
+
+
+def test_nohup_keeps_a_run_going_through_a_hangup(tmp_path, small_corpus):
+    """Under nohup SIGHUP is ignored: the run must outlive the ssh session, not save and stop."""
+    run = tmp_path / "run"
+    forever = {"train.max_steps": 100000, "train.checkpoint_interval": 100000, "train.eval_interval": 100000}
+    proc = start(*overrides(run, small_corpus, **forever), hangup=signal.SIG_IGN)
+    wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGHUP)
+    wait_for_step(proc, run, last_step(run) + 3)  # still training
+    proc.send_signal(signal.SIGTERM)
+    rc, _, err = finish(proc)
+    assert rc == 130, err
 
 
 def test_unit_checkpoint_hash_and_header(tmp_path):
