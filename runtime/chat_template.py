@@ -36,6 +36,7 @@ AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only 
 # over the messages would walk the conversation once per message)
 NO_TEXT = {"length", "count", "first", "last", "list", "select", "reject", "selectattr", "rejectattr", "items"}
 NO_TEXT |= {"keys", "values", "get", "attr", "default", "d", "reverse", "sort", "unique", "min", "max", "sum"}
+NO_TEXT |= {"ticking"}  # every {% for %}'s iterable: measured by the loop's own steps
 WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
 
 
@@ -296,6 +297,7 @@ def make_environment():
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.visitor import NodeTransformer
 
     class GenerationBlock(Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's text for training masks; here it
@@ -323,12 +325,31 @@ def make_environment():
                 self.write(", ")
             self.write("))")
 
+    class TickingLoops(NodeTransformer):
+        """Every {% for x in ITER %} becomes {% for x in environment.ticking(ITER) %}."""
+
+        def visit_For(self, node):
+            self.generic_visit(node)
+            node.iter = nodes.Call(nodes.EnvironmentAttribute("ticking"), [node.iter], [], None, None)
+            node.iter.set_lineno(node.lineno)
+            return node
+
     class Environment(ImmutableSandboxedEnvironment):
         """The sandbox plus budgets: unsafe attribute access raises at once (jinja2 would render it as
         empty), and every call, range step, attribute and item lookup counts against the render's
         iteration and time budget, so a template that loops forever or builds huge values fails."""
 
         code_generator_class = CodeGenerator
+
+        def _generate(self, source, name, filename, defer_init=False):  # jinja2's hook between parse and codegen
+            return super()._generate(TickingLoops().visit(source), name, filename, defer_init)
+
+        def ticking(self, iterable):
+            """A {% for %}'s items, each a step of the budget: a loop that calls nothing (over a long
+            string) is still bounded in steps and in time, on any thread (SIGALRM reaches the main one only)."""
+            for item in iterable:
+                self.tick()
+                yield item
 
         def start_budget(self) -> None:
             self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS

@@ -171,14 +171,43 @@ def test_huge_integers_are_refused_before_they_are_built(name):
     assert time.monotonic() - started < 1
 
 
-def test_a_loop_that_calls_nothing_is_stopped_by_the_clock(monkeypatch):
-    """No call, no step counted: a loop over a long string is stopped by the timer alone."""
+@pytest.mark.parametrize("thread", [False, True], ids=["main thread", "worker thread"])
+def test_a_loop_that_calls_nothing_is_stopped(monkeypatch, thread):
+    """A loop over a long string calls nothing: only SIGALRM stopped it, and only on the main thread -
+    Generator.chat from a server's worker thread ran 10^12 iterations. Each item is a step now."""
+    import threading
+
     monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.5)
+    template = "{% set s = 'a' * 1000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}"
+    outcome: list = []
+
+    def render():
+        try:
+            render_chat(template, [])
+        except ChatTemplateError as e:
+            outcome.append(e)
+
     started = time.monotonic()
-    with pytest.raises(ChatTemplateError, match="ran past its budget of 0.5 s"):
-        render_chat("{% set s = 'a' * 1000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}", [])
-    assert time.monotonic() - started < 5
+    if thread:
+        worker = threading.Thread(target=render, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    else:
+        render()
+    assert time.monotonic() - started < 5 and outcome and "ran past its budget" in str(outcome[0])
     assert render_chat(CHATML, CONVERSATIONS[0])  # the timer is gone: the next render is not cut short
+
+
+def test_loops_see_what_they_saw_before_the_step_count():
+    """{% for %} items pass through environment.ticking: loop.length, loop.last, a filter and
+    recursion still behave."""
+    template = (
+        "{% for m in messages if m.role != 'system' %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }} "
+        "{% endfor %}{% for x in [[1, [2]], [3]] recursive %}{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}"
+        "{% endif %}{% endfor %}"
+    )
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert render_chat(template, messages) == "1/2 2/2! 123"
 
 
 def test_messages_and_output_are_bounded():
