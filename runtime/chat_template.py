@@ -95,9 +95,10 @@ def render_chat(
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """ChatTemplateError once `seconds` pass, from a SIGALRM timer: the step budget is counted in
-    calls, but a loop over a long string calls nothing. Only on the main thread of a Unix process
-    whose interval timer is free (signals reach no other thread; a program's own timer is kept)."""
+    """ChatTemplateError once `seconds` pass, from a SIGALRM timer: the steps (calls, loop items)
+    check the clock too, but one filter over a long text (wordwrap) is a single step. Only on the main
+    thread of a Unix process whose interval timer is free (signals reach no other thread; a
+    program's own timer is kept)."""
     usable = (
         hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
