@@ -17,8 +17,9 @@ an edited history - the cache is rolled back to the common prefix (every backend
 backend's and an in-place file's caches are preallocated buffers whose length is an index; a
 standard file's cache tensors in ONNX Runtime are cut by one copy; a recurrent file's state cannot
 forget tokens, so it is rebuilt from the start) and the suffix is prefilled from there. The reply's
-tokens equal a fresh prefill of the whole conversation's (tested for float32 and int8, whose
-activations are quantized per row: a prefilled chunk sees the numbers a whole prefill does).
+tokens equal a fresh prefill of the whole conversation's on the tests' small float32 and int8 models
+(int8 activations are quantized per row, so a prefilled chunk sees the numbers a whole prefill
+does, up to the attention's summation order; a deep quantized model can tip a near tie - README).
 
 A file without a chat template (every craft-train model) cannot chat: ChatError, one line saying
 to drop --chat. Standard library only (+ jinja2 through chat_template.py).
@@ -110,23 +111,37 @@ class Conversation:
         template_of(generator.artifact)  # ChatError now rather than at the first message
         self.generator, self.system = generator, system
         self.messages: list[dict] = []
+        self._open: Iterator[str] | None = None  # the latest reply, which may still be streaming
         self.restart()
 
     def restart(self) -> None:
         """Forget every turn; the system prompt stays (and stays cached)."""
+        if self._open is not None:  # a reply still streaming ends here, not in the new list
+            self._open.close()
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
 
     def reply(self, text: str, sampling: SamplingParams) -> Iterator[str]:
         """The assistant's answer to `text`, streamed; both become part of the conversation. An answer
-        stopped early (Ctrl-C, the caller stops reading) is kept as far as it got."""
-        self.messages.append({"role": "user", "content": text})
+        stopped early (Ctrl-C, an exception, the caller stops reading) is kept as far as it got: a
+        reply still open when the next one is asked for is closed first, so its turn stays in place
+        (left to the garbage collector, it was appended after the later turn)."""
+        if self._open is not None:
+            self._open.close()
+        self._open = self._reply({"role": "user", "content": text}, sampling)
+        return self._open
+
+    def _reply(self, message: dict, sampling: SamplingParams) -> Iterator[str]:
+        self.messages.append(message)
         pieces: list[str] = []
         try:
             for piece in self.generator.chat(self.messages, sampling):
                 pieces.append(piece)
                 yield piece
-        except ValueError:  # refused before generating (the context is full, the template objects): no turn happened
-            self.messages.pop()
+        except ValueError:
+            if pieces:  # failed mid-answer (logits not finite): the turn happened as far as it got
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            elif self.messages and self.messages[-1] is message:  # refused before generating: no turn happened
+                self.messages.pop()
             raise
         except BaseException:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})

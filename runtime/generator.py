@@ -22,8 +22,10 @@ cache does not already hold. craft-run is a thin layer over this.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ MIN_DEFAULT_CONTEXT = (
     256  # the memory cap never goes below this: a model that needs less cache to fit does not fit anyway
 )
 EOS, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_LENGTH = "eos", "stop_string", "max_new_tokens", "context_length"
+STOPPED = "stopped"  # the caller stopped reading, Ctrl-C or an error ended the stream first
 
 
 class GenerationError(ValueError):
@@ -78,6 +81,13 @@ class Completion:
     text: str
     token_ids: list[int]
     stats: Stats = field(repr=False)
+
+
+def decode_rate(tokens: int, t_first: float | None) -> float:
+    """Tokens (or batch steps) per second after the first, which the prefill made; 0.0 for fewer than two."""
+    if t_first is None or tokens < 2:
+        return 0.0
+    return (tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
 
 
 def peak_rss_mb() -> float:
@@ -198,6 +208,7 @@ class Generator:
         check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
+        self._running = threading.Lock()  # held by the thread inside the backend (_exclusive)
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -277,6 +288,19 @@ class Generator:
         return f"the context is {self.context_length} (--max-context; the model's is {self.spec.context_length})"
 
     # generation -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The backend, for this thread alone. Two threads inside one ONNX Runtime IOBinding corrupted
+        the heap (double free, abort); the second is refused instead. One Generator per thread."""
+        if not self._running.acquire(blocking=False):
+            raise GenerationError(
+                "this Generator is generating in another thread; a Generator is not thread-safe - use one per thread"
+            )
+        try:
+            yield
+        finally:
+            self._running.release()
+
     def _token_steps(
         self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0
     ) -> Iterator[list[int]]:
@@ -295,16 +319,17 @@ class Generator:
         positions = position_ids(mask)  # left padding: the first real token is position 0
         rngs = [np.random.default_rng(params.seed) for _ in range(B)]
         history = [np.array(ids, dtype=np.int64) for ids in batch]
-        if cached:
-            assert B == 1 and 0 < cached < width and self.cached_ids[:cached] == batch[0][:cached]
-            if cached < self.backend.cache_length:
-                self.backend.rewind(cached)
-        else:
-            self.cached_ids = []  # first: a reset that fails (no memory for the cache) leaves nothing to reuse
-            self.backend.reset(B, self.context_length)
-        self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
-        t = time.perf_counter()
-        logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
+        with self._exclusive():
+            if cached:
+                assert B == 1 and 0 < cached < width and self.cached_ids[:cached] == batch[0][:cached]
+                if cached < self.backend.cache_length:
+                    self.backend.rewind(cached)
+            else:
+                self.cached_ids = []  # first: a reset that fails (no memory for the cache) leaves nothing to reuse
+                self.backend.reset(B, self.context_length)
+            self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
+            t = time.perf_counter()
+            logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
         self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
@@ -330,7 +355,8 @@ class Generator:
             if penalize:
                 history = [np.append(h, tok) for h, tok in zip(history, tokens)]
             step_ids[:, 0] = tokens
-            logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
+            with self._exclusive():
+                logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
             if B == 1:
                 self.cached_ids.append(tokens[0])
             step_pos += 1
@@ -371,20 +397,21 @@ class Generator:
         row = Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop)
         self.last_token_ids = row.token_ids
         t_first = None
-        for (token,) in self._token_steps([ids], sampling, stats, t0, cached):
-            t_first = t_first or time.perf_counter()
-            piece = row.feed(token)
-            if piece:
-                yield piece
-            if row.stop_reason:
-                break
-        rest = row.finish(sampling.max_new_tokens)
-        if rest:
-            yield rest
-        stats.stop_reason, stats.generated_tokens = row.stop_reason, len(row.token_ids)
-        if t_first is not None and stats.generated_tokens > 1:
-            stats.decode_tokens_per_s = (stats.generated_tokens - 1) / max(time.perf_counter() - t_first, 1e-9)
-        stats.peak_rss_mb = peak_rss_mb()
+        try:
+            for (token,) in self._token_steps([ids], sampling, stats, t0, cached):
+                t_first = t_first or time.perf_counter()
+                piece = row.feed(token)
+                if piece:
+                    yield piece
+                if row.stop_reason:
+                    break
+            rest = row.finish(sampling.max_new_tokens)
+            if rest:
+                yield rest
+        finally:  # stopped early too (closed, Ctrl-C, an error): the figures of what was generated
+            stats.stop_reason, stats.generated_tokens = row.stop_reason or STOPPED, len(row.token_ids)
+            stats.decode_tokens_per_s = decode_rate(stats.generated_tokens, t_first)
+            stats.peak_rss_mb = peak_rss_mb()
 
     def generate(
         self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
@@ -403,13 +430,16 @@ class Generator:
         check_sampling(sampling)
         if isinstance(prompts, str):  # a str is a sequence too: of one-character prompts
             raise TypeError("generate_batch takes a list of prompts, got one str; generate() takes one prompt")
+        prompts = list(prompts)  # an iterator, a numpy array of str
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
         stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)
         rows = [Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop) for _ in batch]
         texts = [""] * len(batch)
+        t_first, steps = None, 0
         for step_tokens in self._token_steps(batch, sampling, stats, t0):
+            t_first, steps = t_first or time.perf_counter(), steps + 1
             for r, token in enumerate(step_tokens):
                 if not rows[r].stop_reason:
                     texts[r] += rows[r].feed(token)
@@ -424,6 +454,7 @@ class Generator:
                     "prompt_tokens": len(batch[r]),
                     "generated_tokens": len(row.token_ids),
                     "stop_reason": row.stop_reason,
+                    "decode_tokens_per_s": decode_rate(steps, t_first),  # steps per second, every row at once
                     "peak_rss_mb": peak_rss_mb(),
                 }
             )

@@ -69,7 +69,13 @@ class SamplingParams:
             raise SamplingError(f"--repetition-penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise SamplingError(f"--seed must be an integer >= 0 (or omitted: random), got {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for name in ("max_new_tokens", "top_k", "seed"):  # numpy's uint8(0) - 1 is 255: Python ints from here
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        try:
+            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        except TypeError:  # None, a number
+            raise SamplingError(f"--stop takes a string or a list of strings, got {self.stop!r}") from None
         if not all(isinstance(s, str) for s in stop):
             raise SamplingError(f"--stop takes strings, got {stop!r}")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))  # an empty string would stop at once: ignored

@@ -543,3 +543,60 @@ def test_api_chat_refuses_lone_surrogates_and_its_own_keywords(models):
     for name in ("bos_token", "max_chars", "template"):
         with pytest.raises(TypeError, match=f"template variable\\(s\\) {name} are Craft's own"):
             gen.generate_chat([{"role": "user", "content": "hi"}], GREEDY, **{name: "x"})
+
+
+def test_a_reply_left_open_keeps_its_turn_in_place(models):
+    """A reply read part-way and dropped: the next reply followed two user turns in a row, and when
+    the garbage collector finalized the first, its answer landed after the later turn."""
+    gen = Generator(models["long"])
+    chat = Conversation(gen)
+    first = chat.reply("Hi", SamplingParams(temperature=0, max_new_tokens=20))
+    assert next(first)  # read part-way, never closed
+    second = "".join(chat.reply("And you?", SamplingParams(temperature=0, max_new_tokens=3)))
+    roles = [m["role"] for m in chat.messages]
+    assert roles == ["user", "assistant", "user", "assistant"] and chat.messages[3]["content"] == second
+    del first  # finalizing it now changes nothing
+    assert [m["role"] for m in chat.messages] == roles
+
+
+def test_stats_of_a_stream_stopped_early(models):
+    """Closed after 5 tokens, last_stats said 0 generated, no stop reason, peak RSS 0."""
+    from craft.runtime.generator import STOPPED
+
+    gen = Generator(models["long"])
+    stream = gen.stream("hello", SamplingParams(temperature=0, max_new_tokens=50))
+    for _ in range(5):
+        next(stream)
+    stream.close()
+    stats = gen.last_stats
+    assert (stats.generated_tokens, stats.stop_reason) == (len(gen.last_token_ids), STOPPED) and stats.peak_rss_mb > 0
+    assert stats.generated_tokens >= 5
+    batch = gen.generate_batch(iter(["hello", "hi there"]), SamplingParams(temperature=0, max_new_tokens=10))
+    assert len(batch) == 2 and all(c.stats.decode_tokens_per_s > 0 for c in batch)  # was always 0.0
+
+
+def test_one_generator_in_two_threads_fails_clearly(models, tmp_path):
+    """Two threads inside one ONNX Runtime IOBinding corrupted the heap: 'double free or corruption',
+    the process aborted. In a child process, so that the old behaviour fails the test, not pytest."""
+    code = f"""
+import threading
+from craft.runtime.generator import Generator, GenerationError, CacheReplaced
+from craft.runtime.sampling import SamplingParams
+gen = Generator({str(models["long"])!r}, threads=1)
+errors, done = [], []
+def work():
+    for _ in range(20):
+        try:
+            gen.generate("hello there", SamplingParams(temperature=0, max_new_tokens=30))
+            done.append(1)
+        except (GenerationError, CacheReplaced) as e:
+            errors.append(type(e).__name__)
+threads = [threading.Thread(target=work) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(done), len(errors), sorted(set(errors)))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    done, failed, kinds = result.stdout.split(" ", 2)
+    assert int(done) + int(failed) == 40 and int(done) > 0

@@ -202,3 +202,13 @@ def test_extreme_repetition_penalty_saturates_quietly(penalty):
     out = apply_repetition_penalty(logits, np.array([0, 1]), penalty)
     assert np.isfinite(out).all() and out[2] == 1.0
     assert sample_next(out, SamplingParams(top_k=0, top_p=0.5, temperature=1e-300), np.random.default_rng(0)) in (0, 2)
+
+
+def test_stop_that_is_not_strings_and_unsigned_counts():
+    """stop=None was a bare TypeError naming no flag; a numpy uint8 max_new_tokens wrapped to 255 in
+    --truncate's arithmetic (uint8(0) - 1)."""
+    for bad in (None, 5):
+        with pytest.raises(SamplingError, match="--stop takes a string or a list of strings"):
+            SamplingParams(stop=bad)
+    p = SamplingParams(max_new_tokens=np.uint8(0), top_k=np.uint16(3), seed=np.uint32(7))
+    assert (type(p.max_new_tokens), type(p.top_k), type(p.seed)) == (int, int, int) and p.max_new_tokens - 1 == -1
