@@ -9,6 +9,7 @@ interactive session (converse below) over chat.Conversation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import sys
 import unicodedata
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 import click
@@ -406,6 +408,30 @@ def read_message(tty: bool) -> str:
     return line.removesuffix(b"\n").decode("utf-8")
 
 
+@contextlib.contextmanager
+def no_echo(tty: bool) -> Iterator[None]:
+    """The terminal's echo off while an answer streams, as llama-cli does: keys typed meanwhile would
+    be printed into the answer; they stay in the input for the next prompt. Ctrl-C still works."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if tty else None
+    except (ImportError, OSError, ValueError, AttributeError):  # no termios (Windows), not a terminal
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # the terminal closed meanwhile (SIGHUP)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def converse(generator: Generator, params: SamplingParams, system: str | None, stats: bool) -> None:
     """craft-run MODEL --chat: one message per line, each answer streamed; the conversation (and its
     KV-cache) carries over between turns. Ctrl-D ends; Ctrl-C stops an answer, at the prompt exits 130.
@@ -413,7 +439,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
     A refused message (not UTF-8, too long, refused by the template) is skipped with one line; piped
     messages then end in exit 2, so that a script sees that not every message was answered."""
     from craft.runtime.chat import ContextFull, Conversation
-    from craft.runtime.generator import CONTEXT_LENGTH
+    from craft.runtime.generator import CONTEXT_LENGTH, MAX_NEW_TOKENS
 
     try:
         import readline  # noqa: F401  line editing and history for input(), where the platform has it
@@ -453,31 +479,39 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             continue
         answer = conversation.reply(text, params)
         try:
-            try:
-                first = next(answer, "")
-            except ContextFull:  # this message does not fit after the conversation so far: start over with it
-                if len(conversation.messages) == (system is not None):
-                    raise
-                echo_stderr("craft-run: the context is full; this message starts a new conversation")
-                conversation.restart()
-                answer = conversation.reply(text, params)
-                first = next(answer, "")
-            write(shown(first, terminal))
-            for piece in answer:
-                write(shown(piece, terminal))
-            write("\n")
+            with no_echo(tty):  # keys typed meanwhile wait for the next prompt instead of landing in the answer
+                try:
+                    first = next(answer, "")
+                except ContextFull:  # this message does not fit after the conversation so far: start over with it
+                    if len(conversation.messages) == (system is not None):
+                        raise
+                    echo_stderr("craft-run: the context is full; this message starts a new conversation")
+                    conversation.restart()
+                    answer = conversation.reply(text, params)
+                    first = next(answer, "")
+                write(shown(first, terminal))
+                for piece in answer:
+                    write(shown(piece, terminal))
+                write("\n")
         except KeyboardInterrupt:
             answer.close()  # the answer so far stays in the conversation
             write("\n")
             echo_stderr("[stopped]")
+            if stats:
+                print_stats(generator.last_stats)
             continue
         except ValueError as e:  # the template refused the conversation, a message longer than the context
             echo_error("craft-run", e)
             refused += 1
             continue
-        if generator.last_stats.stop_reason == CONTEXT_LENGTH:
+        done = generator.last_stats
+        if done.stop_reason == CONTEXT_LENGTH:
             echo_stderr(context_full(generator) + "; the next message starts a new conversation")
             conversation.restart()
+        elif tty and done.stop_reason == MAX_NEW_TOKENS:  # notes for a person at the terminal, not a script
+            echo_stderr(f"[cut at {params.max_new_tokens} tokens: -n sets the most]")
+        elif tty and done.generated_tokens == 0:
+            echo_stderr("[no answer: the model ended its turn at once]")
         if stats:
             print_stats(generator.last_stats)
 

@@ -475,11 +475,18 @@ def test_cli_interactive_in_a_terminal(models):
         assert time.monotonic() < deadline, f"no answer streaming: {bytes(seen)!r}"
         if select.select([fd], [], [], 0.5)[0]:
             seen += os.read(fd, 4096)
+    os.write(fd, b"QZX")  # typed while the answer streams: the terminal echoed it into the answer
+    typed = len(seen)
+    while len(seen) < typed + 256:
+        assert time.monotonic() < deadline, f"the answer stopped: {bytes(seen)!r}"
+        if select.select([fd], [], [], 0.5)[0]:
+            seen += os.read(fd, 4096)
+    assert b"QZX" not in seen[typed:]
     os.write(fd, b"\x03")
     read_until(fd, b"[stopped]", seen)
     del seen[: seen.index(b"[stopped]")]
     read_until(fd, b"> ", seen)  # back at the prompt
-    os.write(fd, b"\x04")
+    os.write(fd, b"\x15\x04")  # Ctrl-U (whatever was typed ahead), Ctrl-D
     assert exit_code(pid) == 0
     os.close(fd)
 
