@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 MAX_CHARS = 1_000_000  # rendered text; a whole context of any model we run is far below this
-MAX_ITERATIONS = 1_000_000  # range() steps and calls, all together, in one render
+MAX_ITERATIONS = 1_000_000  # calls, range() steps and loop items, all together, in one render (per thread)
 MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
 MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
 MAX_INT_BITS = 4096  # integers a template multiplies; real templates count messages
@@ -337,8 +337,9 @@ def make_environment():
 
     class Environment(ImmutableSandboxedEnvironment):
         """The sandbox plus budgets: unsafe attribute access raises at once (jinja2 would render it as
-        empty), and every call, range step, attribute and item lookup counts against the render's
-        iteration and time budget, so a template that loops forever or builds huge values fails."""
+        empty), and every call, range step, loop item, attribute and item lookup counts against the
+        render's iteration and time budget (each thread's own), so a template that loops forever or
+        builds huge values fails."""
 
         code_generator_class = CodeGenerator
 
@@ -352,12 +353,14 @@ def make_environment():
                 self.tick()
                 yield item
 
-        def start_budget(self) -> None:
-            self.steps, self.deadline = 0, time.monotonic() + MAX_SECONDS
+        budget = threading.local()  # per thread: a cached template's Environment serves every thread's renders
 
-        def tick(self) -> None:
-            self.steps += 1
-            if self.steps > MAX_ITERATIONS or time.monotonic() > self.deadline:
+        def start_budget(self) -> None:
+            self.budget.steps, self.budget.deadline = 0, time.monotonic() + MAX_SECONDS
+
+        def tick(self, steps: int = 1) -> None:
+            self.budget.steps += steps
+            if self.budget.steps > MAX_ITERATIONS or time.monotonic() > self.budget.deadline:
                 raise ChatTemplateError(
                     f"chat template ran past its budget ({MAX_ITERATIONS} steps or {MAX_SECONDS:g} s)"
                 )
@@ -369,6 +372,8 @@ def make_environment():
 
         def call(self, context, obj, *args, **kwargs):
             self.tick()
+            if getattr(obj, "__func__", None) is Environment.ticking:  # a loop's iterable: counted item by item
+                return obj(*args)
             name = getattr(obj, "__name__", "")
             subject = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)  # jinja2 wraps str.format
             args, kwargs = tuple(map(bounded, args)), {k: bounded(v) for k, v in kwargs.items()}
@@ -419,8 +424,7 @@ def make_environment():
 
     def bounded_range(*args):
         steps = range(*args)
-        env.steps += len(steps)  # charged up front, so nested loops exhaust the budget early
-        env.tick()
+        env.tick(len(steps) + 1)  # charged up front, so nested loops exhaust the budget early
         return steps
 
     def bounded_filter(name, function):

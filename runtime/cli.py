@@ -424,8 +424,8 @@ def no_echo(tty: bool) -> Iterator[None]:
         return
     quiet = list(saved)
     quiet[3] &= ~termios.ECHO  # lflag
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
+    try:  # set inside: a Ctrl-C right after it must not leave the echo off
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
         yield
     finally:
         with contextlib.suppress(OSError):  # the terminal closed meanwhile (SIGHUP)
@@ -477,7 +477,7 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             continue
         if not text.strip():
             continue
-        answer = conversation.reply(text, params)
+        answer, before = conversation.reply(text, params), generator.last_stats
         try:
             with no_echo(tty):  # keys typed meanwhile wait for the next prompt instead of landing in the answer
                 try:
@@ -497,10 +497,12 @@ def converse(generator: Generator, params: SamplingParams, system: str | None, s
             answer.close()  # the answer so far stays in the conversation
             write("\n")
             echo_stderr("[stopped]")
-            if stats:
+            if stats and generator.last_stats is not before:  # Ctrl-C while rendering: no generation to report
                 print_stats(generator.last_stats)
             continue
         except ValueError as e:  # the template refused the conversation, a message longer than the context
+            if generator.last_stats is not before and generator.last_token_ids:  # failed mid-answer: end its line
+                write("\n")
             echo_error("craft-run", e)
             refused += 1
             continue

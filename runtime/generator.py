@@ -69,7 +69,7 @@ class Stats:
     time_to_first_token_s: float = 0.0  # from the call to the first sampled token (encode + prefill + sample)
     prefill_ms: float = 0.0
     decode_tokens_per_s: float = 0.0  # tokens after the first, per second of decoding
-    stop_reason: str = ""  # eos | stop_string | max_new_tokens | context_length
+    stop_reason: str = ""  # eos | stop_string | max_new_tokens | context_length | stopped (ended early)
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far
 
     def to_dict(self) -> dict:
@@ -208,7 +208,7 @@ class Generator:
         check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
-        self._running = threading.Lock()  # held by the thread inside the backend (_exclusive)
+        self._owner = threading.RLock()  # held by the thread generating (_claim): one Generator, one thread
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -288,18 +288,19 @@ class Generator:
         return f"the context is {self.context_length} (--max-context; the model's is {self.spec.context_length})"
 
     # generation -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """The backend, for this thread alone. Two threads inside one ONNX Runtime IOBinding corrupted
-        the heap (double free, abort); the second is refused instead. One Generator per thread."""
-        if not self._running.acquire(blocking=False):
+    def _claim(self) -> None:
+        """This Generator for the calling thread until its generation ends (re-entrant: a second stream
+        in the same thread replaces the first's cache, which then raises CacheReplaced). Another thread
+        is refused: two threads in one ONNX Runtime IOBinding corrupted the heap (double free, abort),
+        and a refused one must touch nothing - not the cache, not last_stats."""
+        if not self._owner.acquire(blocking=False):
             raise GenerationError(
                 "this Generator is generating in another thread; a Generator is not thread-safe - use one per thread"
             )
-        try:
-            yield
-        finally:
-            self._running.release()
+
+    def _release(self) -> None:
+        with contextlib.suppress(RuntimeError):  # a stream finalized by the garbage collector in another thread
+            self._owner.release()
 
     def _token_steps(
         self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0
@@ -319,17 +320,16 @@ class Generator:
         positions = position_ids(mask)  # left padding: the first real token is position 0
         rngs = [np.random.default_rng(params.seed) for _ in range(B)]
         history = [np.array(ids, dtype=np.int64) for ids in batch]
-        with self._exclusive():
-            if cached:
-                assert B == 1 and 0 < cached < width and self.cached_ids[:cached] == batch[0][:cached]
-                if cached < self.backend.cache_length:
-                    self.backend.rewind(cached)
-            else:
-                self.cached_ids = []  # first: a reset that fails (no memory for the cache) leaves nothing to reuse
-                self.backend.reset(B, self.context_length)
-            self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
-            t = time.perf_counter()
-            logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
+        if cached:
+            assert B == 1 and 0 < cached < width and self.cached_ids[:cached] == batch[0][:cached]
+            if cached < self.backend.cache_length:
+                self.backend.rewind(cached)
+        else:
+            self.cached_ids = []  # first: a reset that fails (no memory for the cache) leaves nothing to reuse
+            self.backend.reset(B, self.context_length)
+        self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
+        t = time.perf_counter()
+        logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
         self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
@@ -355,8 +355,7 @@ class Generator:
             if penalize:
                 history = [np.append(h, tok) for h, tok in zip(history, tokens)]
             step_ids[:, 0] = tokens
-            with self._exclusive():
-                logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
+            logits = self.backend.forward(step_ids, full_mask[:, :length], step_pos, last_only=True)[:, -1]
             if B == 1:
                 self.cached_ids.append(tokens[0])
             step_pos += 1
@@ -391,6 +390,13 @@ class Generator:
         yield from self._stream_ids(ids, sampling, t0)
 
     def _stream_ids(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0) -> Iterator[str]:
+        self._claim()
+        try:
+            yield from self._stream_claimed(ids, sampling, t0, cached)
+        finally:
+            self._release()
+
+    def _stream_claimed(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int) -> Iterator[str]:
         stats = self.last_stats = Stats(
             self.backend.name, prompt_tokens=len(ids), reused_tokens=cached, load_s=self.load_s
         )
@@ -434,6 +440,13 @@ class Generator:
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
+        self._claim()
+        try:
+            return self._batch_claimed(batch, sampling, t0)
+        finally:
+            self._release()
+
+    def _batch_claimed(self, batch: list[list[int]], sampling: SamplingParams, t0: float) -> list[Completion]:
         stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)
         rows = [Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop) for _ in batch]
         texts = [""] * len(batch)

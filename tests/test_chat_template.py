@@ -284,3 +284,33 @@ def test_messages_nested_too_deeply_are_one_error():
         content = [content]
     with pytest.raises(ChatTemplateError, match="nested too deeply"):
         render_chat(CHATML, [{"role": "user", "content": content}])
+
+
+def test_each_thread_renders_on_its_own_budget():
+    """The budget lived on the cached template's Environment, shared by every thread: one render's
+    start reset another's count (a hostile loop in a worker thread never ran out) and steps taken
+    in one thread were charged to another."""
+    import threading
+
+    env = chat_template.compile_template(CHATML).environment
+    env.start_budget()
+    for _ in range(10):
+        env.tick()
+
+    def other_render():  # another thread's render of the same template, nearly its whole budget
+        env.start_budget()
+        for _ in range(chat_template.MAX_ITERATIONS - 5):
+            env.tick()
+
+    worker = threading.Thread(target=other_render)
+    worker.start()
+    worker.join(timeout=60)
+    for _ in range(10):
+        env.tick()  # this thread's 20 steps: charged 1,000,005 when the count was shared
+
+
+def test_a_loop_over_a_filtered_sequence_is_not_built_as_text_first():
+    """A loop's iterable went through the sandbox's call checks: messages|reverse was built and
+    measured as text, and two 600,000-character messages were refused though nothing printed them."""
+    big = [{"role": "user", "content": "x" * 600_000}, {"role": "assistant", "content": "y" * 600_000}]
+    assert render_chat("{% for m in messages|reverse %}{{ m.role }} {% endfor %}", big) == "assistant user "
