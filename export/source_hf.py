@@ -38,6 +38,7 @@ from craft.export.sources import (
 from craft.runtime.artifact_check import RANGES
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}  # BF16: raw bits
@@ -103,8 +104,13 @@ def check_tied_head(stored, embedding: torch.Tensor, name: str, config_path: Pat
 def model_config(hf: dict, where: Path) -> tuple[str, ModelConfig]:
     """(architecture, Craft ModelConfig) from a config.json mapping; SourceError naming what is unsupported."""
     architectures = hf.get("architectures") or []
-    architecture = (
-        architectures[0] if isinstance(architectures, list) and architectures else hf.get("model_type", "unknown")
+    model_type = hf.get("model_type", "unknown")
+    architecture = (  # no architectures: AutoModelForCausalLM's class for the model_type
+        architectures[0]
+        if isinstance(architectures, list) and architectures
+        else MODEL_TYPES.get(model_type, model_type)
+        if isinstance(model_type, str)
+        else "unknown"
     )
     if architecture not in ARCHITECTURES:
         raise SourceError(

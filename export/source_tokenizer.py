@@ -97,7 +97,9 @@ class TokenizerSource:
 
 def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     """tokenizer.json, tokenizer_config.json (special tokens, add_bos_token, chat_template; or a
-    chat_template.jinja beside it) and generation_config.json (eos_token_id, maybe a list)."""
+    chat_template.jinja beside it; special tokens also from an older special_tokens_map.json) and
+    generation_config.json (eos_token_id, maybe a list) - or, where that file is missing, config.json's
+    eos / bos ids, from which transformers builds the generation config then."""
     directory = Path(directory)
     path = directory / "tokenizer.json"
     if not regular(path):
@@ -116,23 +118,36 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
         raise TokenizerSourceError(f"{path}: {e}; restore it from the model's source") from None
     config_path, generation_path = directory / "tokenizer_config.json", directory / "generation_config.json"
     config, generation = load_json(config_path), load_json(generation_path)
+    if not regular(generation_path):  # transformers' GenerationConfig.from_model_config
+        model_config = load_json(directory / "config.json")
+        generation_path, generation = (
+            directory / "config.json",
+            {k: model_config[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in model_config},
+        )
+    special_map_path = directory / "special_tokens_map.json"
+    special_map = load_json(special_map_path)  # what tokenizer_config.json does not name (an older save)
     ids = spec["model"]["vocab"] | {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
     vocab_size = max(ids.values(), default=-1) + 1
 
     def token_id(name: str) -> int | None:
-        token = config.get(name)
+        where, token = (
+            (config_path, config.get(name))
+            if config.get(name) is not None
+            else (
+                special_map_path,
+                special_map.get(name),
+            )
+        )
         token = token.get("content") if isinstance(token, dict) else token
         if token is None:
             return None
         if not isinstance(token, str):
             raise TokenizerSourceError(
-                f"{config_path}: {name} is {json.dumps(token)[:60]}, expected a token's text or an object "
+                f"{where}: {name} is {json.dumps(token)[:60]}, expected a token's text or an object "
                 "with its 'content'; fix it"
             )
         if token not in ids:
-            raise TokenizerSourceError(
-                f"{directory}/tokenizer_config.json: {name} {token[:60]!r} is not in tokenizer.json's vocabulary"
-            )
+            raise TokenizerSourceError(f"{where}: {name} {token[:60]!r} is not in tokenizer.json's vocabulary")
         return ids[token]
 
     def generation_id(key: str) -> int | None:
@@ -149,8 +164,8 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
     eos = eos if eos is not None else (generation_eos[0] if generation_eos else None)
     if eos is None:
         raise TokenizerSourceError(
-            f"{directory} names no EOS token (eos_token in tokenizer_config.json or eos_token_id in "
-            "generation_config.json); add one so generation can stop"
+            f"{directory} names no EOS token (eos_token in tokenizer_config.json or special_tokens_map.json, "
+            "eos_token_id in generation_config.json or config.json); add one so generation can stop"
         )
     template_bos = post_processor_bos(spec.get("post_processor"))
     if template_bos is not None:

@@ -369,3 +369,30 @@ def test_a_weight_that_zeroes_every_logit_fails_verification(tmp_path):
     result = run_cli("craft.export.cli", str(tmp_path / "huge"), "--quantize", "none", "-o", str(tmp_path / "m.onnx"))
     assert result.returncode == 3 and "gives every token the same logit at every position" in result.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_special_tokens_from_older_files_and_config_json(tmp_path):
+    """An older save names its specials in special_tokens_map.json only (refused: 'names no EOS
+    token'), and without generation_config.json transformers takes the stop ids from config.json's
+    eos_token_id list (Craft stopped at one of them only)."""
+    from craft.export.source_tokenizer import read_hf_tokenizer
+
+    save_tokenizer(tmp_path)
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}})
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [ids["</s>"], 5, 6], "bos_token_id": ids["<s>"]}))
+    source = read_hf_tokenizer(tmp_path)
+    assert (source.bos_id, source.eos_id) == (ids["<s>"], ids["</s>"])
+    assert set(source.end_of_turn_ids) == {ids["</s>"], 5, 6}
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type(saved, tmp_path):
+    """transformers' AutoModelForCausalLM picks the class from model_type; Craft said "architecture
+    'llama' is not supported" though it imports Llama."""
+    directory = copy_model(saved["llama-tied"][1], tmp_path, lambda c: c.pop("architectures"))
+    save_tokenizer(directory)
+    assert load_source(directory).config == load_source(saved["llama-tied"][1]).config
