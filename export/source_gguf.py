@@ -39,7 +39,11 @@ from craft.export.sources import (
 from craft.runtime.artifact_check import RANGES
 
 ARCHITECTURES = ("llama",)
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# IQ4_NL: llama-quantize's fallback for Q2_K / Q3_K rows not a multiple of 256 wide (SmolLM2's 576)
+SUPPORTED_TYPES = (
+    *("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"),
+)
 
 # GGUF name (with {i} for the layer) -> Craft name (craft.model.Transformer's state_dict)
 TENSOR_NAMES = {
@@ -240,6 +244,17 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
         """An integer field within the range craft-run accepts for the ModelSpec field it becomes."""
         return get(key, int, *RANGES[field], default=default)
 
+    split = fields.get("split.count")
+    if isinstance(split, int) and split > 1:  # the first part holds the metadata and some of the tensors
+        raise SourceError(
+            f"{where} is part of a split GGUF ({split} files); merge them first: "
+            "llama-gguf-split --merge FIRST OUT.gguf"
+        )
+    experts = fields.get(f"{architecture}.expert_count")
+    if isinstance(experts, int) and experts > 0:
+        raise SourceError(
+            f"{where} is a mixture-of-experts model ({experts} experts, as Mixtral); Craft imports dense models only"
+        )
     scaling = fields.get(f"{architecture}.rope.scaling.type", "none")
     if scaling != "none":
         raise SourceError(

@@ -326,10 +326,11 @@ GGUF_PRE = {
     "qwen2": QWEN2,
     "deepseek-r1-qwen": QWEN2,
     "megrez": QWEN2,
+    "pixtral": LLAMA3,  # llama.cpp splits its text with the Llama-3 regex
 }
 # The pre-tokenizers for which llama.cpp starts a prompt with BOS when the file has no add_bos_token.
 GGUF_PRE_ADDING_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3"}
-# Control tokens that llama.cpp treats as end of generation by their text (llama-vocab.cpp).
+# Tokens that llama.cpp treats as end of generation by their text (llama-vocab.cpp), whatever their type.
 END_OF_TURN_TEXTS = {
     "<|eot_id|>",
     "<|im_end|>",
@@ -391,12 +392,13 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
         raise TokenizerSourceError(
             f"{name}: tokenizer.ggml.scores is not {len(tokens)} finite numbers, one per token; convert the model again"
         )
-    eos = token_id("eos_token_id")
+    eos, bos = token_id("eos_token_id"), token_id("bos_token_id")
+    if model == "llama" and len(tokens) > 2:  # llama.cpp's sentencepiece defaults: <s> 1, </s> 2
+        eos, bos = 2 if eos is None else eos, 1 if bos is None else bos
     if eos is None:
         raise TokenizerSourceError(
             f"{name} has no tokenizer.ggml.eos_token_id; generation could never stop - set it with gguf-new-metadata"
         )
-    bos = token_id("bos_token_id")
     if model == "gpt2":
         pre = field("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str) or pre not in GGUF_PRE:
@@ -428,7 +430,8 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
             "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}},
         }
     turn_ends = {eos} | {i for key in ("eot_token_id", "eom_token_id") if (i := token_id(key)) is not None}
-    turn_ends |= {i for i, (t, k) in enumerate(zip(tokens, types)) if k == CONTROL and t in END_OF_TURN_TEXTS}
+    # by their text, whatever their type: llama.cpp overrides a user-defined <|im_end|>'s type and stops there
+    turn_ends |= {i for i, t in enumerate(tokens) if t in END_OF_TURN_TEXTS}
     pad = token_id("padding_token_id")
     return TokenizerSource(
         json.dumps(spec, ensure_ascii=False).encode("utf-8"),
@@ -463,15 +466,20 @@ def added_tokens(tokens: list[str], types: list[int], keep=lambda token: True) -
 def byte_level_json(tokens: list[str], types: list[int], merges: list[str], pre: tuple) -> dict:
     normalizer, pre_tokenizer, ignore_merges = pre
     alphabet = set(BYTE_CHAR.values())
-    # A token outside GPT-2's alphabet (a control token with a space, say) is respelled in it, as transformers does.
+    # An added token (control, user-defined) keeps its own text, which llama.cpp matches, in the vocabulary
+    # too: the tokenizers library gives an added token whose text is not there a new id past the vocabulary.
+    # Any other token outside GPT-2's alphabet is respelled in it, as transformers does.
+    special = {UNKNOWN, CONTROL, USER_DEFINED}
     vocab = {
-        t if set(t) <= alphabet else "".join(BYTE_CHAR[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+        t if set(t) <= alphabet or k in special else "".join(BYTE_CHAR[b] for b in t.encode("utf-8")): i
+        for i, (t, k) in enumerate(zip(tokens, types))
     }
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": added_tokens(tokens, types, keep=lambda t: set(t) <= alphabet),
+        # in their own text, which llama.cpp matches (DeepSeek's <｜User｜> spelled out as 12 byte tokens before)
+        "added_tokens": added_tokens(tokens, types),
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": None,

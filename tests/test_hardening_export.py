@@ -462,6 +462,9 @@ def test_layer_index_that_is_a_unicode_digit_is_an_extra_tensor(hf_source, tmp_p
         (dict(tokenizer__ggml__eos_token_id=4 * 10**9), "tokenizer.ggml.eos_token_id' is 4000000000"),
         (dict(tokenizer__ggml__merges=["t zzz"]), "its tokenizer is unusable"),
         (dict(tokenizer__chat_template="{% for %}"), "tokenizer.chat_template"),
+        # said 'lacks layer 0 ... incomplete' (eleventh audit)
+        (dict(split__count=2), "is part of a split GGUF (2 files); merge them first"),
+        (dict(llama__expert_count=8), "mixture-of-experts model (8 experts"),
         # the wrong shapes: TypeError tracebacks, or (scores short) a tokenizer that splits differently
         (dict(tokenizer__ggml__merges=7), "tokenizer.ggml.merges is not a list of strings"),
         (dict(tokenizer__ggml__model="llama", tokenizer__ggml__scores=7), "tokenizer.ggml.scores is not 300 finite"),

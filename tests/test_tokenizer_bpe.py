@@ -459,6 +459,27 @@ def test_gguf_errors(tmp_path):
     write_gguf(path, "gpt2", ["a"], [1])
     with pytest.raises(TokenizerSourceError, match="no tokenizer.ggml.eos_token_id"):
         read_gguf_tokenizer(path)
+    write_gguf(path, "llama", ["<unk>", "<s>", "</s>", "a"], [2, 3, 3, 1], token_scores=[0.0] * 4)
+    assert (read_gguf_tokenizer(path).bos_id, read_gguf_tokenizer(path).eos_id) == (1, 2)  # llama.cpp's defaults
+
+
+@pytest.mark.parametrize("use_library", [True, False])
+def test_gguf_special_tokens_match_by_their_own_text(tmp_path, use_library):
+    """A byte-level GGUF's control tokens outside GPT-2's alphabet (DeepSeek's <｜User｜>, its EOS) were
+    respelled and dropped from the added tokens: a chat prompt spelled them out byte by byte (a
+    one-word chat became 67 tokens). A user-defined <|im_end|> did not end a reply; llama.cpp stops
+    at it by its text."""
+    from craft.runtime.bpe_pretokenizer import BYTE_CHAR
+
+    user, end, im_end = "<\uff5cUser\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|im_end|>"
+    tokens = [BYTE_CHAR[b] for b in range(256)] + [user, end, im_end]
+    types = [1] * 256 + [3, 3, 4]  # normal bytes; two control tokens, a user-defined one
+    write_gguf(tmp_path / "d.gguf", "gpt2", tokens, types, token_merges=[], tokenizer_pre="llama-bpe", eos_token_id=257)
+    source = read_gguf_tokenizer(tmp_path / "d.gguf")
+    assert set(source.end_of_turn_ids) == {257, 258}
+    tokenizer = source.tokenizer(use_library=use_library)
+    assert tokenizer.encode(f"{user}Hi{end}")[-4:] == [256, ord("H"), ord("i"), 257][-4:]
+    assert tokenizer.decode([ord("H"), 258]) == "H" + im_end  # a user-defined token decodes to its text
 
 
 def test_python_path_refuses_what_it_does_not_implement(smollm2):
