@@ -36,7 +36,6 @@ AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only 
 # over the messages would walk the conversation once per message)
 NO_TEXT = {"length", "count", "first", "last", "list", "select", "reject", "selectattr", "rejectattr", "items"}
 NO_TEXT |= {"keys", "values", "get", "attr", "default", "d", "reverse", "sort", "unique", "min", "max", "sum"}
-NO_TEXT |= {"ticking"}  # every {% for %}'s iterable: measured by the loop's own steps
 WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
 
 
@@ -258,7 +257,7 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
     if name == "indent" and isinstance(subject, str) and args and isinstance(args[0], str):  # a text as the width
         if len(args[0]) * (subject.count("\n") + 1) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
-    if name == "wordwrap" and isinstance(subject, str):  # wrapstring (4th argument) repeats once per line
+    if name == "wordwrap" and isinstance(subject, str):  # wrapstring repeats once per line
         width = args[0] if args and isinstance(args[0], int) and not isinstance(args[0], bool) else 79
         wrap = next((a for a in args[1:] if isinstance(a, str)), "\n")  # positional or keyword
         if len(wrap) * (len(subject) // max(width, 1) + subject.count("\n") + 1) > MAX_CHARS:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from craft import __version__
-from craft.runtime.command import OneLineErrors, echo_error, echo_stderr
+from craft.runtime.command import OneLineErrors, echo_error, echo_stderr, silence
 
 if TYPE_CHECKING:  # the runtime is imported inside main(), after --threads has set BLAS's thread count
     from craft.runtime.generator import Generator, Stats
@@ -146,10 +146,7 @@ def write(text: str) -> None:
         while view:
             view = view[os.write(fd, view) :]  # the write after a short one reports why (ENOSPC, EFBIG)
     except OSError as e:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):  # stdout is not a file descriptor (embedded)
-            pass
+        silence(sys.stdout)
         if e.errno == errno.EPIPE:
             sys.exit(EXIT_OUTPUT)
         fail(f"cannot write the output to stdout: {e.strerror or e}", EXIT_OUTPUT)

@@ -20,7 +20,7 @@ from functools import partial
 
 import click
 
-EXIT_OS_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+EXIT_OS_ERROR, EXIT_INTERRUPTED = 1, 130
 
 _FIXES = {
     errno.ENOSPC: "free some space (or choose another path) and run again",
@@ -76,10 +76,23 @@ def echo_error(prog: str, message: object) -> None:
     """`PROG: error: MESSAGE` on stderr, one printable line (see printable: a message quotes paths,
     file metadata and template text, any of which may be hostile). A stderr that fails is let be:
     the exit code still says what happened."""
+    echo_stderr(f"{prog}: error: {printable(str(message))}")
+
+
+def silence(stream) -> None:
+    """Point `stream`'s descriptor at /dev/null once writing to it failed: what Python still holds
+    buffered for it is flushed at exit, and would fail there again ("Exception ignored ...
+    BrokenPipeError"). Nothing to do for a stream without a descriptor (embedded) or closed."""
     try:
-        click.echo(f"{prog}: error: {printable(str(message))}", err=True)
-    except (OSError, ValueError):  # full (2>/dev/full) or closed
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):
         pass
+    finally:
+        os.close(devnull)
 
 
 class OptionalOutput:
@@ -97,22 +110,8 @@ class OptionalOutput:
                 return call()
             except (OSError, ValueError):  # ValueError: a closed file
                 self.failed = True
-                self._to_devnull()
+                silence(self.stream)
         return fallback
-
-    def _to_devnull(self) -> None:
-        """Point the stream's descriptor at /dev/null: what Python still holds buffered for it is
-        flushed at exit, and would fail there again ("Exception ignored ... BrokenPipeError")."""
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            os.dup2(devnull, self.stream.fileno())
-        except (OSError, ValueError):  # closed: nothing of it is left to flush
-            pass
-        finally:
-            os.close(devnull)
 
     def echo(self, text: str) -> None:
         """One line, flushed at once (the log of a run someone is watching); characters the
@@ -183,10 +182,7 @@ def _stream_failed(e: OSError) -> str | None:
     if tb is None:
         return None
     stream = sys.stderr if tb.tb_frame.f_locals.get("err") else sys.stdout
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-    except (OSError, ValueError, AttributeError):  # not a file descriptor (embedded), or closed
-        pass
+    silence(stream)
     return "stderr" if stream is sys.stderr else "stdout"
 
 

@@ -208,7 +208,7 @@ class Generator:
         check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
-        self._owner = threading.RLock()  # held by the thread generating (_claim): one Generator, one thread
+        self._owner = threading.RLock()  # held by the thread generating (_claimed): one Generator, one thread
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -288,7 +288,8 @@ class Generator:
         return f"the context is {self.context_length} (--max-context; the model's is {self.spec.context_length})"
 
     # generation -------------------------------------------------------------------------------
-    def _claim(self) -> None:
+    @contextlib.contextmanager
+    def _claimed(self) -> Iterator[None]:
         """This Generator for the calling thread until its generation ends (re-entrant: a second stream
         in the same thread replaces the first's cache, which then raises CacheReplaced). Another thread
         is refused: two threads in one ONNX Runtime IOBinding corrupted the heap (double free, abort),
@@ -297,10 +298,11 @@ class Generator:
             raise GenerationError(
                 "this Generator is generating in another thread; a Generator is not thread-safe - use one per thread"
             )
-
-    def _release(self) -> None:
-        with contextlib.suppress(RuntimeError):  # a stream finalized by the garbage collector in another thread
-            self._owner.release()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RuntimeError):  # a stream finalized by the garbage collector in another thread
+                self._owner.release()
 
     def _token_steps(
         self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0
@@ -390,11 +392,8 @@ class Generator:
         yield from self._stream_ids(ids, sampling, t0)
 
     def _stream_ids(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0) -> Iterator[str]:
-        self._claim()
-        try:
+        with self._claimed():
             yield from self._stream_claimed(ids, sampling, t0, cached)
-        finally:
-            self._release()
 
     def _stream_claimed(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int) -> Iterator[str]:
         stats = self.last_stats = Stats(
@@ -440,11 +439,8 @@ class Generator:
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
-        self._claim()
-        try:
+        with self._claimed():
             return self._batch_claimed(batch, sampling, t0)
-        finally:
-            self._release()
 
     def _batch_claimed(self, batch: list[list[int]], sampling: SamplingParams, t0: float) -> list[Completion]:
         stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)
