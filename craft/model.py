@@ -58,11 +58,14 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(wavelength < original / high, inv_freq, scaled)
 
 
-def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (context_length, head_dim): angle pos * frequency, the half repeated twice."""
-    angles = torch.outer(
-        torch.arange(cfg.context_length, dtype=torch.float64), rope_frequencies(cfg)
-    )  # (length, hd / 2)
+def rope_tables(cfg: ModelConfig, divisors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (context_length, head_dim): angle pos * frequency, the half repeated twice.
+    divisors (head_dim / 2,): each frequency divided by its own factor, as llama.cpp applies a
+    GGUF's rope_freqs.weight (Llama-3 scaling precomputed by its converter)."""
+    frequencies = rope_frequencies(cfg)
+    if divisors is not None:
+        frequencies = frequencies / divisors.to(torch.float64)
+    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float64), frequencies)  # (length, hd / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
     return angles.cos().float(), angles.sin().float()
 
@@ -154,9 +157,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "Transformer":
+    def from_state_dict(
+        cls, cfg: ModelConfig, state: dict[str, torch.Tensor], rope_divisors: torch.Tensor | None = None
+    ) -> "Transformer":
         """A model in eval mode that holds `state`'s tensors themselves (no random init, no copy):
-        how imported weights become a model. A tied config's state needs no output.weight."""
+        how imported weights become a model. A tied config's state needs no output.weight;
+        rope_divisors as rope_tables takes them."""
         with torch.device("meta"):  # parameters without storage; load_state_dict(assign=True) gives them state's
             model = cls(cfg)
         state = dict(state)
@@ -165,7 +171,7 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if cfg.tie_embeddings:  # assign made two Parameters of one tensor: make them one again
             model.output.weight = model.tok_embeddings.weight
-        model.rope_cos, model.rope_sin = rope_tables(cfg)  # the buffers were built on meta too
+        model.rope_cos, model.rope_sin = rope_tables(cfg, rope_divisors)  # the buffers were built on meta too
         return model.eval()
 
     @staticmethod

@@ -62,6 +62,9 @@ TENSOR_NAMES = {
 }
 
 
+# Llama-3 rope scaling as llama.cpp's converter stores it: a divisor per RoPE frequency (rope_divisors)
+ROPE_FREQS = "rope_freqs.weight"
+
 # GGUF value type -> bytes per value (strings and arrays are variable: STRING, ARRAY)
 GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 GGUF_STRING, GGUF_ARRAY = 8, 9
@@ -175,6 +178,7 @@ def load_gguf(path: Path) -> Source:
         if not name.startswith("tokenizer.")
     }
     tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = tensors.pop(ROPE_FREQS, None)
     architecture, cfg = model_config(fields, tensors, path)
     craft_names = {rename(name, TENSOR_NAMES): name for name in tensors}
     shapes = {
@@ -199,7 +203,31 @@ def load_gguf(path: Path) -> Source:
             w = unpermute_rope_rows(w, cfg.kv_heads)
         state[craft] = torch.from_numpy(np.require(w, requirements=["C", "W"]))  # copies only a read-only mapping
     check_finite(state, str(path), TENSOR_NAMES)
-    return Source(GGUF, path, architecture, cfg, state, file_sha256([path]), reader)
+    divisors = None if rope_freqs is None else rope_divisors(rope_freqs, cfg, path)
+    return Source(GGUF, path, architecture, cfg, state, file_sha256([path]), reader, divisors)
+
+
+def rope_divisors(tensor, cfg: ModelConfig, path: Path) -> torch.Tensor:
+    """A GGUF's rope_freqs.weight: one factor per RoPE frequency (head_dim / 2 of them), each
+    frequency divided by its own, as llama.cpp's rope does. llama.cpp's converter writes it for
+    Llama-3.1 / 3.2 in place of the rope_scaling its config.json had; SourceError unless it is
+    that many finite positive numbers."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in tensor.shape.tolist())
+    kind = tensor.tensor_type.name
+    if shape != (cfg.head_dim // 2,) or kind not in ("F32", "F16", "BF16"):
+        raise SourceError(
+            f"{path}: tensor {ROPE_FREQS} is {kind} {shape}, expected F32 ({cfg.head_dim // 2},) - one factor per "
+            "RoPE frequency; the file is corrupt - download or convert it again"
+        )
+    factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(shape)
+    if not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise SourceError(
+            f"{path}: tensor {ROPE_FREQS} holds {factors[~(np.isfinite(factors) & (factors > 0))][0]}, expected "
+            "finite factors above 0; the file is corrupt - download or convert it again"
+        )
+    return torch.from_numpy(factors)
 
 
 def check_offsets(reader, path: Path) -> None:
@@ -267,11 +295,6 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
                 f"{where}: rope scaling ({architecture}.{key} = {factor!s:.20}) is not supported for GGUF; "
                 "export the Hugging Face directory instead"
             )
-    if "rope_freqs.weight" in tensors:
-        raise SourceError(
-            f"{where}: Llama-3 rope scaling (rope_freqs.weight) is not supported for GGUF; "
-            f"export the Hugging Face directory instead"
-        )
     if "token_embd.weight" not in tensors:
         raise SourceError(f"{where} lacks tensor token_embd.weight; the file is incomplete")
     dim, n_head = size("embedding_length", "dim"), size("attention.head_count", "n_head")

@@ -61,9 +61,10 @@ class Source:
     sha256: str  # of the weight files (and config.json): the artifact's source hash
     gguf_reader: object | None = field(default=None, repr=False)  # a GGUF source's open gguf.GGUFReader: its
     # tokenizer is read from the same parse (reading a 49k-token vocabulary's metadata takes seconds)
+    rope_divisors: torch.Tensor | None = None  # (head_dim / 2,) a GGUF's rope_freqs.weight (craft.model.rope_tables)
 
     def model(self) -> Transformer:
-        return Transformer.from_state_dict(self.config, self.state_dict)
+        return Transformer.from_state_dict(self.config, self.state_dict, self.rope_divisors)
 
 
 def file_mode(path: Path) -> int | None:

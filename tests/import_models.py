@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,31 @@ def numpy_logits(path: Path, fed: list[int], prompt_length: int) -> list[np.ndar
     return out
 
 
+def llama3_rope_factors(scaling: dict, head_dim: int) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py computes it from a "llama3"
+    rope_scaling: the divisor of each RoPE frequency (head_dim / 2,), float32."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    freqs = 1.0 / scaling["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < original / high:
+            factors.append(1.0)
+        elif wavelength > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
 def write_gguf(model, path: Path, qtype: str = "F32", pre: str = "default") -> Path:
     """A llama GGUF of a transformers Llama model, as llama.cpp's converter writes it: metadata
     keys, GGUF tensor names, q/k rows permuted for llama.cpp's RoPE; 2-D weights in `qtype`
     (F32, F16, Q8_0 or Q4_1 via gguf.quants; with Q4_1 the embedding and output stay Q8_0, as in
     llama.cpp's Q4_1 files), norms in F32; save_tokenizer's tokenizer as tokenizer.ggml.* (with `pre`
-    as tokenizer.ggml.pre)."""
+    as tokenizer.ggml.pre); a "llama3" rope scaling as rope_freqs.weight (llama3_rope_factors)."""
     import gguf
 
     from craft.export.source_gguf import permute_rope_rows
@@ -187,6 +207,9 @@ def write_gguf(model, path: Path, qtype: str = "F32", pre: str = "default") -> P
     writer.add_bos_token_id(vocab["<s>"])
     writer.add_eos_token_id(vocab["</s>"])
     writer.add_chat_template(CHAT_TEMPLATE)
+    scaling = getattr(c, "rope_parameters", None) or {}
+    if scaling.get("rope_type") == "llama3":  # as llama.cpp's converter: the factors as a tensor, no metadata
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, head_dim))
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}

@@ -135,6 +135,60 @@ def test_tied_gguf(tmp_path):
     assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
 
 
+LLAMA3_SCALING = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """A Llama with Llama-3 rope scaling, and its GGUF as llama.cpp's converter writes it (rope_freqs.weight)."""
+    model = random_hf_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    return model, write_gguf(model, tmp_path_factory.mktemp("llama3") / "llama3.gguf")
+
+
+def test_llama3_rope_freqs_are_applied(llama3):
+    """The GGUF computes what the Hugging Face model with its rope_scaling computes (transformers'
+    GGUF loader ignores rope_freqs.weight, so the reference is the original model); without the
+    factors the logits would differ."""
+    from craft.model import Transformer
+
+    model, path = llama3
+    source = load_source(path)
+    assert source.rope_divisors is not None and source.config.rope_scaling_factor == 0
+    fed, reference = reference_logits(model, PROMPT)
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+    unscaled = Transformer.from_state_dict(source.config, source.state_dict)
+    assert max_diff(reference, craft_logits(unscaled, fed, len(PROMPT))) > 0.1
+
+
+def test_exported_llama3_gguf_matches_transformers(llama3, tmp_path):
+    from craft.export.exporter import export
+
+    model, path = llama3
+    export(path, tmp_path / "llama3.onnx", quantize="none", log=lambda *a: None)
+    fed, reference = reference_logits(model, PROMPT)
+    assert max_diff(reference, ort_logits(tmp_path / "llama3.onnx", fed, len(PROMPT))) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "factors, said",
+    [
+        (np.ones(3, np.float32), "is F32 (3,), expected F32 (8,)"),
+        (np.array([1, 2, 0, 4, 8, 8, 8, 8], np.float32), "holds 0.0, expected finite factors above 0"),
+        (np.array([1, 2, np.nan, 4, 8, 8, 8, 8], np.float32), "holds nan, expected finite factors above 0"),
+    ],
+)
+def test_bad_rope_freqs_are_refused(tmp_path, monkeypatch, factors, said):
+    import import_models
+
+    monkeypatch.setattr(import_models, "llama3_rope_factors", lambda scaling, head_dim: factors)
+    model = random_hf_model("llama", rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    with pytest.raises(SourceError, match="rope_freqs.weight") as e:
+        load_source(write_gguf(model, tmp_path / "bad.gguf"))
+    assert said in str(e.value)
+
+
 def test_smollm2_q4_1_matches_transformers_gguf_loader(smollm2_gguf):
     """The real SmolLM2-135M-Instruct (Q4_1 and Q8_0 tensors): Craft's model within 1e-3 of
     transformers on 64 ids (measured: 4.4e-5 with logits up to ~34)."""
