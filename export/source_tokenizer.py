@@ -285,11 +285,23 @@ QWEN2_REGEX = (
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
-def split_then_bytes(regex: str) -> dict:
+# llama.cpp's pre-tokenizer for "default" (and a file without tokenizer.ggml.pre): four regexes, each
+# splitting the pieces of the one before (punctuation runs, GPT-2's regex, digit runs, then threes)
+DEFAULT_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
+
+
+def split_then_bytes(*regexes: str) -> dict:
+    """Each regex splits every piece into its matches and the text between them (llama.cpp's
+    unicode_regex_split), then the pieces' bytes become GPT-2's alphabet."""
     return {
         "type": "Sequence",
         "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            *({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes),
             dict(BYTE_LEVEL, use_regex=False),
         ],
     }
@@ -306,7 +318,7 @@ LLAMA3 = (None, split_then_bytes(LLAMA3_REGEX), True)
 QWEN2 = ({"type": "NFC"}, split_then_bytes(QWEN2_REGEX), False)
 GPT2 = (None, BYTE_LEVEL, False)
 GGUF_PRE = {
-    "default": GPT2,
+    "default": (None, split_then_bytes(*DEFAULT_REGEXES), False),
     "gpt2": GPT2,
     "gpt-2": GPT2,
     "mpt": GPT2,

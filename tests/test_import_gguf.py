@@ -254,6 +254,26 @@ def test_llama3_pre_tokenizer_adds_bos_as_llama_cpp_does(tmp_path):
         assert read_gguf_tokenizer(path).add_bos is add_bos
 
 
+def test_default_pre_tokenizer_splits_as_llama_cpp_does(tmp_path):
+    """llama.cpp's "default" (a file without tokenizer.ggml.pre too) chains four regexes:
+    punctuation runs, GPT-2's, digit runs, then threes. Craft used GPT-2's alone: "don't" split
+    as "don" + "'t" and "12345" stayed whole. Both tokenizer paths."""
+    import json
+
+    import tokenizers
+
+    from craft.export.source_tokenizer import read_gguf_tokenizer
+    from craft.runtime.bpe_pretokenizer import BYTE_CHAR, pre_tokenizer
+
+    spec = json.loads(read_gguf_tokenizer(write_gguf(random_hf_model("llama"), tmp_path / "d.gguf")).tokenizer_json)
+    text = "don't 12345 a+b"
+    expected = ["don", "'", "t", " ", "123", "45", " a", "+", "b"]  # by llama.cpp's four regexes, in turn
+    expected = ["".join(BYTE_CHAR[b] for b in piece.encode()) for piece in expected]
+    library = tokenizers.Tokenizer.from_str(json.dumps(spec)).pre_tokenizer.pre_tokenize_str(text)
+    assert [piece for piece, _ in library] == expected
+    assert [piece for piece, _ in pre_tokenizer(spec["pre_tokenizer"])([(text, True)])] == expected
+
+
 def test_unsupported_tensor_type(llama, tmp_path):
     """A model whose embedding is F64: named, with the supported types listed."""
     model, _ = llama
