@@ -23,6 +23,16 @@ _HERE = Path(__file__).resolve().parent
 CONFIGS_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 DEFAULT_PRESET = "tiny"
 ARCHS = ("llama", "recurrent")  # model.arch: craft.model.Transformer, craft.recurrent.Recurrent
+# Imported-model attention settings a recurrent config refuses unless left at their defaults (n_head,
+# n_kv_head and rope_theta are ignored instead: the presets a recurrent config extends set them)
+ATTENTION_ONLY = (
+    "head_size",
+    "qkv_bias",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_context",
+)
 
 
 class ConfigError(ValueError):
@@ -450,19 +460,25 @@ def validate(cfg: Config) -> None:
         )
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
     # Checks between fields, each built only when it fails (a divisor list can be long).
-    if m.head_size % 2:
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
+    if m.arch == "recurrent":  # no heads, no RoPE: their checks do not apply (presets it extends may set n_head)
+        for key in ATTENTION_ONLY:
+            if getattr(m, key) != getattr(ModelConfig, key):
+                raise ConfigError(
+                    f"model.{key} applies to model.arch=llama only (a recurrent model has no attention); drop it"
+                )
+    elif m.head_size % 2:
         raise ConfigError(f"model.head_size={m.head_size} must be even for RoPE (or 0: dim / n_head)")
-    if m.dim % m.n_head:
+    elif m.dim % m.n_head:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_head={m.n_head}; {pick_n_head(m)}")
-    if m.head_dim % 2:
+    elif m.head_dim % 2:
         raise ConfigError(f"model.dim / model.n_head = {m.head_dim} must be even for RoPE; {pick_n_head(m)}")
-    if m.n_head % m.kv_heads:
+    elif m.n_head % m.kv_heads:
         raise ConfigError(
             f"model.n_head={m.n_head} is not divisible by model.n_kv_head={m.n_kv_head}; "
             f"pick n_kv_head among {divisors(m.n_head)}"
         )
-    if m.arch not in ARCHS:
-        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got '{m.arch}'")
     if tok.kind not in ("sentencepiece", "char"):
         raise ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
     if tok.model_type not in ("bpe", "unigram"):

@@ -57,6 +57,9 @@ INT64, FLOAT32 = 7, 1  # TensorProto element types of the contract's inputs and 
 FIX = "re-export it with craft-export"
 
 
+HEAD_FIELDS = ("n_head", "n_kv_head", "head_dim")  # attention's shape: checked for transformer files only
+
+
 def entry_budget(spec: ModelSpec) -> int:
     """The most nodes, initializers, inputs or outputs (each) a file of this spec may have."""
     return NODES_PER_LAYER * (spec.n_layer + 1)
@@ -64,13 +67,14 @@ def entry_budget(spec: ModelSpec) -> int:
 
 def spec_problem(spec: ModelSpec) -> str | None:
     """What is wrong with a (type-checked) spec's values, or None."""
+    attention = spec.arch != A.RECURRENT  # a recurrent file's head fields are its config's, unused
     for name, (lo, hi) in RANGES.items():
         value = getattr(spec, name)
-        if not lo <= value <= hi:
+        if not lo <= value <= hi and (attention or name not in HEAD_FIELDS):
             return f"model config has {name}={value}, expected {lo}..{hi}"
-    if spec.n_head % spec.n_kv_head:
+    if attention and spec.n_head % spec.n_kv_head:
         return f"model config has n_head={spec.n_head}, not a multiple of n_kv_head={spec.n_kv_head}"
-    if spec.head_dim % 2:
+    if attention and spec.head_dim % 2:
         return f"model config has head_dim={spec.head_dim}, expected an even number (RoPE rotates pairs)"
     if not (math.isfinite(spec.rope_theta) and spec.rope_theta > 0):
         return f"model config has rope_theta={spec.rope_theta}, expected a positive number"

@@ -335,8 +335,9 @@ class Generator:
         self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view
-        # of full_mask), the new tokens and their positions are written in place.
-        full_mask = np.ones((B, self.context_length), np.int64)
+        # of full_mask), the new tokens and their positions are written in place. As wide as this
+        # call can reach, not the context: a recurrent file may declare millions of positions.
+        full_mask = np.ones((B, min(self.context_length, width + max_new_tokens)), np.int64)
         full_mask[:, :width] = mask
         step_ids = np.empty((B, 1), np.int64)
         step_pos = positions[:, -1:] + 1  # (B, 1)

@@ -65,6 +65,7 @@ class NumpyRecurrentBackend:
             )
         mask = attention_mask[:, -T:, None].astype(np.float32)  # (B, T, 1)
         x = self.embedding_rows(input_ids)  # (B, T, dim)
+        new_state = []  # set with cache_length at the end: a forward interrupted (Ctrl-C) changes neither
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["recurrence_norm"], s.norm_eps)
             a_in, v, gate = np.split(layer["win"](h), 3, axis=-1)  # (B, T, dim) each
@@ -75,10 +76,11 @@ class NumpyRecurrentBackend:
             for t in range(T):
                 state = a[:, t] * state + u[:, t]
                 states[:, t] = state
-            self.state[i] = state
+            new_state.append(state)
             x = x + layer["wo"](states * silu(gate))
             h = rms_norm(x, layer["ffn_norm"], s.norm_eps)
             up_gate, up = np.split(layer["w13"](h), 2, axis=-1)
             x = x + layer["w2"](silu(up_gate) * up)
-        self.cache_length += T
-        return self.head(rms_norm(x, self.norm, s.norm_eps), last_only)
+        logits = self.head(rms_norm(x, self.norm, s.norm_eps), last_only)
+        self.state, self.cache_length = new_state, self.cache_length + T
+        return logits

@@ -127,12 +127,23 @@ def test_a_sample_prompt_that_is_not_unicode_is_refused_at_start(tmp_path):
         (["train.warmup_steps=-2"], r"set a value in \[0, 1000000000\], or -1 \(a tenth of max_steps"),
         (["train.lr_decay_steps=-2"], r"set a value in \[1, 1000000000\], or 0 \(max_steps\)$"),
         (["train.max_steps=99999999999999999999999999"], r"^train.max_steps=99999999999999999999999999 is out"),
+        (
+            ["model.arch=recurrent", "model.qkv_bias=true"],  # trained, and exported as a file "with q/k/v biases"
+            r"^model.qkv_bias applies to model.arch=llama only \(a recurrent model has no attention\); drop it$",
+        ),
+        (["model.arch=recurrent", "model.rope_scaling_factor=8"], r"^model.rope_scaling_factor applies to model.arch"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config("tiny", overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dim", [100, 90, 3])
+def test_a_recurrent_model_takes_any_width(dim):
+    """No heads and no RoPE: the head checks (dim / n_head even, divisible) are a transformer's."""
+    assert load_config("tiny", ["model.arch=recurrent", f"model.dim={dim}"]).model.dim == dim
 
 
 def test_yaml_alias_bomb_is_one_short_line(tmp_path):

@@ -243,6 +243,72 @@ def test_stream_equals_generate(generators, backend):
         assert "".join(gen.stream(prompt, params)) == gen.generate(prompt, params).text
 
 
+def test_an_interrupted_numpy_forward_leaves_the_state_as_it_was(generators):
+    """Ctrl-C in a prefill: the state and the token count change together or not at all, so the
+    next chat turn does not reuse a half-advanced state."""
+    backend = generators[("int8", "numpy")].backend
+    ids = np.array([generators[("int8", "numpy")].encode_prompt("KING HENRY:\nO", 1)])
+    T = ids.shape[1]
+    backend.reset(1)
+    backend.forward(ids, np.ones_like(ids), np.arange(T)[None])
+    before = [state.copy() for state in backend.state]
+    layer = backend.layers[1]
+    w13 = layer["w13"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    layer["w13"] = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.forward(ids, np.ones((1, 2 * T), np.int64), np.arange(T, 2 * T)[None])
+    finally:
+        layer["w13"] = w13
+    assert backend.cache_length == T
+    assert all(np.array_equal(a, b) for a, b in zip(before, backend.state))
+
+
+def with_config(source, target, **fields):
+    """A copy of the file `source` whose metadata config has `fields` changed."""
+    import json
+
+    proto = onnx.load(str(source))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[A.META_CONFIG] = json.dumps({**json.loads(props[A.META_CONFIG]), **fields})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    target.write_bytes(proto.SerializeToString())
+    return target
+
+
+def test_head_fields_are_not_held_against_a_recurrent_file(files, tmp_path):
+    """A recurrent model of any width trains (craft.config); its file carries the config's unused
+    n_head / head_dim, which the runtime once refused as an odd RoPE head width."""
+    path = with_config(files["int8"], tmp_path / "odd.onnx", n_head=4, n_kv_head=4, head_dim=25)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    for backend in ("ort", "numpy"):
+        assert Generator(path, backend=backend).generate("KING", params).token_ids == (
+            Generator(files["int8"], backend=backend).generate("KING", params).token_ids
+        )
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_a_long_declared_context_costs_no_memory(files, tmp_path, backend):
+    """A recurrent file may declare millions of positions: generating a few tokens allocates no
+    buffer as wide as the context (the decode mask was 8 bytes per position: 128 MiB here)."""
+    import tracemalloc
+
+    gen = Generator(with_config(files["int8"], tmp_path / "long.onnx", context_length=1 << 24), backend=backend)
+    assert gen.context_length == 1 << 24
+    tracemalloc.start()
+    try:
+        assert gen.generate("KING", SamplingParams(max_new_tokens=4, temperature=0)).stats.generated_tokens == 4
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
 def test_estimate_counts_the_state_not_a_kv_cache(files, char_int8):
     from craft.runtime.estimate import estimate, format_estimates, load_profiles
     from craft.runtime.onnx_file import read_metadata
