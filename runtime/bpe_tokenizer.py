@@ -210,7 +210,7 @@ class HFTokenizer:
         self.vocab_size = max(pieces, default=-1) + 1
         self._pieces, self._token_ids = pieces, {t: i for i, t in pieces.items()}
         self._special = {t["id"] for t in added if t.get("special", False)}
-        self._piece_bytes, self._strip_space = piece_decoder(spec.get("decoder"))
+        self._piece_bytes, self.strips_leading_space = piece_decoder(spec.get("decoder"))
         self._bytes: dict[int, bytes] = {}  # filled as tokens are streamed: a table of 49k pieces costs 0.1 s at start
         self.backend = "python"
         self._library = load_library(self.json) if use_library else None
@@ -267,7 +267,7 @@ class HFTokenizer:
         """Hugging Face's decode(skip_special_tokens=True), including its removal of the space that a
         sentencepiece-style tokenizer put in front of the text."""
         text = b"".join(self.token_bytes(i) for i in ids).decode("utf-8", "replace")
-        return text[1:] if self._strip_space and text.startswith(" ") else text
+        return text[1:] if self.strips_leading_space and text.startswith(" ") else text
 
     def to_bytes(self) -> bytes:
         envelope = {

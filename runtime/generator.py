@@ -139,10 +139,13 @@ class Continuation:
     safe), holding back the last characters while they may begin a stop string. The row is
     done at an end-of-turn id / EOS (not kept) or when its text produces a stop string: the text is cut before it,
     token_ids keep the token that completed it. finish() returns the rest of the text.
+    strip_space: the text is decoded as a text of its own (a chat reply): a sentencepiece-style
+    tokenizer's leading space is dropped, as its decode() (and transformers') drops it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], stop: Sequence[str]):
+    def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], stop: Sequence[str], strip_space: bool = False):
         self.text_stream, self.stop_ids, self.stop = TextStream(tokenizer), frozenset(stop_ids), stop
+        self.strip_space = strip_space and getattr(tokenizer, "strips_leading_space", False)
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars kept back: they may begin a stop string
         self.pending = ""
         self.token_ids: list[int] = []
@@ -154,7 +157,10 @@ class Continuation:
             return ""
         self.token_ids.append(token)
         before = len(self.pending)
-        self.pending += self.text_stream.feed(token)
+        piece = self.text_stream.feed(token)
+        if self.strip_space and piece:  # the first text only
+            piece, self.strip_space = piece.removeprefix(" "), False
+        self.pending += piece
         # a stop string new here ends in the new text: searched from there (the whole held text per
         # token and stop string was quadratic with many or long stop strings)
         hits = [i for i in (self.pending.find(s, max(0, before - len(s) + 1)) for s in self.stop) if i >= 0]
@@ -392,15 +398,19 @@ class Generator:
         ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
         yield from self._stream_ids(ids, sampling, t0)
 
-    def _stream_ids(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0) -> Iterator[str]:
+    def _stream_ids(
+        self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0, reply: bool = False
+    ) -> Iterator[str]:
         with self._claimed():
-            yield from self._stream_claimed(ids, sampling, t0, cached)
+            yield from self._stream_claimed(ids, sampling, t0, cached, reply)
 
-    def _stream_claimed(self, ids: list[int], sampling: SamplingParams, t0: float, cached: int) -> Iterator[str]:
+    def _stream_claimed(
+        self, ids: list[int], sampling: SamplingParams, t0: float, cached: int, reply: bool
+    ) -> Iterator[str]:
         stats = self.last_stats = Stats(
             self.backend.name, prompt_tokens=len(ids), reused_tokens=cached, load_s=self.load_s
         )
-        row = Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop)
+        row = Continuation(self.tokenizer, self.artifact.stop_ids, sampling.stop, strip_space=reply)
         self.last_token_ids = row.token_ids
         t_first = None
         try:
@@ -495,7 +505,9 @@ class Generator:
             raise C.ContextFull(f"the conversation is {len(ids)} tokens but {self._context_text()}; {fix}")
         rewinds = self.spec.arch != RECURRENT  # a recurrent state cannot forget its last tokens
         cached = C.reusable_prefix(self.cached_ids, ids, self.backend.cache_length, rewinds)
-        yield from self._stream_ids(ids, sampling, t0, cached)
+        # the reply as a text of its own: Llama-2 / Mistral-style tokenizers' leading space dropped (as
+        # transformers decodes it), so that the history re-renders to the tokens the model produced
+        yield from self._stream_ids(ids, sampling, t0, cached, reply=True)
 
     def generate_chat(
         self, messages: Sequence[dict], sampling: SamplingParams = SamplingParams(), **variables

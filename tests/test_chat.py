@@ -198,6 +198,26 @@ def test_chat_equals_stream_of_the_whole_conversation(models, model, backend):
     assert reused[0] == 0 and (model == "recurrent" or all(r > 20 for r in reused[1:]))
 
 
+def test_a_sentencepiece_style_reply_is_decoded_as_a_text_of_its_own(tmp_path, small_corpus):
+    """Llama-2 / Mistral-style tokenizers put a space before the text that their decode drops: a
+    reply (as transformers decodes it) has none, so the history does not gain a space per turn."""
+    from craft.runtime.bpe_tokenizer import HFTokenizer
+    from test_tokenizer_bpe import sentencepiece_style_json
+
+    spec = sentencepiece_style_json(small_corpus.read_text(encoding="utf-8")[:100_000], "metaspace")
+    tokenizer = HFTokenizer(spec, bos_id=1, eos_id=2, pad_id=0, add_bos=True)
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    path = export_random(tmp_path / "sp.onnx", tokenizer, "none", **{A.META_CHAT_TEMPLATE: template})
+    gen, spaced = Generator(path), 0
+    for seed in range(300):  # until a few replies began with a spaced piece (3% of this vocabulary)
+        reply = "".join(gen.chat(QUESTION, SamplingParams(max_new_tokens=3, seed=seed)))
+        assert reply == gen.tokenizer.decode(gen.last_token_ids), seed
+        spaced += gen.tokenizer.token_bytes(gen.last_token_ids[0]).startswith(b" ")
+        if spaced == 3:
+            break
+    assert spaced == 3  # the check above is not vacuous
+
+
 @pytest.mark.parametrize("model, backend", BACKENDS + RECURRENT)
 def test_an_edited_history_rolls_the_cache_back(models, model, backend):
     gen, fresh = Generator(models[model], backend=backend), Generator(models[model], backend=backend)

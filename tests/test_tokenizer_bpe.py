@@ -255,6 +255,23 @@ def test_sentencepiece_style_token_bytes(sentencepiece_style):
     assert python.decode(python.encode(text)) == text  # decode drops it, as Hugging Face's does
 
 
+def test_a_reply_drops_the_leading_space_as_decode_does(sentencepiece_style):
+    """A chat reply is a text of its own, decoded as transformers decodes the reply's ids: the
+    sentencepiece-style leading space is dropped (' Hello world' was stored in the history and
+    re-rendered after '[/INST] '). A continuation of a prompt keeps it."""
+    from craft.runtime.generator import Continuation
+
+    for tok in pair(sentencepiece_style):
+        ids = tok.encode("Hello world")
+
+        def streamed(reply: bool) -> str:
+            row = Continuation(tok, [2], ["\n\n"], strip_space=reply)
+            return "".join(row.feed(i) for i in ids) + row.finish(100)
+
+        assert streamed(True) == tok.decode(ids) == "Hello world"
+        assert streamed(False) == " Hello world"
+
+
 def test_hostile_pieces_stream_without_raising(sentencepiece_style):
     """Piece bytes are worked out as tokens stream, so a vocabulary that load accepts must not raise
     there: a byte-fallback piece that is not hex, a lone surrogate, an id past the vocabulary."""
