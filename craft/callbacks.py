@@ -186,7 +186,7 @@ def plot_run(run_dir: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise rd.RunDirError(
-            "plotting needs matplotlib: pip install 'craft[plot]' (or pip install matplotlib)"
+            'plotting needs matplotlib: pip install matplotlib (or pip install -e ".[plot]" in Craft\'s checkout)'
         ) from None
     records = read_metrics(path)
     train = numbers([r for r in records if r.get("event") == "train"], "step", "loss", "lr")

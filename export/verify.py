@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from craft.export.sources import RUN
 from craft.runtime import artifact as A
 
 FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 for logits up to LOGIT_SCALE (rounding is ~1e-6 there)
@@ -229,9 +230,11 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         top1_agreement=top1,
         perplexity_tokens=q["tokens"],
     )
+    text = "val tokens" if run.source_kind == RUN else "tokens of English text (export/perplexity_text.txt)"
+    top1_limit = f" (limit {bound.min_top1:.0%})" if bound.min_top1 else ""  # int4's is reported, not gated
     log(
-        f"  quality {quantization} vs fp32 on {q['tokens']:,} val tokens: "
-        f"top-1 agreement {top1:.2%} (limit {bound.min_top1:.0%}), "
+        f"  quality {quantization} vs fp32 on {q['tokens']:,} {text}: "
+        f"top-1 agreement {top1:.2%}{top1_limit}, "
         f"perplexity {ppl32:.4f} -> {ppl_q:.4f}, ratio {ratio:.4f} (limit {bound.max_ppl_ratio}); "
         f"max |logit diff| vs PyTorch {report['quantized_max_abs_diff']:.3f}"
     )

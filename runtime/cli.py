@@ -200,7 +200,7 @@ def write(text: str) -> None:
 )
 @click.option(
     "--threads",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, 1024),  # craft.runtime.generator.MAX_THREADS (imported later, with numpy)
     default=0,
     is_eager=True,
     callback=set_blas_threads,

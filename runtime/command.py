@@ -38,7 +38,10 @@ _FIXES = {
 
 # The packages of an extra (setup.py) that a command imports only when it runs: a device installs
 # the runtime alone, where craft-train and craft-export find them missing.
-INSTALL_HINTS = {name: "pip install 'craft[train]'" for name in ("torch", "onnx", "yaml", "tqdm", "gguf")}
+# Craft installs from its checkout (PyPI's 'craft' is another project): the extra, from there.
+INSTALL_HINTS = {
+    name: """pip install -e ".[train]" (in Craft's checkout)""" for name in ("torch", "onnx", "yaml", "tqdm", "gguf")
+}
 
 
 def missing_package(e: ModuleNotFoundError) -> str:

@@ -282,3 +282,11 @@ def test_a_pipe_gets_utf8_whatever_the_locale(char_int8):
     env.update(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
     result = subprocess.run([*CRAFT_RUN, *flags], capture_output=True, env=env, timeout=120)
     assert result.returncode == 0 and result.stdout.decode("utf-8") == expected["text"] + "\n"
+
+
+def test_threads_bound_is_the_generators():
+    """--help shows the bound the Generator enforces (an integer past it: click's one line, exit 2)."""
+    from craft.runtime.cli import main
+    from craft.runtime.generator import MAX_THREADS
+
+    assert next(p for p in main.params if p.name == "threads").type.max == MAX_THREADS

@@ -261,6 +261,14 @@ def test_cli_prints_report_and_default_output(char_run, tmp_path):
     assert (run / "model.int8.onnx").is_file() and onnx_files(run) == ["model.int8.onnx"]
 
 
+def test_int4_report_names_no_top1_limit(char_run, tmp_path):
+    """int4's top-1 is reported, not gated: '(limit 0%)' read as a broken limit."""
+    lines = []
+    export(char_run, tmp_path / "m.onnx", quantize="int4", log=lines.append)
+    quality = next(line for line in lines if "quality int4" in line)
+    assert "val tokens: top-1 agreement" in quality and "limit" not in quality.split("perplexity")[0]
+
+
 def test_load_run_rejects_checkpoint_of_other_shape(char_run, tmp_path):
     run = copy_run(char_run, tmp_path / "run")
     state, _ = ckpt.read(run / rd.CHECKPOINT)
