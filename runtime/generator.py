@@ -214,7 +214,12 @@ class Generator:
         check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
-        self._owner = threading.RLock()  # held by the thread generating (_claimed): one Generator, one thread
+        # The thread generating and its open generations (_claimed): one Generator, one thread. Not an RLock:
+        # a stream may end in another thread than its first step (a thread pool stepping it, the garbage
+        # collector), and only an RLock's owner may release it - the Generator stayed claimed for good.
+        self._claim_lock = threading.Lock()  # guards the two below
+        self._owner: int | None = None
+        self._claims = 0
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -300,15 +305,21 @@ class Generator:
         in the same thread replaces the first's cache, which then raises CacheReplaced). Another thread
         is refused: two threads in one ONNX Runtime IOBinding corrupted the heap (double free, abort),
         and a refused one must touch nothing - not the cache, not last_stats."""
-        if not self._owner.acquire(blocking=False):
-            raise GenerationError(
-                "this Generator is generating in another thread; a Generator is not thread-safe - use one per thread"
-            )
+        me = threading.get_ident()
+        with self._claim_lock:
+            if self._claims and self._owner != me:
+                raise GenerationError(
+                    "this Generator is generating in another thread; a Generator is not thread-safe - use one per "
+                    "thread"
+                )
+            self._owner, self._claims = me, self._claims + 1
         try:
             yield
-        finally:
-            with contextlib.suppress(RuntimeError):  # a stream finalized by the garbage collector in another thread
-                self._owner.release()
+        finally:  # in whichever thread the generation ends
+            with self._claim_lock:
+                self._claims -= 1
+                if not self._claims:
+                    self._owner = None
 
     def _token_steps(
         self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0

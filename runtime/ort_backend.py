@@ -175,10 +175,11 @@ class OrtBackend:
         them); a `standard` file's cache tensors are cut, the kept part copied once."""
         assert 0 <= length <= self.cache_length and self.spec.arch != A.RECURRENT, "a state cannot be rewound"
         if not self.inplace:
-            self._buffers = [
-                np.ascontiguousarray(value.numpy()[:, :, :length]) for value in self.cache
-            ]  # alive: OrtValues wrap them
-            self.cache = [self._ortvalue(array) for array in self._buffers]
+            buffers = [np.ascontiguousarray(value.numpy()[:, :, :length]) for value in self.cache]
+            cache = [self._ortvalue(array) for array in buffers]
+            # together (no interrupt lands between two stores): the OrtValues do not keep their arrays
+            # alive, so a cache must never be left wrapping buffers already let go (Ctrl-C mid-rewind)
+            self._buffers, self.cache = buffers, cache
         self.cache_length = length
 
     def forward(

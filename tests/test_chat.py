@@ -602,6 +602,47 @@ def test_stats_of_a_stream_stopped_early(models):
     assert len(batch) == 2 and all(c.stats.decode_tokens_per_s > 0 for c in batch)  # was always 0.0
 
 
+def test_an_interrupted_rewind_keeps_the_cache_and_its_buffers_together(models):
+    """ONNX Runtime's OrtValues do not keep their numpy arrays alive: a Ctrl-C between replacing a
+    standard file's cache buffers and its OrtValues left the cache wrapping freed memory, which the
+    next turn reused (non-finite logits, or a crash)."""
+    gen = Generator(models["fp32"], backend="ort", threads=1)
+    gen.generate("hello there, how are you today?", GREEDY)
+    backend = gen.backend
+    buffers, cache, length, wrap = backend._buffers, backend.cache, backend.cache_length, backend._ortvalue
+
+    def interrupted(array):
+        raise KeyboardInterrupt
+
+    backend._ortvalue = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.rewind(length - 3)
+    finally:
+        backend._ortvalue = wrap
+    assert backend._buffers is buffers and backend.cache is cache and backend.cache_length == length
+
+
+def test_a_stream_stepped_from_two_threads_frees_the_generator(models):
+    """A thread pool steps a stream from whichever worker is free (Starlette's iterate_in_threadpool):
+    the stream ended in another thread than it began, and the Generator stayed claimed for good
+    (only an RLock's owner may release it)."""
+    import threading
+
+    gen = Generator(models["fp32"], threads=1)
+    stream = gen.stream("hello there", GREEDY)
+    worker = threading.Thread(target=lambda: next(stream))
+    worker.start()
+    worker.join()
+    rest = "".join(stream)  # finished here, in the main thread
+    assert gen.last_stats.stop_reason in ("max_new_tokens", "eos") and rest is not None
+    again = []
+    worker = threading.Thread(target=lambda: again.append(gen.generate("hello there", GREEDY)))
+    worker.start()
+    worker.join()
+    assert again and again[0].token_ids == gen.generate("hello there", GREEDY).token_ids
+
+
 def test_one_generator_in_two_threads_fails_clearly(models, tmp_path):
     """Two threads inside one ONNX Runtime IOBinding corrupted the heap: 'double free or corruption',
     the process aborted. In a child process, so that the old behaviour fails the test, not pytest."""
