@@ -38,9 +38,11 @@ _FIXES = {
 
 # The packages of an extra (setup.py) that a command imports only when it runs: a device installs
 # the runtime alone, where craft-train and craft-export find them missing.
-# Craft installs from its checkout (PyPI's 'craft' is another project): the extra, from there.
+# Craft installs from its checkout (PyPI's 'craft' is another project): the extra, from there, after torch's
+# CPU build (the README's two commands; `torch` alone from PyPI is a multi-GB CUDA build on x86_64 Linux).
 INSTALL_HINTS = {
-    name: """pip install -e ".[train]" (in Craft's checkout)""" for name in ("torch", "onnx", "yaml", "tqdm", "gguf")
+    name: """install torch's CPU build, then pip install -e ".[train]" in Craft's checkout (README, "Two commands")"""
+    for name in ("torch", "onnx", "yaml", "tqdm", "gguf")
 }
 
 

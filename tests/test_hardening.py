@@ -859,7 +859,7 @@ def test_a_device_install_without_torch_says_what_to_install(tmp_path, argv):
         env=shadowing(tmp_path, "torch"),
     )
     assert_one_line(result, "craft-train" if module == "craft.entry" else "craft-export", 1, "'torch' is not installed")
-    assert """pip install -e ".[train]" (in Craft's checkout)""" in result.stderr
+    assert """install torch's CPU build, then pip install -e ".[train]" in Craft's checkout""" in result.stderr
 
 
 def test_a_deleted_current_directory_is_one_line(tmp_path, small_corpus):
