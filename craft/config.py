@@ -454,10 +454,6 @@ def validate(cfg: Config) -> None:
         ) from None
     if not str(cfg.out_dir).strip():  # an empty path would be the current directory, filled with run files
         raise ConfigError("out_dir is empty; name the run directory, e.g. out_dir=runs/mine")
-    if os.path.realpath(cfg.out_dir) in (os.path.realpath("."), os.path.abspath(os.sep)):  # '.' or '/': the same
-        raise ConfigError(
-            f"out_dir={cfg.out_dir} is the current or the root directory; name a run directory, e.g. out_dir=runs/mine"
-        )
     m, t, tok = cfg.model, cfg.train, cfg.tokenizer
     # Checks between fields, each built only when it fails (a divisor list can be long).
     if m.arch not in ARCHS:
@@ -528,6 +524,12 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     apply_dict(cfg, parse_overrides(overrides or []))
     resolve(cfg)
     validate(cfg)
+    # A new run's directory only: an existing run's config.yaml names its own directory, which may be the
+    # current one (craft-export . from inside the run was refused)
+    if os.path.realpath(cfg.out_dir) in (os.path.realpath("."), os.path.abspath(os.sep)):  # '.' or '/': the same
+        raise ConfigError(
+            f"out_dir={cfg.out_dir} is the current or the root directory; name a run directory, e.g. out_dir=runs/mine"
+        )
     return cfg
 
 

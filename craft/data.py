@@ -181,7 +181,11 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
                 f"({message.split('. ')[-1].rstrip('.')}); lower tokenizer.vocab_size"
             ) from None
         raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
-    return SentencePieceTokenizer(model.getvalue())
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+    proto.trainer_spec.num_threads = 1  # the trainer's thread count is kept in the model: the same bytes on any machine
+    return SentencePieceTokenizer(proto.SerializeToString())
 
 
 def tokenizer_file(tokenizer: Tokenizer) -> str:

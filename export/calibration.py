@@ -14,6 +14,7 @@ text is this Python's pydoc_data, which may differ between Python releases).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -122,6 +123,8 @@ def prepare(
         {
             "rotated": rotate,
             "calibration_tokens": int(sum(len(w) for w in windows)),
+            # which tokens: an import's text is this Python's pydoc_data, which differs between releases
+            "calibration_sha256": hashlib.sha256(np.concatenate(windows).astype("<i8").tobytes()).hexdigest(),
             "gptq_error_ratio": float(np.mean(list(ratios.values()))),  # output error vs rounding's, mean
             "max_weight_change": max(changes.values()),  # the largest |W_q - W|: the weights' quantization error
             "calibration_s": time.perf_counter() - t0,

@@ -96,7 +96,9 @@ META_TOKENIZER_KIND = (
 META_TOKENIZER = "craft.tokenizer.data"  # base64 of the tokenizer's to_bytes()
 META_BOS, META_EOS, META_PAD = "craft.bos_id", "craft.eos_id", "craft.pad_id"
 META_QUANT = "craft.quantization"  # a scheme name: a key of craft.runtime.weights.SCHEMES
-META_CHECKPOINT = "craft.checkpoint_sha256"  # SHA-256 of the source: checkpoint, HF weight files or GGUF file
+# SHA-256 of the source's weights: a craft-train checkpoint's header hash (of its payload), a GGUF file's,
+# a Hugging Face directory's over config.json then the weight files, concatenated in that order
+META_CHECKPOINT = "craft.checkpoint_sha256"
 META_EXPORT_REPORT = "craft.export_report"  # JSON of the verification figures at export
 # Optional (absent from files of craft-trained models and from older files; FORMAT_VERSION unchanged):
 META_CHAT_TEMPLATE = "craft.chat_template"  # the source's Jinja chat template, rendered by craft.runtime.chat_template

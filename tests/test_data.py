@@ -127,6 +127,19 @@ def test_sentencepiece_trains_on_a_corpus_that_is_one_long_line(tmp_path):
     assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("The end é")) == "The end é"
 
 
+def test_sentencepiece_bytes_do_not_depend_on_the_cores(tmp_path, small_corpus, monkeypatch):
+    """The trainer's thread count (the machine's cores) was stored in tokenizer.model: the same seed and
+    config gave another tokenizer hash, and another file, on a machine with other cores."""
+    import os
+
+    cfg = load_config("tiny", ["tokenizer.vocab_size=400"])
+    trained = []
+    for cores in (1, 3):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        trained.append(train_tokenizer(cfg, Corpus(str(small_corpus))).to_bytes())
+    assert trained[0] == trained[1]
+
+
 def test_sample_windows_shapes_targets_and_determinism():
     tokens = np.arange(1000, dtype=np.uint16)
     a = sample_windows(tokens, 4, 8, np.random.default_rng(0))

@@ -261,6 +261,25 @@ def test_cli_prints_report_and_default_output(char_run, tmp_path):
     assert (run / "model.int8.onnx").is_file() and onnx_files(run) == ["model.int8.onnx"]
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_stored_report_gives_the_files_own_size(char_run, tmp_path, quantize):
+    """It gave the graph's size before the report was added (1,121,932 for a 1,122,895-byte file), and
+    names the calibration tokens (a hash: an import's come from this Python's pydoc_data)."""
+    out = tmp_path / "m.onnx"
+    export(char_run, out, quantize=quantize, log=lambda *a: None)
+    stored = json.loads(read_metadata(out)[A.META_EXPORT_REPORT])
+    assert stored["file_bytes"] == out.stat().st_size
+    assert len(stored["calibration_sha256"]) == 64 if quantize == "int8" else "calibration_sha256" not in stored
+
+
+def test_export_from_inside_the_run_directory(char_run, tmp_path, monkeypatch):
+    """The run's config.yaml names its own directory, the current one here: refused as 'out_dir is the
+    current or the root directory', a check meant for craft-train's new runs."""
+    monkeypatch.chdir(char_run)
+    export(Path("."), tmp_path / "m.onnx", quantize="none", log=lambda *a: None)
+    assert (tmp_path / "m.onnx").is_file()
+
+
 def test_int4_report_names_no_top1_limit(char_run, tmp_path):
     """int4's top-1 is reported, not gated: '(limit 0%)' read as a broken limit."""
     lines = []
