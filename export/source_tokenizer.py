@@ -350,6 +350,9 @@ END_OF_TURN_TEXTS = {
     "<end_of_turn>",
     "<|endoftext|>",
     "<|eom_id|>",
+    "<|end_of_text|>",  # Llama-3's EOS, where a file's eos is <|eot_id|>
+    "<|return|>",
+    "<|call|>",
     "<EOT>",
     "_<EOT>",
     "<\uff5cend\u2581of\u2581sentence\uff5c>",

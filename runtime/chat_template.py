@@ -65,7 +65,9 @@ def render_chat(
         raise ChatTemplateError(f"chat messages must be a list of dicts with 'role' and 'content', got {got}")
     try:
         chat = [{k: v for k, v in plain(m).items() if v is not None} for m in messages]
-        context = plain({"bos_token": bos_token, "eos_token": eos_token, **variables})
+        # tools and documents are none unless given, as apply_chat_template passes them: `{% if tools is not
+        # none %}` in a template (Mistral's) rendered an empty tools block, and `tools|tojson` failed
+        context = plain({"bos_token": bos_token, "eos_token": eos_token, "tools": None, "documents": None, **variables})
     except RecursionError:
         raise ChatTemplateError("chat messages are nested too deeply to be JSON values") from None
     env.start_budget()
@@ -85,6 +87,8 @@ def render_chat(
         raise
     except jinja2.exceptions.SecurityError as e:
         raise ChatTemplateError(f"chat template attempted an unsafe operation ({one_line(e)})") from None
+    except jinja2.exceptions.UndefinedError as e:  # a bug in the template, or a helper this sandbox lacks
+        raise ChatTemplateError(f"chat template failed to render (it uses an undefined value: {one_line(e)})") from None
     except jinja2.exceptions.TemplateError as e:  # raise_exception() and other template-level errors
         raise ChatTemplateError(f"chat template refused the conversation: {one_line(e)}") from None
     except (Exception, RecursionError) as e:

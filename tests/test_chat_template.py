@@ -37,6 +37,12 @@ FEATURES = """{{- bos_token }}
 {%- if ns.system %}[system: {{ ns.system }}]{% endif %}
 {%- if add_generation_prompt %}<|start|>assistant
 {% generation %}{% endgeneration %}{% endif %}"""
+# Mistral v0.3-style: transformers passes tools and documents as none when not given
+TOOLS = (
+    "{{ bos_token }}{% if tools is not none %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% if documents is not none %}{{ documents | tojson }}{% endif %}"
+    "{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": 'Hi <b>&</b> "quoted" 日本 🙂'}],
     [
@@ -116,7 +122,7 @@ NUMBER_BOMBS = {
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("template", [CHATML, FEATURES], ids=["chatml", "features"])
+@pytest.mark.parametrize("template", [CHATML, FEATURES, TOOLS], ids=["chatml", "features", "tools"])
 @pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["one", "multi"])
 def test_equals_transformers(template, conversation, add_generation_prompt):
     pytest.importorskip("transformers", reason="transformers is the reference renderer; pip install transformers")
@@ -314,3 +320,9 @@ def test_a_loop_over_a_filtered_sequence_is_not_built_as_text_first():
     measured as text, and two 600,000-character messages were refused though nothing printed them."""
     big = [{"role": "user", "content": "x" * 600_000}, {"role": "assistant", "content": "y" * 600_000}]
     assert render_chat("{% for m in messages|reverse %}{{ m.role }} {% endfor %}", big) == "assistant user "
+
+
+def test_an_undefined_value_is_named_as_a_template_bug():
+    """It read as the template refusing the conversation (raise_exception's wording)."""
+    with pytest.raises(ChatTemplateError, match=r"failed to render \(it uses an undefined value: .*fromkeys"):
+        render_chat("{% set d = dict.fromkeys(['a'], 1) %}{{ d }}", [{"role": "user", "content": "x"}])

@@ -44,6 +44,17 @@ def test_model_predicts_memory_fit_and_bandwidth_bound_speed(sp_int8, sp_fp32):
     assert estimate(art8, size8, pi4, backend="numpy").bytes_per_token > e8.bytes_per_token  # int8 expanded to float32
 
 
+def test_a_steps_traffic_leaves_out_the_rope_tables(sp_int8):
+    """A step reads one row of each RoPE table, not the tables (context x head_dim float32 each): a
+    131k-context Llama-3.2 stores 64 MiB of them, counted as read every token."""
+    art = Artifact.from_metadata(read_metadata(sp_int8))
+    size, spec = sp_int8.stat().st_size, art.spec
+    pi4 = next(p for p in load_profiles() if p.name == "pi4")
+    e = estimate(art, size, pi4, backend="ort", context=16)
+    rope = 2 * spec.context_length * spec.head_dim * 4
+    assert e.bytes_per_token == size - rope + e.cache_bytes / 2 * 3
+
+
 def test_cli_estimate_prints_every_device(sp_int8):
     result = run_cli("craft.runtime.cli", str(sp_int8), "--estimate")
     assert result.returncode == 0, result.stderr

@@ -499,6 +499,18 @@ def test_gguf_special_tokens_match_by_their_own_text(tmp_path, use_library):
     assert tokenizer.decode([ord("H"), 258]) == "H" + im_end  # a user-defined token decodes to its text
 
 
+def test_a_llama3_gguf_stops_at_end_of_text_too(tmp_path):
+    """A Llama-3 instruct GGUF's eos is <|eot_id|>; llama.cpp also ends at <|eom_id|> and <|end_of_text|>
+    by their text. The last was missing: a sampled <|end_of_text|> printed nothing and generation ran on."""
+    from craft.runtime.bpe_pretokenizer import BYTE_CHAR
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"]
+    tokens = [BYTE_CHAR[b] for b in range(256)] + specials
+    types = [1] * 256 + [3] * 4
+    write_gguf(tmp_path / "l.gguf", "gpt2", tokens, types, token_merges=[], tokenizer_pre="llama-bpe", eos_token_id=258)
+    assert set(read_gguf_tokenizer(tmp_path / "l.gguf").end_of_turn_ids) == {257, 258, 259}
+
+
 def test_python_path_refuses_what_it_does_not_implement(smollm2):
     spec = json.loads(smollm2[0].tokenizer_json)
     spec["pre_tokenizer"] = {"type": "BertPreTokenizer"}
