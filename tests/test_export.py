@@ -133,9 +133,9 @@ def test_int8_bounds_on_tiny_runs(char_fp32, char_int8, sp_int8):
 def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
     out = tmp_path / "m.int4.onnx"
     report = export(sp_run, out, quantize="int4", log=lambda *a: None)
-    assert (
-        1.0 <= report["perplexity_ratio"] <= V.QUALITY_LIMITS["int4"].max_ppl_ratio
-    )  # 4 bits cost something, within budget
+    # within budget; on a briefly trained model 4 bits may even score a hair better (0.9989 on one CPU),
+    # so what shows their cost is the next tokens they change, more than int8 does
+    assert 0.99 <= report["perplexity_ratio"] <= V.QUALITY_LIMITS["int4"].max_ppl_ratio
     assert 0.5 < report["top1_agreement"] < json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])["top1_agreement"]
     assert out.stat().st_size < 0.75 * sp_int8.stat().st_size
 
