@@ -471,7 +471,7 @@ def export(
             "opset": opset,
             "attention": attention,
             "parameters": run.model.num_parameters(),
-            "file_bytes": len(data),  # the graph's; the stored report gives the file's, report included
+            "file_bytes": len(data),  # the graph's until the file with its report is written (below)
             "fp32_file_bytes": len(fp32_bytes),
             "size_ratio": len(data) / len(fp32_bytes),
             "max_weight_quant_error": float(  # np.max: a NaN shows (Python's max drops it after a number)
@@ -487,13 +487,14 @@ def export(
     del data, fp32_bytes, quantized_bytes  # a 135M model's are 700 MB
     props, stored = {p.key: p.value for p in proto.metadata_props}, {k: v for k, v in report.items() if k != "failures"}
     pad = 0  # The stored report gives the size of the file it is in, its own digits included: a claim one
-    for _ in range(8):  # byte too long is filled with JSON whitespace, one too short claims more (2-3 passes)
+    for _ in range(16):  # byte too long is filled with JSON whitespace, one too short claims more (2-5 passes)
         stored.update(file_bytes=size, size_ratio=size / fp32_size)
         onnx.helper.set_model_props(proto, {**props, A.META_EXPORT_REPORT: json.dumps(stored) + " " * pad})
         final = proto.SerializeToString()
         if len(final) == size:
             break
         pad, size = (pad + size - len(final), size) if len(final) < size else (pad, len(final))
+    assert len(final) == size, "the report's size claim did not settle"
     check_output_path(output, source)  # again: minutes passed, something may have appeared there
     try:
         rd.atomic_write_bytes(output, final)
@@ -501,6 +502,5 @@ def export(
         raise OutputWriteError(
             f"cannot write {output} ({e.strerror}); nothing was written - free space or choose another -o"
         ) from None
-    report["file_bytes"] = output.stat().st_size
-    report["export_s"] = time.perf_counter() - t0
+    report.update(file_bytes=stored["file_bytes"], size_ratio=stored["size_ratio"], export_s=time.perf_counter() - t0)
     return report

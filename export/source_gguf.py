@@ -218,8 +218,8 @@ def rope_divisors(tensor, cfg: ModelConfig, path: Path) -> torch.Tensor:
     kind = tensor.tensor_type.name
     if shape != (cfg.head_dim // 2,) or kind not in ("F32", "F16", "BF16"):
         raise SourceError(
-            f"{path}: tensor {ROPE_FREQS} is {kind} {shape}, expected F32 ({cfg.head_dim // 2},) - one factor per "
-            "RoPE frequency; the file is corrupt - download or convert it again"
+            f"{path}: tensor {ROPE_FREQS} is {kind} {shape}, expected F32, F16 or BF16 ({cfg.head_dim // 2},) - one "
+            "factor per RoPE frequency; the file is corrupt - download or convert it again"
         )
     factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(shape)
     if not (np.isfinite(factors).all() and (factors > 0).all()):

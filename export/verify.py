@@ -230,7 +230,7 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         top1_agreement=top1,
         perplexity_tokens=q["tokens"],
     )
-    text = "val tokens" if run.source_kind == RUN else "tokens of English text (export/perplexity_text.txt)"
+    text = "val tokens" if run.source_kind == RUN else "tokens of the bundled English text"
     top1_limit = f" (limit {bound.min_top1:.0%})" if bound.min_top1 else ""  # int4's is reported, not gated
     log(
         f"  quality {quantization} vs fp32 on {q['tokens']:,} {text}: "

@@ -217,7 +217,8 @@ class Generator:
         # The thread generating and its open generations (_claimed): one Generator, one thread. Not an RLock:
         # a stream may end in another thread than its first step (a thread pool stepping it, the garbage
         # collector), and only an RLock's owner may release it - the Generator stayed claimed for good.
-        self._claim_lock = threading.Lock()  # guards the two below
+        # guards the two below; re-entrant: a stream's release may run in the garbage collector, inside a claim
+        self._claim_lock = threading.RLock()
         self._owner: int | None = None
         self._claims = 0
         self.load_s = time.perf_counter() - t0

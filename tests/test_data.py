@@ -127,12 +127,14 @@ def test_sentencepiece_trains_on_a_corpus_that_is_one_long_line(tmp_path):
     assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("The end é")) == "The end é"
 
 
-def test_sentencepiece_bytes_do_not_depend_on_the_cores(tmp_path, small_corpus, monkeypatch):
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_bytes_do_not_depend_on_the_cores(tmp_path, small_corpus, monkeypatch, model_type):
     """The trainer's thread count (the machine's cores) was stored in tokenizer.model: the same seed and
-    config gave another tokenizer hash, and another file, on a machine with other cores."""
+    config gave another tokenizer hash, and another file, on a machine with other cores (and unigram's
+    scores themselves depend on it)."""
     import os
 
-    cfg = load_config("tiny", ["tokenizer.vocab_size=400"])
+    cfg = load_config("tiny", ["tokenizer.vocab_size=400", f"tokenizer.model_type={model_type}"])
     trained = []
     for cores in (1, 3):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)

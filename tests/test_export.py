@@ -266,9 +266,10 @@ def test_the_stored_report_gives_the_files_own_size(char_run, tmp_path, quantize
     """It gave the graph's size before the report was added (1,121,932 for a 1,122,895-byte file), and
     names the calibration tokens (a hash: an import's come from this Python's pydoc_data)."""
     out = tmp_path / "m.onnx"
-    export(char_run, out, quantize=quantize, log=lambda *a: None)
+    returned = export(char_run, out, quantize=quantize, log=lambda *a: None)
     stored = json.loads(read_metadata(out)[A.META_EXPORT_REPORT])
-    assert stored["file_bytes"] == out.stat().st_size
+    assert stored["file_bytes"] == returned["file_bytes"] == out.stat().st_size
+    assert stored["size_ratio"] == returned["size_ratio"]
     assert len(stored["calibration_sha256"]) == 64 if quantize == "int8" else "calibration_sha256" not in stored
 
 
