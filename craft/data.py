@@ -188,8 +188,8 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
 
 def without_thread_count(model: bytes) -> bytes:
     """The trained model with the trainer's thread count (the machine's cores, kept in its trainer_spec)
-    set to 1: the same bytes on any machine. As it is where sentencepiece's generated protobuf module
-    does not load with the installed protobuf (an old sentencepiece)."""
+    set to 1: the same bytes on any machine. The bytes unchanged where sentencepiece's generated
+    protobuf module does not load with the installed protobuf (an old sentencepiece)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError
-from craft.runtime.weights import SCHEMES, float_weights, scheme_weights
+from craft.runtime.weights import ROPE_COS, ROPE_SIN, SCHEMES, float_weights, scheme_weights
 
 # configs/ sits beside runtime/: at the repository root in a checkout, inside the craft package in
 # an installed wheel (setup.py ships it as package data).
@@ -202,7 +202,8 @@ def estimate(
     # ort streams the stored weights; numpy expands every one to float32 at load (whatever the scheme's mix).
     # Not the RoPE tables, float32 in both: a step reads one row of each (a 131k-context Llama-3.2 stores
     # 64 MiB of them, 5% of its int8 file; 98% of a tiny one's)
-    rope = 2 * artifact.spec.context_length * artifact.spec.head_dim * 4 if not recurrent else 0
+    floats = float_weights(artifact.spec)  # a recurrent file has no tables
+    rope = 4 * sum(math.prod(floats[name]) for name in (ROPE_COS, ROPE_SIN) if name in floats)
     weight_bytes = (4 * weight_values(artifact) if backend == "numpy" else file_bytes) - rope
     if recurrent:  # the state is read and written once per token, whatever the context
         per_token = weight_bytes + 2 * cache

@@ -214,10 +214,10 @@ class Generator:
         check_unchanged(path, identity)
         self.cached_ids: list[int] = []  # the tokens in the cache (batch 1); chat() reuses them
         self._generation = 0  # counts generations: the cache belongs to the latest (_token_steps)
-        # The thread generating and its open generations (_claimed): one Generator, one thread. Not an RLock:
-        # a stream may end in another thread than its first step (a thread pool stepping it, the garbage
-        # collector), and only an RLock's owner may release it - the Generator stayed claimed for good.
-        # guards the two below; re-entrant: a stream's release may run in the garbage collector, inside a claim
+        # The thread generating and its open generations (_claimed): one Generator, one thread. A count, not
+        # a lock held for the generation: a stream may end in another thread than its first step (a thread
+        # pool stepping it, the garbage collector), and only a lock's owner may release it. The lock below
+        # only guards the two; re-entrant, as a stream's release may run in the garbage collector inside it.
         self._claim_lock = threading.RLock()
         self._owner: int | None = None
         self._claims = 0

@@ -17,6 +17,7 @@ from craft.recurrent import Recurrent, linear_scan
 from craft.runtime import artifact as A
 from craft.runtime.generator import Generator
 from craft.runtime.sampling import SamplingParams
+from test_hostile_files import rewrite  # a copy of a file with its config changed
 
 RECURRENT = {"model.arch": "recurrent", "tokenizer.kind": "char"}
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "", "Hark 🙂 日本"]
@@ -268,23 +269,10 @@ def test_an_interrupted_numpy_forward_leaves_the_state_as_it_was(generators):
     assert all(np.array_equal(a, b) for a, b in zip(before, backend.state))
 
 
-def with_config(source, target, **fields):
-    """A copy of the file `source` whose metadata config has `fields` changed."""
-    import json
-
-    proto = onnx.load(str(source))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props[A.META_CONFIG] = json.dumps({**json.loads(props[A.META_CONFIG]), **fields})
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, props)
-    target.write_bytes(proto.SerializeToString())
-    return target
-
-
 def test_head_fields_are_not_held_against_a_recurrent_file(files, tmp_path):
     """A recurrent model of any width trains (craft.config); its file carries the config's unused
     n_head / head_dim, which the runtime once refused as an odd RoPE head width."""
-    path = with_config(files["int8"], tmp_path / "odd.onnx", n_head=4, n_kv_head=4, head_dim=25)
+    path = rewrite(files["int8"], tmp_path / "odd.onnx", spec={"n_head": 4, "n_kv_head": 4, "head_dim": 25})
     params = SamplingParams(max_new_tokens=8, temperature=0)
     for backend in ("ort", "numpy"):
         assert Generator(path, backend=backend).generate("KING", params).token_ids == (
@@ -298,7 +286,7 @@ def test_a_long_declared_context_costs_no_memory(files, tmp_path, backend):
     buffer as wide as the context (the decode mask was 8 bytes per position: 128 MiB here)."""
     import tracemalloc
 
-    gen = Generator(with_config(files["int8"], tmp_path / "long.onnx", context_length=1 << 24), backend=backend)
+    gen = Generator(rewrite(files["int8"], tmp_path / "long.onnx", spec={"context_length": 1 << 24}), backend=backend)
     assert gen.context_length == 1 << 24
     tracemalloc.start()
     try:
