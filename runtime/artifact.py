@@ -119,6 +119,21 @@ ATTENTIONS = (ATTENTION_STANDARD, ATTENTION_INPLACE)
 ORT_INPLACE_MIN = "1.20"
 INPLACE_HEAD_MULTIPLE = 16  # ONNX Runtime's CPU GroupQueryAttention takes head widths that are multiples of this
 
+# The operators a Craft graph is made of (domain, op_type; "" is ai.onnx), every scheme, attention and
+# architecture, Scan's body included; a file with any other is refused before ONNX Runtime runs it. The graph
+# is code that ONNX Runtime executes: a Loop of 10^15 iterations or an If reading data from beside the file
+# passes every check on names, shapes and weights. Mod and Pad: in graphs of earlier Craft versions.
+GRAPH_OPS = frozenset(
+    [("", op) for op in (
+        "Add", "And", "Cast", "Concat", "Div", "Gather", "Gemm", "Identity", "LessOrEqual", "MatMul", "Mod",
+        "Mul", "Neg", "Pad", "Pow", "Range", "ReduceMean", "ReduceSum", "Reshape", "Scan", "Shape", "Sigmoid",
+        "Slice", "Softmax", "Split", "Sqrt", "Sub", "Transpose", "Unsqueeze", "Where",
+    )]
+    + [("com.microsoft", op) for op in (
+        "GatherBlockQuantized", "GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",
+    )]
+)  # fmt: skip
+
 
 class ArtifactError(ValueError):
     """A file that is not a usable Craft model; one line saying what is wrong and what to do."""

@@ -4,7 +4,7 @@ The file is untrusted. Its metadata claims a network (ModelSpec), special token 
 quantization scheme; the backends and --estimate size loops, buffers and ONNX Runtime's
 bindings from those claims. check_file() holds every claim against the file itself first,
 reading it with the bounded reader (craft.runtime.onnx_file: every length already checked
-against the bytes present) and without decoding a single weight:
+against the bytes present), every weight's header before any weight's data:
 
   ranges    every ModelSpec field in a sane range; n_kv_head divides n_head; head_dim even;
             special ids inside the vocabulary; a quantization scheme this runtime knows
@@ -15,6 +15,11 @@ against the bytes present) and without decoding a single weight:
             format version (logits_to_keep from 3 on, with its int64 (1,) default), with their
             element types, ranks and the fixed dims the spec implies; no other input has a
             default (ONNX Runtime would refuse to bind it)
+  ops       every node (Scan's body included) is an operator of A.GRAPH_OPS, which Craft's graphs
+            are made of: the graph is code that ONNX Runtime runs, and a Loop, an If or any other
+            operator outside that list never reaches it
+  values    a quantized file's float32 weights are finite (nonfinite_weight: the one check that reads
+            weight data, a few percent of the file)
   size      at most entry_budget(spec) nodes (initializers, inputs, outputs alike) and
             STRUCTURE_BYTES_PER_LAYER * (n_layer + 1) bytes of graph structure: what ONNX
             Runtime turns into objects, so that a file of millions of tiny entries cannot make
@@ -31,13 +36,14 @@ import math
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
 from craft.runtime.artifact import Artifact, ArtifactError, ModelSpec
-from craft.runtime.onnx_file import OnnxFormatError, OnnxModel, ValueInfo, read_metadata, read_model
+from craft.runtime.onnx_file import Node, OnnxFormatError, OnnxModel, ValueInfo, read_metadata, read_model
 
 NODES_PER_LAYER = 128  # nodes (and initializers, inputs, outputs) allowed per layer, one layer's worth for the rest
 STRUCTURE_BYTES_PER_LAYER = 32 * 1024  # bytes of non-weight, non-metadata protobuf per layer, likewise
@@ -159,9 +165,32 @@ def check_file(path: str | Path) -> Artifact:
         found = next((eps for eps in epsilons if np.float32(eps) != wanted), None)
         if found is not None:
             problem = f"its graph's RMS norms add epsilon {found:g}, its metadata says norm_eps={wanted:g}"
+    if problem is None:
+        try:
+            problem = nonfinite_weight(path, artifact)
+        except OnnxFormatError as e:
+            raise ArtifactError(f"{e}; is it a Craft model exported with craft-export?") from None
+        except OSError as e:
+            raise ArtifactError(f"cannot read model file {path}: {e.strerror}") from None
     if problem:
         raise ArtifactError(f"{path}: {problem}; {FIX}")
     return artifact
+
+
+def nonfinite_weight(path: Path, artifact: Artifact) -> str | None:
+    """Which float32 weight of a quantized file (block scales and offsets, norms, RoPE tables) holds a
+    NaN or an infinity, or None. There a NaN becomes an activation that MatMulNBits' int8 rounding turns
+    into finite nonsense, which ONNX Runtime returns as logits; a float32 file's NaN reaches its logits,
+    where both backends catch it. Read from the mapping, a few percent of an int8 file."""
+    if artifact.quantization == "none":
+        return None
+    expected = expected_weights(artifact.spec, artifact.quantization)
+    names = [name for name, (_, dtype) in expected.items() if dtype == np.float32]
+    values = read_model(path, with_weights=names, with_nodes=False, max_entries=entry_budget(artifact.spec))
+    for name in names:
+        if not np.isfinite(values.initializers[name]).all():
+            return f"weight '{name}' holds NaN or infinite values"
+    return None
 
 
 def file_identity(path: str | Path) -> tuple | None:
@@ -251,6 +280,10 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
                 f"it has weight '{name}' that a model of its config "
                 f"({spec.n_layer} layers, {artifact.quantization}) lacks"
             )
+    unknown = next((node for node in graph_nodes(model.nodes) if (node.domain, node.op_type) not in A.GRAPH_OPS), None)
+    if unknown is not None:
+        op = f"{unknown.op_type[:60]!r}{domain_of(unknown)}"
+        return f"its graph has a node of operator {op}, which no Craft graph uses"
     fused = any(node.op_type == "GroupQueryAttention" for node in model.nodes)
     if fused != (artifact.attention == A.ATTENTION_INPLACE):  # the backends feed the two kinds differently
         found = "has" if fused else "has no"
@@ -261,6 +294,22 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
         or io_problem("output", model.outputs, outputs, spec.n_layer)
         or defaults_problem(model, inputs)
     )
+
+
+def graph_nodes(nodes) -> Iterator[Node]:
+    """Every node of a graph, those of its nodes' subgraphs (Scan's body) included."""
+    for node in nodes:
+        yield node
+        for value in node.attributes.values():
+            if isinstance(value, tuple):  # a GRAPH attribute
+                yield from graph_nodes(value)
+            elif isinstance(value, list) and value and isinstance(value[0], tuple):  # GRAPHS
+                for graph in value:
+                    yield from graph_nodes(graph)
+
+
+def domain_of(node: Node) -> str:
+    return f" (domain {node.domain[:60]!r})" if node.domain else ""
 
 
 def defaults_problem(model: OnnxModel, inputs: dict[str, tuple]) -> str | None:

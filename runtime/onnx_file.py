@@ -10,7 +10,9 @@ in onnx.proto) and skipping everything else:
                     opset_import=8 metadata_props=14
   GraphProto        node=1 initializer=5 input=11 output=12
   NodeProto         input=1 output=2 name=3 op_type=4 attribute=5 domain=7
-  AttributeProto    name=1 f=2 i=3 s=4 t=5 floats=7 ints=8 strings=9 tensors=10 type=20
+  AttributeProto    name=1 f=2 i=3 s=4 t=5 g=6 floats=7 ints=8 strings=9 tensors=10
+                    graphs=11 type=20  (a graph attribute - Scan's body - is a GraphProto:
+                    its nodes are read like the main graph's, its initializers' headers checked)
   TensorProto       dims=1 data_type=2 float_data=4 int32_data=5 int64_data=7 name=8
                     raw_data=9 double_data=10 uint64_data=11 data_location=14
   ValueInfoProto    name=1 type=2 -> TypeProto.tensor_type=1 -> elem_type=1 shape=2
@@ -47,6 +49,7 @@ __all__ = ["OnnxFormatError", "ValueInfo", "Node", "TensorInfo", "OnnxModel", "r
 
 MAX_RANK = 64  # numpy's own limit: no tensor or value may claim more dims
 MAX_PAIRS = 4096  # metadata_props and opset_import entries; real files have a few dozen
+MAX_GRAPH_DEPTH = 4  # graphs inside graph attributes inside ...: Craft's Scan body is depth 1
 
 
 class OnnxFormatError(ValueError):
@@ -70,9 +73,12 @@ class ValueInfo:
 @dataclass(frozen=True)
 class Node:
     """One graph node.  Attribute values are float (FLOAT), int (INT), bytes
-    (STRING), np.ndarray (TENSOR), or lists of those (FLOATS, INTS, STRINGS,
-    TENSORS); kinds Craft does not read (graphs, sparse tensors, type protos)
-    map to None so that their presence is still visible."""
+    (STRING), np.ndarray (TENSOR), a subgraph's nodes as a tuple of Node (GRAPH),
+    or lists of those (FLOATS, INTS, STRINGS, TENSORS, GRAPHS); kinds Craft does
+    not read (sparse tensors, type protos) map to None so that their presence is
+    still visible.  A subgraph's nodes count against the same max_entries as the
+    main graph's (in OnnxModel.node_count), and its initializers are checked as
+    the main graph's are (external data refused), though not decoded."""
 
     op_type: str
     domain: str
@@ -448,17 +454,21 @@ def _parse_tensor(buf: memoryview, start: int, end: int) -> tuple[str, np.ndarra
 
 # --- graph structure ---------------------------------------------------------
 
-_ATTR_FLOAT, _ATTR_INT, _ATTR_STRING, _ATTR_TENSOR = 1, 2, 3, 4
-_ATTR_FLOATS, _ATTR_INTS, _ATTR_STRINGS, _ATTR_TENSORS = 6, 7, 8, 9
+_ATTR_FLOAT, _ATTR_INT, _ATTR_STRING, _ATTR_TENSOR, _ATTR_GRAPH = 1, 2, 3, 4, 5
+_ATTR_FLOATS, _ATTR_INTS, _ATTR_STRINGS, _ATTR_TENSORS, _ATTR_GRAPHS = 6, 7, 8, 9, 10
 
 
-def _parse_attribute(buf: memoryview, start: int, end: int) -> tuple[str, object]:
+def _parse_attribute(
+    buf: memoryview, start: int, end: int, model: OnnxModel, options: _Options, depth: int
+) -> tuple[str, object]:
     name, kind, f, i, s = "", 0, 0.0, 0, b""
     floats: list[float] = []
     ints: list[int] = []
     strings: list[bytes] = []
     tensor: tuple[int, int] | None = None  # span of t
     tensors: list[tuple[int, int]] = []  # spans of tensors
+    graph: tuple[int, int] | None = None  # span of g
+    graphs: list[tuple[int, int]] = []  # spans of graphs
     for number, wire, a, b in _fields(buf, start, end):
         if number == 1 and wire == _LEN:
             name = _text(buf, a, b)
@@ -480,7 +490,15 @@ def _parse_attribute(buf: memoryview, start: int, end: int) -> tuple[str, object
             strings.append(bytes(buf[a:b]))
         elif number == 10 and wire == _LEN:
             tensors.append((a, b))
+        elif number == 6 and wire == _LEN:
+            graph = (a, b)
+        elif number == 11 and wire == _LEN:
+            graphs.append((a, b))
     # The type field comes last on the wire, so tensors are decoded only now, if wanted.
+    if kind == _ATTR_GRAPH:
+        return name, _parse_subgraph(buf, *graph, model, options, depth + 1) if graph else None
+    if kind == _ATTR_GRAPHS:
+        return name, [_parse_subgraph(buf, a, b, model, options, depth + 1) for a, b in graphs]
     if kind == _ATTR_TENSOR:
         return name, _parse_tensor(buf, *tensor)[1] if tensor else None
     if kind == _ATTR_TENSORS:
@@ -500,7 +518,7 @@ def _domain(name: str) -> str:
     return "" if name == "ai.onnx" else name
 
 
-def _parse_node(buf: memoryview, start: int, end: int) -> Node:
+def _parse_node(buf: memoryview, start: int, end: int, model: OnnxModel, options: _Options, depth: int = 0) -> Node:
     inputs, outputs, attributes = [], [], {}
     name = op_type = domain = ""
     for number, wire, a, b in _fields(buf, start, end):
@@ -515,7 +533,7 @@ def _parse_node(buf: memoryview, start: int, end: int) -> Node:
         elif number == 4:
             op_type = _text(buf, a, b)
         elif number == 5:
-            key, value = _parse_attribute(buf, a, b)
+            key, value = _parse_attribute(buf, a, b, model, options, depth)
             attributes[key] = value
         elif number == 7:
             domain = _domain(_text(buf, a, b))
@@ -563,6 +581,34 @@ def _parse_dim(buf: memoryview, start: int, end: int) -> int | str | None:
     return dim
 
 
+def _count_node(model: OnnxModel, options: _Options) -> None:
+    model.node_count += 1
+    if options.max_entries is not None and model.node_count > options.max_entries:
+        raise _Malformed(f"more than {options.max_entries} nodes in the graph")
+
+
+def _parse_subgraph(
+    buf: memoryview, start: int, end: int, model: OnnxModel, options: _Options, depth: int
+) -> tuple[Node, ...]:
+    """A graph attribute's GraphProto: its nodes (counted with the main graph's). Its initializers
+    are checked, not decoded: ONNX Runtime would read one that says data_location=EXTERNAL from a
+    file beside the model, so such a file is refused here as for the main graph."""
+    if depth > MAX_GRAPH_DEPTH:
+        raise _Malformed(f"graphs nested more than {MAX_GRAPH_DEPTH} deep in node attributes")
+    nodes = []
+    for number, wire, a, b in _fields(buf, start, end):
+        if wire != _LEN:
+            continue
+        if number == 1:
+            _count_node(model, options)
+            nodes.append(_parse_node(buf, a, b, model, options, depth))
+        elif number == 5:
+            _tensor_header(buf, a, b)
+        elif number == 15:
+            model.sparse_initializer_count += 1
+    return tuple(nodes)
+
+
 def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, options: _Options) -> None:
     limit = options.max_entries
     counts = [0, 0, 0]  # initializers, inputs, outputs (nodes: model.node_count)
@@ -573,14 +619,14 @@ def _parse_graph(buf: memoryview, start: int, end: int, model: OnnxModel, option
             continue
         index = (1, 5, 11, 12).index(number)
         if index == 0:
-            model.node_count += 1
+            _count_node(model, options)
         else:
             counts[index - 1] += 1
-        if limit is not None and (model.node_count if index == 0 else counts[index - 1]) > limit:
-            raise _Malformed(f"more than {limit} {('nodes', 'initializers', 'inputs', 'outputs')[index]} in the graph")
+            if limit is not None and counts[index - 1] > limit:
+                raise _Malformed(f"more than {limit} {('initializers', 'inputs', 'outputs')[index - 1]} in the graph")
         if number == 1:
             if options.nodes:
-                model.nodes.append(_parse_node(buf, a, b))
+                model.nodes.append(_parse_node(buf, a, b, model, options))
         elif number == 5:
             tensor = _tensor_header(buf, a, b)
             if tensor.name in model.tensors:  # ONNX Runtime would use the first, the checks the last

@@ -91,7 +91,7 @@ def build_model(with_big_metadata: bool = True) -> onnx.ModelProto:
             "If",
             ["cond"],
             ["w"],
-            then_branch=helper.make_graph([], "t", [], []),
+            then_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["t"], name="neg")], "t", [], []),
             else_branch=helper.make_graph([], "e", [], []),
         ),
     ]
@@ -217,8 +217,10 @@ def test_nodes_and_attributes_match_onnx(model_path: str) -> None:
                 assert len(ours) == len(value)
                 for array, tensor in zip(ours, value):
                     assert_same_array(array, numpy_helper.to_array(tensor), attribute.name)
-            elif attribute.type == onnx.AttributeProto.GRAPH:
-                assert ours is None
+            elif attribute.type == onnx.AttributeProto.GRAPH:  # its nodes, read like the main graph's
+                assert [(n.op_type, n.name, n.inputs) for n in ours] == [
+                    (n.op_type, n.name, tuple(n.input)) for n in value.node
+                ]
             else:
                 assert ours == value and type(ours) is type(value), attribute.name
     custom = nodes[0].attributes
