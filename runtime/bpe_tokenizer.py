@@ -311,7 +311,12 @@ def load_library(tokenizer_json: str):
         return None
     try:
         with panics_unprinted():
-            return Tokenizer.from_str(tokenizer_json)
+            library = Tokenizer.from_str(tokenizer_json)
+            # A prompt is encoded as it is, as transformers encodes one: the JSON's padding (to a length it
+            # names: 10^8 ids allocated, or an id outside the model) and truncation (a prompt cut) are off.
+            library.no_padding()
+            library.no_truncation()
+            return library
     except BaseException as e:  # it raises a bare Exception, or panics (a BaseException) on some inputs
         if not (isinstance(e, Exception) or is_panic(e)):
             raise

@@ -244,6 +244,26 @@ def test_sentencepiece_style_property(sentencepiece_style, text):
     )
 
 
+def test_padding_and_truncation_in_the_json_are_not_applied(sentencepiece_style):
+    """A tokenizer.json may carry padding (to a fixed length: 10^8 ids allocated, or a pad id outside
+    the model) and truncation; a prompt is encoded as it is, as transformers does. Before, the library
+    padded every prompt (and died with SIGABRT on the 10^8) where the Python path did not."""
+    spec = json.loads(sentencepiece_style)
+    spec["padding"] = {
+        "strategy": {"Fixed": 64},  # the fuzzed file's 10**8 aborted the process
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 5000,
+        "pad_type_id": 0,
+        "pad_token": "<pad>",
+    }
+    spec["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    library, python = pair(json.dumps(spec))
+    text = "Once upon a time there was"
+    expected = tokenizers.Tokenizer.from_str(sentencepiece_style).encode(text, add_special_tokens=False).ids
+    assert len(expected) > 2 and library.encode(text) == expected and python.encode(text) == expected
+
+
 def test_sentencepiece_style_token_bytes(sentencepiece_style):
     _, python = pair(sentencepiece_style)
     assert python.token_bytes(3 + 0xF0) == b"\xf0" and python.token_bytes(1) == b""
