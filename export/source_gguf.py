@@ -162,7 +162,8 @@ def load_gguf(path: Path) -> Source:
         raise SourceError(f"{path} does not exist; give the path of a .gguf file")
     check_gguf_header(path)
     try:
-        reader = GGUFReader(path)
+        with np.errstate(over="ignore"):  # an offset near 2**64 wraps in the reader's uint64 sum: check_offsets says so
+            reader = GGUFReader(path)
     except (
         ValueError,
         IndexError,
@@ -231,11 +232,17 @@ def rope_divisors(tensor, cfg: ModelConfig, path: Path) -> torch.Tensor:
 
 
 def check_offsets(reader, path: Path) -> None:
-    """SourceError unless every tensor's data starts at a multiple of the file's alignment and no two
-    tensors share bytes (a writer never does either; the reader checks neither)."""
+    """SourceError unless every tensor's data starts inside the data section at a multiple of the file's
+    alignment, and no two tensors share bytes (a writer never does any of these; the reader checks
+    none: an offset of 2**64 - 32 wraps to 32 bytes before the section and reads the header)."""
     spans = []
     for t in reader.tensors:
         offset = int(t.data_offset) - int(reader.data_offset)
+        if offset < 0:  # one past the file's end the reader refuses itself (its data reshapes short)
+            raise SourceError(
+                f"{path}: tensor {t.name[:100]} starts at data offset {offset}, before the data section; "
+                "the file is corrupt - download or convert it again"
+            )
         if offset % reader.alignment:
             raise SourceError(
                 f"{path}: tensor {t.name[:100]} starts at data offset {offset}, expected a multiple of the "

@@ -51,6 +51,13 @@ def checked_template(template: object, where: str) -> str | None:
         raise TokenizerSourceError(
             f"{where}: the chat template is a {type(template).__name__}, expected Jinja text; fix or remove it"
         )
+    try:
+        template.encode("utf-8")  # JSON may hold "\ud800": no file's metadata can
+    except UnicodeEncodeError as e:
+        raise TokenizerSourceError(
+            f"{where}: the chat template is not valid Unicode (a lone surrogate at character {e.start}); fix it or "
+            "remove it"
+        ) from None
     if len(template) > MAX_CHARS:  # craft-run caps what a template renders at MAX_CHARS: it could never render it
         raise TokenizerSourceError(
             f"{where}: the chat template is {len(template):,} characters, expected at most {MAX_CHARS:,} "

@@ -91,7 +91,7 @@ def ort_forward(
 def parity(run, session, spec: A.ModelSpec, prompt: list[int], steps: int = DECODE_STEPS) -> dict:
     """Max |logit diff| PyTorch vs session on the prompt's prefill and `steps` greedy decode steps."""
     model = run.model
-    with torch.no_grad():
+    with torch.no_grad(), np.errstate(invalid="ignore"):  # inf - inf: a source that overflows float32 (verify says so)
         ids = torch.tensor([prompt])
         pt_logits, pt_past = model(ids, past=model.empty_cache())
         ort_logits, ort_past = ort_forward(session, spec, ids.numpy(), None)
@@ -203,7 +203,12 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
         f"  parity  PyTorch vs ONNX Runtime fp32: prefill {report['prefill_max_abs_diff']:.2e}, "
         f"{report['decode_steps']} cached decode steps {report['decode_max_abs_diff']:.2e} (limit {limit:.1e})"
     )
-    if not largest < limit:
+    if not math.isfinite(report["max_abs_logit"]):  # then every difference is NaN: say why
+        report["failures"].append(
+            "the model's float32 logits are not finite (a weight so large that the network overflows float32); "
+            "check the source's weights"
+        )
+    elif not largest < limit:
         report["failures"].append(f"ONNX Runtime fp32 logits differ from PyTorch by {largest:.2e} (limit {limit:.1e})")
     if report["logit_spread"] == 0:  # faithful in every backend, and useless: it writes token 0 forever
         report["failures"].append(

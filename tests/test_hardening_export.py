@@ -650,9 +650,19 @@ def test_pytorch_bin_with_code_is_refused_without_torch_advice(hf_source, tmp_pa
     assert "weights_only` set to `False" not in message and "Re-running" not in message, message
 
 
-@pytest.mark.parametrize("offset, needle", [(1, "expected a multiple of the file's alignment 32"), (0, "overlap")])
-def test_gguf_tensor_offsets_misaligned_or_overlapping_are_refused(hf_source, tmp_path, offset, needle):
-    """Both were exported: the reader checks neither."""
+@pytest.mark.parametrize(
+    "offset, needle",
+    [
+        (1, "expected a multiple of the file's alignment 32"),
+        (0, "overlap"),
+        (2**64 - 32, "starts at data offset -32, before the data section"),  # wraps in the reader's uint64 sum
+    ],
+)
+def test_gguf_tensor_offsets_misaligned_overlapping_or_before_the_data_are_refused(hf_source, tmp_path, offset, needle):
+    """All were exported (the wrapped one, which read 32 bytes of header as weights, with numpy's overflow
+    warning on stderr): the reader checks none."""
+    import warnings
+
     from gguf import GGUFReader
 
     path = write_small_gguf(tmp_path / "m.gguf", hf_source)
@@ -662,7 +672,9 @@ def test_gguf_tensor_offsets_misaligned_or_overlapping_are_refused(hf_source, tm
     assert struct.unpack_from("<Q", data, at)[0] > 0
     struct.pack_into("<Q", data, at, offset)
     path.write_bytes(bytes(data))
-    refused(path, "m.gguf", "output_norm.weight", needle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one line: no RuntimeWarning beside it
+        refused(path, "m.gguf", "output_norm.weight", needle)
 
 
 def test_chat_template_longer_than_craft_run_renders_is_refused(hf_source, tmp_path):
@@ -672,6 +684,14 @@ def test_chat_template_longer_than_craft_run_renders_is_refused(hf_source, tmp_p
     directory = hf_copy(hf_source, tmp_path)
     edit_json(directory / "tokenizer_config.json", chat_template="x" * (MAX_CHARS + 1))
     refused(directory, "tokenizer_config.json", f"{MAX_CHARS + 1:,} characters", f"at most {MAX_CHARS:,}")
+
+
+def test_chat_template_that_is_not_unicode_is_refused(hf_source, tmp_path):
+    """JSON's "\\ud800" is a lone surrogate, which no UTF-8 metadata can hold: a traceback at the end of
+    the export."""
+    directory = hf_copy(hf_source, tmp_path)
+    edit_json(directory / "tokenizer_config.json", chat_template="{{ messages }}\ud800")
+    refused(directory, "tokenizer_config.json", "not valid Unicode (a lone surrogate at character 14)")
 
 
 def test_named_chat_templates_without_a_default(hf_source, tmp_path):

@@ -371,6 +371,20 @@ def test_a_weight_that_zeroes_every_logit_fails_verification(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_weights_that_overflow_the_logits_fail_verification_in_one_line(tmp_path):
+    """Norm weights of 3e38 (finite): the logits are inf in PyTorch, so every difference was NaN - the
+    report said "differ by nan" after two numpy RuntimeWarning lines on stderr."""
+    model = random_hf_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[:] = 3e38
+    model.save_pretrained(tmp_path / "huge")
+    save_tokenizer(tmp_path / "huge")
+    result = run_cli("craft.export.cli", str(tmp_path / "huge"), "--quantize", "none", "-o", str(tmp_path / "m.onnx"))
+    assert result.returncode == 3 and "logits are not finite (a weight so large" in result.stderr
+    assert "Warning" not in result.stderr and "by nan" not in result.stderr, result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_special_tokens_from_older_files_and_config_json(tmp_path):
     """An older save names its specials in special_tokens_map.json only (refused: 'names no EOS
     token'), and without generation_config.json transformers takes the stop ids from config.json's
