@@ -73,8 +73,8 @@ setup(
     entry_points={
         "console_scripts": [
             "craft-train=craft.entry:train",
-            "craft-export=craft.export.cli:main",
-            "craft-run=craft.runtime.cli:main",
+            "craft-export=craft.entry:export",
+            "craft-run=craft.entry:run",
         ]
     },
 )

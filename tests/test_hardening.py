@@ -599,7 +599,8 @@ def test_overwrite_into_a_new_or_empty_out_dir_trains(tmp_path, small_corpus):
 
 
 def test_a_signal_while_importing_is_interrupted_or_terminated_not_a_traceback(monkeypatch, capsys):
-    """Ctrl-C while craft-train imported torch (its first second) printed a 40-line traceback;
+    """Ctrl-C while craft-train imported torch (its first second), or craft-run and craft-export click
+    and the runtime (their first tenth of one), printed a traceback;
     SIGTERM or Ctrl-C while craft-run imported onnxruntime came back as ImportError('initialization
     failed') from the signal, a traceback with exit 1."""
     import builtins
@@ -610,18 +611,21 @@ def test_a_signal_while_importing_is_interrupted_or_terminated_not_a_traceback(m
     from craft.runtime.command import OneLineErrors, Terminated
 
     real_import = builtins.__import__
+    # craft-run and craft-export too: Ctrl-C while click and the runtime imported was a traceback
+    starts = ((entry.train, "craft.train"), (entry.run, "craft.runtime.cli"), (entry.export, "craft.export.cli"))
+    for start, module in starts:
 
-    def interrupted_import(name, *args, **kwargs):
-        if name == "craft.train":
-            raise KeyboardInterrupt
-        return real_import(name, *args, **kwargs)
+        def interrupted_import(name, *args, **kwargs):
+            if name == module:
+                raise KeyboardInterrupt
+            return real_import(name, *args, **kwargs)
 
-    monkeypatch.delitem(sys.modules, "craft.train", raising=False)
-    monkeypatch.setattr(builtins, "__import__", interrupted_import)
-    with pytest.raises(SystemExit) as done:
-        entry.train()
-    monkeypatch.setattr(builtins, "__import__", real_import)
-    assert done.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        monkeypatch.setattr(builtins, "__import__", interrupted_import)
+        with pytest.raises(SystemExit) as done:
+            start()
+        monkeypatch.setattr(builtins, "__import__", real_import)
+        assert done.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n", module
 
     for signalled, code, line in ((Terminated(15), 143, "prog: terminated"), (KeyboardInterrupt(), 130, "interrupted")):
 

@@ -58,8 +58,8 @@ def test_wheel_maps_folders_into_the_craft_namespace(tmp_path):
     scripts = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in (
         "craft-train = craft.entry:train",
-        "craft-export = craft.export.cli:main",
-        "craft-run = craft.runtime.cli:main",
+        "craft-export = craft.entry:export",
+        "craft-run = craft.entry:run",
     ):
         assert script in scripts
 
