@@ -9,8 +9,10 @@ interactive session (converse below) over chat.Conversation.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -126,6 +128,13 @@ def stdout_is_tty() -> bool:
         return False
 
 
+@functools.cache
+def encoder(encoding: str, errors: str) -> codecs.IncrementalEncoder:
+    """One encoder per stream encoding for the process: a text written piece by piece is one text
+    (PYTHONIOENCODING=utf-16 wrote a byte-order mark before every piece, encoded on its own)."""
+    return codecs.getincrementalencoder(encoding)(errors)
+
+
 def write(text: str) -> None:
     """Text to stdout, now. A reader that went away (`| head -1`) ends craft-run quietly; a full
     disk ends it with one line. Either way stdout is pointed at /dev/null so that Python's own
@@ -142,7 +151,7 @@ def write(text: str) -> None:
         # os.write, not sys.stdout.write: on a short write (a full disk, ulimit -f) Python's buffered
         # stdout drops the rest without an error, so --json ended as cut JSON with exit 0.
         sys.stdout.flush()
-        view = memoryview(text.encode(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict"))
+        view = memoryview(encoder(sys.stdout.encoding or "utf-8", sys.stdout.errors or "strict").encode(text))
         while view:
             view = view[os.write(fd, view) :]  # the write after a short one reports why (ENOSPC, EFBIG)
     except OSError as e:

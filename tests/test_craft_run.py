@@ -4,6 +4,7 @@ closed pipe) and an exit code, never a traceback."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import subprocess
@@ -232,6 +233,18 @@ def test_json_on_a_stdout_that_is_not_utf8_is_lossless(char_int8, monkeypatch):
     sys.stdout.flush()
     assert done.value.code == 0
     assert json.loads(out.getvalue().decode("ascii"))["text"] == text
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_a_stream_in_an_encoding_with_a_byte_order_mark_has_one(char_int8, encoding):
+    """Each streamed piece was encoded on its own: PYTHONIOENCODING=utf-16 put a byte-order mark
+    before every piece, so the output did not decode to the text."""
+    command = [*CRAFT_RUN, str(char_int8), "ROMEO:", "-n", "12", "--temperature", "0"]
+    plain = subprocess.run(command, capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    marked = subprocess.run(command, capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert plain.returncode == marked.returncode == 0, marked.stderr
+    assert marked.stdout.decode(encoding) == plain.stdout.decode("utf-8") and len(plain.stdout) > 12
+    assert marked.stdout.count(codecs.BOM_UTF16_LE if encoding == "utf-16" else codecs.BOM_UTF8) == 1
 
 
 def test_generated_control_characters_are_escaped_on_a_terminal_only():
