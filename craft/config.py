@@ -7,6 +7,7 @@ combination raises ConfigError with one line naming the key and the fix.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -168,6 +169,7 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
+MIN_SENTENCEPIECE_VOCAB = 300  # 256 byte-fallback pieces, the specials and some merges
 MAX_EXTENDS = 16  # files an 'extends:' chain may pass through; the presets use one
 
 
@@ -184,6 +186,8 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = yaml.load(read_text(path), Loader=_unique_key_loader()) or {}
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply to be a config; pass a flat mapping of keys") from None
+    except ValueError as e:  # PyYAML's int() of a number past Python's 4,300 digits: not a YAMLError
+        raise ConfigError(f"{path}: a value is not a number a config can hold ({str(e).split(';')[0]})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -200,14 +204,21 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def _unique_key_loader():
     """yaml.SafeLoader refusing a key given twice in one mapping (safe_load keeps the last: a second
-    'model:' section silently dropped the first)."""
+    'model:' section silently dropped the first). A merge key ('<<: *anchor') is YAML's own override,
+    not a repeat: the mapping's keys are checked as written, then merged as safe_load merges them."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if isinstance(node, yaml.MappingNode) and key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, collections.abc.Hashable):  # '? [a, b]': safe_load refuses it too
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"a key is a {type(key).__name__}, not a name", key_node.start_mark
+                    )
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
@@ -218,10 +229,18 @@ def _unique_key_loader():
     return Loader
 
 
+MAX_CONFIG_BYTES = 1 << 20  # the presets are under 2 KB; a 200 MB file took minutes to parse
+
+
 def read_text(path: Path) -> str:
-    """A config file's text; ConfigError (not a traceback) if it cannot be read or is not UTF-8 text."""
+    """A config file's text; ConfigError (not a traceback) if it cannot be read, is larger than
+    MAX_CONFIG_BYTES or is not UTF-8 text."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES:,} bytes, more than any config; pass a config")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not a UTF-8 text file (byte {e.start}); pass a YAML config") from None
     except OSError as e:
@@ -268,6 +287,9 @@ def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             known = [f"{prefix}{name}" for name in fields]
             hint = suggest(dotted)
             fix = f"did you mean '{hint}'?" if hint else f"valid keys here: {', '.join(known)}"
+            if hint == dotted:  # 'train.lr: 0.1' in a YAML file: a dotted key is key=value's form only
+                section, leaf = hint.split(".", 1)
+                fix = f"a YAML file nests it: '{section}:' and below it, indented, '{leaf}: ...'"
             raise ConfigError(f"unknown config key '{dotted}'; {fix}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -479,9 +501,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'char', got '{tok.kind}'")
     if tok.model_type not in ("bpe", "unigram"):
         raise ConfigError(f"tokenizer.model_type must be 'bpe' or 'unigram', got '{tok.model_type}'")
-    if tok.kind != "char" and tok.vocab_size < 300:
+    if tok.kind != "char" and tok.vocab_size < MIN_SENTENCEPIECE_VOCAB:
         raise ConfigError(
-            f"tokenizer.vocab_size must be >= 300 (256 byte-fallback pieces + specials + merges), got {tok.vocab_size}"
+            f"tokenizer.vocab_size must be >= {MIN_SENTENCEPIECE_VOCAB} (256 byte-fallback pieces + specials + "
+            f"merges), got {tok.vocab_size}"
         )
     if t.min_lr > t.lr:
         raise ConfigError(
@@ -568,9 +591,9 @@ def read_run_config(run_dir: Path) -> Config:
         values = yaml.safe_load(read_text(path)) or {}
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply; it was written by craft-train: restore it") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a number past Python's 4,300 digits
         raise ConfigError(
-            f"{path} is not valid YAML ({getattr(e, 'problem', e)}); "
+            f"{path} is not valid YAML ({getattr(e, 'problem', str(e).split(';')[0])}); "
             "it was written by craft-train: restore it or start a new run"
         ) from None
     if not isinstance(values, dict):

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from craft.config import Config
+from craft.config import MIN_SENTENCEPIECE_VOCAB, Config
 from craft.run_dir import (
     CHAR_TOKENIZER,
     DATA_INFO,
@@ -133,12 +133,20 @@ SP_LINE_CHARS = SP_MAX_LINE_BYTES // 4  # characters that fit it whatever their 
 def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
     import sentencepiece as spm
 
+    failed: list[DataError] = []  # a corpus file's own error, which sentencepiece wraps in its RuntimeError's text
+    counted = [0]  # lines given to sentencepiece
+
     def lines() -> Iterator[str]:  # a line longer than max_sentence_length is cut: sentencepiece would skip it
-        for doc in corpus.documents():
-            for chunk in doc:
-                for line in chunk.split("\n"):
-                    if line.strip():
-                        yield from (line[i : i + SP_LINE_CHARS] for i in range(0, len(line), SP_LINE_CHARS))
+        try:
+            for doc in corpus.documents():
+                for chunk in doc:
+                    for line in chunk.split("\n"):
+                        if line.strip():
+                            counted[0] += 1
+                            yield from (line[i : i + SP_LINE_CHARS] for i in range(0, len(line), SP_LINE_CHARS))
+        except DataError as e:
+            failed.append(e)
+            raise
 
     model = io.BytesIO()
     try:
@@ -169,6 +177,12 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
             minloglevel=2,
         )
     except RuntimeError as e:
+        if failed:
+            raise failed[0] from None
+        if not counted[0]:  # sentencepiece's own words: "INTERNAL: ... [!sentences_.empty()]"
+            raise DataError(
+                f"{corpus.name} holds no text, only whitespace; give a corpus of text (or tokenizer.kind=char)"
+            ) from None
         message = str(e).splitlines()[-1] if str(e) else type(e).__name__
         if "smaller than required_chars" in message:  # "... 400 vs 2259. Increase vocab_size ..."
             needed = message.split(" vs ")[-1].split(".")[0]
@@ -178,9 +192,16 @@ def _train_sentencepiece(cfg: Config, corpus: Corpus) -> SentencePieceTokenizer:
                 "or use tokenizer.kind=char"
             ) from None
         if "too high" in message:  # "Vocabulary size too high (N). Please set it to a value <= M."
+            most = message.rstrip(".").rsplit("<=", 1)[-1].strip()
+            fix = (
+                "lower tokenizer.vocab_size"
+                if not most.isdigit() or int(most) >= MIN_SENTENCEPIECE_VOCAB
+                else f"the smallest sentencepiece vocabulary is {MIN_SENTENCEPIECE_VOCAB}: give a larger corpus "
+                "or use tokenizer.kind=char"
+            )
             raise DataError(
                 f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too large for this corpus "
-                f"({message.split('. ')[-1].rstrip('.')}); lower tokenizer.vocab_size"
+                f"({message.split('. ')[-1].rstrip('.')}); {fix}"
             ) from None
         raise DataError(f"sentencepiece could not train on {corpus.name}: {message}") from None
     return SentencePieceTokenizer(without_thread_count(model.getvalue()))

@@ -299,6 +299,36 @@ def test_config_words_and_files_that_mean_nothing_are_refused(tmp_path):
     assert load_config(None, ["train.compile=Off"]).train.compile is False
 
 
+def test_yaml_the_loader_stumbled_on_is_one_line_or_read_as_yaml_reads_it(tmp_path):
+    """From a fuzzing audit: a 5,000-digit number (PyYAML's int() raises ValueError, not a YAMLError)
+    and a list as a key ('? [a, b]') were tracebacks; a merge key ('<<: *base'), which safe_load
+    reads, was 'could not determine a constructor'; 'train.lr: 0.1' in a file suggested 'train.lr'
+    itself; a 200 MB config took minutes to parse."""
+    digits = write(tmp_path / "digits.yaml", "train:\n  seed: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="digits.yaml: a value is not a number a config can hold \\(Exceeds"):
+        load_config(str(digits), [])
+    listed = write(tmp_path / "listed.yaml", "? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="listed.yaml line 1: not valid YAML \\(a key is a list, not a name\\)"):
+        load_config(str(listed), [])
+    merged = write(
+        tmp_path / "merged.yaml",
+        "model: &base\n  dim: 64\n  n_layer: 2\ntrain:\n  lr: 0.01\nout_dir: runs/x\ntokenizer:\n  kind: char\n",
+    )
+    assert load_config(str(merged), []).model.dim == 64
+    merged.write_text("base: &b {dim: 64, n_layer: 2}\n")  # an anchor needs a key of its own: that key is unknown
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(str(merged), [])
+    merged.write_text("model:\n  <<: {dim: 64, n_layer: 3}\n  n_layer: 2\n")  # a merged key overridden in place
+    assert (load_config(str(merged), []).model.dim, load_config(str(merged), []).model.n_layer) == (64, 2)
+    dotted = write(tmp_path / "dotted.yaml", "train.lr: 0.1\n")
+    with pytest.raises(ConfigError, match="a YAML file nests it: 'train:' and below it, indented, 'lr: ...'"):
+        load_config(str(dotted), [])
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
+    with pytest.raises(ConfigError, match="huge.yaml is larger than 1,048,576 bytes"):
+        load_config(str(huge), [])
+
+
 def test_override_values_are_read_as_yaml_reads_them():
     """A word's surrounding spaces are dropped as YAML drops them ('tokenizer.kind= char' was refused
     as ' char'); a text's are kept."""

@@ -165,6 +165,27 @@ def test_sentencepiece_vocab_too_small_for_the_characters_says_so(tmp_path):
     assert "too large" not in str(info.value)
 
 
+def test_sentencepiece_failures_name_the_corpus_problem_and_a_fix_that_applies(tmp_path):
+    """A one-byte corpus was told 'set it to a value <= 260; lower tokenizer.vocab_size', which the
+    config refuses below 300; a whitespace-only corpus got sentencepiece's '[!sentences_.empty()]';
+    a file that is not UTF-8 in a corpus directory lost its message inside sentencepiece's."""
+    tiny = tmp_path / "one.txt"
+    tiny.write_text("a")
+    cfg = load_config("tiny", [f"data.path={tiny}", "tokenizer.vocab_size=300"])
+    with pytest.raises(DataError, match="smallest sentencepiece vocabulary is 300: give a larger corpus or use"):
+        train_tokenizer(cfg, Corpus(str(tiny)))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n\t  \n")
+    with pytest.raises(DataError, match="blank.txt holds no text, only whitespace"):
+        train_tokenizer(load_config("tiny", [f"data.path={blank}"]), Corpus(str(blank)))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 300)
+    (folder / "b.txt").write_bytes(b"hello world \xff\xfe bad\n")
+    with pytest.raises(DataError, match="b.txt is not UTF-8 text \\(byte 12"):
+        train_tokenizer(load_config("tiny", [f"data.path={folder}", "tokenizer.vocab_size=300"]), Corpus(str(folder)))
+
+
 def test_val_split_is_the_one_training_uses(tmp_path):
     """craft-export's val tokens (data.val_tokens) are the trainer's val split, element for element."""
     from craft.data import val_tokens
