@@ -20,7 +20,7 @@ from functools import partial
 
 import click
 
-EXIT_OS_ERROR, EXIT_INTERRUPTED = 1, 130
+EXIT_OS_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 _FIXES = {
     errno.ENOSPC: "free some space (or choose another path) and run again",
@@ -33,7 +33,9 @@ _FIXES = {
     errno.EEXIST: "something else is in the way; choose another path",
     errno.ENOENT: "check the path",
     errno.EIO: "the device reported an I/O error; check the disk",
+    errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes); use a shorter one",
 }
+MAX_NAME_SHOWN = 160  # characters of a file name an error line shows (a name past NAME_MAX was a 4 KB line)
 
 
 # The packages of an extra (setup.py) that a command imports only when it runs: a device installs
@@ -156,6 +158,8 @@ def require_cwd(prog: str) -> None:
 def os_error_message(e: OSError) -> str:
     """One line for an OSError: what failed, on which file, and what to do about it."""
     name = os.fsdecode(e.filename) if isinstance(e.filename, bytes) else e.filename  # TensorBoard passes bytes
+    if name is not None and len(str(name)) > MAX_NAME_SHOWN:
+        name = f"{str(name)[: MAX_NAME_SHOWN - 40]}...{str(name)[-37:]}"
     where = f"{name}: " if name is not None else ""
     reason = e.strerror or type(e).__name__
     fix = _FIXES.get(e.errno)
@@ -261,7 +265,7 @@ class OneLineErrors(click.Command):
         except OSError as e:
             stream = _stream_failed(e) if e.filename is None else None
             echo_error(prog, f"{stream + ': ' if stream else ''}{os_error_message(e)}")
-            sys.exit(EXIT_OS_ERROR)
+            sys.exit(EXIT_BAD_INPUT if e.errno == errno.ENAMETOOLONG else EXIT_OS_ERROR)  # a name the user gave
         finally:
             threading.excepthook = thread_hook
             for s, handler in previous.items():

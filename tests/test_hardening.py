@@ -866,6 +866,21 @@ def test_a_device_install_without_torch_says_what_to_install(tmp_path, argv):
     assert """install torch's CPU build, then pip install -e ".[train]" in Craft's checkout""" in result.stderr
 
 
+def test_a_name_longer_than_the_file_system_allows_is_bad_input_on_a_short_line(tmp_path, small_corpus):
+    """A 300-character name in --config, extends:, data.path or out_dir was exit 1 (an OS error) and a
+    line of the whole name, with no fix."""
+    long = "a" * 300
+    (tmp_path / "c.yaml").write_text(f"extends: {long}\n")
+    for args in (
+        ["--config", str(tmp_path / "c.yaml"), f"out_dir={tmp_path / 'r1'}"],
+        [f"data.path={tmp_path / long}.txt", f"out_dir={tmp_path / 'r2'}"],
+        [*overrides(tmp_path / long, small_corpus)],
+    ):
+        result = run_cli("craft.train", *args)
+        line = assert_one_line(result, "craft-train", 2, "File name too long; a name in the path is longer than")
+        assert len(line) < 400 and "..." in line, line
+
+
 def test_a_deleted_current_directory_is_one_line(tmp_path, small_corpus):
     """torch's import died in oneMKL ('Cannot load libtorch_cpu.so', exit 2) whatever the paths given."""
     gone = tmp_path / "gone"
