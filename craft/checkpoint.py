@@ -194,6 +194,9 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
     return payload, digest
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a model's weights may be stored as
+
+
 def payload_problem(payload: dict[str, Any]) -> str | None:
     """What in a checkpoint's contents is not what save() writes (types only; the model's shapes are
     checked against its config where it is loaded), or None."""
@@ -206,6 +209,10 @@ def payload_problem(payload: dict[str, Any]) -> str | None:
         isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided for k, v in model.items()
     ):
         return "'model' is not a mapping of names to dense tensors"
+    # save() writes float32; a complex tensor lost its imaginary part on export, a float8 one was a traceback
+    odd = next((k for k, v in model.items() if v.dtype not in WEIGHT_DTYPES), None)
+    if odd is not None:
+        return f"weight '{odd[:80]}' is {str(model[odd].dtype).removeprefix('torch.')}, not a float32/16 tensor"
     if type(payload.get("step")) is not int or payload["step"] < 0:
         return f"'step' is {str(payload.get('step'))[:40]!r}, not a count >= 0"
     if type(payload.get("step_done", True)) is not bool:

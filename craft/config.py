@@ -279,6 +279,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     """Set dataclass fields of `obj` from a nested mapping, converting and checking types."""
+    if not isinstance(values, dict):  # a checkpoint's saved config section that is a list: AttributeError
+        what = f"'{prefix.rstrip('.')}'" if prefix else "the config"
+        raise ConfigError(f"{what} is a {type(values).__name__}, expected a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():

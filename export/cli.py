@@ -10,7 +10,16 @@ import click
 
 from craft import __version__
 from craft.runtime.artifact import ATTENTIONS, ORT_INPLACE_MIN
-from craft.runtime.command import OneLineErrors, OptionalOutput, echo_error, echo_stderr, printable, require_cwd
+from craft.runtime.artifact_check import file_identity
+from craft.runtime.command import (
+    OneLineErrors,
+    OptionalOutput,
+    Terminated,
+    echo_error,
+    echo_stderr,
+    printable,
+    require_cwd,
+)
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
 EXIT_OUTPUT, EXIT_USAGE, EXIT_VERIFY = 1, 2, 3
@@ -118,25 +127,31 @@ def main(
     elif str(output) == "-":
         raise click.BadParameter("craft-export writes a file, not stdout; give its path", param_hint="'-o'")
     out = OptionalOutput(sys.stdout)  # the log: a reader gone (| head -1) must not cost the verified model
+    before = file_identity(output)
     try:
-        report = export(
-            source,
-            output,
-            quantize=quantize,
-            opset=opset or DEFAULT_OPSET,
-            checkpoint=checkpoint,
-            log=out.echo,
-            kind=kind,
-            attention=attention,
-        )
-    except ExportError as e:  # an OutputWriteError too: the output could not be written (exit 1)
-        echo_error("craft-export", e)
-        sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
-    except VerificationError as e:
-        print_report(e.report, None, out.echo)
-        echo_stderr(f"craft-export: verification failed, nothing written: {printable(str(e))}")
-        sys.exit(EXIT_VERIFY)
-    print_report(report, output, out.echo)
+        try:
+            report = export(
+                source,
+                output,
+                quantize=quantize,
+                opset=opset or DEFAULT_OPSET,
+                checkpoint=checkpoint,
+                log=out.echo,
+                kind=kind,
+                attention=attention,
+            )
+        except ExportError as e:  # an OutputWriteError too: the output could not be written (exit 1)
+            echo_error("craft-export", e)
+            sys.exit(EXIT_OUTPUT if isinstance(e, OutputWriteError) else EXIT_USAGE)
+        except VerificationError as e:
+            print_report(e.report, None, out.echo)
+            echo_stderr(f"craft-export: verification failed, nothing written: {printable(str(e))}")
+            sys.exit(EXIT_VERIFY)
+        print_report(report, output, out.echo)
+    except (KeyboardInterrupt, Terminated):  # 130 / 143 / 129 mean nothing was written: true until the rename
+        if file_identity(output) in (None, before):
+            raise
+        echo_stderr(f"craft-export: a signal arrived after {printable(str(output))} was written; the file is complete")
 
 
 if __name__ == "__main__":

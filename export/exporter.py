@@ -12,6 +12,7 @@ craft.export.source_tokenizer (load_imported).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -115,6 +116,15 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         raise ExportError(
             f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: "
             "it is not this run's tokenizer; restore the run's own"
+        )
+    # ids past the model's vocabulary (a token file rewritten with its hash recomputed, or one that
+    # predates hashes) were an IndexError traceback in the calibration or the perplexity check
+    largest = max((int(part.max()) for part in splits or () if len(part)), default=-1)
+    if largest >= cfg.model.vocab_size:
+        raise ExportError(
+            f"{run_dir / rd.TOKENS} holds token id {largest}, past the model's vocabulary of {cfg.model.vocab_size}: "
+            f"it is not this run's token file; rebuild it (delete it, then craft-train --resume {run_dir}) or "
+            "delete it (the export then skips the quality check)"
         )
     try:  # a diverged or damaged checkpoint: HF and GGUF imports are refused for it, so is a run
         check_finite(state["model"], str(path), {})
@@ -360,8 +370,11 @@ def check_output_path(output: Path, source: Path | None = None) -> None:
         mode = output.stat().st_mode
     except FileNotFoundError:
         mode = None
-    except OSError as e:
-        raise OutputWriteError(f"cannot use output {output} ({e.strerror}); choose another -o") from None
+    except OSError as e:  # a path through a file, a symlink loop, a name too long: the path given is bad input
+        bad_path = e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG)
+        raise (ExportError if bad_path else OutputWriteError)(
+            f"cannot use output {output} ({e.strerror}); choose another -o"
+        ) from None
     if mode is not None and not stat.S_ISREG(mode):
         raise ExportError(
             f"output {output} exists and is not a regular file (a device, FIFO or socket); "

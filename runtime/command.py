@@ -268,7 +268,13 @@ class OneLineErrors(click.Command):
             sys.exit(EXIT_BAD_INPUT if e.errno == errno.ENAMETOOLONG else EXIT_OS_ERROR)  # a name the user gave
         finally:
             threading.excepthook = thread_hook
-            for s, handler in previous.items():
-                if handler is signal.SIG_DFL:
-                    signal.signal(s, handler)
+            if args is None and main_thread:  # the process is the command (its console script): its outcome is
+                # settled, and a signal during the interpreter's teardown (torch's takes half a second) killed
+                # it or printed a KeyboardInterrupt traceback from an atexit callback after 'wrote ...'
+                for s in (*TERMINATING_SIGNALS, signal.SIGINT):
+                    signal.signal(s, signal.SIG_IGN)
+            else:  # embedded (a test, a program calling main([...])): its own handlers back
+                for s, handler in previous.items():
+                    if handler is signal.SIG_DFL:
+                        signal.signal(s, handler)
         sys.exit(result if isinstance(result, int) else 0)

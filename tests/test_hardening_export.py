@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from conftest import run_cli
 from craft import run_dir as rd
 from craft.data import DATA_INFO, TOKENS
 from craft.export.exporter import ExportError, check_output_path
+from craft.runtime.generator import load_artifact
 
 
 def assert_one_line(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -64,11 +67,36 @@ def test_symlink_loops_are_one_line(char_run, tmp_path):
     named as an output under it."""
     loop = tmp_path / "loop.onnx"
     loop.symlink_to(loop.name)
-    for output in (loop, loop / "x.onnx"):
-        assert_one_line(run_cli("craft.export.cli", str(char_run), "-o", str(output)), 1, "symbolic links")
+    for output in (loop, loop / "x.onnx"):  # a bad output path, as one through a file: exit 2, not 1
+        assert_one_line(run_cli("craft.export.cli", str(char_run), "-o", str(output)), 2, "symbolic links")
+    through_a_file = tmp_path / "file.onnx"
+    through_a_file.write_bytes(b"")
+    result = run_cli("craft.export.cli", str(char_run), "-o", str(through_a_file / "m.onnx"))
+    assert_one_line(result, 2, "(Not a directory); choose another -o")
     source = tmp_path / "model.gguf"
     source.symlink_to(source.name)
     assert_one_line(run_cli("craft.export.cli", str(source)), 2, f"cannot read {source}", "symbolic links")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_the_file_is_written_exits_0(char_run, tmp_path, signum):
+    """SIGTERM as 'wrote ...' appeared exited 143 ('nothing written') or died of the signal in the
+    interpreter's teardown; SIGINT printed a KeyboardInterrupt traceback from an atexit callback. The
+    file was complete either way: once it is renamed into place the export exits 0."""
+    output = tmp_path / "m.onnx"
+    export = subprocess.Popen(
+        [sys.executable, "-m", "craft.export.cli", str(char_run), "--quantize", "none", "-o", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in export.stdout:
+        if line.startswith("wrote "):
+            export.send_signal(signum)
+            break
+    _, err = export.communicate(timeout=120)
+    assert export.returncode == 0 and "Traceback" not in err, (export.returncode, err)
+    assert load_artifact(output).quantization == "none"
 
 
 def test_empty_checkpoint_name_is_one_line(char_run, tmp_path):
@@ -102,6 +130,10 @@ def test_output_device_through_the_command_is_one_line(char_run):
         "tokenizer_swapped",
         "checkpoint_pickle",
         "tokens_unreadable",
+        "tokens_past_the_vocabulary",  # from here: each a traceback, or (complex) exported without its imaginary part
+        "checkpoint_float8",
+        "checkpoint_complex",
+        "checkpoint_config_list",
     ],
 )
 def test_damaged_run_directory_is_one_line(run_copy, damage):
@@ -122,6 +154,10 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
         "tokenizer_swapped": "is not the tokenizer this run was trained with",
         "checkpoint_pickle": "data only",
         "tokens_unreadable": "Permission denied",
+        "tokens_past_the_vocabulary": "holds token id 60000, past the model's vocabulary",
+        "checkpoint_float8": "weight 'tok_embeddings.weight' is float8_e4m3fn, not a float32/16 tensor",
+        "checkpoint_complex": "weight 'tok_embeddings.weight' is complex64, not a float32/16 tensor",
+        "checkpoint_config_list": "was trained with a different model config",
     }[damage]
     code = 1 if damage == "tokens_unreadable" else 2
     if damage == "config_binary":
@@ -156,6 +192,26 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
 
         data = pickle.dumps({"format": ckpt.FORMAT, "step": 1, "evil": Path("/etc")})
         (run_copy / "evil.pt").write_bytes(ckpt.MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    elif damage == "tokens_past_the_vocabulary":  # the hash recomputed: the file is what data.json says
+        info = json.loads((run_copy / DATA_INFO).read_text())
+        tokens = np.fromfile(run_copy / TOKENS, info["dtype"])
+        tokens[-1] = 60000
+        tokens.tofile(run_copy / TOKENS)
+        info["tokens_sha256"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+        (run_copy / DATA_INFO).write_text(json.dumps(info))
+    elif damage.startswith("checkpoint_"):
+        import torch
+
+        payload, _ = ckpt.read(run_copy / rd.CHECKPOINT)
+        weight = payload["model"]["tok_embeddings.weight"]
+        if damage == "checkpoint_config_list":
+            payload["config"]["model"] = [1]
+        else:
+            payload["model"]["tok_embeddings.weight"] = weight.to(
+                torch.float8_e4m3fn if damage == "checkpoint_float8" else torch.complex64
+            )
+        (run_copy / rd.CHECKPOINT).unlink()  # a hard link to the newest step file
+        ckpt.write(payload, run_copy / rd.CHECKPOINT)
     elif damage == "tokens_unreadable":
         if os.geteuid() == 0:
             pytest.skip("root reads any file: no unreadable tokens.bin")
