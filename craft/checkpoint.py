@@ -38,7 +38,7 @@ from craft import __version__
 from craft.callbacks import EarlyStopping
 from craft.config import Config
 from craft.distributed import Distributed
-from craft.run_dir import BEST, CHECKPOINT, RunDirError, atomic_write_bytes, fsync_dir, step_files
+from craft.run_dir import BEST, CHECKPOINT, CONFIG, RunDirError, atomic_write_bytes, fsync_dir, step_files
 
 FORMAT = 1
 MAGIC = b"CRAFTCKPT1\n"
@@ -107,6 +107,24 @@ def save(state: TrainState, cfg: Config, dist: Distributed, *, best: bool = Fals
         write_periodic(payload, run_dir, state.step, cfg.train.keep_last)
 
 
+def config_change(saved: Any, cfg: Config) -> str | None:
+    """The first model.* or tokenizer.* value in which `cfg` differs from a checkpoint's saved config
+    ('model.context_length=32 where the checkpoint was trained with 16'), or None. Keys the saved
+    config predates are not compared."""
+    if not isinstance(saved, dict):
+        return None
+    now = cfg.to_dict()
+    for section in ("model", "tokenizer"):
+        before = saved.get(section)
+        if not isinstance(before, dict):
+            continue
+        for key, value in before.items():
+            if key in now[section] and now[section][key] != value:
+                shown = repr(value)[:40]
+                return f"{section}.{key}={now[section][key]!r} where the checkpoint was trained with {shown}"
+    return None
+
+
 def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tuple[Path, str]:
     """Load the newest good checkpoint of cfg.out_dir into `state`; returns (its path, its SHA-256).
 
@@ -114,6 +132,12 @@ def resume(state: TrainState, cfg: Config, dist: Distributed, log=print) -> tupl
     run goes on from fresh data seeds, with a warning.
     """
     saved, digest, path = read_latest(Path(cfg.out_dir), warn=log)
+    changed = config_change(saved.get("config"), cfg)
+    if changed:  # config.yaml edited since: resumed_config refuses the same change given as an override
+        raise RunDirError(
+            f"{Path(cfg.out_dir) / CONFIG} has {changed}; --resume cannot change model.* or tokenizer.*: "
+            f"restore config.yaml, or start a new run with another out_dir=..."
+        )
     rngs = saved["rng"]
     if isinstance(rngs["torch"], torch.Tensor):  # written by craft 0.1.0's first trainer: one torch state
         rngs = {**rngs, "torch": [rngs["torch"]] * len(rngs["data"])}

@@ -396,14 +396,35 @@ def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
     train, val = split_tokens(
         np.memmap(run_dir / TOKENS, dtype=np.dtype(info["dtype"]), mode="r"), info["val_fraction"]
     )
-    for name, part in (("train", train), ("val", val)):
-        if len(part) <= context_length + 1:
+    check_splits(len(train), len(val), context_length)
+    return TokenData(train, val, info)
+
+
+def check_splits(train: int, val: int, context_length: int) -> None:
+    """DataError unless both splits (token counts) hold a window of the context and its target."""
+    for name, size in (("train", train), ("val", val)):
+        if size <= context_length + 1:
             other = "larger" if name == "val" else "smaller"  # a larger val split shrinks the train split
             raise DataError(
-                f"the {name} split has {len(part)} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
+                f"the {name} split has {size} tokens, fewer than model.context_length + 2 = {context_length + 2}; "
                 f"use a larger corpus, a smaller model.context_length, or a {other} data.val_fraction"
             )
-    return TokenData(train, val, info)
+
+
+SP_MAX_PIECE_CHARS = 16  # sentencepiece's max_piece_length (the trainer's default): no piece spans more characters
+
+
+def check_splits_before_writing(cfg: Config, corpus: Corpus, tokenizer: Tokenizer) -> None:
+    """open_tokens' DataError, raised before any file is written: craft-train --overwrite deletes the old
+    run only after this. A corpus too large for either split to fall short is not tokenized twice."""
+    bytes_per_token = 4 * (1 if tokenizer.kind == CHAR else SP_MAX_PIECE_CHARS)  # UTF-8: 4 bytes a character
+    least = count_chars(corpus) // bytes_per_token  # tokens, at the least
+    fraction = cfg.data.val_fraction
+    if min(least * fraction, least * (1 - fraction)) > cfg.model.context_length + 2:
+        return
+    n_tokens = sum(2 + sum(len(tokenizer.encode(chunk)) for chunk in doc) for doc in corpus.documents())
+    split = int(n_tokens * (1 - fraction))  # as split_tokens
+    check_splits(split, n_tokens - split, cfg.model.context_length)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

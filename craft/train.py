@@ -49,6 +49,7 @@ from craft.data import (
     Corpus,
     DataError,
     TokenData,
+    check_splits_before_writing,
     check_tokenizer,
     count_chars,
     describe,
@@ -125,11 +126,12 @@ def prepare_run(
             raise DataError(
                 f"corpus {corpus.name} is empty; point data.path at a file (or folder of .txt files) with text"
             )
-        if overwrite:
-            rd.clear_run(run_dir, lock)
         log(f"training {cfg.tokenizer.kind} tokenizer on {corpus.name} ...")
         tokenizer = train_tokenizer(cfg, corpus)
         check_vocab_size(cfg, tokenizer)
+        if overwrite:  # only once nothing is left to refuse: a refused --overwrite deleted the run it was to replace
+            check_splits_before_writing(cfg, corpus, tokenizer)
+            rd.clear_run(run_dir, lock)
         with ExitStack() as own:  # `scope`, where given, keeps the new run's clean-up armed after we return
             (scope or own).enter_context(rd.new_run(run_dir, lock))
             save_tokenizer(tokenizer, run_dir)

@@ -224,6 +224,34 @@ def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_model_change_in_config_yaml_is_refused_on_resume(three_checkpoints, tmp_path):
+    """model.context_length edited in config.yaml between runs: resumed with exit 0 and trained another
+    model than its checkpoint's (the same change as an override is refused)."""
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    config = yaml.safe_load((run / rd.CONFIG).read_text())
+    trained = config["model"]["context_length"]
+    config["model"]["context_length"] = trained // 2
+    (run / rd.CONFIG).write_text(yaml.safe_dump(config))
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=40")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"model.context_length={trained // 2} where the checkpoint was trained with {trained}" in result.stderr
+    assert last_step(run) == 30
+
+
+def test_a_refused_overwrite_leaves_the_run_it_was_to_replace(three_checkpoints, tmp_path):
+    """--overwrite deleted the old run's checkpoints first, then refused the new corpus as too short for
+    the context (exit 2): the run was gone, and what was left could not be resumed."""
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    short = tmp_path / "short.txt"
+    short.write_text("hello world\n")
+    result = run_cli("craft.train", *overrides(run, short), "--overwrite")
+    assert result.returncode == 2 and "split has" in result.stderr, result.stderr
+    assert sorted(p.name for p in run.iterdir()) == before
+    resumed = run_cli("craft.train", "--resume", str(run), "train.max_steps=31")
+    assert resumed.returncode == 0, resumed.stderr
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP (terminal closed)"]
 )
