@@ -291,7 +291,8 @@ def write_periodic(payload: dict[str, Any], run_dir: Path, step: int, keep_last:
 
 
 def read_latest(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
-    """The newest loadable checkpoint: checkpoint.pt, else the periodic ones, newest first.
+    """The newest loadable checkpoint: checkpoint.pt (unless a step file is newer), else the periodic
+    ones, newest first.
 
     A damaged file is skipped with a warning naming it; RunDirError if none loads.
     """
@@ -308,11 +309,24 @@ def read_latest(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
     for path in candidates:
         try:
             payload, digest = read(path)
-            if errors:
-                warn(f"warning: {'; '.join(errors)}; using {path.name} (step {payload.get('step')}) instead")
-            return payload, digest, path
         except RunDirError as e:
             errors.append(str(e))
+            continue
+        if path.name == CHECKPOINT:  # the others are step files, newest first
+            for newer in [p for p in candidates[1:] if step_of(p) > payload["step"]]:
+                try:  # killed between writing step-N.pt and re-pointing checkpoint.pt at it
+                    newer_payload, newer_digest = read(newer)
+                except RunDirError as e:
+                    errors.append(str(e))
+                    continue
+                warn(
+                    f"warning: {CHECKPOINT} is step {payload['step']}, older than {newer.name} (a run stopped "
+                    f"between writing the one and re-pointing the other); using {newer.name}"
+                )
+                return newer_payload, newer_digest, newer
+        if errors:
+            warn(f"warning: {'; '.join(errors)}; using {path.name} (step {payload.get('step')}) instead")
+        return payload, digest, path
     raise RunDirError(f"no loadable checkpoint in {run_dir}: {'; '.join(errors)}")
 
 

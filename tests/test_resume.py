@@ -224,6 +224,22 @@ def test_resume_of_a_finished_run_names_the_fix(three_checkpoints):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_step_file_newer_than_checkpoint_pt_is_resumed_from(three_checkpoints, tmp_path):
+    """A run killed between writing step-000030.pt and re-pointing checkpoint.pt at it (or on a
+    filesystem without hard links) resumed from checkpoint.pt's step 20 without a word, then deleted
+    step-000030.pt as a step past the one resumed."""
+    import shutil
+
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    (run / rd.CHECKPOINT).unlink()
+    shutil.copyfile(run / "step-000020.pt", run / rd.CHECKPOINT)  # a file of its own, as the fallback writes it
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=31")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint.pt is step 20, older than step-000030.pt" in result.stdout + result.stderr
+    assert "from step-000030.pt at step 30 (sha256" in result.stdout, result.stdout
+    assert ckpt.read(run / rd.CHECKPOINT)[0]["step"] == 31
+
+
 def test_a_model_change_in_config_yaml_is_refused_on_resume(three_checkpoints, tmp_path):
     """model.context_length edited in config.yaml between runs: resumed with exit 0 and trained another
     model than its checkpoint's (the same change as an override is refused)."""
