@@ -301,6 +301,11 @@ def read_latest(run_dir: Path, warn=print) -> tuple[dict[str, Any], str, Path]:
         if path.is_file() and not any(os.path.samefile(path, seen) for seen in candidates):
             candidates.append(path)  # checkpoint.pt and its step file are one file: read it once
     if not candidates:
+        if (run_dir / BEST).is_file():  # --overwrite would delete it
+            raise RunDirError(
+                f"{run_dir} has no {CHECKPOINT} or step file, only {BEST}; to resume from it: "
+                f"cp {run_dir / BEST} {run_dir / CHECKPOINT}"
+            )
         raise RunDirError(  # --overwrite: a run that stopped before its first save "already holds a run"
             f"{run_dir} has no checkpoint ({CHECKPOINT}): its training never saved one; start it again with: "
             f"craft-train out_dir={run_dir} --overwrite"

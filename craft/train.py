@@ -55,6 +55,7 @@ from craft.data import (
     describe,
     load_tokenizer,
     prepare_tokens,
+    read_info,
     sample_windows,
     save_tokenizer,
     train_tokenizer,
@@ -144,6 +145,12 @@ def prepare_run(
                 "start it again with --overwrite"
             )
         check_tokenizer(run_dir, tokenizer)
+        made_from = (read_info(run_dir) or {}).get("corpus_fingerprint")
+        if made_from is not None and made_from != corpus.fingerprint():  # exactness is lost: say so
+            log(
+                f"warning: the corpus {corpus.name} changed since this run's tokens were made; they are made again "
+                "and training goes on over the new text (its val split, and so best.pt's val loss, change too)"
+            )
         data = tokenize(cfg, corpus, tokenizer)
     dist.barrier()
     if not dist.main:

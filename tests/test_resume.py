@@ -240,6 +240,32 @@ def test_a_step_file_newer_than_checkpoint_pt_is_resumed_from(three_checkpoints,
     assert ckpt.read(run / rd.CHECKPOINT)[0]["step"] == 31
 
 
+def test_a_run_left_with_best_pt_alone_says_how_to_resume_from_it(three_checkpoints, tmp_path):
+    """'never saved one; start it again with --overwrite' - which deletes best.pt, a full checkpoint."""
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    for path in [run / rd.CHECKPOINT, *run.glob("step-*.pt")]:
+        path.unlink()
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=31")
+    assert result.returncode == 2 and f"only best.pt; to resume from it: cp {run / 'best.pt'}" in result.stderr
+    assert "--overwrite" not in result.stderr
+    (run / rd.CHECKPOINT).write_bytes((run / "best.pt").read_bytes())
+    assert run_cli("craft.train", "--resume", str(run), "train.max_steps=31").returncode == 0
+
+
+def test_a_corpus_that_changed_since_the_run_began_is_named_on_resume(three_checkpoints, tmp_path, small_corpus):
+    """The corpus grew between runs: its tokens were made again and training went on over other data
+    (another val split too) without a word - a resume that is no longer exact."""
+    run = copy_run(three_checkpoints, tmp_path / "run")
+    grown = tmp_path / "grown.txt"
+    grown.write_text(small_corpus.read_text() + "more text\n" * 100)
+    result = run_cli("craft.train", "--resume", str(run), "train.max_steps=31", f"data.path={grown}")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: the corpus {grown} changed since this run's tokens were made" in result.stdout
+    same = copy_run(three_checkpoints, tmp_path / "same")
+    result = run_cli("craft.train", "--resume", str(same), "train.max_steps=31")
+    assert result.returncode == 0 and "changed since" not in result.stdout, result.stderr
+
+
 def test_a_model_change_in_config_yaml_is_refused_on_resume(three_checkpoints, tmp_path):
     """model.context_length edited in config.yaml between runs: resumed with exit 0 and trained another
     model than its checkpoint's (the same change as an override is refused)."""
