@@ -374,22 +374,25 @@ def _write_tokens(corpus: Corpus, tokenizer: Tokenizer, path: Path, progress) ->
     return {"n_tokens": n_tokens, "n_documents": n_docs, "tokens_sha256": digest.hexdigest()}
 
 
-def tokens_intact(path: Path, info: dict) -> bool:
-    """Whether tokens.bin has data.json's length and (when recorded) SHA-256: a truncated or
-    modified file would silently train on other data."""
-    size = path.stat().st_size
-    if "n_tokens" in info and size != info["n_tokens"] * np.dtype(info["dtype"]).itemsize:
+def tokens_intact(path: Path, info: dict, vocab_size: int | None = None) -> bool:
+    """Whether tokens.bin has data.json's length and (when recorded) SHA-256, and only ids inside the
+    vocabulary (data.json's, or `vocab_size` where that is smaller): a truncated or modified file would
+    silently train on other data, and one whose hash was recomputed over ids past the vocabulary
+    indexed past the embedding (a traceback in training and in export). One read does both."""
+    size, dtype = path.stat().st_size, np.dtype(info["dtype"])
+    if size % dtype.itemsize or ("n_tokens" in info and size != info["n_tokens"] * dtype.itemsize):
         return False
-    if "tokens_sha256" not in info:  # no hash recorded: every id must at least be one of the tokenizer's
-        vocab = info.get("vocab_size")
-        if type(vocab) is not int or size == 0:
-            return True
-        return int(np.memmap(path, dtype=np.dtype(info["dtype"]), mode="r").max()) < vocab
-    digest = hashlib.sha256()
+    bound = info.get("vocab_size") if type(info.get("vocab_size")) is int else None
+    if vocab_size is not None:
+        bound = vocab_size if bound is None else min(bound, vocab_size)
+    recorded = info.get("tokens_sha256")
+    digest, largest = hashlib.sha256(), -1
     with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
+        while block := f.read(HASH_BLOCK):  # a multiple of every token size
             digest.update(block)
-    return digest.hexdigest() == info["tokens_sha256"]
+            if bound is not None:
+                largest = max(largest, int(np.frombuffer(block, dtype).max()))
+    return (bound is None or largest < bound) and (recorded is None or digest.hexdigest() == recorded)
 
 
 def open_tokens(run_dir: Path, info: dict, context_length: int) -> TokenData:
@@ -440,13 +443,14 @@ def val_tokens(run_dir: Path) -> np.ndarray | None:
     return None if split is None else split[1]
 
 
-def run_splits(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(train, val) splits of a run directory's token file, memory-mapped; None when it has none."""
+def run_splits(run_dir: Path, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train, val) splits of a run directory's token file, memory-mapped; None when it has none.
+    RunDirError unless it is intact (tokens_intact: ids inside `vocab_size` too, where given)."""
     tokens_path = Path(run_dir) / TOKENS
     info = read_info(Path(run_dir))
     if info is None or not tokens_path.is_file():
         return None
-    if not tokens_intact(tokens_path, info) or tokens_path.stat().st_size == 0:
+    if not tokens_intact(tokens_path, info, vocab_size) or tokens_path.stat().st_size == 0:
         raise RunDirError(
             f"{tokens_path} does not match {DATA_INFO} (its length, its SHA-256 or an id past the vocabulary): "
             f"it was truncated or replaced; rebuild it with craft-train --resume {run_dir}, "

@@ -91,7 +91,7 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         tokenizer = load_tokenizer(run_dir, cfg.tokenizer.kind)  # the run's kind: never a stray file of the other
         if tokenizer is not None:
             check_tokenizer(run_dir, tokenizer)
-        splits = run_splits(run_dir)
+        splits = run_splits(run_dir, cfg.model.vocab_size)  # an id past it: an IndexError in the quality check
     except (ConfigError, rd.RunDirError) as e:
         raise ExportError(str(e)) from None
     if tokenizer is None:
@@ -116,15 +116,6 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
         raise ExportError(
             f"{run_dir}'s tokenizer has {tokenizer.vocab_size} tokens, its model {cfg.model.vocab_size}: "
             "it is not this run's tokenizer; restore the run's own"
-        )
-    # ids past the model's vocabulary (a token file rewritten with its hash recomputed, or one that
-    # predates hashes) were an IndexError traceback in the calibration or the perplexity check
-    largest = max((int(part.max()) for part in splits or () if len(part)), default=-1)
-    if largest >= cfg.model.vocab_size:
-        raise ExportError(
-            f"{run_dir / rd.TOKENS} holds token id {largest}, past the model's vocabulary of {cfg.model.vocab_size}: "
-            f"it is not this run's token file; rebuild it (delete it, then craft-train --resume {run_dir}) or "
-            "delete it (the export then skips the quality check)"
         )
     try:  # a diverged or damaged checkpoint: HF and GGUF imports are refused for it, so is a run
         check_finite(state["model"], str(path), {})

@@ -214,6 +214,26 @@ def test_token_file_without_a_hash_must_hold_vocabulary_ids(tmp_path):
     assert not tokens_intact(path, info)
 
 
+def test_token_file_with_a_recomputed_hash_must_hold_vocabulary_ids(tmp_path):
+    """A hash recomputed over ids past the vocabulary passed as intact: resume died in a numpy broadcast
+    error, export in an IndexError. The ids are checked in the hash's own read, against data.json's
+    vocabulary or a smaller one the caller gives (the model's, where data.json lies)."""
+    import hashlib
+
+    from craft.data import TOKENS, tokens_intact
+
+    path = tmp_path / TOKENS
+    tokens = np.array([1, 2, 3, 1023], np.uint16)
+    tokens.tofile(path)
+    info = {"n_tokens": 4, "dtype": "uint16", "vocab_size": 1024, "tokens_sha256": hashlib.sha256(tokens).hexdigest()}
+    assert tokens_intact(path, info) and not tokens_intact(path, info, vocab_size=1000)
+    tokens[-1] = 60000
+    tokens.tofile(path)
+    info["tokens_sha256"] = hashlib.sha256(tokens).hexdigest()
+    assert not tokens_intact(path, info)
+    assert not tokens_intact(path, {**info, "vocab_size": 65535}, vocab_size=1024)
+
+
 def test_data_json_nested_past_the_stack_is_one_line(tmp_path):
     from craft.data import DATA_INFO, read_info
     from craft.run_dir import RunDirError

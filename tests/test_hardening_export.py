@@ -154,7 +154,7 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
         "tokenizer_swapped": "is not the tokenizer this run was trained with",
         "checkpoint_pickle": "data only",
         "tokens_unreadable": "Permission denied",
-        "tokens_past_the_vocabulary": "holds token id 60000, past the model's vocabulary",
+        "tokens_past_the_vocabulary": "does not match data.json (its length, its SHA-256 or an id past the vocabulary)",
         "checkpoint_float8": "weight 'tok_embeddings.weight' is float8_e4m3fn, not a float32/16 tensor",
         "checkpoint_complex": "weight 'tok_embeddings.weight' is complex64, not a float32/16 tensor",
         "checkpoint_config_list": "was trained with a different model config",
