@@ -19,6 +19,7 @@ from craft.runtime.command import (
     echo_stderr,
     printable,
     require_cwd,
+    settle,
 )
 from craft.runtime.weights import INT8, NONE, SCHEMES
 
@@ -148,9 +149,11 @@ def main(
             echo_stderr(f"craft-export: verification failed, nothing written: {printable(str(e))}")
             sys.exit(EXIT_VERIFY)
         print_report(report, output, out.echo)
+        settle()  # written: a signal from here on changes nothing (also caught below while this runs)
     except (KeyboardInterrupt, Terminated):  # 130 / 143 / 129 mean nothing was written: true until the rename
         if file_identity(output) in (None, before):
             raise
+        settle()
         echo_stderr(f"craft-export: a signal arrived after {printable(str(output))} was written; the file is complete")
 
 

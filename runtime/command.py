@@ -10,6 +10,7 @@ process exits with 143.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import signal
@@ -225,6 +226,24 @@ def _exit_signalled(prog: str, signalled: BaseException) -> None:
     sys.exit(128 + signum)
 
 
+CONSOLE = contextvars.ContextVar("craft_console", default=False)  # OneLineErrors runs as the process itself
+
+
+def settle() -> None:
+    """From here a console command's outcome stands: SIGINT, SIGTERM and SIGHUP are ignored. One arriving
+    during the interpreter's teardown (torch's takes half a second) killed the process or printed a
+    KeyboardInterrupt traceback from an atexit callback; one landing while they are set here is dropped.
+    Nothing where the command is embedded (main([...]) from a test or a program keeps its handlers)."""
+    if not CONSOLE.get():
+        return
+    for s in (signal.SIGINT, *TERMINATING_SIGNALS):
+        while signal.getsignal(s) is not signal.SIG_IGN:
+            try:
+                signal.signal(s, signal.SIG_IGN)
+            except (KeyboardInterrupt, Terminated):
+                pass
+
+
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
@@ -238,6 +257,7 @@ class OneLineErrors(click.Command):
                 signal.signal(s, _raise_terminated)
         thread_hook = threading.excepthook
         threading.excepthook = partial(_quiet_os_errors, thread_hook)
+        console = CONSOLE.set(args is None and main_thread)  # its console script: the process ends with it
         try:
             result = super().main(args=args, prog_name=prog_name, **kwargs)
         except click.UsageError as e:
@@ -268,13 +288,11 @@ class OneLineErrors(click.Command):
             sys.exit(EXIT_BAD_INPUT if e.errno == errno.ENAMETOOLONG else EXIT_OS_ERROR)  # a name the user gave
         finally:
             threading.excepthook = thread_hook
-            if args is None and main_thread:  # the process is the command (its console script): its outcome is
-                # settled, and a signal during the interpreter's teardown (torch's takes half a second) killed
-                # it or printed a KeyboardInterrupt traceback from an atexit callback after 'wrote ...'
-                for s in (*TERMINATING_SIGNALS, signal.SIGINT):
-                    signal.signal(s, signal.SIG_IGN)
+            if CONSOLE.get():
+                settle()
             else:  # embedded (a test, a program calling main([...])): its own handlers back
                 for s, handler in previous.items():
                     if handler is signal.SIG_DFL:
                         signal.signal(s, handler)
+            CONSOLE.reset(console)
         sys.exit(result if isinstance(result, int) else 0)
