@@ -244,6 +244,9 @@ def settle() -> None:
                 pass
 
 
+INFO_OPTIONS = frozenset(("-h", "--help", "--version"))  # the options that print to stdout and exit
+
+
 class OneLineErrors(click.Command):
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
@@ -258,6 +261,10 @@ class OneLineErrors(click.Command):
         thread_hook = threading.excepthook
         threading.excepthook = partial(_quiet_os_errors, thread_hook)
         console = CONSOLE.set(args is None and main_thread)  # its console script: the process ends with it
+        if sys.stdout is None and INFO_OPTIONS.intersection(sys.argv[1:] if args is None else args):
+            # fd 1 closed at start (>&-): click would print the help or version nowhere and exit 0
+            echo_error(prog, "stdout is closed, so there is nowhere to print that; run it without >&-")
+            sys.exit(EXIT_OS_ERROR)
         try:
             result = super().main(args=args, prog_name=prog_name, **kwargs)
         except click.UsageError as e:

@@ -182,6 +182,18 @@ def test_closed_stdout_or_stdin_is_one_line(char_int8, redirect, flags, words):
     one_line_error(result, 1 if redirect == ">&-" else 2, words)
 
 
+@pytest.mark.parametrize("module", ["craft.runtime.cli", "craft.export.cli", "craft.train"])
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_or_version_into_a_closed_stdout_is_an_error(module, flag):
+    """click printed them into the closed stream silently and exited 0, as if shown."""
+    result = subprocess.run(
+        ["bash", "-c", 'exec "$@" >&-', "_", sys.executable, "-m", module, flag], capture_output=True, timeout=120
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("craft-") and "error: stdout is closed" in stderr, stderr
+
+
 def test_flags_that_are_not_utf8_are_refused(char_int8):
     result = subprocess.run([*CRAFT_RUN, str(char_int8), "hi", "--stop", b"\xff", "-n", "3"], capture_output=True)
     one_line_error(result, 2, "--stop is not UTF-8")
