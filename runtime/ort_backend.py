@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 
 import numpy as np
@@ -60,6 +61,18 @@ def ort_installed() -> bool:
         return False
 
 
+def session_source(path: str | os.PathLike) -> str | bytes:
+    """What InferenceSession loads: the path, or the file's bytes where the path is not valid UTF-8
+    (a name with undecodable bytes, or any non-ASCII one under LC_ALL=C): onnxruntime takes only
+    paths it can encode, and raised a TypeError traceback for the rest."""
+    try:
+        str(path).encode("utf-8")
+        return str(path)
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            return f.read()
+
+
 class OrtBackend:
     name = "ort"
     use_pybind = True  # False forces the public-API path (tests compare the two)
@@ -87,7 +100,7 @@ class OrtBackend:
             # (sys.stdout is swapped process-wide while the session builds: another thread's prints
             # in that time are lost too - there is no narrower switch for onnxruntime's own print.)
             with contextlib.redirect_stdout(io.StringIO()):
-                self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(session_source(path), opts, providers=["CPUExecutionProvider"])
         except self._errors as e:
             out_of_memory(e, f"to load {path}")
             if "GroupQueryAttention" in str(e) and version_tuple(ort.__version__) < version_tuple(A.ORT_INPLACE_MIN):
@@ -119,16 +132,20 @@ class OrtBackend:
             from onnxruntime.capi import _pybind_state as C
 
             device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-            sess, self.binding = self.session._sess, binding._iobinding
-            self._bind_array = self.binding.bind_input
-            self._bind_output = lambda name: self.binding.bind_output(name, device)
-            self._run = lambda: sess.run_with_iobinding(self.binding, None)
+            # the closures hold the objects they call, never self: a cycle through self kept a dropped
+            # Generator's session (weights, threads, cache) alive until the cyclic garbage collector ran
+            sess, raw = self.session._sess, binding._iobinding
+            self.binding = raw
+            self._bind_array = raw.bind_input
+            self._bind_output = lambda name: raw.bind_output(name, device)
+            self._run = lambda: sess.run_with_iobinding(raw, None)
             self._ortvalue = lambda array: ort.OrtValue.ortvalue_from_numpy(array)._get_c_value()
         except (ImportError, AttributeError):
             self.binding = binding
             self._bind_array = binding.bind_cpu_input
             self._bind_output = lambda name: binding.bind_output(name, "cpu")
-            self._run = lambda: self.session.run_with_iobinding(binding)
+            session = self.session
+            self._run = lambda: session.run_with_iobinding(binding)
             self._ortvalue = ort.OrtValue.ortvalue_from_numpy
         # logits_to_keep (format version 3 on): [1] runs the head on a step's last position alone,
         # [0] on all of them; None for an older file, whose logits always cover every position. An

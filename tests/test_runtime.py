@@ -582,3 +582,40 @@ def test_a_file_replaced_while_loading_is_named_as_such(
     monkeypatch.setattr(G.Generator, "_load_backend", replaced_first)
     with pytest.raises(ArtifactError, match=r"live.onnx changed while it was loading \(rewritten or replaced\)"):
         Generator(live, backend=backend)
+
+
+@pytest.mark.parametrize("use_pybind", [True, False])
+def test_a_dropped_ort_generator_frees_its_session_at_once(char_int8, monkeypatch, use_pybind):
+    """The backend's closures held self: a reference cycle kept the session (weights, threads, KV-cache)
+    alive after `del` until the cyclic garbage collector ran - a server's reload held two models."""
+    import gc
+    import weakref
+
+    from craft.runtime.ort_backend import OrtBackend
+
+    monkeypatch.setattr(OrtBackend, "use_pybind", use_pybind)
+    gen = Generator(char_int8, threads=1)
+    gen.generate("ROMEO:", SamplingParams(max_new_tokens=4, temperature=0))
+    backend = weakref.ref(gen.backend)
+    gc.disable()
+    try:
+        del gen
+        assert backend() is None
+    finally:
+        gc.enable()
+
+
+def test_a_model_path_that_is_not_utf8_loads_on_both_backends(char_int8, generators, tmp_path):
+    """onnxruntime takes only paths it can encode as UTF-8: a name with an undecodable byte was a
+    TypeError traceback from InferenceSession; the numpy backend read it all along."""
+    import os
+    import shutil
+
+    path = os.fsdecode(os.fsencode(tmp_path) + b"/model\xff.onnx")
+    shutil.copyfile(char_int8, path)
+    expected = generators[("char_int8", "ort")].generate("ROMEO:", SamplingParams(max_new_tokens=20, temperature=0))
+    for backend in ("ort", "numpy"):
+        got = Generator(path, backend=backend, threads=1).generate(
+            "ROMEO:", SamplingParams(max_new_tokens=20, temperature=0)
+        )
+        assert got.token_ids == expected.token_ids, backend
