@@ -307,7 +307,8 @@ def build_model_proto(
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
     what = f"step {run.step}" if run.source_kind == RUN else f"{run.architecture} from {run.source_kind}"
-    proto.doc_string = f"Craft {__version__} export of {run.run_dir.name} ({what}); metadata keys 'craft.*' describe it"
+    name = os.fsencode(run.run_dir.name).decode("utf-8", "backslashreplace")  # protobuf strings are UTF-8
+    proto.doc_string = f"Craft {__version__} export of {name} ({what}); metadata keys 'craft.*' describe it"
     return proto, ops
 
 

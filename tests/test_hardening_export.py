@@ -917,3 +917,15 @@ def test_output_dash_and_an_overlong_source_are_bad_input(char_run, tmp_path):
     without -o and 2 with it."""
     assert_one_line(run_cli("craft.export.cli", str(char_run), "-o", "-"), 2, "writes a file, not stdout")
     assert_one_line(run_cli("craft.export.cli", str(tmp_path / ("a" * 300))), 2, "File name too long")
+
+
+def test_a_run_directory_whose_name_is_not_utf8_exports(char_run, tmp_path):
+    """Its name goes into the file's doc_string, a protobuf string: UTF-8 only (was a UnicodeEncodeError
+    traceback). Output paths may be any bytes too."""
+    from craft.export.exporter import export
+
+    source = os.fsdecode(os.fsencode(tmp_path) + b"/run\xfd")
+    shutil.copytree(char_run, source)
+    output = os.fsdecode(os.fsencode(tmp_path) + b"/out\xfe.onnx")
+    export(Path(source), Path(output), quantize="int8", log=lambda *a: None)
+    assert load_artifact(output).quantization == "int8"
