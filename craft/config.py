@@ -147,7 +147,10 @@ class Config:
 def resolve_config_path(name_or_path: str) -> Path:
     """A preset name ("tiny") or a path to a YAML file."""
     path = Path(name_or_path)
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if path.suffix in (".yaml", ".yml") or os.path.lexists(path):  # lexists: a dangling or looping link is a path
+        if not path.is_file() and path.suffix == "" and os.sep not in name_or_path and preset.is_file():
+            return preset  # a directory that happens to be called "tiny" (a run's out_dir) is no config file
         if not path.is_file():
             if path.exists():
                 what = "is not a regular file"
@@ -157,7 +160,6 @@ def resolve_config_path(name_or_path: str) -> Path:
                 what = "does not exist"
             raise ConfigError(f"config file {path} {what}; pass a YAML path or a preset: {', '.join(list_presets())}")
         return path
-    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
         hint = difflib.get_close_matches(name_or_path, list_presets(), n=1)
         fix = f"did you mean '{hint[0]}'?" if hint else f"presets are: {', '.join(list_presets())}"

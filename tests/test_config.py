@@ -188,6 +188,21 @@ def test_config_that_is_not_a_regular_file(tmp_path):
             load_config(str(path))
 
 
+def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """craft-train with no -c in a folder holding a run called "tiny" was refused ("config file tiny
+    is not a regular file"): a bare name that is not a file there is the preset."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "small").write_text("model:\n  dim: 64\n")  # a file by that name still wins: it is a path
+    monkeypatch.chdir(tmp_path)
+    assert (
+        load_config("tiny").model
+        == load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml")).model
+    )
+    assert load_config("small").model.dim == 64
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config("./tiny")  # a path, not a name
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     path = write(tmp_path / "c.yaml", "model:\n  dim: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml line \d+: not valid YAML"):
