@@ -11,13 +11,33 @@ from typing import Callable
 EXIT_INTERRUPTED = 130  # craft.runtime.command's, which this module must not import (it loads click)
 
 
-def imported(load: Callable[[], Callable[[], None]]) -> Callable[[], None]:
-    """load(), the command's main; a Ctrl-C while it imports ends the process with exit 130."""
+EXIT_OS_ERROR = 1
+# How a native library says it ran out of memory (ulimit -v, a full machine) as it loads or starts a
+# thread, at the end of its message: dlopen, std::bad_alloc through pybind11, pthread_create's ENOMEM
+MEMORY_FAILURES = ("failed to map segment from shared object", "bad_alloc", "Cannot allocate memory")
+
+
+def memory_failure(error: BaseException) -> bool:
+    """Whether `error` is a native library's out-of-memory (not a name quoted mid-message)."""
+    return isinstance(error, MemoryError) or str(error).rstrip().endswith(MEMORY_FAILURES)
+
+
+def imported(load: Callable[[], Callable[[], None]], prog: str) -> Callable[[], None]:
+    """load(), the command's main; a Ctrl-C while it imports ends the process with exit 130, too
+    little memory to load its libraries with one line and exit 1."""
     try:
         return load()
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         sys.exit(EXIT_INTERRUPTED)
+    except ImportError as e:
+        if not memory_failure(e):
+            raise
+        sys.stderr.write(
+            f"{prog}: error: out of memory loading its libraries ({str(e).strip()[-120:]}); "
+            "close other programs or raise the memory limit (ulimit -v)\n"
+        )
+        sys.exit(EXIT_OS_ERROR)
 
 
 def load_train() -> Callable[[], None]:
@@ -47,12 +67,12 @@ def load_run() -> Callable[[], None]:
 
 
 def train() -> None:
-    imported(load_train)()
+    imported(load_train, "craft-train")()
 
 
 def export() -> None:
-    imported(load_export)()
+    imported(load_export, "craft-export")()
 
 
 def run() -> None:
-    imported(load_run)()
+    imported(load_run, "craft-run")()

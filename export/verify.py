@@ -20,6 +20,7 @@ import torch
 
 from craft.export.sources import RUN
 from craft.runtime import artifact as A
+from craft.runtime.ort_backend import out_of_memory
 
 FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 for logits up to LOGIT_SCALE (rounding is ~1e-6 there)
 LOGIT_SCALE = 10.0  # larger logits (a pretrained 135M model reaches ~35) scale the tolerance in proportion
@@ -53,7 +54,11 @@ def ort_session(model_bytes: bytes, threads: int = 0):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # under a memory limit: its threads cannot start (pthread_create), or bad_alloc
+        out_of_memory(e, "to verify the export")
+        raise
 
 
 def ort_forward(

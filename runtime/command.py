@@ -21,6 +21,8 @@ from functools import partial
 
 import click
 
+from craft.entry import memory_failure
+
 EXIT_OS_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 _FIXES = {
@@ -282,6 +284,10 @@ class OneLineErrors(click.Command):
             if signalled is None:
                 if isinstance(e, ModuleNotFoundError):
                     echo_error(prog, missing_package(e))
+                    sys.exit(EXIT_OS_ERROR)
+                if memory_failure(e):  # a library imported lazily (onnxruntime, torch) under a memory limit
+                    detail = " ".join(str(e).split())[-120:]
+                    echo_error(prog, f"out of memory loading its libraries ({detail}); close other programs")
                     sys.exit(EXIT_OS_ERROR)
                 raise
             _exit_signalled(prog, signalled)

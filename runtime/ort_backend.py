@@ -30,6 +30,7 @@ import re
 
 import numpy as np
 
+from craft.entry import memory_failure
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
 from craft.runtime.estimate import usable_cpus
@@ -333,7 +334,7 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 def out_of_memory(error: BaseException, doing: str) -> None:
     """Raise MemoryError where ONNX Runtime failed for want of memory (its std::bad_alloc, which
     pybind11 turns into MemoryError or quotes in its own exception), not for a damaged file."""
-    if isinstance(error, MemoryError) or str(error).rstrip().endswith("bad_alloc"):  # not a name quoted mid-message
+    if memory_failure(error):
         raise MemoryError(f"ONNX Runtime could not allocate the memory {doing}") from None
 
 

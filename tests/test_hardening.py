@@ -894,3 +894,49 @@ def test_a_deleted_current_directory_is_one_line(tmp_path, small_corpus):
         preexec_fn=lambda: os.rmdir(gone),  # runs in the child after its chdir: the directory goes under it
     )
     assert_one_line(result, "craft-train", 1, "the current directory no longer exists")
+
+
+NATIVE_OUT_OF_MEMORY = [  # measured under ulimit -v: torch's and onnxruntime's imports, ORT starting its threads
+    "libtorch_cpu.so: failed to map segment from shared object",
+    "Exception caught: std::bad_alloc",
+    "pthread_create failed, error code: 12 error msg: Cannot allocate memory",
+]
+
+
+@pytest.mark.parametrize("message", NATIVE_OUT_OF_MEMORY)
+def test_a_library_that_cannot_load_for_want_of_memory_is_one_line(message, capsys):
+    """Under a memory limit the imports of torch / onnxruntime raised ImportError tracebacks (the entry
+    points, and onnxruntime's lazy import inside a command); now "out of memory", exit 1."""
+    import click
+
+    from craft.entry import imported, memory_failure
+    from craft.runtime.command import OneLineErrors
+
+    assert memory_failure(ImportError(message)) and not memory_failure(ImportError(f"{message} in model 'x.onnx'"))
+
+    def load():
+        raise ImportError(message)
+
+    with pytest.raises(SystemExit) as e:
+        imported(load, "craft-x")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("craft-x: error: out of memory"), err
+
+    @click.command(cls=OneLineErrors)
+    def command():
+        raise ImportError(message)
+
+    with pytest.raises(SystemExit) as e:
+        command.main(args=[], prog_name="craft-y")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("craft-y: error: out of memory"), err
+
+
+def test_an_import_that_fails_for_another_reason_is_not_called_memory():
+    from craft.entry import imported
+
+    def load():
+        raise ImportError("cannot import name 'main' from 'craft.train'")
+
+    with pytest.raises(ImportError, match="cannot import name"):
+        imported(load, "craft-x")
