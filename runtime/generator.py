@@ -221,6 +221,7 @@ class Generator:
         self._claim_lock = threading.RLock()
         self._owner: int | None = None
         self._claims = 0
+        self._stepping = threading.Lock()  # held while a generation runs the backend (between its yields)
         self.load_s = time.perf_counter() - t0
         self.last_stats: Stats | None = None
 
@@ -326,7 +327,30 @@ class Generator:
         self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int = 0
     ) -> Iterator[list[int]]:
         """Yield, per step, the next token of every row (left-padded batch, one RNG per row seeded alike).
-        cached: a single row's first tokens that are already in the cache (self.cached_ids): not prefilled again."""
+        cached: a single row's first tokens that are already in the cache (self.cached_ids): not prefilled again.
+
+        Each step runs holding self._stepping. A stream may be stepped in another thread than the one
+        that started it (a thread pool's worker), so the claim's owner thread could start a second
+        generation while that step ran: the two in one backend at once corrupted the heap (ONNX Runtime)
+        or the text (numpy). Whichever comes second is refused before it touches anything."""
+        steps = self._unguarded_steps(batch, params, stats, t0, cached)
+        while True:
+            if not self._stepping.acquire(blocking=False):
+                raise GenerationError(
+                    "another generation on this Generator is running a step in another thread; a Generator "
+                    "is not thread-safe - finish one stream before the next, or use one Generator per thread"
+                )
+            try:
+                tokens = next(steps, None)
+            finally:
+                self._stepping.release()
+            if tokens is None:
+                return
+            yield tokens
+
+    def _unguarded_steps(
+        self, batch: list[list[int]], params: SamplingParams, stats: Stats, t0: float, cached: int
+    ) -> Iterator[list[int]]:
         max_new_tokens = params.max_new_tokens
         if max_new_tokens == 0:
             return

@@ -619,3 +619,36 @@ def test_a_model_path_that_is_not_utf8_loads_on_both_backends(char_int8, generat
             "ROMEO:", SamplingParams(max_new_tokens=20, temperature=0)
         )
         assert got.token_ids == expected.token_ids, backend
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_a_stream_stepped_in_another_thread_refuses_a_concurrent_generation(char_int8, backend):
+    """The claim belongs to the thread that started a stream; a worker stepping it while that thread
+    began another generation ran two in one backend at once: heap corruption (ort) or wrong text (numpy)."""
+    import threading
+
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    expected = Generator(char_int8, backend=backend, threads=1).generate("ROMEO:", greedy).text
+    gen = Generator(char_int8, backend=backend, threads=1)
+    stream = gen.stream("ROMEO:", greedy)
+    pieces = [next(stream)]  # started (and claimed) in this thread
+    inside, release = threading.Event(), threading.Event()
+    forward = gen.backend.forward
+
+    def slow_forward(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            release.wait(30)
+        return forward(*args, **kwargs)
+
+    gen.backend.forward = slow_forward
+    worker = threading.Thread(target=lambda: pieces.extend(stream))
+    worker.start()
+    assert inside.wait(30)  # the worker is in the middle of a step
+    with pytest.raises(GenerationError, match="running a step in another thread"):
+        gen.generate("JULIET:", greedy)
+    release.set()
+    worker.join(30)
+    assert "".join(pieces) == expected  # the refused call touched nothing
+    gen.backend.forward = forward
+    assert gen.generate("ROMEO:", greedy).text == expected
