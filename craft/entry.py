@@ -12,14 +12,6 @@ EXIT_INTERRUPTED = 130  # craft.runtime.command's, which this module must not im
 
 
 EXIT_OS_ERROR = 1
-# How a native library says it ran out of memory (ulimit -v, a full machine) as it loads or starts a
-# thread, at the end of its message: dlopen, std::bad_alloc through pybind11, pthread_create's ENOMEM
-MEMORY_FAILURES = ("failed to map segment from shared object", "bad_alloc", "Cannot allocate memory")
-
-
-def memory_failure(error: BaseException) -> bool:
-    """Whether `error` is a native library's out-of-memory (not a name quoted mid-message)."""
-    return isinstance(error, MemoryError) or str(error).rstrip().endswith(MEMORY_FAILURES)
 
 
 def imported(load: Callable[[], Callable[[], None]], prog: str) -> Callable[[], None]:
@@ -31,6 +23,10 @@ def imported(load: Callable[[], Callable[[], None]], prog: str) -> Callable[[], 
         sys.stderr.write("\ninterrupted\n")
         sys.exit(EXIT_INTERRUPTED)
     except ImportError as e:
+        try:  # only now: click, which the runtime's module loads, is what this module must not import early
+            from craft.runtime.command import memory_failure
+        except ImportError:
+            raise e from None
         if not memory_failure(e):
             raise
         sys.stderr.write(

@@ -21,8 +21,6 @@ from functools import partial
 
 import click
 
-from craft.entry import memory_failure
-
 EXIT_OS_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 _FIXES = {
@@ -244,6 +242,16 @@ def settle() -> None:
                 signal.signal(s, signal.SIG_IGN)
             except (KeyboardInterrupt, Terminated):
                 pass
+
+
+# How a native library says it ran out of memory (ulimit -v, a full machine) as it loads or starts a
+# thread, at the end of its message: dlopen, std::bad_alloc through pybind11, pthread_create's ENOMEM
+MEMORY_FAILURES = ("failed to map segment from shared object", "bad_alloc", "Cannot allocate memory")
+
+
+def memory_failure(error: BaseException) -> bool:
+    """Whether `error` is a native library's out-of-memory (not a name quoted mid-message)."""
+    return isinstance(error, MemoryError) or str(error).rstrip().endswith(MEMORY_FAILURES)
 
 
 INFO_OPTIONS = frozenset(("-h", "--help", "--version"))  # the options that print to stdout and exit

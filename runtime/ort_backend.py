@@ -30,7 +30,6 @@ import re
 
 import numpy as np
 
-from craft.entry import memory_failure
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
 from craft.runtime.estimate import usable_cpus
@@ -334,6 +333,8 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 def out_of_memory(error: BaseException, doing: str) -> None:
     """Raise MemoryError where ONNX Runtime failed for want of memory (its std::bad_alloc, which
     pybind11 turns into MemoryError or quotes in its own exception), not for a damaged file."""
+    from craft.runtime.command import memory_failure  # on the error path only: the API need not load click
+
     if memory_failure(error):
         raise MemoryError(f"ONNX Runtime could not allocate the memory {doing}") from None
 

@@ -909,8 +909,8 @@ def test_a_library_that_cannot_load_for_want_of_memory_is_one_line(message, caps
     points, and onnxruntime's lazy import inside a command); now "out of memory", exit 1."""
     import click
 
-    from craft.entry import imported, memory_failure
-    from craft.runtime.command import OneLineErrors
+    from craft.entry import imported
+    from craft.runtime.command import OneLineErrors, memory_failure
 
     assert memory_failure(ImportError(message)) and not memory_failure(ImportError(f"{message} in model 'x.onnx'"))
 

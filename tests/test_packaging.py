@@ -206,3 +206,20 @@ def test_runtime_modules_import_with_torch_blocked():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_runtime_imports_only_its_own_package_from_craft():
+    """A device installs craft/__init__.py and runtime/ alone (scripts/devices stages exactly that): a
+    runtime module importing craft.entry made every emulated-ARM run fail with ModuleNotFoundError."""
+    import ast
+
+    outside = []
+    for path in sorted((REPO / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            outside += [
+                f"{path.name}: {n}" for n in names if n.startswith("craft.") and not n.startswith("craft.runtime")
+            ]
+    assert not outside, outside

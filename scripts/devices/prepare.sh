@@ -75,14 +75,26 @@ stage_end() { # $1 = note (cached/built)
 
 # ---------------------------------------------------------------- tools
 stage_begin tools
-need_install=()
-command -v "$QEMU" >/dev/null 2>&1 || need_install+=(qemu-user-static)
-command -v debootstrap >/dev/null 2>&1 || need_install+=(debootstrap)
-command -v wget >/dev/null 2>&1 || need_install+=(wget)
+missing_tools() {
+  need_install=()
+  command -v "$QEMU" >/dev/null 2>&1 || need_install+=(qemu-user-static)
+  command -v debootstrap >/dev/null 2>&1 || need_install+=(debootstrap)
+  command -v wget >/dev/null 2>&1 || need_install+=(wget)
+}
+missing_tools
 if ((${#need_install[@]})); then
   if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
     skip "missing ${need_install[*]} and cannot apt-get install (need root + apt)"
   fi
+  # check.py runs prepare.sh for both arches at once: on a fresh machine both apt-get installs ran
+  # together, one lost dpkg's lock and the whole device check was skipped. One at a time, and what
+  # the other installed meanwhile is not installed again.
+  mkdir -p "$CACHE_ROOT"
+  exec 8>"$CACHE_ROOT/apt.lock"
+  command -v flock >/dev/null 2>&1 && flock 8
+  missing_tools
+fi
+if ((${#need_install[@]})); then
   log "apt-get install ${need_install[*]}"
   export DEBIAN_FRONTEND=noninteractive
   if ! apt-get install -y -qq --no-install-recommends "${need_install[@]}" >/dev/null 2>&1; then
@@ -97,6 +109,7 @@ if ((${#need_install[@]})); then
 else
   stage_end "present"
 fi
+exec 8>&- # the other arch's apt-get may go on
 [[ $(id -u) -eq 0 ]] || skip "debootstrap needs root (uid $(id -u))"
 command -v dpkg-deb >/dev/null 2>&1 || skip "dpkg-deb not found"
 command -v flock >/dev/null 2>&1 || skip "flock not found"
