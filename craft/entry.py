@@ -8,10 +8,7 @@ installs its handler, the default one ends the process without a traceback.)"""
 import sys
 from typing import Callable
 
-EXIT_INTERRUPTED = 130  # craft.runtime.command's, which this module must not import (it loads click)
-
-
-EXIT_OS_ERROR = 1
+EXIT_INTERRUPTED = 130  # craft.runtime.command's, which this module imports only once loading failed (click)
 
 
 def imported(load: Callable[[], Callable[[], None]], prog: str) -> Callable[[], None]:
@@ -24,16 +21,12 @@ def imported(load: Callable[[], Callable[[], None]], prog: str) -> Callable[[], 
         sys.exit(EXIT_INTERRUPTED)
     except ImportError as e:
         try:  # only now: click, which the runtime's module loads, is what this module must not import early
-            from craft.runtime.command import memory_failure
+            from craft.runtime.command import exit_out_of_memory_loading, memory_failure
         except ImportError:
             raise e from None
         if not memory_failure(e):
             raise
-        sys.stderr.write(
-            f"{prog}: error: out of memory loading its libraries ({str(e).strip()[-120:]}); "
-            "close other programs or raise the memory limit (ulimit -v)\n"
-        )
-        sys.exit(EXIT_OS_ERROR)
+        exit_out_of_memory_loading(prog, e)
 
 
 def load_train() -> Callable[[], None]:

@@ -18,6 +18,7 @@ import sys
 import threading
 import unicodedata
 from functools import partial
+from typing import NoReturn
 
 import click
 
@@ -254,6 +255,13 @@ def memory_failure(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or str(error).rstrip().endswith(MEMORY_FAILURES)
 
 
+def exit_out_of_memory_loading(prog: str, error: BaseException) -> NoReturn:
+    """One line and exit 1 for a library that could not load for want of memory (memory_failure)."""
+    detail = " ".join(str(error).split())[-120:]
+    echo_error(prog, f"out of memory loading its libraries ({detail}); close other programs or raise ulimit -v")
+    sys.exit(EXIT_OS_ERROR)
+
+
 INFO_OPTIONS = frozenset(("-h", "--help", "--version"))  # the options that print to stdout and exit
 
 
@@ -294,9 +302,7 @@ class OneLineErrors(click.Command):
                     echo_error(prog, missing_package(e))
                     sys.exit(EXIT_OS_ERROR)
                 if memory_failure(e):  # a library imported lazily (onnxruntime, torch) under a memory limit
-                    detail = " ".join(str(e).split())[-120:]
-                    echo_error(prog, f"out of memory loading its libraries ({detail}); close other programs")
-                    sys.exit(EXIT_OS_ERROR)
+                    exit_out_of_memory_loading(prog, e)
                 raise
             _exit_signalled(prog, signalled)
         except MemoryError as e:  # numpy's names the array; a bare one (file.read) says nothing
