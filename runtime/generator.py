@@ -434,11 +434,23 @@ class Generator:
         ids = self.encode_prompt(prompt, sampling.max_new_tokens, truncate)
         yield from self._stream_ids(ids, sampling, t0)
 
-    def _stream_ids(
-        self, ids: list[int], sampling: SamplingParams, t0: float, cached: int = 0, reply: bool = False
-    ) -> Iterator[str]:
+    def _stream_ids(self, ids: list[int], sampling: SamplingParams, t0: float, chat: bool = False) -> Iterator[str]:
+        """chat: reuse the cache's prefix of ids (decided under the claim: another thread's generation may
+        have replaced the cache since ids were rendered) and treat the text as a reply (Continuation)."""
         with self._claimed():
-            yield from self._stream_claimed(ids, sampling, t0, cached, reply)
+            yield from self._stream_claimed(ids, sampling, t0, self._reusable(ids) if chat else 0, chat)
+
+    def _complete(self, ids: list[int], sampling: SamplingParams, t0: float, chat: bool = False) -> Completion:
+        """_stream_ids joined, with this generation's ids and stats: read under the same claim, as
+        last_token_ids / last_stats may be another thread's once it is released."""
+        with self._claimed():
+            text = "".join(self._stream_ids(ids, sampling, t0, chat))
+            return Completion(text, list(self.last_token_ids), self.last_stats)
+
+    def _reusable(self, ids: list[int]) -> int:
+        """How many of ids' first tokens the cache already holds (chat.reusable_prefix)."""
+        rewinds = self.spec.arch != RECURRENT  # a recurrent state cannot forget its last tokens
+        return C.reusable_prefix(self.cached_ids, ids, self.backend.cache_length, rewinds)
 
     def _stream_claimed(
         self, ids: list[int], sampling: SamplingParams, t0: float, cached: int, reply: bool
@@ -469,8 +481,9 @@ class Generator:
         self, prompt: str, sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
     ) -> Completion:
         """The whole completion at once (same arguments as stream)."""
-        text = "".join(self.stream(prompt, sampling, truncate=truncate))
-        return Completion(text, list(self.last_token_ids), self.last_stats)
+        t0 = time.perf_counter()
+        check_sampling(sampling)
+        return self._complete(self.encode_prompt(prompt, sampling.max_new_tokens, truncate), sampling, t0)
 
     def generate_batch(
         self, prompts: Sequence[str], sampling: SamplingParams = SamplingParams(), *, truncate: bool = False
@@ -525,6 +538,12 @@ class Generator:
         the cache from the previous call - the conversation so far - are not prefilled again: a turn
         costs only its new tokens. `variables` go to the template (tools, documents, ...)."""
         t0 = time.perf_counter()
+        # the reply as a text of its own: Llama-2 / Mistral-style tokenizers' leading space dropped (as
+        # transformers decodes it), so that the history re-renders to the tokens the model produced
+        yield from self._stream_ids(self._chat_ids(messages, sampling, variables), sampling, t0, chat=True)
+
+    def _chat_ids(self, messages: Sequence[dict], sampling: SamplingParams, variables: dict) -> list[int]:
+        """The conversation's prompt ids through the chat template, checked against the context."""
         check_sampling(sampling)
         if not isinstance(messages, (list, tuple)):
             raise TypeError(f"messages must be a list of dicts ('role', 'content'), got {type(messages).__name__}")
@@ -539,15 +558,11 @@ class Generator:
         ids = C.chat_ids(self.artifact, self.tokenizer, messages, **variables)
         if len(ids) >= self.context_length:
             raise C.ContextFull(f"the conversation is {len(ids)} tokens but {self._context_text()}; {fix}")
-        rewinds = self.spec.arch != RECURRENT  # a recurrent state cannot forget its last tokens
-        cached = C.reusable_prefix(self.cached_ids, ids, self.backend.cache_length, rewinds)
-        # the reply as a text of its own: Llama-2 / Mistral-style tokenizers' leading space dropped (as
-        # transformers decodes it), so that the history re-renders to the tokens the model produced
-        yield from self._stream_ids(ids, sampling, t0, cached, reply=True)
+        return ids
 
     def generate_chat(
         self, messages: Sequence[dict], sampling: SamplingParams = SamplingParams(), **variables
     ) -> Completion:
         """The whole reply at once (same arguments as chat)."""
-        text = "".join(self.chat(messages, sampling, **variables))
-        return Completion(text, list(self.last_token_ids), self.last_stats)
+        t0 = time.perf_counter()
+        return self._complete(self._chat_ids(messages, sampling, variables), sampling, t0, chat=True)

@@ -643,6 +643,38 @@ def test_a_stream_stepped_from_two_threads_frees_the_generator(models):
     assert again and again[0].token_ids == gen.generate("hello there", GREEDY).token_ids
 
 
+@pytest.mark.parametrize("call", ["generate", "generate_chat"])
+def test_generate_returns_its_own_ids_when_another_thread_generates_right_after(models, call):
+    """generate() and generate_chat() read last_token_ids / last_stats after their stream had released
+    the Generator: a generation that another thread began in that gap made them return its ids and stats."""
+    import contextlib
+    import threading
+
+    def run(g: Generator, prompt: str, tokens: int):
+        params = SamplingParams(max_new_tokens=tokens, temperature=0)
+        if call == "generate":
+            return g.generate(prompt, params)
+        return g.generate_chat([{"role": "user", "content": prompt}], params)
+
+    expected = run(Generator(models["long"], threads=1), "hello there", 3)  # its answers never end
+    gen = Generator(models["long"], threads=1)
+    claimed, other = gen._claimed, []
+
+    @contextlib.contextmanager
+    def claimed_then_another_thread():
+        with claimed():
+            yield
+        if threading.current_thread() is threading.main_thread() and not gen._claims and not other:
+            worker = threading.Thread(target=lambda: other.append(run(gen, "good bye", 9)))
+            worker.start()
+            worker.join(60)
+
+    gen._claimed = claimed_then_another_thread
+    got = run(gen, "hello there", 3)
+    assert len(other[0].token_ids) == 9  # the other thread generated as soon as this call's claim ended
+    assert got.token_ids == expected.token_ids and got.stats.generated_tokens == 3
+
+
 def test_one_generator_in_two_threads_fails_clearly(models, tmp_path):
     """Two threads inside one ONNX Runtime IOBinding corrupted the heap: 'double free or corruption',
     the process aborted. In a child process, so that the old behaviour fails the test, not pytest."""
