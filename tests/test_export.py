@@ -273,6 +273,17 @@ def test_the_stored_report_gives_the_files_own_size(char_run, tmp_path, quantize
     assert len(stored["calibration_sha256"]) == 64 if quantize == "int8" else "calibration_sha256" not in stored
 
 
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_same_export_gives_the_same_bytes(char_run, tmp_path, quantize):
+    """The stored report held the export's and the calibration's wall-clock seconds, so two exports of
+    one run differed (in those digits only); they are printed and returned, not stored."""
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    returned = export(char_run, first, quantize=quantize, log=lambda *a: None)
+    export(char_run, second, quantize=quantize, log=lambda *a: None)
+    assert first.read_bytes() == second.read_bytes()
+    assert returned["export_s"] > 0 and ("calibration_s" in returned) == (quantize == "int8")
+
 def test_export_from_inside_the_run_directory(char_run, tmp_path, monkeypatch):
     """The run's config.yaml names its own directory, the current one here: refused as 'out_dir is the
     current or the root directory', a check meant for craft-train's new runs."""
