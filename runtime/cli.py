@@ -198,7 +198,7 @@ def write(text: str) -> None:
     cls=Field,
     multiple=True,
     metavar="STR",
-    help="Stop when the text produces STR (not printed); repeatable; \\n and \\t mean newline and tab.",
+    help="Stop when the text produces STR (not printed); repeatable (up to 256); \\n and \\t mean newline and tab.",
 )
 @click.option(
     "--backend",

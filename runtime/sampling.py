@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+MAX_STOP_STRINGS = 256  # each is searched for after every token: 10^5 of them took 0.1 s a token
 
 
 class SamplingError(ValueError):
@@ -53,6 +54,10 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise SamplingError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
+            try:  # a Python float from here: 10**30 broke np.isfinite, a longdouble 1e-4000 math.log, a float64
+                object.__setattr__(self, name, float(value))  # 1e-320 overflowed in numpy's scalar division
+            except OverflowError:
+                raise SamplingError(f"--{name.replace('_', '-')} is out of range, got {value!r}") from None
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise SamplingError(
                 f"--max-new-tokens must be >= 0 (an integer; 0 generates none), got {self.max_new_tokens!r}"
@@ -78,6 +83,8 @@ class SamplingParams:
             raise SamplingError(f"--stop takes a string or a list of strings, got {self.stop!r}") from None
         if not all(isinstance(s, str) for s in stop):
             raise SamplingError(f"--stop takes strings, got {stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise SamplingError(f"--stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop):,}")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))  # an empty string would stop at once: ignored
 
     @property

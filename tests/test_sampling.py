@@ -166,6 +166,10 @@ def test_stop_is_a_tuple_of_non_empty_strings():
         (dict(max_new_tokens=True), "--max-new-tokens must be >= 0"),
         (dict(seed=-1), "--seed must be an integer >= 0"),
         (dict(stop=["ok", 3]), "--stop takes strings"),
+        (dict(temperature=10**400), "--temperature is out of range"),
+        (dict(repetition_penalty=-(10**400)), "--repetition-penalty is out of range"),
+        (dict(temperature=10**30, top_p=2**70), r"--top-p must be in \(0, 1\]"),  # 10**30 is a temperature
+        (dict(stop=[f"s{i}" for i in range(257)]), "--stop takes at most 256 strings, got 257"),
     ],
 )
 def test_sampling_arguments_are_validated(kwargs, pattern):
@@ -212,3 +216,20 @@ def test_stop_that_is_not_strings_and_unsigned_counts():
             SamplingParams(stop=bad)
     p = SamplingParams(max_new_tokens=np.uint8(0), top_k=np.uint16(3), seed=np.uint32(7))
     assert (type(p.max_new_tokens), type(p.top_k), type(p.seed)) == (int, int, int) and p.max_new_tokens - 1 == -1
+
+
+@pytest.mark.filterwarnings("error")  # numpy's overflow warnings became errors: none may be raised
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=np.float64(1e-320)),  # numpy's scalar division overflowed (a warning)
+        dict(temperature=np.float32(1e-45)),
+        dict(min_p=np.longdouble("1e-4000")),  # passed the check as > 0, then math.log(0): "math domain error"
+        dict(temperature=10**30, repetition_penalty=10**30),  # np.isfinite(int) raised a numpy TypeError
+    ],
+)
+def test_numpy_and_huge_numbers_are_python_floats(kwargs):
+    params = SamplingParams(top_k=0, top_p=1.0, **kwargs)
+    assert all(type(getattr(params, name)) is float for name in kwargs)
+    logits = np.array([3.0, -2.0, 1.0, 0.5], np.float32)
+    assert sample_next(logits, params, np.random.default_rng(0), previous=np.array([1])) in range(4)
