@@ -57,6 +57,7 @@ def chat_prompt(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dic
     taken = sorted(RENDER_ARGUMENTS & variables.keys())
     if taken:  # render_chat's own keywords: a collision was a bare TypeError, or replaced its size budget
         raise TypeError(f"template variable(s) {', '.join(taken)} are Craft's own; drop them")
+    check_messages(messages)
     return render_chat(
         template_of(artifact),
         list(messages),
@@ -64,6 +65,20 @@ def chat_prompt(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dic
         eos_token=special_text(tokenizer, artifact.eos_id),
         **variables,
     )
+
+
+def check_messages(messages: Sequence[dict]) -> None:
+    """ChatError unless every message has a text role and text content (a list of content parts, or
+    none beside tool_calls, go to the template as they are): the template cannot say which message
+    was wrong - a None content read as "the template uses an undefined value"."""
+    for i, message in enumerate(messages if isinstance(messages, (list, tuple)) else ()):
+        if not isinstance(message, dict):
+            continue  # render_chat refuses the list
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            raise ChatError(f"message {i} needs a 'role' that is text ('system', 'user', ...), got {role!r:.40}")
+        if not (isinstance(content, (str, list)) or (content is None and message.get("tool_calls"))):
+            raise ChatError(f"message {i} ({role!r:.40}) needs a 'content' that is text (str), got {content!r:.40}")
 
 
 def chat_ids(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict], **variables) -> list[int]:
@@ -108,6 +123,14 @@ class Conversation:
     """The messages of one chat (craft-run --chat): a system prompt, then user and assistant turns."""
 
     def __init__(self, generator: Generator, system: str | None = None):
+        from craft.runtime.generator import Generator  # here: generator.py imports this file
+
+        if not isinstance(generator, Generator):
+            raise TypeError(
+                f"Conversation takes a Generator, got {type(generator).__name__} (Generator(path) loads one)"
+            )
+        if not (system is None or isinstance(system, str)):
+            raise TypeError(f"system must be text (str) or None, got {type(system).__name__}")
         template_of(generator.artifact)  # ChatError now rather than at the first message
         self.generator, self.system = generator, system
         self.messages: list[dict] = []
@@ -125,6 +148,11 @@ class Conversation:
         stopped early (Ctrl-C, an exception, the caller stops reading) is kept as far as it got: a
         reply still open when the next one is asked for is closed first, so its turn stays in place
         (left to the garbage collector, it was appended after the later turn)."""
+        from craft.runtime.generator import check_sampling
+
+        if not isinstance(text, str):  # refused now, before a turn that never happens joins the conversation
+            raise TypeError(f"a message is text (str), got {type(text).__name__}")
+        check_sampling(sampling)
         if self._open is not None:
             self._open.close()
         self._open = self._reply({"role": "user", "content": text}, sampling)
@@ -137,7 +165,7 @@ class Conversation:
             for piece in self.generator.chat(self.messages, sampling):
                 pieces.append(piece)
                 yield piece
-        except ValueError:
+        except (ValueError, TypeError):  # TypeError: a template variable of Craft's own, a type check
             if pieces:  # failed mid-answer (logits not finite): the turn happened as far as it got
                 self.messages.append({"role": "assistant", "content": "".join(pieces)})
             elif self.messages and self.messages[-1] is message:  # refused before generating: no turn happened

@@ -23,20 +23,21 @@ cache does not already hold. craft-run is a thin layer over this.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from craft.runtime import chat as C
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
 from craft.runtime.artifact_check import check_file, check_unchanged, file_identity
-from craft.runtime.estimate import available_memory_mb, fitting_context
+from craft.runtime.estimate import available_memory_mb, batch_prefill_bytes, fitting_context
 from craft.runtime.sampling import SamplingParams, is_int, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
@@ -102,6 +103,21 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def check_model_path(path) -> None:
+    """TypeError or ArtifactError (one line) for what is not a file name: os.stat's own errors for an
+    int, bytes, None, a NUL byte or an unpaired surrogate named neither the argument nor the fix."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        hint = "; os.fsdecode(path) makes one of bytes" if isinstance(path, bytes) else ""
+        raise TypeError(f"a model path is a str or os.PathLike, got {type(path).__name__}{hint}")
+    name = os.fspath(path)
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise ArtifactError(f"{name!r:.200} is not a file name: it holds an unpaired surrogate") from None
+    if "\0" in name:
+        raise ArtifactError(f"{name!r:.200} is not a file name: it holds a NUL character") from None
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -200,6 +216,7 @@ class Generator:
             raise ValueError(
                 f"--threads must be in 0..{MAX_THREADS} (an integer; 0: the backend's default), got {threads!r}"
             )
+        check_model_path(path)
         identity = file_identity(path)
         self.artifact = load_artifact(path)  # the path as given: Path("") would be "."
         self.path = Path(path)
@@ -261,6 +278,8 @@ class Generator:
         """(BOS +) the prompt's tokens, checked against the context length (or cut with truncate)."""
         if not isinstance(prompt, str):
             raise TypeError(f"a prompt is text (str), got {type(prompt).__name__}")
+        if not isinstance(truncate, (bool, np.bool_)):  # "no" would be true
+            raise TypeError(f"truncate must be True or False, got {truncate!r}")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
@@ -495,12 +514,27 @@ class Generator:
         check_sampling(sampling)
         if isinstance(prompts, str):  # a str is a sequence too: of one-character prompts
             raise TypeError("generate_batch takes a list of prompts, got one str; generate() takes one prompt")
+        if isinstance(prompts, (bytes, dict, set, frozenset)) or not isinstance(prompts, Iterable):  # no order
+            raise TypeError(f"generate_batch takes a list of prompts, got {type(prompts).__name__}")
         prompts = list(prompts)  # an iterator, a numpy array of str
         if not prompts:
             return []
         batch = [self.encode_prompt(p, sampling.max_new_tokens, truncate) for p in prompts]
+        self._check_batch_memory(batch)
         with self._claimed():
             return self._batch_claimed(batch, sampling, t0)
+
+    def _check_batch_memory(self, batch: list[list[int]]) -> None:
+        """GenerationError, before anything is allocated, where the batch's prefill would not fit in the
+        memory left (1,000 prompts took 2.5 GB for a 1 MB model; the default context fits one row)."""
+        available = available_memory_mb()
+        width = max(map(len, batch))
+        need = batch_prefill_bytes(self.artifact, len(batch), width, self.context_length) / 2**20
+        if available is not None and need > available:
+            raise GenerationError(
+                f"a batch of {len(batch):,} prompts of up to {width:,} tokens needs about {need:,.0f} MB (KV-cache "
+                f"and prefill), more than the {max(available, 0):,.0f} MB available; pass fewer or shorter prompts"
+            )
 
     def _batch_claimed(self, batch: list[list[int]], sampling: SamplingParams, t0: float) -> list[Completion]:
         stats = Stats(self.backend.name, prompt_tokens=sum(map(len, batch)), load_s=self.load_s)

@@ -702,3 +702,45 @@ print(len(done), sum(done), len(errors))
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     done, right, failed = map(int, result.stdout.split())
     assert done + failed == 40 and done > 0 and right == done  # what is not refused is right
+
+
+def test_conversation_refuses_bad_arguments_and_keeps_its_history(models):
+    """A reply refused for its sampling argument (a TypeError, which only ValueError's branch undid) left
+    the user turn and an empty assistant turn in the history; no Generator was an AttributeError."""
+    gen = Generator(models["fp32"], threads=1)
+    for bad in (None, str(models["fp32"])):
+        with pytest.raises(TypeError, match="Conversation takes a Generator"):
+            Conversation(bad)
+    with pytest.raises(TypeError, match="system must be text"):
+        Conversation(gen, system=5)
+    chat = Conversation(gen, system="Be brief.")
+    "".join(chat.reply("hello there", GREEDY))
+    history = [dict(m) for m in chat.messages]
+    for text, sampling, pattern in (
+        ("again", None, "sampling must be a SamplingParams"),
+        ("again", {"temperature": 0}, "sampling must be a SamplingParams"),
+        (None, GREEDY, "a message is text"),
+        (5, GREEDY, "a message is text"),
+    ):
+        with pytest.raises(TypeError, match=pattern):
+            "".join(chat.reply(text, sampling))
+        assert chat.messages == history
+    assert "".join(chat.reply("again", GREEDY)) and len(chat.messages) == len(history) + 2
+
+
+@pytest.mark.parametrize(
+    "message, pattern",
+    [
+        ({"role": "user", "content": None}, r"message 1 \('user'\) needs a 'content' that is text"),
+        ({"role": "user", "content": 5}, r"message 1 \('user'\) needs a 'content' that is text"),
+        ({"role": "user"}, r"message 1 \('user'\) needs a 'content'"),
+        ({"content": "hi"}, r"message 1 needs a 'role' that is text"),
+        ({"role": 3, "content": "hi"}, r"message 1 needs a 'role' that is text"),
+    ],
+)
+def test_a_message_that_is_not_text_is_named(models, message, pattern):
+    """A message's None or numeric content was blamed on the template ("it uses an undefined value")."""
+    gen = Generator(models["fp32"], threads=1)
+    with pytest.raises(ChatError, match=pattern) as e:
+        gen.generate_chat([{"role": "system", "content": "Be brief."}, message], GREEDY)
+    assert "\n" not in str(e.value)

@@ -273,7 +273,6 @@ def test_the_stored_report_gives_the_files_own_size(char_run, tmp_path, quantize
     assert len(stored["calibration_sha256"]) == 64 if quantize == "int8" else "calibration_sha256" not in stored
 
 
-
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_the_same_export_gives_the_same_bytes(char_run, tmp_path, quantize):
     """The stored report held the export's and the calibration's wall-clock seconds, so two exports of
@@ -283,6 +282,7 @@ def test_the_same_export_gives_the_same_bytes(char_run, tmp_path, quantize):
     export(char_run, second, quantize=quantize, log=lambda *a: None)
     assert first.read_bytes() == second.read_bytes()
     assert returned["export_s"] > 0 and ("calibration_s" in returned) == (quantize == "int8")
+
 
 def test_export_from_inside_the_run_directory(char_run, tmp_path, monkeypatch):
     """The run's config.yaml names its own directory, the current one here: refused as 'out_dir is the

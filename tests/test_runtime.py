@@ -510,6 +510,48 @@ def test_api_misuse_is_one_clear_error(char_int8):
         SamplingParams(temperature="0.5")
 
 
+
+def test_model_paths_batches_and_truncate_of_the_wrong_kind_are_one_clear_error(char_int8):
+    """Generator(123) / (None) / (b"...") were os.stat's TypeErrors, a NUL byte its ValueError, an unpaired
+    surrogate a UnicodeEncodeError; generate_batch(None) "'NoneType' object is not iterable", a dict or
+    set ran their keys in no order the caller gave; truncate="no" truncated."""
+    for path in (123, None, 1.5, [str(char_int8)], str(char_int8).encode()):
+        with pytest.raises(TypeError, match="a model path is a str or os.PathLike, got"):
+            Generator(path)
+    for path in ("model\ud800.onnx", "a\0b.onnx"):
+        with pytest.raises(ArtifactError, match="is not a file name: it holds an? (unpaired surrogate|NUL)"):
+            Generator(path)
+    gen = Generator(char_int8, threads=1)
+    for prompts in (None, 5, {"ROMEO:": 1}, {"ROMEO:", "JULIET:"}, b"ROMEO:"):
+        with pytest.raises(TypeError, match="generate_batch takes a list of prompts, got"):
+            gen.generate_batch(prompts)
+    for call in (gen.generate, gen.stream, lambda p, s, truncate: gen.generate_batch([p], s, truncate=truncate)):
+        with pytest.raises(TypeError, match="truncate must be True or False, got 'no'"):
+            list(call("ROMEO:" * 100, SamplingParams(max_new_tokens=2), truncate="no"))
+    assert len(gen.generate_batch(iter(["ROMEO:", "JULIET:"]), SamplingParams(max_new_tokens=2))) == 2
+
+
+@pytest.mark.parametrize("backend", ["ort", "numpy"])
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_it_allocates(char_int8, backend, monkeypatch):
+    """1,000 prompts to a 1 MB model took 2.5 GB at their one-call prefill, whatever memory was left."""
+    import craft.runtime.generator as G
+    from craft.runtime.estimate import batch_prefill_bytes
+
+    gen = Generator(char_int8, backend=backend, threads=1)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    prompts = ["ROMEO: " * 8] * 1000
+    width = len(gen.encode_prompt(prompts[0], 2))
+    half = batch_prefill_bytes(gen.artifact, 500, width, gen.context_length) / 2**20  # memory for 500 rows
+    monkeypatch.setattr(G, "available_memory_mb", lambda: half)
+    resets = []
+    monkeypatch.setattr(gen.backend, "reset", lambda *a, **k: resets.append(a))
+    with pytest.raises(GenerationError, match=r"a batch of 1,000 prompts of up to \d+ tokens needs about [\d,]+ MB"):
+        gen.generate_batch(prompts, params)
+    assert resets == []  # refused before the cache was sized
+    monkeypatch.undo()
+    monkeypatch.setattr(G, "available_memory_mb", lambda: half)
+    assert [c.text for c in gen.generate_batch(prompts[:20], params)] == [gen.generate(prompts[0], params).text] * 20
+
 def test_numpy_backend_survives_its_file_rewritten_in_place(char_int8, tmp_path):
     """`cp other.onnx model.onnx` while the numpy backend ran: its weights were views of a mapping of
     the file, and the truncation killed the process with SIGBUS (exit 135, half an answer). In a
