@@ -243,7 +243,7 @@ def normalizer(spec: dict | None) -> Callable[[str], str]:
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda s: unicodedata.normalize(kind, s)
     if kind == "Lowercase":
-        return str.lower
+        return lowercase
     raise UnsupportedTokenizer(
         f"normalizer {kind!r} is not supported by the pure-Python tokenizer; pip install tokenizers"
     )
@@ -317,3 +317,9 @@ def metaspace(spec: dict) -> Step:
         return split_piece((text, at_start), char_spans(lambda c: c == replacement, text), "mergedwithnext")
 
     return each(split)
+
+
+def lowercase(text: str) -> str:
+    """Each character lowercased on its own, as the tokenizers library (Rust's char::to_lowercase) does:
+    str.lower() writes a word-final capital sigma as a final sigma (its one context rule), the library as σ."""
+    return text.lower() if "\u03a3" not in text else "".join(map(str.lower, text))

@@ -510,7 +510,6 @@ def test_api_misuse_is_one_clear_error(char_int8):
         SamplingParams(temperature="0.5")
 
 
-
 def test_model_paths_batches_and_truncate_of_the_wrong_kind_are_one_clear_error(char_int8):
     """Generator(123) / (None) / (b"...") were os.stat's TypeErrors, a NUL byte its ValueError, an unpaired
     surrogate a UnicodeEncodeError; generate_batch(None) "'NoneType' object is not iterable", a dict or
@@ -551,6 +550,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_it_allocates(char_i
     monkeypatch.undo()
     monkeypatch.setattr(G, "available_memory_mb", lambda: half)
     assert [c.text for c in gen.generate_batch(prompts[:20], params)] == [gen.generate(prompts[0], params).text] * 20
+
 
 def test_numpy_backend_survives_its_file_rewritten_in_place(char_int8, tmp_path):
     """`cp other.onnx model.onnx` while the numpy backend ran: its weights were views of a mapping of

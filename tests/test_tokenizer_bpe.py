@@ -119,8 +119,9 @@ def test_smollm2_equals_transformers_gguf_tokenizer(smollm2, smollm2_gguf):
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     _, library, python = smollm2
     # transformers' GGUF loader splits "smollm" text with GPT-2's regex alone; llama.cpp (and SmolLM2's own
-    # tokenizer.json) split every \p{N} character off first. Only a space before a non-ASCII numeral tells them
-    # apart (ASCII digits never merge in this vocabulary): keep those out of the comparison, and check the split.
+    # tokenizer.json) split every \p{N} character off first. Whitespace before a numeral tells them apart
+    # (" \u0661"; "\r\n3": transformers [201, 198, 35], Craft and llama.cpp [2738, 35]): keep those out of
+    # the comparison, and check the split.
     numerals = "numbers \u0661\u0662\u0663 \xbd \u216b"
     assert numerals in MIXED
     for text in [MIXED.replace(numerals, "numbers"), *FIXED]:
@@ -184,6 +185,17 @@ def test_split_regex_variants_python_equals_library(smollm2, variant):
     text_json = json.dumps(spec)
     library, python = pair(text_json)
     for text in [MIXED, *FIXED]:
+        assert_same_ids(text_json, library, python, text)
+
+
+def test_lowercase_normalizer_python_equals_library(smollm2):
+    """The pure-Python path lowercased with str.lower(), whose final-sigma rule wrote a word-final Σ as ς
+    where the library (character by character) writes σ."""
+    spec = json.loads(smollm2[0].tokenizer_json)
+    spec["normalizer"] = {"type": "Lowercase"}
+    text_json = json.dumps(spec)
+    library, python = pair(text_json)
+    for text in ["ΑΣ", "ΟΔΟΣ ΟΔΟΣ.", "Σ", "ΣΑΣ ς σ", "İstanbul ǅ ẞ", MIXED]:
         assert_same_ids(text_json, library, python, text)
 
 
