@@ -133,8 +133,8 @@ def cache_bytes(artifact: Artifact, context: int) -> int:
 def batch_prefill_bytes(artifact: Artifact, rows: int, width: int, context: int) -> int:
     """About what a left-padded batch holds at its one-call prefill besides the weights, per row: its
     cache at `context` (twice: ort's past + present), every position's logits (an in-place file's batch
-    computes them all) and one layer's attention scores, each twice over for the backends' temporaries
-    (fits 2.3-2.9 MB a row measured for the tiny preset's 127-token rows, both backends)."""
+    computes them all) and activations twice, and one layer's attention scores four times: the backends'
+    temporaries (fits the 2.3-2.9 MB a row measured for the tiny preset's 127-token rows, both backends)."""
     spec = artifact.spec
     logits = width * spec.vocab_size * 4
     scores = 0 if spec.arch == RECURRENT else spec.n_head * width * width * 4
