@@ -18,6 +18,7 @@ import contextlib
 import json
 import re
 import signal
+import string
 import threading
 import time
 from collections.abc import Iterator
@@ -31,12 +32,15 @@ MAX_SECONDS = 5.0  # wall time of one render; real templates take milliseconds
 MAX_WIDTH = 1000  # widths in format / indent / center; real templates use single digits
 MAX_INT_BITS = 4096  # integers a template multiplies; real templates count messages
 MAX_TEMPLATE_CHARS = 100_000  # a template's own text; real ones (tool calling included) are under 20,000
+MAX_BUILT = 16 * MAX_CHARS  # text built in one render, all values together: real ones build a few times their output
 AMPLIFYING = {"expandtabs", "ljust", "rjust", "zfill"}  # str methods that only pad: refused
 # Filters and methods that never turn a container into text: not measured (messages|length in a loop
 # over the messages would walk the conversation once per message)
 NO_TEXT = {"length", "count", "first", "last", "list", "select", "reject", "selectattr", "rejectattr", "items"}
 NO_TEXT |= {"keys", "values", "get", "attr", "default", "d", "reverse", "sort", "unique", "min", "max", "sum"}
-WIDE_FORMAT = re.compile(r"[%{:<>^=+\- #0]\d{4,}")  # a width of 4+ digits in a %-format or format spec
+# a %-format's conversion: its width and precision (digits, or * for one taken from the arguments)
+PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?.", re.DOTALL)
+BUDGET = threading.local()  # the running render's steps, deadline and text built, per thread (start_budget)
 
 
 class ChatTemplateError(ValueError):
@@ -124,7 +128,11 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+    try:  # a template's raise_exception() may carry any value: a list nested 5,000 deep failed str() here
+        text = str(e)
+    except (RecursionError, ValueError, MemoryError):
+        text = f"a {type(e).__name__} whose message cannot be shown"
+    return " ".join(text.split())[:300]
 
 
 def plain(value: Any) -> Any:
@@ -144,9 +152,32 @@ def plain(value: Any) -> Any:
 
 
 def check_size(value: Any) -> Any:
+    """`value`, refused if its length passes MAX_CHARS (an argument: shallow, so messages|length in a loop
+    does not walk the conversation each time)."""
     if isinstance(value, (str, list, dict)) and len(value) > MAX_CHARS:
         raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
     return value
+
+
+def check_built(value: Any) -> Any:
+    """A value the template just built (a call's, an operator's, a literal's, a namespace's), refused
+    past MAX_CHARS - a container as text, every reference counted: [a, a] doubled 60 times is a short
+    list whose comparison or hash runs for ever in one C call - and its text charged to the render's
+    MAX_BUILT (3,000 namespace items of 1M characters each, each one short enough, were 2.3 GB)."""
+    check_size(value)
+    if isinstance(value, str):
+        charge(len(value))
+    elif isinstance(value, (list, tuple, dict)):
+        check_text_size(value)
+        charge(len(value))
+    return value
+
+
+def charge(chars: int) -> None:
+    """Count `chars` of new text against this render's MAX_BUILT."""
+    BUDGET.built = getattr(BUDGET, "built", 0) + chars
+    if BUDGET.built > MAX_BUILT:
+        raise ChatTemplateError(f"chat template built more than {MAX_BUILT:,} characters of values in one render")
 
 
 def check_text_size(value: Any, total: int = 0) -> int:
@@ -198,6 +229,7 @@ class BoundedBuffer(list):
 
     def _add(self, n: int) -> None:
         self.size += n
+        charge(n)
         if self.size > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a block longer than {MAX_CHARS}")
 
@@ -266,12 +298,29 @@ def check_arguments(name: str, subject: Any, args: tuple) -> None:
         wrap = next((a for a in args[1:] if isinstance(a, str)), "\n")  # positional or keyword
         if len(wrap) * (len(subject) // max(width, 1) + subject.count("\n") + 1) > MAX_CHARS:
             raise ChatTemplateError(f"chat template built a value longer than {MAX_CHARS}")
-    if name in ("format", "format_map", "indent", "center", "wordwrap", "truncate", "batch", "slice") or name == "%":
-        for a in (subject, *args):
-            if (isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH) or (
-                isinstance(a, str) and WIDE_FORMAT.search(a)
-            ):
-                raise ChatTemplateError(f"chat template asked {name} for a width above {MAX_WIDTH}")
+    if name in ("format", "format_map", "%") and isinstance(subject, str):  # the format string's own widths only
+        if any(w == "*" or (w and int(w) > MAX_WIDTH) for w in format_widths(subject, name)):
+            raise ChatTemplateError(f"chat template asked {name} for a width above {MAX_WIDTH} (or one from a value)")
+    if name in ("indent", "center", "batch", "slice"):  # their counts pad or fill: a width, not text, is checked
+        if any(isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_WIDTH for a in args):
+            raise ChatTemplateError(f"chat template asked {name} for a width above {MAX_WIDTH}")
+
+
+def format_widths(fmt: str, name: str) -> list[str]:
+    """The widths and precisions a format string asks for: digits, "*" where a value gives one (a %-format's
+    `*`, a nested "{1}" field). `format` is both str.format and the |format filter (a %-format): both read."""
+    widths = []
+    if name in ("%", "format"):
+        for match in PERCENT_SPEC.finditer(fmt):
+            widths += [match.group(1), match.group(2) or ""]
+    if name in ("format", "format_map"):
+        try:
+            fields = list(string.Formatter().parse(fmt))
+        except ValueError:  # not a str.format string (a %-format with a lone brace): str.format says so itself
+            fields = []
+        for _, _, spec, _ in fields:
+            widths += ["*"] if spec and "{" in spec else re.findall(r"\d+", spec or "")
+    return widths
 
 
 @lru_cache(maxsize=8)
@@ -291,8 +340,10 @@ def compile_template(template: str):
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template does not parse (line {e.lineno}: {one_line(e)})") from None
-    except (jinja2.exceptions.TemplateError, RecursionError, MemoryError) as e:
-        raise ChatTemplateError(f"chat template does not compile ({one_line(e)})") from None
+    # Python's compiler refuses what jinja2 writes for 21 nested loops or 101 nested ifs (SyntaxError,
+    # IndentationError), and a number literal of over 4,300 digits (ValueError)
+    except (jinja2.exceptions.TemplateError, SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ChatTemplateError(f"chat template does not compile ({type(e).__name__}: {one_line(e)})") from None
 
 
 def make_environment():
@@ -329,14 +380,27 @@ def make_environment():
                 self.write(", ")
             self.write("))")
 
-    class TickingLoops(NodeTransformer):
-        """Every {% for x in ITER %} becomes {% for x in environment.ticking(ITER) %}."""
+    def environment_call(method: str, node):
+        return nodes.Call(nodes.EnvironmentAttribute(method), [node], [], None, None).set_lineno(node.lineno)
+
+    class Budgeted(NodeTransformer):
+        """Every {% for x in ITER %} becomes {% for x in environment.ticking(ITER) %}, and every list, tuple or
+        dict the template writes ([a, a], (k, k), {k: v}) environment.built(...) of itself."""
 
         def visit_For(self, node):
             self.generic_visit(node)
-            node.iter = nodes.Call(nodes.EnvironmentAttribute("ticking"), [node.iter], [], None, None)
-            node.iter.set_lineno(node.lineno)
+            node.iter = environment_call("ticking", node.iter)
             return node
+
+        def visit_List(self, node):
+            self.generic_visit(node)
+            return environment_call("built", node)
+
+        visit_Dict = visit_List
+
+        def visit_Tuple(self, node):
+            self.generic_visit(node)
+            return node if node.ctx != "load" else environment_call("built", node)  # not an assignment's names
 
     class Environment(ImmutableSandboxedEnvironment):
         """The sandbox plus budgets: unsafe attribute access raises at once (jinja2 would render it as
@@ -347,7 +411,7 @@ def make_environment():
         code_generator_class = CodeGenerator
 
         def _generate(self, source, name, filename, defer_init=False):  # jinja2's hook between parse and codegen
-            return super()._generate(TickingLoops().visit(source), name, filename, defer_init)
+            return super()._generate(Budgeted().visit(source), name, filename, defer_init)
 
         def ticking(self, iterable):
             """A {% for %}'s items, each a step of the budget: a loop that calls nothing (over a long
@@ -356,10 +420,14 @@ def make_environment():
                 self.tick()
                 yield item
 
-        budget = threading.local()  # per thread: a cached template's Environment serves every thread's renders
+        budget = BUDGET  # per thread: a cached template's Environment serves every thread's renders
 
         def start_budget(self) -> None:
-            self.budget.steps, self.budget.deadline = 0, time.monotonic() + MAX_SECONDS
+            self.budget.steps, self.budget.deadline, self.budget.built = 0, time.monotonic() + MAX_SECONDS, 0
+
+        def built(self, value):
+            """A list, tuple or dict the template wrote (Budgeted), measured as check_built does."""
+            return check_built(value)
 
         def tick(self, steps: int = 1) -> None:
             self.budget.steps += steps
@@ -375,20 +443,20 @@ def make_environment():
 
         def call(self, context, obj, *args, **kwargs):
             self.tick()
-            if getattr(obj, "__func__", None) is Environment.ticking:  # a loop's iterable: counted item by item
+            if getattr(obj, "__func__", None) in (Environment.ticking, Environment.built):  # ours: as they are
                 return obj(*args)
             name = getattr(obj, "__name__", "")
             subject = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)  # jinja2 wraps str.format
             args, kwargs = tuple(map(bounded, args)), {k: bounded(v) for k, v in kwargs.items()}
             check_arguments(name, subject, args + tuple(kwargs.values()))
-            return check_size(super().call(context, obj, *args, **kwargs))
+            return check_built(super().call(context, obj, *args, **kwargs))
 
         bounded_buffer = BoundedBuffer
 
         def checked_concat(self, parts: tuple) -> str:
             """`a ~ b`: jinja2's str_join, its parts measured as text first."""
             check_text_size(parts)
-            return "".join(map(str, parts))
+            return check_built("".join(map(str, parts)))
 
         def getattr(self, obj, attribute):
             self.tick()
@@ -419,7 +487,7 @@ def make_environment():
                 bits = left.bit_length() + right.bit_length() if operator == "*" else left.bit_length() * abs(right)
                 if bits > MAX_INT_BITS:
                     raise ChatTemplateError(f"chat template built a number of more than {MAX_INT_BITS} bits")
-            return check_size(super().call_binop(context, operator, left, right))
+            return check_built(super().call_binop(context, operator, left, right))
 
     env = Environment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols], finalize=printable
@@ -436,7 +504,7 @@ def make_environment():
             args, kwargs = tuple(map(bounded, args)), {k: bounded(v) for k, v in kwargs.items()}
             values = args[1:] if getattr(function, "jinja_pass_arg", None) else args  # after a context argument
             check_arguments(name, values[0] if values else None, values[1:] + tuple(kwargs.values()))
-            return check_size(function(*args, **kwargs))
+            return check_built(function(*args, **kwargs))
 
         for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
             if hasattr(function, attr):
@@ -444,6 +512,9 @@ def make_environment():
         return bounded_call
 
     def raise_exception(message):
+        if not isinstance(message, str):  # text now: one_line's str() of a list nested 5,000 deep recursed
+            check_text_size(message)
+            message = one_line(jinja2.exceptions.TemplateError(message))
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
@@ -465,12 +536,12 @@ def make_environment():
             self, args = args[0], args[1:]
             for name, value in dict(*args, **kwargs).items():
                 check_name(name)
-                check_size(value)
+                check_built(value)
             jinja2.utils.Namespace.__init__(self, *args, **kwargs)
 
         def __setitem__(self, name, value):
             check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, check_size(value))
+            jinja2.utils.Namespace.__setitem__(self, name, check_built(value))
 
     env.filters["tojson"] = tojson
     env.filters.update({name: bounded_filter(name, f) for name, f in env.filters.items()})

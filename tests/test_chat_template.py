@@ -111,6 +111,37 @@ HOSTILE = {
     "wordwrap string": "{% set x = ('ab ' * 30000) | wordwrap(1000, wrapstring='z' * 999999) %}",
     "nested tojson": "{% set l = ('x' * 499990) | list %}{% set x = [[[l]]] | tojson(indent=1000) %}",
     "huge template": "{{ messages[0].content }}" * 5000,
+    # the eleventh audit: references doubled 60 times compare and hash for ever in one C call; widths the
+    # format check missed; Python's compiler refusing deep nesting; values kept past the size bound one by one
+    "compared references": (
+        "{% set ns = namespace(a=[0], b=[0]) %}{% for i in range(60) %}{% set ns.a = [ns.a, ns.a] %}"
+        "{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}"
+    ),
+    "unrolled references": "{% set a = [0] %}{% set b = [0] %}"
+    + "{% set a = [a, a] %}{% set b = (b, b) %}" * 60
+    + "{{ a == b }}",
+    "hashed references": "{% set a = (0,) %}" + "{% set a = (a, a) %}" * 60 + "{{ {a: 1} }}",
+    "percent precision": "{{ '%.999999999d' % 1 }}",
+    "named percent width": "{{ '%(a)999999999s' % {'a': 'x'} }}",
+    "star width": "{{ '%*d' % (999999999, 1) }}",
+    "nested format width": "{{ '{0:{1}}'.format('x', '3999999999') }}",
+    "z format width": "{{ '{:z99999999}'.format(1.5) }}",
+    "format precision": "{{ '{:.99999999f}'.format(1.5) }}",
+    "format filter precision": "{{ '%.99999999f' | format(1.5) }}",
+    "nested ifs": "{% if 1 %}" * 101 + "x" + "{% endif %}" * 101,
+    "nested fors": "{% for a in [1] %}" * 21 + "x" + "{% endfor %}" * 21,
+    "long number literal": "{{ " + "1" * 5000 + " }}",
+    "raise nested value": (
+        "{% set ns = namespace(x=[]) %}{% for i in range(2000) %}{% set ns.x = [ns.x] %}{% endfor %}"
+        "{{ raise_exception(ns.x) }}"
+    ),
+    "kept in a namespace": (
+        "{% set ns = namespace(l=[]) %}{% for i in range(3000) %}{% set ns.l = ns.l + [('x' * 999000) ~ i] %}"
+        "{% endfor %}"
+    ),
+    "unrolled sets": "{% set s = 'x' * 999000 %}" + "".join(f"{{% set a{i} = s ~ 'y' %}}" for i in range(40)),
+    "unrolled blocks": "{% set s = 'x' * 999999 %}"
+    + "".join(f"{{% set b{i} %}}{{{{ s }}}}{{% endset %}}" for i in range(40)),
 }
 # One multiplication of two huge integers runs in C, where the timer cannot stop it: refused by size.
 NUMBER_BOMBS = {
@@ -167,6 +198,35 @@ def test_hostile_templates_fail_with_one_line(name):
     assert peak < 32 * 2**20  # refused before the value is built (a 1M-character bound is a few MB)
     message = str(error.value)
     assert "\n" not in message and message.startswith("chat template ")
+
+
+# Real templates format message text and tool schemas: a "2024" in a message, a count above 1,000 as a
+# value, truncate's length (it only shortens) were refused as widths (the eleventh audit).
+BENIGN = {
+    "format": "{% for m in messages %}{{ '{}: {}'.format(m.role, m.content) }}\n{% endfor %}",
+    "percent": "{% for m in messages %}{{ '%s: %s' % (m.role, m.content) }}\n{% endfor %}",
+    "format filter": "{% for m in messages %}{{ '%s: %s' | format(m.role, m.content) }}{% endfor %}",
+    "values": "{{ 'Year {}'.format(2024) }} {{ '%d items' % 1500 }} {{ '{:>8}|{:.3f}'.format('x', 2.5) }}",
+    "text filters": "{{ messages[0].content | indent(2) }}|{{ messages[0].content | wordwrap(10) }}|"
+    "{{ messages[0].content | truncate(2000) }}",
+    "tools": "{{ tools | tojson(indent=2) | indent(4) }}{% if messages[0].role in ('user', 'system') %}!{% endif %}",
+    "literals": "{% set d = {'a': [1, (2, 3)], 'b': messages[0]} %}{{ d | tojson }}{% set x, y = 1, 2 %}{{ x + y }}",
+}
+
+
+@pytest.mark.parametrize("name", BENIGN)
+def test_real_formatting_of_message_text_renders(name):
+    conversation = [{"role": "user", "content": "What happened in 2024? Call 555-1234, 10000 times:\nnow."}]
+    tools = [{"name": "count", "parameters": {"type": "integer", "maximum": 10000}}]
+    got = render_chat(BENIGN[name], conversation, tools=tools)
+    assert "2024" in got or "10000" in got or "1500" in got
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference renderer")
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    expected = render_jinja_template(
+        conversations=[conversation], tools=tools, chat_template=BENIGN[name], add_generation_prompt=True
+    )[0][0]
+    assert got == expected
 
 
 @pytest.mark.parametrize("name", NUMBER_BOMBS)
