@@ -10,7 +10,8 @@ Each linear layer, the embedding and the LM head multiply as the file's scheme s
 (craft.runtime.weights): for int8 / int4 / q4_1 the blocks are expanded to float32 at load and every
 linear layer quantizes its input per row and block of 32 exactly as ONNX Runtime's MatMulNBits
 (accuracy_level 4) does, so greedy output matches the ort backend token for token rather than
-drifting from it. Only float32 summation order differs (~1e-7 relative); where that moves an
+drifting from it. Only float32 arithmetic around the integer products differs (~1e-6 relative; ~1e-5 on
+ONNX Runtime's AVX2 kernel); where that moves an
 activation across a rounding boundary, that one logit row differs by up to ~5e-3 relative.
 """
 

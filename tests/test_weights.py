@@ -81,7 +81,9 @@ def test_numpy_linear_is_x_at_w_and_last_only_slices(name):
     y = linear(x)
     assert y.shape == (2, 5, shape[1]) and y.dtype == np.float32
     assert np.abs(y - x @ back).max() <= 0.02 * (np.abs(x) @ np.abs(back)).max()
-    assert np.array_equal(linear(x, last_only=True), y[:, -1:])
+    # per-row activation quantization: the last row alone quantizes as it does among the others; only BLAS's
+    # summation order may differ between 1 row and 10 (OpenBLAS's kernels for AMD Zen: a few float32 ulps)
+    assert np.abs(linear(x, last_only=True) - y[:, -1:]).max() <= 1e-6 * np.abs(y).max()
 
 
 @pytest.mark.parametrize("name, bits", [(W.INT8, 8), (W.INT4, 4)])
@@ -118,8 +120,9 @@ def test_activation_blocks_follow_mlas():
 
 @pytest.mark.parametrize("amax", [3e-37, 1e-38, 1e-44])
 def test_activation_blocks_too_small_to_invert_are_zero_as_in_onnx_runtime(amax):
-    """Below ~3.7e-37, 127 / amax overflows: ONNX Runtime's MatMulNBits returns 0 for such a block,
-    the numpy backend returned NaN (inf * 0), and GPTQ's calibration turned that into zeroed layers."""
+    """Below ~3.7e-37, 127 / amax overflows: ONNX Runtime's MatMulNBits returns ~0 for such a block (0 with
+    AVX-512 VNNI; its AVX2 kernel a saturated int8 times the block's scale, ~1e-36), the numpy backend returned
+    NaN (inf * 0), and GPTQ's calibration turned that into zeroed layers."""
     x = np.zeros((1, 32), np.float32)
     x[0, :3] = [amax, -amax / 2, amax / 4]
     got = W.quantize_activation_blocks(x, 32)
@@ -130,7 +133,8 @@ def test_activation_blocks_too_small_to_invert_are_zero_as_in_onnx_runtime(amax)
     out = graph_ops.linear(g, "x", "w", w)
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
     linear = W.SCHEMES["int8"].linear(tuple(stored[n] for n in W.SCHEMES["int8"].stored_names("w")), w.shape)
-    np.testing.assert_array_equal(linear(x[None]), run_graph(g.nodes, g.initializers, {"x": x[None]}, out))
+    theirs = run_graph(g.nodes, g.initializers, {"x": x[None]}, out)
+    assert not linear(x[None]).any() and np.isfinite(theirs).all() and np.abs(theirs).max() < 1e-30
 
 
 def run_graph(nodes, initializers, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
@@ -176,9 +180,11 @@ def test_numpy_arithmetic_equals_the_graph_ops(name):
     linear = scheme.linear(tuple(stored[n] for n in scheme.stored_names("w")), w.shape)
     embedding = scheme.scheme_for(W.EMBEDDING)
     rows, head = embedding.embedding(tuple(stored[n] for n in embedding.stored_names(W.EMBEDDING)), e.shape)
-    # MatMulNBits sums the exact integer block products in its own float32 order: ~1e-7 relative, not bit for bit
+    # MatMulNBits sums the exact integer block products in its own float32 order, not bit for bit: ~1e-7 of the
+    # largest output with AVX-512 VNNI; its AVX2 kernel multiplies the stored unsigned values and subtracts the
+    # zero point times each block's sum in float32, ~6e-6 (an all-zero weight column gives 3e-5, not 0)
     for mine, theirs in ((linear(x), got[linear_out]), (head(h), got["logits"])):
-        assert np.abs(mine - theirs).max() <= 2e-6 * np.abs(theirs).max()
+        assert np.abs(mine - theirs).max() <= 2e-5 * np.abs(theirs).max()
     np.testing.assert_array_equal(rows(ids), got[rows_out])
 
 
