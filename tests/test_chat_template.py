@@ -220,7 +220,7 @@ def test_real_formatting_of_message_text_renders(name):
     tools = [{"name": "count", "parameters": {"type": "integer", "maximum": 10000}}]
     got = render_chat(BENIGN[name], conversation, tools=tools)
     assert "2024" in got or "10000" in got or "1500" in got
-    transformers = pytest.importorskip("transformers", reason="transformers is the reference renderer")
+    pytest.importorskip("transformers", reason="transformers is the reference renderer")
     from transformers.utils.chat_template_utils import render_jinja_template
 
     expected = render_jinja_template(
