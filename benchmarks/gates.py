@@ -31,8 +31,10 @@ CRAFT_VS_GENAI = 0.80
 
 # A recurrent model's state does not grow: a token at 2040 tokens of context costs what one at
 # 40 does (the KV-cache transformer of the same size pays for reading and copying its cache).
-# 5%: the "flat"; anything that grows with the context (a cache by mistake) exceeds it.
-RECURRENT_TOKEN_TIME_2040_VS_40 = 1.05
+# 10%: "flat" within this noise - back-to-back runs on a 2-vCPU AMD EPYC VM (AVX2, no VNNI) measured
+# 0.96-1.08 (5% failed one run in three); anything that grows with the context (a cache by mistake:
+# a 15M transformer's Concat cache is 4.9x at 2040 vs 40) is far above it.
+RECURRENT_TOKEN_TIME_2040_VS_40 = 1.10
 
 # int8 exists to be smaller AND faster on CPUs; never slower than float32 (ratio of tokens/s).
 INT8_VS_FP32_SPEED = 1.0
