@@ -136,6 +136,7 @@ def build_decoder(
     x = scheme.embedding(g, weights, A.INPUT_IDS)  # (B, T, dim)
     first = W.layer(0).attention_norm
     h = g.rms_norm(x, g.weight(first, weights[first]), spec.norm_eps)
+    ffn_rotation = g.weight(W.FFN_ROTATION, weights[W.FFN_ROTATION]) if spec.ffn_rotation else None  # every layer's
     for i in range(L):
         n = W.layer(i)
         qkv = scheme.linear(g, h, n.wqkv, weights[n.wqkv])  # (B, T, (H + 2KV) * hd)
@@ -144,6 +145,11 @@ def build_decoder(
         h, x = add_and_norm(x, scheme.linear(g, attend(i, qkv), n.wo, weights[n.wo]), n.ffn_norm)
         gate, up = g.split(scheme.linear(g, h, n.w13, weights[n.w13]), [spec.hidden_dim, spec.hidden_dim], axis=-1)
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # silu(gate) * up
+        if spec.ffn_rotation:  # w2's input turned per block (rotation.py), as weights.rotate_blocks does
+            b = W.FFN_ROTATION_BLOCK
+            blocks = g.op("Reshape", act, g.const([0, 0, spec.hidden_dim // b, b]))  # (B, T, hidden / b, b)
+            turned = g.op("MatMul", blocks, ffn_rotation)
+            act = g.op("Reshape", turned, g.const([0, 0, spec.hidden_dim]))  # (B, T, hidden)
         h, x = add_and_norm(
             x, scheme.linear(g, act, n.w2, weights[n.w2]), W.layer(i + 1).attention_norm if i + 1 < L else W.NORM
         )

@@ -31,8 +31,11 @@ from dataclasses import MISSING, dataclass, fields
 # 2: the model config may say head_rotation, a weight an older (version 1) runtime would not
 # apply - it refuses the file instead of computing wrong logits.
 # 3: the graph has the logits_to_keep input (a prefill computes the head for its last position
-# alone); every file craft-export writes is version 3, and this runtime still reads 1 and 2.
-FORMAT_VERSION = 3
+# alone).
+# 4: the model config may say ffn_rotation, a weight a version 3 runtime would not apply. Every
+# file craft-export writes is version 4, and this runtime still reads 1 to 3.
+FORMAT_VERSION = 4
+FFN_ROTATION_VERSION = 4  # the first version whose model config may say ffn_rotation
 LOGITS_TO_KEEP_VERSION = 3  # the first version whose graph has LOGITS_TO_KEEP
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
 
@@ -158,6 +161,7 @@ class ModelSpec:
     qkv_bias: bool = False  # the file has layers.{i}.attention.wqkv.bias (imported Qwen2 models)
     arch: str = LLAMA  # LLAMA or RECURRENT (craft/recurrent.py: state I/O in place of the KV-cache)
     head_rotation: bool = False  # the file has head_rotation: a rotated residual stream (export/rotation.py)
+    ffn_rotation: bool = False  # the file has ffn_rotation: w2's input turned per block (export/rotation.py)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
@@ -260,6 +264,8 @@ class Artifact:
             spec = ModelSpec.from_json(metadata[META_CONFIG])
             if spec.head_rotation and version == "1":
                 raise ValueError("its model config says head_rotation, which format version 1 does not have")
+            if spec.ffn_rotation and int(version) < FFN_ROTATION_VERSION:
+                raise ValueError(f"its model config says ffn_rotation, which format version {version} does not have")
             attention = metadata.get(META_ATTENTION, ATTENTION_STANDARD)
             if attention not in ATTENTIONS:
                 raise ValueError(f"{META_ATTENTION} is '{attention[:40]}', this runtime knows {', '.join(ATTENTIONS)}")

@@ -88,6 +88,11 @@ def spec_problem(spec: ModelSpec) -> str | None:
         return f"model config has norm_eps={spec.norm_eps}, expected 0 <= norm_eps < 1"
     if spec.head_rotation and (spec.arch != A.LLAMA or not spec.tie_embeddings):
         return "model config has head_rotation=true, which only a transformer with a tied head has"
+    if spec.ffn_rotation and (spec.arch != A.LLAMA or spec.hidden_dim % W.FFN_ROTATION_BLOCK):
+        return (
+            f"model config has ffn_rotation=true, which only a transformer whose hidden_dim is a multiple of "
+            f"{W.FFN_ROTATION_BLOCK} has (hidden_dim={spec.hidden_dim})"
+        )
     return None
 
 
@@ -273,7 +278,8 @@ def check_model(artifact: Artifact, model: OnnxModel) -> str | None:
         if info.shape != shape or info.dtype != dtype:
             found = f"{info.dtype or f'type {info.data_type}'} {info.shape}"
             return f"weight '{name}' is {found}, the model config needs {dtype} {shape}"
-    roots = {name.split(".")[0] for name in (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo, W.HEAD_ROTATION)}
+    named = (W.EMBEDDING, W.HEAD, W.NORM, W.ROPE_COS, W.layer(0).wo, W.HEAD_ROTATION, W.FFN_ROTATION)
+    roots = {name.split(".")[0] for name in named}
     for name in model.tensors:
         if name.split(".")[0] in roots and name not in expected:
             return (

@@ -118,6 +118,7 @@ class NumpyBackend:
         )
         self.embedding_rows, self.head = w.embedding_and_head()
         self.head_rotation = w.float32(W.HEAD_ROTATION) if spec.head_rotation else None
+        self.ffn_rotation = w.float32(W.FFN_ROTATION) if spec.ffn_rotation else None
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
         self.cache_length = 0
@@ -175,7 +176,10 @@ class NumpyBackend:
             x = x + layer["wo"](y)
             h = rms_norm(x, layer["ffn_norm"], s.norm_eps)
             gate, up = np.split(layer["w13"](h), 2, axis=-1)
-            x = x + layer["w2"](gate / (1 + np.exp(-gate)) * up)
+            act = gate / (1 + np.exp(-gate)) * up
+            if self.ffn_rotation is not None:
+                act = W.rotate_blocks(act, self.ffn_rotation)
+            x = x + layer["w2"](act)
         self.cache_length = S
         h = rms_norm(x[:, -1:] if last_only else x, self.norm, s.norm_eps)
         if self.head_rotation is not None:

@@ -18,6 +18,8 @@ graph does. Linear weights are in the (in_features, out_features) layout, y = x 
     head_rotation                           (dim, dim): multiplies the final norm's output before a
                                             tied head; only when the spec says head_rotation (a
                                             rotated residual stream, craft/export/rotation.py)
+    ffn_rotation                            (32, 32): turns w2's input per block of 32 (rotate_blocks)
+                                            in every layer; only when the spec says ffn_rotation
 
 A recurrent file (ModelSpec.arch "recurrent", craft/recurrent.py) has no attention and no rope
 tables; its blocks hold instead:
@@ -55,6 +57,8 @@ HEAD = "output.weight"
 NORM = "norm.weight"
 ROPE_COS, ROPE_SIN = "rope.cos", "rope.sin"
 HEAD_ROTATION = "head_rotation"
+FFN_ROTATION = "ffn_rotation"
+FFN_ROTATION_BLOCK = 32  # the activation blocks MatMulNBits quantizes w2's input in
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def recurrent_layer(i: int) -> RecurrentLayerNames:
 
 def float_weights(spec: ModelSpec) -> dict[str, Shape]:
     """Name -> shape of the weights stored as float32 whatever the scheme: norms, rope tables, biases,
-    the head rotation (a recurrent file: norms and decays)."""
+    the head and ffn rotations (a recurrent file: norms and decays)."""
     if spec.arch == "recurrent":
         out = {NORM: (spec.dim,)}
         for i in range(spec.n_layer):
@@ -125,6 +129,8 @@ def float_weights(spec: ModelSpec) -> dict[str, Shape]:
     }
     if spec.head_rotation:
         out[HEAD_ROTATION] = (spec.dim, spec.dim)
+    if spec.ffn_rotation:
+        out[FFN_ROTATION] = (FFN_ROTATION_BLOCK, FFN_ROTATION_BLOCK)
     for i in range(spec.n_layer):
         out[layer(i).attention_norm] = out[layer(i).ffn_norm] = (spec.dim,)
         if spec.qkv_bias:
@@ -227,6 +233,12 @@ class Scheme:
     def dequantize_embedding(self, stored: tuple[np.ndarray, ...], shape: Shape) -> np.ndarray:
         e = self.dequantize(stored, self._embedding_view(shape))
         return e.T if self.embedding_transposed else e
+
+
+def rotate_blocks(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """x (..., K) with each block of r.shape[0] consecutive values multiplied by r: x @ diag(r, r, ...),
+    as the graph computes it (Reshape, MatMul, Reshape); K a multiple of the block."""
+    return (x.reshape(-1, r.shape[0]) @ r).reshape(x.shape)  # (... * K / b, b) @ (b, b): one 2-D BLAS call
 
 
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -19,6 +19,9 @@ SHAPES = {  # GQA; dims that are and are not powers of two
     "untied, biases": dict(
         vocab_size=50, dim=48, n_layer=2, n_head=6, n_kv_head=2, context_length=16, tie_embeddings=False, qkv_bias=True
     ),
+    "hidden not in blocks of 32": dict(
+        vocab_size=50, dim=32, n_layer=2, n_head=4, n_kv_head=2, context_length=16, ffn_dim=72
+    ),
 }
 
 
@@ -49,6 +52,7 @@ def test_rotation_leaves_the_logits_unchanged(shape):
     ids = np.random.default_rng(3).integers(0, spec.vocab_size, 12)
     rotated, rotated_spec = rotate(weights, spec)
     assert rotated_spec.head_rotation == spec.tie_embeddings
+    assert rotated_spec.ffn_rotation == (spec.hidden_dim % W.FFN_ROTATION_BLOCK == 0)  # w2's input turned at run time
     assert not np.allclose(rotated[W.EMBEDDING], weights[W.EMBEDDING])
     reference = logits(weights, spec, ids)
     np.testing.assert_allclose(logits(rotated, rotated_spec, ids), reference, atol=1e-4 * np.abs(reference).max())

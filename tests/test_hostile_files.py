@@ -36,7 +36,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     context 64) exported tied as int8 (standard and in-place attention: craft-export's default for
     it), untied as float32 and untied as q4_1 (zero points, offsets, an int8 head): every layout,
     both head layouts, both caches. It poses as an import, so that the int8 files have what only
-    imports have (a head rotation)."""
+    imports have (a head rotation, w2's input turned)."""
     import dataclasses
 
     from craft.config import ModelConfig
@@ -220,6 +220,8 @@ SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 la
     ({"tie_embeddings": False, "head_rotation": False}, "lacks weight 'output.weight"),
     ({"head_rotation": False}, "has weight 'head_rotation' that a model of its config"),
     ({"head_rotation": 1}, "head_rotation=1, expected bool"),
+    ({"ffn_rotation": False}, "has weight 'ffn_rotation' that a model of its config"),
+    ({"hidden_dim": 176}, "ffn_rotation=true, which only a transformer whose hidden_dim is a multiple of 32 has"),
     ({"dim": float("inf")}, "dim=Infinity, expected int"),
     ({"rope_theta": -1.0}, "rope_theta=-1.0"),
     ({"norm_eps": float("nan")}, "norm_eps=nan"),
@@ -246,6 +248,7 @@ def test_model_config_lies_are_refused(tmp_path, files, changes, pattern):
         (A.META_QUANT, "int3", "quantization 'int3' is unknown"),
         (A.META_ATTENTION, "inplace", "its graph has no GroupQueryAttention, yet its metadata says craft.attention"),
         (A.META_FORMAT, "1", "head_rotation, which format version 1 does not have"),  # an old runtime would skip it
+        (A.META_FORMAT, "3", "ffn_rotation, which format version 3 does not have"),
         (A.META_CONFIG, "[1, 2]", "model config in the file is a JSON list"),
         (A.META_CONFIG, "[" * 100_000 + "]" * 100_000, "malformed Craft metadata"),
     ],

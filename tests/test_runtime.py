@@ -16,7 +16,7 @@ from craft.export.exporter import load_run
 from craft.model import generate as torch_generate
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError
-from craft.runtime.generator import CacheReplaced, GenerationError, Generator, Stats
+from craft.runtime.generator import CacheReplaced, GenerationError, Generator, Stats, load_artifact
 from craft.runtime.sampling import SamplingError, SamplingParams
 
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "", "Hark 🙂 日本"]
@@ -76,18 +76,22 @@ def test_numpy_logits_close_to_ort(generators, name):
     assert np.abs(a - b).max() < 5e-3 * np.abs(a).max()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset):
-    """The presets' real shapes (random weights, so logits are close together: a hard case)."""
+@pytest.mark.parametrize("preset, source", [("tiny", "run"), ("small", "run"), ("tiny", "hf")])
+def test_numpy_equals_ort_on_preset_shapes(tmp_path, preset, source):
+    """The presets' real shapes (random weights, so logits are close together: a hard case); posing as
+    an import, the int8 file has a rotated residual stream and w2's input turned at run time."""
+    import dataclasses
+
     from craft.config import load_config
     from craft.export.exporter import build_model_proto, random_run
 
     cfg = load_config(preset).model
     cfg.vocab_size = load_config(preset).tokenizer.vocab_size
-    run = random_run(cfg)
+    run = dataclasses.replace(random_run(cfg), source_kind=source)
     for quantize in ("int8", "none"):
         path = tmp_path / f"{preset}.{quantize}.onnx"
         path.write_bytes(build_model_proto(run, quantize)[0].SerializeToString())
+        assert load_artifact(path).spec.ffn_rotation == (source != "run" and quantize == "int8")
         ort_gen, np_gen = Generator(path, "ort", threads=1), Generator(path, "numpy")
         for prompt in ("The", "def main():"):
             expected = ort_gen.generate(prompt, SamplingParams(max_new_tokens=48, temperature=0)).token_ids

@@ -206,7 +206,8 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source,
     path = tmp_path / "m.onnx"
     path.write_bytes(proto.SerializeToString())
     spec = load_artifact(path).spec  # a quantized import: a rotated residual stream, and a tied head's rotation
-    assert spec.head_rotation == (name != W.NONE and W.SCHEMES[name].calibrated and tie and source != "run")
+    rotated = name != W.NONE and W.SCHEMES[name].calibrated and source != "run"
+    assert spec.head_rotation == (rotated and tie) and spec.ffn_rotation == rotated
     floats = W.float_weights(spec)
     scheme = W.SCHEMES[name]
     defaults = {v.name for v in proto.graph.input}  # an input's default (logits_to_keep) is not a weight
