@@ -342,7 +342,7 @@ def test_smollm2_int8_keeps_float32s_next_tokens(smollm2_gguf, tmp_path):
     path = tmp_path / "smollm2.int8.onnx"
     report = export(smollm2_gguf, path, quantize="int8", log=lambda *a, **k: None)
     assert report["perplexity_tokens"] >= 2000 and report["calibration_tokens"] >= 1000
-    assert report["top1_agreement"] >= 0.96 and report["perplexity_ratio"] <= 1.002
+    assert report["top1_agreement"] >= 0.97 and report["perplexity_ratio"] <= 1.004  # 97.5% / 1.0006 +- 0.0009
     greedy = SamplingParams(temperature=0, max_new_tokens=12)
     prompt = "The old lighthouse keeper climbed the stairs and"
     texts = [Generator(path, backend=backend).generate(prompt, greedy).text for backend in ("ort", "numpy")]
