@@ -112,6 +112,7 @@ def prepare(
         return Prepared(weights, spec)
     t0 = time.perf_counter()
     if rotate:
+        assert scheme.block == W.FFN_ROTATION_BLOCK  # ffn_rotation turns w2's input in the scheme's activation blocks
         weights, spec = rotation.rotate(weights, spec)
     windows = calibration_windows(tokens, spec.context_length)
     if not windows:

@@ -305,7 +305,7 @@ def build_model_proto(
         end_of_turn_ids=run.end_of_turn_ids,
         source_kind=run.source_kind,
         attention=attention,
-        format_version=A.FORMAT_VERSION,  # the graph builders write the newest format (logits_to_keep)
+        format_version=A.oldest_version(spec),  # the graph builders write logits_to_keep: version 3 at least
     ).to_metadata()
     onnx.helper.set_model_props(proto, meta)
     what = f"step {run.step}" if run.source_kind == RUN else f"{run.architecture} from {run.source_kind}"

@@ -5,7 +5,8 @@
    for models whose logits are large: float32 rounding is relative).
 2. Quality of a quantized graph vs the float32 graph on held-out text (the run's val split,
    the same windows for both): how often it picks the same next token (top-1 agreement) and
-   its perplexity ratio, each within the scheme's QUALITY_LIMITS.
+   its perplexity ratio with its standard error, each within the scheme's QUALITY_LIMITS (the
+   ratio allowed NOISE_ERRORS standard errors above its limit).
 
 Deliberately independent of craft.runtime's generation loop: a bug there must not hide here.
 """
@@ -26,6 +27,9 @@ FP32_TOLERANCE = 1e-4  # max |logit diff| PyTorch vs ORT float32 for logits up t
 LOGIT_SCALE = 10.0  # larger logits (a pretrained 135M model reaches ~35) scale the tolerance in proportion
 
 
+NOISE_ERRORS = 2.0  # standard errors a perplexity ratio may lie above its limit before the file is refused
+
+
 @dataclass(frozen=True)
 class QualityLimit:
     min_top1: float  # share of held-out positions where the quantized graph's argmax equals float32's
@@ -33,14 +37,15 @@ class QualityLimit:
     reason: str
 
     def ppl_ratio_exceeded(self, ratio: float, standard_error: float) -> bool:
-        """Whether `ratio` is above the limit by more than NOISE_ERRORS of its standard error (NaN: yes).
-        A quantized graph's rounding moves with the order of float sums (numpy vs ONNX Runtime, one CPU
-        vs another), and each realization shifts a pretrained model's ratio on 3,000 tokens by ~0.001
-        (README "Quantization"): a limit within that noise passed or refused one file by chance."""
-        return not ratio - NOISE_ERRORS * standard_error <= self.max_ppl_ratio
-
-
-NOISE_ERRORS = 2.0  # standard errors a perplexity ratio may lie above its limit before the file is refused
+        """Whether `ratio` is above the limit by more than NOISE_ERRORS of its standard error, an
+        allowance never larger than the budget itself (a few hundred tokens measure little); NaN or an
+        infinite error: yes. A quantized graph's rounding moves with the order of float sums (numpy vs
+        ONNX Runtime, one CPU vs another), and each realization shifts a pretrained model's ratio on
+        3,000 tokens by ~0.001 (README "Quantization"): a limit within that noise decided by chance."""
+        if not math.isfinite(standard_error):
+            return True
+        allowance = min(NOISE_ERRORS * standard_error, self.max_ppl_ratio - 1)
+        return not ratio - allowance <= self.max_ppl_ratio
 
 
 QUALITY_LIMITS = {  # every quantized scheme's limits, in one place

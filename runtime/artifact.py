@@ -32,9 +32,11 @@ from dataclasses import MISSING, dataclass, fields
 # apply - it refuses the file instead of computing wrong logits.
 # 3: the graph has the logits_to_keep input (a prefill computes the head for its last position
 # alone).
-# 4: the model config may say ffn_rotation, a weight a version 3 runtime would not apply. Every
-# file craft-export writes is version 4, and this runtime still reads 1 to 3.
+# 4: the model config may say ffn_rotation, a weight a version 3 runtime would not apply.
+# craft-export writes the oldest version that holds the file (oldest_version): 4 for an imported
+# int8 / int4 file, 3 for the rest, which version 3 runtimes still run. This runtime reads 1 to 4.
 FORMAT_VERSION = 4
+HEAD_ROTATION_VERSION = 2  # the first version whose model config may say head_rotation
 FFN_ROTATION_VERSION = 4  # the first version whose model config may say ffn_rotation
 LOGITS_TO_KEEP_VERSION = 3  # the first version whose graph has LOGITS_TO_KEEP
 DOMAIN = "ai.craft"  # ModelProto.domain of every Craft file
@@ -200,6 +202,11 @@ class ModelSpec:
         return cls(**typed)
 
 
+def oldest_version(spec: ModelSpec) -> int:
+    """The oldest format version that holds a file of this spec written with logits_to_keep."""
+    return FFN_ROTATION_VERSION if spec.ffn_rotation else LOGITS_TO_KEEP_VERSION
+
+
 @dataclass(frozen=True)
 class Artifact:
     """Everything the metadata of a Craft .onnx file says."""
@@ -262,8 +269,8 @@ class Artifact:
             )
         try:
             spec = ModelSpec.from_json(metadata[META_CONFIG])
-            if spec.head_rotation and version == "1":
-                raise ValueError("its model config says head_rotation, which format version 1 does not have")
+            if spec.head_rotation and int(version) < HEAD_ROTATION_VERSION:
+                raise ValueError(f"its model config says head_rotation, which format version {version} does not have")
             if spec.ffn_rotation and int(version) < FFN_ROTATION_VERSION:
                 raise ValueError(f"its model config says ffn_rotation, which format version {version} does not have")
             attention = metadata.get(META_ATTENTION, ATTENTION_STANDARD)

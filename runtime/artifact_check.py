@@ -88,7 +88,9 @@ def spec_problem(spec: ModelSpec) -> str | None:
         return f"model config has norm_eps={spec.norm_eps}, expected 0 <= norm_eps < 1"
     if spec.head_rotation and (spec.arch != A.LLAMA or not spec.tie_embeddings):
         return "model config has head_rotation=true, which only a transformer with a tied head has"
-    if spec.ffn_rotation and (spec.arch != A.LLAMA or spec.hidden_dim % W.FFN_ROTATION_BLOCK):
+    if spec.ffn_rotation and spec.arch != A.LLAMA:
+        return "model config has ffn_rotation=true, which only a transformer has"
+    if spec.ffn_rotation and spec.hidden_dim % W.FFN_ROTATION_BLOCK:
         return (
             f"model config has ffn_rotation=true, which only a transformer whose hidden_dim is a multiple of "
             f"{W.FFN_ROTATION_BLOCK} has (hidden_dim={spec.hidden_dim})"

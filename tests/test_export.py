@@ -138,7 +138,9 @@ def test_a_ratio_is_refused_only_beyond_its_noise():
     assert not limit.ppl_ratio_exceeded(1.0035, 0.0009)  # within two standard errors of 1.002
     assert limit.ppl_ratio_exceeded(1.0042, 0.0009)
     assert limit.ppl_ratio_exceeded(1.0025, 0.0001)  # a precise measurement above the limit
+    assert limit.ppl_ratio_exceeded(1.0045, 0.01)  # the allowance is at most the budget: a short text measures little
     assert limit.ppl_ratio_exceeded(float("nan"), 0.0) and limit.ppl_ratio_exceeded(1.0, float("nan"))
+    assert limit.ppl_ratio_exceeded(1.0, float("inf"))
 
 
 def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):

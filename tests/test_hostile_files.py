@@ -221,6 +221,7 @@ SPEC_LIES = [  # (field changes, what the message names); the tiny file has 2 la
     ({"head_rotation": False}, "has weight 'head_rotation' that a model of its config"),
     ({"head_rotation": 1}, "head_rotation=1, expected bool"),
     ({"ffn_rotation": False}, "has weight 'ffn_rotation' that a model of its config"),
+    ({"ffn_rotation": 1}, "ffn_rotation=1, expected bool"),
     ({"hidden_dim": 176}, "ffn_rotation=true, which only a transformer whose hidden_dim is a multiple of 32 has"),
     ({"dim": float("inf")}, "dim=Infinity, expected int"),
     ({"rope_theta": -1.0}, "rope_theta=-1.0"),

@@ -208,6 +208,7 @@ def test_exporter_and_numpy_backend_use_the_names_of_the_home(name, tie, source,
     spec = load_artifact(path).spec  # a quantized import: a rotated residual stream, and a tied head's rotation
     rotated = name != W.NONE and W.SCHEMES[name].calibrated and source != "run"
     assert spec.head_rotation == (rotated and tie) and spec.ffn_rotation == rotated
+    assert load_artifact(path).format_version == (4 if rotated else 3)  # the oldest that holds it: 3 still runs
     floats = W.float_weights(spec)
     scheme = W.SCHEMES[name]
     defaults = {v.name for v in proto.graph.input}  # an input's default (logits_to_keep) is not a weight
