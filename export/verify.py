@@ -168,6 +168,11 @@ def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
     return nll, top
 
 
+def exp_or_inf(x: float) -> float:
+    """e^x, inf where that overflows a float (math.exp raised for a mean NLL above 709: huge logits)."""
+    return math.exp(x) if x < 709 else float("inf") if x == x else x
+
+
 def quality(
     sessions: list, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4
 ) -> dict:
@@ -195,10 +200,10 @@ def quality(
     mean_change = (nll - nll[0]) / count
     spread = np.sqrt(np.maximum(squares / count - mean_change**2, 0))  # per-position std of the NLL change
     return {
-        "perplexity": [math.exp(v / count) for v in nll],
+        "perplexity": [exp_or_inf(v / count) for v in nll],
         "top1": [float(v / count) for v in agree],
         # of the ratio to the first session's perplexity: exp(mean change) x its standard error
-        "ratio_standard_error": [float(math.exp(m) * s / math.sqrt(count)) for m, s in zip(mean_change, spread)],
+        "ratio_standard_error": [exp_or_inf(m) * float(s) / math.sqrt(count) for m, s in zip(mean_change, spread)],
         "tokens": count,
     }
 
@@ -274,7 +279,8 @@ def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: 
     )
     if not math.isfinite(ppl32):
         report["failures"].append(
-            f"the float32 model's logits are not finite on the held-out text (perplexity {ppl32}); "
+            f"the float32 model's perplexity on the held-out text is {ppl32} (logits not finite, or so large that "
+            "a next token's probability underflows); "
             "check the source's weights"
         )
     elif not top1 >= bound.min_top1 or bound.ppl_ratio_exceeded(ratio, error):  # a NaN figure fails too

@@ -161,6 +161,18 @@ def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):
     np.testing.assert_allclose(q["ratio_standard_error"][1], np.exp(change.mean()) * change.std() / np.sqrt(32))
 
 
+def test_quality_of_logits_too_large_for_a_perplexity_is_inf_not_an_exception(monkeypatch):
+    """A source whose weights make logits of 1e5 (finite) gave a mean NLL of ~1e5, and math.exp raised."""
+    spec = A.ModelSpec(
+        vocab_size=5, dim=4, n_layer=1, n_head=1, n_kv_head=1, head_dim=4, hidden_dim=8, context_length=8,
+        rope_theta=1e4, norm_eps=1e-5, tie_embeddings=True,
+    )  # fmt: skip
+    logits = np.random.default_rng(0).standard_normal((1, 8, 5)).astype(np.float32) * 1e5
+    monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past: (logits, []))
+    q = V.quality(["a", "b"], spec, np.arange(9) % 5)
+    assert q["perplexity"] == [float("inf")] * 2 and q["ratio_standard_error"][1] == 0
+
+
 def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
     out = tmp_path / "m.int4.onnx"
     report = export(sp_run, out, quantize="int4", log=lambda *a: None)
@@ -367,7 +379,7 @@ def test_a_nan_figure_fails_verification(char_run, tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="perplexity ratio nan"):
         export(char_run, tmp_path / "m.onnx", quantize="int4", log=lambda *a: None)
     monkeypatch.setattr(V, "quality", lambda *a, **kw: {**quality(*a, **kw), "perplexity": [float("nan")] * 2})
-    with pytest.raises(VerificationError, match="float32 model's logits are not finite on the held-out text"):
+    with pytest.raises(VerificationError, match="float32 model's perplexity on the held-out text is nan"):
         export(char_run, tmp_path / "m.onnx", quantize="int4", log=lambda *a: None)
     assert not (tmp_path / "m.onnx").exists()
 
