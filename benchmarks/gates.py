@@ -48,7 +48,7 @@ LOOP_OVERHEAD = 1.8
 
 # DESIGN.md: the int8 file is at most 30% of the float32 file (int8 weights are 25%; scales
 # and graph take the rest; the small preset measures 28.8%). An imported model's tied head adds
-# its rotation (export/rotation.py: dim x dim float32, 0.2% of SmolLM2-135M).
+# its rotation (export/rotation.py: dim x dim float32, 0.2% of SmolLM2-135M), and w2's a 32 x 32 one (4 KB).
 INT8_FILE_RATIO = 0.30
 
 # DESIGN.md: quantization may raise val perplexity by at most 1% relative to float32.
