@@ -16,16 +16,18 @@ usage: scripts/devices/check.sh          (or `make devices`; this file is its bo
              runtime alone, as a device installs it; no torch, onnx or training code anywhere
              on the guest's path (guest_run.py also blocks those imports and reports them).
 4. runs      craft-run -t 0 --json (greedy) through guest_run.py, each under a memory cap:
-               x86_64  host python      ort, numpy   tiny, recurrent, tiny_q4_1, small   the reference
-               aarch64 qemu cortex-a53  ort, numpy   tiny, recurrent, tiny_q4_1, small   (Pi Zero 2 W / Pi 3)
+               x86_64  host python      ort, numpy   all five models     the reference
+               aarch64 qemu cortex-a53  ort, numpy   all five models     (Pi Zero 2 W / Pi 3)
                        qemu cortex-a72  ort          tiny           (Pi 4)
                        qemu cortex-a76  ort          tiny           (Pi 5: int8 dot-product kernels)
                        cortex-a53, every ORT in CRAFT_DEVICE_ORT_VERSIONS   tiny
-               armv7l  qemu cortex-a7   numpy        tiny, recurrent, tiny_q4_1, small   (32-bit Pi OS: no ORT)
-5. gates     tiny, recurrent and tiny_q4_1 (the tiny run as q4_1): token ids and text identical to
-             the x86_64 run of the same backend, on every
-             machine; every run exits 0 with only the runtime's packages loaded; small: every run
-             generates all its tokens under the cap, and its x86_64 numpy peak RSS fits the Pi
+               armv7l  qemu cortex-a7   numpy        all five models     (32-bit Pi OS: no ORT)
+             (all five: tiny, recurrent, tiny_q4_1, tiny_rotated, small)
+5. gates     tiny, recurrent, tiny_q4_1 (the tiny run as q4_1) and tiny_rotated (the tiny run
+             int8 as an import: rotations, w2's input turned at run time): token ids and text
+             identical to the x86_64 run of the same backend, on every machine; every run exits 0
+             with only the runtime's packages loaded; small: every run generates all its tokens
+             under the cap, and its x86_64 numpy peak RSS fits the Pi
              Zero 2 W budget (configs/devices/pi-zero-2w.yaml: memory_mb - os_reserved_mb).
 
 Exit 0 pass, 1 fail, 77 skipped (qemu-user / debootstrap cannot be installed, or not root).
@@ -64,7 +66,7 @@ EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 
 MIN_ORT = "1.23.2"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits on aarch64
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
-GATED = ("tiny", "recurrent", "tiny_q4_1")  # models whose greedy output must match x86_64 token for token
+GATED = ("tiny", "recurrent", "tiny_q4_1", "tiny_rotated")  # greedy output must match x86_64 token for token
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
 ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
@@ -317,7 +319,7 @@ class Run:
     arch: str  # x86_64 | arm64 | armhf
     cpu: str
     backend: str
-    model: str  # tiny | recurrent | tiny_q4_1 | small
+    model: str  # tiny | recurrent | tiny_q4_1 | tiny_rotated | small
     ort: str = ""  # onnxruntime version, "" = the prepared one
     pythonpath: str = ""
     result: dict = field(default_factory=dict)
@@ -396,7 +398,7 @@ def plan(arches: list[str], ort_versions: list[str], sweep: bool = False) -> lis
         return [Run("x86_64", "host", "ort", "tiny")] + [
             Run("arm64", "cortex-a53", "ort", "tiny", ort=v) for v in ort_versions
         ]
-    models = ("tiny", "recurrent", "tiny_q4_1", "small")
+    models = ("tiny", "recurrent", "tiny_q4_1", "tiny_rotated", "small")
     runs = [Run("x86_64", "host", b, m) for m in models for b in ("ort", "numpy")]
     if "arm64" in arches:
         runs += [Run("arm64", "cortex-a53", b, m) for m in models for b in ("ort", "numpy")]
@@ -560,7 +562,7 @@ def report(
     say(f"cap: {cap.describe()}  [{budget_src}]")
     say("")
     say(
-        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':5s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} "
+        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':12s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} "
         f"{'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}"
     )
     for r in sorted(runs, key=lambda r: (r.model, ["x86_64", "arm64", "armhf"].index(r.arch), r.cpu, r.backend, r.ort)):
@@ -571,7 +573,7 @@ def report(
         if not res.get("ok"):
             failures.append(f"{r.name}: {res.get('error', 'failed')}")
             say(
-                f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {'-':>6s}  "
+                f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:12s} {ort:7s} {'-':>6s}  "
                 f"FAILED: {res.get('error', '')[:200]}"
             )
             continue
@@ -610,7 +612,7 @@ def report(
         peak = res.get("peak_mb")
         tps = (res.get("stats") or {}).get("decode_tokens_per_s", 0)
         say(
-            f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:9s} {ort:7s} {n:6d}  {verdict:22s} "
+            f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:12s} {ort:7s} {n:6d}  {verdict:22s} "
             f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} "
             f"{tps:6.1f} {res['wall_s']:5.1f}s"
         )
@@ -659,7 +661,7 @@ def report(
         )
         return EXIT_OK
     say(
-        f"RESULT: PASS - tiny (int8, q4_1) and recurrent greedy output token-for-token identical to x86_64 on "
+        f"RESULT: PASS - tiny (int8, q4_1, rotated) and recurrent greedy output token-for-token identical to x86_64 on "
         f"every machine and backend; "
         f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, "
         f"only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "

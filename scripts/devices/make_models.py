@@ -10,6 +10,9 @@ usage: make_models.py OUT_DIR [DATA_FILE]
                    DATA_FILE defaults to the bundled corpus.
   tiny_q4_1.onnx   the tiny run exported with --quantize q4_1 (4-bit MatMulNBits with zero points,
                    float block offsets): gated like tiny.
+  tiny_rotated.int8.onnx  the tiny run exported int8 as an imported model is: its residual stream
+                   rotated, a head rotation, w2's input turned at run time (ffn_rotation, format
+                   version 4), GPTQ: gated like tiny.
   recurrent.int8.onnx  the same with model.arch=recurrent (craft/recurrent.py: state I/O, an
                    ONNX Scan): gated like tiny, token for token against x86_64.
   small.int8.onnx  the small preset (configs/small.yaml) at its 15M-class size (vocab 32000)
@@ -78,6 +81,21 @@ def export_again(out: Path, name: str, quantize: str) -> dict:
     return {"path": str(path), "export_s": round(time.perf_counter() - t0, 1)}
 
 
+def export_as_import(out: Path, name: str) -> dict:
+    """The run build_tiny trained for `name`, exported int8 the way craft-export exports an import."""
+    import dataclasses
+
+    from craft.export.exporter import build_model_proto, load_run
+
+    t0 = time.perf_counter()
+    run = dataclasses.replace(load_run(out / f"{name}-run"), source_kind="hf")  # rotated as imports are
+    path = out / f"{name}_rotated.int8.onnx"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(build_model_proto(run, "int8")[0].SerializeToString())
+    tmp.replace(path)
+    return {"path": str(path), "export_s": round(time.perf_counter() - t0, 1)}
+
+
 def build_small(out: Path) -> dict:
     """The small preset (configs/small.yaml) at its 15M-class size, vocab 32000, random weights."""
     from craft.config import load_config
@@ -118,10 +136,11 @@ def main() -> None:
         "tiny": build_tiny(out, data),
         "recurrent": build_tiny(out, data, "recurrent", ("model.arch=recurrent",)),
         "tiny_q4_1": export_again(out, "tiny", "q4_1"),
+        "tiny_rotated": export_as_import(out, "tiny"),
         "small": build_small(out),
         "host": {"torch": torch.__version__, "onnx": onnx.__version__, "sentencepiece": sentencepiece.__version__},
     }
-    for name in ("tiny", "recurrent", "tiny_q4_1", "small"):
+    for name in ("tiny", "recurrent", "tiny_q4_1", "tiny_rotated", "small"):
         info[name].update(describe(info[name]["path"]))
     (out / "models.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
