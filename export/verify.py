@@ -170,7 +170,7 @@ def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray,
 
 def exp_or_inf(x: float) -> float:
     """e^x, inf where that overflows a float (math.exp raised for a mean NLL above 709: huge logits)."""
-    return math.exp(x) if x < 709 else float("inf") if x == x else x
+    return math.exp(x) if x < 709 or math.isnan(x) else math.inf
 
 
 def quality(

@@ -143,17 +143,20 @@ def test_a_ratio_is_refused_only_beyond_its_noise():
     assert limit.ppl_ratio_exceeded(1.0, float("inf"))
 
 
+# what quality() needs of a model: a context of 8 and a vocabulary of 5 (ort_forward is replaced)
+QUALITY_SPEC = A.ModelSpec(
+    vocab_size=5, dim=4, n_layer=1, n_head=1, n_kv_head=1, head_dim=4, hidden_dim=8, context_length=8,
+    rope_theta=1e4, norm_eps=1e-5, tie_embeddings=True,
+)  # fmt: skip
+
+
 def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):
     """quality()'s standard error is that of exp(mean NLL change) over the positions scored."""
-    spec = A.ModelSpec(
-        vocab_size=5, dim=4, n_layer=1, n_head=1, n_kv_head=1, head_dim=4, hidden_dim=8, context_length=8,
-        rope_theta=1e4, norm_eps=1e-5, tie_embeddings=True,
-    )  # fmt: skip
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 5, 33)
     logits = {name: rng.standard_normal((4, 8, 5)).astype(np.float32) for name in ("a", "b")}
     monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past: (logits[session][: len(ids)], []))
-    q = V.quality(["a", "b"], spec, tokens, batch=4)
+    q = V.quality(["a", "b"], QUALITY_SPEC, tokens, batch=4)
     targets = np.stack([tokens[i * 8 + 1 : i * 8 + 9] for i in range(4)])
     change = (V.nll_and_argmax(logits["b"], targets)[0] - V.nll_and_argmax(logits["a"], targets)[0]).ravel()
     assert q["tokens"] == 32 and q["ratio_standard_error"][0] == 0
@@ -163,13 +166,9 @@ def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):
 
 def test_quality_of_logits_too_large_for_a_perplexity_is_inf_not_an_exception(monkeypatch):
     """A source whose weights make logits of 1e5 (finite) gave a mean NLL of ~1e5, and math.exp raised."""
-    spec = A.ModelSpec(
-        vocab_size=5, dim=4, n_layer=1, n_head=1, n_kv_head=1, head_dim=4, hidden_dim=8, context_length=8,
-        rope_theta=1e4, norm_eps=1e-5, tie_embeddings=True,
-    )  # fmt: skip
     logits = np.random.default_rng(0).standard_normal((1, 8, 5)).astype(np.float32) * 1e5
     monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past: (logits, []))
-    q = V.quality(["a", "b"], spec, np.arange(9) % 5)
+    q = V.quality(["a", "b"], QUALITY_SPEC, np.arange(9) % 5)
     assert q["perplexity"] == [float("inf")] * 2 and q["ratio_standard_error"][1] == 0
 
 

@@ -81,34 +81,38 @@ def export_again(out: Path, name: str, quantize: str) -> dict:
     return {"path": str(path), "export_s": round(time.perf_counter() - t0, 1)}
 
 
+def write_int8(run, path: Path) -> Path:
+    """The run's int8 graph (craft-export's, unverified) written to `path` through a temporary file."""
+    from craft.export.exporter import build_model_proto
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(build_model_proto(run, "int8")[0].SerializeToString())
+    tmp.replace(path)
+    return path
+
+
 def export_as_import(out: Path, name: str) -> dict:
     """The run build_tiny trained for `name`, exported int8 the way craft-export exports an import."""
     import dataclasses
 
-    from craft.export.exporter import build_model_proto, load_run
+    from craft.export.exporter import load_run
 
     t0 = time.perf_counter()
     run = dataclasses.replace(load_run(out / f"{name}-run"), source_kind="hf")  # rotated as imports are
-    path = out / f"{name}_rotated.int8.onnx"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(build_model_proto(run, "int8")[0].SerializeToString())
-    tmp.replace(path)
+    path = write_int8(run, out / f"{name}_rotated.int8.onnx")
     return {"path": str(path), "export_s": round(time.perf_counter() - t0, 1)}
 
 
 def build_small(out: Path) -> dict:
     """The small preset (configs/small.yaml) at its 15M-class size, vocab 32000, random weights."""
     from craft.config import load_config
-    from craft.export.exporter import build_model_proto, random_run
+    from craft.export.exporter import random_run
 
     t0 = time.perf_counter()
     cfg = load_config("small").model
     cfg.vocab_size = SMALL_VOCAB
     run = random_run(cfg)
-    path = out / "small.int8.onnx"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(build_model_proto(run, "int8")[0].SerializeToString())
-    tmp.replace(path)
+    path = write_int8(run, out / "small.int8.onnx")
     return {"path": str(path), "build_s": round(time.perf_counter() - t0, 1), "parameters": run.model.num_parameters()}
 
 
