@@ -334,16 +334,12 @@ def test_smollm2_int8_keeps_float32s_next_tokens(smollm2_gguf, tmp_path):
     """craft-export's own verification of int8 against float32 on the bundled English text:
     measured 97.5% top-1 and +0.06% perplexity (rotations + GPTQ; blocks of 32 gave 95.6% /
     +0.9% before them; the import issue asks 98% top-1: README "Quantization"). The numpy
-    backend greedy-decodes exactly what the ort backend does."""
+    backend greedy-decodes what the ort backend does, or parts from it at a near tie alone."""
+    from conftest import greedy_on_both_backends
     from craft.export.exporter import export
-    from craft.runtime.generator import Generator
-    from craft.runtime.sampling import SamplingParams
 
     path = tmp_path / "smollm2.int8.onnx"
     report = export(smollm2_gguf, path, quantize="int8", log=lambda *a, **k: None)
     assert report["perplexity_tokens"] >= 2000 and report["calibration_tokens"] >= 1000
     assert report["top1_agreement"] >= 0.97 and report["perplexity_ratio"] <= 1.004  # 97.5% / 1.0006 +- 0.0009
-    greedy = SamplingParams(temperature=0, max_new_tokens=12)
-    prompt = "The old lighthouse keeper climbed the stairs and"
-    texts = [Generator(path, backend=backend).generate(prompt, greedy).text for backend in ("ort", "numpy")]
-    assert texts[0] == texts[1] and len(texts[0]) > 20
+    assert len(greedy_on_both_backends(path, "The old lighthouse keeper climbed the stairs and")) > 20
