@@ -25,7 +25,8 @@ usage: scripts/devices/check.sh          (or `make devices`; this file is its bo
              (all five: tiny, recurrent, tiny_q4_1, tiny_rotated, small)
 5. gates     tiny, recurrent, tiny_q4_1 (the tiny run as q4_1) and tiny_rotated (the tiny run
              int8 as an import: rotations, w2's input turned at run time): token ids and text
-             identical to the x86_64 run of the same backend, on every machine; every run exits 0
+             identical to the x86_64 run of the same backend, on every machine (or parting at a
+             NEAR_TIE, the two tokens' logits within 0.01 on x86_64); every run exits 0
              with only the runtime's packages loaded; small: every run generates all its tokens
              under the cap, and its x86_64 numpy peak RSS fits the Pi
              Zero 2 W budget (configs/devices/pi-zero-2w.yaml: memory_mb - os_reserved_mb).
@@ -67,10 +68,37 @@ EXIT_OK, EXIT_FAIL, EXIT_SKIP = 0, 1, 77
 MIN_ORT = "1.23.2"  # setup.py's floor: the oldest onnxruntime whose MatMulNBits runs 8 bits on aarch64
 PROMPT = "ROMEO: Wherefore art thou \u2014 "  # the em dash is not in a 512-piece vocabulary: byte fallback
 GATED = ("tiny", "recurrent", "tiny_q4_1", "tiny_rotated")  # greedy output must match x86_64 token for token
+# ...except where it parts at a near tie: the two tokens' logits this close on x86_64 (the same backend).
+# The tiny models are trained on the host, so each CPU's torch gives other weights, and now and then
+# a position whose top two lie 1e-3 apart (tiny_rotated on an AVX-512 + AMX Xeon: 2.7305 vs 2.7295,
+# which emulated aarch64 ONNX Runtime ordered the other way). A wrong kernel moves logits by far more.
+NEAR_TIE = 0.01
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
 ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
 PROFILE = REPO / "configs" / "devices" / "pi-zero-2w.yaml"
+
+
+def tie_gap(model: str, backend: str, tokens: list[int], a: int, b: int) -> float:
+    """|logit a - logit b| on this machine's `backend` at the position after PROMPT + tokens."""
+    import numpy as np
+
+    from craft.runtime.generator import Generator
+
+    g = Generator(model, backend=backend)
+    ids = np.array([g.encode_prompt(PROMPT, TINY_TOKENS) + list(tokens)])  # (1, T)
+    g.backend.reset(1, ids.shape[1])
+    logits = g.backend.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0, -1]
+    return abs(float(logits[a] - logits[b]))
+
+
+def parting(model: str, backend: str, reference: list[int], tokens: list[int]) -> tuple[int, float | None]:
+    """(the first token where `tokens` part from `reference`, the two tokens' logit gap on this machine
+    there; None where one list merely ends first)."""
+    k = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+    if k >= min(len(reference), len(tokens)):
+        return k, None
+    return k, tie_gap(model, backend, reference[:k], reference[k], tokens[k])
 
 
 def say(msg: str = "") -> None:
@@ -323,6 +351,7 @@ class Run:
     ort: str = ""  # onnxruntime version, "" = the prepared one
     pythonpath: str = ""
     result: dict = field(default_factory=dict)
+    near_tie: bool = False  # its greedy output parts from x86_64's where two tokens tie within NEAR_TIE
 
     @property
     def name(self) -> str:
@@ -562,7 +591,7 @@ def report(
     say(f"cap: {cap.describe()}  [{budget_src}]")
     say("")
     say(
-        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':12s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':22s} "
+        f"{'machine':8s} {'cpu':11s} {'backend':7s} {'model':12s} {'ORT':7s} {'tokens':>6s}  {'vs x86_64':28s} "
         f"{'VmHWM':>7s} {'cg peak':>7s} {'tok/s':>6s} {'wall':>6s}"
     )
     for r in sorted(runs, key=lambda r: (r.model, ["x86_64", "arm64", "armhf"].index(r.arch), r.cpu, r.backend, r.ort)):
@@ -584,22 +613,25 @@ def report(
             same = not other.get("ok") or other.get("tokens") == res["tokens"]
             verdict = "reference" + ("" if same else " (ort != numpy)")
             if r.model in GATED and not same and r.backend == "numpy":
-                failures.append(f"x86_64 {r.model}: the ort and numpy backends' greedy outputs differ")
+                k, gap = parting(info[r.model]["path"], "ort", other["tokens"], res["tokens"])
+                if gap is not None and gap <= NEAR_TIE:
+                    verdict, r.near_tie = f"reference (near tie {k})", True
+                else:
+                    failures.append(f"x86_64 {r.model}: the ort and numpy backends' greedy outputs differ at token {k}")
         else:
             base = ref.get((r.backend, r.model), {})
             same = bool(base.get("ok")) and base.get("tokens") == res["tokens"] and base.get("text") == res["text"]
             if same:
                 verdict = "identical"
             else:
-                k = next(
-                    (i for i, (a, b) in enumerate(zip(base.get("tokens") or [], res["tokens"])) if a != b),
-                    min(n, len(base.get("tokens") or [])),
-                )
+                k, gap = parting(info[r.model]["path"], r.backend, base.get("tokens") or [], res["tokens"])
                 verdict = f"DIFFERS at token {k}"
-                if r.model in GATED:
-                    failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
-                else:
+                if r.model not in GATED:
                     verdict += " (info)"
+                elif gap is not None and gap <= NEAR_TIE and base.get("ok"):
+                    verdict, r.near_tie = f"near tie at token {k} ({gap:.4f})", True
+                else:
+                    failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
         if dev.get("forbidden_loaded") or dev.get("forbidden_attempts"):
             failures.append(f"{r.name}: imported {dev.get('forbidden_loaded') or dev.get('forbidden_attempts')}")
         if machine != ARCH_MACHINE[r.arch]:
@@ -612,7 +644,7 @@ def report(
         peak = res.get("peak_mb")
         tps = (res.get("stats") or {}).get("decode_tokens_per_s", 0)
         say(
-            f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:12s} {ort:7s} {n:6d}  {verdict:22s} "
+            f"{machine:8s} {r.cpu:11s} {r.backend:7s} {r.model:12s} {ort:7s} {n:6d}  {verdict:28s} "
             f"{(f'{hwm:.0f}MB' if hwm else '-'):>7s} {(f'{peak:.0f}MB' if peak else '-'):>7s} "
             f"{tps:6.1f} {res['wall_s']:5.1f}s"
         )
@@ -660,9 +692,10 @@ def report(
             f"on emulated aarch64 with greedy output identical to x86_64"
         )
         return EXIT_OK
+    ties = ", ".join(r.name for r in runs if r.near_tie)
     say(
         f"RESULT: PASS - tiny (int8, q4_1, rotated) and recurrent greedy output token-for-token identical to x86_64 on "
-        f"every machine and backend; "
+        f"every machine and backend{f' (or parting at a near tie: {ties})' if ties else ''}; "
         f"small int8 generated under the {cap.limit_mb} MiB cap everywhere ({len(runs)} runs, "
         f"only {', '.join(['numpy', 'onnxruntime', 'sentencepiece', 'click'])} loaded; "
         f"never {FORBIDDEN_NOTE})"
