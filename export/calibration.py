@@ -26,6 +26,12 @@ from craft.export.gptq import gptq
 from craft.runtime import weights as W
 from craft.runtime.artifact import LLAMA, ModelSpec
 
+
+class CalibrationError(ValueError):
+    """The source cannot be calibrated: its float network overflows on the calibration text, or the
+    working set would not fit in memory. One line (craft-export exits 2)."""
+
+
 CALIBRATION_TOKENS = 1024  # GPTQ's inputs; 4,096 moved SmolLM2-135M's perplexity ratio by +-0.002, no better (README)
 WINDOW = 256  # tokens per calibration window (or the context, if shorter)
 
@@ -56,6 +62,31 @@ class Prepared:
     report: dict = field(default_factory=dict)
 
 
+def working_set_bytes(spec: ModelSpec, rotate: bool) -> int:
+    """The largest float64 arrays calibration holds at once, in bytes: GPTQ's (K, K) Hessian, its
+    inverse and factor with the (K, N) weight being rounded, for the widest linear weight (w2's K is
+    the hidden width; the head's N the vocabulary); rotation's (dim, dim) matrices. A source of a
+    few MB can claim a shape whose Hessian needs gigabytes (hidden width 32,768: 8.6 GB each)."""
+    qkv = (spec.n_head + 2 * spec.n_kv_head) * spec.head_dim
+    shapes = [(spec.dim, qkv), (spec.n_head * spec.head_dim, spec.dim), (spec.dim, 2 * spec.hidden_dim)]
+    shapes += [(spec.hidden_dim, spec.dim), (spec.dim, spec.vocab_size)]
+    gptq_bytes = max(8 * (4 * k * k + 3 * k * n) for k, n in shapes)
+    return max(gptq_bytes, 8 * 4 * spec.dim * spec.dim if rotate else 0)
+
+
+def check_memory(spec: ModelSpec, rotate: bool) -> None:
+    """Refuse, in one line, a calibration whose working set exceeds the memory available now."""
+    from craft.runtime.estimate import available_memory_mb
+
+    need, free = working_set_bytes(spec, rotate) / 2**20, available_memory_mb()
+    if free is not None and need > free:
+        raise CalibrationError(
+            f"calibrating this model for int8 / int4 needs ~{need:,.0f} MB at once (GPTQ's float64 matrices for its "
+            f"widest weight; dim {spec.dim}, hidden {spec.hidden_dim}, vocab {spec.vocab_size}) and {free:,.0f} MB "
+            "is available; export on a machine with more memory, or with --quantize none"
+        )
+
+
 def calibration_windows(tokens: np.ndarray | None, context_length: int) -> list[np.ndarray]:
     """Up to CALIBRATION_TOKENS tokens as windows of WINDOW (or context_length) tokens, spread
     evenly over `tokens`; [] when there are none."""
@@ -83,7 +114,14 @@ def round_in_order(weights: dict[str, np.ndarray], spec: ModelSpec, scheme, wind
     def rounding(name: str, linear: W.FloatLinear):
         def call(x: np.ndarray, last_only: bool = False) -> np.ndarray:
             rows = x.reshape(-1, x.shape[-1]).astype(np.float64)  # (B * T, in)
-            w_q, scales[name], ratios[name] = gptq(linear.w, rows.T @ rows, scheme)
+            with np.errstate(all="ignore"):  # an overflowing network: refused below, in one line
+                hessian = rows.T @ rows
+            if not np.isfinite(hessian).all():
+                raise CalibrationError(
+                    f"the source's float32 network overflows on the calibration text (the inputs of '{name}' are "
+                    "not finite numbers: a weight so large that float32 overflows); check the source's weights"
+                )
+            w_q, scales[name], ratios[name] = gptq(linear.w, hessian, scheme)
             changes[name] = float(np.abs(w_q - linear.w).max())
             out[name] = np.ascontiguousarray(w_q.T if name == W.EMBEDDING else w_q)  # the tied head is E^T
             if name == head:  # nothing reads the logits: skip them (windows x tokens x vocab floats)
@@ -110,6 +148,7 @@ def prepare(
     weights and head GPTQ-rounded with their scales; a recurrent model's weights as they are."""
     if spec.arch != LLAMA:
         return Prepared(weights, spec)
+    check_memory(spec, rotate)
     t0 = time.perf_counter()
     if rotate:
         assert scheme.block == W.FFN_ROTATION_BLOCK  # ffn_rotation turns w2's input in the scheme's activation blocks

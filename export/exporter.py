@@ -29,7 +29,7 @@ from craft import run_dir as rd
 from craft.checkpoint import read as read_checkpoint
 from craft.config import ConfigError, ModelConfig, apply_dict, read_run_config
 from craft.data import DATA_INFO, TOKENS, check_tokenizer, load_tokenizer, run_splits
-from craft.export.calibration import Prepared, calibration_text, prepare
+from craft.export.calibration import CalibrationError, Prepared, calibration_text, prepare
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
@@ -283,7 +283,12 @@ def build_model_proto(
     weights = artifact_weights(run.model) if weights is None else weights
     prepared = Prepared(weights, spec)
     if W.SCHEMES[quantize].calibrated:  # GPTQ-rounded, an import rotated first (calibration.py)
-        prepared = prepare(weights, spec, W.SCHEMES[quantize], run.calibration_tokens, rotate=run.source_kind != RUN)
+        try:
+            prepared = prepare(
+                weights, spec, W.SCHEMES[quantize], run.calibration_tokens, rotate=run.source_kind != RUN
+            )
+        except CalibrationError as e:
+            raise ExportError(str(e)) from None
     weights, spec = prepared.weights, prepared.spec
     ops = OPS[quantize](prepared.scales)
     ops.calibration = prepared.report

@@ -157,14 +157,16 @@ NLL_CHUNK = 256  # positions converted to float64 at a time: a 49k vocabulary x 
 
 
 def nll_and_argmax(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(next-token NLL (b, t) float64, argmax (b, t)) of logits (b, t, vocab) for targets (b, t)."""
+    """(next-token NLL (b, t) float64, argmax (b, t)) of logits (b, t, vocab) for targets (b, t);
+    inf logits give a NaN NLL, which the caller refuses in one line (no RuntimeWarning on stderr)."""
     nll, top = np.zeros(targets.shape), np.zeros(targets.shape, np.int64)
     for start in range(0, targets.shape[1], NLL_CHUNK):
         part = logits[:, start : start + NLL_CHUNK].astype(np.float64)  # (b, chunk, vocab)
-        peak = part.max(-1)
-        log_z = np.log(np.exp(part - peak[..., None]).sum(-1)) + peak
-        picked = np.take_along_axis(part, targets[:, start : start + NLL_CHUNK, None], axis=-1)[..., 0]
-        nll[:, start : start + NLL_CHUNK], top[:, start : start + NLL_CHUNK] = log_z - picked, part.argmax(-1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            peak = part.max(-1)
+            log_z = np.log(np.exp(part - peak[..., None]).sum(-1)) + peak
+            picked = np.take_along_axis(part, targets[:, start : start + NLL_CHUNK, None], axis=-1)[..., 0]
+            nll[:, start : start + NLL_CHUNK], top[:, start : start + NLL_CHUNK] = log_z - picked, part.argmax(-1)
     return nll, top
 
 

@@ -38,7 +38,7 @@ from craft.runtime import chat as C
 from craft.runtime.artifact import RECURRENT, Artifact, ArtifactError, position_ids
 from craft.runtime.artifact_check import check_file, check_unchanged, file_identity
 from craft.runtime.estimate import available_memory_mb, batch_prefill_bytes, fitting_context
-from craft.runtime.sampling import SamplingParams, is_int, sample_next
+from craft.runtime.sampling import LogitsError, SamplingParams, is_int, sample_next
 from craft.runtime.tokenizer import TextStream, Tokenizer, tokenizer_from_bytes
 
 BACKENDS = ("ort", "numpy")
@@ -393,6 +393,8 @@ class Generator:
         self.cached_ids = batch[0][:cached]  # follows the backend's cache at every step, whatever interrupts us
         t = time.perf_counter()
         logits = self._prefill(input_ids, mask, positions, cached)  # (B, vocab)
+        if any(row.max() == row.min() for row in logits):  # NaN compares unequal: sample_next refuses it
+            raise LogitsError("are all equal (every token as likely as the next)")
         self.cached_ids = list(batch[0]) if B == 1 else []
         stats.prefill_ms = (time.perf_counter() - t) * 1e3
         # Decode-step inputs, allocated once: the mask grows by a column of ones per step (a view

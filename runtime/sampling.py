@@ -24,12 +24,12 @@ class SamplingError(ValueError):
 
 
 class LogitsError(ValueError):
-    """The model gave logits that are NaN or infinite: damaged weights, or values that overflow."""
+    """The model gave logits that are NaN or infinite, or all equal: damaged weights, or values that
+    overflow (an RMS norm of an infinite residual is 0 in numpy, and every logit with it)."""
 
-    def __init__(self):
+    def __init__(self, what: str = "are not finite numbers (NaN or infinity)"):
         super().__init__(
-            "the model's logits are not finite numbers (NaN or infinity): its weights are damaged or overflow "
-            "float32; re-export it from its source"
+            f"the model's logits {what}: its weights are damaged or overflow float32; re-export it from its source"
         )
 
 

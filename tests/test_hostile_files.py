@@ -23,6 +23,7 @@ import pytest
 
 from conftest import run_cli
 from craft.runtime import artifact as A
+from craft.runtime import weights as W
 from craft.runtime.artifact import ArtifactError
 from craft.runtime.generator import Generator, load_artifact
 
@@ -450,6 +451,29 @@ def test_non_finite_float_weights_of_a_quantized_file_are_refused(tmp_path, file
     ):
         path = rewrite(files[source], tmp_path / f"{source}.onnx", graph=poison(name, value))
         refused(path, f"weight '{re.escape(name)}' holds NaN or infinite values")
+
+
+def test_finite_weights_that_overflow_the_network_are_refused_on_both_backends(tmp_path, files):
+    """w2's input rotation of 3e38s (finite, so the file's checks pass): ONNX Runtime's logits are
+    NaN, while numpy's RMS norm of the infinite residual is 0 and so is every logit - it printed an
+    empty text with exit 0. An all-equal first row of logits is refused like a non-finite one."""
+    from onnx import numpy_helper
+
+    from craft.runtime.sampling import LogitsError, SamplingParams
+
+    def overflow(graph):
+        tensor = next(t for t in graph.initializer if t.name == W.FFN_ROTATION)
+        tensor.CopyFrom(numpy_helper.from_array(np.full((32, 32), 3e38, np.float32), W.FFN_ROTATION))
+
+    path = rewrite(files["int8"], tmp_path / "overflow.onnx", graph=overflow)
+    for backend in BACKENDS:
+        with pytest.raises(LogitsError, match="logits (are not finite|are all equal)"):
+            Generator(path, backend=backend).generate("ab", SamplingParams(temperature=0, max_new_tokens=4))
+    result = run_cli("craft.runtime.cli", str(path), "ab", "-n", "4", "--backend", "numpy")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "are all equal" in result.stderr, (
+        result.returncode,
+        result.stderr,
+    )
 
 
 # --- memory: hostile files are refused before anything is sized from them ----------------------

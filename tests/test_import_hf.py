@@ -385,6 +385,42 @@ def test_weights_that_overflow_the_logits_fail_verification_in_one_line(tmp_path
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_weights_that_overflow_calibration_are_refused_in_one_line(tmp_path, quantize):
+    """q_proj weights of 1e38 (finite, so the source's check passes): the calibration activations
+    are inf, and GPTQ's Cholesky of an inf Hessian was a 53-line LinAlgError traceback (exit 1)."""
+    model = random_hf_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[:] = 1e38
+    model.save_pretrained(tmp_path / "huge")
+    save_tokenizer(tmp_path / "huge")
+    out = tmp_path / "m.onnx"
+    result = run_cli("craft.export.cli", str(tmp_path / "huge"), "--quantize", quantize, "-o", str(out))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "overflows on the calibration text" in result.stderr and "Warning" not in result.stderr
+    assert not out.exists()
+
+
+def test_calibration_that_cannot_fit_in_memory_is_refused_before_it_allocates(monkeypatch):
+    """A hidden width of 32,768 needs 8.6 GB per GPTQ Hessian (a 6 MB source claimed it and the
+    export took gigabytes): refused in one line against the memory available, before any array."""
+    import dataclasses
+
+    import numpy as np
+
+    import craft.runtime.estimate as estimate
+    from craft.config import ModelConfig
+    from craft.export.calibration import CalibrationError, prepare, working_set_bytes
+    from craft.export.exporter import model_spec
+    from craft.runtime import weights as W
+
+    spec = dataclasses.replace(model_spec(ModelConfig()), hidden_dim=32768, vocab_size=1024)
+    assert working_set_bytes(spec, rotate=False) > 4 * 8 * 32768**2
+    monkeypatch.setattr(estimate, "available_memory_mb", lambda: 1000.0)
+    with pytest.raises(CalibrationError, match=r"needs ~3\d,\d{3} MB at once .* hidden 32768.* 1,000 MB"):
+        prepare({}, spec, W.SCHEMES["int8"], np.zeros(4096, np.int64), rotate=False)
+
+
 def test_special_tokens_from_older_files_and_config_json(tmp_path):
     """An older save names its specials in special_tokens_map.json only (refused: 'names no EOS
     token'), and without generation_config.json transformers takes the stop ids from config.json's
