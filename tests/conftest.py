@@ -225,8 +225,9 @@ def run_cli(
 # Where ort and numpy greedy decodes of a deep int8 model part, both must be at a near tie: the two
 # tokens' logits this close in each backend. The backends agree per linear layer to ~1e-6, but over
 # SmolLM2's 30 layers activation blocks that sit on a rounding midpoint round differently, and its
-# logits then differ by ~0.4 (of ~25) per position (README "craft-run"); measured splits: 0.04-0.08.
-NEAR_TIE_LOGITS = 0.25
+# logits then differ by ~0.4 (of ~25) per position (README "craft-run"); measured at the splits: median
+# 0.07, 3% above 0.25, at most 0.37.
+NEAR_TIE_LOGITS = 0.5
 
 
 def greedy_on_both_backends(path: Path, prompt: str, max_new_tokens: int = 12) -> str:

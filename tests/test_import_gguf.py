@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
 # below the importorskips, as before: these helpers serve only runs that have gguf and transformers
 from import_models import (  # noqa: E402
     CHAT_TEMPLATE,
+    TORCH_TOLERANCE,
     craft_logits,
     max_diff,
     ort_logits,
@@ -93,14 +94,14 @@ def test_f32_gguf_matches_the_transformers_model(llama):
     source = load_source(files["F32"])
     assert (source.config.n_kv_head, source.config.tie_embeddings) == (2, False)
     fed, reference = reference_logits(model, PROMPT)
-    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < TORCH_TOLERANCE
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_gguf_matches_transformers_gguf_loader(llama, qtype):
     path = llama[1][qtype]
     fed, reference = reference_logits(transformers_gguf_model(path), PROMPT)
-    assert max_diff(reference, craft_logits(load_source(path).model(), fed, len(PROMPT))) < 1e-5
+    assert max_diff(reference, craft_logits(load_source(path).model(), fed, len(PROMPT))) < TORCH_TOLERANCE
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
@@ -132,7 +133,7 @@ def test_tied_gguf(tmp_path):
     source = load_source(write_gguf(model, tmp_path / "tied.gguf"))
     assert source.config.tie_embeddings
     fed, reference = reference_logits(model, PROMPT, steps=2)
-    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < TORCH_TOLERANCE
 
 
 LLAMA3_SCALING = dict(
@@ -157,7 +158,7 @@ def test_llama3_rope_freqs_are_applied(llama3):
     source = load_source(path)
     assert source.rope_divisors is not None and source.config.rope_scaling_factor == 0
     fed, reference = reference_logits(model, PROMPT)
-    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < 1e-5
+    assert max_diff(reference, craft_logits(source.model(), fed, len(PROMPT))) < TORCH_TOLERANCE
     unscaled = Transformer.from_state_dict(source.config, source.state_dict)
     assert max_diff(reference, craft_logits(unscaled, fed, len(PROMPT))) > 0.1
 
@@ -341,5 +342,7 @@ def test_smollm2_int8_keeps_float32s_next_tokens(smollm2_gguf, tmp_path):
     path = tmp_path / "smollm2.int8.onnx"
     report = export(smollm2_gguf, path, quantize="int8", log=lambda *a, **k: None)
     assert report["perplexity_tokens"] >= 2000 and report["calibration_tokens"] >= 1000
-    assert report["top1_agreement"] >= 0.97 and report["perplexity_ratio"] <= 1.004  # 97.5% / 1.0006 +- 0.0009
+    # measured 97.4-97.5% / 1.0006-1.0009 +- 0.0009 on three CPUs (the numpy backend: 97.2%); without the
+    # residual rotation 96.0%
+    assert report["top1_agreement"] >= 0.965 and report["perplexity_ratio"] <= 1.004
     assert len(greedy_on_both_backends(path, "The old lighthouse keeper climbed the stairs and")) > 20

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers", reason="transformers not inst
 from conftest import run_cli  # noqa: E402
 from import_models import (  # noqa: E402
     CHAT_TEMPLATE,
+    TORCH_TOLERANCE,
     VOCAB,
     craft_logits,
     max_diff,
@@ -31,7 +32,6 @@ from import_models import (  # noqa: E402
 )
 
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 27, 70, 1, 33, 14, 96, 50, 8, 21]
-TORCH_TOLERANCE = 1e-5  # Craft's PyTorch model vs transformers
 FILE_TOLERANCE = 1e-4  # the exported float32 file (ONNX Runtime, numpy backend) vs transformers
 
 CASES = {

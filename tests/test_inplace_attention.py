@@ -50,6 +50,15 @@ def pair(request, tmp_path_factory) -> dict:
     return gens
 
 
+def logits_tolerance(pair: dict, logits: np.ndarray) -> float:
+    """How far two paths' logits may differ: 1e-4 in float32. An int8 file rounds its activations
+    per block, and where the two paths sum a value in another order one rounding can flip and move
+    a logit by up to ~3e-3 (measured on random ids: 1-4% of draws exceed 1e-4, on any CPU)."""
+    if pair["inplace"].artifact.quantization == "none":
+        return 1e-4
+    return 5e-3 * float(np.abs(logits).max())
+
+
 def test_inplace_file_declares_itself_and_its_cache_shape(pair):
     assert pair["inplace"].artifact.attention == A.ATTENTION_INPLACE and pair["inplace"].backend.inplace
     assert pair["standard"].artifact.attention == A.ATTENTION_STANDARD and not pair["standard"].backend.inplace
@@ -88,7 +97,7 @@ def test_inplace_chunked_prefill_equals_standard(pair):
             backend.forward(np.array([[20]]), np.ones((1, 10), np.int64), np.array([[9]])),
         ]
         logits[name] = np.concatenate(steps, axis=1)
-    assert np.abs(logits["standard"] - logits["inplace"]).max() < 1e-4
+    assert np.abs(logits["standard"] - logits["inplace"]).max() < logits_tolerance(pair, logits["standard"])
 
 
 def test_decode_steps_through_bound_buffers_equal_the_general_path(pair):
@@ -106,7 +115,7 @@ def test_decode_steps_through_bound_buffers_equal_the_general_path(pair):
         for t in range(2, 6)
     ]
     assert backend._step_bound  # the fast path ran
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole[:, 2:], atol=1e-4)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole[:, 2:], atol=logits_tolerance(pair, whole))
     # then a batch of another size, and a multi-token step after decode steps (a chat turn's prefill)
     row = ids[:1]
     backend.reset(1)
@@ -115,7 +124,9 @@ def test_decode_steps_through_bound_buffers_equal_the_general_path(pair):
     assert backend._step_bound
     rest = backend.forward(row[:, 3:], np.ones((1, 6), np.int64), np.arange(3, 6)[None])
     assert not backend._step_bound
-    np.testing.assert_allclose(np.concatenate([step, rest], axis=1)[0], whole[0, 2:], atol=1e-4)
+    np.testing.assert_allclose(
+        np.concatenate([step, rest], axis=1)[0], whole[0, 2:], atol=logits_tolerance(pair, whole)
+    )
 
 
 def test_unknown_attention_in_metadata_is_one_line_error(pair):

@@ -109,7 +109,9 @@ def test_q4_1_is_closer_to_float32_than_int4_and_numpy_agrees(q4_1_files):
     assert max_diff(ref, q41) < max_diff(ref, int4) / 3  # only the activations' int8 rounding is left
     assert reports["q4_1"]["perplexity_ratio"] < reports["int4"]["perplexity_ratio"]
     mine = numpy_logits(directory / "m.q4_1.onnx", fed, len(PROMPT))
-    assert max_diff(q41, mine) <= 1e-4 * max(float(np.abs(r).max()) for r in q41)
+    # 5e-3, as test_numpy_logits_close_to_ort: where the backends' float order flips one int8 activation
+    # rounding, a logit moves by up to ~2e-2 of the scale (measured: 11% of random inputs exceed 1e-4)
+    assert max_diff(q41, mine) <= 5e-3 * max(float(np.abs(r).max()) for r in q41)
 
 
 def test_smollm2_q4_1_keeps_its_blocks_and_its_answers(smollm2_gguf, tmp_path):
@@ -142,7 +144,7 @@ def test_graph_equals_numpy_when_in_features_are_not_whole_blocks(K):
     got = run_graph(g.nodes, g.initializers, {"x": x}, out)
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializers}
     mine = Q4_1.linear(tuple(stored[n] for n in Q4_1.stored_names("w")), w.shape)(x)
-    assert np.abs(mine - got).max() <= 2e-6 * np.abs(got).max()
+    assert np.abs(mine - got).max() <= 2e-5 * np.abs(got).max()  # ~6e-6 on ONNX Runtime's AVX2 kernel (test_weights)
     back = Q4_1.dequantize(tuple(stored[n] for n in Q4_1.stored_names("w")), w.shape)
     assert np.abs(got - x @ back).max() <= 0.02 * (np.abs(x) @ np.abs(back)).max()  # int8 activation rounding only
 

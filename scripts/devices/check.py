@@ -26,7 +26,7 @@ usage: scripts/devices/check.sh          (or `make devices`; this file is its bo
 5. gates     tiny, recurrent, tiny_q4_1 (the tiny run as q4_1) and tiny_rotated (the tiny run
              int8 as an import: rotations, w2's input turned at run time): token ids and text
              identical to the x86_64 run of the same backend, on every machine (or parting at a
-             NEAR_TIE, the two tokens' logits within 0.01 on x86_64); every run exits 0
+             NEAR_TIE, the two tokens' logits within 0.03 on x86_64); every run exits 0
              with only the runtime's packages loaded; small: every run generates all its tokens
              under the cap, and its x86_64 numpy peak RSS fits the Pi
              Zero 2 W budget (configs/devices/pi-zero-2w.yaml: memory_mb - os_reserved_mb).
@@ -71,8 +71,9 @@ GATED = ("tiny", "recurrent", "tiny_q4_1", "tiny_rotated")  # greedy output must
 # ...except where it parts at a near tie: the two tokens' logits this close on x86_64 (the same backend).
 # The tiny models are trained on the host, so each CPU's torch gives other weights, and now and then
 # a position whose top two lie 1e-3 apart (tiny_rotated on an AVX-512 + AMX Xeon: 2.7305 vs 2.7295,
-# which emulated aarch64 ONNX Runtime ordered the other way). A wrong kernel moves logits by far more.
-NEAR_TIE = 0.01
+# which emulated aarch64 ONNX Runtime ordered the other way; one int8 activation rounding that flips
+# moves these models' logits by up to 0.016). A wrong kernel moves logits by far more.
+NEAR_TIE = 0.03
 TINY_TOKENS, SMALL_TOKENS = 40, 16  # the tiny model's context is 64 (prompt: 21 tokens)
 FORBIDDEN_NOTE = "torch, onnx, protobuf, yaml, craft training/export code"
 ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
