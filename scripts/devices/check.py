@@ -80,26 +80,25 @@ ARCH_MACHINE = {"x86_64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
 PROFILE = REPO / "configs" / "devices" / "pi-zero-2w.yaml"
 
 
-def tie_gap(model: str, backend: str, tokens: list[int], a: int, b: int) -> float:
-    """|logit a - logit b| on this machine's `backend` at the position after PROMPT + tokens."""
+def first_difference(reference: list[int], tokens: list[int]) -> int:
+    """The first token where `tokens` part from `reference` (the shorter one's length if neither does)."""
+    return next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+
+
+def tie_gap(model: str, backend: str, reference: list[int], tokens: list[int], k: int) -> float | None:
+    """The logit gap of the two tokens at k, where `tokens` part from `reference`, on this machine's
+    `backend` (the model run on PROMPT + reference[:k]); None where one list merely ends at k."""
+    if k >= min(len(reference), len(tokens)):
+        return None
     import numpy as np
 
     from craft.runtime.generator import Generator
 
     g = Generator(model, backend=backend)
-    ids = np.array([g.encode_prompt(PROMPT, TINY_TOKENS) + list(tokens)])  # (1, T)
+    ids = np.array([g.encode_prompt(PROMPT, TINY_TOKENS) + list(reference[:k])])  # (1, T)
     g.backend.reset(1, ids.shape[1])
     logits = g.backend.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])[0, -1]
-    return abs(float(logits[a] - logits[b]))
-
-
-def parting(model: str, backend: str, reference: list[int], tokens: list[int]) -> tuple[int, float | None]:
-    """(the first token where `tokens` part from `reference`, the two tokens' logit gap on this machine
-    there; None where one list merely ends first)."""
-    k = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
-    if k >= min(len(reference), len(tokens)):
-        return k, None
-    return k, tie_gap(model, backend, reference[:k], reference[k], tokens[k])
+    return abs(float(logits[reference[k]] - logits[tokens[k]]))
 
 
 def say(msg: str = "") -> None:
@@ -614,7 +613,8 @@ def report(
             same = not other.get("ok") or other.get("tokens") == res["tokens"]
             verdict = "reference" + ("" if same else " (ort != numpy)")
             if r.model in GATED and not same and r.backend == "numpy":
-                k, gap = parting(info[r.model]["path"], "ort", other["tokens"], res["tokens"])
+                k = first_difference(other["tokens"], res["tokens"])
+                gap = tie_gap(info[r.model]["path"], "ort", other["tokens"], res["tokens"], k)
                 if gap is not None and gap <= NEAR_TIE:
                     verdict, r.near_tie = f"reference (near tie {k})", True
                 else:
@@ -625,14 +625,21 @@ def report(
             if same:
                 verdict = "identical"
             else:
-                k, gap = parting(info[r.model]["path"], r.backend, base.get("tokens") or [], res["tokens"])
+                reference = base.get("tokens") or []
+                k = first_difference(reference, res["tokens"])
                 verdict = f"DIFFERS at token {k}"
-                if r.model not in GATED:
+                if r.model not in GATED:  # informational: no model is run again for it
                     verdict += " (info)"
-                elif gap is not None and gap <= NEAR_TIE and base.get("ok"):
-                    verdict, r.near_tie = f"near tie at token {k} ({gap:.4f})", True
                 else:
-                    failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
+                    gap = (
+                        tie_gap(info[r.model]["path"], r.backend, reference, res["tokens"], k)
+                        if base.get("ok")
+                        else None
+                    )
+                    if gap is not None and gap <= NEAR_TIE:
+                        verdict, r.near_tie = f"near tie at token {k} ({gap:.4f})", True
+                    else:
+                        failures.append(f"{r.name}: greedy output differs from x86_64 {r.backend} at token {k}")
         if dev.get("forbidden_loaded") or dev.get("forbidden_attempts"):
             failures.append(f"{r.name}: imported {dev.get('forbidden_loaded') or dev.get('forbidden_attempts')}")
         if machine != ARCH_MACHINE[r.arch]:
