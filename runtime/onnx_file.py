@@ -481,6 +481,7 @@ def _parse_attribute(
         elif number == 4 and wire == _LEN:
             s = bytes(buf[a:b])
         elif number == 5 and wire == _LEN:
+            _once(tensor, f"the tensor of attribute {name[:80]!r}")
             tensor = (a, b)
         elif number == 7:
             _add_floats(floats, buf, wire, a, b)
@@ -491,6 +492,7 @@ def _parse_attribute(
         elif number == 10 and wire == _LEN:
             tensors.append((a, b))
         elif number == 6 and wire == _LEN:
+            _once(graph, f"the graph of attribute {name[:80]!r}")
             graph = (a, b)
         elif number == 11 and wire == _LEN:
             graphs.append((a, b))
@@ -540,29 +542,42 @@ def _parse_node(buf: memoryview, start: int, end: int, model: OnnxModel, options
     return Node(op_type, domain, name, tuple(inputs), tuple(outputs), attributes)
 
 
-def _submessage(buf: memoryview, start: int, end: int, number: int) -> tuple[int, int] | None:
-    """Span of the last occurrence of embedded-message field `number`, if any."""
+def _once(span: tuple[int, int] | None, what: str) -> None:
+    """Refuse a second occurrence of a singular message field: protobuf (and so ONNX Runtime) merges
+    the two into one message, so a file could hide a second graph - its nodes and initializers -
+    from checks that read one of them."""
+    if span is not None:
+        raise _Malformed(f"{what} appears twice (ONNX Runtime would merge the two)")
+
+
+def _submessage(buf: memoryview, start: int, end: int, number: int, what: str) -> tuple[int, int] | None:
+    """Span of embedded-message field `number`, if present (once: see _once)."""
     span = None
     for n, wire, a, b in _fields(buf, start, end):
         if n == number and wire == _LEN:
+            _once(span, what)
             span = (a, b)
     return span
 
 
 def _parse_value_info(buf: memoryview, start: int, end: int) -> ValueInfo:
     name, elem_type, shape = "", 0, []
-    tensor_type = None
+    type_span = tensor_type = None
     for number, wire, a, b in _fields(buf, start, end):
         if number == 1 and wire == _LEN:
             name = _text(buf, a, b)
         elif number == 2 and wire == _LEN:
-            tensor_type = _submessage(buf, a, b, 1)  # TypeProto.tensor_type
+            _once(type_span, f"the type of value {name[:80]!r}")
+            type_span = (a, b)
+            tensor_type = _submessage(buf, a, b, 1, f"the tensor type of value {name[:80]!r}")  # TypeProto.tensor_type
     if tensor_type is not None:
+        shape_span = None
         for number, wire, a, b in _fields(buf, *tensor_type):
             if number == 1 and wire == _VARINT:
                 elem_type = a
             elif number == 2 and wire == _LEN:  # TensorShapeProto; its field 1 is repeated dim
-                shape = []
+                _once(shape_span, f"the shape of value {name[:80]!r}")
+                shape_span = (a, b)
                 for n, w, da, db in _fields(buf, a, b):
                     if n == 1 and w == _LEN:
                         if len(shape) == MAX_RANK:
@@ -667,6 +682,7 @@ def _parse_model(buf: memoryview, options: _Options) -> OnnxModel:
         elif number == 3 and wire == _LEN:
             model.producer_version = _text(buf, a, b)
         elif number == 7 and wire == _LEN:
+            _once(graph, "the graph")
             graph = (a, b)
         elif number in (8, 14) and wire == _LEN:
             pairs += 1

@@ -379,6 +379,48 @@ def test_duplicate_initializer_names_are_refused(tmp_path) -> None:
             onnx_file.read_model(tmp_path / "d.onnx", with_weights=with_weights)
 
 
+def test_a_singular_message_field_written_twice_is_refused(tmp_path) -> None:
+    """Protobuf merges two occurrences of a singular message field, so ONNX Runtime would run a
+    graph whose other half (a Loop, external data) the operator checks, reading one, never saw."""
+    hidden = helper.make_graph([helper.make_node("Loop", ["n", "", "x"], ["y"])], "h", [], [])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "g", [], []))
+    shown = model.SerializeToString()
+    twice = shown + length_delimited(7, hidden.SerializeToString())  # ModelProto.graph = 7
+    assert [n.op_type for n in onnx.load_from_string(twice).graph.node] == ["Identity", "Loop"]  # merged
+    (tmp_path / "graph.onnx").write_bytes(twice)
+    with pytest.raises(OnnxFormatError, match="the graph appears twice"):
+        onnx_file.read_model(tmp_path / "graph.onnx")
+    (tmp_path / "once.onnx").write_bytes(shown)
+    assert [n.op_type for n in onnx_file.read_model(tmp_path / "once.onnx").nodes] == ["Identity"]
+
+    # each message with one of its fields written twice, placed in a graph where the reader meets it
+    body, zeros = hidden.SerializeToString(), numpy_helper.from_array(np.zeros(1, np.float32))
+    zeros_bytes = zeros.SerializeToString()
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    tensor_type, shape = value.type.tensor_type.SerializeToString(), value.type.tensor_type.shape.SerializeToString()
+    scan_body = helper.make_attribute("body", hidden).SerializeToString()
+    constant = helper.make_attribute("value", zeros).SerializeToString()
+    cases = {  # refusal: (GraphProto field, the message's bytes)
+        "the graph of attribute 'body'": (1, length_delimited(5, scan_body + length_delimited(6, body))),
+        "the tensor of attribute 'value'": (1, length_delimited(5, constant + length_delimited(5, zeros_bytes))),
+        "the type of value 'x'": (11, value.SerializeToString() + length_delimited(2, value.type.SerializeToString())),
+        "the tensor type of value 'x'": (11, length_delimited(1, b"x") + length_delimited(
+            2, length_delimited(1, tensor_type) + length_delimited(1, tensor_type))),
+        "the shape of value 'x'": (11, length_delimited(1, b"x") + length_delimited(
+            2, length_delimited(1, tensor_type + length_delimited(2, shape)))),
+    }  # fmt: skip
+    empty = helper.make_model(helper.make_graph([], "g", [], []))
+    empty.ClearField("graph")
+    for refusal, (number, message) in cases.items():
+        if number == 1:  # an attribute, in a node
+            message = helper.make_node("Scan", ["x"], ["y"]).SerializeToString() + message
+        data = empty.SerializeToString() + length_delimited(7, length_delimited(number, message))
+        onnx.load_from_string(data)  # protobuf reads it (merging)
+        (tmp_path / "twice.onnx").write_bytes(data)
+        with pytest.raises(OnnxFormatError, match=re.escape(refusal) + " appears twice"):
+            onnx_file.read_model(tmp_path / "twice.onnx")
+
+
 def test_external_data_is_refused(tmp_path) -> None:
     model = build_model(False)
     path = tmp_path / "external.onnx"
