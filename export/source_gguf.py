@@ -311,7 +311,10 @@ def model_config(fields: dict, tensors: dict, where: Path) -> tuple[str, ModelCo
         raise SourceError(
             f"{where}: partial rotary ({rotary} of {head_dim}) or different key/value widths are not supported"
         )
-    vocab = int(tensors["token_embd.weight"].shape[-1])  # the embedding's rows: (dim, vocab) in GGUF's order
+    embedding = tuple(int(d) for d in tensors["token_embd.weight"].shape.tolist())
+    if len(embedding) != 2:
+        raise SourceError(f"{where}: tensor token_embd.weight has shape {embedding}, expected 2 dims (dim, vocab)")
+    vocab = embedding[1]  # the embedding's rows: (dim, vocab) in GGUF's order
     cfg = ModelConfig(
         vocab_size=vocab,
         dim=dim,

@@ -396,9 +396,9 @@ def read_gguf_tokenizer(source) -> TokenizerSource:
             f"{name} has no tokenizer (tokenizer.ggml.model / tokens); convert the model with a "
             "llama.cpp that writes them"
         )
-    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise TokenizerSourceError(f"{name}: tokenizer.ggml.tokens is not a list of strings; convert the model again")
+    types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
     if not isinstance(types, list) or len(types) != len(tokens) or not all(type(k) is int for k in types):
         raise TokenizerSourceError(
             f"{name}: tokenizer.ggml.token_type is not {len(tokens)} integers, one per token; convert the model again"

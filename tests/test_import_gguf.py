@@ -213,16 +213,22 @@ def refusal(path: Path) -> str:
     return message
 
 
-def minimal_gguf(path: Path, architecture: str = "llama", tensor_type=None, floats: dict | None = None) -> Path:
+def minimal_gguf(
+    path: Path, architecture: str = "llama", tensor_type=None, floats: dict | None = None, embedding=(4, 8), **kvs
+) -> Path:
+    """A GGUF of one block that holds only the embedding (of shape `embedding`, numpy's order); kvs: more
+    keys (a__b for a.b), strings or uint32."""
     writer = gguf.GGUFWriter(str(path), architecture)
     for key, value in (floats or {}).items():
         writer.add_float32(key, value)
+    for key, value in kvs.items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(key.replace("__", "."), value)
     for key, value in dict(
         context_length=16, embedding_length=8, block_count=1, feed_forward_length=16, vocab_size=4
     ).items():
         getattr(writer, f"add_{key}")(value)
     writer.add_head_count(2)
-    data = np.ones((4, 8), np.float64 if tensor_type == "F64" else np.float32)
+    data = np.ones(embedding, np.float64 if tensor_type == "F64" else np.float32)
     writer.add_tensor("token_embd.weight", data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -305,6 +311,22 @@ def test_truncated_gguf(llama, tmp_path):
         path = tmp_path / f"cut{keep}.gguf"
         path.write_bytes(data[:keep])
         assert "truncated" in refusal(path)
+
+
+@pytest.mark.parametrize("embedding", [(), (8,)])
+def test_an_embedding_not_of_two_dims_is_refused(tmp_path, embedding):
+    """A token_embd.weight of no dims: the vocabulary was read from its last (an IndexError traceback)."""
+    message = refusal(minimal_gguf(tmp_path / "m.gguf", embedding=embedding))
+    assert "token_embd.weight" in message
+
+
+def test_tokens_that_are_not_a_list_are_refused(tmp_path):
+    """tokenizer.ggml.tokens as one number: len() of it was a TypeError traceback."""
+    from craft.export.source_tokenizer import TokenizerSourceError, read_gguf_tokenizer
+
+    path = minimal_gguf(tmp_path / "m.gguf", tokenizer__ggml__model="gpt2", tokenizer__ggml__tokens=5)
+    with pytest.raises(TokenizerSourceError, match="tokenizer.ggml.tokens is not a list of strings"):
+        read_gguf_tokenizer(path)
 
 
 def test_gguf_shapes_that_disagree_with_its_metadata(tmp_path):
