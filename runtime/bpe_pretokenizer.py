@@ -154,6 +154,9 @@ def check_backtracking(pattern: str, i: int, groups: list[bool]) -> None:
 # ---- splitting a piece (the library's NormalizedString::split) ----
 
 
+SPLIT_BEHAVIORS = ("isolated", "removed", "contiguous", "mergedwithprevious", "mergedwithnext")  # lowercased
+
+
 def split_piece(piece: Piece, spans: list[tuple[int, int]], behavior: str, invert: bool = False) -> list[Piece]:
     """Cut piece at the match spans (sorted, non-overlapping) as SplitDelimiterBehavior `behavior` says."""
     text, at_start = piece
@@ -191,7 +194,7 @@ def split_piece(piece: Piece, spans: list[tuple[int, int]], behavior: str, inver
             previous = m
         kept.reverse()
     else:
-        raise UnsupportedTokenizer(f"split behavior {behavior!r} is not supported")
+        raise AssertionError(behavior)  # pre_tokenizer() checked it against SPLIT_BEHAVIORS
     return [(text[a:b], at_start and a == 0) for a, b, remove in kept if not remove and b > a]
 
 
@@ -219,12 +222,40 @@ def is_numeric(c: str) -> bool:
 # ---- normalizers: str -> str, applied to each stretch of text between added tokens ----
 
 
+def setting(spec: dict, key: str, kind: type, default=None):
+    """spec[key] (default where absent and one is given), checked to be of `kind` as the library checks
+    it at load: the file's tokenizer.json is untrusted, and a number where text belongs failed only
+    once a prompt was encoded, as a traceback."""
+    value = spec.get(key, default)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise UnsupportedTokenizer(
+            f"tokenizer.json's {str(spec.get('type'))[:40]} step has {key} = {value!r:.40}, expected a {kind.__name__}"
+        )
+    return value
+
+
+def step_kind(spec, what: str) -> str:
+    if not isinstance(spec, dict):
+        raise UnsupportedTokenizer(f"tokenizer.json's {what} steps must be objects, not {spec!r:.40}")
+    return spec.get("type")
+
+
+def pattern(spec: dict) -> tuple[str | None, re.Pattern | None]:
+    """A Replace or Split step's pattern: (the literal, None) or (None, the regex)."""
+    p = setting(spec, "pattern", dict)
+    if isinstance(p.get("String"), str):
+        return p["String"], None
+    if isinstance(p.get("Regex"), str):
+        return None, onig_to_python(p["Regex"])
+    raise UnsupportedTokenizer(f"tokenizer.json's {spec['type']} pattern is {p!r:.60}, expected a String or a Regex")
+
+
 def normalizer(spec: dict | None) -> Callable[[str], str]:
     if spec is None:
         return lambda s: s
-    kind = spec.get("type")
+    kind = step_kind(spec, "normalizer")
     if kind == "Sequence":
-        steps = [normalizer(s) for s in spec["normalizers"]]
+        steps = [normalizer(s) for s in setting(spec, "normalizers", list)]
 
         def sequence(s: str) -> str:
             for step in steps:
@@ -233,12 +264,13 @@ def normalizer(spec: dict | None) -> Callable[[str], str]:
 
         return sequence
     if kind == "Prepend":
-        return lambda s: spec["prepend"] + s if s else s
+        prepend = setting(spec, "prepend", str)
+        return lambda s: prepend + s if s else s
     if kind == "Replace":
-        pattern, content = spec["pattern"], spec["content"]
-        if "String" in pattern:
-            return lambda s: s.replace(pattern["String"], content)
-        regex = onig_to_python(pattern["Regex"])
+        content = setting(spec, "content", str)
+        literal, regex = pattern(spec)
+        if regex is None:
+            return lambda s: s.replace(literal, content)
         return lambda s: regex.sub(lambda m: content, s)
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda s: unicodedata.normalize(kind, s)
@@ -255,9 +287,9 @@ def normalizer(spec: dict | None) -> Callable[[str], str]:
 def pre_tokenizer(spec: dict | None) -> Step:
     if spec is None:
         return lambda pieces: pieces
-    kind = spec.get("type")
+    kind = step_kind(spec, "pre-tokenizer")
     if kind == "Sequence":
-        steps = [pre_tokenizer(s) for s in spec["pretokenizers"]]
+        steps = [pre_tokenizer(s) for s in setting(spec, "pretokenizers", list)]
 
         def sequence(pieces: list[Piece]) -> list[Piece]:
             for step in steps:
@@ -266,15 +298,17 @@ def pre_tokenizer(spec: dict | None) -> Step:
 
         return sequence
     if kind == "ByteLevel":
-        return byte_level(spec.get("add_prefix_space", True), spec.get("use_regex", True))
+        return byte_level(setting(spec, "add_prefix_space", bool, True), setting(spec, "use_regex", bool, True))
     if kind == "Split":
-        pattern, behavior, invert = spec["pattern"], spec["behavior"], spec.get("invert", False)
-        if "String" in pattern:
-            return each(lambda p: split_piece(p, literal_spans(pattern["String"], p[0]), behavior, invert))
-        regex = onig_to_python(pattern["Regex"])
+        behavior, invert = setting(spec, "behavior", str), setting(spec, "invert", bool, False)
+        if behavior.lower() not in SPLIT_BEHAVIORS:
+            raise UnsupportedTokenizer(f"split behavior {behavior[:40]!r} is not supported")
+        literal, regex = pattern(spec)
+        if regex is None:
+            return each(lambda p: split_piece(p, literal_spans(literal, p[0]), behavior, invert))
         return each(lambda p: split_piece(p, regex_spans(regex, p[0]), behavior, invert))
     if kind == "Digits":
-        behavior = "isolated" if spec.get("individual_digits", False) else "contiguous"
+        behavior = "isolated" if setting(spec, "individual_digits", bool, False) else "contiguous"
         return each(lambda p: split_piece(p, char_spans(is_numeric, p[0]), behavior))
     if kind == "Metaspace":
         return metaspace(spec)
@@ -301,11 +335,19 @@ def byte_level(add_prefix_space: bool, use_regex: bool) -> Step:
 
 
 def metaspace(spec: dict) -> Step:
-    replacement = spec.get("replacement", "\u2581")
+    replacement = setting(spec, "replacement", str, "\u2581")
+    if len(replacement) != 1:  # a char in the library
+        raise UnsupportedTokenizer(
+            f"tokenizer.json's Metaspace replacement is {replacement[:40]!r}, expected one character"
+        )
     scheme = spec.get("prepend_scheme")
     if scheme is None:  # files older than prepend_scheme spell it add_prefix_space
-        scheme = "always" if spec.get("add_prefix_space", True) else "never"
-    do_split = spec.get("split", True)
+        scheme = "always" if setting(spec, "add_prefix_space", bool, True) else "never"
+    if scheme not in ("always", "first", "never"):
+        raise UnsupportedTokenizer(
+            f"tokenizer.json's Metaspace prepend_scheme is {scheme!r:.40}, expected always, first or never"
+        )
+    do_split = setting(spec, "split", bool, True)
 
     def split(piece: Piece) -> list[Piece]:
         text, at_start = piece

@@ -354,6 +354,36 @@ def test_malformed_tokenizer_is_one_value_error(sentencepiece_style, use_library
         assert words in str(error.value)
 
 
+@pytest.mark.parametrize("use_library", [True, False], ids=["library", "python"])
+@pytest.mark.parametrize(
+    "key, step, words",
+    [
+        ("normalizer", {"type": "Prepend", "prepend": 5}, "prepend = 5, expected a str"),
+        ("normalizer", {"type": "Replace", "pattern": {"String": " "}, "content": 7}, "content = 7, expected a str"),
+        ("normalizer", {"type": "Replace", "pattern": 5, "content": "x"}, "pattern = 5, expected a dict"),
+        ("normalizer", {"type": "Replace", "pattern": {"Regex": 5}, "content": "x"}, "expected a String or a Regex"),
+        ("normalizer", {"type": "Sequence", "normalizers": [5]}, "normalizer steps must be objects"),
+        ("pre_tokenizer", {"type": "Split", "pattern": {"String": " "}, "behavior": 3}, "behavior = 3"),
+        ("pre_tokenizer", {"type": "Split", "pattern": {"String": " "}, "behavior": "Sideways"}, "'Sideways'"),
+        ("pre_tokenizer", {"type": "Metaspace", "replacement": 9}, "replacement = 9, expected a str"),
+        ("pre_tokenizer", {"type": "Metaspace", "replacement": "ab"}, "expected one character"),
+        ("pre_tokenizer", {"type": "Metaspace", "prepend_scheme": "sometimes"}, "prepend_scheme is 'sometimes'"),
+        ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": "yes"}, "= 'yes', expected a bool"),
+        ("pre_tokenizer", {"type": "Sequence", "pretokenizers": 5}, "pretokenizers = 5, expected a list"),
+    ],
+)
+def test_a_step_setting_of_the_wrong_type_is_refused_at_load(sentencepiece_style, use_library, key, step, words):
+    """The pure-Python path built its steps lazily: a number where text belongs (Prepend's prepend = 5)
+    loaded, then failed on the first prompt as a TypeError traceback. Now both paths refuse the file
+    at load, in one ValueError."""
+    spec = {**json.loads(sentencepiece_style), key: step}
+    envelope = json.dumps({"kind": HF_JSON, "bos_id": 1, "eos_id": 2, "pad_id": 0, "tokenizer": spec}).encode()
+    with pytest.raises(ValueError) as error:
+        HFTokenizer.from_bytes(envelope, use_library=use_library)
+    if not use_library:
+        assert words in str(error.value)
+
+
 def test_library_panic_on_a_text_is_a_value_error(sentencepiece_style, capfd):
     """A hostile pre-tokenizer regex makes the library panic (a Rust panic: a BaseException) on some
     texts; encode turns it into a ValueError, and the panic's message never reaches stderr."""
