@@ -86,9 +86,25 @@ def chat_ids(artifact: Artifact, tokenizer: Tokenizer, messages: Sequence[dict],
     text = chat_prompt(artifact, tokenizer, messages, **variables)
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: undecodable bytes smuggled in (surrogateescape)
-        raise ChatError("a message is not valid UTF-8 text (it holds a lone surrogate); pass UTF-8 text") from None
+    except UnicodeEncodeError:  # lone surrogates: undecodable bytes smuggled in (surrogateescape), or the template's
+        if not all(is_unicode(v) for m in messages for v in m.values()) or not all(map(is_unicode, variables.values())):
+            raise ChatError("a message is not valid UTF-8 text (it holds a lone surrogate); pass UTF-8 text") from None
+        raise ChatError(
+            "the model's chat template writes text that is not valid Unicode (a lone surrogate); re-export the "
+            "model with a corrected chat template"
+        ) from None
     return tokenizer.encode(text)
+
+
+def is_unicode(value) -> bool:
+    """False for a string holding a lone surrogate; other values are not text the user wrote."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def template_of(artifact: Artifact) -> str:

@@ -572,6 +572,20 @@ def test_api_chat_refuses_lone_surrogates_and_its_own_keywords(models):
             gen.generate_chat([{"role": "user", "content": "hi"}], GREEDY, **{name: "x"})
 
 
+def test_a_template_that_writes_a_lone_surrogate_is_blamed_not_the_message(models):
+    """A file's template rendering '\\ud800' was reported as the user's message not being UTF-8."""
+    import dataclasses
+
+    from craft.runtime.chat import ChatError, chat_ids
+
+    gen = Generator(models["fp32"], threads=1)
+    broken = dataclasses.replace(gen.artifact, chat_template="{{ '\\ud800' }}{{ messages[0]['content'] }}")
+    with pytest.raises(ChatError, match="the model's chat template writes text that is not valid Unicode"):
+        chat_ids(broken, gen.tokenizer, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ChatError, match="a message is not valid UTF-8 text"):
+        chat_ids(broken, gen.tokenizer, [{"role": "user", "content": "a\udcff"}])
+
+
 def test_a_reply_left_open_keeps_its_turn_in_place(models):
     """A reply read part-way and dropped: the next reply followed two user turns in a row, and when
     the garbage collector finalized the first, its answer landed after the later turn."""
