@@ -56,6 +56,10 @@ def set_blas_threads(ctx: click.Context, param: click.Parameter, threads: int) -
     if threads:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
+    elif not re.fullmatch(r"\s*[1-9]\d*(\s*,\s*[1-9]\d*)*\s*", os.environ.get("OMP_NUM_THREADS", "1")):
+        del os.environ[
+            "OMP_NUM_THREADS"
+        ]  # junk: the libraries ignore it, and libgomp (sentencepiece's) says so on stderr
     return threads
 
 

@@ -136,6 +136,16 @@ def test_model_paths_that_are_not_files(tmp_path):
             assert message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("value", ["junk", "-5", "0"])
+def test_a_junk_omp_num_threads_is_ignored_without_a_library_warning(sp_int8, value):
+    """libgomp (loaded with sentencepiece) printed 'Invalid value for environment variable
+    OMP_NUM_THREADS' before the text; it ignores the value, and so does craft-run, in silence."""
+    result = run_cli(
+        "craft.runtime.cli", str(sp_int8), "a", "-n", "3", "--backend", "numpy", env={"OMP_NUM_THREADS": value}
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 def test_threads_reach_blas_before_numpy_loads(tmp_path):
     """BLAS reads its thread count once, when numpy loads: the sampling flags' defaults (from
     sampling.py, which imports numpy) must be read after --threads has set it."""
