@@ -175,6 +175,10 @@ def exp_or_inf(x: float) -> float:
     return math.exp(x) if x < 709 or math.isnan(x) else math.inf
 
 
+LOGITS_BYTES = 128 << 20  # float32 logits one quality forward returns at most: Llama-3's 128k vocabulary
+# over a 3,082-token window would be 1.6 GB at once, and a crafted source's vocabulary is as large as it claims
+
+
 def quality(
     sessions: list, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4
 ) -> dict:
@@ -186,13 +190,16 @@ def quality(
     windows = [w for w in windows if len(w) >= 2]
     nll, agree, count = np.zeros(len(sessions)), np.zeros(len(sessions)), 0
     squares = np.zeros(len(sessions))  # sum of each position's (NLL - the first session's NLL)^2
+    positions = max(1, LOGITS_BYTES // (4 * spec.vocab_size))  # per forward of one window
+    if batch * ctx > positions:  # one window at a time, in pieces if it must: GroupQueryAttention
+        batch = 1  # takes more than one new token after a cache only in a batch of one
     for start in range(0, len(windows), batch):
         group = windows[start : start + batch]
         width = min(len(w) for w in group)
         block = np.stack([w[:width] for w in group])  # (b, width)
         reference = reference_losses = None
         for i, session in enumerate(sessions):
-            losses, top = nll_and_argmax(ort_forward(session, spec, block[:, :-1], None)[0], block[:, 1:])
+            losses, top = scored(session, spec, block, positions)
             if reference is None:
                 reference, reference_losses = top, losses
             nll[i] += losses.sum()
@@ -210,12 +217,17 @@ def quality(
     }
 
 
-def perplexity(
-    session, spec: A.ModelSpec, tokens: np.ndarray, max_tokens: int = PPL_MAX_TOKENS, batch: int = 4
-) -> tuple[float, int]:
-    """(exp(mean next-token NLL), tokens scored) over consecutive context-length windows of `tokens`."""
-    q = quality([session], spec, tokens, max_tokens, batch)
-    return q["perplexity"][0], q["tokens"]
+def scored(session, spec: A.ModelSpec, block: np.ndarray, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(next-token NLL, argmax), each (b, width - 1), of the windows block (b, width), fed `positions`
+    at a time after the cache of the ones before: only that many positions' logits exist at once."""
+    ids, targets = block[:, :-1], block[:, 1:]
+    losses, tops, past = [], [], None
+    for p in range(0, ids.shape[1], positions):
+        logits, past = ort_forward(session, spec, ids[:, p : p + positions], past, past_length=p)
+        loss, top = nll_and_argmax(logits, targets[:, p : p + positions])
+        losses.append(loss)
+        tops.append(top)
+    return np.concatenate(losses, axis=1), np.concatenate(tops, axis=1)
 
 
 def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: str = "none", log=print) -> dict:

@@ -155,7 +155,7 @@ def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 5, 33)
     logits = {name: rng.standard_normal((4, 8, 5)).astype(np.float32) for name in ("a", "b")}
-    monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past: (logits[session][: len(ids)], []))
+    monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past, **kw: (logits[session][: len(ids)], []))
     q = V.quality(["a", "b"], QUALITY_SPEC, tokens, batch=4)
     targets = np.stack([tokens[i * 8 + 1 : i * 8 + 9] for i in range(4)])
     change = (V.nll_and_argmax(logits["b"], targets)[0] - V.nll_and_argmax(logits["a"], targets)[0]).ravel()
@@ -167,9 +167,26 @@ def test_quality_reports_the_ratio_with_its_standard_error(monkeypatch):
 def test_quality_of_logits_too_large_for_a_perplexity_is_inf_not_an_exception(monkeypatch):
     """A source whose weights make logits of 1e5 (finite) gave a mean NLL of ~1e5, and math.exp raised."""
     logits = np.random.default_rng(0).standard_normal((1, 8, 5)).astype(np.float32) * 1e5
-    monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past: (logits, []))
+    monkeypatch.setattr(V, "ort_forward", lambda session, spec, ids, past, **kw: (logits, []))
     q = V.quality(["a", "b"], QUALITY_SPEC, np.arange(9) % 5)
     assert q["perplexity"] == [float("inf")] * 2 and q["ratio_standard_error"][1] == 0
+
+
+def test_quality_scores_a_window_a_bounded_number_of_positions_at_a_time(sp_run, sp_fp32, sp_int8, monkeypatch):
+    """The logits of one forward are at most LOGITS_BYTES: a window is fed in pieces through the cache
+    (a 128k vocabulary over a 3k-token window was 1.6 GB at once), with the figures of one piece."""
+    from craft.data import val_tokens
+
+    spec, tokens = Artifact.from_metadata(read_metadata(sp_fp32)).spec, val_tokens(sp_run)[:600]
+    sessions = [V.ort_session(path.read_bytes()) for path in (sp_fp32, sp_int8)]
+    whole = V.quality(sessions, spec, tokens)
+    fed, forward = [], V.ort_forward
+    monkeypatch.setattr(V, "ort_forward", lambda *a, **kw: fed.append(a[2].shape) or forward(*a, **kw))
+    monkeypatch.setattr(V, "LOGITS_BYTES", 4 * spec.vocab_size * 7)  # 7 positions of one window
+    pieces = V.quality(sessions, spec, tokens)
+    assert max(B * T for B, T in fed) == 7 and len(fed) > 2 * (len(tokens) // 7)
+    np.testing.assert_allclose(pieces["perplexity"], whole["perplexity"], rtol=1e-5)
+    assert pieces["tokens"] == whole["tokens"] and abs(pieces["top1"][1] - whole["top1"][1]) <= 2 / whole["tokens"]
 
 
 def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
