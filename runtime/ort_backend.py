@@ -18,7 +18,9 @@ The file must have passed craft.runtime.artifact_check (Generator does that firs
 Runtime then gets a graph whose inputs, outputs, weights and size are what the metadata says.
 Whatever it still refuses - a damaged op, a bad attribute, a shape that fails at run time - is
 one ArtifactError line, never ONNX Runtime's own exception; the logits it returns are checked
-against the spec before anyone indexes them.
+against the spec before anyone indexes them. The checks cover the operators, not how they are
+wired, so every session allocates from one CPU arena capped at the memory available when the
+first one loaded (share_capped_arena): what a crafted graph asks for beyond it is refused.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 from craft.runtime import artifact as A
 from craft.runtime.artifact import ArtifactError, ModelSpec
-from craft.runtime.estimate import usable_cpus
+from craft.runtime.estimate import available_memory_mb, usable_cpus
 from craft.runtime.kv_cache import cache_buffer
 
 
@@ -94,6 +96,7 @@ class OrtBackend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 4  # fatal only: a damaged file's problem is our one line, not ORT's log
+        share_capped_arena(ort, opts)
         try:
             # A load that fails with ValueError / RuntimeError makes onnxruntime print an "EP Error"
             # banner to stdout (into the generated text or --json) and load the file again: kept off stdout.
@@ -330,12 +333,46 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return own + (RuntimeError, MemoryError, UnicodeDecodeError)
 
 
+ARENA_CAP: list[int] = []  # bytes: the cap of the arena this process registered (share_capped_arena), once
+
+
+def share_capped_arena(ort, opts) -> None:
+    """Make the session allocate from the process's one CPU arena, which refuses to grow past the
+    memory available when the first session loaded. A crafted file of allowed operators - a Range
+    whose limit a constant raised to 3e9 - asked ONNX Runtime for 24 GB at its first step, and it
+    took the machine's memory for a minute; the arena refuses such a request outright (one line).
+    Where the memory available is unknown, or the arena cannot be registered, sessions keep their own."""
+    if not ARENA_CAP:
+        available = available_memory_mb()
+        if available is None:
+            return
+        cap = max(int(available * 2**20), 1 << 28)
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:  # max_mem; the arena's other settings at their defaults
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(cap, -1, -1, -1))
+        except (AttributeError, TypeError, *ort_errors()):
+            return
+        ARENA_CAP.append(cap)
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
+ARENA_REFUSAL = re.compile(r"Available memory of (\d+) is smaller than requested bytes of (\d+)")
+
+
 def out_of_memory(error: BaseException, doing: str) -> None:
     """Raise MemoryError where ONNX Runtime failed for want of memory (its std::bad_alloc, which
-    pybind11 turns into MemoryError or quotes in its own exception), not for a damaged file."""
+    pybind11 turns into MemoryError or quotes in its own exception, or the capped arena's refusal),
+    not for a damaged file."""
     from craft.runtime.command import memory_failure  # on the error path only: the API need not load click
 
-    if memory_failure(error):
+    refused = ARENA_REFUSAL.search(str(error))
+    if refused:
+        left, asked = (int(n) / 2**30 for n in refused.groups())
+        raise MemoryError(
+            f"ONNX Runtime was asked for {asked:,.1f} GB {doing}, more than the {left:,.1f} GB left of the memory "
+            "available when the model loaded (a model or context larger than this machine holds, or a damaged file)"
+        ) from None
+    if memory_failure(error) or "Failed to allocate memory for requested buffer" in str(error):  # the arena's
         raise MemoryError(f"ONNX Runtime could not allocate the memory {doing}") from None
 
 

@@ -399,6 +399,33 @@ def test_operators_craft_never_writes_are_refused_on_both_backends(tmp_path, fil
         assert re.search(pattern, result.stderr) and result.stdout == ""
 
 
+def test_a_graph_that_asks_for_more_memory_than_there_is_gets_one_line(tmp_path, files):
+    """The checks read a graph's operators, not its wiring: a Range whose limit a constant raised to 3e9
+    asked ONNX Runtime for 24 GB at the first step, from a 0.2 MB file, and took the machine's memory
+    for a minute. Every session allocates from one arena capped at the memory available: one line,
+    exit 1, at once. (The child runs under an address-space limit, so that a cap that failed cannot
+    swamp the machine: the allocation then fails with another message.)"""
+    import resource
+
+    from onnx import helper, numpy_helper
+
+    def raise_a_range(graph):
+        node = next(n for n in graph.node if n.op_type == "Range")
+        graph.initializer.append(numpy_helper.from_array(np.array(3 * 10**12, np.int64), "more"))
+        graph.node.insert(list(graph.node).index(node), helper.make_node("Add", [node.input[1], "more"], ["raised"]))
+        node.input[1] = "raised"
+
+    path = rewrite(files["fp32"], tmp_path / "range.onnx", graph=raise_a_range)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    result = subprocess.run(
+        [sys.executable, "-m", "craft.runtime.cli", str(path), "hi", "-n", "2"],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    asked = r"ONNX Runtime was asked for [\d,.]+ GB for this step, more than the [\d,.]+ GB left"
+    assert re.search(asked, result.stderr), result.stderr
+
+
 def test_graph_ops_are_what_the_exporter_writes():
     """A.GRAPH_OPS is every operator of every exported variant (schemes x attentions x architectures,
     Scan's body included), plus the two that only earlier versions wrote: a new op in the exporter
