@@ -165,8 +165,12 @@ def write(text: str) -> None:
         fail(f"cannot write the output to stdout: {e.strerror or e}", EXIT_OUTPUT)
 
 
+class RunCommand(OneLineErrors):
+    native_grace_s = 3.0  # nothing to unwind: a signal whose handler cannot run in this time ends the process
+
+
 @click.command(
-    name="craft-run", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+    name="craft-run", cls=RunCommand, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
 )
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("prompt", required=False)

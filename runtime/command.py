@@ -5,7 +5,9 @@ PROG --help)" - and exit code 2, instead of click's multi-line usage block. An O
 reaches the top (a full disk, a permission, a read-only mount) is one line naming the file and
 the fix, exit code 1; so is running out of memory. SIGTERM raises Terminated, so the code it
 interrupts unwinds (temp files are removed by the `finally` blocks that made them) before the
-process exits with 143.
+process exits with 143. A command whose state needs no unwinding (craft-run: `native_grace_s`)
+also ends itself when a signal's handler cannot run because the main thread is stuck in native
+code (end_native_hangs).
 """
 
 from __future__ import annotations
@@ -180,8 +182,77 @@ def echo_stderr(text: str, nl: bool = True) -> None:
         pass
 
 
+HANDLED = [0]  # signals whose Python handler has run: it runs only once the main thread is back in Python
+
+
 def _raise_terminated(signum, _frame) -> None:
+    HANDLED[0] += 1
     raise Terminated(signum)
+
+
+def _raise_interrupted(_signum, _frame) -> None:
+    HANDLED[0] += 1
+    raise KeyboardInterrupt
+
+
+def end_native_hangs(prog: str, grace_s: float) -> None:
+    """A Python signal handler runs only when the main thread is back in Python: inside one long native
+    call (ONNX Runtime running a crafted graph for hours) SIGTERM did nothing, and only SIGKILL ended
+    craft-run. A thread reads the signals as they arrive (signal.set_wakeup_fd) and ends the process
+    itself, with the line and exit code the handler would give, when a SIGTERM / SIGHUP is still
+    unhandled after grace_s, or a second Ctrl-C comes before the first was handled. Main thread only;
+    nothing where a wakeup fd is already in use (an event loop's)."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    try:
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        previous = None
+    if previous != -1:
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
+    threading.Thread(target=_watch_signals, args=(read, prog, grace_s), daemon=True, name="craft-signals").start()
+
+
+def _watch_signals(read: int, prog: str, grace_s: float) -> None:
+    interrupted = None  # HANDLED when the last Ctrl-C arrived
+    while True:
+        try:
+            arrived = os.read(read, 64)
+        except OSError:
+            return
+        for signum in arrived:
+            if signum == signal.SIGINT:
+                if interrupted == HANDLED[0]:  # the one before is still waiting for the main thread
+                    _exit_now(prog, signum)
+                interrupted = HANDLED[0]
+            elif signum in TERMINATING_SIGNALS:
+                timer = threading.Timer(grace_s, _exit_if_unhandled, (prog, signum, HANDLED[0]))
+                timer.daemon = True
+                timer.start()
+
+
+def _exit_if_unhandled(prog: str, signum: int, handled: int) -> None:
+    if HANDLED[0] == handled:
+        _exit_now(prog, signum)
+
+
+def _exit_now(prog: str, signum: int) -> NoReturn:
+    """_exit_signalled's line and code, from another thread: the main thread cannot unwind."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+    if signum == signal.SIGINT:
+        echo_stderr("\ninterrupted")
+    else:
+        echo_stderr(f"{prog}: {'hung up' if signum == getattr(signal, 'SIGHUP', None) else 'terminated'}")
+    os._exit(128 + signum)
 
 
 def _stream_failed(e: OSError) -> str | None:
@@ -266,6 +337,8 @@ INFO_OPTIONS = frozenset(("-h", "--help", "--version"))  # the options that prin
 
 
 class OneLineErrors(click.Command):
+    native_grace_s: float | None = None  # end_native_hangs' grace: for a command with nothing to unwind
+
     def main(self, args=None, prog_name=None, **kwargs):
         kwargs["standalone_mode"] = False
         prog = prog_name or self.name
@@ -279,6 +352,8 @@ class OneLineErrors(click.Command):
         thread_hook = threading.excepthook
         threading.excepthook = partial(_quiet_os_errors, thread_hook)
         console = CONSOLE.set(args is None and main_thread)  # its console script: the process ends with it
+        if CONSOLE.get() and self.native_grace_s is not None:
+            end_native_hangs(prog, self.native_grace_s)
         if sys.stdout is None and INFO_OPTIONS.intersection(sys.argv[1:] if args is None else args):
             # fd 1 closed at start (>&-): click would print the help or version nowhere and exit 0
             echo_error(prog, "stdout is closed, so there is nowhere to print that; run it without >&-")

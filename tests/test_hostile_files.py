@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -424,6 +426,56 @@ def test_a_graph_that_asks_for_more_memory_than_there_is_gets_one_line(tmp_path,
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     asked = r"ONNX Runtime was asked for [\d,.]+ GB for this step, more than the [\d,.]+ GB left"
     assert re.search(asked, result.stderr), result.stderr
+
+
+def slow_graph(graph, side: int = 4096, products: int = 16) -> None:
+    """A `rewrite` edit: the logits plus a sum over `products` chained (side x side) MatMuls of a Range,
+    all allowed operators: ~20 s of one native ONNX Runtime call, under the memory cap."""
+    from onnx import helper, numpy_helper
+
+    producer = next(node for node in graph.node if A.LOGITS in node.output)
+    producer.output[list(producer.output).index(A.LOGITS)] = "logits_before"
+    constants = {"zero": 0, "count": side * side, "one": 1, "square": [side, side], "small": np.float32(1e-9)}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.array(v).dtype), k) for k, v in constants.items())
+    nodes = [
+        helper.make_node("Range", ["zero", "count", "one"], ["ramp"]),
+        helper.make_node("Cast", ["ramp"], ["ramp_f"], to=1),
+        helper.make_node("Reshape", ["ramp_f", "square"], ["square_f"]),
+        helper.make_node("Mul", ["square_f", "small"], ["m0"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"m{k}", "m0"], [f"m{k + 1}"]) for k in range(products)]
+    nodes += [
+        helper.make_node("ReduceSum", [f"m{products}"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "small"], ["nudge"]),
+        helper.make_node("Add", ["logits_before", "nudge"], [A.LOGITS]),
+    ]
+    graph.node.extend(nodes)
+
+
+@pytest.mark.parametrize("signals, code, said", [((signal.SIGTERM,), 143, "craft-run: terminated"),
+                                                 ((signal.SIGINT, signal.SIGINT), 130, "interrupted")])  # fmt: skip
+def test_a_signal_ends_craft_run_inside_a_long_native_call(tmp_path, files, signals, code, said):
+    """Python runs a signal's handler only when the main thread is back in Python: inside ONNX
+    Runtime's run of a slow crafted graph, SIGTERM did nothing (a Loop of 10^12 iterations ran until
+    SIGKILL). Now a SIGTERM unhandled after 3 s, or a second Ctrl-C before the first was handled,
+    ends craft-run with the usual line and code."""
+    path = rewrite(files["fp32"], tmp_path / "slow.onnx", graph=slow_graph)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "craft.runtime.cli", str(path), "hi", "-n", "2", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # loaded, and inside the first step's run (~20 s)
+        assert proc.poll() is None, proc.communicate()
+        sent = time.monotonic()
+        for signum in signals:
+            proc.send_signal(signum)
+            time.sleep(0.3)
+        _, err = proc.communicate(timeout=15)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == code and err.strip().endswith(said) and took < 8, (proc.returncode, err, took)
 
 
 def test_graph_ops_are_what_the_exporter_writes():
