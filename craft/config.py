@@ -368,13 +368,15 @@ def convert(value: Any, kind: type, key: str) -> Any:
             except ValueError:
                 pass
     elif kind is float:
-        if isinstance(text, (int, float)) and not isinstance(text, bool):
-            return float(text)
-        if isinstance(text, str):
-            try:
+        try:
+            if isinstance(text, (int, float)) and not isinstance(text, bool):
                 return float(text)
-            except ValueError:
-                pass
+            if isinstance(text, str):
+                return float(text)
+        except ValueError:
+            pass
+        except OverflowError:  # an integer of 400 digits: float() raised, a traceback
+            raise ConfigError(f"'{key}' is {shown(value)}, too large for a number; write e.g. {key}=3e-4") from None
     elif kind is str:
         if isinstance(text, str):
             return value

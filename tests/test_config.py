@@ -158,6 +158,16 @@ def test_yaml_alias_bomb_is_one_short_line(tmp_path):
     assert len(str(info.value)) < 400 and "\n" not in str(info.value)
 
 
+def test_an_integer_too_large_for_a_float_is_one_line(tmp_path):
+    """YAML reads 401 digits as an int; float() of it raised OverflowError, a traceback from craft-train
+    (train.lr) and from craft-export (a run's model.rope_theta)."""
+    for key, section in (("lr", "train"), ("rope_theta", "model")):
+        path = write(tmp_path / "big.yaml", f"{section}:\n  {key}: 1{'0' * 400}\n")
+        with pytest.raises(ConfigError, match=f"'{section}.{key}' is 1000.*, too large for a number") as info:
+            load_config(str(path))
+        assert "\n" not in str(info.value)
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = write(tmp_path / "c.yaml", "train:\n  max_step: 10\n")
     with pytest.raises(ConfigError, match=r"'train.max_step'; did you mean 'train.max_steps'"):
