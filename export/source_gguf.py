@@ -31,10 +31,10 @@ from craft.export.sources import (
     check_finite,
     check_shapes,
     config_number,
+    craft_names,
     file_sha256,
     gguf_field,
     regular_file,
-    rename,
 )
 from craft.runtime.artifact_check import RANGES
 
@@ -181,12 +181,12 @@ def load_gguf(path: Path) -> Source:
     tensors = {t.name: t for t in reader.tensors}
     rope_freqs = tensors.pop(ROPE_FREQS, None)
     architecture, cfg = model_config(fields, tensors, path)
-    craft_names = {rename(name, TENSOR_NAMES): name for name in tensors}
+    names = craft_names(tensors, TENSOR_NAMES, str(path))
     shapes = {
-        c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in craft_names.items()
+        c: tuple(int(d) for d in reversed(tensors[g].shape.tolist())) for c, g in names.items()
     }  # GGUF lists dims fastest first
     check_shapes(cfg, shapes, str(path), TENSOR_NAMES, f"{architecture}.block_count")
-    for name in craft_names.values():
+    for name in names.values():
         kind = tensors[name].tensor_type.name
         if kind not in SUPPORTED_TYPES:
             raise SourceError(
@@ -194,7 +194,7 @@ def load_gguf(path: Path) -> Source:
                 f"convert the model to one of those (e.g. Q8_0 or Q4_K_M)"
             )
     state = {}
-    for craft, name in craft_names.items():
+    for craft, name in names.items():
         t = tensors[name]
         with np.errstate(over="ignore", invalid="ignore"):  # an inf / NaN block scale: check_finite names the tensor
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shapes[craft])

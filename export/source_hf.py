@@ -30,10 +30,10 @@ from craft.export.sources import (
     check_finite,
     check_shapes,
     config_number,
+    craft_names,
     file_sha256,
     read_json,
     regular_file,
-    rename,
 )
 from craft.runtime.artifact_check import RANGES
 
@@ -80,11 +80,11 @@ def load_hf(directory: Path) -> Source:
         raise SourceError(f"{config_path} is not a JSON object; it must be the model's config")
     architecture, cfg = model_config(hf, config_path)
     files, tensors = weight_headers(directory)
-    craft_names = {rename(name, TENSOR_NAMES): name for name in tensors if not name.endswith(IGNORED_SUFFIXES)}
-    stored_head = craft_names.pop("output.weight", None) if cfg.tie_embeddings else None
-    shapes = {c: tensors[h].shape for c, h in craft_names.items()}
+    names = craft_names((n for n in tensors if not n.endswith(IGNORED_SUFFIXES)), TENSOR_NAMES, str(directory))
+    stored_head = names.pop("output.weight", None) if cfg.tie_embeddings else None
+    shapes = {c: tensors[h].shape for c, h in names.items()}
     check_shapes(cfg, shapes, str(directory), TENSOR_NAMES, "num_hidden_layers in config.json")
-    state = {c: tensors[h].read() for c, h in craft_names.items()}
+    state = {c: tensors[h].read() for c, h in names.items()}
     check_finite(state, str(directory), TENSOR_NAMES)
     if stored_head is not None:  # some tied checkpoints store the head too: fine where it is the embedding
         check_tied_head(tensors[stored_head], state["tok_embeddings.weight"], stored_head, config_path)
@@ -290,7 +290,10 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
                 f"{path} is truncated or not a safetensors file (header of {header_len} bytes in a {size}-byte file)"
             )
         try:
-            header = json.loads(f.read(header_len))
+            header = json.loads(f.read(header_len), object_pairs_hook=unique_keys)
+        except DuplicateKey as e:  # the last copy won here; the safetensors library refuses the file
+            twice = str(e)[:100]
+            raise SourceError(f"{path}: its safetensors header names {twice!r} twice; the file is corrupt") from None
         except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the stack
             raise SourceError(
                 f"{path} has an unreadable safetensors header; the file is corrupt or truncated"
@@ -319,6 +322,17 @@ def safetensors_tensors(path: Path) -> dict[str, Tensor]:
                 "the file is corrupt"
             )
     return tensors
+
+
+class DuplicateKey(Exception):
+    """A JSON object that names one key twice (json.loads keeps the last)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise DuplicateKey(next(key for i, key in enumerate(keys) if key in keys[:i]))
+    return dict(pairs)
 
 
 def header_entry(path: Path, name: str, info: object, base: int, size: int) -> tuple[str, tuple[int, ...], int, int]:

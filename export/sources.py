@@ -315,6 +315,22 @@ def rename(name: str, table: dict[str, str]) -> str:
     return table.get(name, name)
 
 
+def craft_names(names, table: dict[str, str], where: str) -> dict[str, str]:
+    """Craft name -> the source's name, for each of `names` through rename; SourceError where two of
+    them become one Craft name (a tensor named "norm.weight" beside "model.norm.weight"): the last
+    one read replaced the other, and the export computed another model than transformers loads."""
+    out: dict[str, str] = {}
+    for name in names:
+        craft = rename(name, table)
+        if craft in out:
+            raise SourceError(
+                f"{where} has both {out[craft][:100]!r} and {name[:100]!r}, which are one tensor ({craft[:100]}) "
+                "to Craft; the file is damaged or not a model of its architecture"
+            )
+        out[craft] = name
+    return out
+
+
 def file_sha256(paths: list[Path]) -> str:
     """SHA-256 over the files' bytes, in the order given."""
     digest = hashlib.sha256()

@@ -235,6 +235,35 @@ def test_truncated_safetensors(saved, tmp_path):
     assert "truncated" in refusal(directory)
 
 
+def test_a_safetensors_header_that_names_a_tensor_twice(saved, tmp_path):
+    """json.loads keeps the last of two entries with one name; the safetensors library refuses the file,
+    and Craft exported whichever came last."""
+    import struct
+
+    directory = copy_model(saved["llama-gqa-untied"][1], tmp_path)
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    entry = json.dumps({"model.norm.weight": header["model.norm.weight"]})[1:-1]
+    text = json.dumps(header)[:-1] + ", " + entry + "}"  # the same name once more, at the end
+    text += " " * (-len(text) % 8)
+    weights.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data[8 + length :])
+    assert "names 'model.norm.weight' twice" in refusal(directory)
+
+
+def test_a_tensor_named_as_craft_names_another_is_refused(saved, tmp_path):
+    """An extra tensor called 'norm.weight' beside 'model.norm.weight': both became Craft's norm.weight,
+    the last read won, and the export computed another model than transformers loads (which ignores it)."""
+    from safetensors.torch import load_file, save_file
+
+    directory = copy_model(saved["llama-gqa-untied"][1], tmp_path)
+    weights = load_file(directory / "model.safetensors")
+    save_file({**weights, "norm.weight": weights["model.norm.weight"] * 1000}, directory / "model.safetensors")
+    message = refusal(directory)
+    assert "'model.norm.weight' and 'norm.weight', which are one tensor (norm.weight)" in message
+
+
 def test_shapes_that_disagree_with_the_config(saved, tmp_path):
     directory = copy_model(saved["llama-gqa-untied"][1], tmp_path, lambda c: c.update(intermediate_size=128))
     message = refusal(directory)
