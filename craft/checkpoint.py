@@ -183,18 +183,26 @@ def write(payload: dict[str, Any], path: Path) -> str:
 
 
 def read(path: Path) -> tuple[dict[str, Any], str]:
-    """(payload, sha256) of a file written by write(); RunDirError if it is damaged."""
+    """(payload, sha256) of a file written by write(); RunDirError if it is damaged. The header is
+    checked before the file is read whole: a 5 GB file of anything took 5 GB to be called "bad header"."""
+    head = len(MAGIC) + 65
     try:
-        blob = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            if f.read(head)[: len(MAGIC)] != MAGIC:
+                raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
+            f.seek(0)
+            blob = f.read()
     except OSError as e:
         raise RunDirError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    head = len(MAGIC) + 65
-    if not blob.startswith(MAGIC) or len(blob) < head:
+    if len(blob) < head:
         raise RunDirError(f"{path} is not a Craft checkpoint (bad header); it may be truncated")
     digest = blob[len(MAGIC) : head - 1].decode("ascii", "replace")
     data = memoryview(blob)[head:]
     if hashlib.sha256(data).hexdigest() != digest:
         raise RunDirError(f"{path} is corrupted or truncated (SHA-256 mismatch)")
+    problem = zip_problem(io.BytesIO(data), len(data))
+    if problem:
+        raise RunDirError(f"{path} is damaged: {problem}; use another checkpoint or start again with --overwrite")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: the error says it
             warnings.simplefilter("ignore")
@@ -216,6 +224,26 @@ def read(path: Path) -> tuple[dict[str, Any], str]:
     if problem:  # the hash is no signature: anyone can write a well-formed file with other contents
         raise RunDirError(f"{path} is damaged: {problem}; use another checkpoint or start again with --overwrite")
     return payload, digest
+
+
+def zip_problem(file, size: int) -> str | None:
+    """What in a torch.save zip archive of `size` bytes is not what torch.save writes, or None:
+    torch.save stores its records uncompressed, so a record that claims to inflate (a 3.5 MB file
+    that torch.load inflated to 6.5 GB), or records larger than the archive, is a crafted file.
+    Not a zip: None (torch.load says what it is)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        return f"its record {packed[0][:100]!r} is compressed, which torch.save never does"
+    if sum(r.file_size for r in records) > size:
+        return f"its records claim {sum(r.file_size for r in records):,} bytes in a {size:,}-byte archive"
+    return None
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a model's weights may be stored as

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from craft.checkpoint import zip_problem
 from craft.config import ModelConfig
 from craft.export.sources import (
     HF,
@@ -385,6 +386,10 @@ def _read_safetensor(path: Path, dtype: str, shape: tuple[int, ...], offset: int
 def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
     """Name -> Tensor of a pytorch_model.bin, loaded with weights_only=True (no code runs) and mmap."""
     regular_file(path)  # a FIFO would block torch.load forever
+    with open(path, "rb") as f:
+        problem = zip_problem(f, path.stat().st_size)
+    if problem:
+        raise SourceError(f"{path}: {problem}; save the model as safetensors instead")
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: the error says it
             warnings.simplefilter("ignore")
@@ -407,6 +412,11 @@ def torch_bin_tensors(path: Path) -> dict[str, Tensor]:
     for name, t in state.items():
         if t.device.type != "cpu":  # a meta tensor has a shape and no data
             raise SourceError(f"{path}: tensor {name[:100]} is on device '{t.device.type}', it holds no data to load")
+        if t.layout == torch.strided and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise SourceError(  # a view with stride 0 (expand): a 3 KB file claimed tensors of 64 GB
+                f"{path}: tensor {name[:100]} of shape {list(t.shape)} has {t.untyped_storage().nbytes():,} bytes "
+                "of data behind it, fewer than its shape needs; the file is crafted or damaged"
+            )
         if t.layout != torch.strided or not t.is_floating_point():
             got = (
                 f"of dtype {str(t.dtype).removeprefix('torch.')}"

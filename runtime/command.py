@@ -321,6 +321,9 @@ def settle() -> None:
 MEMORY_FAILURES = ("failed to map segment from shared object", "bad_alloc", "Cannot allocate memory")
 
 
+TORCH_OUT_OF_MEMORY = "can't allocate memory"  # torch's DefaultCPUAllocator, in a RuntimeError
+
+
 def memory_failure(error: BaseException) -> bool:
     """Whether `error` is a native library's out-of-memory (not a name quoted mid-message)."""
     return isinstance(error, MemoryError) or str(error).rstrip().endswith(MEMORY_FAILURES)
@@ -380,8 +383,11 @@ class OneLineErrors(click.Command):
                     exit_out_of_memory_loading(prog, e)
                 raise
             _exit_signalled(prog, signalled)
-        except MemoryError as e:  # numpy's names the array; a bare one (file.read) says nothing
-            detail = f" ({str(e)[:200]})" if str(e) else ""
+        except (MemoryError, RuntimeError) as e:  # numpy's names the array; a bare one (file.read) says nothing
+            if isinstance(e, RuntimeError) and TORCH_OUT_OF_MEMORY not in str(e):
+                raise
+            detail = " ".join(str(e).split())[:200]
+            detail = f" ({detail})" if detail else ""
             echo_error(prog, f"out of memory{detail}; close other programs or choose a smaller model or context")
             sys.exit(EXIT_OS_ERROR)
         except OSError as e:

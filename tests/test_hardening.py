@@ -335,6 +335,36 @@ def test_refused_pickle_never_suggests_weights_only_false(tmp_path):
     assert "data only" in message and "weights_only" not in message and "\n" not in message
 
 
+def test_a_checkpoint_is_judged_by_its_header_before_it_is_read_whole(tmp_path, short_run):
+    """A 1 GB file that is no checkpoint was read whole before the 11-byte header said so; a correctly
+    hashed payload whose zip records are compressed (torch.save never does) inflated at load."""
+    import io
+    import tracemalloc
+    import zipfile
+
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used
+    tracemalloc.start()
+    with pytest.raises(rd.RunDirError, match="bad header"):
+        ckpt.read(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+    blob = (short_run / rd.CHECKPOINT).read_bytes()
+    payload = blob[len(ckpt.MAGIC) + 65 :]
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(payload)) as old, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info))
+    data = packed.getvalue()
+    path = tmp_path / "packed.pt"
+    path.write_bytes(ckpt.MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    with pytest.raises(rd.RunDirError, match="is compressed, which torch.save never does"):
+        ckpt.read(path)
+
+
 # --- signals and temp files -------------------------------------------------------------------------
 
 
@@ -690,7 +720,12 @@ def test_out_of_memory_is_one_line_exit_1(capsys, monkeypatch, char_int8):
     from craft.runtime.generator import Generator
 
     fix = "; close other programs or choose a smaller model or context\n"
-    for error, detail in ((MemoryError("no 6 MiB"), " (no 6 MiB)"), (MemoryError(), "")):
+    torch_says = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried"
+    for error, detail in (
+        (MemoryError("no 6 MiB"), " (no 6 MiB)"),
+        (MemoryError(), ""),
+        (RuntimeError(torch_says + "\nto allocate 64 GB."), f" ({torch_says} to allocate 64 GB.)"),
+    ):  # torch's allocator raises RuntimeError (a 43-line traceback from an import that claimed 64 GB)
 
         @click.command(cls=OneLineErrors)
         def command():

@@ -694,6 +694,34 @@ def test_pytorch_bin_keys_and_devices_are_checked(hf_source, tmp_path, kind):
     refused(hf_bin_copy(hf_source, tmp_path, state), "pytorch_model.bin", needle)
 
 
+def deflated(path: Path) -> None:
+    """Rewrite the torch.save zip at `path` with every record compressed (torch.load still reads it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as old:
+        records = [(info, old.read(info)) for info in old.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as new:
+        for info, data in records:
+            new.writestr(info.filename, data)
+
+
+def test_pytorch_bin_views_and_compressed_records_are_refused(hf_source, tmp_path):
+    """Claims a file does not pay for: a weight saved as an expand()ed view (stride 0) of one float
+    (a 3 KB file claimed 64 GB of tensors: a traceback, or gigabytes, when materialized), and records
+    compressed, which torch.save never writes (a 3.5 MB file inflated to 6.5 GB)."""
+    import torch
+
+    from craft.export.source_hf import TENSOR_NAMES
+
+    state = {name: torch.from_numpy(array) for name, array in small_weights(TENSOR_NAMES).items()}
+    shape = state["lm_head.weight"].shape
+    view = hf_bin_copy(hf_source, tmp_path / "view", {**state, "lm_head.weight": torch.ones(1).expand(shape)})
+    refused(view, "tensor lm_head.weight of shape", "fewer than its shape needs")
+    packed = hf_bin_copy(hf_source, tmp_path / "packed", state)
+    deflated(packed / "pytorch_model.bin")
+    refused(packed, "is compressed, which torch.save never does")
+
+
 def test_pytorch_bin_with_code_is_refused_without_torch_advice(hf_source, tmp_path):
     """torch's refusal advises weights_only=False (running the file's code): that advice is not passed on."""
 
