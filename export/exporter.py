@@ -128,6 +128,9 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
             f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
             f"keep each run's checkpoint and config.yaml together"
         )
+    mismatch = state_mismatch(state["model"], cfg.model)
+    if mismatch:  # before the model is built: a config.yaml that claims dim 16384 x 256 layers took 24 GB first
+        raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {mismatch}")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -136,6 +139,22 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     model.eval()
     train, val = splits if splits is not None else (None, None)
     return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val, calibration_tokens=train)
+
+
+def state_mismatch(weights: dict, cfg: ModelConfig) -> str | None:
+    """How a checkpoint's weights differ from what a model of `cfg` holds (names and shapes, read
+    from a model built on the meta device: nothing allocated), or None."""
+    import torch
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in weights:
+            return f"it lacks weight {name[:100]}"
+        if tuple(weights[name].shape) != shape:
+            return f"its weight {name[:100]} is {list(weights[name].shape)}, the config needs {list(shape)}"
+    extra = next((name for name in weights if name not in expected), None)
+    return f"it has weight {str(extra)[:100]}, which the config's model does not" if extra is not None else None
 
 
 def check_run_files(run_dir: Path, checkpoint: str) -> None:

@@ -223,6 +223,28 @@ def test_damaged_run_directory_is_one_line(run_copy, damage):
     assert not output.exists() and not [p for p in run_copy.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_run_whose_config_claims_a_larger_model_is_refused_before_it_is_built(run_copy):
+    """config.yaml and the checkpoint's saved config agree on dim 1024 x 24 layers, and the checkpoint
+    holds no weights: the model (1.2 GB here; 24 GB for a larger claim, OOM-killed) was built
+    before load_state_dict said so. The checkpoint's names and shapes are checked first now."""
+    import yaml
+
+    from craft import checkpoint as ckpt
+
+    payload, _ = ckpt.read(run_copy / rd.CHECKPOINT)
+    payload["config"]["model"].update(dim=1024, n_layer=24, n_head=16, n_kv_head=16)
+    payload["model"] = {}
+    (run_copy / rd.CHECKPOINT).unlink()  # a hard link to the newest step file
+    ckpt.write(payload, run_copy / rd.CHECKPOINT)
+    config = yaml.safe_load((run_copy / rd.CONFIG).read_text())
+    config["model"].update(dim=1024, n_layer=24, n_head=16, n_kv_head=16)
+    (run_copy / rd.CONFIG).write_text(yaml.safe_dump(config))
+    output = run_copy / "out.onnx"
+    result = run_cli("craft.export.cli", str(run_copy), "-o", str(output))
+    assert_one_line(result, 2, "does not fit the model of config.yaml: it lacks weight tok_embeddings.weight")
+    assert not output.exists()
+
+
 def test_stray_tokenizer_of_another_kind_is_ignored_and_stale_temps_swept(run_copy, sp_run):
     """A sentencepiece tokenizer.model left in a char run: export packs (and verifies) the char
     tokenizer the run was trained with, which craft-run then loads; a temp file of a killed export
