@@ -58,6 +58,7 @@ class VerificationError(RuntimeError):
         self.report = report
 
 
+MAX_GRAPH_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit on a message, less room for the graph and metadata
 PERPLEXITY_TEXT = Path(__file__).with_name("perplexity_text.txt")  # int8 quality check of imported models
 # Report figures printed and returned but not stored: the same source and flags give the same bytes
 WALL_CLOCK = ("export_s", "calibration_s")
@@ -473,6 +474,14 @@ def export(
         raise ExportError(
             f"--attention inplace needs a head width that is a multiple of {A.INPLACE_HEAD_MULTIPLE} (ONNX Runtime's "
             f"GroupQueryAttention); {source}'s is {run.config.head_dim} - use --attention standard"
+        )
+    graph_bytes = 4 * run.model.num_parameters() + 8 * run.config.context_length * run.config.head_dim  # + RoPE
+    if graph_bytes > MAX_GRAPH_BYTES:
+        raise ExportError(
+            f"{source} has {run.model.num_parameters():,} parameters: its float32 graph, which every export builds "
+            f"to verify against, would take {graph_bytes / 2**30:.1f} GB, past the 2 GB one ONNX file holds without "
+            f"external data (about {MAX_GRAPH_BYTES // 4 / 1e6:,.0f}M parameters at most); Craft cannot compile "
+            "a model this large yet"
         )
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
