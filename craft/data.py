@@ -32,6 +32,7 @@ from craft.run_dir import (
     RunDirError,
     atomic_file,
     atomic_write_bytes,
+    read_small,
 )
 from craft.runtime.tokenizer import CHAR, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
@@ -238,7 +239,10 @@ def load_tokenizer(run_dir: Path, kind: str | None = None) -> Tokenizer | None:
     for name in names:
         path = Path(run_dir) / name
         if path.is_file():
-            data = path.read_bytes()
+            try:
+                data = read_small(path)
+            except OSError as e:
+                raise RunDirError(f"cannot read {path} ({e.strerror}); restore the run's own tokenizer") from None
             try:
                 return SentencePieceTokenizer(data) if name == SP_TOKENIZER else CharTokenizer.from_bytes(data)
             except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parser raise
@@ -272,7 +276,7 @@ def read_info(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        info = json.loads(path.read_bytes())
+        info = json.loads(read_small(path))
         if not isinstance(info, dict):
             raise ValueError(f"a JSON {type(info).__name__}, not an object")
         problem = info_problem(info)
@@ -282,9 +286,9 @@ def read_info(run_dir: Path) -> dict | None:
         raise RunDirError(
             f"{path} is damaged (nested too deeply); delete it and {TOKENS} (craft-train --resume rebuilds them)"
         ) from None
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise RunDirError(
-            f"{path} is damaged ({str(e)[:120]}); "
+            f"{path} is damaged ({(e.strerror if isinstance(e, OSError) else str(e))[:120]}); "
             f"delete it and {TOKENS} (craft-train --resume rebuilds them from the corpus)"
         ) from None
     return info

@@ -48,6 +48,23 @@ class RunDirError(ValueError):
     """A run directory that is missing, incomplete or inconsistent; one line naming the fix."""
 
 
+MAX_SMALL_FILE_BYTES = 64 << 20  # configs, tokenizers, chat templates: real ones are kilobytes to ~35 MB
+
+
+def read_small(path: str | os.PathLike) -> bytes:
+    """The bytes of a config, tokenizer or template file; OSError (EFBIG) before reading one larger than
+    MAX_SMALL_FILE_BYTES: a crafted 3 GB config.json took 6.5 GB to be called "not readable JSON"."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_SMALL_FILE_BYTES:
+            raise OSError(
+                errno.EFBIG,
+                f"{size:,} bytes, more than the {MAX_SMALL_FILE_BYTES >> 20} MB such a file ever is",
+                os.fspath(path),
+            )
+        return f.read(MAX_SMALL_FILE_BYTES + 1)
+
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from craft.export.sources import SourceError, config_number, gguf_field, parse_json, regular_file
+from craft.run_dir import read_small
 from craft.runtime.bpe_pretokenizer import BYTE_CHAR
 from craft.runtime.bpe_tokenizer import HFTokenizer, check_shape
 from craft.runtime.chat_template import MAX_CHARS, ChatTemplateError, compile_template
@@ -115,9 +116,9 @@ def read_hf_tokenizer(directory: str | Path) -> TokenizerSource:
             "save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)"
         )
     try:
-        raw = path.read_bytes()
+        raw = read_small(path)
     except OSError as e:
-        raise TokenizerSourceError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+        raise TokenizerSourceError(f"cannot read {path} ({e.strerror}); restore it from the model's source") from None
     spec = load_json(path, raw)
     try:
         check_shape(spec)  # the runtime's own check of what is read below: vocab, added tokens
@@ -210,7 +211,7 @@ def load_json(path: Path, raw: bytes | None = None) -> dict:
     if raw is None and not regular(path):
         return {}
     try:
-        value = parse_json(raw if raw is not None else path.read_bytes(), path, "restore it from the model's source")
+        value = parse_json(raw if raw is not None else read_small(path), path, "restore it from the model's source")
     except OSError as e:
         raise TokenizerSourceError(f"cannot read {path} ({e.strerror}); restore it from the model's source") from None
     except SourceError as e:
@@ -254,7 +255,7 @@ def hf_chat_template(directory: Path, config: dict) -> str | None:
     jinja = directory / "chat_template.jinja"
     if regular(jinja):
         try:
-            return checked_template(jinja.read_text(encoding="utf-8"), str(jinja))
+            return checked_template(read_small(jinja).decode("utf-8"), str(jinja))
         except (OSError, UnicodeDecodeError) as e:
             raise TokenizerSourceError(f"cannot read {jinja} ({e}); it must be the chat template, UTF-8") from None
     where = directory / "tokenizer_config.json"

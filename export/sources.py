@@ -30,6 +30,7 @@ import torch
 
 from craft.config import ModelConfig
 from craft.model import Transformer
+from craft.run_dir import read_small
 from craft.runtime.artifact_check import RANGES
 
 RUN, HF, GGUF = "run", "hf", "gguf"
@@ -125,7 +126,7 @@ def read_json(path: Path, what: str) -> object:
     if not regular_file(path):
         raise SourceError(f"{path} does not exist; it must be {what}")
     try:
-        raw = path.read_bytes()
+        raw = read_small(path)
     except OSError as e:
         raise SourceError(f"cannot read {path} ({e.strerror}); it must be {what}") from None
     return parse_json(raw, path, f"it must be {what}")

@@ -669,6 +669,25 @@ def refused_output(source: Path, output: Path) -> None:
     assert output.read_bytes() == before
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_a_side_file_larger_than_any_real_one_is_not_read(hf_source, tmp_path, name):
+    """A 3 GB config.json (sparse: no disk) took 6.5 GB to be called "not readable JSON"; configs,
+    tokenizers and templates are refused unread past 64 MB (craft.run_dir.MAX_SMALL_FILE_BYTES)."""
+    directory = hf_copy(hf_source, tmp_path)
+    with open(directory / name, "ab") as f:
+        f.truncate(100 << 20)
+    refused(directory, str(directory / name), "104,857,600 bytes, more than the 64 MB such a file ever is")
+
+
+@pytest.mark.parametrize("name", [rd.CHAR_TOKENIZER, DATA_INFO])
+def test_a_run_file_larger_than_any_real_one_is_not_read(run_copy, name):
+    """A run's 12 GB tokenizer file (sparse) was read whole: 'out of memory', exit 1, for bad input."""
+    with open(run_copy / name, "ab") as f:
+        f.truncate(100 << 20)
+    result = run_cli("craft.export.cli", str(run_copy), "-o", str(run_copy / "out.onnx"))
+    assert_one_line(result, 2, "more than the 64 MB such a file ever is")
+
+
 def hf_bin_copy(hf_source: Path, tmp_path: Path, state) -> Path:
     """A copy of hf_source whose weights are a pytorch_model.bin of `state` (anything torch.save takes)."""
     import torch
