@@ -39,7 +39,7 @@ def print_report(report: dict, output: Path | None, echo) -> None:
     if report["quantization"] != NONE:
         echo(f"  weights max {report['quantization']} reconstruction error {report['max_weight_quant_error']:.2e}")
     if output is not None:
-        echo(f"wrote {output} in {report['export_s']:.1f}s")
+        echo(f"wrote {printable(str(output))} in {report['export_s']:.1f}s")  # a name may hold ESC or a newline
 
 
 def source_path(source: str) -> Path:

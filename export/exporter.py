@@ -37,6 +37,7 @@ from craft.export.sources import HF, RUN, SourceError, check_finite, describe_mo
 from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
+from craft.runtime.command import printable
 from craft.runtime.generator import MAX_CHARS_PER_TOKEN
 from craft.runtime.tokenizer import Tokenizer
 
@@ -484,7 +485,8 @@ def export(
             "a model this large yet"
         )
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
-    log(f"exporting {run.run_dir} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
+    shown = printable(str(run.run_dir))  # a directory named with ESC [31m or a newline reached the terminal raw
+    log(f"exporting {shown} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
     weights = artifact_weights(run.model)
     proto, ops = build_model_proto(run, quantize, opset, weights, attention)
     onnx.checker.check_model(proto, full_check=True)

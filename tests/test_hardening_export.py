@@ -688,6 +688,18 @@ def test_a_run_file_larger_than_any_real_one_is_not_read(run_copy, name):
     assert_one_line(result, 2, "more than the 64 MB such a file ever is")
 
 
+def test_paths_in_the_log_are_printed_escaped(hf_source, tmp_path):
+    """A source directory named with ESC [31m and BEL, and an output name with a newline, reached the
+    terminal raw in 'exporting ...' and 'wrote ...' (error lines were escaped already)."""
+    source = tmp_path / "esc\x1b[31mred\x07"
+    shutil.copytree(hf_source, source)
+    output = tmp_path / "new\nline.onnx"
+    result = run_cli("craft.export.cli", str(source), "--quantize", "none", "-o", str(output))
+    assert result.returncode == 0 and output.exists(), result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "esc\\x1b[31mred\\x07" in result.stdout and f"wrote {tmp_path}/new\\nline.onnx in" in result.stdout
+
+
 def hf_bin_copy(hf_source: Path, tmp_path: Path, state) -> Path:
     """A copy of hf_source whose weights are a pytorch_model.bin of `state` (anything torch.save takes)."""
     import torch
