@@ -159,6 +159,22 @@ def state_mismatch(weights: dict, cfg: ModelConfig) -> str | None:
     return f"it has weight {str(extra)[:100]}, which the config's model does not" if extra is not None else None
 
 
+def pure_python_tokenizer_note(tokenizer: Tokenizer) -> str | None:
+    """A log line where Craft's pure-Python tokenizer (armv6l's: the tokenizers library has no wheel
+    there) cannot load the source's tokenizer.json, which the library takes (a BPE with dropout):
+    the file runs everywhere else, so it is said at export, not refused; None where it loads."""
+    from craft.runtime.bpe_tokenizer import HFTokenizer
+
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    try:
+        HFTokenizer.from_bytes(tokenizer.to_bytes(), use_library=False)
+    except ValueError as e:
+        reason = printable(str(e))
+        return f"  note: without the tokenizers library (armv6l) craft-run cannot load this tokenizer: {reason}"
+    return None
+
+
 def check_run_files(run_dir: Path, checkpoint: str) -> None:
     """ExportError unless `run_dir` is a directory whose files are regular files where present (a
     missing or misplaced one is for the readers to explain): a FIFO or device in place of one would
@@ -487,6 +503,9 @@ def export(
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     shown = printable(str(run.run_dir))  # a directory named with ESC [31m or a newline reached the terminal raw
     log(f"exporting {shown} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
+    note = pure_python_tokenizer_note(run.tokenizer)
+    if note:
+        log(note)
     weights = artifact_weights(run.model)
     proto, ops = build_model_proto(run, quantize, opset, weights, attention)
     onnx.checker.check_model(proto, full_check=True)

@@ -700,6 +700,24 @@ def test_paths_in_the_log_are_printed_escaped(hf_source, tmp_path):
     assert "esc\\x1b[31mred\\x07" in result.stdout and f"wrote {tmp_path}/new\\nline.onnx in" in result.stdout
 
 
+def test_a_tokenizer_the_pure_python_path_cannot_load_is_noted_at_export(hf_source, tmp_path):
+    """A BPE with dropout exported in silence (the tokenizers library takes it) and then failed on
+    armv6l, whose only tokenizer is Craft's pure-Python one ('re-export it', which cannot help)."""
+    from craft.export.exporter import export
+
+    directory = hf_copy(hf_source, tmp_path)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    spec["model"]["dropout"] = 0.1
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    lines = []
+    export(directory, tmp_path / "m.onnx", quantize="none", log=lines.append)
+    assert any("without the tokenizers library (armv6l) craft-run cannot load" in line and "dropout" in line
+               for line in lines), lines  # fmt: skip
+    lines.clear()
+    export(hf_source, tmp_path / "ok.onnx", quantize="none", log=lines.append)
+    assert not any("tokenizers library" in line for line in lines), lines
+
+
 def hf_bin_copy(hf_source: Path, tmp_path: Path, state) -> Path:
     """A copy of hf_source whose weights are a pytorch_model.bin of `state` (anything torch.save takes)."""
     import torch
