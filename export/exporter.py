@@ -12,6 +12,7 @@ craft.export.source_tokenizer (load_imported).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -21,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -157,6 +159,82 @@ def state_mismatch(weights: dict, cfg: ModelConfig) -> str | None:
             return f"its weight {name[:100]} is {list(weights[name].shape)}, the config needs {list(shape)}"
     extra = next((name for name in weights if name not in expected), None)
     return f"it has weight {str(extra)[:100]}, which the config's model does not" if extra is not None else None
+
+
+def verified(run: LoadedRun, fp32: bytes | str, quantized: bytes | None, quantize: str, ops, log) -> dict:
+    """The verification report (calibration figures included) of the float32 graph `fp32` (its bytes,
+    or the path of a graph whose weights lie beside it) and the quantized one."""
+    from craft.export.verify import verify
+
+    if ops.calibration.get("calibration_tokens"):
+        c = ops.calibration
+        log(
+            f"  calibration: {'residual stream rotated; ' if c['rotated'] else ''}GPTQ on {c['calibration_tokens']:,} "
+            f"tokens, output error "
+            f"{c['gptq_error_ratio']:.2f}x rounding's ({c['calibration_s']:.1f}s)"
+        )
+    report = verify(run, fp32, quantized, quantize, log=log)
+    report.update(ops.calibration)
+    return report
+
+
+def float32_bytes(run: LoadedRun) -> int:
+    """About how large the model's float32 graph is: its weights and RoPE tables."""
+    return 4 * run.model.num_parameters() + 8 * run.config.context_length * run.config.head_dim
+
+
+def quantized_bytes_estimate(run: LoadedRun, quantize: str) -> int:
+    """About how large a block-quantized graph is: each weight's bits and a float32 scale per 32 (the
+    embedding and head in int8 whatever the scheme), and the float32 RoPE tables."""
+    bits = W.SCHEMES[quantize].weight_bits
+    embedding = run.config.vocab_size * run.config.dim * (1 if run.config.tie_embeddings else 2)
+    rest = run.model.num_parameters() - embedding
+    rope = 8 * run.config.context_length * run.config.head_dim
+    return int(rest * (bits / 8 + 4 / 32) + embedding * (1 + 4 / 32)) + rope
+
+
+def check_graph_size(run: LoadedRun, quantize: str, source) -> None:
+    """ExportError where the file asked for would pass protobuf's 2 GB, which one self-contained ONNX
+    file cannot: a float32 one from about 520M parameters, int8 1.7B, int4 3B. (The float32
+    reference a quantized export verifies against may be larger: its weights go beside it.)"""
+    size = float32_bytes(run) if quantize == W.NONE else quantized_bytes_estimate(run, quantize)
+    if size > MAX_GRAPH_BYTES:
+        smaller = "--quantize int8 or int4" if quantize == W.NONE else "--quantize int4" if quantize == W.INT8 else ""
+        raise ExportError(
+            f"{source} has {run.model.num_parameters():,} parameters: as {quantize} its file would take "
+            f"{size / 2**30:.1f} GB, past the 2 GB one self-contained ONNX file holds (protobuf's limit)"
+            + (f"; export it with {smaller}" if smaller else "; Craft cannot compile a model this large")
+        )
+
+
+@contextlib.contextmanager
+def reference_files(proto, output: Path) -> Iterator[tuple[str, int]]:
+    """The float32 graph `proto` written as two temp files beside `output` - the graph, and its weights
+    as ONNX external data - for ONNX Runtime to load by path: past 2 GB it cannot be one protobuf.
+    Yields (the graph's path, both files' bytes); removed after, and swept like any temp file if the
+    export is killed."""
+    import onnx
+
+    paths = []
+    try:
+        for _ in range(2):
+            handle, name = tempfile.mkstemp(
+                dir=output.parent, prefix=f".{rd.temp_stem(output.name)}.{os.getpid()}.", suffix=rd.TEMP_SUFFIX
+            )
+            os.close(handle)
+            paths.append(Path(name))
+        graph, weights = paths
+        weights.unlink()  # onnx writes it anew
+        onnx.save_model(proto, graph, save_as_external_data=True, location=weights.name, size_threshold=1024)
+        yield str(graph), graph.stat().st_size + weights.stat().st_size
+    except OSError as e:
+        raise OutputWriteError(
+            f"cannot write the float32 reference beside {output} ({e.strerror}); it needs the model's size in "
+            "free space for the export's duration"
+        ) from None
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 def pure_python_tokenizer_note(tokenizer: Tokenizer) -> str | None:
@@ -459,8 +537,6 @@ def export(
     ExportError / VerificationError on failure."""
     import onnx
 
-    from craft.export.verify import verify
-
     if quantize not in W.SCHEMES:
         raise ExportError(f"unknown --quantize '{quantize}'; expected one of: {', '.join(W.SCHEMES)}")
     if attention is not None and attention not in A.ATTENTIONS:
@@ -492,14 +568,7 @@ def export(
             f"--attention inplace needs a head width that is a multiple of {A.INPLACE_HEAD_MULTIPLE} (ONNX Runtime's "
             f"GroupQueryAttention); {source}'s is {run.config.head_dim} - use --attention standard"
         )
-    graph_bytes = 4 * run.model.num_parameters() + 8 * run.config.context_length * run.config.head_dim  # + RoPE
-    if graph_bytes > MAX_GRAPH_BYTES:
-        raise ExportError(
-            f"{source} has {run.model.num_parameters():,} parameters: its float32 graph, which every export builds "
-            f"to verify against, would take {graph_bytes / 2**30:.1f} GB, past the 2 GB one ONNX file holds without "
-            f"external data (about {MAX_GRAPH_BYTES // 4 / 1e6:,.0f}M parameters at most); Craft cannot compile "
-            "a model this large yet"
-        )
+    check_graph_size(run, quantize, source)
     what = f"step {run.step}" if kind == RUN else f"{run.architecture}, {kind}"
     shown = printable(str(run.run_dir))  # a directory named with ESC [31m or a newline reached the terminal raw
     log(f"exporting {shown} ({what}, {run.model.num_parameters():,} parameters) as {quantize}, opset {opset}")
@@ -510,22 +579,19 @@ def export(
     proto, ops = build_model_proto(run, quantize, opset, weights, attention)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
-    if quantize == W.NONE:
-        fp32_bytes, quantized_bytes = data, None
-    else:  # the float32 graph is the reference the quantized one is measured against
-        fp32_bytes, quantized_bytes = (
-            build_model_proto(run, W.NONE, opset, weights, attention)[0].SerializeToString(),
-            data,
-        )
-    if ops.calibration.get("calibration_tokens"):
-        c = ops.calibration
-        log(
-            f"  calibration: {'residual stream rotated; ' if c['rotated'] else ''}GPTQ on {c['calibration_tokens']:,} "
-            f"tokens, output error "
-            f"{c['gptq_error_ratio']:.2f}x rounding's ({c['calibration_s']:.1f}s)"
-        )
-    report = verify(run, fp32_bytes, quantized_bytes, quantize, log=log)
-    report.update(ops.calibration)
+    with contextlib.ExitStack() as scratch:
+        if quantize == W.NONE:
+            fp32, fp32_size, quantized_bytes = data, len(data), None
+        else:  # the float32 graph is the reference the quantized one is measured against
+            reference = build_model_proto(run, W.NONE, opset, weights, attention)[0]
+            if float32_bytes(run) > MAX_GRAPH_BYTES:  # past protobuf's 2 GB: its weights beside it, for ONNX Runtime
+                fp32, fp32_size = scratch.enter_context(reference_files(reference, output))
+            else:
+                fp32 = reference.SerializeToString()
+                fp32_size = len(fp32)
+            del reference
+            quantized_bytes = data
+        report = verified(run, fp32, quantized_bytes, quantize, ops, log)
     report.update(
         {
             "quantization": quantize,
@@ -533,8 +599,8 @@ def export(
             "attention": attention,
             "parameters": run.model.num_parameters(),
             "file_bytes": len(data),  # the graph's until the file with its report is written (below)
-            "fp32_file_bytes": len(fp32_bytes),
-            "size_ratio": len(data) / len(fp32_bytes),
+            "fp32_file_bytes": fp32_size,
+            "size_ratio": len(data) / fp32_size,
             "max_weight_quant_error": float(  # np.max: a NaN shows (Python's max drops it after a number)
                 np.max([*ops.errors.values(), ops.calibration.get("max_weight_change", 0.0)])
             ),
@@ -544,8 +610,8 @@ def export(
     )
     if report["failures"]:
         raise VerificationError("; ".join(report["failures"]), report)
-    size, fp32_size = len(data), len(fp32_bytes)
-    del data, fp32_bytes, quantized_bytes  # a 135M model's are 700 MB
+    size = len(data)
+    del data, fp32, quantized_bytes  # a 135M model's are 700 MB
     props = {p.key: p.value for p in proto.metadata_props}
     stored = {k: v for k, v in report.items() if k not in ("failures", *WALL_CLOCK)}
     pad = 0  # The stored report gives the size of the file it is in, its own digits included: a claim one

@@ -64,14 +64,14 @@ PROMPT_TOKENS = 16
 PPL_MAX_TOKENS = 16384  # val tokens scored for perplexity: enough for a stable ratio, seconds to run
 
 
-def ort_session(model_bytes: bytes, threads: int = 0):
+def ort_session(model: bytes | str, threads: int = 0):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # under a memory limit: its threads cannot start (pthread_create), or bad_alloc
         out_of_memory(e, "to verify the export")
         raise
@@ -230,12 +230,13 @@ def scored(session, spec: A.ModelSpec, block: np.ndarray, positions: int) -> tup
     return np.concatenate(losses, axis=1), np.concatenate(tops, axis=1)
 
 
-def verify(run, fp32_bytes: bytes, quantized_bytes: bytes | None, quantization: str = "none", log=print) -> dict:
-    """Report dict (figures + 'failures', a list of one-line reasons; empty means verified)."""
+def verify(run, fp32: bytes | str, quantized_bytes: bytes | None, quantization: str = "none", log=print) -> dict:
+    """Report dict (figures + 'failures', a list of one-line reasons; empty means verified). fp32: the
+    float32 graph's bytes, or the path of one whose weights lie beside it (past protobuf's 2 GB)."""
     from craft.export.exporter import model_spec
 
     spec = model_spec(run.config)
-    fp32 = ort_session(fp32_bytes)
+    fp32 = ort_session(fp32)
     prompt_text_ids = (
         [int(t) for t in run.val_tokens[: PROMPT_TOKENS - 1]]
         if run.val_tokens is not None and len(run.val_tokens)

@@ -189,17 +189,31 @@ def test_quality_scores_a_window_a_bounded_number_of_positions_at_a_time(sp_run,
     assert pieces["tokens"] == whole["tokens"] and abs(pieces["top1"][1] - whole["top1"][1]) <= 2 / whole["tokens"]
 
 
-def test_a_model_past_onnxs_2_gb_is_refused_in_one_line(sp_run, tmp_path, monkeypatch):
-    """A float32 graph over 2 GB (any model above ~520M parameters: every export builds it to verify
-    against) failed in protobuf's serializer, a traceback; the limit is checked from the parameter
-    count first (lowered here: a real one takes GBs)."""
+def test_past_2_gb_the_reference_goes_beside_and_the_file_is_refused(sp_run, sp_int8, tmp_path, monkeypatch):
+    """protobuf holds 2 GB: a float32 graph past it (~520M parameters) failed in its serializer, a
+    traceback, even for an int8 export, which builds one to verify against. That reference is now
+    written with its weights as external data beside the output (temp files, removed after), and a
+    file that would itself pass 2 GB is refused in one line naming the scheme that fits. The limit is
+    lowered here so that the tiny run's float32 graph (~0.6 MB) passes it and its int8 graph does not."""
     import craft.export.exporter as E
 
-    monkeypatch.setattr(E, "MAX_GRAPH_BYTES", 4096)
+    monkeypatch.setattr(E, "MAX_GRAPH_BYTES", 300_000)
+    written, write = [], E.reference_files
+    monkeypatch.setattr(E, "reference_files", lambda proto, output: written.append(output) or write(proto, output))
     out = tmp_path / "m.onnx"
-    with pytest.raises(ExportError, match="parameters: its float32 graph, .* past the 2 GB one ONNX file holds") as e:
-        export(sp_run, out, quantize="int8", log=lambda *a: None)
-    assert "\n" not in str(e.value) and not out.exists()
+    report = export(sp_run, out, quantize="int8", log=lambda *a: None)
+    assert written == [out]
+    before = json.loads(read_metadata(sp_int8)[A.META_EXPORT_REPORT])  # verified against an in-memory graph
+    for key in ("top1_agreement", "perplexity", "fp32_perplexity", "max_weight_quant_error"):
+        assert report[key] == before[key], key
+    assert abs(report["fp32_file_bytes"] / before["fp32_file_bytes"] - 1) < 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the reference's temp files are gone
+    with pytest.raises(ExportError, match="as none its file would take .* export it with --quantize int8 or int4"):
+        export(sp_run, tmp_path / "f.onnx", quantize="none", log=lambda *a: None)
+    monkeypatch.setattr(E, "MAX_GRAPH_BYTES", 4096)
+    with pytest.raises(ExportError, match="as int8 its file would take .* export it with --quantize int4") as e:
+        export(sp_run, tmp_path / "g.onnx", quantize="int8", log=lambda *a: None)
+    assert "\n" not in str(e.value) and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 def test_int4_is_measured_and_smaller(sp_run, sp_int8, tmp_path):
