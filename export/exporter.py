@@ -35,7 +35,17 @@ from craft.export.calibration import CalibrationError, Prepared, calibration_tex
 from craft.export.graph import DEFAULT_OPSET, build_decoder
 from craft.export.graph_recurrent import build_recurrent_decoder
 from craft.export.quantize import OPS
-from craft.export.sources import HF, RUN, SourceError, check_finite, describe_mode, detect_kind, file_mode, load_source
+from craft.export.sources import (
+    HF,
+    RUN,
+    SourceError,
+    check_finite,
+    check_shapes,
+    describe_mode,
+    detect_kind,
+    file_mode,
+    load_source,
+)
 from craft.model import Transformer, build_model
 from craft.runtime import artifact as A
 from craft.runtime import weights as W
@@ -132,9 +142,12 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
             f"{path} was trained with a different model config than {run_dir / rd.CONFIG}; "
             f"keep each run's checkpoint and config.yaml together"
         )
-    mismatch = state_mismatch(state["model"], cfg.model)
-    if mismatch:  # before the model is built: a config.yaml that claims dim 16384 x 256 layers took 24 GB first
-        raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {mismatch}")
+    tied = cfg.model.tie_embeddings  # a tied head is the embedding under a second name in a state_dict
+    shapes = {name: tuple(t.shape) for name, t in state["model"].items() if not (tied and name == "output.weight")}
+    try:  # before the model is built: a config.yaml that claims dim 16384 x 256 layers took 24 GB first
+        check_shapes(cfg.model, shapes, "the checkpoint", {}, f"model.n_layer in {rd.CONFIG}")
+    except SourceError as e:
+        raise ExportError(f"{path} does not fit the model of {rd.CONFIG}: {e}") from None
     model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -143,22 +156,6 @@ def load_run(run_dir: Path, checkpoint: str = rd.CHECKPOINT) -> LoadedRun:
     model.eval()
     train, val = splits if splits is not None else (None, None)
     return LoadedRun(run_dir, cfg.model, model, tokenizer, digest, int(state["step"]), val, calibration_tokens=train)
-
-
-def state_mismatch(weights: dict, cfg: ModelConfig) -> str | None:
-    """How a checkpoint's weights differ from what a model of `cfg` holds (names and shapes, read
-    from a model built on the meta device: nothing allocated), or None."""
-    import torch
-
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()}
-    for name, shape in expected.items():
-        if name not in weights:
-            return f"it lacks weight {name[:100]}"
-        if tuple(weights[name].shape) != shape:
-            return f"its weight {name[:100]} is {list(weights[name].shape)}, the config needs {list(shape)}"
-    extra = next((name for name in weights if name not in expected), None)
-    return f"it has weight {str(extra)[:100]}, which the config's model does not" if extra is not None else None
 
 
 def verified(run: LoadedRun, fp32: bytes | str, quantized: bytes | None, quantize: str, ops, log) -> dict:

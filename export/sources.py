@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from craft.config import ModelConfig
-from craft.model import Transformer
+from craft.model import Transformer, build_model
 from craft.run_dir import read_small
 from craft.runtime.artifact_check import RANGES
 
@@ -246,7 +246,7 @@ def load_source(path: Path, kind: str | None = None) -> Source:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a source must provide for `cfg` (a tied head is not one)."""
     with torch.device("meta"):  # shapes only: nothing is allocated
-        model = Transformer(cfg)
+        model = build_model(cfg)  # a run's may be recurrent
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         del shapes["output.weight"]
@@ -266,8 +266,9 @@ def check_shapes(
     layers = {int(part) for part in parts if part.isascii() and part.isdigit()}
     if cfg.n_layer > len(layers):
         missing = next(i for i in range(cfg.n_layer) if i not in layers)  # at most len(layers) + 1 steps
+        first = "recurrence_norm" if cfg.arch == "recurrent" else "attention_norm"  # the layer's first tensor
         raise SourceError(
-            f"{source} lacks layer {missing} ({rename(f'layers.{missing}.attention_norm.weight', back)}, ...): "
+            f"{source} lacks layer {missing} ({rename(f'layers.{missing}.{first}.weight', back)}, ...): "
             f"its config claims {cfg.n_layer} layers ({layers_key}), its weights hold {len(layers)}; "
             "the checkpoint is incomplete or its config describes another model"
         )
