@@ -214,21 +214,23 @@ def reference_files(proto, output: Path) -> Iterator[tuple[str, int]]:
 
     paths = []
     try:
-        for _ in range(2):
-            handle, name = tempfile.mkstemp(
-                dir=output.parent, prefix=f".{rd.temp_stem(output.name)}.{os.getpid()}.", suffix=rd.TEMP_SUFFIX
-            )
-            os.close(handle)
-            paths.append(Path(name))
-        graph, weights = paths
-        weights.unlink()  # onnx writes it anew
-        onnx.save_model(proto, graph, save_as_external_data=True, location=weights.name, size_threshold=1024)
-        yield str(graph), graph.stat().st_size + weights.stat().st_size
-    except OSError as e:
-        raise OutputWriteError(
-            f"cannot write the float32 reference beside {output} ({e.strerror}); it needs the model's size in "
-            "free space for the export's duration"
-        ) from None
+        try:  # only the writing: an OSError of the caller's, inside the with block, is not this one
+            for _ in range(2):
+                handle, name = tempfile.mkstemp(
+                    dir=output.parent, prefix=f".{rd.temp_stem(output.name)}.{os.getpid()}.", suffix=rd.TEMP_SUFFIX
+                )
+                os.close(handle)
+                paths.append(Path(name))
+            graph, weights = paths
+            weights.unlink()  # onnx writes it anew
+            onnx.save_model(proto, graph, save_as_external_data=True, location=weights.name, size_threshold=1024)
+            size = graph.stat().st_size + weights.stat().st_size
+        except OSError as e:
+            raise OutputWriteError(
+                f"cannot write the float32 reference beside {output} ({e.strerror}); it needs the model's size in "
+                "free space for the export's duration"
+            ) from None
+        yield str(graph), size
     finally:
         for path in paths:
             path.unlink(missing_ok=True)

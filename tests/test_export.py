@@ -208,6 +208,18 @@ def test_past_2_gb_the_reference_goes_beside_and_the_file_is_refused(sp_run, sp_
         assert report[key] == before[key], key
     assert abs(report["fp32_file_bytes"] / before["fp32_file_bytes"] - 1) < 0.01
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the reference's temp files are gone
+    import errno
+
+    import onnx
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as disk:  # the reference cannot be written: one line, and nothing left behind
+        disk.setattr(onnx, "save_model", full)
+        with pytest.raises(E.OutputWriteError, match="cannot write the float32 reference beside .*No space left"):
+            export(sp_run, tmp_path / "h.onnx", quantize="int8", log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     with pytest.raises(ExportError, match="as none its file would take .* export it with --quantize int8 or int4"):
         export(sp_run, tmp_path / "f.onnx", quantize="none", log=lambda *a: None)
     monkeypatch.setattr(E, "MAX_GRAPH_BYTES", 4096)
